@@ -1,0 +1,61 @@
+"""Error hierarchy. Each error inherits a builtin so callers may catch either.
+
+Messages name the file and say how to fix the problem; the CLI prints them on one line and exits with
+``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class WsiError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    exit_code = 1
+
+
+class SlideError(WsiError, OSError):
+    """A slide cannot be opened or read (missing, not a slide, truncated, corrupt, unsupported)."""
+
+    exit_code = 3
+
+
+class ResolutionError(WsiError, ValueError):
+    """The slide's microns-per-pixel is missing or implausible and no override was given."""
+
+    exit_code = 4
+
+
+class TissueError(WsiError, ValueError):
+    """No tissue was found where some was required."""
+
+    exit_code = 5
+
+
+class StoreError(WsiError, RuntimeError):
+    """A tile store is unusable: written with other parameters, incomplete, or unwritable."""
+
+    exit_code = 6
+
+
+class StainError(WsiError, ValueError):
+    """Stain normalization cannot proceed (e.g. an unusable reference image)."""
+
+    exit_code = 7
+
+
+class ModelError(WsiError, ValueError):
+    """A model file or its card is missing, corrupt, or does not fit the pipeline."""
+
+    exit_code = 8
+
+
+class AnnotationError(WsiError, ValueError):
+    """An annotation file is malformed, hostile, or does not match its slide."""
+
+    exit_code = 9
+
+
+class DeviceError(WsiError, RuntimeError):
+    """A requested execution provider (cuda, tensorrt) is not available."""
+
+    exit_code = 10
