@@ -1,0 +1,333 @@
+"""``wsi-infer`` command line. Thin: parses options, calls one function per stage, maps errors.
+
+Every :class:`~wsi_pipeline.errors.WsiError` becomes one line on stderr ("error: FILE: what; fix")
+and the error's exit code; Ctrl-C exits 130 and leaves a resumable partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import __version__
+from .errors import WsiError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SLIDE_SUFFIXES = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".dcm", ".scn", ".bif", ".vms", ".vmu", ".svslide",
+)  # fmt: skip
+
+
+def _err(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+
+
+def _run_guarded(fn: Callable[[], int | None]) -> None:
+    """Run a command body; map our errors to one line + exit code."""
+    try:
+        code = fn() or 0
+    except WsiError as exc:
+        _err(str(exc))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _err("interrupted; re-run the same command to resume where it stopped")
+        sys.exit(130)
+    sys.exit(code)
+
+
+@contextmanager
+def _progress(description: str, *, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar (tiles done/total, tiles/s, ETA) fed by ``update(done, total)``."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    if not enabled:
+        yield lambda done, total: None
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tiles"),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(description, total=None, rate="")
+        start = time.perf_counter()
+        first: list[int] = []
+
+        def update(done: int, total: int) -> None:
+            if not first:
+                first.append(done)
+            elapsed = time.perf_counter() - start
+            rate = (done - first[0]) / elapsed if elapsed > 0 else 0.0
+            bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} tiles/s")
+
+        yield update
+
+
+def _slide_options(fn: F) -> F:
+    """Options shared by every command that reads a slide."""
+    decorators = [
+        click.option(
+            "--backend",
+            type=click.Choice(["auto", "openslide", "tiffslide"]),
+            default="auto",
+            show_default=True,
+            help="Slide reader; auto prefers OpenSlide and falls back to tiffslide.",
+        ),
+        click.option(
+            "--mpp",
+            type=float,
+            default=None,
+            help="Level-0 microns per pixel, overriding the slide's metadata (needed when it has none).",
+        ),
+    ]
+    for d in reversed(decorators):
+        fn = d(fn)
+    return fn
+
+
+def _tile_options(fn: F) -> F:
+    decorators = [
+        click.option("--target-mpp", type=float, default=0.5, show_default=True,
+                     help="Resolution of the tiles, microns per pixel."),
+        click.option("--tile-size", type=int, default=224, show_default=True, help="Tile side in pixels."),
+        click.option("--overlap", type=int, default=0, show_default=True,
+                     help="Pixels shared by neighbouring tiles."),
+        click.option("--min-tissue", type=float, default=0.25, show_default=True,
+                     help="Keep tiles at least this fraction covered by tissue."),
+        click.option("--level-tolerance", type=float, default=0.1, show_default=True,
+                     help="Use a pyramid level as is when its mpp is within this relative distance."),
+        click.option("--mask-mpp", type=float, default=8.0, show_default=True,
+                     help="Resolution of the thumbnail used for tissue detection, microns per pixel."),
+        click.option("--min-tissue-area", type=float, default=10_000.0, show_default=True,
+                     help="Ignore tissue pieces smaller than this, um^2."),
+        click.option("--workers", type=int, default=2, show_default=True, help="Reader threads."),
+    ]  # fmt: skip
+    for d in reversed(decorators):
+        fn = d(fn)
+    return fn
+
+
+class _DefaultGroup(click.Group):
+    """A group whose first argument may be a slide path instead of a command name."""
+
+    default_command = "run"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        first_is_path = bool(args) and args[0] not in self.commands and not args[0].startswith("-")
+        if first_is_path and self.default_command in self.commands:
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wsi-infer")
+def main() -> None:
+    """Find cancer in H&E whole-slide images.
+
+    \b
+    wsi-infer info SLIDE                  what a slide holds (levels, mpp, tissue)
+    wsi-infer tile SLIDE --out SLIDE.zarr  tissue tiles into a Zarr store
+    """
+
+
+@main.command()
+@click.argument("slide", type=click.Path(path_type=Path))
+@_slide_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def info(slide: Path, backend: str, mpp: float | None, as_json: bool) -> None:
+    """Vendor, size, pyramid levels, mpp and its source, and tissue fraction of SLIDE."""
+
+    def body() -> int:
+        from .slide_info import slide_info
+
+        data = slide_info(slide, backend=backend, mpp_override=mpp)
+        if as_json:
+            click.echo(json.dumps(data, indent=2))
+        else:
+            _print_info(data)
+        return 0
+
+    _run_guarded(body)
+
+
+def _print_info(data: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    res = data["resolution"]
+    mpp = (
+        f"{res['mpp_x']:.4g} x {res['mpp_y']:.4g} um/px (from {res['source']})"
+        if res["source"] != "missing"
+        else f"[red]missing[/red] - {res['hint']}"
+    )
+    console.print(f"[bold]{data['path']}[/bold]")
+    console.print(
+        f"  backend {data['backend']}, vendor {data['vendor']}, {data['width']} x {data['height']} px"
+    )
+    console.print(f"  mpp {mpp}")
+    if data.get("objective_power"):
+        console.print(f"  objective {data['objective_power']}x")
+    table = Table("level", "width", "height", "downsample", "mpp")
+    for lv in data["levels"]:
+        table.add_row(
+            str(lv["level"]), str(lv["width"]), str(lv["height"]), f"{lv['downsample']:.4g}",
+            f"{lv['mpp']:.4g}" if lv["mpp"] else "-",
+        )  # fmt: skip
+    console.print(table)
+    t = data["tissue"]
+    warn = " [bold red]NO TISSUE FOUND[/bold red]" if t["fraction"] == 0 else ""
+    note = f" ({t['note']})" if t.get("note") else ""
+    console.print(f"  tissue {t['fraction']:.1%} of the slide{warn}{note}")
+    if data.get("tiling"):
+        g = data["tiling"]
+        console.print(
+            f"  at {g['target_mpp']} um/px: level {g['level']} (mpp {g['level_mpp']:.4g}, "
+            f"{'no resize' if g['resize_scale'] == 1 else 'resize x' + format(g['resize_scale'], '.3g')}), "
+            f"{g['tissue_tiles']} tissue tiles of {g['tile_px']} px"
+        )
+
+
+@main.command()
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
+              help="Zarr store to write (a folder of stores when SLIDE is a folder).")  # fmt: skip
+@_slide_options
+@_tile_options
+@click.option("--overwrite", is_flag=True, help="Replace a store made with other parameters.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def tile(slide: Path, out: Path, overwrite: bool, quiet: bool, **kw: Any) -> None:
+    """Stream the tissue tiles of SLIDE into the Zarr store OUT (resumable).
+
+    SLIDE may be a folder: every slide in it is tiled into OUT/<name>.zarr, bad slides are reported
+    and skipped, and the exit code is non-zero if any failed.
+    """
+
+    def body() -> int:
+        opts = _options_from(kw)
+        backend = kw["backend"]
+        if slide.is_dir():
+            return _tile_folder(slide, out, opts, backend=backend, overwrite=overwrite, quiet=quiet)
+        _tile_one(slide, out, opts, backend=backend, overwrite=overwrite, quiet=quiet)
+        return 0
+
+    _run_guarded(body)
+
+
+def _options_from(kw: dict[str, Any]) -> Any:
+    from .tiler import TileOptions
+    from .tissue import TissueParams
+
+    return TileOptions(
+        target_mpp=kw["target_mpp"],
+        tile_px=kw["tile_size"],
+        overlap_px=kw["overlap"],
+        mpp_override=kw["mpp"],
+        level_tolerance=kw["level_tolerance"],
+        min_tissue_fraction=kw["min_tissue"],
+        mask_mpp=kw["mask_mpp"],
+        tissue=TissueParams(min_tissue_um2=kw["min_tissue_area"]),
+        workers=kw["workers"],
+    )
+
+
+def report_path(out: Path) -> Path:
+    """The JSON run report written beside a tile store: ``NAME.zarr`` -> ``NAME.tile-report.json``."""
+    stem = out.name[: -len(".zarr")] if out.name.endswith(".zarr") else out.name
+    return out.with_name(f"{stem}.tile-report.json")
+
+
+def _tile_one(slide: Path, out: Path, opts: Any, *, backend: str, overwrite: bool, quiet: bool) -> Any:
+    from .provenance import atomic_write_json, environment_versions
+    from .tiler import tile_slide
+
+    with _progress(slide.name, enabled=not quiet) as update:
+        rep = tile_slide(slide, out, opts, backend=backend, overwrite=overwrite, progress=update)
+    if rep.status == "already complete":
+        click.echo(f"{slide.name}: {out} is already complete ({rep.n_tiles} tiles); nothing to do")
+        return rep
+    rpath = report_path(out)
+    atomic_write_json(
+        rpath,
+        {
+            "command": "tile",
+            "argv": sys.argv,
+            **{k: v for k, v in asdict(rep).items() if k != "meta"},
+            "options": {**opts.store_params(), "workers": opts.workers, "backend": backend},
+            "store": rep.meta,
+            "versions": environment_versions(),
+        },
+    )
+    click.echo(
+        f"{slide.name}: {rep.n_tiles} tiles ({rep.tiles_written} written, {rep.status}) "
+        f"in {rep.seconds:.1f} s, "
+        f"{rep.tiles_per_s:,.1f} tiles/s, {rep.effective_mpp:.3g} um/px (mpp from {rep.mpp_source}), "
+        f"tissue {rep.slide_tissue_fraction:.1%} -> {out}, {rpath}"
+    )
+    return rep
+
+
+def find_slides(folder: Path) -> list[Path]:
+    """Slide files directly inside ``folder`` (sorted; hidden files skipped)."""
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith(".")
+    )  # fmt: skip
+
+
+def _tile_folder(folder: Path, out: Path, opts: Any, *, backend: str, overwrite: bool, quiet: bool) -> int:
+    from .provenance import atomic_write_json
+
+    slides = find_slides(folder)
+    if not slides:
+        raise WsiError(f"{folder}: no slide files ({', '.join(SLIDE_SUFFIXES)}) in this folder")
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for i, s in enumerate(slides, 1):
+        click.echo(f"[{i}/{len(slides)}] {s.name}")
+        try:
+            rep = _tile_one(
+                s, out / f"{s.stem}.zarr", opts, backend=backend, overwrite=overwrite, quiet=quiet
+            )
+            rows.append({"slide": str(s), "status": rep.status, "n_tiles": rep.n_tiles, "error": None})
+        except WsiError as exc:
+            _err(str(exc))
+            rows.append({"slide": str(s), "status": "failed", "n_tiles": 0, "error": str(exc)})
+    failed = [r for r in rows if r["status"] == "failed"]
+    atomic_write_json(out / "tile-summary.json", {"folder": str(folder), "slides": rows})
+    tiles = sum(r["n_tiles"] for r in rows)
+    click.echo(
+        f"{len(slides)} slides, {len(slides) - len(failed)} ok, {len(failed)} failed, {tiles} tiles, "
+        f"{time.perf_counter() - t0:.1f} s -> {out} (summary {out / 'tile-summary.json'})"
+    )
+    for r in failed:
+        click.echo(f"  failed: {r['slide']}", err=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

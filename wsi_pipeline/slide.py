@@ -1,0 +1,428 @@
+"""Slide readers (OpenSlide, tiffslide, in-memory), resolution and pyramid-level choice.
+
+Every reader follows one OpenSlide-like interface, :class:`SlideReader`. ``read_region`` takes a
+location in **level-0 pixels** and a size in **pixels of the requested level**, and returns RGB
+``uint8`` (H, W, 3); transparent pixels (outside the scanned area) are composited onto white.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from .errors import ResolutionError, SlideError
+
+Backend = Literal["auto", "openslide", "tiffslide"]
+BACKENDS: tuple[str, ...] = ("auto", "openslide", "tiffslide")
+
+#: Level-0 resolutions outside this range (micrometres per pixel) are treated as missing metadata:
+#: a TIFF written with a default 72 dpi claims ~353 um/px, which no slide scanner produces.
+PLAUSIBLE_MPP = (0.05, 20.0)
+
+MPP_OVERRIDE_HINT = "pass --mpp <microns per pixel at level 0> (e.g. --mpp 0.25 for 40x, 0.5 for 20x)"
+
+
+@runtime_checkable
+class SlideReader(Protocol):
+    """What the pipeline needs from a slide. Mirrors OpenSlide's API, with numpy output."""
+
+    path: str
+    backend: str
+
+    @property
+    def vendor(self) -> str: ...
+
+    @property
+    def properties(self) -> Mapping[str, str]: ...
+
+    @property
+    def level_count(self) -> int: ...
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) of each level, in pixels of that level."""
+        ...
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Downsample of each level relative to level 0."""
+        ...
+
+    @property
+    def dimensions(self) -> tuple[int, int]: ...
+
+    def metadata_mpp(self) -> tuple[float | None, float | None]:
+        """Level-0 (mpp_x, mpp_y) in micrometres per pixel from the file's metadata, or None."""
+        ...
+
+    def read_region(self, location_l0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of ``size`` = (w, h) level pixels whose top-left is ``location_l0``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _rgba_to_rgb(arr: np.ndarray) -> np.ndarray:
+    """Composite RGBA uint8 onto white; RGB passes through; grayscale is refused by the caller."""
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        return arr
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        rgb = arr[..., :3]
+        alpha = arr[..., 3]
+        if alpha.min() == 255:
+            return np.ascontiguousarray(rgb)
+        a = alpha[..., None].astype(np.uint16)
+        out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+        return out.astype(np.uint8)
+    raise ValueError(f"expected RGB or RGBA pixels, got an array of shape {arr.shape}")
+
+
+class _LibrarySlide:
+    """Adapter over an OpenSlide-API object (``openslide.OpenSlide`` or ``tiffslide.TiffSlide``).
+
+    Both libraries expose the same attributes; only the property prefix and the error types differ,
+    so one adapter serves both instead of a copy of every method per backend.
+    """
+
+    def __init__(self, path: str, backend: str, handle: Any, prefix: str) -> None:
+        self.path = path
+        self.backend = backend
+        self._h = handle
+        self._prefix = prefix
+
+    @property
+    def vendor(self) -> str:
+        return str(self._h.properties.get(f"{self._prefix}.vendor") or "generic-tiff")
+
+    @property
+    def properties(self) -> Mapping[str, str]:
+        return {str(k): str(v) for k, v in self._h.properties.items()}
+
+    @property
+    def level_count(self) -> int:
+        return int(self._h.level_count)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple((int(w), int(h)) for w, h in self._h.level_dimensions)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(float(d) for d in self._h.level_downsamples)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    def metadata_mpp(self) -> tuple[float | None, float | None]:
+        props = self._h.properties
+        return (
+            _as_float(props.get(f"{self._prefix}.mpp-x")),
+            _as_float(props.get(f"{self._prefix}.mpp-y")),
+        )
+
+    def read_region(self, location_l0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        x, y = (int(v) for v in location_l0)
+        w, h = (int(v) for v in size)
+        try:
+            arr = np.asarray(self._h.read_region((x, y), level, (w, h)))
+        except Exception as exc:  # the libraries raise many types (OpenSlideError, codec errors, ...)
+            raise SlideError(
+                f"{self.path}: cannot read pixels at level {level}, x={x}, y={y}, size {w}x{h} "
+                f"({type(exc).__name__}: {exc}); the file is corrupt or truncated - re-export or re-scan it"
+            ) from exc
+        if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+            raise SlideError(
+                f"{self.path}: pixels have shape {arr.shape}, not RGB; only brightfield RGB slides "
+                f"(H&E) are supported, not fluorescence or multiplex images"
+            )
+        return _rgba_to_rgb(arr)
+
+    def close(self) -> None:
+        self._h.close()
+
+
+def _as_float(value: object) -> float | None:
+    try:
+        f = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+class ArraySlide:
+    """An in-memory slide over an RGB array, with a pyramid built by block-averaging.
+
+    Used by tests (like OpenSlide's ``ImageSlide``) so every stage can run without a file.
+    ``downsamples`` must be integers; ``mpp`` is the level-0 resolution in micrometres per pixel.
+    """
+
+    backend = "array"
+
+    def __init__(
+        self,
+        image: np.ndarray,
+        *,
+        mpp: float | None = 0.5,
+        downsamples: Sequence[int] = (1,),
+        path: str = "<array>",
+    ) -> None:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError("ArraySlide needs an RGB uint8 array of shape (H, W, 3)")
+        self.path = path
+        self._mpp = mpp
+        self._levels = [_block_mean(image, int(d)) for d in downsamples]
+        self._downsamples = tuple(float(d) for d in downsamples)
+
+    @property
+    def vendor(self) -> str:
+        return "array"
+
+    @property
+    def properties(self) -> Mapping[str, str]:
+        return {} if self._mpp is None else {"array.mpp-x": str(self._mpp), "array.mpp-y": str(self._mpp)}
+
+    @property
+    def level_count(self) -> int:
+        return len(self._levels)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple((lv.shape[1], lv.shape[0]) for lv in self._levels)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._downsamples
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    def metadata_mpp(self) -> tuple[float | None, float | None]:
+        return (self._mpp, self._mpp)
+
+    def read_region(self, location_l0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        ds = self._downsamples[level]
+        x, y = round(location_l0[0] / ds), round(location_l0[1] / ds)
+        w, h = size
+        out = np.full((h, w, 3), 255, np.uint8)
+        lv = self._levels[level]
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, lv.shape[1]), min(y + h, lv.shape[0])
+        if x1 > x0 and y1 > y0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = lv[y0:y1, x0:x1]
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """Downsample (H, W, C) uint8 by an integer ``factor`` with a box filter (edges padded white)."""
+    if factor == 1:
+        return image
+    h, w = image.shape[:2]
+    hp, wp = -(-h // factor) * factor, -(-w // factor) * factor
+    padded = np.full((hp, wp, image.shape[2]), 255, np.uint8)
+    padded[:h, :w] = image
+    blocks = padded.reshape(hp // factor, factor, wp // factor, factor, image.shape[2])
+    return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
+
+
+def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> SlideReader:
+    """Open a slide lazily with ``backend`` ('auto' prefers OpenSlide, then tiffslide).
+
+    Raises :class:`SlideError` naming the file when it is missing, not a slide, or unsupported.
+    """
+    p = Path(path)
+    if backend not in BACKENDS:
+        raise SlideError(f"{p}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if not p.exists():
+        raise SlideError(f"{p}: no such file; check the path")
+    if p.is_file() and p.stat().st_size == 0:
+        raise SlideError(f"{p}: the file is empty (0 bytes); re-copy or re-export the slide")
+    order = ["openslide", "tiffslide"] if backend == "auto" else [backend]
+    failures: list[str] = []
+    for name in order:
+        try:
+            reader = _open_with(name, str(p))
+            _check_header(reader)
+            return reader
+        except SlideError as exc:
+            failures.append(f"{name}: {exc.args[0].split(': ', 1)[-1]}")
+    detail = "; ".join(failures)
+    other = " or try --backend tiffslide" if backend == "openslide" else ""
+    raise SlideError(
+        f"{p}: cannot open as a whole-slide image ({detail}); check it is a complete .svs/.tif/.ndpi/"
+        f".mrxs/.dcm slide (not truncated){other}"
+    )
+
+
+def _open_with(name: str, path: str) -> SlideReader:
+    try:
+        if name == "openslide":
+            import openslide
+
+            return _LibrarySlide(path, "openslide", openslide.OpenSlide(path), "openslide")
+        import tiffslide
+
+        return _LibrarySlide(path, "tiffslide", tiffslide.TiffSlide(path), "tiffslide")
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SlideError(f"{path}: {type(exc).__name__}: {msg}") from exc
+
+
+def _check_header(reader: SlideReader) -> None:
+    """Refuse structures the pipeline cannot use before any tile is written."""
+    dims = reader.level_dimensions
+    if not dims or any(w <= 0 or h <= 0 for w, h in dims):
+        raise SlideError(f"{reader.path}: the slide reports empty levels {dims}")
+    w0, h0 = dims[0]
+    if w0 * h0 > 10**12:
+        raise SlideError(f"{reader.path}: implausible dimensions {w0}x{h0}; the header is corrupt")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Level-0 resolution in micrometres per pixel, and where it came from."""
+
+    mpp_x: float
+    mpp_y: float
+    source: str  # "override" | "metadata"
+
+    @property
+    def mpp(self) -> float:
+        """Mean of x and y (what level choice and tile sizes use)."""
+        return (self.mpp_x + self.mpp_y) / 2.0
+
+
+def resolve_mpp(reader: SlideReader, override: float | None = None) -> Resolution:
+    """Effective level-0 mpp: explicit ``override`` > slide metadata > :class:`ResolutionError`."""
+    lo, hi = PLAUSIBLE_MPP
+    if override is not None:
+        if not (math.isfinite(override) and lo <= override <= hi):
+            raise ResolutionError(
+                f"{reader.path}: --mpp {override} is outside the plausible range {lo}-{hi} um/px"
+            )
+        return Resolution(float(override), float(override), "override")
+    mx, my = reader.metadata_mpp()
+    if mx is None and my is None:
+        raise ResolutionError(f"{reader.path}: the slide has no resolution metadata; {MPP_OVERRIDE_HINT}")
+    mx = mx if mx is not None else my
+    my = my if my is not None else mx
+    assert mx is not None and my is not None
+    if not (lo <= mx <= hi and lo <= my <= hi):
+        raise ResolutionError(
+            f"{reader.path}: metadata claims {mx:.4g} x {my:.4g} um/px, which no scanner produces "
+            f"(likely a default DPI tag); {MPP_OVERRIDE_HINT}"
+        )
+    return Resolution(mx, my, "metadata")
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """How to obtain pixels at a target resolution.
+
+    Read ``level`` (whose resolution is ``level_mpp`` um/px) and scale by ``scale`` (output pixels per
+    level pixel; 1.0 means no resize). ``effective_mpp`` is the resolution of the delivered pixels.
+    """
+
+    level: int
+    level_mpp: float
+    scale: float
+    effective_mpp: float
+
+
+def choose_level(
+    level_downsamples: Sequence[float], mpp_l0: float, target_mpp: float, *, tolerance: float = 0.1
+) -> LevelChoice:
+    """Pick the coarsest level not coarser than ``target_mpp`` (within ``tolerance``, relative).
+
+    A level within ``tolerance`` of the target is used as is (no resize; the effective mpp is the
+    level's). Otherwise the finest-enough level is read and downscaled; a target finer than level 0
+    beyond tolerance is upscaled from level 0.
+    """
+    if target_mpp <= 0 or mpp_l0 <= 0:
+        raise ValueError("mpp values must be positive")
+    level_mpps = [mpp_l0 * d for d in level_downsamples]
+    # Levels close enough to use as they are: the closest one wins.
+    close = [(abs(m - target_mpp) / target_mpp, i) for i, m in enumerate(level_mpps)]
+    err, best = min(close)
+    if err <= tolerance:
+        return LevelChoice(best, level_mpps[best], 1.0, level_mpps[best])
+    finer = [i for i, m in enumerate(level_mpps) if m <= target_mpp]
+    level = max(finer, key=lambda i: level_mpps[i]) if finer else int(np.argmin(level_mpps))
+    m = level_mpps[level]
+    return LevelChoice(level, m, m / target_mpp, target_mpp)
+
+
+def slide_fingerprint(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 20) -> str:
+    """Cheap content fingerprint: sha256 over the size, the first and the last ``chunk_bytes``.
+
+    Gigapixel slides are many GB, so hashing all of it on every run is too slow; this still changes
+    when a file is replaced, truncated or re-exported. Directories (e.g. DICOM series) hash their
+    file names and sizes.
+    """
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_dir():
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            h.update(f"{f.relative_to(p)}:{f.stat().st_size}\n".encode())
+        return "dir-sha256:" + h.hexdigest()
+    size = p.stat().st_size
+    h.update(str(size).encode())
+    with p.open("rb") as fh:
+        h.update(fh.read(chunk_bytes))
+        if size > chunk_bytes:
+            fh.seek(max(size - chunk_bytes, chunk_bytes))
+            h.update(fh.read(chunk_bytes))
+    return "quick-sha256:" + h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """A low-resolution RGB image of the whole slide.
+
+    ``downsample`` is level-0 pixels per thumbnail pixel (the same in x and y), so thumbnail pixel
+    (row, col) covers level-0 x in [col * downsample, (col + 1) * downsample).
+    """
+
+    image: np.ndarray  # (h, w, 3) uint8
+    downsample: float
+    mpp: float  # micrometres per thumbnail pixel
+
+
+def read_thumbnail(
+    reader: SlideReader, mpp_l0: float, *, target_mpp: float = 8.0, block_px: int = 4096
+) -> Thumbnail:
+    """Thumbnail at about ``target_mpp`` um/px, built in blocks so memory stays bounded.
+
+    Reads the coarsest level not coarser than the target, ``block_px`` level pixels at a time, and
+    box-averages each block by an integer factor; a slide with no small levels never has its full
+    level 0 in memory.
+    """
+    downs = reader.level_downsamples
+    want = max(target_mpp / mpp_l0, 1.0)
+    level = max((i for i, d in enumerate(downs) if d <= want * 1.01), key=lambda i: downs[i], default=0)
+    factor = max(1, int(want / downs[level]))
+    w, h = reader.level_dimensions[level]
+    block = max(factor, block_px // factor * factor)
+    out = np.empty((-(-h // factor), -(-w // factor), 3), np.uint8)
+    for y in range(0, h, block):
+        for x in range(0, w, block):
+            bw, bh = min(block, w - x), min(block, h - y)
+            loc = (round(x * downs[level]), round(y * downs[level]))
+            pixels = reader.read_region(loc, level, (bw, bh))
+            small = _block_mean(pixels, factor)
+            out[y // factor : y // factor + small.shape[0], x // factor : x // factor + small.shape[1]] = (
+                small
+            )
+    ds = downs[level] * factor
+    return Thumbnail(out, ds, mpp_l0 * ds)

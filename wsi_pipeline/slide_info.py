@@ -1,0 +1,76 @@
+"""What a slide holds: vendor, levels, mpp and its source, tissue fraction (for ``wsi-infer info``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .errors import ResolutionError
+from .slide import MPP_OVERRIDE_HINT, choose_level, open_slide, read_thumbnail, resolve_mpp
+from .tiler import TileOptions, is_brightfield, plan_slide
+from .tissue import tissue_mask
+
+#: Resolution assumed only to size the tissue thumbnail when a slide has no mpp (reported as such).
+ASSUMED_MPP_FOR_MASK = 0.5
+
+
+def slide_info(
+    path: str | os.PathLike[str], *, backend: str = "auto", mpp_override: float | None = None
+) -> dict[str, Any]:
+    """A JSON-ready description of a slide. Missing mpp is reported, not raised."""
+    reader = open_slide(path, backend)
+    try:
+        props = reader.properties
+        try:
+            res = resolve_mpp(reader, mpp_override)
+            resolution: dict[str, Any] = {"mpp_x": res.mpp_x, "mpp_y": res.mpp_y, "source": res.source}
+            mpp0: float | None = res.mpp
+        except ResolutionError as exc:
+            resolution = {"mpp_x": None, "mpp_y": None, "source": "missing", "hint": MPP_OVERRIDE_HINT,
+                          "detail": str(exc)}  # fmt: skip
+            mpp0 = None
+        levels = [
+            {"level": i, "width": w, "height": h, "downsample": d, "mpp": mpp0 * d if mpp0 else None}
+            for i, ((w, h), d) in enumerate(
+                zip(reader.level_dimensions, reader.level_downsamples, strict=True)
+            )
+        ]
+        objective = props.get("openslide.objective-power") or props.get("tiffslide.objective-power")
+        data: dict[str, Any] = {
+            "path": str(path),
+            "backend": reader.backend,
+            "vendor": reader.vendor,
+            "width": reader.dimensions[0],
+            "height": reader.dimensions[1],
+            "objective_power": objective,
+            "resolution": resolution,
+            "levels": levels,
+        }
+        opts = TileOptions(mpp_override=mpp_override)
+        if mpp0 is None:
+            thumb = read_thumbnail(reader, ASSUMED_MPP_FOR_MASK, target_mpp=opts.mask_mpp)
+            mask = tissue_mask(thumb.image, mpp=thumb.mpp)
+            data["tissue"] = {
+                "fraction": float(mask.mean()),
+                "note": f"mask sized assuming {ASSUMED_MPP_FOR_MASK} um/px",
+            }
+            return data
+        thumb = read_thumbnail(reader, mpp0, target_mpp=opts.mask_mpp)
+        if not is_brightfield(thumb.image):
+            data["tissue"] = {"fraction": 0.0, "note": "dark image: fluorescence or dark-field, not H&E"}
+            return data
+        plan = plan_slide(reader, opts)
+        data["tissue"] = {"fraction": plan.slide_tissue_fraction, "mask_mpp": plan.thumbnail.mpp}
+        choice = choose_level(reader.level_downsamples, mpp0, opts.target_mpp, tolerance=opts.level_tolerance)
+        data["tiling"] = {
+            "target_mpp": opts.target_mpp,
+            "level": choice.level,
+            "level_mpp": choice.level_mpp,
+            "resize_scale": choice.scale,
+            "effective_mpp": choice.effective_mpp,
+            "tile_px": opts.tile_px,
+            "tissue_tiles": plan.n_tiles,
+        }
+        return data
+    finally:
+        reader.close()

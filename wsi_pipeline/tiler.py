@@ -1,0 +1,450 @@
+"""Slide -> tissue tiles: plan (resolution, level, mask, grid) and stream tiles into a Zarr store.
+
+``plan_slide`` decides everything before a tile is read; ``iter_tiles`` reads one large region per
+block of the grid (at the chosen pyramid level) and cuts tiles from it, with a few reader threads;
+``tile_slide`` writes them chunk by chunk into a resumable store.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from . import __version__
+from .errors import SlideError, TissueError
+from .grid import TileGrid, block_order, make_grid
+from .slide import (
+    LevelChoice,
+    Resolution,
+    SlideReader,
+    Thumbnail,
+    choose_level,
+    open_slide,
+    read_thumbnail,
+    resolve_mpp,
+    slide_fingerprint,
+)
+from .tilestore import TileStoreWriter, existing_state, open_tile_store, partial_path
+from .tissue import TissueParams, tissue_fraction_in_boxes, tissue_mask
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class TileOptions:
+    """What to tile and how. Resolutions in micrometres per pixel, sizes in output pixels."""
+
+    target_mpp: float = 0.5
+    tile_px: int = 224
+    overlap_px: int = 0
+    mpp_override: float | None = None
+    level_tolerance: float = 0.1  # relative mpp difference accepted without resizing
+    min_tissue_fraction: float = 0.25  # keep tiles at least this much covered by the mask
+    mask_mpp: float = 8.0  # resolution of the thumbnail the tissue mask is computed on
+    tissue: TissueParams = field(default_factory=TissueParams)
+    chunk_tiles: int = 64  # tiles per Zarr chunk (and per write)
+    block_tiles: int = 8  # a read covers up to block_tiles x block_tiles grid positions
+    workers: int = 2  # reader threads (each opens its own handle)
+
+    def store_params(self) -> dict[str, Any]:
+        """The options a resumed or re-run store must share (reader threads do not matter)."""
+        return {
+            "target_mpp": self.target_mpp,
+            "tile_px": self.tile_px,
+            "overlap_px": self.overlap_px,
+            "mpp_override": self.mpp_override,
+            "level_tolerance": self.level_tolerance,
+            "min_tissue_fraction": self.min_tissue_fraction,
+            "mask_mpp": self.mask_mpp,
+            "tissue": self.tissue.to_dict(),
+            "chunk_tiles": self.chunk_tiles,
+            "block_tiles": self.block_tiles,
+        }
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """Everything decided about a slide before any tile is read.
+
+    ``colrow`` (N, 2) are the kept grid positions in store order (grouped by read block);
+    ``coords_l0`` their origins in level-0 pixels; ``tissue_fraction`` their mask coverage.
+    """
+
+    resolution: Resolution
+    choice: LevelChoice
+    grid: TileGrid
+    thumbnail: Thumbnail
+    mask: np.ndarray
+    colrow: np.ndarray
+    coords_l0: np.ndarray
+    tissue_fraction: np.ndarray
+
+    @property
+    def slide_tissue_fraction(self) -> float:
+        """Fraction of the thumbnail that is tissue."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.colrow)
+
+
+def is_brightfield(thumb: np.ndarray) -> bool:
+    """True when the brightest decile is bright: brightfield glass, not a dark fluorescence field."""
+    return bool(np.percentile(thumb.max(axis=-1), 90) >= 100) if thumb.size else False
+
+
+def plan_slide(reader: SlideReader, options: TileOptions) -> SlidePlan:
+    """Resolve mpp, choose the level, compute the tissue mask and the kept tiles (in store order).
+
+    Raises :class:`ResolutionError` without usable mpp, :class:`SlideError` on dark-field images.
+    """
+    res = resolve_mpp(reader, options.mpp_override)
+    choice = choose_level(
+        reader.level_downsamples, res.mpp, options.target_mpp, tolerance=options.level_tolerance
+    )
+    grid = make_grid(
+        reader.level_dimensions[choice.level],
+        reader.level_downsamples[choice.level],
+        choice,
+        tile_px=options.tile_px,
+        overlap_px=options.overlap_px,
+    )
+    thumb = read_thumbnail(reader, res.mpp, target_mpp=options.mask_mpp)
+    if not is_brightfield(thumb.image):
+        raise SlideError(
+            f"{reader.path}: the image is dark (fluorescence or dark-field?); only brightfield H&E "
+            f"slides are supported"
+        )
+    mask = tissue_mask(thumb.image, mpp=thumb.mpp, params=options.tissue)
+    positions = grid.all_positions()
+    fractions = tissue_fraction_in_boxes(mask, grid.boxes_l0(positions), thumb.downsample)
+    keep = fractions >= options.min_tissue_fraction
+    colrow, fractions = positions[keep], fractions[keep]
+    order = block_order(colrow, options.block_tiles)
+    colrow, fractions = colrow[order], fractions[order]
+    return SlidePlan(res, choice, grid, thumb, mask, colrow, grid.origins_l0(colrow), fractions)
+
+
+def resize_tiles(tiles: np.ndarray, tile_px: int) -> np.ndarray:
+    """Resize (N, h, w, 3) uint8 tiles to (N, tile_px, tile_px, 3) with Lanczos filtering."""
+    if tiles.shape[1] == tile_px and tiles.shape[2] == tile_px:
+        return tiles
+    out = np.empty((len(tiles), tile_px, tile_px, 3), np.uint8)
+    for i, t in enumerate(tiles):
+        out[i] = np.asarray(Image.fromarray(t).resize((tile_px, tile_px), Image.Resampling.LANCZOS))
+    return out
+
+
+def read_tile(reader: SlideReader, grid: TileGrid, col: int, row: int) -> np.ndarray:
+    """One tile by one ``read_region`` at the grid's level (the reference the block path equals)."""
+    x, y = grid.origins_level(np.array([[col, row]]))[0]
+    loc = (round(x * grid.level_downsample), round(y * grid.level_downsample))
+    pixels = reader.read_region(loc, grid.level, (grid.read_px, grid.read_px))
+    return resize_tiles(pixels[None], grid.tile_px)[0]
+
+
+def _blocks(colrow: np.ndarray, indices: np.ndarray, block_tiles: int) -> list[np.ndarray]:
+    """Split sorted tile ``indices`` into runs that share a read block (order preserved)."""
+    if len(indices) == 0:
+        return []
+    key = colrow[indices] // max(1, block_tiles)
+    change = np.flatnonzero(np.any(key[1:] != key[:-1], axis=1)) + 1
+    return np.split(indices, change)
+
+
+def _ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:
+    """``map`` over a thread pool, in order, with at most ``window`` items in flight."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    ex = ThreadPoolExecutor(workers, thread_name_prefix="wsi-read")
+    pending: deque[Future[R]] = deque()
+    it = iter(items)
+    try:
+        for item in itertools.islice(it, window):
+            pending.append(ex.submit(fn, item))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(it, 1):
+                pending.append(ex.submit(fn, item))
+            yield result
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def iter_tiles(
+    reader: SlideReader,
+    plan: SlidePlan,
+    indices: Sequence[int] | np.ndarray | None = None,
+    *,
+    block_tiles: int = 8,
+    workers: int = 2,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (tile indices, tiles (n, tile_px, tile_px, 3) uint8) for the plan's tiles, in order.
+
+    One region per block is read at the plan's level and the tiles are cut from it. With
+    ``workers`` > 1, that many threads read ahead, each with its own slide handle (in-memory readers
+    are shared). Memory is bounded by about ``2 * workers`` blocks.
+    """
+    grid = plan.grid
+    idx = np.arange(plan.n_tiles) if indices is None else np.sort(np.asarray(indices, np.int64))
+    origins = grid.origins_level(plan.colrow)
+    local = threading.local()
+    opened: list[SlideReader] = []
+    lock = threading.Lock()
+
+    def thread_reader() -> SlideReader:
+        if workers <= 1 or reader.backend not in ("openslide", "tiffslide"):
+            return reader
+        r = getattr(local, "reader", None)
+        if r is None:
+            r = open_slide(reader.path, reader.backend)
+            local.reader = r
+            with lock:
+                opened.append(r)
+        return r
+
+    def read_block(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        o = origins[block]
+        x0, y0 = o.min(axis=0)
+        x1, y1 = o.max(axis=0) + grid.read_px
+        loc = (round(x0 * grid.level_downsample), round(y0 * grid.level_downsample))
+        region = thread_reader().read_region(loc, grid.level, (int(x1 - x0), int(y1 - y0)))
+        rp = grid.read_px
+        cut = np.stack([region[y - y0 : y - y0 + rp, x - x0 : x - x0 + rp] for x, y in o])
+        return block, resize_tiles(cut, grid.tile_px)
+
+    try:
+        yield from _ordered_map(read_block, _blocks(plan.colrow, idx, block_tiles), workers, 2 * workers)
+    finally:
+        for r in opened:
+            r.close()
+
+
+@dataclass(frozen=True)
+class TileReport:
+    """Outcome of :func:`tile_slide` (also written as JSON beside the store)."""
+
+    slide: str
+    out: str
+    status: str  # "written", "resumed" or "already complete"
+    n_tiles: int
+    tiles_written: int
+    seconds: float
+    tiles_per_s: float
+    slide_tissue_fraction: float
+    mpp_source: str
+    effective_mpp: float
+    level: int
+    meta: dict[str, Any]
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+def _slide_meta(
+    reader: SlideReader, plan: SlidePlan, options: TileOptions, fingerprint: str
+) -> dict[str, Any]:
+    return {
+        "package_version": __version__,
+        "slide": {
+            "path": str(Path(reader.path).resolve()),
+            "name": Path(reader.path).name,
+            "fingerprint": fingerprint,
+            "backend": reader.backend,
+            "vendor": reader.vendor,
+            "dimensions": list(reader.dimensions),
+            "level_dimensions": [list(d) for d in reader.level_dimensions],
+            "level_downsamples": list(reader.level_downsamples),
+        },
+        "resolution": {
+            "mpp_x": plan.resolution.mpp_x,
+            "mpp_y": plan.resolution.mpp_y,
+            "mpp_source": plan.resolution.source,
+            "target_mpp": options.target_mpp,
+            "effective_mpp": plan.choice.effective_mpp,
+            "level": plan.choice.level,
+            "level_mpp": plan.choice.level_mpp,
+            "resize_scale": plan.choice.scale,
+        },
+        "grid": plan.grid.to_dict(),
+        "tissue": {
+            "method": "hsv-saturation-otsu",
+            "params": options.tissue.to_dict(),
+            "min_tissue_fraction": options.min_tissue_fraction,
+            "mask_mpp": plan.thumbnail.mpp,
+            "mask_downsample": plan.thumbnail.downsample,
+            "slide_tissue_fraction": plan.slide_tissue_fraction,
+        },
+        "tile_order": f"blocks of {options.block_tiles}x{options.block_tiles} grid positions, row-major",
+        "coords": "level-0 pixels, tile origin (x, y)",
+    }
+
+
+def tile_slide(
+    slide_path: str | Path,
+    out: str | Path,
+    options: TileOptions | None = None,
+    *,
+    backend: str = "auto",
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+) -> TileReport:
+    """Tile one slide into the Zarr store ``out``: resumes a partial store, skips a complete one.
+
+    Errors name the slide and the fix: :class:`SlideError` (cannot open/read; the partial store is
+    removed), :class:`ResolutionError` (no mpp), :class:`TissueError` (no tissue tiles),
+    :class:`StoreError` (other parameters, disk full; a partial store is kept for resuming).
+    """
+    opts = options or TileOptions()
+    out_p = Path(out)
+    t0 = time.perf_counter()
+    reader = open_slide(slide_path, backend)
+    try:
+        params = {
+            **opts.store_params(),
+            "fingerprint": slide_fingerprint(reader.path),
+            "backend": reader.backend,
+        }
+        state = existing_state(out_p, params, overwrite=overwrite)
+        if state == "complete":
+            return _report_existing(slide_path, out_p, time.perf_counter() - t0)
+        plan = plan_slide(reader, opts)
+        if plan.n_tiles == 0:
+            raise TissueError(
+                f"{slide_path}: no tissue tiles (tissue covers {plan.slide_tissue_fraction:.1%} of the "
+                f"slide, no tile reaches --min-tissue {opts.min_tissue_fraction}); check the slide is an "
+                f"H&E brightfield scan with tissue, or lower --min-tissue"
+            )
+        meta = _slide_meta(reader, plan, opts, params["fingerprint"])
+        if state == "partial":
+            writer = TileStoreWriter.resume(out_p)
+        else:
+            writer = TileStoreWriter.create(
+                out_p,
+                tile_px=opts.tile_px,
+                chunk_tiles=opts.chunk_tiles,
+                coords_l0=plan.coords_l0,
+                grid_colrow=plan.colrow,
+                tissue_fraction=plan.tissue_fraction,
+                thumbnail=plan.thumbnail.image,
+                tissue_mask=plan.mask,
+                meta={**meta, "params": params},
+            )
+        written = _write_pending(reader, plan, writer, opts, progress)
+        seconds = time.perf_counter() - t0
+        report = _report(
+            slide_path, out_p, "resumed" if state == "partial" else "written", plan, written, seconds, meta
+        )
+        writer.finalize(
+            run={
+                "seconds": round(seconds, 3),
+                "tiles_written_this_run": written,
+                "tiles_per_s": report.tiles_per_s,
+                "resumed": state == "partial",
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+        )
+        return report
+    finally:
+        reader.close()
+
+
+def _write_pending(
+    reader: SlideReader,
+    plan: SlidePlan,
+    writer: TileStoreWriter,
+    opts: TileOptions,
+    progress: ProgressFn | None,
+) -> int:
+    """Read and write every chunk not yet done; returns the number of tiles written."""
+    c = writer.chunk_tiles
+    pending = writer.pending_chunks()
+    wanted = np.concatenate(
+        [np.arange(k * c, min((k + 1) * c, plan.n_tiles)) for k in pending] or [np.zeros(0, np.int64)]
+    )
+    done_before = plan.n_tiles - len(wanted)
+    if progress:
+        progress(done_before, plan.n_tiles)
+    buffers: dict[int, np.ndarray] = {}
+    filled: dict[int, int] = {}
+    written = read = 0
+    try:
+        for idx, tiles in iter_tiles(
+            reader, plan, wanted, block_tiles=opts.block_tiles, workers=opts.workers
+        ):
+            for k in (int(k) for k in np.unique(idx // c)):
+                sel = idx // c == k
+                start = k * c
+                size = min(c, plan.n_tiles - start)
+                buf = buffers.setdefault(k, np.empty((size, opts.tile_px, opts.tile_px, 3), np.uint8))
+                buf[idx[sel] - start] = tiles[sel]
+                filled[k] = filled.get(k, 0) + int(sel.sum())
+                if filled[k] == size:
+                    writer.write_chunk(k, buffers.pop(k))
+                    written += size
+            read += len(idx)
+            if progress:
+                progress(done_before + read, plan.n_tiles)
+    except SlideError:
+        # The slide itself is bad: resuming cannot help, so leave nothing behind.
+        shutil.rmtree(partial_path(writer.out), ignore_errors=True)
+        raise
+    return written
+
+
+def _report(
+    slide: str | Path,
+    out: Path,
+    status: str,
+    plan: SlidePlan,
+    written: int,
+    seconds: float,
+    meta: dict[str, Any],
+) -> TileReport:
+    return TileReport(
+        slide=str(slide),
+        out=str(out),
+        status=status,
+        n_tiles=plan.n_tiles,
+        tiles_written=written,
+        seconds=round(seconds, 3),
+        tiles_per_s=round(written / seconds, 2) if seconds > 0 else 0.0,
+        slide_tissue_fraction=plan.slide_tissue_fraction,
+        mpp_source=plan.resolution.source,
+        effective_mpp=plan.choice.effective_mpp,
+        level=plan.choice.level,
+        meta=meta,
+    )
+
+
+def _report_existing(slide: str | Path, out: Path, seconds: float) -> TileReport:
+    """Report for a store that was already complete (nothing read, nothing written)."""
+    meta = open_tile_store(out).meta
+    return TileReport(
+        slide=str(slide),
+        out=str(out),
+        status="already complete",
+        n_tiles=int(meta["n_tiles"]),
+        tiles_written=0,
+        seconds=round(seconds, 3),
+        tiles_per_s=0.0,
+        slide_tissue_fraction=float(meta["tissue"]["slide_tissue_fraction"]),
+        mpp_source=str(meta["resolution"]["mpp_source"]),
+        effective_mpp=float(meta["resolution"]["effective_mpp"]),
+        level=int(meta["resolution"]["level"]),
+        meta=meta,
+    )

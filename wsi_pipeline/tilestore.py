@@ -1,0 +1,271 @@
+"""Zarr v3 tile stores: layout, self-describing attributes, resumable chunk writes, atomic completion.
+
+Layout of ``SLIDE.zarr`` (a Zarr v3 group):
+
+=================== =============================== ================================================
+array               shape, dtype                    meaning
+=================== =============================== ================================================
+``tiles``           (N, tile_px, tile_px, 3) uint8  RGB tiles at the effective mpp, chunks of
+                                                    ``chunk_tiles`` tiles, Blosc/zstd compressed
+``coords_l0``       (N, 2) int64                    tile origin (x, y) in level-0 pixels
+``grid_colrow``     (N, 2) int32                    (col, row) of the tile in the grid
+``tissue_fraction`` (N,) float32                    fraction of the tile covered by the tissue mask
+``chunk_done``      (n_chunks,) uint8               1 once chunk k of ``tiles`` is fully written
+``thumbnail``       (h, w, 3) uint8                 the thumbnail the mask was computed on
+``tissue_mask``     (h, w) bool                     the tissue mask (thumbnail pixels)
+=================== =============================== ================================================
+
+The group attribute ``wsi_pipeline`` holds the slide (path, fingerprint, backend, vendor), the
+resolution (requested/effective mpp and its source), the grid, the tissue parameters, the run
+parameters that must match to resume, and ``complete``.
+
+A store is built under ``OUT.partial`` and renamed to ``OUT`` only once complete, so ``OUT`` never
+names a half-written store; an interrupted run resumes from the chunks marked done.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from .errors import StoreError
+
+STORE_FORMAT = "wsi-pipeline.tilestore"
+FORMAT_VERSION = 1
+ATTR_KEY = "wsi_pipeline"
+
+
+def partial_path(out: Path) -> Path:
+    """Where a store is built before it is complete."""
+    return out.with_name(out.name + ".partial")
+
+
+def _read_attrs(path: Path) -> dict[str, Any] | None:
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception:
+        return None
+    meta = dict(group.attrs).get(ATTR_KEY)
+    if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
+        return None
+    return meta
+
+
+def _param_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def existing_state(out: Path, params: dict[str, Any], *, overwrite: bool) -> str:
+    """State of ``out`` for a run with ``params``: 'absent', 'partial' (resume) or 'complete'.
+
+    A finished store made with other parameters is refused unless ``overwrite`` (it is then replaced
+    only when the new store completes); a partial one from other parameters is discarded when
+    ``overwrite``, refused otherwise.
+    """
+    part = partial_path(out)
+    if out.exists():
+        meta = _read_attrs(out)
+        if meta is None:
+            if not overwrite:
+                raise StoreError(
+                    f"{out}: exists and is not a wsi-pipeline tile store; choose another --out or "
+                    f"pass --overwrite"
+                )
+        elif meta.get("params") == params and meta.get("complete"):
+            return "complete"
+        elif not overwrite:
+            diff = "; ".join(_param_diff(meta.get("params", {}), params)) or "incomplete store"
+            raise StoreError(
+                f"{out}: holds a tile store made with other parameters ({diff}); pass --overwrite to "
+                f"replace it, or choose another --out"
+            )
+    if part.exists():
+        meta = _read_attrs(part)
+        if meta is not None and meta.get("params") == params:
+            return "partial"
+        if not overwrite:
+            why = "; ".join(_param_diff(meta.get("params", {}), params)) if meta else "unreadable"
+            raise StoreError(
+                f"{part}: an interrupted run with other parameters left this ({why}); pass --overwrite "
+                f"to discard it, or re-run with the same options to resume"
+            )
+        shutil.rmtree(part)
+    return "absent"
+
+
+@dataclass
+class TileStoreWriter:
+    """Writes the chunks of one partial store; :meth:`finalize` makes it the finished store."""
+
+    out: Path
+    group: zarr.Group
+
+    @property
+    def path(self) -> Path:
+        return partial_path(self.out)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.group.attrs[ATTR_KEY])  # type: ignore[arg-type]
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.group["tiles"].shape[0])
+
+    @property
+    def chunk_tiles(self) -> int:
+        return int(self.group["tiles"].chunks[0])
+
+    @classmethod
+    def create(
+        cls,
+        out: Path,
+        *,
+        tile_px: int,
+        chunk_tiles: int,
+        coords_l0: np.ndarray,
+        grid_colrow: np.ndarray,
+        tissue_fraction: np.ndarray,
+        thumbnail: np.ndarray,
+        tissue_mask: np.ndarray,
+        meta: dict[str, Any],
+    ) -> TileStoreWriter:
+        """Create ``OUT.partial`` with every array but the tile pixels written."""
+        path = partial_path(out)
+        n = len(coords_l0)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            group = zarr.open_group(str(path), mode="w", zarr_format=3)
+            group.create_array(
+                "tiles",
+                shape=(n, tile_px, tile_px, 3),
+                chunks=(chunk_tiles, tile_px, tile_px, 3),
+                dtype="uint8",
+                compressors=BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle"),
+                dimension_names=("tile", "y", "x", "channel"),
+            )
+            small = {"compressors": BloscCodec(cname="zstd", clevel=3)}
+            group.create_array("coords_l0", data=np.asarray(coords_l0, np.int64), **small)
+            group.create_array("grid_colrow", data=np.asarray(grid_colrow, np.int32), **small)
+            group.create_array("tissue_fraction", data=np.asarray(tissue_fraction, np.float32), **small)
+            n_chunks = max(1, -(-n // chunk_tiles))
+            group.create_array("chunk_done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
+            group.create_array("thumbnail", data=np.ascontiguousarray(thumbnail), **small)
+            group.create_array("tissue_mask", data=np.asarray(tissue_mask, bool), **small)
+            group.attrs[ATTR_KEY] = {
+                **meta,
+                "format": STORE_FORMAT,
+                "format_version": FORMAT_VERSION,
+                "n_tiles": n,
+                "chunk_tiles": chunk_tiles,
+                "complete": False,
+            }
+        except OSError as exc:
+            raise _store_os_error(path, exc) from exc
+        return cls(out, group)
+
+    @classmethod
+    def resume(cls, out: Path) -> TileStoreWriter:
+        return cls(out, zarr.open_group(str(partial_path(out)), mode="r+"))
+
+    def pending_chunks(self) -> list[int]:
+        """Indices of ``tiles`` chunks not yet fully written."""
+        done = np.asarray(self.group["chunk_done"][:])
+        n_chunks = -(-self.n_tiles // self.chunk_tiles)
+        return [k for k in range(n_chunks) if not done[k]]
+
+    def write_chunk(self, k: int, tiles: np.ndarray) -> None:
+        """Write chunk ``k`` (tiles ``k*chunk_tiles`` onwards), then mark it done."""
+        start = k * self.chunk_tiles
+        try:
+            self.group["tiles"][start : start + len(tiles)] = tiles
+            self.group["chunk_done"][k] = 1
+        except OSError as exc:
+            raise _store_os_error(self.path, exc) from exc
+
+    def update_meta(self, **extra: Any) -> None:
+        self.group.attrs[ATTR_KEY] = {**self.meta, **extra}
+
+    def finalize(self, **extra: Any) -> Path:
+        """Mark complete and move ``OUT.partial`` to ``OUT`` (replacing an old ``OUT`` last)."""
+        if self.pending_chunks():
+            raise StoreError(f"{self.path}: cannot finalize, chunks {self.pending_chunks()[:5]} missing")
+        self.update_meta(**extra, complete=True)
+        part, out = self.path, self.out
+        if out.exists():
+            old = out.with_name(f"{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            part.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            part.rename(out)
+        return out
+
+
+def _store_os_error(path: Path, exc: OSError) -> StoreError:
+    if exc.errno == errno.ENOSPC:
+        return StoreError(
+            f"{path}: disk full while writing the tile store; free space and re-run the same command "
+            f"to resume"
+        )
+    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return StoreError(f"{path}: cannot write here ({exc.strerror}); choose a writable --out")
+    return StoreError(f"{path}: cannot write the tile store ({exc}); check the output location")
+
+
+@dataclass(frozen=True)
+class TileStore:
+    """A finished tile store opened for reading (arrays stay lazy)."""
+
+    path: Path
+    group: zarr.Group
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.group.attrs[ATTR_KEY])  # type: ignore[arg-type]
+
+    @property
+    def tiles(self) -> zarr.Array:
+        return self.group["tiles"]  # type: ignore[return-value]
+
+    @property
+    def coords_l0(self) -> np.ndarray:
+        return np.asarray(self.group["coords_l0"][:])
+
+    @property
+    def grid_colrow(self) -> np.ndarray:
+        return np.asarray(self.group["grid_colrow"][:])
+
+    @property
+    def tissue_fraction(self) -> np.ndarray:
+        return np.asarray(self.group["tissue_fraction"][:])
+
+    def __len__(self) -> int:
+        return int(self.tiles.shape[0])
+
+
+def open_tile_store(path: str | os.PathLike[str]) -> TileStore:
+    """Open a finished store; an incomplete or foreign one raises :class:`StoreError`."""
+    p = Path(path)
+    if not p.exists():
+        hint = (
+            " (an interrupted run left .partial: re-run `wsi-infer tile` to finish it)"
+            if (partial_path(p).exists())
+            else ""
+        )
+        raise StoreError(f"{p}: no such tile store{hint}")
+    meta = _read_attrs(p)
+    if meta is None:
+        raise StoreError(f"{p}: not a wsi-pipeline tile store; create one with `wsi-infer tile`")
+    if not meta.get("complete"):
+        raise StoreError(f"{p}: the tile store is incomplete; re-run `wsi-infer tile` to finish it")
+    return TileStore(p, zarr.open_group(str(p), mode="r"))
