@@ -253,10 +253,11 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> SlideRead
     for name in order:
         try:
             reader = _open_with(name, str(p))
-            _check_header(reader)
-            return reader
         except SlideError as exc:
             failures.append(f"{name}: {exc.args[0].split(': ', 1)[-1]}")
+            continue
+        _check_header(reader)  # opened but unusable: say why, do not try another reader
+        return reader
     detail = "; ".join(failures)
     other = " or try --backend tiffslide" if backend == "openslide" else ""
     raise SlideError(
@@ -284,6 +285,12 @@ def _check_header(reader: SlideReader) -> None:
     dims = reader.level_dimensions
     if not dims or any(w <= 0 or h <= 0 for w, h in dims):
         raise SlideError(f"{reader.path}: the slide reports empty levels {dims}")
+    axes = reader.properties.get("tiffslide.series-axes")
+    if axes and not axes.endswith("S"):
+        raise SlideError(
+            f"{reader.path}: the image has axes {axes} (separate channels, e.g. multiplex "
+            f"fluorescence), not RGB; only brightfield RGB slides (H&E) are supported"
+        )
     w0, h0 = dims[0]
     if w0 * h0 > 10**12:
         raise SlideError(f"{reader.path}: implausible dimensions {w0}x{h0}; the header is corrupt")
@@ -400,7 +407,7 @@ class Thumbnail:
 
 
 def read_thumbnail(
-    reader: SlideReader, mpp_l0: float, *, target_mpp: float = 8.0, block_px: int = 4096
+    reader: SlideReader, mpp_l0: float, *, target_mpp: float = 8.0, block_px: int = 2048
 ) -> Thumbnail:
     """Thumbnail at about ``target_mpp`` um/px, built in blocks so memory stays bounded.
 

@@ -139,9 +139,18 @@ def plan_slide(reader: SlideReader, options: TileOptions) -> SlidePlan:
 
 
 def resize_tiles(tiles: np.ndarray, tile_px: int) -> np.ndarray:
-    """Resize (N, h, w, 3) uint8 tiles to (N, tile_px, tile_px, 3) with Lanczos filtering."""
-    if tiles.shape[1] == tile_px and tiles.shape[2] == tile_px:
+    """Resize (N, h, h, 3) uint8 tiles to (N, tile_px, tile_px, 3).
+
+    An integer reduction (e.g. 40x to 20x) is a box average over the whole batch at once; other
+    factors use Lanczos filtering tile by tile.
+    """
+    n, h = tiles.shape[0], tiles.shape[1]
+    if h == tile_px and tiles.shape[2] == tile_px:
         return tiles
+    k = h // tile_px
+    if k * tile_px == h and tiles.shape[2] == h:
+        blocks = tiles.reshape(n, tile_px, k, tile_px, k, 3).sum(axis=(2, 4), dtype=np.uint32)
+        return ((blocks + (k * k) // 2) // (k * k)).astype(np.uint8)
     out = np.empty((len(tiles), tile_px, tile_px, 3), np.uint8)
     for i, t in enumerate(tiles):
         out[i] = np.asarray(Image.fromarray(t).resize((tile_px, tile_px), Image.Resampling.LANCZOS))

@@ -43,6 +43,14 @@ FORMAT_VERSION = 1
 ATTR_KEY = "wsi_pipeline"
 
 
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of ``group`` (a group member of another kind is a corrupt store)."""
+    arr = group[name]
+    if not isinstance(arr, zarr.Array):
+        raise StoreError(f"{group.store_path}: {name!r} is not an array; the tile store is corrupt")
+    return arr
+
+
 def partial_path(out: Path) -> Path:
     """Where a store is built before it is complete."""
     return out.with_name(out.name + ".partial")
@@ -119,11 +127,11 @@ class TileStoreWriter:
 
     @property
     def n_tiles(self) -> int:
-        return int(self.group["tiles"].shape[0])
+        return int(_array(self.group, "tiles").shape[0])
 
     @property
     def chunk_tiles(self) -> int:
-        return int(self.group["tiles"].chunks[0])
+        return int(_array(self.group, "tiles").chunks[0])
 
     @classmethod
     def create(
@@ -153,14 +161,17 @@ class TileStoreWriter:
                 compressors=BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle"),
                 dimension_names=("tile", "y", "x", "channel"),
             )
-            small = {"compressors": BloscCodec(cname="zstd", clevel=3)}
-            group.create_array("coords_l0", data=np.asarray(coords_l0, np.int64), **small)
-            group.create_array("grid_colrow", data=np.asarray(grid_colrow, np.int32), **small)
-            group.create_array("tissue_fraction", data=np.asarray(tissue_fraction, np.float32), **small)
+            small = BloscCodec(cname="zstd", clevel=3)
+            for name, data in (
+                ("coords_l0", np.asarray(coords_l0, np.int64)),
+                ("grid_colrow", np.asarray(grid_colrow, np.int32)),
+                ("tissue_fraction", np.asarray(tissue_fraction, np.float32)),
+                ("thumbnail", np.ascontiguousarray(thumbnail)),
+                ("tissue_mask", np.asarray(tissue_mask, bool)),
+            ):
+                group.create_array(name, data=data, compressors=small)
             n_chunks = max(1, -(-n // chunk_tiles))
             group.create_array("chunk_done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
-            group.create_array("thumbnail", data=np.ascontiguousarray(thumbnail), **small)
-            group.create_array("tissue_mask", data=np.asarray(tissue_mask, bool), **small)
             group.attrs[ATTR_KEY] = {
                 **meta,
                 "format": STORE_FORMAT,
@@ -179,7 +190,7 @@ class TileStoreWriter:
 
     def pending_chunks(self) -> list[int]:
         """Indices of ``tiles`` chunks not yet fully written."""
-        done = np.asarray(self.group["chunk_done"][:])
+        done = np.asarray(_array(self.group, "chunk_done")[:])
         n_chunks = -(-self.n_tiles // self.chunk_tiles)
         return [k for k in range(n_chunks) if not done[k]]
 
@@ -187,8 +198,8 @@ class TileStoreWriter:
         """Write chunk ``k`` (tiles ``k*chunk_tiles`` onwards), then mark it done."""
         start = k * self.chunk_tiles
         try:
-            self.group["tiles"][start : start + len(tiles)] = tiles
-            self.group["chunk_done"][k] = 1
+            _array(self.group, "tiles")[start : start + len(tiles)] = tiles
+            _array(self.group, "chunk_done")[k] = 1
         except OSError as exc:
             raise _store_os_error(self.path, exc) from exc
 
@@ -235,19 +246,19 @@ class TileStore:
 
     @property
     def tiles(self) -> zarr.Array:
-        return self.group["tiles"]  # type: ignore[return-value]
+        return _array(self.group, "tiles")
 
     @property
     def coords_l0(self) -> np.ndarray:
-        return np.asarray(self.group["coords_l0"][:])
+        return np.asarray(_array(self.group, "coords_l0")[:])
 
     @property
     def grid_colrow(self) -> np.ndarray:
-        return np.asarray(self.group["grid_colrow"][:])
+        return np.asarray(_array(self.group, "grid_colrow")[:])
 
     @property
     def tissue_fraction(self) -> np.ndarray:
-        return np.asarray(self.group["tissue_fraction"][:])
+        return np.asarray(_array(self.group, "tissue_fraction")[:])
 
     def __len__(self) -> int:
         return int(self.tiles.shape[0])

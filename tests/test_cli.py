@@ -1,0 +1,111 @@
+"""The ``wsi-infer`` command line: tile, info, folder mode, one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import Fixture, shared
+
+from wsi_pipeline.cli import main
+from wsi_pipeline.tilestore import open_tile_store, partial_path
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(main, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_tile_writes_store_report_and_summary(generic_slide: Fixture, tmp_path: Path) -> None:
+    out = tmp_path / "g.zarr"
+    code, stdout, stderr = _run("tile", str(generic_slide.path), "--out", str(out), "-q")
+    assert code == 0, stderr
+    store = open_tile_store(out)
+    assert f"{len(store)} tiles" in stdout and "tiles/s" in stdout and str(out) in stdout
+    report = json.loads((tmp_path / "g.tile-report.json").read_text())
+    assert report["n_tiles"] == len(store) and report["status"] == "written"
+    assert report["versions"]["zarr"] and report["store"]["resolution"]["mpp_source"] == "metadata"
+    assert report["options"]["tile_px"] == 224
+    code, stdout, _ = _run("tile", str(generic_slide.path), "--out", str(out), "-q")
+    assert code == 0 and "already complete" in stdout
+
+
+def test_tile_options_reach_the_store(generic_slide: Fixture, tmp_path: Path) -> None:
+    out = tmp_path / "o.zarr"
+    code, _, err = _run(
+        "tile", str(generic_slide.path), "-o", str(out), "-q", "--tile-size", "128", "--overlap", "16",
+        "--target-mpp", "1.0", "--min-tissue", "0.9", "--backend", "tiffslide",
+    )  # fmt: skip
+    assert code == 0, err
+    meta = open_tile_store(out).meta
+    assert meta["grid"]["tile_px"] == 128 and meta["grid"]["overlap_px"] == 16
+    assert meta["resolution"]["target_mpp"] == 1.0 and meta["slide"]["backend"] == "tiffslide"
+    assert min(open_tile_store(out).tissue_fraction) >= 0.9
+
+
+def test_missing_mpp_exit_code_and_one_line_error(nompp_slide: Fixture, tmp_path: Path) -> None:
+    out = tmp_path / "n.zarr"
+    code, _, err = _run("tile", str(nompp_slide.path), "-o", str(out), "-q")
+    assert code == 4
+    assert err.count("\n") == 1 and err.startswith("error: ") and "nompp.tif" in err and "--mpp" in err
+    assert not out.exists() and not partial_path(out).exists()
+    code, _, err = _run("tile", str(nompp_slide.path), "-o", str(out), "-q", "--mpp", "0.5")
+    assert code == 0, err
+
+
+def test_not_a_slide_exit_code(not_a_slide: Path, tmp_path: Path) -> None:
+    code, _, err = _run("tile", str(not_a_slide), "-o", str(tmp_path / "x.zarr"))
+    assert code == 3 and "notes.svs: cannot open" in err and err.count("\n") == 1
+
+
+def test_info_table_and_json(aperio_slide: Fixture) -> None:
+    code, out, _ = _run("info", str(aperio_slide.path))
+    assert code == 0 and "aperio" in out and "0.25" in out and "metadata" in out and "tissue" in out
+    code, out, _ = _run("info", str(aperio_slide.path), "--json")
+    data = json.loads(out)
+    assert data["vendor"] == "aperio" and data["width"] == 3072
+    assert data["resolution"] == {"mpp_x": 0.25, "mpp_y": 0.25, "source": "metadata"}
+    assert [lv["downsample"] for lv in data["levels"]] == [1.0, 4.0, 16.0]
+    assert 0.2 < data["tissue"]["fraction"] < 0.5
+    assert data["tiling"]["level"] == 0 and data["tiling"]["tissue_tiles"] > 0
+
+
+def test_info_reports_missing_mpp_without_failing(nompp_slide: Fixture) -> None:
+    code, out, _ = _run("info", str(nompp_slide.path), "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["resolution"]["source"] == "missing" and "--mpp" in data["resolution"]["hint"]
+
+
+def test_folder_continues_past_bad_slide(
+    generic_slide: Fixture, aperio_slide: Fixture, not_a_slide: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in (generic_slide.path, aperio_slide.path, not_a_slide):
+        shutil.copy(p, folder / p.name)
+    out = tmp_path / "stores"
+    code, stdout, err = _run("tile", str(folder), "-o", str(out), "-q")
+    assert code == 1
+    assert "3 slides, 2 ok, 1 failed" in stdout and "notes.svs" in err
+    assert open_tile_store(out / "generic.zarr") and open_tile_store(out / "aperio.zarr")
+    summary = json.loads((out / "tile-summary.json").read_text())
+    assert [r["status"] for r in summary["slides"]] == ["written", "written", "failed"]
+    assert not (out / "notes.zarr").exists() and not partial_path(out / "notes.zarr").exists()
+
+
+def test_version_and_help() -> None:
+    code, out, _ = _run("--version")
+    assert code == 0 and "wsi-infer" in out
+    code, out, _ = _run("tile", "--help")
+    assert code == 0 and "--mpp" in out and "--backend" in out
+
+
+@pytest.mark.realdata
+def test_real_info_cli() -> None:
+    p = shared("slides", "aperio", "CMU-1-Small-Region.svs")
+    code, out, _ = _run("info", str(p), "--json")
+    assert code == 0 and json.loads(out)["resolution"]["source"] == "metadata"
