@@ -123,7 +123,7 @@ def _tile_options(fn: F) -> F:
                      help="Resolution of the thumbnail used for tissue detection, microns per pixel."),
         click.option("--min-tissue-area", type=float, default=10_000.0, show_default=True,
                      help="Ignore tissue pieces smaller than this, um^2."),
-        click.option("--workers", type=int, default=2, show_default=True, help="Reader threads."),
+        click.option("--workers", type=int, default=None, help="Reader threads [default: CPUs, at most 4]."),
     ]  # fmt: skip
     for d in reversed(decorators):
         fn = d(fn)
@@ -250,7 +250,7 @@ def _options_from(kw: dict[str, Any]) -> Any:
         min_tissue_fraction=kw["min_tissue"],
         mask_mpp=kw["mask_mpp"],
         tissue=TissueParams(min_tissue_um2=kw["min_tissue_area"]),
-        workers=kw["workers"],
+        **({"workers": kw["workers"]} if kw["workers"] else {}),
     )
 
 

@@ -77,7 +77,7 @@ def _rgba_to_rgb(arr: np.ndarray) -> np.ndarray:
         rgb = arr[..., :3]
         alpha = arr[..., 3]
         if alpha.min() == 255:
-            return np.ascontiguousarray(rgb)
+            return rgb
         a = alpha[..., None].astype(np.uint16)
         out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
         return out.astype(np.uint8)
