@@ -109,3 +109,56 @@ def test_real_info_cli() -> None:
     p = shared("slides", "aperio", "CMU-1-Small-Region.svs")
     code, out, _ = _run("info", str(p), "--json")
     assert code == 0 and json.loads(out)["resolution"]["source"] == "metadata"
+
+
+def test_normalize_with_a_reference_image(generic_slide: Fixture, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.stain import REFERENCE, StainModel
+
+    # A reference cut from the aperio-like synthetic tissue (other stain colours than the default).
+    r = open_slide(generic_slide.path)
+    ref_img = r.read_region((500, 500), 0, (300, 300))
+    ref_png = tmp_path / "ref.png"
+    Image.fromarray(ref_img).save(ref_png)
+    out = tmp_path / "r.zarr"
+    code, stdout, err = _run(
+        "tile", str(generic_slide.path), "-o", str(out), "-q", "--normalize", "macenko",
+        "--stain-reference", str(ref_png),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "Macenko fitted" in stdout
+    stain = open_tile_store(out).meta["stain"]
+    assert stain["reference_name"].startswith("ref.png (sha256 ")
+    assert StainModel.from_dict(stain["reference"]) != REFERENCE
+    # Normalizing a slide to a reference cut from itself keeps it closer to the raw colours than
+    # normalizing it to the default reference does.
+    raw, default = tmp_path / "raw.zarr", tmp_path / "default.zarr"
+    assert _run("tile", str(generic_slide.path), "-o", str(raw), "-q")[0] == 0
+    assert _run("tile", str(generic_slide.path), "-o", str(default), "-q", "--normalize", "macenko")[0] == 0
+    raw_t = open_tile_store(raw).tiles[:16].astype(int)
+    to_self = np.abs(raw_t - open_tile_store(out).tiles[:16]).mean()
+    to_default = np.abs(raw_t - open_tile_store(default).tiles[:16]).mean()
+    assert to_self < to_default
+
+
+def test_unusable_stain_reference_is_a_clear_error(generic_slide: Fixture, tmp_path: Path) -> None:
+    bad = tmp_path / "white.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (250, 250, 250)).save(bad)
+    out = tmp_path / "w.zarr"
+    code, _, err = _run(
+        "tile",
+        str(generic_slide.path),
+        "-o",
+        str(out),
+        "--normalize",
+        "macenko",
+        "--stain-reference",
+        str(bad),
+    )
+    assert code == 7 and "white.png" in err and err.count("\n") == 1
+    assert not out.exists() and not partial_path(out).exists()

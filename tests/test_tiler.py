@@ -305,3 +305,56 @@ def test_read_error_midway_removes_partial_store(
     with pytest.raises(SlideError, match="Bogus marker"):
         tile_slide(aperio_slide.path, out, TileOptions(chunk_tiles=4, block_tiles=2, workers=1))
     assert _no_output(out)
+
+
+# --- stain normalization in the store -----------------------------------------------------------
+
+MACENKO = TileOptions(chunk_tiles=8, block_tiles=3, normalize="macenko", stain_fit_tiles=16)
+
+
+def test_normalized_store_equals_slide_fit_applied_to_read_region(
+    aperio_slide: Fixture, tmp_path: Path
+) -> None:
+    from wsi_pipeline.stain import REFERENCE, StainModel, apply_macenko
+
+    out = tmp_path / "n.zarr"
+    tile_slide(aperio_slide.path, out, MACENKO)
+    store = open_tile_store(out)
+    stain = store.meta["stain"]
+    assert stain["fit_status"] == "fitted" and stain["fit_tiles"] == min(16, len(store))
+    assert StainModel.from_dict(stain["reference"]) == REFERENCE
+    source = StainModel.from_dict(stain["source"])
+    assert source != REFERENCE
+    reader = open_slide(aperio_slide.path)
+    plan = plan_slide(reader, MACENKO)
+    for i in (0, len(store) // 3, len(store) - 1):
+        col, row = (int(v) for v in store.grid_colrow[i])
+        expected = apply_macenko(read_tile(reader, plan.grid, col, row), source, REFERENCE)
+        np.testing.assert_array_equal(store.tiles[i], expected)
+    # Normalization moved the colours: the raw store differs.
+    raw = tmp_path / "raw.zarr"
+    tile_slide(aperio_slide.path, raw, SMALL_CHUNKS)
+    assert np.abs(open_tile_store(raw).tiles[:8].astype(int) - store.tiles[:8]).mean() > 5
+
+
+def test_normalized_resume_reuses_the_fitted_model(generic_slide: Fixture, tmp_path: Path) -> None:
+    ref, out = tmp_path / "ref.zarr", tmp_path / "x.zarr"
+    tile_slide(generic_slide.path, ref, MACENKO)
+
+    def stop(done: int, total: int) -> None:
+        if done >= total // 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        tile_slide(generic_slide.path, out, MACENKO, progress=stop)
+    assert tile_slide(generic_slide.path, out, MACENKO).status == "resumed"
+    a, b = open_tile_store(ref), open_tile_store(out)
+    assert a.meta["stain"] == b.meta["stain"]
+    np.testing.assert_array_equal(a.tiles[:], b.tiles[:])
+
+
+def test_normalization_is_part_of_the_store_parameters(generic_slide: Fixture, tmp_path: Path) -> None:
+    out = tmp_path / "p.zarr"
+    tile_slide(generic_slide.path, out, SMALL_CHUNKS)
+    with pytest.raises(StoreError, match="normalize: 'none' -> 'macenko'"):
+        tile_slide(generic_slide.path, out, MACENKO)

@@ -124,6 +124,10 @@ def _tile_options(fn: F) -> F:
         click.option("--min-tissue-area", type=float, default=10_000.0, show_default=True,
                      help="Ignore tissue pieces smaller than this, um^2."),
         click.option("--workers", type=int, default=None, help="Reader threads [default: CPUs, at most 4]."),
+        click.option("--normalize", type=click.Choice(["none", "macenko"]), default="none", show_default=True,
+                     help="Stain normalization: one Macenko model fitted per slide, applied to every tile."),
+        click.option("--stain-reference", type=click.Path(path_type=Path), default=None,
+                     help="Reference H&E image (PNG/JPEG) to normalize to [default: standard reference]."),
     ]  # fmt: skip
     for d in reversed(decorators):
         fn = d(fn)
@@ -241,7 +245,19 @@ def _options_from(kw: dict[str, Any]) -> Any:
     from .tiler import TileOptions
     from .tissue import TissueParams
 
+    stain: dict[str, Any] = {}
+    if kw["stain_reference"] is not None:
+        from .provenance import file_sha256
+        from .stain import reference_from_image
+
+        ref_path = kw["stain_reference"]
+        stain = {
+            "stain_reference": reference_from_image(ref_path),
+            "stain_reference_name": f"{ref_path.name} (sha256 {file_sha256(ref_path)[:16]})",
+        }
     return TileOptions(
+        normalize=kw["normalize"],
+        **stain,
         target_mpp=kw["target_mpp"],
         tile_px=kw["tile_size"],
         overlap_px=kw["overlap"],
@@ -285,9 +301,16 @@ def _tile_one(slide: Path, out: Path, opts: Any, *, backend: str, overwrite: boo
         f"{slide.name}: {rep.n_tiles} tiles ({rep.tiles_written} written, {rep.status}) "
         f"in {rep.seconds:.1f} s, "
         f"{rep.tiles_per_s:,.1f} tiles/s, {rep.effective_mpp:.3g} um/px (mpp from {rep.mpp_source}), "
-        f"tissue {rep.slide_tissue_fraction:.1%} -> {out}, {rpath}"
+        f"tissue {rep.slide_tissue_fraction:.1%}{_stain_note(rep.meta)} -> {out}, {rpath}"
     )
     return rep
+
+
+def _stain_note(meta: dict[str, Any]) -> str:
+    stain = meta.get("stain")
+    if not stain:
+        return ""
+    return f", Macenko {'fitted' if stain['fit_status'] == 'fitted' else 'FELL BACK to the reference'}"
 
 
 def find_slides(folder: Path) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -38,6 +39,15 @@ def environment_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return out
+
+
+def file_sha256(path: str | os.PathLike[str], *, block: int = 1 << 20) -> str:
+    """Hex sha256 of a whole file (for models and reference images, not gigapixel slides)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

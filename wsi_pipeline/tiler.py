@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +37,7 @@ from .slide import (
     resolve_mpp,
     slide_fingerprint,
 )
+from .stain import REFERENCE, StainFitWarning, StainModel, apply_macenko, fit_slide
 from .tilestore import TileStoreWriter, existing_state, open_tile_store, partial_path
 from .tissue import TissueParams, tissue_fraction_in_boxes, tissue_mask
 
@@ -58,10 +60,25 @@ class TileOptions:
     chunk_tiles: int = 64  # tiles per Zarr chunk (and per write)
     block_tiles: int = 4  # a read covers up to block_tiles x block_tiles grid positions
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # reader threads
+    normalize: str = "none"  # "none" or "macenko" (one stain model fitted per slide)
+    stain_reference: StainModel = REFERENCE  # target stain when normalizing
+    stain_reference_name: str = "default H&E reference (HERef/maxCRef)"
+    stain_fit_tiles: int = 64  # tiles spread across the slide pooled for the slide's stain fit
+
+    def __post_init__(self) -> None:
+        if self.normalize not in ("none", "macenko"):
+            raise ValueError(f"normalize must be 'none' or 'macenko', not {self.normalize!r}")
 
     def store_params(self) -> dict[str, Any]:
         """The options a resumed or re-run store must share (reader threads do not matter)."""
+        stain = (
+            {"stain_reference": self.stain_reference.to_dict(), "stain_fit_tiles": self.stain_fit_tiles}
+            if self.normalize == "macenko"
+            else {}
+        )
         return {
+            "normalize": self.normalize,
+            **stain,
             "target_mpp": self.target_mpp,
             "tile_px": self.tile_px,
             "overlap_px": self.overlap_px,
@@ -208,12 +225,14 @@ def iter_tiles(
     *,
     block_tiles: int = 4,
     workers: int = 2,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (tile indices, tiles (n, tile_px, tile_px, 3) uint8) for the plan's tiles, in order.
 
     One region per block is read at the plan's level and the tiles are cut from it. With
     ``workers`` > 1, that many threads read ahead, each with its own slide handle (in-memory readers
-    are shared). Memory is bounded by about ``2 * workers`` blocks.
+    are shared). Memory is bounded by about ``2 * workers`` blocks. ``transform`` (e.g. stain
+    normalization) is applied to each block's tiles in the reader thread.
     """
     grid = plan.grid
     idx = np.arange(plan.n_tiles) if indices is None else np.sort(np.asarray(indices, np.int64))
@@ -241,13 +260,57 @@ def iter_tiles(
         region = thread_reader().read_region(loc, grid.level, (int(x1 - x0), int(y1 - y0)))
         rp = grid.read_px
         cut = np.stack([region[y - y0 : y - y0 + rp, x - x0 : x - x0 + rp] for x, y in o])
-        return block, resize_tiles(cut, grid.tile_px)
+        tiles = resize_tiles(cut, grid.tile_px)
+        return block, transform(tiles) if transform else tiles
 
     try:
         yield from _ordered_map(read_block, _blocks(plan.colrow, idx, block_tiles), workers, 2 * workers)
     finally:
         for r in opened:
             r.close()
+
+
+def stain_fit_indices(n_tiles: int, n_fit: int) -> np.ndarray:
+    """``n_fit`` tile indices spread evenly over the store order (blocks cover the slide)."""
+    if n_tiles <= n_fit:
+        return np.arange(n_tiles)
+    return np.unique(np.linspace(0, n_tiles - 1, n_fit).round().astype(np.int64))
+
+
+def fit_slide_stain(reader: SlideReader, plan: SlidePlan, opts: TileOptions) -> dict[str, Any]:
+    """Fit one Macenko stain model on tissue tiles spread across the slide.
+
+    Returns the record kept in the store's attributes: the fitted (source) model, the reference, the
+    tiles used and whether the fit fell back to the reference (too little stained tissue).
+    """
+    idx = stain_fit_indices(plan.n_tiles, opts.stain_fit_tiles)
+    batches = (t for _, t in iter_tiles(reader, plan, idx, block_tiles=1, workers=opts.workers))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", StainFitWarning)
+        model = fit_slide(batches)
+    fallback = [str(w.message) for w in caught if issubclass(w.category, StainFitWarning)]
+    for msg in fallback:
+        warnings.warn(f"{reader.path}: {msg}", StainFitWarning, stacklevel=2)
+    return {
+        "method": "macenko",
+        "io": 240.0,
+        "beta": 0.15,
+        "alpha": 1.0,
+        "source": model.to_dict(),
+        "reference": opts.stain_reference.to_dict(),
+        "reference_name": opts.stain_reference_name,
+        "fit_tiles": len(idx),
+        "fit_status": "fallback-to-reference" if fallback else "fitted",
+        "fit_message": fallback[0] if fallback else None,
+    }
+
+
+def stain_transform(stain: dict[str, Any], reference: StainModel) -> Callable[[np.ndarray], np.ndarray]:
+    """Batch normalizer for a stain record written by :func:`fit_slide_stain`."""
+    source = StainModel.from_dict(stain["source"])
+    ref = StainModel.from_dict(stain.get("reference") or reference.to_dict())
+    io = float(stain.get("io", 240.0))
+    return lambda tiles: apply_macenko(tiles, source, ref, io=io)
 
 
 @dataclass(frozen=True)
@@ -348,7 +411,11 @@ def tile_slide(
         meta = _slide_meta(reader, plan, opts, params["fingerprint"])
         if state == "partial":
             writer = TileStoreWriter.resume(out_p)
+            stain = writer.meta.get("stain")  # resume with the model the first run fitted
+            meta["stain"] = stain
         else:
+            stain = fit_slide_stain(reader, plan, opts) if opts.normalize == "macenko" else None
+            meta["stain"] = stain
             writer = TileStoreWriter.create(
                 out_p,
                 tile_px=opts.tile_px,
@@ -360,7 +427,8 @@ def tile_slide(
                 tissue_mask=plan.mask,
                 meta={**meta, "params": params},
             )
-        written = _write_pending(reader, plan, writer, opts, progress)
+        transform = stain_transform(stain, opts.stain_reference) if stain else None
+        written = _write_pending(reader, plan, writer, opts, progress, transform)
         seconds = time.perf_counter() - t0
         report = _report(
             slide_path, out_p, "resumed" if state == "partial" else "written", plan, written, seconds, meta
@@ -385,6 +453,7 @@ def _write_pending(
     writer: TileStoreWriter,
     opts: TileOptions,
     progress: ProgressFn | None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> int:
     """Read and write every chunk not yet done; returns the number of tiles written."""
     c = writer.chunk_tiles
@@ -400,7 +469,7 @@ def _write_pending(
     written = read = 0
     try:
         for idx, tiles in iter_tiles(
-            reader, plan, wanted, block_tiles=opts.block_tiles, workers=opts.workers
+            reader, plan, wanted, block_tiles=opts.block_tiles, workers=opts.workers, transform=transform
         ):
             for k in (int(k) for k in np.unique(idx // c)):
                 sel = idx // c == k
