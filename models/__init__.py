@@ -1,0 +1,17 @@
+"""Tumour-vs-benign tile classifier: CNN definition, training, ONNX export, evaluation, model card.
+
+Not part of the installed ``wsi_pipeline`` package. Run the entry points from the repository root::
+
+    python -m models.train  --index ../shared/data/tiles/lc25000-lung/index.csv --out models/runs/X
+    python -m models.export --checkpoint models/runs/X/best.pt --out models/tumour-cnn.onnx
+    python -m models.evaluate --model models/tumour-cnn.onnx
+
+Modules ``split``, ``metrics``, ``augment``, ``data`` and ``evaluate`` need numpy, Pillow and
+onnxruntime only; ``net``, ``train`` and ``export`` need torch (the ``train`` extra).
+"""
+
+from __future__ import annotations
+
+CLASSES: tuple[str, str] = ("non-tumour", "tumour")
+POSITIVE_CLASS = "tumour"
+TILE_PX = 224

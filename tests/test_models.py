@@ -1,0 +1,365 @@
+"""Tests of the tumour tile CNN (``models/``): split, augmentation, metrics, training, export, card.
+
+Torch-dependent tests skip when torch is absent (install the ``train`` extra). Tests on the real
+LC25000 tiles are marked ``realdata`` and skip when ../shared/data is absent.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]  # `models` is importable via pytest's pythonpath = ["."]
+
+from models.augment import hed_jitter, hed_to_rgb, random_dihedral, rgb_to_hed  # noqa: E402
+from models.card import load_card, sha256_file  # noqa: E402
+from models.metrics import binary_metrics, roc_auc  # noqa: E402
+from models.split import IndexRow, read_index, sample_rows, split_groups, split_rows  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+LC25000_INDEX = SHARED_DATA / "tiles" / "lc25000-lung" / "index.csv"
+SHIPPED_ONNX = ROOT / "models" / "tumour-cnn.onnx"
+SHIPPED_CARD = ROOT / "models" / "tumour-cnn.json"
+TORCH_REASON = "torch is not installed (install the `train` extra: pip install -e .[train])"
+
+
+def _torch():  # type: ignore[no-untyped-def]
+    return pytest.importorskip("torch", reason=TORCH_REASON)
+
+
+def _synthetic_rows(n_groups: int = 60, seed: int = 0) -> list[IndexRow]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for g in range(n_groups):
+        label = ("aca", "scc", "n")[g % 3]
+        for k in range(int(rng.integers(1, 12))):
+            rows.append(
+                IndexRow(Path(f"/x/{label}/{g}_{k}.jpeg"), label, int(label != "n"), f"{label}-g{g:03d}")
+            )
+    return rows
+
+
+def _textured_tile(rng: np.random.Generator, tumour: int, px: int = 224) -> np.ndarray:
+    """H&E-like colours: pale pink stroma with dark purple 'nuclei' (many and large when tumour)."""
+    tile = np.empty((px, px, 3), np.uint8)
+    tile[:] = (235, 190, 215)
+    yy, xx = np.mgrid[0:px, 0:px]
+    for _ in range(int(rng.integers(25, 35)) if tumour else int(rng.integers(4, 8))):
+        cy, cx = rng.integers(0, px, 2)
+        r = rng.uniform(9, 14) if tumour else rng.uniform(3, 5)
+        tile[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = (90, 50, 140)
+    noise = rng.integers(-12, 13, size=tile.shape)
+    return np.clip(tile.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- split
+
+
+def test_group_split_cannot_leak() -> None:
+    rows = _synthetic_rows()
+    split = split_rows(rows, (0.7, 0.15, 0.15), seed=7)
+    groups = {name: {rows[i].group for i in idx} for name, idx in split.items()}
+    for a, b in itertools.combinations(groups, 2):
+        assert not groups[a] & groups[b], f"{a} and {b} share groups"
+    assert sorted(i for idx in split.values() for i in idx) == list(range(len(rows)))
+    # stratified: every label is in every split
+    for name, idx in split.items():
+        assert {rows[i].label for i in idx} == {"aca", "scc", "n"}, name
+    # deterministic, independent of row order, and seed-dependent
+    shuffled = [rows[i] for i in np.random.default_rng(1).permutation(len(rows))]
+    g1 = split_groups([r.group for r in rows], [r.label for r in rows], seed=7)
+    g2 = split_groups([r.group for r in shuffled], [r.label for r in shuffled], seed=7)
+    g3 = split_groups([r.group for r in rows], [r.label for r in rows], seed=8)
+    assert g1 == g2
+    assert g1 != g3
+
+
+def test_split_rejects_group_with_two_labels(tmp_path: Path) -> None:
+    index = tmp_path / "index.csv"
+    index.write_text("path,label,tumour,group\na.jpeg,aca,1,g1\nb.jpeg,n,0,g1\n")
+    with pytest.raises(ValueError, match="g1"):
+        read_index(index)
+    with pytest.raises(ValueError, match="fractions"):
+        split_groups(["a"], ["x"], fractions=(0.5, 0.5, 0.5))
+
+
+def test_sample_rows_is_deterministic_subset() -> None:
+    rows = _synthetic_rows()
+    idx = split_rows(rows)["test"]
+    a = sample_rows(idx, rows, 10, seed=3)
+    assert a == sample_rows(list(reversed(idx)), rows, 10, seed=3)
+    assert len(a) == 10
+    assert set(a) <= set(idx)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_hed_zero_jitter_is_identity_and_round_trip_exact() -> None:
+    rng = np.random.default_rng(0)
+    tile = _textured_tile(rng, 1)
+    assert np.array_equal(hed_jitter(tile, rng, sigma=0.0, bias=0.0), tile)
+    assert np.abs(hed_to_rgb(rgb_to_hed(tile)).astype(int) - tile).max() <= 1
+    every_colour = np.arange(256, dtype=np.uint8)[:, None].repeat(3, 1)[None]
+    assert np.abs(hed_to_rgb(rgb_to_hed(every_colour)).astype(int) - every_colour).max() <= 1
+    # a pure haematoxylin pixel deconvolves to haematoxylin only
+    hed = rgb_to_hed(hed_to_rgb(np.array([[[0.8, 0.0, 0.0]]], np.float32)))
+    assert hed[0, 0, 0] == pytest.approx(0.8, abs=0.02)
+    assert np.abs(hed[0, 0, 1:]).max() < 0.02
+
+
+def test_hed_jitter_changes_colour_not_geometry() -> None:
+    rng = np.random.default_rng(1)
+    tile = _textured_tile(rng, 1)
+    batch = np.stack([tile, tile[::-1]])
+    out = hed_jitter(batch, np.random.default_rng(2), sigma=0.2, bias=0.1)
+    assert out.dtype == np.uint8
+    assert out.shape == batch.shape
+    for before, after in zip(batch, out, strict=True):
+        assert np.abs(after.astype(int) - before).mean() > 2.0, "colour did not change"
+        # a per-tile colour map: pixels of one input colour share one output colour
+        colours, inverse = np.unique(before.reshape(-1, 3), axis=0, return_inverse=True)
+        flat = after.reshape(-1, 3)
+        for c in range(0, len(colours), max(1, len(colours) // 50)):
+            assert len(np.unique(flat[inverse.ravel() == c], axis=0)) == 1
+        # and the structure stays where it was
+        g0, g1 = before.mean(-1).ravel(), after.mean(-1).ravel()
+        assert np.corrcoef(g0, g1)[0, 1] > 0.95
+    single = hed_jitter(tile, np.random.default_rng(3))
+    assert single.shape == tile.shape
+    assert single.dtype == np.uint8
+    with pytest.raises(ValueError):
+        hed_jitter(tile.astype(np.float32), rng)  # type: ignore[arg-type]
+
+
+def test_random_dihedral_gives_one_of_eight_transforms() -> None:
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8)
+    out = random_dihedral(batch, np.random.default_rng(5))
+    for before, after in zip(batch, out, strict=True):
+        options = [np.rot90(before, k) for k in range(4)]
+        options += [o[:, ::-1] for o in options]
+        assert any(np.array_equal(after, o) for o in options)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_auc_matches_pairwise_definition_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = np.round(rng.random(200) + 0.3 * y, 1)  # many ties
+    pos, neg = s[y == 1], s[y == 0]
+    pairwise = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (
+        pos.size * neg.size
+    )
+    assert roc_auc(y, s) == pytest.approx(pairwise, abs=1e-12)
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert np.isnan(roc_auc([1, 1], [0.2, 0.3]))
+
+
+def test_binary_metrics_counts() -> None:
+    m = binary_metrics([1, 1, 1, 0, 0, 0, 0, 1], [0.9, 0.8, 0.3, 0.6, 0.1, 0.2, 0.4, 0.7])
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (3, 1, 3, 1)
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["precision"] == pytest.approx(0.75)
+    assert m["recall"] == pytest.approx(0.75)
+    assert m["f1"] == pytest.approx(0.75)
+    assert m["specificity"] == pytest.approx(0.75)
+
+
+# --------------------------------------------------------------------------- torch: net, training, export
+
+
+def test_net_size_and_flop_counter() -> None:
+    torch = _torch()
+    from models.net import build_net, count_flops, count_params
+
+    net = build_net()
+    assert count_params(net) < 1_000_000
+    flops = count_flops(net)
+    assert 0.05e9 < flops["flops"] < 0.5e9
+    assert flops["flops"] == 2 * flops["macs"]
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    assert count_flops(conv, (1, 3, 10, 10))["macs"] == 10 * 10 * 8 * 3 * 3 * 3
+    assert build_net()(torch.zeros(2, 3, 224, 224)).shape == (2, 2)
+
+
+def test_a_few_training_steps_reduce_the_loss() -> None:
+    torch = _torch()
+    from models.net import Preprocess, build_net
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 8)
+    x = torch.from_numpy(np.stack([_textured_tile(rng, int(t)) for t in y]))
+    target = torch.from_numpy(y)
+    net = build_net((8, 16), (16, 32, 32))
+    pre = Preprocess([0.7, 0.6, 0.8], [0.2, 0.2, 0.15])
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    losses = []
+    net.train()
+    for _ in range(20):
+        loss = loss_fn(net(pre(x)), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_export_round_trip_parity(tmp_path: Path) -> None:
+    torch = _torch()
+    import onnx
+
+    from models.evaluate import make_session
+    from models.export import export_onnx, parity
+    from models.net import TumourTileModel, build_net
+
+    torch.manual_seed(0)
+    net = build_net((8, 16), (16, 32, 32))
+    for m in net.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    model = TumourTileModel(net, [0.66, 0.53, 0.85], [0.17, 0.2, 0.11]).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, opset=17, metadata={"name": "test"})
+    proto = onnx.load(str(path))
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    session = make_session(path)
+    (inp,) = session.get_inputs()
+    assert inp.name == "tiles"
+    assert inp.type == "tensor(uint8)"
+    assert inp.shape[1:] == [224, 224, 3]
+    assert isinstance(inp.shape[0], str)  # dynamic batch axis
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "logits"]
+    tiles = np.random.default_rng(0).integers(0, 256, size=(9, 224, 224, 3), dtype=np.uint8)
+    assert parity(model, path, tiles, batch_sizes=(1, 4)) <= 1e-4
+    prob = session.run(["probabilities"], {"tiles": tiles[:3]})[0]
+    assert prob.shape == (3, 2)
+    np.testing.assert_allclose(prob.sum(1), 1.0, atol=1e-5)
+
+
+def _write_synthetic_index(root: Path) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    lines = ["path,label,tumour,group"]
+    for label, tumour in (("aca", 1), ("scc", 1), ("n", 0)):
+        (root / label).mkdir(parents=True)
+        for g in range(4):
+            for k in range(2):
+                name = f"{label}/{g}_{k}.png"
+                Image.fromarray(_textured_tile(rng, tumour)).save(root / name)
+                lines.append(f"{name},{label},{tumour},{label}-g{g}")
+    index = root / "index.csv"
+    index.write_text("\n".join(lines) + "\n")
+    return index
+
+
+def test_train_export_evaluate_cli_end_to_end(tmp_path: Path) -> None:
+    _torch()
+    from models import evaluate, export, train
+
+    index = _write_synthetic_index(tmp_path / "data")
+    run = tmp_path / "run"
+    small = ["--stem", "8", "8", "--stages", "8", "16", "--batch-size", "4", "--threads", "2"]
+    assert train.main(["--index", str(index), "--out", str(run), "--epochs", "2", *small]) == 0
+    assert (run / "best.pt").exists()
+    history = json.loads((run / "history.json").read_text())["history"]
+    assert len(history) == 2
+    out = tmp_path / "ship" / "tumour-cnn.onnx"
+    assert export.main(["--checkpoint", str(run / "best.pt"), "--out", str(out), "--parity-tiles", "8"]) == 0
+    card = load_card(out.with_suffix(".json"))
+    assert card["sha256"] == sha256_file(out)
+    assert card["metrics"]["test"]["n"] == 6  # 1 of 4 groups per label, 2 tiles each
+    assert card["data"]["split"]["groups"] == {"train": 6, "val": 3, "test": 3}
+    assert (out.parent / "MODEL_CARD.md").read_text().startswith("# Model card")
+    assert evaluate.main(["--model", str(out), "--index", str(index), "--check", "--tolerance", "0"]) == 0
+
+
+# --------------------------------------------------------------------------- the shipped model
+
+
+def test_shipped_model_sha256_matches_card() -> None:
+    assert SHIPPED_ONNX.exists(), f"{SHIPPED_ONNX} is missing: run python -m models.export"
+    card = load_card(SHIPPED_CARD)
+    assert card["onnx_file"] == SHIPPED_ONNX.name
+    assert hashlib.sha256(SHIPPED_ONNX.read_bytes()).hexdigest() == card["sha256"]
+    if (card.get("int8") or {}).get("shipped"):
+        q = SHIPPED_ONNX.parent / card["int8"]["onnx_file"]
+        assert sha256_file(q) == card["int8"]["sha256"]
+    assert SHIPPED_ONNX.stat().st_size < 5e6
+
+
+def test_shipped_card_describes_the_graph() -> None:
+    import onnxruntime as ort
+
+    card = json.loads(SHIPPED_CARD.read_text())
+    assert card["classes"] == ["non-tumour", "tumour"]
+    assert card["positive_class"] == "tumour"
+    assert card["input"] == {
+        **card["input"],
+        "size_px": 224,
+        "dtype": "uint8",
+        "layout": "NHWC",
+        "channels": "RGB",
+    }
+    assert card["preprocessing"]["in_graph"] is True
+    assert card["mpp"] == 0.5
+    test = card["metrics"]["test"]
+    for key in ("accuracy", "precision", "recall", "f1", "auc"):
+        assert 0.0 <= test[key] <= 1.0
+    assert test["n"] == card["data"]["split"]["tiles"]["test"]
+    session = ort.InferenceSession(str(SHIPPED_ONNX), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert (inp.name, inp.type, inp.shape[1:]) == ("tiles", "tensor(uint8)", [224, 224, 3])
+    assert card["output"]["name"] in [o.name for o in session.get_outputs()]
+    prob = session.run([card["output"]["name"]], {"tiles": np.zeros((2, 224, 224, 3), np.uint8)})[0]
+    assert prob.shape == (2, 2)
+
+
+@pytest.mark.realdata
+def test_shipped_model_reaches_card_accuracy_on_held_out_tiles() -> None:
+    if not LC25000_INDEX.exists():
+        pytest.skip(f"real data not available: {LC25000_INDEX} (the shared data folder is absent)")
+    from models.evaluate import evaluate_model
+
+    card = load_card(SHIPPED_CARD)
+    split_info = card["data"]["split"]
+    rows = read_index(LC25000_INDEX)
+    split = split_rows(rows, split_info["fractions"], split_info["seed"])
+    # the split rebuilt from index + seed is the one on the card
+    assert {k: len({rows[i].group for i in v}) for k, v in split.items()} == split_info["groups"]
+    assert {k: len(v) for k, v in split.items()} == split_info["tiles"]
+    m = evaluate_model(
+        SHIPPED_ONNX, LC25000_INDEX, split_info["seed"], split_info["fractions"], "test", max_tiles=200
+    )
+    assert m["n"] == 200
+    assert m["accuracy"] >= card["metrics"]["test"]["accuracy"] - 0.05, m
+    assert m["auc"] >= card["metrics"]["test"]["auc"] - 0.05, m
+
+
+def test_index_csv_columns_are_the_ones_documented(tmp_path: Path) -> None:
+    index = tmp_path / "i.csv"
+    with index.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "tumour", "group", "mpp"])
+        w.writerow(["a/x.jpeg", "lung_aca", "1", "g1", ""])
+        w.writerow(["b/y.jpeg", "lung_n", "0", "g2", ""])
+    rows = read_index(index)
+    assert rows[0].path == (tmp_path / "a" / "x.jpeg").resolve()
+    assert [r.tumour for r in rows] == [1, 0]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label,group\na,b,c\n")
+    with pytest.raises(ValueError, match="tumour"):
+        read_index(bad)
