@@ -116,3 +116,98 @@ def box_distance_outside(spec: SyntheticSpec, box: np.ndarray, margin: float) ->
     xs = np.linspace(x0 - margin, x1 + margin, 24)[None, :]
     ys = np.linspace(y0 - margin, y1 + margin, 24)[:, None]
     return not spec.tissue_at(xs, ys).any()
+
+
+# --- a tiny ONNX model with a known output, for scoring tests ------------------------------------
+
+# Synthetic tumour texture is darker in red (mean R ~185) than normal tissue (~232) or glass (242):
+# P(tumour) = sigmoid((210 - mean R) / 5).
+TEST_MODEL_RED_THRESHOLD = 210.0
+
+
+def write_test_model(
+    folder: Path, *, size_px: int = 224, mpp: float = 0.5, name: str = "colour-model"
+) -> Path:
+    """Write ``name.onnx`` + ``name.json`` (card) into ``folder``; returns the .onnx path."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from wsi_pipeline.provenance import file_sha256
+
+    nodes = [
+        helper.make_node("Cast", ["tiles"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["f"], ["mean"], axes=[1, 2], keepdims=0),
+        helper.make_node("Gather", ["mean", "zero"], ["red"], axis=1),
+        helper.make_node("Sub", ["thr", "red"], ["d"]),
+        helper.make_node("Div", ["d", "five"], ["z"]),
+        helper.make_node("Sigmoid", ["z"], ["p"]),
+        helper.make_node("Unsqueeze", ["p", "one_axis"], ["p1"]),
+        helper.make_node("Sub", ["onef", "p1"], ["q1"]),
+        helper.make_node("Concat", ["q1", "p1"], ["probabilities"], axis=1),
+    ]
+    inits = [
+        helper.make_tensor("zero", TensorProto.INT64, [], [0]),
+        helper.make_tensor("thr", TensorProto.FLOAT, [], [TEST_MODEL_RED_THRESHOLD]),
+        helper.make_tensor("five", TensorProto.FLOAT, [], [5.0]),
+        helper.make_tensor("one_axis", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("onef", TensorProto.FLOAT, [], [1.0]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "colour",
+        [helper.make_tensor_value_info("tiles", TensorProto.UINT8, ["N", size_px, size_px, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx_path = folder / f"{name}.onnx"
+    onnx.save(model, onnx_path)
+    card = {
+        "name": name,
+        "version": "test",
+        "classes": ["non-tumour", "tumour"],
+        "positive_class": "tumour",
+        "input": {"name": "tiles", "size_px": size_px, "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
+        "output": {"name": "probabilities"},
+        "mpp": mpp,
+        "preprocessing": {"in_graph": True},
+        "onnx_file": onnx_path.name,
+        "sha256": file_sha256(onnx_path),
+    }
+    (folder / f"{name}.json").write_text(json.dumps(card))
+    return onnx_path
+
+
+@pytest.fixture(scope="session")
+def test_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_test_model(tmp_path_factory.mktemp("model"))
+
+
+# A 0.5 um/px slide with a known tumour ellipse inside a tissue ellipse.
+TUMOUR_SPEC = SyntheticSpec(
+    width=4096,
+    height=3072,
+    mpp=0.5,
+    tissue=(Ellipse(2000, 1500, 1700, 1300),),
+    tumour=(Ellipse(2400, 1400, 700, 550),),
+    downsamples=(1, 4, 16),
+    seed=2,
+)
+BENIGN_SPEC = SyntheticSpec(
+    width=2048, height=2048, mpp=0.5, tissue=(Ellipse(1000, 1000, 800, 700),), downsamples=(1, 4), seed=3
+)
+
+
+@pytest.fixture(scope="session")
+def tumour_slide(slide_dir: Path) -> Fixture:
+    return Fixture(write_synthetic_slide(slide_dir / "tumour.svs", TUMOUR_SPEC), TUMOUR_SPEC, "aperio")
+
+
+@pytest.fixture(scope="session")
+def benign_slide(slide_dir: Path) -> Fixture:
+    return Fixture(write_synthetic_slide(slide_dir / "benign.svs", BENIGN_SPEC), BENIGN_SPEC, "aperio")

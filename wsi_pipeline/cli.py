@@ -152,6 +152,8 @@ def main() -> None:
     """Find cancer in H&E whole-slide images.
 
     \b
+    wsi-infer SLIDE --out heatmap.tif      score a slide: heatmap, GeoJSON, tile table, label
+    wsi-infer SLIDES/ --out results/       every slide of a folder (or a CSV manifest)
     wsi-infer info SLIDE                  what a slide holds (levels, mpp, tissue)
     wsi-infer tile SLIDE --out SLIDE.zarr  tissue tiles into a Zarr store
     """
@@ -350,6 +352,226 @@ def _tile_folder(folder: Path, out: Path, opts: Any, *, backend: str, overwrite:
     for r in failed:
         click.echo(f"  failed: {r['slide']}", err=True)
     return 1 if failed else 0
+
+
+@main.command()
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Heatmap TIFF to write (other outputs beside it); a folder for folder/CSV input.",
+)
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="ONNX model with its .json card beside it [default: the shipped tumour model].",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+    default="auto",
+    show_default=True,
+    help="onnxruntime provider; cuda/tensorrt fail when unavailable.",
+)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--scheduler", default=None, help="Address of a Dask distributed scheduler (default: local).")
+@click.option("--chunk-tiles", type=int, default=256, show_default=True, help="Tiles per Dask task.")
+@click.option(
+    "--tiles-out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the tile store here (single slide), then score from it.",
+)
+@click.option("--label-rule", type=click.Choice(["area", "topk"]), default="area", show_default=True)
+@click.option(
+    "--tile-threshold",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Tile probability counted as positive.",
+)
+@click.option(
+    "--min-area",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Positive tissue area (mm^2) that makes the slide positive (area rule).",
+)
+@click.option("--top-k", type=int, default=5, show_default=True, help="Tiles averaged by the topk rule.")
+@click.option(
+    "--skip-errors/--stop-on-error",
+    default=True,
+    show_default=True,
+    help="Folder runs: report a bad slide and go on, or stop at the first.",
+)
+@_slide_options
+@_tile_options
+@click.option("--overwrite", is_flag=True, help="Recompute slides whose outputs already exist.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def run(slide: Path, out: Path, quiet: bool, overwrite: bool, skip_errors: bool, **kw: Any) -> None:
+    """Score SLIDE (a slide, a finished .zarr tile store, a folder, or a CSV manifest).
+
+    The CSV manifest has a `slide` column and an optional `mpp` column (per-slide override).
+    """  # fmt: skip
+
+    def body() -> int:
+        from .aggregate import LabelRule
+        from .pipeline import RunOptions
+
+        label = LabelRule(
+            rule=kw["label_rule"],
+            tile_threshold=kw["tile_threshold"],
+            min_area_mm2=kw["min_area"],
+            top_k=kw["top_k"],
+            topk_threshold=kw["tile_threshold"],
+        )
+        opts = RunOptions(
+            tile=_options_from(kw),
+            label=label,
+            device=kw["device"],
+            batch_size=kw["batch_size"],
+            chunk_tiles=kw["chunk_tiles"],
+            workers=kw["workers"],
+            backend=kw["backend"],
+            tiles_out=kw["tiles_out"],
+        )
+        client = _client(kw["scheduler"])
+        try:
+            if (slide.is_dir() and slide.suffix != ".zarr") or slide.suffix.lower() == ".csv":
+                return _run_folder(slide, out, opts, kw["model"], client, overwrite, quiet, skip_errors)
+            _run_one(slide, out, opts, kw["model"], client, overwrite, quiet)
+            return 0
+        finally:
+            if client is not None:
+                client.close()
+
+    _run_guarded(body)
+
+
+def _client(address: str | None) -> Any:
+    if not address:
+        return None
+    from distributed import Client
+
+    try:
+        return Client(address, timeout="20s")
+    except OSError as exc:
+        raise WsiError(f"cannot reach the Dask scheduler at {address} ({exc}); check --scheduler") from exc
+
+
+def _run_one(
+    slide: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, quiet: bool
+) -> Any:
+    from .pipeline import run_slide
+
+    with _progress(slide.name, enabled=not quiet) as update:
+        m = run_slide(
+            slide, out, model=model, options=opts, client=client, progress=update, overwrite=overwrite
+        )
+    ev = m["label"]["evidence"]
+    pos = m["model"]["positive_class"]
+    if m.get("skipped"):
+        click.echo(
+            f"{slide.name}: already done ({m['label']['label']}); outputs in {out.parent} (use --overwrite)"
+        )
+        return m
+    click.echo(
+        f"{slide.name}: {m['label']['label'].upper()} ({pos} area {ev[f'{pos}_area_mm2']} mm^2, max p "
+        f"{ev['max_p']}), {m['n_tiles']} tiles in {m['seconds']:.1f} s, {m['tiles_per_s']:,.1f} tiles/s on "
+        f"{m['provider']} -> {', '.join(Path(v).name for v in m['outputs'].values())}"
+    )
+    return m
+
+
+def read_manifest_csv(path: Path) -> list[tuple[Path, float | None]]:
+    """(slide, mpp or None) rows of a CSV with a ``slide`` column and an optional ``mpp`` column."""
+    import csv
+
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise WsiError(f"{path}: cannot read the manifest ({exc})") from exc
+    if not rows or "slide" not in rows[0]:
+        raise WsiError(f"{path}: the manifest needs a header with a 'slide' column (and optionally 'mpp')")
+    out: list[tuple[Path, float | None]] = []
+    for i, r in enumerate(rows, 2):
+        p = Path(r["slide"])
+        p = p if p.is_absolute() else path.parent / p
+        mpp = (r.get("mpp") or "").strip()
+        try:
+            out.append((p, float(mpp) if mpp else None))
+        except ValueError:
+            raise WsiError(f"{path}: line {i}: mpp {mpp!r} is not a number") from None
+    return out
+
+
+def _run_folder(
+    src: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, quiet: bool, skip: bool
+) -> int:
+    from dataclasses import replace
+
+    from .provenance import atomic_write_bytes, atomic_write_json
+
+    items = read_manifest_csv(src) if src.suffix.lower() == ".csv" else [(p, None) for p in find_slides(src)]
+    if not items:
+        raise WsiError(f"{src}: no slide files ({', '.join(SLIDE_SUFFIXES)}) found")
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for i, (s, mpp) in enumerate(items, 1):
+        click.echo(f"[{i}/{len(items)}] {s.name}")
+        o = replace(opts, tile=replace(opts.tile, mpp_override=mpp)) if mpp else opts
+        try:
+            m = _run_one(s, out / f"{s.stem}.heatmap.tif", o, model, client, overwrite, quiet)
+            ev = m["label"]["evidence"]
+            rows.append(
+                {
+                    "slide": str(s),
+                    "status": "skipped (done)" if m.get("skipped") else "ok",
+                    "label": m["label"]["label"],
+                    "n_tiles": m["n_tiles"],
+                    "max_p": ev["max_p"],
+                    "seconds": m["seconds"],
+                    "error": "",
+                }
+            )
+        except WsiError as exc:
+            _err(str(exc))
+            rows.append(
+                {
+                    "slide": str(s),
+                    "status": "failed",
+                    "label": "",
+                    "n_tiles": 0,
+                    "max_p": "",
+                    "seconds": "",
+                    "error": str(exc),
+                }
+            )
+            if not skip:
+                break
+    failed = [r for r in rows if r["status"] == "failed"]
+    header = list(rows[0])
+    lines = [",".join(header)] + [",".join(_csv_cell(r[h]) for h in header) for r in rows]
+    atomic_write_bytes(out / "summary.csv", ("\n".join(lines) + "\n").encode())
+    atomic_write_json(out / "summary.json", {"input": str(src), "slides": rows})
+    click.echo(
+        f"{len(items)} slides, {len(rows) - len(failed)} done, {len(failed)} failed, "
+        f"{sum(int(r['n_tiles']) for r in rows)} tiles, {time.perf_counter() - t0:.1f} s "
+        f"-> {out / 'summary.csv'}"
+    )
+    for r in failed:
+        click.echo(f"  failed: {r['slide']}: {r['error']}", err=True)
+    return 1 if failed else 0
+
+
+def _csv_cell(v: Any) -> str:
+    s = str(v)
+    return '"' + s.replace('"', '""') + '"' if any(c in s for c in ',"\n') else s
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -58,6 +58,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary shared files
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -156,6 +156,16 @@ def plan_slide(reader: SlideReader, options: TileOptions) -> SlidePlan:
     return SlidePlan(res, choice, grid, thumb, mask, colrow, grid.origins_l0(colrow), fractions)
 
 
+def require_tissue(plan: SlidePlan, slide_path: str | Path, opts: TileOptions) -> None:
+    """Raise :class:`TissueError` (naming the slide and the fix) when the plan has no tile."""
+    if plan.n_tiles == 0:
+        raise TissueError(
+            f"{slide_path}: no tissue tiles (tissue covers {plan.slide_tissue_fraction:.1%} of the "
+            f"slide, no tile reaches --min-tissue {opts.min_tissue_fraction}); check the slide is an "
+            f"H&E brightfield scan with tissue, or lower --min-tissue"
+        )
+
+
 def resize_tiles(tiles: np.ndarray, tile_px: int) -> np.ndarray:
     """Resize (N, h, h, 3) uint8 tiles to (N, tile_px, tile_px, 3).
 
@@ -220,7 +230,7 @@ def _ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window:
 
 def iter_tiles(
     reader: SlideReader,
-    plan: SlidePlan,
+    plan: SlidePlan | tuple[TileGrid, np.ndarray],
     indices: Sequence[int] | np.ndarray | None = None,
     *,
     block_tiles: int = 4,
@@ -229,14 +239,16 @@ def iter_tiles(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (tile indices, tiles (n, tile_px, tile_px, 3) uint8) for the plan's tiles, in order.
 
+    ``plan`` is a :class:`SlidePlan` or just its (grid, colrow), which is what remote workers get.
+
     One region per block is read at the plan's level and the tiles are cut from it. With
     ``workers`` > 1, that many threads read ahead, each with its own slide handle (in-memory readers
     are shared). Memory is bounded by about ``2 * workers`` blocks. ``transform`` (e.g. stain
     normalization) is applied to each block's tiles in the reader thread.
     """
-    grid = plan.grid
-    idx = np.arange(plan.n_tiles) if indices is None else np.sort(np.asarray(indices, np.int64))
-    origins = grid.origins_level(plan.colrow)
+    grid, colrow = (plan.grid, plan.colrow) if isinstance(plan, SlidePlan) else plan
+    idx = np.arange(len(colrow)) if indices is None else np.sort(np.asarray(indices, np.int64))
+    origins = grid.origins_level(colrow)
     local = threading.local()
     opened: list[SlideReader] = []
     lock = threading.Lock()
@@ -264,7 +276,7 @@ def iter_tiles(
         return block, transform(tiles) if transform else tiles
 
     try:
-        yield from _ordered_map(read_block, _blocks(plan.colrow, idx, block_tiles), workers, 2 * workers)
+        yield from _ordered_map(read_block, _blocks(colrow, idx, block_tiles), workers, 2 * workers)
     finally:
         for r in opened:
             r.close()
@@ -402,12 +414,7 @@ def tile_slide(
         if state == "complete":
             return _report_existing(slide_path, out_p, time.perf_counter() - t0)
         plan = plan_slide(reader, opts)
-        if plan.n_tiles == 0:
-            raise TissueError(
-                f"{slide_path}: no tissue tiles (tissue covers {plan.slide_tissue_fraction:.1%} of the "
-                f"slide, no tile reaches --min-tissue {opts.min_tissue_fraction}); check the slide is an "
-                f"H&E brightfield scan with tissue, or lower --min-tissue"
-            )
+        require_tissue(plan, slide_path, opts)
         meta = _slide_meta(reader, plan, opts, params["fingerprint"])
         if state == "partial":
             writer = TileStoreWriter.resume(out_p)

@@ -260,6 +260,10 @@ class TileStore:
     def tissue_fraction(self) -> np.ndarray:
         return np.asarray(_array(self.group, "tissue_fraction")[:])
 
+    def array(self, name: str) -> zarr.Array:
+        """Any array of the store by name (e.g. ``thumbnail``, ``tissue_mask``)."""
+        return _array(self.group, name)
+
     def __len__(self) -> int:
         return int(self.tiles.shape[0])
 

@@ -1,0 +1,348 @@
+"""Scoring and aggregation end to end: known tumour regions, outputs that overlay the slide, folder
+mode, resume, Dask distributed equals local, device and model errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import Fixture, box_distance_outside, write_test_model
+
+from wsi_pipeline.cli import main
+from wsi_pipeline.errors import DeviceError, ModelError
+from wsi_pipeline.model import create_session, resolve_model
+from wsi_pipeline.pipeline import RunOptions, output_paths, run_slide
+from wsi_pipeline.slide import open_slide
+from wsi_pipeline.synthetic import SyntheticSpec
+from wsi_pipeline.tiler import TileOptions
+
+OPTS = RunOptions(chunk_tiles=32, workers=2)
+
+
+def _tiles(csv_path: Path) -> list[dict[str, str]]:
+    with csv_path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _inside(spec_shapes, box) -> bool:  # type: ignore[no-untyped-def]
+    x0, y0, x1, y1 = box
+    xs = np.linspace(x0, x1, 12)[None, :]
+    ys = np.linspace(y0, y1, 12)[:, None]
+    m = np.zeros((12, 12), bool)
+    for e in spec_shapes:
+        m |= e.contains(xs, ys)
+    return bool(m.all())
+
+
+@pytest.fixture(scope="module")
+def scored(tumour_slide: Fixture, test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("run") / "tumour.tif"
+    manifest = run_slide(tumour_slide.path, out, model=test_model, options=OPTS)
+    return {"manifest": manifest, "paths": output_paths(out)}
+
+
+def test_heatmap_is_high_exactly_over_the_tumour(scored: dict, tumour_slide: Fixture) -> None:
+    spec: SyntheticSpec = tumour_slide.spec
+    rows = _tiles(scored["paths"]["tiles_csv"])
+    assert len(rows) == scored["manifest"]["n_tiles"] > 50
+    inside = outside = 0
+    for r in rows:
+        x, y, w = float(r["x_l0"]), float(r["y_l0"]), float(r["width_l0"])
+        box = np.array([x, y, x + w, y + w])
+        p = float(r["p_tumour"])
+        if _inside(spec.tumour, box):
+            inside += 1
+            assert p > 0.9, r
+        elif box_distance_outside(SyntheticSpec(1, 1, tissue=spec.tumour), box, 32):
+            outside += 1
+            assert p < 0.1, r
+    assert inside >= 10 and outside >= 20
+
+
+def test_slide_label_and_evidence(scored: dict, tumour_slide: Fixture) -> None:
+    m = scored["manifest"]
+    assert m["label"]["label"] == "tumour" and m["label"]["positive"]
+    ev = m["label"]["evidence"]
+    truth_mm2 = sum(np.pi * e.rx * e.ry for e in tumour_slide.spec.tumour) * 0.25 / 1e6
+    assert ev["tumour_area_mm2"] == pytest.approx(truth_mm2, rel=0.3)
+    assert ev["max_p"] > 0.99 and len(ev["top_tiles"]) == 10
+    top = ev["top_tiles"][0]
+    assert _inside(
+        tumour_slide.spec.tumour, np.array([top["x_l0"], top["y_l0"], top["x_l0"] + 1, top["y_l0"] + 1])
+    )
+
+
+def test_manifest_records_provenance(scored: dict, test_model: Path) -> None:
+    m = scored["manifest"]
+    assert m["provider"] == "CPUExecutionProvider" and m["device_requested"] == "auto"
+    assert m["model"]["sha256"] == resolve_model(test_model).sha256
+    assert m["resolution"]["mpp_source"] == "metadata" and m["versions"]["onnxruntime"]
+    assert m["scheduler"].startswith("dask threads") and m["timings"]["tasks"] >= 2
+    assert json.loads(scored["paths"]["manifest"].read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_heatmap_tiff_overlays_the_slide(scored: dict, tumour_slide: Fixture, backend: str) -> None:
+    heat = open_slide(scored["paths"]["heatmap"], backend)
+    slide = open_slide(tumour_slide.path, backend)
+    desc = json.loads(heat.properties["tiff.ImageDescription"])
+    ds = desc["downsample"]
+    w, h = heat.dimensions
+    # Scaled by its downsample, the heatmap spans the slide (to within one cell).
+    assert abs(w * ds - slide.dimensions[0]) < ds and abs(h * ds - slide.dimensions[1]) < ds
+    mpp_x, _ = heat.metadata_mpp()
+    assert mpp_x == pytest.approx(ds * 0.5, rel=1e-6) and desc["mpp"] == pytest.approx(ds * 0.5)
+    assert heat.level_count >= 1
+    # The tumour centre (slide level-0 px / downsample = heatmap px) is red, glass is white.
+    e = tumour_slide.spec.tumour[0]
+    px = heat.read_region((int(e.cx / ds), int(e.cy / ds)), 0, (1, 1))[0, 0]
+    assert px[0] > 150 and px[2] < 80
+    assert (heat.read_region((0, 0), 0, (1, 1))[0, 0] == 255).all()
+
+
+def test_geojson_is_qupath_shaped_and_regions_match(scored: dict, tumour_slide: Fixture) -> None:
+    from shapely import union_all
+    from shapely.geometry import Polygon, shape
+
+    gj = json.loads(scored["paths"]["geojson"].read_text())
+    assert gj["type"] == "FeatureCollection"
+    det = [f for f in gj["features"] if f["properties"]["objectType"] == "detection"]
+    ann = [f for f in gj["features"] if f["properties"]["objectType"] == "annotation"]
+    assert len(det) == scored["manifest"]["n_tiles"]
+    assert {f["properties"]["classification"]["name"] for f in det} == {"tumour", "non-tumour"}
+    assert "P(tumour)" in det[0]["properties"]["measurements"]
+    assert ann
+    region = union_all([shape(a["geometry"]) for a in ann])
+    truth = Polygon(tumour_slide.spec.tumour[0].polygon(128))
+    iou = region.intersection(truth).area / region.union(truth).area
+    assert iou > 0.6
+
+
+def test_overlay_png(scored: dict) -> None:
+    from PIL import Image
+
+    img = Image.open(scored["paths"]["overlay"])
+    assert img.mode == "RGB" and min(img.size) > 50
+
+
+def test_benign_slide_is_negative(benign_slide: Fixture, test_model: Path, tmp_path: Path) -> None:
+    m = run_slide(benign_slide.path, tmp_path / "b.tif", model=test_model, options=OPTS)
+    assert m["label"]["label"] == "no tumour" and m["label"]["evidence"]["tumour_area_mm2"] == 0
+
+
+def test_topk_rule(tumour_slide: Fixture, test_model: Path, tmp_path: Path) -> None:
+    from wsi_pipeline.aggregate import LabelRule
+
+    opts = RunOptions(chunk_tiles=64, label=LabelRule(rule="topk", top_k=3, topk_threshold=0.9))
+    m = run_slide(tumour_slide.path, tmp_path / "k.tif", model=test_model, options=opts)
+    assert m["label"]["positive"] and m["label"]["evidence"]["topk_mean_p"] > 0.9
+
+
+def test_store_scoring_equals_streaming(
+    scored: dict, tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "t.zarr"
+    m = run_slide(
+        tumour_slide.path, tmp_path / "s.tif", model=test_model,
+        options=RunOptions(chunk_tiles=32, tiles_out=store),
+    )  # fmt: skip
+    assert store.exists() and m["n_tiles"] == scored["manifest"]["n_tiles"]
+    a = _tiles(scored["paths"]["tiles_csv"])
+    b = _tiles(output_paths(tmp_path / "s.tif")["tiles_csv"])
+    assert [r["p_tumour"] for r in a] == [r["p_tumour"] for r in b]
+    m2 = run_slide(store, tmp_path / "z.tif", model=test_model, options=OPTS)  # a finished store as input
+    assert [r["p_tumour"] for r in _tiles(output_paths(tmp_path / "z.tif")["tiles_csv"])] == [
+        r["p_tumour"] for r in a
+    ]
+    assert m2["label"] == scored["manifest"]["label"]
+
+
+def test_distributed_cluster_equals_local(
+    scored: dict, tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        m = run_slide(tumour_slide.path, tmp_path / "d.tif", model=test_model, options=OPTS, client=client)
+    assert m["scheduler"].startswith("distributed")
+    a = _tiles(scored["paths"]["tiles_csv"])
+    b = _tiles(output_paths(tmp_path / "d.tif")["tiles_csv"])
+    assert a == b
+    assert m["label"] == scored["manifest"]["label"]
+
+
+def test_rerun_skips_finished_slide(tumour_slide: Fixture, test_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.tif"
+    run_slide(tumour_slide.path, out, model=test_model, options=OPTS)
+    before = output_paths(out)["manifest"].stat().st_mtime_ns
+    m = run_slide(tumour_slide.path, out, model=test_model, options=OPTS)
+    assert m.get("skipped") and output_paths(out)["manifest"].stat().st_mtime_ns == before
+
+
+def test_crash_while_writing_leaves_no_manifest_and_rerun_completes(
+    benign_slide: Fixture, test_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsi_pipeline.pipeline as pipeline
+
+    out = tmp_path / "c.tif"
+
+    def boom(*a, **k):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_tiles_csv", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_slide(benign_slide.path, out, model=test_model, options=OPTS)
+    paths = output_paths(out)
+    assert not paths["manifest"].exists() and not paths["tiles_csv"].exists()
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary leftovers
+    monkeypatch.undo()
+    m = run_slide(benign_slide.path, out, model=test_model, options=OPTS)
+    assert not m.get("skipped") and paths["manifest"].exists()
+
+
+# --- devices and models ---------------------------------------------------------------------------
+
+
+def test_cuda_requested_without_cuda_fails_clearly(test_model: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DeviceError, match=r"CUDAExecutionProvider.*--device cpu"):
+        create_session(resolve_model(test_model), "cuda")
+    with pytest.raises(DeviceError, match="TensorrtExecutionProvider"):
+        create_session(resolve_model(test_model), "tensorrt")
+
+
+def test_cli_cuda_exit_code(tumour_slide: Fixture, test_model: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "g.tif"
+    r = CliRunner().invoke(
+        main, [str(tumour_slide.path), "--out", str(out), "--model", str(test_model), "--device", "cuda"]
+    )
+    assert r.exit_code == 10 and "CUDAExecutionProvider" in r.stderr and r.stderr.count("\n") == 1
+    assert not out.exists() and not output_paths(out)["manifest"].exists()
+
+
+def test_wrong_input_size_model_is_refused(tmp_path: Path) -> None:
+    onnx_path = write_test_model(tmp_path, size_px=128, name="small")
+    card = resolve_model(onnx_path)
+    create_session(card)  # consistent card and graph load fine
+    import json as _json
+
+    data = _json.loads((tmp_path / "small.json").read_text())
+    data["input"]["size_px"] = 224  # the card now lies about the graph
+    (tmp_path / "small.json").write_text(_json.dumps(data))
+    with pytest.raises(ModelError, match="input shape"):
+        create_session(resolve_model(onnx_path))
+
+
+def test_corrupt_model_file_is_refused(tmp_path: Path, test_model: Path) -> None:
+    bad = tmp_path / "m.onnx"
+    bad.write_bytes(b"not an onnx model at all" * 10)
+    shutil.copy(test_model.with_suffix(".json"), tmp_path / "m.json")
+    with pytest.raises(ModelError, match=r"sha256 .* does not match"):
+        resolve_model(bad)
+    data = json.loads((tmp_path / "m.json").read_text())
+    data["sha256"] = ""
+    data["onnx_file"] = "m.onnx"
+    (tmp_path / "m.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="not a loadable ONNX model"):
+        create_session(resolve_model(bad))
+
+
+def test_model_without_card_and_malformed_card(tmp_path: Path, test_model: Path) -> None:
+    lone = tmp_path / "lone.onnx"
+    shutil.copy(test_model, lone)
+    with pytest.raises(ModelError, match="card not found"):
+        resolve_model(lone)
+    (tmp_path / "lone.json").write_text("{not json")
+    with pytest.raises(ModelError, match="not a readable JSON"):
+        resolve_model(lone)
+    (tmp_path / "lone.json").write_text(json.dumps({"name": "x"}))
+    with pytest.raises(ModelError, match="lacks or mistypes"):
+        resolve_model(lone)
+
+
+def test_model_trained_at_other_mpp_is_refused(tumour_slide: Fixture, tmp_path: Path) -> None:
+    onnx_path = write_test_model(tmp_path, mpp=1.0, name="coarse")
+    with pytest.raises(ModelError, match=r"trained at 1\.0 um/px"):
+        run_slide(tumour_slide.path, tmp_path / "x.tif", model=onnx_path, options=OPTS)
+    # Without an explicit --target-mpp... the default 0.5 contradicts the card too, so callers set it:
+    m = run_slide(
+        tumour_slide.path, tmp_path / "y.tif", model=onnx_path,
+        options=RunOptions(tile=TileOptions(target_mpp=1.0), chunk_tiles=64),
+    )  # fmt: skip
+    assert m["grid"]["level"] == 0 and m["resolution"]["effective_mpp"] == 1.0
+
+
+def test_shipped_model_is_found_and_runs() -> None:
+    card = resolve_model(None)
+    assert card.name == "tumour-cnn" and card.positive_class == "tumour"
+    session, _ = create_session(card, "cpu")
+    from wsi_pipeline.model import predict
+
+    probs = predict(session, card, np.full((2, 224, 224, 3), 240, np.uint8))
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+# --- CLI: single slide, folder, manifest CSV ------------------------------------------------------
+
+
+def test_cli_single_slide(tumour_slide: Fixture, test_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "h.tif"
+    r = CliRunner().invoke(
+        main, [str(tumour_slide.path), "--out", str(out), "--model", str(test_model), "-q"]
+    )
+    assert r.exit_code == 0, r.stderr
+    assert "TUMOUR" in r.stdout and "tiles/s" in r.stdout and "CPUExecutionProvider" in r.stdout
+    for p in output_paths(out).values():
+        assert p.exists()
+
+
+def test_cli_folder_with_corrupt_slide(
+    tumour_slide: Fixture, benign_slide: Fixture, not_a_slide: Path, test_model: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in (tumour_slide.path, benign_slide.path, not_a_slide):
+        shutil.copy(p, folder / p.name)
+    out = tmp_path / "results"
+    args = [str(folder), "--out", str(out), "--model", str(test_model), "-q"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1
+    assert "3 slides, 2 done, 1 failed" in r.stdout and "notes.svs" in r.stderr
+    summary = {Path(row["slide"]).name: row for row in _tiles(out / "summary.csv")}
+    assert summary["tumour.svs"]["label"] == "tumour" and summary["benign.svs"]["label"] == "no tumour"
+    assert summary["notes.svs"]["status"] == "failed" and "cannot open" in summary["notes.svs"]["error"]
+    assert not list(out.glob("notes*"))
+    # Resume: finished slides are skipped, the bad one is reported again.
+    r = CliRunner().invoke(main, args)
+    statuses = {Path(row["slide"]).name: row["status"] for row in _tiles(out / "summary.csv")}
+    assert statuses == {"benign.svs": "skipped (done)", "notes.svs": "failed", "tumour.svs": "skipped (done)"}
+    # --stop-on-error stops at the bad slide (sorted order: benign, notes, tumour).
+    shutil.rmtree(out)
+    r = CliRunner().invoke(main, [*args, "--stop-on-error"])
+    assert r.exit_code == 1 and not (out / "tumour.heatmap.run.json").exists()
+
+
+def test_cli_manifest_csv_with_per_slide_mpp(nompp_slide: Fixture, test_model: Path, tmp_path: Path) -> None:
+    man = tmp_path / "slides.csv"
+    man.write_text(f"slide,mpp\n{nompp_slide.path},0.5\n")
+    out = tmp_path / "res"
+    r = CliRunner().invoke(main, [str(man), "--out", str(out), "--model", str(test_model), "-q"])
+    assert r.exit_code == 0, r.stderr
+    m = json.loads((out / "nompp.heatmap.run.json").read_text())
+    assert m["resolution"]["mpp_source"] == "override" and m["resolution"]["mpp_x"] == 0.5

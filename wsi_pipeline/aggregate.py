@@ -1,0 +1,102 @@
+"""Tile scores -> slide-level results: heatmap grid, tumour regions, slide label with evidence.
+
+Pure functions over numpy arrays. Areas in mm^2, coordinates in level-0 pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """How a slide is called positive.
+
+    ``rule="area"``: positive when the tissue area of tiles with P(positive) >= ``tile_threshold``
+    reaches ``min_area_mm2``. ``rule="topk"``: positive when the mean of the ``top_k`` highest tile
+    probabilities reaches ``topk_threshold``.
+    """
+
+    rule: str = "area"
+    tile_threshold: float = 0.5
+    min_area_mm2: float = 0.1
+    top_k: int = 5
+    topk_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("area", "topk"):
+            raise ValueError(f"label rule must be 'area' or 'topk', not {self.rule!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def heatmap_grid(colrow: np.ndarray, values: np.ndarray, cols: int, rows: int) -> np.ndarray:
+    """(rows, cols) float32 grid with ``values`` at (col, row); NaN where no tile was scored."""
+    grid = np.full((rows, cols), np.nan, np.float32)
+    if len(colrow):
+        grid[colrow[:, 1], colrow[:, 0]] = values
+    return grid
+
+
+def tile_area_mm2(stride_l0_px: float, mpp_l0: float) -> float:
+    """Area one grid cell represents, mm^2 (cells do not overlap even when tiles do)."""
+    return float((stride_l0_px * mpp_l0 / 1000.0) ** 2)
+
+
+def slide_label(
+    probs_pos: np.ndarray,
+    coords_l0: np.ndarray,
+    tissue_fraction: np.ndarray,
+    *,
+    cell_area_mm2: float,
+    rule: LabelRule,
+    positive_name: str = "tumour",
+    n_top: int = 10,
+) -> dict[str, Any]:
+    """The slide's label and the evidence behind it (JSON-ready)."""
+    p = np.asarray(probs_pos, np.float64)
+    positive = p >= rule.tile_threshold
+    area = float((tissue_fraction[positive] * cell_area_mm2).sum()) if len(p) else 0.0
+    order = np.argsort(-p, kind="stable")
+    k = min(rule.top_k, len(p))
+    topk_mean = float(p[order[:k]].mean()) if k else 0.0
+    is_pos = area >= rule.min_area_mm2 if rule.rule == "area" else topk_mean >= rule.topk_threshold
+    top = [
+        {
+            "rank": i + 1,
+            "x_l0": int(coords_l0[j, 0]),
+            "y_l0": int(coords_l0[j, 1]),
+            "p": round(float(p[j]), 4),
+        }
+        for i, j in enumerate(order[:n_top])
+    ]
+    return {
+        "label": positive_name if is_pos else f"no {positive_name}",
+        "positive": bool(is_pos),
+        "rule": rule.to_dict(),
+        "evidence": {
+            f"{positive_name}_area_mm2": round(area, 4),
+            f"{positive_name}_tiles": int(positive.sum()),
+            "tiles": len(p),
+            "tissue_area_mm2": round(float(tissue_fraction.sum() * cell_area_mm2), 4),
+            "max_p": round(float(p.max()), 4) if len(p) else 0.0,
+            "topk_mean_p": round(topk_mean, 4),
+            "top_tiles": top,
+        },
+    }
+
+
+def tumour_regions(boxes_l0: np.ndarray, positive: np.ndarray) -> Any:
+    """Union of the positive tiles' boxes (level-0 px) as a shapely (Multi)Polygon (holes kept)."""
+    from shapely import box, union_all
+
+    sel = np.asarray(boxes_l0)[np.asarray(positive, bool)]
+    if len(sel) == 0:
+        from shapely import MultiPolygon
+
+        return MultiPolygon()
+    return union_all(box(sel[:, 0], sel[:, 1], sel[:, 2], sel[:, 3]))

@@ -1,0 +1,272 @@
+"""One slide end to end: plan, (normalize,) score with Dask + onnxruntime, aggregate, write outputs.
+
+Outputs for ``--out NAME.tif``: ``NAME.tif`` (pyramidal heatmap), ``NAME.overlay.png``,
+``NAME.geojson`` (QuPath), ``NAME.tiles.csv`` and, written last, ``NAME.run.json`` (the run
+manifest, which also marks the slide as finished for resumed folder runs).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .aggregate import LabelRule, heatmap_grid, slide_label, tile_area_mm2, tumour_regions
+from .errors import ModelError
+from .model import ModelCard, resolve_model
+from .outputs import (
+    geojson_features,
+    heatmap_canvas,
+    write_heatmap_tiff,
+    write_json,
+    write_overlay_png,
+    write_tiles_csv,
+)
+from .provenance import environment_versions
+from .scoring import ProgressFn, ScoreResult, make_tasks, run_tasks
+from .slide import open_slide, slide_fingerprint
+from .tiler import TileOptions, fit_slide_stain, plan_slide, require_tissue, tile_slide
+from .tilestore import open_tile_store
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything that shapes one slide's results (besides the slide and the model)."""
+
+    tile: TileOptions = field(default_factory=TileOptions)
+    label: LabelRule = field(default_factory=LabelRule)
+    device: str = "auto"
+    batch_size: int = 64
+    chunk_tiles: int = 256  # tiles per Dask task
+    workers: int | None = None  # local Dask threads
+    backend: str = "auto"
+    tiles_out: Path | None = None  # also write the (normalized) tile store here, then score from it
+
+
+def output_paths(heatmap: Path) -> dict[str, Path]:
+    """All outputs of one slide, named after the heatmap path."""
+    base = heatmap.with_suffix("") if heatmap.suffix.lower() in (".tif", ".tiff") else heatmap
+    return {
+        "heatmap": heatmap,
+        "overlay": base.with_name(base.name + ".overlay.png"),
+        "geojson": base.with_name(base.name + ".geojson"),
+        "tiles_csv": base.with_name(base.name + ".tiles.csv"),
+        "manifest": base.with_name(base.name + ".run.json"),
+    }
+
+
+def check_model_fits(card: ModelCard, tile: TileOptions) -> TileOptions:
+    """Tile at the model's resolution and size; refuse explicit options that contradict the card."""
+    if abs(tile.target_mpp - card.mpp) / card.mpp > tile.level_tolerance:
+        raise ModelError(
+            f"{card.path}: the model was trained at {card.mpp} um/px but tiles were requested at "
+            f"{tile.target_mpp} um/px; drop --target-mpp or use a model trained at that resolution"
+        )
+    return replace(tile, target_mpp=card.mpp, tile_px=card.input_size_px)
+
+
+def _params(card: ModelCard, opts: RunOptions, fingerprint: str) -> dict[str, Any]:
+    return {
+        "fingerprint": fingerprint,
+        "model_sha256": card.sha256,
+        "tile": opts.tile.store_params(),
+        "label": opts.label.to_dict(),
+        "backend": opts.backend,
+    }
+
+
+def finished(manifest: Path, params: dict[str, Any]) -> bool:
+    """True when ``manifest`` records a finished run with the same parameters."""
+    import json
+
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(data.get("status") == "complete" and data.get("params") == params)
+
+
+def run_slide(
+    slide: str | os.PathLike[str],
+    heatmap: str | os.PathLike[str],
+    *,
+    model: str | os.PathLike[str] | None = None,
+    options: RunOptions | None = None,
+    client: Any = None,
+    progress: ProgressFn | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Score one slide (or a finished tile store) and write its outputs; returns the manifest.
+
+    Skips the slide when its manifest shows a finished run with the same parameters (unless
+    ``overwrite``).
+    """
+    t0 = time.perf_counter()
+    opts = options or RunOptions()
+    card = resolve_model(model)
+    tile_opts = check_model_fits(card, opts.tile)
+    opts = replace(opts, tile=tile_opts)
+    slide_p, paths = Path(slide), output_paths(Path(heatmap))
+    from_store = slide_p.is_dir() and slide_p.suffix == ".zarr"
+    fingerprint = (
+        f"store:{open_tile_store(slide_p).meta['slide']['fingerprint']}"
+        if from_store
+        else slide_fingerprint(slide_p)
+        if slide_p.exists()
+        else ""
+    )
+    params = _params(card, opts, fingerprint)
+    if not overwrite and finished(paths["manifest"], params):
+        import json
+
+        manifest: dict[str, Any] = json.loads(paths["manifest"].read_text())
+        manifest["skipped"] = True
+        return manifest
+    n_workers = opts.workers or min(4, os.cpu_count() or 1)
+    threads = max(1, (os.cpu_count() or 1) // n_workers) if client is None else None
+
+    if opts.tiles_out is not None and not from_store:
+        tile_slide(slide_p, opts.tiles_out, tile_opts, backend=opts.backend)
+        slide_p, from_store = Path(opts.tiles_out), True
+
+    if from_store:
+        store = open_tile_store(slide_p)
+        meta = store.meta
+        from .grid import TileGrid
+
+        grid = TileGrid(**{k: meta["grid"][k] for k in TileGrid.__dataclass_fields__})
+        colrow, coords, fractions = store.grid_colrow, store.coords_l0, store.tissue_fraction
+        stain, source_meta = None, meta  # tiles in the store are already normalized if asked
+        if store.tiles.shape[1] != card.input_size_px:
+            raise ModelError(
+                f"{slide_p}: tiles of {store.tiles.shape[1]} px, the model takes {card.input_size_px}"
+            )
+        mpp0 = float(meta["resolution"]["mpp_x"] + meta["resolution"]["mpp_y"]) / 2
+        thumb = np.asarray(store.array("thumbnail")[...])
+        thumb_ds = float(meta["tissue"]["mask_downsample"])
+        slide_wh = tuple(meta["slide"]["dimensions"])
+        backend = meta["slide"]["backend"]
+    else:
+        reader = open_slide(slide_p, opts.backend)
+        try:
+            plan = plan_slide(reader, tile_opts)
+            require_tissue(plan, slide_p, tile_opts)
+            stain = fit_slide_stain(reader, plan, tile_opts) if tile_opts.normalize == "macenko" else None
+            backend = reader.backend
+            slide_wh = reader.dimensions
+        finally:
+            reader.close()
+        grid, colrow, coords, fractions = plan.grid, plan.colrow, plan.coords_l0, plan.tissue_fraction
+        mpp0, thumb, thumb_ds = plan.resolution.mpp, plan.thumbnail.image, plan.thumbnail.downsample
+        source_meta = {
+            "resolution": {
+                "mpp_x": plan.resolution.mpp_x,
+                "mpp_y": plan.resolution.mpp_y,
+                "mpp_source": plan.resolution.source,
+                "effective_mpp": plan.choice.effective_mpp,
+                "level": plan.choice.level,
+                "resize_scale": plan.choice.scale,
+            },
+            "tissue": {"slide_tissue_fraction": plan.slide_tissue_fraction},
+        }
+
+    tasks = make_tasks(
+        str(slide_p), backend, grid, colrow, card, stain=stain, device=opts.device,
+        batch_size=opts.batch_size, chunk_tiles=opts.chunk_tiles, threads=threads, from_store=from_store,
+    )  # fmt: skip
+    result = run_tasks(tasks, len(card.classes), client=client, workers=n_workers, progress=progress)
+    manifest = _write_outputs(
+        paths, card, opts, params, result, grid, colrow, coords, fractions, mpp0, thumb, thumb_ds,
+        slide_wh, slide_p, source_meta, stain, t0,
+    )  # fmt: skip
+    return manifest
+
+
+def _write_outputs(
+    paths: dict[str, Path],
+    card: ModelCard,
+    opts: RunOptions,
+    params: dict[str, Any],
+    result: ScoreResult,
+    grid: Any,
+    colrow: np.ndarray,
+    coords: np.ndarray,
+    fractions: np.ndarray,
+    mpp0: float,
+    thumb: np.ndarray,
+    thumb_ds: float,
+    slide_wh: tuple[int, int],
+    slide_p: Path,
+    source_meta: dict[str, Any],
+    stain: dict[str, Any] | None,
+    t0: float,
+) -> dict[str, Any]:
+    pos = card.positive_index
+    p_pos = result.probs[:, pos]
+    cell = float(grid.stride_l0_px)
+    canvas = heatmap_canvas(heatmap_grid(colrow, p_pos, grid.cols, grid.rows), slide_wh, cell)
+    label = slide_label(
+        p_pos, coords, fractions, cell_area_mm2=tile_area_mm2(cell, mpp0), rule=opts.label,
+        positive_name=card.positive_class,
+    )  # fmt: skip
+    boxes = grid.boxes_l0(colrow)
+    write_heatmap_tiff(
+        paths["heatmap"], canvas, cell_l0_px=cell, mpp_l0=mpp0,
+        description={"wsi_pipeline_heatmap": 1, "slide": slide_p.name, "value": f"P({card.positive_class})",
+                     "colours": "0 dark blue -> 1 red; white = not scored", "model_sha256": card.sha256},
+    )  # fmt: skip
+    write_overlay_png(paths["overlay"], thumb, canvas, thumb_downsample=thumb_ds, cell_l0_px=cell)
+    regions = tumour_regions(boxes, p_pos >= opts.label.tile_threshold)
+    write_json(
+        paths["geojson"],
+        geojson_features(boxes, result.probs, card.classes, pos, tile_threshold=opts.label.tile_threshold,
+                         regions=regions),
+    )  # fmt: skip
+    columns: dict[str, np.ndarray] = {
+        "x_l0": coords[:, 0], "y_l0": coords[:, 1],
+        "width_l0": np.full(len(coords), round(grid.tile_l0_px, 3)),
+        "height_l0": np.full(len(coords), round(grid.tile_l0_px, 3)),
+        "col": colrow[:, 0], "row": colrow[:, 1], "tissue_fraction": fractions,
+    }  # fmt: skip
+    for i, c in enumerate(card.classes):
+        columns[f"p_{c}"] = result.probs[:, i]
+    write_tiles_csv(paths["tiles_csv"], columns)
+    seconds = time.perf_counter() - t0
+    n = len(p_pos)
+    manifest = {
+        "status": "complete",
+        "slide": str(slide_p),
+        "params": params,
+        "label": label,
+        "n_tiles": n,
+        "seconds": round(seconds, 3),
+        "tiles_per_s": round(n / seconds, 2) if seconds else 0.0,
+        "timings": {
+            "scoring_s": round(result.seconds, 3),
+            "read_normalize_s_summed": round(result.read_seconds, 3),
+            "inference_s_summed": round(result.infer_seconds, 3),
+            "tasks": result.n_tasks,
+        },
+        "provider": result.provider,
+        "scheduler": result.scheduler,
+        "device_requested": opts.device,
+        "batch_size": opts.batch_size,
+        "model": {"name": card.name, "version": card.version, "sha256": card.sha256, "card": str(card.path),
+                  "classes": list(card.classes), "positive_class": card.positive_class, "mpp": card.mpp},
+        "resolution": source_meta.get("resolution"),
+        "tissue": source_meta.get("tissue"),
+        "grid": grid.to_dict(),
+        "stain": stain if stain is not None else source_meta.get("stain"),
+        "heatmap": {"cell_l0_px": cell, "mpp": cell * mpp0, "shape": list(canvas.shape)},
+        "outputs": {k: str(v) for k, v in paths.items()},
+        "package_version": __version__,
+        "versions": environment_versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }  # fmt: skip
+    write_json(paths["manifest"], manifest)  # last: its presence marks the slide finished
+    return manifest

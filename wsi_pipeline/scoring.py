@@ -1,0 +1,213 @@
+"""Score tiles with the ONNX classifier in parallel through Dask.
+
+The client plans the slide (thumbnail, mask, grid) and fits its stain model; each Dask task gets a
+chunk of tile *coordinates* (a few hundred), opens the slide (or tile store) itself, reads, normalizes
+and scores its tiles, and returns only the probabilities. Pixels never travel from the client.
+Each worker process builds one onnxruntime session per (model, device) lazily and reuses it
+(sessions cannot be pickled). By default Dask's local threaded scheduler runs the tasks; pass a
+``distributed.Client`` (or ``--scheduler ADDRESS``) to run them on a cluster, with retries.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .grid import TileGrid
+from .model import ModelCard, create_session, load_card, predict
+from .slide import SlideReader, open_slide
+from .tiler import iter_tiles, stain_transform
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """One Dask task: where to read which tiles and how to score them (small, picklable)."""
+
+    source: str  # slide path, or tile-store path when ``from_store``
+    backend: str
+    grid: TileGrid
+    colrow: np.ndarray  # (n, 2) grid positions of this chunk's tiles
+    start: int  # index of the first tile in the slide's tile order
+    stain: dict[str, Any] | None
+    card_path: str
+    onnx_path: str
+    device: str
+    batch_size: int
+    threads: int | None
+    from_store: bool = False
+
+
+_local = threading.local()
+
+
+@functools.lru_cache(maxsize=4)
+def _session(card_path: str, onnx_path: str, device: str, threads: int | None) -> tuple[Any, str, ModelCard]:
+    """One session per worker process and model (onnxruntime sessions are thread-safe to run)."""
+    from dataclasses import replace
+
+    card = replace(load_card(card_path), onnx_path=Path(onnx_path))
+    session, provider = create_session(card, device, threads=threads)
+    return session, provider, card
+
+
+def _reader(path: str, backend: str) -> SlideReader:
+    """A slide handle per worker thread, kept open for the next task on the same slide."""
+    cache: dict[tuple[str, str], SlideReader] = getattr(_local, "readers", None) or {}
+    _local.readers = cache
+    key = (path, backend)
+    if key not in cache:
+        for old in list(cache.values()):
+            old.close()
+        cache.clear()
+        cache[key] = open_slide(path, backend)
+    return cache[key]
+
+
+def score_chunk(task: ChunkTask) -> tuple[np.ndarray, str, float, float]:
+    """Run one task: returns (probabilities (n, classes) float32, provider, read s, infer s)."""
+    session, provider, card = _session(task.card_path, task.onnx_path, task.device, task.threads)
+    t0 = time.perf_counter()
+    if task.from_store:
+        from .tilestore import open_tile_store
+
+        tiles = np.asarray(open_tile_store(task.source).tiles[task.start : task.start + len(task.colrow)])
+        if task.stain:
+            tiles = stain_transform(task.stain, _reference(task.stain))(tiles)
+    else:
+        reader = _reader(task.source, task.backend)
+        transform = stain_transform(task.stain, _reference(task.stain)) if task.stain else None
+        parts = [t for _, t in iter_tiles(reader, (task.grid, task.colrow), workers=1, transform=transform)]
+        tiles = (
+            np.concatenate(parts)
+            if parts
+            else np.zeros((0, task.grid.tile_px, task.grid.tile_px, 3), np.uint8)
+        )
+    t1 = time.perf_counter()
+    probs = predict(session, card, tiles, batch_size=task.batch_size)
+    return probs, provider, t1 - t0, time.perf_counter() - t1
+
+
+def _reference(stain: dict[str, Any]) -> Any:
+    from .stain import REFERENCE, StainModel
+
+    return StainModel.from_dict(stain["reference"]) if stain.get("reference") else REFERENCE
+
+
+@dataclass
+class ScoreResult:
+    """Probabilities for every tile of a slide, in tile order, and how they were obtained."""
+
+    probs: np.ndarray  # (N, n_classes) float32
+    provider: str
+    seconds: float
+    read_seconds: float  # summed over tasks
+    infer_seconds: float  # summed over tasks
+    n_tasks: int
+    scheduler: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_tasks(
+    source: str,
+    backend: str,
+    grid: TileGrid,
+    colrow: np.ndarray,
+    card: ModelCard,
+    *,
+    stain: dict[str, Any] | None,
+    device: str = "auto",
+    batch_size: int = 64,
+    chunk_tiles: int = 256,
+    threads: int | None = None,
+    from_store: bool = False,
+) -> list[ChunkTask]:
+    """Split the tiles into tasks of ``chunk_tiles`` consecutive tiles (spatially compact blocks)."""
+    return [
+        ChunkTask(
+            source=str(source),
+            backend=backend,
+            grid=grid,
+            colrow=np.ascontiguousarray(colrow[i : i + chunk_tiles]),
+            start=i,
+            stain=stain,
+            card_path=str(card.path),
+            onnx_path=str(card.onnx_path),
+            device=device,
+            batch_size=batch_size,
+            threads=threads,
+            from_store=from_store,
+        )
+        for i in range(0, len(colrow), chunk_tiles)
+    ]
+
+
+def run_tasks(
+    tasks: list[ChunkTask],
+    n_classes: int,
+    *,
+    client: Any = None,
+    workers: int | None = None,
+    progress: ProgressFn | None = None,
+    retries: int = 2,
+) -> ScoreResult:
+    """Run ``tasks`` locally (Dask threads) or on ``client`` (a ``distributed.Client``)."""
+    total = sum(len(t.colrow) for t in tasks)
+    t0 = time.perf_counter()
+    results: list[tuple[np.ndarray, str, float, float] | None] = [None] * len(tasks)
+    done = 0
+    if progress:
+        progress(0, total)
+    if client is not None:
+        from distributed import as_completed
+
+        futures = client.map(score_chunk, tasks, retries=retries, pure=False)
+        index = {f.key: i for i, f in enumerate(futures)}
+        for fut in as_completed(futures):
+            i = index[fut.key]
+            results[i] = fut.result()
+            done += len(tasks[i].colrow)
+            if progress:
+                progress(done, total)
+        scheduler = f"distributed {client.scheduler.address}"
+    else:
+        import dask
+        from dask.callbacks import Callback
+
+        n_workers = workers or min(4, os.cpu_count() or 1)
+        lock = threading.Lock()
+        counts = [0]
+
+        class _Progress(Callback):
+            def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+                if isinstance(result, tuple) and len(result) == 4 and progress:
+                    with lock:
+                        counts[0] += len(result[0])
+                        progress(counts[0], total)
+
+        delayed = [dask.delayed(score_chunk, pure=False)(t) for t in tasks]
+        with _Progress():
+            computed = dask.compute(*delayed, scheduler="threads", num_workers=n_workers)
+        results = list(computed)
+        scheduler = f"dask threads x{n_workers}"
+    parts = [r for r in results if r is not None]
+    probs = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, n_classes), np.float32)
+    providers = sorted({p[1] for p in parts})
+    return ScoreResult(
+        probs=probs,
+        provider=",".join(providers) if providers else "none",
+        seconds=time.perf_counter() - t0,
+        read_seconds=sum(p[2] for p in parts),
+        infer_seconds=sum(p[3] for p in parts),
+        n_tasks=len(tasks),
+        scheduler=scheduler,
+    )
