@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/wsi-infer info $(SAMPLE)
-	$(BIN)/wsi-infer tile $(SAMPLE) --out $(OUT)/CMU-1-Small-Region.zarr
+	$(BIN)/wsi-infer $(SAMPLE) --out $(OUT)/CMU-1-Small-Region.tif --tiles-out $(OUT)/CMU-1-Small-Region.zarr
 
 test: $(STAMP)
 	$(BIN)/pytest -q
@@ -28,6 +28,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_tiler.py
+	$(BIN)/python benchmarks/bench_stain.py
+	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/bench_pipeline.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache .mypy_cache .ruff_cache
