@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import Fixture, shared
 
+from conftest import Fixture, shared
 from wsi_pipeline.cli import main
 from wsi_pipeline.tilestore import open_tile_store, partial_path
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import Fixture, box_distance_outside, write_test_model
 
+from conftest import Fixture, box_distance_outside, write_test_model
 from wsi_pipeline.cli import main
 from wsi_pipeline.errors import DeviceError, ModelError
 from wsi_pipeline.model import create_session, resolve_model

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import Fixture, shared
 
+from conftest import Fixture, shared
 from wsi_pipeline.errors import ResolutionError, SlideError
 from wsi_pipeline.slide import (
     ArraySlide,

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import Fixture, box_distance_outside, box_inside, shared
 
+from conftest import Fixture, box_distance_outside, box_inside, shared
 from wsi_pipeline.errors import ResolutionError, SlideError, StoreError, TissueError
 from wsi_pipeline.slide import ArraySlide, open_slide
 from wsi_pipeline.synthetic import Ellipse, SyntheticSlide, SyntheticSpec

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import shared
 
+from conftest import shared
 from wsi_pipeline.slide import open_slide, read_thumbnail
 from wsi_pipeline.synthetic import Ellipse, SyntheticSlide, SyntheticSpec
 from wsi_pipeline.tissue import TissueParams, tissue_fraction_in_boxes, tissue_mask

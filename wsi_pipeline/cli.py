@@ -569,6 +569,96 @@ def _run_folder(
     return 1 if failed else 0
 
 
+@main.command()
+@click.argument("results", type=click.Path(path_type=Path))
+@click.option(
+    "--annotations",
+    "-a",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="ASAP XML / GeoJSON file, or a folder of them named after the slides.",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="metrics JSON to write (a CSV with one row per slide is written beside it).",
+)
+@click.option("--threshold", type=float, default=0.5, show_default=True, help="P(tumour) counted as tumour.")
+@click.option(
+    "--truth-fraction",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="A cell/tile is tumour in truth when at least this fraction is annotated.",
+)
+@click.option(
+    "--positive-group",
+    multiple=True,
+    help="Annotation groups that are tumour [default: all groups that are not exclusions].",
+)
+@click.option(
+    "--exclusion-group",
+    multiple=True,
+    help="Groups cut out as non-tumour [default: _2, Exclusion, normal, ...].",
+)
+def evaluate(
+    results: Path,
+    annotations: Path,
+    out: Path,
+    threshold: float,
+    truth_fraction: float,
+    positive_group: tuple[str, ...],
+    exclusion_group: tuple[str, ...],
+) -> None:
+    """Score finished runs (a .run.json or a results folder) against expert annotations.
+
+    Dice (the ACDC@LUNGHP metric), precision, recall, specificity, accuracy, F1 on the heatmap grid,
+    AUC over tiles, slide-label accuracy; mean and sd across slides.
+    """  # fmt: skip
+
+    def body() -> int:
+        from .annotations import DEFAULT_EXCLUSION_GROUPS, GroupMapping
+        from .evaluate import evaluate_runs
+        from .provenance import atomic_write_bytes, atomic_write_json
+
+        mapping = GroupMapping(
+            positive=frozenset(positive_group) if positive_group else None,
+            exclusion=frozenset(exclusion_group) if exclusion_group else DEFAULT_EXCLUSION_GROUPS,
+        )
+        res = evaluate_runs(results, annotations, threshold=threshold, truth_min_fraction=truth_fraction,
+                            mapping=mapping)  # fmt: skip
+        atomic_write_json(out, res)
+        cols = ["slide", "dice", "precision", "recall", "specificity", "accuracy", "f1", "auc",
+                "slide_truth_positive", "slide_predicted_positive", "slide_label_correct"]  # fmt: skip
+        lines = [",".join(cols)] + [",".join(_csv_cell(r.get(c)) for c in cols) for r in res["slides"]]
+        csv_path = out.with_suffix(".csv")
+        atomic_write_bytes(csv_path, ("\n".join(lines) + "\n").encode())
+        s = res["summary"]
+
+        def fmt(k: str) -> str:
+            v = s[k]
+            return (
+                "n/a"
+                if v["mean"] is None
+                else f"{v['mean']:.3f}" + (f" +/- {v['sd']:.3f}" if v["sd"] else "")
+            )
+
+        click.echo(
+            f"{s['n_slides']} slides scored: Dice {fmt('dice')}, precision {fmt('precision')}, recall "
+            f"{fmt('recall')}, specificity {fmt('specificity')}, tile AUC {fmt('auc')}, slide labels "
+            f"{s['slide_label_accuracy']} correct -> {out}, {csv_path}"
+        )
+        for sl in res["unannotated"]:
+            click.echo(f"  no annotation file for {sl} (not scored)", err=True)
+        for e in res["errors"]:
+            _err(e["error"])
+        return 1 if res["errors"] else 0
+
+    _run_guarded(body)
+
+
 def _csv_cell(v: Any) -> str:
     s = str(v)
     return '"' + s.replace('"', '""') + '"' if any(c in s for c in ',"\n') else s
