@@ -90,7 +90,7 @@ def test_folder_continues_past_bad_slide(
     out = tmp_path / "stores"
     code, stdout, err = _run("tile", str(folder), "-o", str(out), "-q")
     assert code == 1
-    assert "3 slides, 2 ok, 1 failed" in stdout and "notes.svs" in err
+    assert "3 slides, 2 done, 1 failed" in stdout and "notes.svs" in err
     assert open_tile_store(out / "generic.zarr") and open_tile_store(out / "aperio.zarr")
     summary = json.loads((out / "tile-summary.json").read_text())
     assert [r["status"] for r in summary["slides"]] == ["written", "written", "failed"]

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,10 +21,6 @@ from . import __version__
 from .errors import WsiError
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-SLIDE_SUFFIXES = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".dcm", ".scn", ".bif", ".vms", ".vmu", ".svslide",
-)  # fmt: skip
 
 
 def _err(msg: str) -> None:
@@ -315,42 +311,36 @@ def _stain_note(meta: dict[str, Any]) -> str:
     return f", Macenko {'fitted' if stain['fit_status'] == 'fitted' else 'FELL BACK to the reference'}"
 
 
-def find_slides(folder: Path) -> list[Path]:
-    """Slide files directly inside ``folder`` (sorted; hidden files skipped)."""
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith(".")
-    )  # fmt: skip
-
-
 def _tile_folder(folder: Path, out: Path, opts: Any, *, backend: str, overwrite: bool, quiet: bool) -> int:
-    from .provenance import atomic_write_json
+    from .batch import BatchItem, batch_items, run_batch
 
-    slides = find_slides(folder)
-    if not slides:
-        raise WsiError(f"{folder}: no slide files ({', '.join(SLIDE_SUFFIXES)}) in this folder")
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    for i, s in enumerate(slides, 1):
-        click.echo(f"[{i}/{len(slides)}] {s.name}")
-        try:
-            rep = _tile_one(
-                s, out / f"{s.stem}.zarr", opts, backend=backend, overwrite=overwrite, quiet=quiet
-            )
-            rows.append({"slide": str(s), "status": rep.status, "n_tiles": rep.n_tiles, "error": None})
-        except WsiError as exc:
-            _err(str(exc))
-            rows.append({"slide": str(s), "status": "failed", "n_tiles": 0, "error": str(exc)})
-    failed = [r for r in rows if r["status"] == "failed"]
-    atomic_write_json(out / "tile-summary.json", {"folder": str(folder), "slides": rows})
-    tiles = sum(r["n_tiles"] for r in rows)
+    def one(item: BatchItem) -> dict[str, Any]:
+        o = opts if item.mpp is None else replace(opts, mpp_override=item.mpp)
+        rep = _tile_one(item.slide, out / f"{item.slide.stem}.zarr", o, backend=backend, overwrite=overwrite,
+                        quiet=quiet)  # fmt: skip
+        return {"status": rep.status, "n_tiles": rep.n_tiles}
+
+    res = run_batch(batch_items(folder), one, out=out, summary_name="tile-summary", **_batch_callbacks())
+    return _batch_summary(res, out / "tile-summary.csv")
+
+
+def _batch_callbacks() -> dict[str, Any]:
+    return {
+        "on_start": lambda i, n, item: click.echo(f"[{i}/{n}] {item.slide.name}"),
+        "on_error": lambda item, exc: _err(str(exc)),
+    }
+
+
+def _batch_summary(res: Any, summary: Path) -> int:
+    """The closing line of a folder run, failures listed on stderr; exit code 1 if any failed."""
+    failed = res.failed
+    tiles = sum(int(r.get("n_tiles") or 0) for r in res.rows)
     click.echo(
-        f"{len(slides)} slides, {len(slides) - len(failed)} ok, {len(failed)} failed, {tiles} tiles, "
-        f"{time.perf_counter() - t0:.1f} s -> {out} (summary {out / 'tile-summary.json'})"
+        f"{len(res.rows)} slides, {len(res.rows) - len(failed)} done, {len(failed)} failed, {tiles} tiles, "
+        f"{res.seconds:.1f} s -> {summary}"
     )
     for r in failed:
-        click.echo(f"  failed: {r['slide']}", err=True)
+        click.echo(f"  failed: {r['slide']}: {r['error']}", err=True)
     return 1 if failed else 0
 
 
@@ -486,87 +476,21 @@ def _run_one(
     return m
 
 
-def read_manifest_csv(path: Path) -> list[tuple[Path, float | None]]:
-    """(slide, mpp or None) rows of a CSV with a ``slide`` column and an optional ``mpp`` column."""
-    import csv
-
-    try:
-        with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError as exc:
-        raise WsiError(f"{path}: cannot read the manifest ({exc})") from exc
-    if not rows or "slide" not in rows[0]:
-        raise WsiError(f"{path}: the manifest needs a header with a 'slide' column (and optionally 'mpp')")
-    out: list[tuple[Path, float | None]] = []
-    for i, r in enumerate(rows, 2):
-        p = Path(r["slide"])
-        p = p if p.is_absolute() else path.parent / p
-        mpp = (r.get("mpp") or "").strip()
-        try:
-            out.append((p, float(mpp) if mpp else None))
-        except ValueError:
-            raise WsiError(f"{path}: line {i}: mpp {mpp!r} is not a number") from None
-    return out
-
-
 def _run_folder(
     src: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, quiet: bool, skip: bool
 ) -> int:
-    from dataclasses import replace
+    from .batch import BatchItem, batch_items, run_batch
 
-    from .provenance import atomic_write_bytes, atomic_write_json
+    def one(item: BatchItem) -> dict[str, Any]:
+        o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
+        m = _run_one(item.slide, out / f"{item.slide.stem}.heatmap.tif", o, model, client, overwrite, quiet)
+        ev = m["label"]["evidence"]
+        return {"status": "skipped (done)" if m.get("skipped") else "ok", "label": m["label"]["label"],
+                "n_tiles": m["n_tiles"], "max_p": ev["max_p"], "seconds": m["seconds"]}  # fmt: skip
 
-    items = read_manifest_csv(src) if src.suffix.lower() == ".csv" else [(p, None) for p in find_slides(src)]
-    if not items:
-        raise WsiError(f"{src}: no slide files ({', '.join(SLIDE_SUFFIXES)}) found")
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    for i, (s, mpp) in enumerate(items, 1):
-        click.echo(f"[{i}/{len(items)}] {s.name}")
-        o = replace(opts, tile=replace(opts.tile, mpp_override=mpp)) if mpp else opts
-        try:
-            m = _run_one(s, out / f"{s.stem}.heatmap.tif", o, model, client, overwrite, quiet)
-            ev = m["label"]["evidence"]
-            rows.append(
-                {
-                    "slide": str(s),
-                    "status": "skipped (done)" if m.get("skipped") else "ok",
-                    "label": m["label"]["label"],
-                    "n_tiles": m["n_tiles"],
-                    "max_p": ev["max_p"],
-                    "seconds": m["seconds"],
-                    "error": "",
-                }
-            )
-        except WsiError as exc:
-            _err(str(exc))
-            rows.append(
-                {
-                    "slide": str(s),
-                    "status": "failed",
-                    "label": "",
-                    "n_tiles": 0,
-                    "max_p": "",
-                    "seconds": "",
-                    "error": str(exc),
-                }
-            )
-            if not skip:
-                break
-    failed = [r for r in rows if r["status"] == "failed"]
-    header = list(rows[0])
-    lines = [",".join(header)] + [",".join(_csv_cell(r[h]) for h in header) for r in rows]
-    atomic_write_bytes(out / "summary.csv", ("\n".join(lines) + "\n").encode())
-    atomic_write_json(out / "summary.json", {"input": str(src), "slides": rows})
-    click.echo(
-        f"{len(items)} slides, {len(rows) - len(failed)} done, {len(failed)} failed, "
-        f"{sum(int(r['n_tiles']) for r in rows)} tiles, {time.perf_counter() - t0:.1f} s "
-        f"-> {out / 'summary.csv'}"
-    )
-    for r in failed:
-        click.echo(f"  failed: {r['slide']}: {r['error']}", err=True)
-    return 1 if failed else 0
+    res = run_batch(batch_items(src), one, out=out, summary_name="summary", stop_on_error=not skip,
+                    **_batch_callbacks())  # fmt: skip
+    return _batch_summary(res, out / "summary.csv")
 
 
 @main.command()
@@ -620,6 +544,7 @@ def evaluate(
 
     def body() -> int:
         from .annotations import DEFAULT_EXCLUSION_GROUPS, GroupMapping
+        from .batch import rows_to_csv
         from .evaluate import evaluate_runs
         from .provenance import atomic_write_bytes, atomic_write_json
 
@@ -632,9 +557,8 @@ def evaluate(
         atomic_write_json(out, res)
         cols = ["slide", "dice", "precision", "recall", "specificity", "accuracy", "f1", "auc",
                 "slide_truth_positive", "slide_predicted_positive", "slide_label_correct"]  # fmt: skip
-        lines = [",".join(cols)] + [",".join(_csv_cell(r.get(c)) for c in cols) for r in res["slides"]]
         csv_path = out.with_suffix(".csv")
-        atomic_write_bytes(csv_path, ("\n".join(lines) + "\n").encode())
+        atomic_write_bytes(csv_path, rows_to_csv(res["slides"], cols))
         s = res["summary"]
 
         def fmt(k: str) -> str:
@@ -657,11 +581,6 @@ def evaluate(
         return 1 if res["errors"] else 0
 
     _run_guarded(body)
-
-
-def _csv_cell(v: Any) -> str:
-    s = str(v)
-    return '"' + s.replace('"', '""') + '"' if any(c in s for c in ',"\n') else s
 
 
 if __name__ == "__main__":  # pragma: no cover

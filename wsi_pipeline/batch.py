@@ -1,0 +1,118 @@
+"""Batches of slides: find them (folder or CSV manifest), run a function on each, carry on past bad
+ones, and write a summary (CSV + JSON) that says what happened to every slide."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import WsiError
+from .provenance import atomic_write_bytes, atomic_write_json
+
+SLIDE_SUFFIXES = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".dcm", ".scn", ".bif", ".vms", ".vmu", ".svslide",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One slide of a batch, with its per-slide level-0 mpp override (micrometres per pixel) if any."""
+
+    slide: Path
+    mpp: float | None = None
+
+
+def find_slides(folder: Path) -> list[Path]:
+    """Slide files directly inside ``folder`` (sorted; hidden files skipped)."""
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith(".")
+    )  # fmt: skip
+
+
+def read_manifest_csv(path: Path) -> list[BatchItem]:
+    """Rows of a CSV with a ``slide`` column (relative paths are relative to the CSV) and an
+    optional ``mpp`` column (per-slide override)."""
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise WsiError(f"{path}: cannot read the manifest ({exc})") from exc
+    if not rows or "slide" not in rows[0]:
+        raise WsiError(f"{path}: the manifest needs a header with a 'slide' column (and optionally 'mpp')")
+    out: list[BatchItem] = []
+    for i, r in enumerate(rows, 2):
+        p = Path(r["slide"])
+        mpp = (r.get("mpp") or "").strip()
+        try:
+            out.append(BatchItem(p if p.is_absolute() else path.parent / p, float(mpp) if mpp else None))
+        except ValueError:
+            raise WsiError(f"{path}: line {i}: mpp {mpp!r} is not a number") from None
+    return out
+
+
+def batch_items(src: Path) -> list[BatchItem]:
+    """The slides of a folder or a CSV manifest; an empty batch is an error naming the source."""
+    items = (
+        read_manifest_csv(src) if src.suffix.lower() == ".csv" else [BatchItem(p) for p in find_slides(src)]
+    )
+    if not items:
+        raise WsiError(f"{src}: no slide files ({', '.join(SLIDE_SUFFIXES)}) found")
+    return items
+
+
+def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> bytes:
+    """CSV bytes of ``rows`` (dicts), columns in the order given or of the first row."""
+    buf = io.StringIO()
+    cols = list(columns or (rows[0] if rows else []))
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue().encode()
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    rows: list[dict[str, Any]]
+    seconds: float
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] == "failed"]
+
+
+def run_batch(
+    items: Sequence[BatchItem],
+    process: Callable[[BatchItem], dict[str, Any]],
+    *,
+    out: Path,
+    summary_name: str,
+    stop_on_error: bool = False,
+    on_start: Callable[[int, int, BatchItem], None] | None = None,
+    on_error: Callable[[BatchItem, WsiError], None] | None = None,
+) -> BatchResult:
+    """Run ``process`` on every item; a :class:`WsiError` marks the item failed and the batch goes on
+    (unless ``stop_on_error``). Writes ``<summary_name>.csv`` and ``.json`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for i, item in enumerate(items, 1):
+        if on_start:
+            on_start(i, len(items), item)
+        try:
+            rows.append({"slide": str(item.slide), **process(item), "error": ""})
+        except WsiError as exc:
+            if on_error:
+                on_error(item, exc)
+            rows.append({"slide": str(item.slide), "status": "failed", "n_tiles": 0, "error": str(exc)})
+            if stop_on_error:
+                break
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    atomic_write_bytes(out / f"{summary_name}.csv", rows_to_csv(rows, columns))
+    atomic_write_json(out / f"{summary_name}.json", {"slides": rows})
+    return BatchResult(rows, time.perf_counter() - t0)
