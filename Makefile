@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 SAMPLE := samples/CMU-1-Small-Region.svs
 OUT    ?= demo-out
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-reliability lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+test-reliability: $(STAMP)
+	$(BIN)/pytest -q -m reliability
 
 lint: $(STAMP)
 	$(BIN)/ruff check wsi_pipeline tests benchmarks models

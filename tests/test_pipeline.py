@@ -346,3 +346,14 @@ def test_cli_manifest_csv_with_per_slide_mpp(nompp_slide: Fixture, test_model: P
     assert r.exit_code == 0, r.stderr
     m = json.loads((out / "nompp.heatmap.run.json").read_text())
     assert m["resolution"]["mpp_source"] == "override" and m["resolution"]["mpp_x"] == 0.5
+
+
+def test_bad_model_is_refused_before_any_slide_work(tumour_slide: Fixture, tmp_path: Path) -> None:
+    onnx_path = write_test_model(tmp_path / "m", size_px=128, name="small")
+    data = json.loads((tmp_path / "m" / "small.json").read_text())
+    data["input"]["size_px"] = 224  # the card lies about the graph
+    (tmp_path / "m" / "small.json").write_text(json.dumps(data))
+    store = tmp_path / "t.zarr"
+    with pytest.raises(ModelError, match="input shape"):
+        run_slide(tumour_slide.path, tmp_path / "x.tif", model=onnx_path, options=RunOptions(tiles_out=store))
+    assert not store.exists() and not Path(str(store) + ".partial").exists()

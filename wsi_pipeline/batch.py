@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import WsiError
-from .provenance import atomic_write_bytes, atomic_write_json
+from .provenance import atomic_write_bytes, atomic_write_json, output_error
 
 SLIDE_SUFFIXES = (
     ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".dcm", ".scn", ".bif", ".vms", ".vmu", ".svslide",
@@ -98,7 +98,10 @@ def run_batch(
 ) -> BatchResult:
     """Run ``process`` on every item; a :class:`WsiError` marks the item failed and the batch goes on
     (unless ``stop_on_error``). Writes ``<summary_name>.csv`` and ``.json`` into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(out, exc) from exc
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for i, item in enumerate(items, 1):

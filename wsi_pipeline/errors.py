@@ -37,6 +37,15 @@ class StoreError(WsiError, RuntimeError):
     exit_code = 6
 
 
+class OutputError(WsiError, OSError):
+    """A result file cannot be written: disk full, read-only or unwritable output location.
+
+    Exit code 6 like the tile store's disk problems; ``errno`` is that of the underlying OSError.
+    """
+
+    exit_code = 6
+
+
 class StainError(WsiError, ValueError):
     """Stain normalization cannot proceed (e.g. an unusable reference image)."""
 

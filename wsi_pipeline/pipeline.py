@@ -27,7 +27,7 @@ from .outputs import (
     write_overlay_png,
     write_tiles_csv,
 )
-from .provenance import environment_versions
+from .provenance import check_writable, environment_versions
 from .scoring import ProgressFn, ScoreResult, make_tasks, run_tasks
 from .slide import open_slide, slide_fingerprint
 from .tiler import TileOptions, fit_slide_stain, plan_slide, require_tissue, tile_slide
@@ -46,6 +46,7 @@ class RunOptions:
     workers: int | None = None  # local Dask threads
     backend: str = "auto"
     tiles_out: Path | None = None  # also write the (normalized) tile store here, then score from it
+    resources: dict[str, float] | None = None  # distributed worker resources per task, e.g. {"GPU": 1}
 
 
 def output_paths(heatmap: Path) -> dict[str, Path]:
@@ -129,6 +130,13 @@ def run_slide(
         return manifest
     n_workers = opts.workers or min(4, os.cpu_count() or 1)
     threads = max(1, (os.cpu_count() or 1) // n_workers) if client is None else None
+    # Fail now, not after reading the slide: the output folder must be writable and, for local runs,
+    # the model must load on the device (the session is cached and reused by the local tasks).
+    check_writable(paths["heatmap"].parent)
+    if client is None:
+        from .scoring import cached_session
+
+        cached_session(str(card.path), str(card.onnx_path), opts.device, threads)
 
     if opts.tiles_out is not None and not from_store:
         tile_slide(slide_p, opts.tiles_out, tile_opts, backend=opts.backend)
@@ -179,7 +187,10 @@ def run_slide(
         str(slide_p), backend, grid, colrow, card, stain=stain, device=opts.device,
         batch_size=opts.batch_size, chunk_tiles=opts.chunk_tiles, threads=threads, from_store=from_store,
     )  # fmt: skip
-    result = run_tasks(tasks, len(card.classes), client=client, workers=n_workers, progress=progress)
+    result = run_tasks(
+        tasks, len(card.classes), client=client, workers=n_workers, progress=progress,
+        resources=opts.resources,
+    )  # fmt: skip
     manifest = _write_outputs(
         paths, card, opts, params, result, grid, colrow, coords, fractions, mpp0, thumb, thumb_ds,
         slide_wh, slide_p, source_meta, stain, t0,

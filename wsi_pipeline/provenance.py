@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .errors import OutputError
 
 _PACKAGES = (
     "numpy",
@@ -53,24 +55,59 @@ def file_sha256(path: str | os.PathLike[str], *, block: int = 1 << 20) -> str:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``.
 
-    A crash leaves either the old file or the new one, never half of either.
+    A crash leaves either the old file or the new one, never half of either. Problems of the output
+    location (disk full, read-only, no permission) raise :class:`~wsi_pipeline.errors.OutputError`
+    (an ``OSError``) naming the file.
     """
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        for stale in p.parent.glob(f".{p.name}.*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as exc:
+        raise output_error(p, exc) from exc
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary shared files
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; results are shared files
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise output_error(p, exc) from exc
         raise
     return p
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be written there (before hours of work)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as fh:
+            fh.write(b"ok")
+    except OSError as exc:
+        raise output_error(folder, exc) from exc
+
+
+def output_error(path: Path, exc: OSError) -> OutputError:
+    """One-line :class:`OutputError` for an OSError met while writing ``path``."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        msg = (
+            f"{path}: disk full (or quota reached) while writing it; free space and re-run the same "
+            f"command (finished results are kept and skipped)"
+        )
+    elif exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        msg = f"{path}: cannot write here ({exc.strerror}); choose a writable --out"
+    else:
+        msg = f"{path}: cannot write it ({exc}); check the output location"
+    err = OutputError(msg)
+    err.errno = exc.errno
+    return err
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:

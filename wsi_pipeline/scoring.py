@@ -51,13 +51,24 @@ _local = threading.local()
 
 
 @functools.lru_cache(maxsize=4)
-def _session(card_path: str, onnx_path: str, device: str, threads: int | None) -> tuple[Any, str, ModelCard]:
+def cached_session(
+    card_path: str, onnx_path: str, device: str, threads: int | None
+) -> tuple[Any, str, ModelCard]:
     """One session per worker process and model (onnxruntime sessions are thread-safe to run)."""
     from dataclasses import replace
 
     card = replace(load_card(card_path), onnx_path=Path(onnx_path))
     session, provider = create_session(card, device, threads=threads)
     return session, provider, card
+
+
+def probe_session(card_path: str, onnx_path: str, device: str, threads: int | None = None) -> str:
+    """Build (and cache) this worker's session for a model; returns the provider really used.
+
+    Submitted once to a cluster before a batch, so a model that does not load or a device a worker
+    lacks is reported once, before any slide is planned (``workflows/batch_folder.py``).
+    """
+    return str(cached_session(card_path, onnx_path, device, threads)[1])
 
 
 def _reader(path: str, backend: str) -> SlideReader:
@@ -75,7 +86,7 @@ def _reader(path: str, backend: str) -> SlideReader:
 
 def score_chunk(task: ChunkTask) -> tuple[np.ndarray, str, float, float]:
     """Run one task: returns (probabilities (n, classes) float32, provider, read s, infer s)."""
-    session, provider, card = _session(task.card_path, task.onnx_path, task.device, task.threads)
+    session, provider, card = cached_session(task.card_path, task.onnx_path, task.device, task.threads)
     t0 = time.perf_counter()
     if task.from_store:
         from .tilestore import open_tile_store
@@ -159,8 +170,13 @@ def run_tasks(
     workers: int | None = None,
     progress: ProgressFn | None = None,
     retries: int = 2,
+    resources: dict[str, float] | None = None,
 ) -> ScoreResult:
-    """Run ``tasks`` locally (Dask threads) or on ``client`` (a ``distributed.Client``)."""
+    """Run ``tasks`` locally (Dask threads) or on ``client`` (a ``distributed.Client``).
+
+    ``resources`` (distributed only), e.g. ``{"GPU": 1}``: every task needs that much of the worker
+    resources, so it runs only on workers started with ``--resources GPU=1``, one task per GPU.
+    """
     total = sum(len(t.colrow) for t in tasks)
     t0 = time.perf_counter()
     results: list[tuple[np.ndarray, str, float, float] | None] = [None] * len(tasks)
@@ -170,7 +186,7 @@ def run_tasks(
     if client is not None:
         from distributed import as_completed
 
-        futures = client.map(score_chunk, tasks, retries=retries, pure=False)
+        futures = client.map(score_chunk, tasks, retries=retries, pure=False, resources=resources)
         index = {f.key: i for i, f in enumerate(futures)}
         for fut in as_completed(futures):
             i = index[fut.key]

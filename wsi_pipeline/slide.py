@@ -8,9 +8,12 @@ location in **level-0 pixels** and a size in **pixels of the requested level**, 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -251,12 +254,18 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> SlideRead
     order = ["openslide", "tiffslide"] if backend == "auto" else [backend]
     failures: list[str] = []
     for name in order:
-        try:
-            reader = _open_with(name, str(p))
-        except SlideError as exc:
-            failures.append(f"{name}: {exc.args[0].split(': ', 1)[-1]}")
-            continue
-        _check_header(reader)  # opened but unusable: say why, do not try another reader
+        with _quiet_tifffile():
+            try:
+                reader = _open_with(name, str(p))
+            except SlideError as exc:
+                failures.append(f"{name}: {exc.args[0].split(': ', 1)[-1]}")
+                continue
+            try:
+                _check_header(reader)  # opened but unusable: say why, do not try another reader
+                _check_tiff_extent(reader.path)
+            except SlideError:
+                reader.close()
+                raise
         return reader
     detail = "; ".join(failures)
     other = " or try --backend tiffslide" if backend == "openslide" else ""
@@ -280,6 +289,125 @@ def _open_with(name: str, path: str) -> SlideReader:
         raise SlideError(f"{path}: {type(exc).__name__}: {msg}") from exc
 
 
+@contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """Hold back tifffile's log output while a slide is opened and checked.
+
+    tifffile logs structural problems (e.g. a directory offset past the end of a truncated file) and
+    carries on; :func:`_check_tiff_extent` turns the ones that matter into one :class:`SlideError`,
+    so the user sees one line naming the file instead of library log lines.
+    """
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+#: Suffixes whose files are plain TIFF containers checked by :func:`_check_tiff_extent`.
+TIFF_SUFFIXES = (".svs", ".tif", ".tiff")
+
+
+def _check_tiff_extent(path: str) -> None:
+    """Refuse a TIFF whose directories or image data point past the end of the file (truncated).
+
+    Readers may open such a file (tiffslide keeps the pages before the cut and drops the rest of the
+    pyramid), so the slide would be scored from what survived. Other formats are not checked.
+    """
+    p = Path(path)
+    if p.suffix.lower() not in TIFF_SUFFIXES or not p.is_file():
+        return
+    import tifffile
+
+    size = p.stat().st_size
+    try:
+        with tifffile.TiffFile(p) as tf:
+            chain = list(tf.pages)  # every directory tifffile could reach; it stops at a bad offset
+            pages = {
+                pg.offset: pg
+                for pg in chain + [pg for s in tf.series for lv in s.levels for pg in lv.pages]
+                if isinstance(pg, tifffile.TiffPage)
+            }
+            data_end = 0
+            for pg in pages.values():
+                n = min(len(pg.dataoffsets), len(pg.databytecounts))
+                if n:
+                    ends = np.asarray(pg.dataoffsets[:n], np.int64)
+                    ends += np.asarray(pg.databytecounts[:n], np.int64)
+                    data_end = max(data_end, int(ends.max()))
+            next_ifd = _next_ifd_offset(tf, chain[-1].offset) if chain else 0
+    except Exception:  # unreadable structure: leave it to the reader that opened it
+        return
+    if data_end > size or next_ifd >= size:
+        beyond = max(data_end, next_ifd)
+        raise SlideError(
+            f"{path}: the file is truncated ({size} bytes, but its TIFF structure refers to offset "
+            f"{beyond}); re-copy or re-export the slide"
+        )
+
+
+def missing_tiles_l0(reader: SlideReader, level: int) -> np.ndarray:
+    """Level-0 boxes (k, 4) x0, y0, x1, y1 of the TIFF tiles of ``level`` the file does not hold.
+
+    A tile whose byte count (or offset) is 0 has no pixels: OpenSlide renders it transparent (white
+    once composited), tiffslide black. Scanners leave out empty background tiles on purpose, so the
+    caller decides whether the missing tiles matter (see ``tiler.check_missing_tiles``). Only TIFF
+    files (.svs/.tif/.tiff) are inspected; anything else returns no boxes.
+    """
+    none = np.zeros((0, 4), np.float64)
+    p = Path(reader.path)
+    if p.suffix.lower() not in TIFF_SUFFIXES or not p.is_file():
+        return none
+    import tifffile
+
+    w, h = reader.level_dimensions[level]
+    ds = reader.level_downsamples[level]
+    try:
+        with _quiet_tifffile(), tifffile.TiffFile(p) as tf:
+            pages = [pg for s in tf.series for lv in s.levels for pg in lv.pages] + list(tf.pages)
+            page = next(
+                (
+                    pg
+                    for pg in pages
+                    if isinstance(pg, tifffile.TiffPage)
+                    and pg.is_tiled
+                    and (pg.imagewidth, pg.imagelength) == (w, h)
+                ),
+                None,
+            )
+            if page is None:
+                return none
+            tw, th = int(page.tilewidth), int(page.tilelength)
+            offsets = np.asarray(page.dataoffsets, np.int64)
+            counts = np.asarray(page.databytecounts, np.int64)
+    except Exception:  # unreadable structure: nothing to say about missing tiles
+        return none
+    across, down = -(-w // tw), -(-h // th)
+    n = across * down
+    if len(counts) < n:
+        return none  # planar or unusual layouts: not inspected
+    missing = np.flatnonzero((counts[:n] == 0) | (offsets[:n] == 0))
+    rows, cols = np.divmod(missing, across)
+    x0, y0 = cols * tw, rows * th
+    x1, y1 = np.minimum(x0 + tw, w), np.minimum(y0 + th, h)
+    return np.stack([x0, y0, x1, y1], axis=1).astype(np.float64) * ds
+
+
+def _next_ifd_offset(tf: Any, ifd_offset: int) -> int:
+    """The 'next directory' offset stored at the end of the TIFF directory at ``ifd_offset``."""
+    count_fmt, entry_bytes, next_fmt = ("Q", 20, "Q") if tf.is_bigtiff else ("H", 12, "I")
+    fh = tf.filehandle
+    fh.seek(ifd_offset)
+    (n_tags,) = struct.unpack(tf.byteorder + count_fmt, fh.read(struct.calcsize(count_fmt)))
+    fh.seek(ifd_offset + struct.calcsize(count_fmt) + n_tags * entry_bytes)
+    raw = fh.read(struct.calcsize(next_fmt))
+    if len(raw) < struct.calcsize(next_fmt):  # the directory itself is cut off
+        return int(fh.size) + 1
+    return int(struct.unpack(tf.byteorder + next_fmt, raw)[0])
+
+
 def _check_header(reader: SlideReader) -> None:
     """Refuse structures the pipeline cannot use before any tile is written."""
     dims = reader.level_dimensions
@@ -288,8 +416,9 @@ def _check_header(reader: SlideReader) -> None:
     axes = reader.properties.get("tiffslide.series-axes")
     if axes and not axes.endswith("S"):
         raise SlideError(
-            f"{reader.path}: the image has axes {axes} (separate channels, e.g. multiplex "
-            f"fluorescence), not RGB; only brightfield RGB slides (H&E) are supported"
+            f"{reader.path}: the image has axes {axes} ("
+            f"{'grayscale' if axes == 'YX' else 'separate channels, e.g. multiplex fluorescence'}), "
+            f"not RGB; only brightfield RGB slides (H&E) are supported"
         )
     w0, h0 = dims[0]
     if w0 * h0 > 10**12:

@@ -32,6 +32,7 @@ from .slide import (
     SlideReader,
     Thumbnail,
     choose_level,
+    missing_tiles_l0,
     open_slide,
     read_thumbnail,
     resolve_mpp,
@@ -124,10 +125,48 @@ def is_brightfield(thumb: np.ndarray) -> bool:
     return bool(np.percentile(thumb.max(axis=-1), 90) >= 100) if thumb.size else False
 
 
+def is_grayscale(thumb: np.ndarray) -> bool:
+    """True when every pixel has R == G == B: a grayscale image (stored or rendered as RGB), not H&E."""
+    return bool(thumb.size) and not np.any(thumb.max(axis=-1) != thumb.min(axis=-1))
+
+
+#: A kept tile may lie on missing image tiles only where the mask says there is no tissue; this much
+#: slack absorbs the coarseness of the mask.
+MISSING_TILE_SLACK = 0.25
+
+
+def check_missing_tiles(
+    reader: SlideReader, level: int, thumb: Thumbnail, boxes_l0: np.ndarray, fractions: np.ndarray
+) -> None:
+    """Refuse a slide whose read level lacks image tiles where the thumbnail shows tissue.
+
+    Scanners leave empty background tiles out of a level (OpenSlide shows them transparent), which
+    is fine; a missing tile under tissue means a damaged or incompletely written file, whose blank
+    (white or black) pixels would otherwise be scored as if they were tissue.
+    """
+    missing = missing_tiles_l0(reader, level)
+    if len(missing) == 0 or len(boxes_l0) == 0:
+        return
+    holes = np.zeros(thumb.image.shape[:2], bool)
+    ds = thumb.downsample
+    for x0, y0, x1, y1 in np.round(missing / ds).astype(np.int64):
+        holes[max(y0, 0) : max(y1, y0 + 1), max(x0, 0) : max(x1, x0 + 1)] = True
+    covered = tissue_fraction_in_boxes(holes, boxes_l0, ds)
+    bad = np.flatnonzero(covered > (1.0 - fractions) + MISSING_TILE_SLACK)
+    if len(bad):
+        x, y = (int(v) for v in boxes_l0[bad[0], :2])
+        raise SlideError(
+            f"{reader.path}: level {level} lacks image data under tissue ({len(missing)} missing TIFF "
+            f"tiles; {len(bad)} tissue tiles affected, first at level-0 x={x}, y={y}); the file is "
+            f"damaged or incompletely written - re-export or re-scan it"
+        )
+
+
 def plan_slide(reader: SlideReader, options: TileOptions) -> SlidePlan:
     """Resolve mpp, choose the level, compute the tissue mask and the kept tiles (in store order).
 
-    Raises :class:`ResolutionError` without usable mpp, :class:`SlideError` on dark-field images.
+    Raises :class:`ResolutionError` without usable mpp, :class:`SlideError` on dark-field or grayscale
+    images and on a read level that lacks image tiles under tissue.
     """
     res = resolve_mpp(reader, options.mpp_override)
     choice = choose_level(
@@ -146,11 +185,17 @@ def plan_slide(reader: SlideReader, options: TileOptions) -> SlidePlan:
             f"{reader.path}: the image is dark (fluorescence or dark-field?); only brightfield H&E "
             f"slides are supported"
         )
+    if is_grayscale(thumb.image):
+        raise SlideError(
+            f"{reader.path}: the image is grayscale (R = G = B everywhere), not RGB; only brightfield "
+            f"RGB slides (H&E) are supported"
+        )
     mask = tissue_mask(thumb.image, mpp=thumb.mpp, params=options.tissue)
     positions = grid.all_positions()
     fractions = tissue_fraction_in_boxes(mask, grid.boxes_l0(positions), thumb.downsample)
     keep = fractions >= options.min_tissue_fraction
     colrow, fractions = positions[keep], fractions[keep]
+    check_missing_tiles(reader, choice.level, thumb, grid.boxes_l0(colrow), fractions)
     order = block_order(colrow, options.block_tiles)
     colrow, fractions = colrow[order], fractions[order]
     return SlidePlan(res, choice, grid, thumb, mask, colrow, grid.origins_l0(colrow), fractions)

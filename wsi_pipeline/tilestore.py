@@ -210,15 +210,18 @@ class TileStoreWriter:
         """Mark complete and move ``OUT.partial`` to ``OUT`` (replacing an old ``OUT`` last)."""
         if self.pending_chunks():
             raise StoreError(f"{self.path}: cannot finalize, chunks {self.pending_chunks()[:5]} missing")
-        self.update_meta(**extra, complete=True)
         part, out = self.path, self.out
-        if out.exists():
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            part.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            part.rename(out)
+        try:
+            self.update_meta(**extra, complete=True)
+            if out.exists():
+                old = out.with_name(f"{out.name}.old-{os.getpid()}")
+                out.rename(old)
+                part.rename(out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                part.rename(out)
+        except OSError as exc:  # e.g. disk full writing the attributes: the partial store resumes
+            raise _store_os_error(part, exc) from exc
         return out
 
 
