@@ -59,7 +59,9 @@ class ModelCard:
 
 
 def _bad(path: Path, what: str) -> ModelError:
-    return ModelError(f"{path}: {what}; use a card written by `wsi-infer export` (see models/MODEL_CARD.md)")
+    return ModelError(
+        f"{path}: {what}; use a card written by `python -m models.export` (see models/MODEL_CARD.md)"
+    )
 
 
 def load_card(path: str | os.PathLike[str]) -> ModelCard:
