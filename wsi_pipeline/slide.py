@@ -239,8 +239,11 @@ def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
 
 
-def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> SlideReader:
+def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: bool = True) -> SlideReader:
     """Open a slide lazily with ``backend`` ('auto' prefers OpenSlide, then tiffslide).
+
+    ``verify`` also checks a TIFF's structure against its size (truncation); handles opened again for
+    reader threads or Dask workers of a slide the pipeline already opened skip that file scan.
 
     Raises :class:`SlideError` naming the file when it is missing, not a slide, or unsupported.
     """
@@ -262,7 +265,8 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> SlideRead
                 continue
             try:
                 _check_header(reader)  # opened but unusable: say why, do not try another reader
-                _check_tiff_extent(reader.path)
+                if verify:
+                    _check_tiff_extent(reader.path)
             except SlideError:
                 reader.close()
                 raise

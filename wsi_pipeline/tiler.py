@@ -303,7 +303,7 @@ def iter_tiles(
             return reader
         r = getattr(local, "reader", None)
         if r is None:
-            r = open_slide(reader.path, reader.backend)
+            r = open_slide(reader.path, reader.backend, verify=False)  # checked by the first open
             local.reader = r
             with lock:
                 opened.append(r)
