@@ -162,3 +162,20 @@ def test_unusable_stain_reference_is_a_clear_error(generic_slide: Fixture, tmp_p
     )
     assert code == 7 and "white.png" in err and err.count("\n") == 1
     assert not out.exists() and not partial_path(out).exists()
+
+
+def test_info_reports_an_unscorable_slide_without_failing(tmp_path: Path) -> None:
+    import numpy as np
+    import tifffile
+
+    grey = np.repeat(np.random.default_rng(0).integers(100, 250, (512, 512, 1), dtype=np.uint8), 3, axis=2)
+    p = tmp_path / "grey.tif"
+    tifffile.imwrite(
+        p, grey, tile=(256, 256), photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER"
+    )
+    code, out, _ = _run("info", str(p), "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["tissue"]["fraction"] is None and "grayscale" in data["tissue"]["note"]
+    code, out, _ = _run("info", str(p))
+    assert code == 0 and "not scorable" in out

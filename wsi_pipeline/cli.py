@@ -201,9 +201,12 @@ def _print_info(data: dict[str, Any]) -> None:
         )  # fmt: skip
     console.print(table)
     t = data["tissue"]
-    warn = " [bold red]NO TISSUE FOUND[/bold red]" if t["fraction"] == 0 else ""
     note = f" ({t['note']})" if t.get("note") else ""
-    console.print(f"  tissue {t['fraction']:.1%} of the slide{warn}{note}")
+    if t["fraction"] is None:
+        console.print(f"  [bold red]not scorable[/bold red]: {t['note']}")
+    else:
+        warn = " [bold red]NO TISSUE FOUND[/bold red]" if t["fraction"] == 0 else ""
+        console.print(f"  tissue {t['fraction']:.1%} of the slide{warn}{note}")
     if data.get("tiling"):
         g = data["tiling"]
         console.print(

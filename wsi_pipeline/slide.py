@@ -452,12 +452,10 @@ def resolve_mpp(reader: SlideReader, override: float | None = None) -> Resolutio
                 f"{reader.path}: --mpp {override} is outside the plausible range {lo}-{hi} um/px"
             )
         return Resolution(float(override), float(override), "override")
-    mx, my = reader.metadata_mpp()
-    if mx is None and my is None:
+    given = [v for v in reader.metadata_mpp() if v is not None]
+    if not given:
         raise ResolutionError(f"{reader.path}: the slide has no resolution metadata; {MPP_OVERRIDE_HINT}")
-    mx = mx if mx is not None else my
-    my = my if my is not None else mx
-    assert mx is not None and my is not None
+    mx, my = (given[0], given[-1])  # one axis given: use it for both
     if not (lo <= mx <= hi and lo <= my <= hi):
         raise ResolutionError(
             f"{reader.path}: metadata claims {mx:.4g} x {my:.4g} um/px, which no scanner produces "

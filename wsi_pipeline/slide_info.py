@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .errors import ResolutionError
+from .errors import ResolutionError, SlideError
 from .slide import MPP_OVERRIDE_HINT, choose_level, open_slide, read_thumbnail, resolve_mpp
 from .tiler import TileOptions, is_brightfield, plan_slide
 from .tissue import tissue_mask
@@ -59,7 +59,11 @@ def slide_info(
         if not is_brightfield(thumb.image):
             data["tissue"] = {"fraction": 0.0, "note": "dark image: fluorescence or dark-field, not H&E"}
             return data
-        plan = plan_slide(reader, opts)
+        try:
+            plan = plan_slide(reader, opts)
+        except SlideError as exc:  # readable, but not something the pipeline would score: say why
+            data["tissue"] = {"fraction": None, "note": str(exc).split(": ", 1)[-1]}
+            return data
         data["tissue"] = {"fraction": plan.slide_tissue_fraction, "mask_mpp": plan.thumbnail.mpp}
         choice = choose_level(reader.level_downsamples, mpp0, opts.target_mpp, tolerance=opts.level_tolerance)
         data["tiling"] = {
