@@ -40,35 +40,57 @@ def _run_guarded(fn: Callable[[], int | None]) -> None:
     sys.exit(code)
 
 
-@contextmanager
-def _progress(description: str, *, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar (tiles done/total, tiles/s, ETA) fed by ``update(done, total)``."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+class _Bars:
+    """Progress bars of one command: one per slide (tiles done/total, tiles/s, ETA) and, for folders,
+    an overall bar (slides done/total, ETA). Disabled bars cost nothing."""
 
-    if not enabled:
-        yield lambda done, total: None
-        return
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tiles"),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(description, total=None, rate="")
+    def __init__(self, *, enabled: bool, n_slides: int | None = None) -> None:
+        self.enabled = enabled
+        self.n_slides = n_slides
+        self._bar: Any = None
+        self._overall: Any = None
+
+    def __enter__(self) -> _Bars:
+        if not self.enabled:
+            return self
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"), TaskProgressColumn(), TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        )  # fmt: skip
+        self._bar.__enter__()
+        if self.n_slides:
+            self._overall = self._bar.add_task("all slides", total=self.n_slides, unit="slides", rate="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def echo(self, msg: str) -> None:
+        """A line above the bars (plain echo when they are off)."""
+        if self._bar is not None:
+            self._bar.console.print(msg, markup=False, highlight=False, soft_wrap=True)
+        else:
+            click.echo(msg)
+
+    @contextmanager
+    def slide(self, name: str) -> Iterator[Callable[[int, int], None]]:
+        """A bar for one slide, fed by ``update(done, total)``; advances the overall bar at the end."""
+        if self._bar is None:
+            yield lambda done, total: None
+            return
+        task = self._bar.add_task(name, total=None, unit="tiles", rate="")
         start = time.perf_counter()
         first: list[int] = []
 
@@ -77,9 +99,14 @@ def _progress(description: str, *, enabled: bool = True) -> Iterator[Callable[[i
                 first.append(done)
             elapsed = time.perf_counter() - start
             rate = (done - first[0]) / elapsed if elapsed > 0 else 0.0
-            bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} tiles/s")
+            self._bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} tiles/s")
 
-        yield update
+        try:
+            yield update
+        finally:
+            if self._overall is not None:
+                self._bar.remove_task(task)
+                self._bar.advance(self._overall)
 
 
 def _slide_options(fn: F) -> F:
@@ -236,7 +263,8 @@ def tile(slide: Path, out: Path, overwrite: bool, quiet: bool, **kw: Any) -> Non
         backend = kw["backend"]
         if slide.is_dir():
             return _tile_folder(slide, out, opts, backend=backend, overwrite=overwrite, quiet=quiet)
-        _tile_one(slide, out, opts, backend=backend, overwrite=overwrite, quiet=quiet)
+        with _Bars(enabled=not quiet) as bars:
+            _tile_one(slide, out, opts, backend=backend, overwrite=overwrite, bars=bars)
         return 0
 
     _run_guarded(body)
@@ -277,14 +305,14 @@ def report_path(out: Path) -> Path:
     return out.with_name(f"{stem}.tile-report.json")
 
 
-def _tile_one(slide: Path, out: Path, opts: Any, *, backend: str, overwrite: bool, quiet: bool) -> Any:
+def _tile_one(slide: Path, out: Path, opts: Any, *, backend: str, overwrite: bool, bars: _Bars) -> Any:
     from .provenance import atomic_write_json, environment_versions
     from .tiler import tile_slide
 
-    with _progress(slide.name, enabled=not quiet) as update:
+    with bars.slide(slide.name) as update:
         rep = tile_slide(slide, out, opts, backend=backend, overwrite=overwrite, progress=update)
     if rep.status == "already complete":
-        click.echo(f"{slide.name}: {out} is already complete ({rep.n_tiles} tiles); nothing to do")
+        bars.echo(f"{slide.name}: {out} is already complete ({rep.n_tiles} tiles); nothing to do")
         return rep
     rpath = report_path(out)
     atomic_write_json(
@@ -298,7 +326,7 @@ def _tile_one(slide: Path, out: Path, opts: Any, *, backend: str, overwrite: boo
             "versions": environment_versions(),
         },
     )
-    click.echo(
+    bars.echo(
         f"{slide.name}: {rep.n_tiles} tiles ({rep.tiles_written} written, {rep.status}) "
         f"in {rep.seconds:.1f} s, "
         f"{rep.tiles_per_s:,.1f} tiles/s, {rep.effective_mpp:.3g} um/px (mpp from {rep.mpp_source}), "
@@ -317,19 +345,22 @@ def _stain_note(meta: dict[str, Any]) -> str:
 def _tile_folder(folder: Path, out: Path, opts: Any, *, backend: str, overwrite: bool, quiet: bool) -> int:
     from .batch import BatchItem, batch_items, run_batch
 
-    def one(item: BatchItem) -> dict[str, Any]:
-        o = opts if item.mpp is None else replace(opts, mpp_override=item.mpp)
-        rep = _tile_one(item.slide, out / f"{item.slide.stem}.zarr", o, backend=backend, overwrite=overwrite,
-                        quiet=quiet)  # fmt: skip
-        return {"status": rep.status, "n_tiles": rep.n_tiles}
+    items = batch_items(folder)
+    with _Bars(enabled=not quiet, n_slides=len(items)) as bars:
 
-    res = run_batch(batch_items(folder), one, out=out, summary_name="tile-summary", **_batch_callbacks())
+        def one(item: BatchItem) -> dict[str, Any]:
+            o = opts if item.mpp is None else replace(opts, mpp_override=item.mpp)
+            rep = _tile_one(item.slide, out / f"{item.slide.stem}.zarr", o, backend=backend,
+                            overwrite=overwrite, bars=bars)  # fmt: skip
+            return {"status": rep.status, "n_tiles": rep.n_tiles}
+
+        res = run_batch(items, one, out=out, summary_name="tile-summary", **_batch_callbacks(bars))
     return _batch_summary(res, out / "tile-summary.csv")
 
 
-def _batch_callbacks() -> dict[str, Any]:
+def _batch_callbacks(bars: _Bars) -> dict[str, Any]:
     return {
-        "on_start": lambda i, n, item: click.echo(f"[{i}/{n}] {item.slide.name}"),
+        "on_start": lambda i, n, item: bars.echo(f"[{i}/{n}] {item.slide.name}"),
         "on_error": lambda item, exc: _err(str(exc)),
     }
 
@@ -343,7 +374,7 @@ def _batch_summary(res: Any, summary: Path) -> int:
         f"{res.seconds:.1f} s -> {summary}"
     )
     for r in failed:
-        click.echo(f"  failed: {r['slide']}: {r['error']}", err=True)
+        click.echo(f"  failed: {r['error']}", err=True)
     return 1 if failed else 0
 
 
@@ -435,7 +466,8 @@ def run(slide: Path, out: Path, quiet: bool, overwrite: bool, skip_errors: bool,
         try:
             if (slide.is_dir() and slide.suffix != ".zarr") or slide.suffix.lower() == ".csv":
                 return _run_folder(slide, out, opts, kw["model"], client, overwrite, quiet, skip_errors)
-            _run_one(slide, out, opts, kw["model"], client, overwrite, quiet)
+            with _Bars(enabled=not quiet) as bars:
+                _run_one(slide, out, opts, kw["model"], client, overwrite, bars)
             return 0
         finally:
             if client is not None:
@@ -456,22 +488,22 @@ def _client(address: str | None) -> Any:
 
 
 def _run_one(
-    slide: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, quiet: bool
+    slide: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, bars: _Bars
 ) -> Any:
     from .pipeline import run_slide
 
-    with _progress(slide.name, enabled=not quiet) as update:
+    with bars.slide(slide.name) as update:
         m = run_slide(
             slide, out, model=model, options=opts, client=client, progress=update, overwrite=overwrite
         )
     ev = m["label"]["evidence"]
     pos = m["model"]["positive_class"]
     if m.get("skipped"):
-        click.echo(
+        bars.echo(
             f"{slide.name}: already done ({m['label']['label']}); outputs in {out.parent} (use --overwrite)"
         )
         return m
-    click.echo(
+    bars.echo(
         f"{slide.name}: {m['label']['label'].upper()} ({pos} area {ev[f'{pos}_area_mm2']} mm^2, max p "
         f"{ev['max_p']}), {m['n_tiles']} tiles in {m['seconds']:.1f} s, {m['tiles_per_s']:,.1f} tiles/s on "
         f"{m['provider']} -> {', '.join(Path(v).name for v in m['outputs'].values())}"
@@ -484,15 +516,20 @@ def _run_folder(
 ) -> int:
     from .batch import BatchItem, batch_items, run_batch
 
-    def one(item: BatchItem) -> dict[str, Any]:
-        o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
-        m = _run_one(item.slide, out / f"{item.slide.stem}.heatmap.tif", o, model, client, overwrite, quiet)
-        ev = m["label"]["evidence"]
-        return {"status": "skipped (done)" if m.get("skipped") else "ok", "label": m["label"]["label"],
-                "n_tiles": m["n_tiles"], "max_p": ev["max_p"], "seconds": m["seconds"]}  # fmt: skip
+    items = batch_items(src)
+    with _Bars(enabled=not quiet, n_slides=len(items)) as bars:
 
-    res = run_batch(batch_items(src), one, out=out, summary_name="summary", stop_on_error=not skip,
-                    **_batch_callbacks())  # fmt: skip
+        def one(item: BatchItem) -> dict[str, Any]:
+            o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
+            m = _run_one(
+                item.slide, out / f"{item.slide.stem}.heatmap.tif", o, model, client, overwrite, bars
+            )
+            ev = m["label"]["evidence"]
+            return {"status": "skipped (done)" if m.get("skipped") else "ok", "label": m["label"]["label"],
+                    "n_tiles": m["n_tiles"], "max_p": ev["max_p"], "seconds": m["seconds"]}  # fmt: skip
+
+        res = run_batch(items, one, out=out, summary_name="summary", stop_on_error=not skip,
+                        **_batch_callbacks(bars))  # fmt: skip
     return _batch_summary(res, out / "summary.csv")
 
 
