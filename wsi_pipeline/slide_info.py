@@ -6,8 +6,8 @@ import os
 from typing import Any
 
 from .errors import ResolutionError, SlideError
-from .slide import MPP_OVERRIDE_HINT, choose_level, open_slide, read_thumbnail, resolve_mpp
-from .tiler import TileOptions, is_brightfield, plan_slide
+from .slide import MPP_OVERRIDE_HINT, open_slide, read_thumbnail, resolve_mpp
+from .tiler import TileOptions, plan_slide
 from .tissue import tissue_mask
 
 #: Resolution assumed only to size the tissue thumbnail when a slide has no mpp (reported as such).
@@ -55,17 +55,13 @@ def slide_info(
                 "note": f"mask sized assuming {ASSUMED_MPP_FOR_MASK} um/px",
             }
             return data
-        thumb = read_thumbnail(reader, mpp0, target_mpp=opts.mask_mpp)
-        if not is_brightfield(thumb.image):
-            data["tissue"] = {"fraction": 0.0, "note": "dark image: fluorescence or dark-field, not H&E"}
-            return data
-        try:
+        try:  # plan_slide reads the thumbnail once and refuses dark, grayscale or damaged slides
             plan = plan_slide(reader, opts)
         except SlideError as exc:  # readable, but not something the pipeline would score: say why
             data["tissue"] = {"fraction": None, "note": str(exc).split(": ", 1)[-1]}
             return data
         data["tissue"] = {"fraction": plan.slide_tissue_fraction, "mask_mpp": plan.thumbnail.mpp}
-        choice = choose_level(reader.level_downsamples, mpp0, opts.target_mpp, tolerance=opts.level_tolerance)
+        choice = plan.choice
         data["tiling"] = {
             "target_mpp": opts.target_mpp,
             "level": choice.level,
