@@ -112,3 +112,99 @@ def augment_batch(
 ) -> npt.NDArray[np.uint8]:
     """Training augmentation: random dihedral transform, then HED stain jitter."""
     return hed_jitter(random_dihedral(tiles, rng), rng, sigma=sigma, bias=bias)
+
+
+def colour_jitter(
+    tiles: npt.NDArray[np.uint8],
+    rng: np.random.Generator,
+    brightness: float = 0.1,
+    contrast: float = 0.15,
+    saturation: float = 0.15,
+    gamma: float = 0.15,
+) -> npt.NDArray[np.uint8]:
+    """Per tile: gamma ``g ~ exp(U(-gamma, gamma))``, contrast and saturation factors ``U(1 - c, 1 + c)``
+    around the tile's mean and grey level, brightness shift ``U(-b, b)`` (fraction of full scale)."""
+    batch = _as_tiles(tiles)
+    batch = batch if batch.ndim == 4 else batch[None]
+    n = batch.shape[0]
+    x = batch.astype(np.float32) / 255.0
+    g = np.exp(rng.uniform(-gamma, gamma, n)).astype(np.float32)[:, None, None, None]
+    x = np.power(x, g)
+    grey = x.mean(axis=3, keepdims=True)
+    s = rng.uniform(1 - saturation, 1 + saturation, n).astype(np.float32)[:, None, None, None]
+    x = grey + (x - grey) * s
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    c = rng.uniform(1 - contrast, 1 + contrast, n).astype(np.float32)[:, None, None, None]
+    b = rng.uniform(-brightness, brightness, n).astype(np.float32)[:, None, None, None]
+    x = (x - mean) * c + mean + b
+    out = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+    return out if tiles.ndim == 4 else out[0]
+
+
+def degrade(
+    tile: npt.NDArray[np.uint8],
+    rng: np.random.Generator,
+    p_resolution: float = 0.3,
+    coarse_mpp: tuple[float, float] = (0.55, 1.0),
+    tile_mpp: float = 0.5,
+    p_blur: float = 0.2,
+    blur_radius: tuple[float, float] = (0.3, 1.5),
+    p_jpeg: float = 0.3,
+    jpeg_quality: tuple[int, int] = (40, 95),
+) -> npt.NDArray[np.uint8]:
+    """Scanner-shift degradations of one uint8 RGB tile, each applied with its probability.
+
+    Resolution: as if scanned at ``m ~ U(coarse_mpp)`` um/px and upsampled back to ``tile_mpp``
+    (bilinear down, bicubic up); defocus: Gaussian blur of radius ``U(blur_radius)`` px; JPEG
+    re-encoding at quality ``U(jpeg_quality)``.
+    """
+    from io import BytesIO
+
+    from PIL import Image, ImageFilter
+
+    im = Image.fromarray(_as_tiles(tile))
+    size = im.size
+    if rng.random() < p_resolution:
+        factor = tile_mpp / rng.uniform(*coarse_mpp)
+        small = (max(8, round(size[0] * factor)), max(8, round(size[1] * factor)))
+        im = im.resize(small, Image.Resampling.BILINEAR).resize(size, Image.Resampling.BICUBIC)
+    if rng.random() < p_blur:
+        im = im.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(*blur_radius))))
+    if rng.random() < p_jpeg:
+        buf = BytesIO()
+        im.save(buf, format="JPEG", quality=int(rng.integers(jpeg_quality[0], jpeg_quality[1] + 1)))
+        buf.seek(0)
+        with Image.open(buf) as dec:
+            im = dec.convert("RGB")
+    return np.asarray(im, dtype=np.uint8)
+
+
+def scanner_shift(
+    tiles: npt.NDArray[np.uint8], rng: np.random.Generator, strength: float = 1.0
+) -> npt.NDArray[np.uint8]:
+    """Training augmentation that models scanner shift, for a batch ``(N, H, W, 3)``.
+
+    Dihedral transform, per-tile degradations (``degrade``), HED stain jitter (sigma 0.2, bias 0.07),
+    colour jitter, and 10 % of tiles turned grey (so that morphology, not one centre's stain, decides).
+    ``strength`` scales every probability and magnitude (0 = geometry only; 1 = the default;
+    FixMatch's strong view uses more).
+    """
+    out = random_dihedral(tiles, rng)
+    if strength <= 0:
+        return out
+    k = float(strength)
+    out = np.stack(
+        [
+            degrade(
+                t, rng, p_resolution=min(1.0, 0.3 * k), p_blur=min(1.0, 0.2 * k), p_jpeg=min(1.0, 0.3 * k)
+            )
+            for t in out
+        ]
+    )
+    out = hed_jitter(out, rng, sigma=0.2 * k, bias=0.07 * k)
+    out = colour_jitter(out, rng, brightness=0.08 * k, contrast=0.15 * k, saturation=0.2 * k, gamma=0.15 * k)
+    grey = np.flatnonzero(rng.random(len(out)) < min(1.0, 0.1 * k))  # morphology without colour
+    if grey.size:
+        g = out[grey].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        out[grey] = np.rint(g)[..., None].astype(np.uint8)
+    return out

@@ -17,6 +17,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import onnxruntime as ort
 from models.card import load_card
 from models.data import iterate_batches, load_tiles
 from models.metrics import binary_metrics
+from models.scanned import shared_tiles_dir
 from models.split import DEFAULT_FRACTIONS, DEFAULT_SEED, read_index, sample_rows, split_rows
 
 METRIC_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
@@ -104,6 +106,136 @@ def evaluate_model(
     return metrics
 
 
+@dataclass(frozen=True)
+class EvalSet:
+    """Labelled tiles of one source: ``images`` uint8 NHWC, ``tumour`` 0/1, per-tile class ``labels``
+    and bootstrap unit ``groups`` (patient, slide or source picture)."""
+
+    name: str
+    images: npt.NDArray[np.uint8]
+    tumour: npt.NDArray[np.int64]
+    labels: tuple[str, ...]
+    groups: tuple[str, ...]
+    note: str = ""
+
+
+def build_sets(card: dict[str, Any], index: Path | None, splits: Sequence[str] = ("test",)) -> list[EvalSet]:
+    """The evaluation sets a card's figures come from, rebuilt from the data folders.
+
+    ``test`` (and ``val``): the card's index split (LC25000 for the shipped model); ``glas-test`` /
+    ``glas-val``: GlaS patients of ``models.scanned.GLAS_SPLIT`` with the card's label rule (only when
+    the model was trained with GlaS); ``kather2016`` and ``nct-crc-he``: every tile (0.495 and 0.5
+    um/px, mirror-padded to 224 px), when the shared data is there.
+    """
+    from models.scanned import GLAS_SPLIT, LabelRule, glas_tiles, load_glas, load_labelled_tiles
+
+    split_info = card["data"]["split"]
+    out: list[EvalSet] = []
+    if index is not None and index.exists():
+        rows = read_index(index)
+        parts = split_rows(rows, split_info["fractions"], split_info["seed"])
+        for split in splits:
+            tiles = load_tiles([rows[i] for i in parts[split]])
+            out.append(
+                EvalSet(split, tiles.images, tiles.tumour, tuple(r.label for r in tiles.rows),
+                        tuple(r.group for r in tiles.rows), f"{index.parent.name} {split} split")
+            )  # fmt: skip
+    tiles_dir = shared_tiles_dir()
+    glas = (card["data"].get("glas") or {}).get("label_rule")
+    if glas is not None and (tiles_dir / "glas-colon").exists():
+        rule = LabelRule(**glas)
+        for split in splits:
+            imgs, lab, grades, groups = glas_tiles(
+                load_glas(tiles_dir / "glas-colon", GLAS_SPLIT[split]), rule
+            )
+            out.append(
+                EvalSet(f"glas-{split}", imgs, lab, tuple(grades), tuple(groups),
+                        f"GlaS patients {list(GLAS_SPLIT[split])}, grid tiles at 0.5 um/px")
+            )  # fmt: skip
+    if "test" in splits:
+        for name, folder in (("kather2016", "kather2016-samples"), ("nct-crc-he", "nct-crc-he-100k-samples")):
+            if (tiles_dir / folder / "index.csv").exists():
+                imgs, lab, classes, groups = load_labelled_tiles(tiles_dir / folder)
+                out.append(EvalSet(name, imgs, lab, tuple(classes), tuple(groups), f"tiles/{folder}"))
+    return out
+
+
+def bootstrap_ci(
+    tumour: npt.NDArray[np.int64],
+    p: npt.NDArray[np.floating],
+    groups: Sequence[str],
+    threshold: float,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, list[float | None]]:
+    """95 % percentile intervals of AUC, sensitivity and specificity, resampling whole ``groups``."""
+    names, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {"auc": [], "recall": [], "specificity": []}
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(names), len(names))])
+        m = binary_metrics(tumour[idx], p[idx], threshold)
+        for k in draws:
+            if not math.isnan(m[k]):
+                draws[k].append(m[k])
+    return {
+        k: (
+            [round(float(np.percentile(v, 2.5)), 4), round(float(np.percentile(v, 97.5)), 4)]
+            if v
+            else [None, None]
+        )
+        for k, v in draws.items()
+    }
+
+
+def set_metrics(
+    s: EvalSet, p: npt.NDArray[np.floating], threshold: float, n_boot: int = 1000
+) -> dict[str, Any]:
+    """``binary_metrics`` at ``threshold``, group-bootstrap intervals and per-class results."""
+    m: dict[str, Any] = binary_metrics(s.tumour, p, threshold)
+    m["groups"] = len(set(s.groups))
+    m["ci95"] = bootstrap_ci(s.tumour, p, s.groups, threshold, n_boot)
+    labels = np.asarray(s.labels)
+    m["per_label"] = {
+        str(lab): {
+            "n": int((labels == lab).sum()),
+            "tumour": int(s.tumour[labels == lab].max()),
+            "mean_p": float(p[labels == lab].mean()),
+            "called_tumour": float((p[labels == lab] >= threshold).mean()),
+        }
+        for lab in sorted(set(s.labels))
+    }
+    return m
+
+
+def choose_threshold(sets: Sequence[EvalSet], probs: Sequence[npt.NDArray[np.floating]]) -> float:
+    """Threshold (0.05..0.95, step 0.01) maximising the mean over ``sets`` of balanced accuracy;
+    ties go to the value nearest 0.5. Use validation sets only."""
+    grid = np.round(np.arange(0.05, 0.951, 0.01), 2)
+    scores = [
+        np.mean(
+            [
+                binary_metrics(s.tumour, p, float(t))["balanced_accuracy"]
+                for s, p in zip(sets, probs, strict=True)
+            ]
+        )
+        for t in grid
+    ]
+    best = max(scores)
+    return float(
+        min((t for t, sc in zip(grid, scores, strict=True) if sc >= best - 1e-9), key=lambda t: abs(t - 0.5))
+    )
+
+
+def score_sets(
+    model_path: str | Path, sets: Sequence[EvalSet], threads: int = 0
+) -> list[npt.NDArray[np.float32]]:
+    """P(tumour) of every tile of every set."""
+    session = make_session(model_path, threads)
+    return [predict(session, s.images)[:, 1] for s in sets]
+
+
 def compare(card_metrics: dict[str, Any], metrics: dict[str, Any], tolerance: float) -> list[str]:
     """Lines describing each metric that differs by more than ``tolerance`` (after rounding to 4 places)."""
     bad = []
@@ -119,48 +251,43 @@ def compare(card_metrics: dict[str, Any], metrics: dict[str, Any], tolerance: fl
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__.split("\n")[1])
     p.add_argument("--model", type=Path, default=Path(__file__).resolve().parent / "tumour-cnn.onnx")
-    p.add_argument("--card", type=Path, help="model card JSON (default: <model>.json, minus any -int8)")
+    p.add_argument("--card", type=Path, help="model card JSON (default: <model>.json)")
     p.add_argument("--index", type=Path, default=None, help="index CSV (default: shared LC25000 lung)")
-    p.add_argument("--split", choices=["train", "val", "test"], default="test")
-    p.add_argument("--max-tiles", type=int, default=0, help="evaluate a fixed sample of this many tiles")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--check", action="store_true", help="exit 1 when metrics differ from the card's")
     p.add_argument("--tolerance", type=float, default=0.005)
+    p.add_argument("--json", type=Path, help="also write the metrics to this file")
     args = p.parse_args(argv)
 
     card_path = args.card or args.model.with_suffix(".json")
-    if args.card is None and not card_path.exists():  # an int8 variant shares the fp32 model's card
-        card_path = args.model.with_name(args.model.name.replace("-int8", "")).with_suffix(".json")
     card = load_card(card_path)
-    reference = card["metrics"]["test"]
-    int8 = card.get("int8") or {}
-    if int8.get("onnx_file") == args.model.name:
-        reference = int8["metrics"]["test"]
-    split_info = card["data"]["split"]
+    threshold = (
+        float(card.get("threshold", {}).get("value", 0.5)) if isinstance(card.get("threshold"), dict) else 0.5
+    )
     index = args.index or default_index()
     if not index.exists():
         print(f"error: index {index} not found; pass --index", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    metrics = evaluate_model(
-        args.model,
-        index,
-        split_info["seed"],
-        split_info["fractions"],
-        args.split,
-        args.max_tiles,
-        threads=args.threads,
-    )
-    print(
-        f"{args.model.name} on {args.split}: {metrics['n']} tiles, {metrics['groups']} groups "
-        f"({time.perf_counter() - t0:.1f} s)"
-    )
-    print(json.dumps({k: metrics[k] for k in (*METRIC_KEYS, "tp", "fp", "tn", "fn")}, indent=2))
+    sets = build_sets(card, index)
+    probs = score_sets(args.model, sets, args.threads)
+    results = {s.name: set_metrics(s, pr, threshold) for s, pr in zip(sets, probs, strict=True)}
+    print(f"{args.model.name}: {sum(len(s.tumour) for s in sets)} tiles in {len(sets)} sets, "
+          f"threshold {threshold} ({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    for name, m in results.items():
+        print(
+            f"  {name:12s} n {m['n']:5d} groups {m['groups']:3d} auc {m['auc']:.4f} {m['ci95']['auc']} "
+            f"sens {m['recall']:.4f} spec {m['specificity']:.4f} f1 {m['f1']:.4f} acc {m['accuracy']:.4f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=float))
     if args.check:
-        if args.split != "test" or args.max_tiles:
-            print("error: --check compares the full test split only", file=sys.stderr)
-            return 2
-        bad = compare(reference, metrics, args.tolerance)
+        bad = []
+        for name, reference in card["metrics"].items():
+            if name not in results:
+                print(f"note: set {name!r} of the card is not available here; not checked", file=sys.stderr)
+                continue
+            bad += [f"{name} {line}" for line in compare(reference, results[name], args.tolerance)]
         for line in bad:
             print(f"MISMATCH {line}", file=sys.stderr)
         if bad:

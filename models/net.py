@@ -88,9 +88,12 @@ class TileNet(nn.Module):
             elif isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)  # each block starts as its shortcut
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``[N, stages[-1]]`` (the input of the linear head)."""
+        return self.pool(self.features(x)).flatten(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.features(x)).flatten(1)
-        return self.fc(self.dropout(x))
+        return self.fc(self.dropout(self.embed(x)))
 
 
 def build_net(stem: Sequence[int] = (16, 32), stages: Sequence[int] = (48, 96, 160)) -> TileNet:
@@ -159,17 +162,38 @@ class Preprocess(nn.Module):
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         x = tiles.to(torch.float32) / 255.0
         x = (x - self.mean) / self.std
-        return x.permute(0, 3, 1, 2)
+        # Contiguous NCHW: a permuted (channels-last strided) view feeding Conv2d backward makes oneDNN
+        # abort or segfault on AVX-512/AMX CPUs (torch 2.13.0+cpu); in the ONNX graph this is a no-op.
+        return x.permute(0, 3, 1, 2).contiguous()
 
 
 class TumourTileModel(nn.Module):
-    """Preprocessing + ``TileNet`` + softmax: uint8 ``[N, 224, 224, 3]`` -> (probabilities, logits)."""
+    """Preprocessing + ``TileNet`` + softmax: uint8 ``[N, 224, 224, 3]`` -> (probabilities, logits), plus
+    ``ood_distance`` ``[N]`` when an out-of-distribution reference is set (``set_ood``)."""
+
+    ood_mean: torch.Tensor
+    ood_whiten: torch.Tensor
 
     def __init__(self, net: TileNet, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.preprocess = Preprocess(mean, std)
         self.net = net
+        self.register_buffer("ood_mean", torch.zeros(0))
+        self.register_buffer("ood_whiten", torch.zeros(0, 0))
 
-    def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.net(self.preprocess(tiles))
-        return torch.softmax(logits, dim=1), logits
+    def set_ood(self, mean: Sequence[float] | torch.Tensor, whiten: torch.Tensor) -> None:
+        """Mahalanobis reference: ``ood_distance = ||(embedding - mean) @ whiten||`` (see ``models.ood``)."""
+        self.ood_mean = torch.as_tensor(mean, dtype=torch.float32).clone()
+        self.ood_whiten = torch.as_tensor(whiten, dtype=torch.float32).clone()
+
+    @property
+    def has_ood(self) -> bool:
+        return self.ood_mean.numel() > 0
+
+    def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        emb = self.net.embed(self.preprocess(tiles))
+        logits = self.net.fc(self.net.dropout(emb))
+        if not self.has_ood:
+            return torch.softmax(logits, dim=1), logits
+        dist = ((emb - self.ood_mean) @ self.ood_whiten).pow(2).sum(1).sqrt()
+        return torch.softmax(logits, dim=1), logits, dist

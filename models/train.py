@@ -21,18 +21,23 @@ import random
 import shlex
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
 from models import CLASSES, POSITIVE_CLASS, TILE_PX
-from models.augment import augment_batch
+from models.augment import augment_batch, random_dihedral, scanner_shift
 from models.data import TileSet, channel_stats, iterate_batches, load_tiles, rows_from_folder
 from models.metrics import binary_metrics
+from models.mix import MixedSampler, sample_unlabelled
 from models.net import Preprocess, build_net, count_flops, count_params
+from models.scanned import GLAS_SPLIT, LabelRule, Region, glas_tiles, load_glas, load_unlabelled_regions
 from models.split import DEFAULT_FRACTIONS, DEFAULT_SEED, read_index, split_rows, split_summary
 
 
@@ -64,6 +69,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--epoch-tiles", type=int, default=0, help="train tiles drawn (without replacement) per epoch; 0: all"
     )
     p.add_argument("--time-limit-min", type=float, default=0.0, help="stop after the epoch that passes it")
+    p.add_argument(
+        "--glas",
+        type=Path,
+        default=None,
+        help="GlaS folder: also train on tiles cut from its scanned regions",
+    )
+    p.add_argument("--adenoma", choices=["negative", "exclude"], default="negative", help="GlaS adenomas")
+    p.add_argument("--lc-fraction", type=float, default=0.35, help="share of LC25000 tiles with --glas")
+    p.add_argument(
+        "--augment", choices=["basic", "scanner"], default="basic",
+        help="basic: flips, rotations, HED jitter; scanner: also resolution, blur, JPEG, colour",
+    )  # fmt: skip
+    p.add_argument("--ssl", choices=["none", "fixmatch"], default="none", help="semi-supervised loss")
+    p.add_argument("--ssl-weight", type=float, default=1.0, help="FixMatch unlabelled-loss weight")
+    p.add_argument("--ssl-threshold", type=float, default=0.95, help="FixMatch pseudo-label confidence")
+    p.add_argument("--ssl-batch", type=int, default=32, help="unlabelled tiles per step")
     return p.parse_args(argv)
 
 
@@ -94,20 +115,83 @@ def predict_logits(
     return torch.cat(out) if out else torch.empty(0, 2)
 
 
+@dataclass
+class ValSet:
+    """A validation set: tiles, 0/1 labels and a name for the logs."""
+
+    name: str
+    images: npt.NDArray[np.uint8]
+    tumour: npt.NDArray[np.int64]
+
+
 def evaluate_split(
-    net: nn.Module, pre: Preprocess, tiles: TileSet, loss_fn: nn.Module, device: torch.device
+    net: nn.Module, pre: Preprocess, tiles: ValSet | TileSet, device: torch.device
 ) -> dict[str, float]:
+    """``binary_metrics`` plus the unweighted cross-entropy ``loss`` of one validation set."""
     logits = predict_logits(net, pre, tiles.images, device)
-    target = torch.from_numpy(tiles.tumour)
     metrics = binary_metrics(tiles.tumour, torch.softmax(logits, 1)[:, 1].numpy())
-    metrics["loss"] = float(loss_fn(logits, target))
+    metrics["loss"] = float(nn.functional.cross_entropy(logits, torch.from_numpy(tiles.tumour)))
     return metrics
+
+
+class BatchSource:
+    """Labelled training batches: fixed tiles of an index, or a ``MixedSampler`` (LC25000 + GlaS)."""
+
+    def __init__(self, tiles: TileSet | None, sampler: MixedSampler | None, batch_size: int) -> None:
+        self.tiles, self.sampler, self.batch_size = tiles, sampler, batch_size
+
+    def __len__(self) -> int:
+        return len(self.tiles) if self.tiles is not None else 0
+
+    def batches(
+        self, n_tiles: int, rng: np.random.Generator
+    ) -> Iterator[tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]]:
+        if self.sampler is not None:
+            for _ in range(n_tiles // self.batch_size):
+                yield self.sampler.sample(self.batch_size, rng)
+            return
+        assert self.tiles is not None
+        order = rng.permutation(len(self.tiles))[:n_tiles]
+        for pos in iterate_batches(n_tiles, self.batch_size, drop_last=True):
+            idx = order[pos]
+            yield self.tiles.images[idx], self.tiles.tumour[idx]
+
+
+def augment(batch: npt.NDArray[np.uint8], rng: np.random.Generator, args: argparse.Namespace) -> np.ndarray:
+    if args.augment == "scanner":
+        return scanner_shift(batch, rng)
+    return augment_batch(batch, rng, sigma=args.hed_sigma, bias=args.hed_bias)
+
+
+def fixmatch_loss(
+    net: nn.Module,
+    pre: Preprocess,
+    unlabelled: npt.NDArray[np.uint8],
+    rng: np.random.Generator,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> tuple[torch.Tensor, float]:
+    """FixMatch (Sohn et al. 2020): pseudo-labels from a weak view where confident, learnt on a strong view.
+
+    Weak view: flips and rotations; strong view: the scanner-shift augmentation at twice the default
+    strength. Returns the masked cross-entropy and the fraction of tiles above ``--ssl-threshold``.
+    """
+    weak = random_dihedral(unlabelled, rng)
+    strong = scanner_shift(weak, rng, strength=2.0)
+    with torch.no_grad():
+        probs = torch.softmax(net(pre(torch.from_numpy(weak).to(device))), 1)
+    conf, pseudo = probs.max(1)
+    mask = (conf >= args.ssl_threshold).float()
+    logits = net(pre(torch.from_numpy(strong).to(device)))
+    loss = (nn.functional.cross_entropy(logits, pseudo, reduction="none") * mask).mean()
+    return loss, float(mask.mean())
 
 
 def train_one_epoch(
     net: nn.Module,
     pre: Preprocess,
-    tiles: TileSet,
+    source: BatchSource,
+    unlabelled: list[list[Region]],
     loss_fn: nn.Module,
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
@@ -115,32 +199,72 @@ def train_one_epoch(
     args: argparse.Namespace,
     device: torch.device,
     epoch: int,
+    n_tiles: int,
 ) -> float:
     net.train()
-    total, seen, t0 = 0.0, 0, time.perf_counter()
-    n_tiles = min(args.epoch_tiles or len(tiles), len(tiles))
+    total, seen, t0, kept = 0.0, 0, time.perf_counter(), 0.0
     n_batches = n_tiles // args.batch_size
-    order = rng.permutation(len(tiles))[:n_tiles]
-    for b, pos in enumerate(iterate_batches(n_tiles, args.batch_size, drop_last=True), start=1):
-        idx = order[pos]
-        batch = augment_batch(tiles.images[idx], rng, sigma=args.hed_sigma, bias=args.hed_bias)
-        x = pre(torch.from_numpy(batch).to(device))
-        y = torch.from_numpy(tiles.tumour[idx]).to(device)
+    for b, (images, labels) in enumerate(source.batches(n_tiles, rng), start=1):
+        x = pre(torch.from_numpy(augment(images, rng, args)).to(device))
+        y = torch.from_numpy(labels).to(device)
         loss = loss_fn(net(x), y)
+        if args.ssl == "fixmatch":
+            u_loss, frac = fixmatch_loss(
+                net, pre, sample_unlabelled(unlabelled, args.ssl_batch, rng), rng, args, device
+            )
+            loss = loss + args.ssl_weight * u_loss
+            kept += frac
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        total += loss.item() * len(idx)
-        seen += len(idx)
+        total += loss.item() * len(labels)
+        seen += len(labels)
         if b % 25 == 0 or b == n_batches:
             rate = seen / (time.perf_counter() - t0)
+            ssl = f" pseudo-labelled {kept / b:.2f}" if args.ssl != "none" else ""
             print(
                 f"  epoch {epoch} batch {b}/{n_batches} loss {total / seen:.4f} "
-                f"lr {sched.get_last_lr()[0]:.2e} {rate:.0f} tiles/s",
+                f"lr {sched.get_last_lr()[0]:.2e} {rate:.0f} tiles/s{ssl}",
                 flush=True,
             )
     return total / max(seen, 1)
+
+
+def build_recipe(
+    args: argparse.Namespace, train: TileSet, val: TileSet
+) -> tuple[BatchSource, list[ValSet], list[list[Region]], dict[str, Any]]:
+    """Training source, validation sets, unlabelled regions and a description for the checkpoint."""
+    val_sets = [ValSet("lc25000-val", val.images, val.tumour)] if len(val) else []
+    if args.glas is None:
+        if args.ssl != "none":
+            raise ValueError(
+                "--ssl needs --glas (its regions and the shared lung tiles are the unlabelled pool)"
+            )
+        return BatchSource(train, None, args.batch_size), val_sets, [], {"name": "index"}
+    rule = LabelRule(adenoma=args.adenoma)
+    glas_train = load_glas(args.glas, GLAS_SPLIT["train"])
+    glas_val = load_glas(args.glas, GLAS_SPLIT["val"])
+    sampler = MixedSampler(train.images, train.tumour, glas_train, rule, lc_fraction=args.lc_fraction)
+    v_images, v_labels, _, _ = glas_tiles(glas_val, rule)
+    val_sets.append(ValSet("glas-val", v_images, v_labels))
+    unlabelled: list[list[Region]] = []
+    if args.ssl != "none":
+        unlabelled = [glas_train, load_unlabelled_regions(args.glas.parent)]
+    recipe = {
+        "name": "lc25000+glas",
+        "glas": str(args.glas),
+        "glas_split_patients": {k: list(v) for k, v in GLAS_SPLIT.items()},
+        "label_rule": asdict(rule),
+        "lc_fraction": args.lc_fraction,
+        "sampler": sampler.counts(),
+        "glas_val_tiles": {"tiles": len(v_labels), "tumour": int(v_labels.sum())},
+        "unlabelled_regions": [len(p) for p in unlabelled],
+        "augment": args.augment,
+        "ssl": args.ssl,
+    }
+    print(f"recipe: {json.dumps(recipe)}", flush=True)
+    return BatchSource(None, sampler, args.batch_size), val_sets, unlabelled, recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,23 +293,30 @@ def main(argv: list[str] | None = None) -> int:
     t_load = time.perf_counter()
     train = load_tiles([rows[i] for i in train_idx], TILE_PX, threads=args.threads or os.cpu_count() or 1)
     val = load_tiles([rows[i] for i in split["val"]], TILE_PX, threads=args.threads or os.cpu_count() or 1)
+    source, val_sets, unlabelled, recipe = build_recipe(args, train, val)
     print(f"decoded {len(train)} train + {len(val)} val tiles in {time.perf_counter() - t_load:.1f} s")
 
-    mean, std = channel_stats(train.images)
-    counts = np.bincount(train.tumour, minlength=2)
-    if counts.min() == 0:
-        raise ValueError(f"training split has only one class (counts {counts.tolist()})")
-    class_weights = (counts.sum() / (2.0 * counts)).tolist()
-    print(f"mean {mean} std {std}; class counts {counts.tolist()} -> loss weights {class_weights}")
+    if source.sampler is not None:
+        mean, std = channel_stats(source.sampler.sample(512, np.random.default_rng(args.seed))[0])
+        class_weights = [1.0, 1.0]  # the sampler draws both classes equally often
+    else:
+        mean, std = channel_stats(train.images)
+        counts = np.bincount(train.tumour, minlength=2)
+        if counts.min() == 0:
+            raise ValueError(f"training split has only one class (counts {counts.tolist()})")
+        class_weights = (counts.sum() / (2.0 * counts)).tolist()
+    print(f"mean {mean} std {std}; loss weights {class_weights}")
 
     net = build_net(args.stem, args.stages).to(device)
     pre = Preprocess(mean, std).to(device)
     params, flops = count_params(net), count_flops(net, (1, 3, TILE_PX, TILE_PX))
     print(f"TileNet: {params} parameters, {flops['flops'] / 1e9:.3f} GFLOPs per tile", flush=True)
     loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(class_weights, dtype=torch.float32, device=device))
-    val_loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(class_weights, dtype=torch.float32))
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = min(args.epoch_tiles or len(train), len(train)) // args.batch_size
+    epoch_tiles = args.epoch_tiles or len(source) or 4000
+    if source.sampler is None:
+        epoch_tiles = min(epoch_tiles, len(source))
+    steps_per_epoch = epoch_tiles // args.batch_size
     total_steps = max(1, steps_per_epoch * args.epochs)
     warmup = min(100, total_steps // 10 + 1)
 
@@ -203,28 +334,28 @@ def main(argv: list[str] | None = None) -> int:
     t_train = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         t_epoch = time.perf_counter()
-        train_loss = train_one_epoch(net, pre, train, loss_fn, opt, sched, rng, args, device, epoch)
-        val_m = evaluate_split(net, pre, val, val_loss_fn, device)
-        record = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": val_m["loss"],
-            "val_accuracy": val_m["accuracy"],
-            "val_auc": val_m["auc"],
-            "val_f1": val_m["f1"],
-            "seconds": time.perf_counter() - t_epoch,
-        }
+        train_loss = train_one_epoch(
+            net, pre, source, unlabelled, loss_fn, opt, sched, rng, args, device, epoch, epoch_tiles
+        )
+        per_set = {v.name: evaluate_split(net, pre, v, device) for v in val_sets}
+        val_loss = float(np.mean([m["loss"] for m in per_set.values()]))
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
+        for name, m in per_set.items():
+            record.update(
+                {f"{name}_loss": m["loss"], f"{name}_auc": m["auc"], f"{name}_accuracy": m["accuracy"]}
+            )
+        record["seconds"] = time.perf_counter() - t_epoch
         history.append(record)
-        improved = best is None or val_m["loss"] < best["val_metrics"]["loss"] - 1e-4
+        improved = best is None or val_loss < best["val_loss"] - 1e-4
+        shown = " | ".join(f"{n} loss {m['loss']:.4f} auc {m['auc']:.4f}" for n, m in per_set.items())
         print(
-            f"epoch {epoch}: train loss {train_loss:.4f} | val loss {val_m['loss']:.4f} "
-            f"acc {val_m['accuracy']:.4f} auc {val_m['auc']:.4f} f1 {val_m['f1']:.4f} | "
+            f"epoch {epoch}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | {shown} | "
             f"{record['seconds']:.0f} s{' *best' if improved else ''}",
             flush=True,
         )
         if improved:
             bad_epochs = 0
-            best = {"epoch": epoch, "val_metrics": val_m}
+            best = {"epoch": epoch, "val_loss": val_loss, "val_metrics": per_set}
             checkpoint = {
                 "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                 "net_config": {"stem": list(args.stem), "stages": list(args.stages)},
@@ -244,12 +375,13 @@ def main(argv: list[str] | None = None) -> int:
                     "index_sha256": sha256_file(args.index) if args.index is not None else None,
                     "summary": summary,
                 },
+                "recipe": recipe,
                 "training": {
                     "command": command,
                     "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                     "class_weights": class_weights,
                     "best_epoch": epoch,
-                    "val_metrics": val_m,
+                    "val_metrics": per_set[val_sets[0].name] if len(per_set) == 1 else per_set,
                     "device": str(device),
                     "torch": torch.__version__,
                 },
@@ -265,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"time limit: {elapsed_min:.1f} min > {args.time_limit_min} min")
             break
     train_time_s = time.perf_counter() - t_train
-    assert best is not None  # at least one epoch ran
+    if best is None:
+        raise RuntimeError("no epoch ran")
     ckpt = torch.load(args.out / "best.pt", weights_only=False)
     ckpt["training"]["history"] = history
     ckpt["training"]["epochs_run"] = len(history)
@@ -274,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "history.json").write_text(
         json.dumps({"history": history, "best_epoch": best["epoch"], "train_time_s": train_time_s}, indent=2)
     )
-    print(f"best epoch {best['epoch']} (val loss {best['val_metrics']['loss']:.4f}); {train_time_s:.0f} s")
+    print(f"best epoch {best['epoch']} (val loss {best['val_loss']:.4f}); {train_time_s:.0f} s")
     print(f"wrote {args.out / 'best.pt'}")
     return 0
 

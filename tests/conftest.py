@@ -126,9 +126,19 @@ TEST_MODEL_RED_THRESHOLD = 210.0
 
 
 def write_test_model(
-    folder: Path, *, size_px: int = 224, mpp: float = 0.5, name: str = "colour-model"
+    folder: Path,
+    *,
+    size_px: int = 224,
+    mpp: float = 0.5,
+    name: str = "colour-model",
+    ood_d_ref: float | None = None,
+    threshold: float | None = None,
 ) -> Path:
-    """Write ``name.onnx`` + ``name.json`` (card) into ``folder``; returns the .onnx path."""
+    """Write ``name.onnx`` + ``name.json`` (card) into ``folder``; returns the .onnx path.
+
+    With ``ood_d_ref`` the model also has an ``ood_distance`` output (the tile's mean grey level,
+    0-255) and the card an ``ood`` section with that reference distance; ``threshold`` goes on the card.
+    """
     import json
 
     import onnx
@@ -147,6 +157,10 @@ def write_test_model(
         helper.make_node("Sub", ["onef", "p1"], ["q1"]),
         helper.make_node("Concat", ["q1", "p1"], ["probabilities"], axis=1),
     ]
+    outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2])]
+    if ood_d_ref is not None:
+        nodes.append(helper.make_node("ReduceMean", ["mean"], ["ood_distance"], axes=[1], keepdims=0))
+        outputs.append(helper.make_tensor_value_info("ood_distance", TensorProto.FLOAT, ["N"]))
     inits = [
         helper.make_tensor("zero", TensorProto.INT64, [], [0]),
         helper.make_tensor("thr", TensorProto.FLOAT, [], [TEST_MODEL_RED_THRESHOLD]),
@@ -158,7 +172,7 @@ def write_test_model(
         nodes,
         "colour",
         [helper.make_tensor_value_info("tiles", TensorProto.UINT8, ["N", size_px, size_px, 3])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2])],
+        outputs,
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -179,6 +193,10 @@ def write_test_model(
         "onnx_file": onnx_path.name,
         "sha256": file_sha256(onnx_path),
     }
+    if ood_d_ref is not None:
+        card["ood"] = {"output": "ood_distance", "d_ref": ood_d_ref}
+    if threshold is not None:
+        card["threshold"] = {"value": threshold}
     (folder / f"{name}.json").write_text(json.dumps(card))
     return onnx_path
 

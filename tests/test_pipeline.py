@@ -357,3 +357,56 @@ def test_bad_model_is_refused_before_any_slide_work(tumour_slide: Fixture, tmp_p
     with pytest.raises(ModelError, match="input shape"):
         run_slide(tumour_slide.path, tmp_path / "x.tif", model=onnx_path, options=RunOptions(tiles_out=store))
     assert not store.exists() and not Path(str(store) + ".partial").exists()
+
+
+# --------------------------------------------------------------------------- OOD score and card threshold
+
+
+@pytest.mark.parametrize(("d_ref", "warned"), [(255.0, False), (20.0, True)])
+def test_slide_ood_score_and_warning(
+    tumour_slide: Fixture, tmp_path: Path, d_ref: float, warned: bool
+) -> None:
+    """The model's per-tile ``ood_distance`` (here the tile's mean grey level, about 150-230 on the
+    synthetic H&E slide) becomes a column of the tile table and a slide score = median / d_ref; a score
+    above 1 warns in the manifest and on the command line."""
+    model = write_test_model(tmp_path / "m", ood_d_ref=d_ref)
+    m = run_slide(tumour_slide.path, tmp_path / "o.tif", model=model, options=OPTS)
+    ood = m["label"]["ood"]
+    rows = _tiles(output_paths(tmp_path / "o.tif")["tiles_csv"])
+    d = np.array([float(r["ood_distance"]) for r in rows])
+    assert ood["score"] == pytest.approx(np.median(d) / d_ref, abs=1e-3)
+    assert (ood["warning"] is not None) is warned
+    assert (ood["score"] > 1) is warned
+    res = CliRunner().invoke(
+        main, [str(tumour_slide.path), "--out", str(tmp_path / "c.tif"), "--model", str(model), "-q"]
+    )
+    assert res.exit_code == 0, res.output
+    assert ("WARNING slide looks unlike the model's training data" in res.output) is warned
+    assert "OOD score" in res.output
+
+
+def test_model_without_ood_output_has_no_score(scored: dict) -> None:
+    assert scored["manifest"]["label"]["ood"] is None
+
+
+def test_card_threshold_is_the_default_tile_threshold(tumour_slide: Fixture, tmp_path: Path) -> None:
+    """With no --tile-threshold the card's threshold decides; an explicit one overrides it."""
+    strict = write_test_model(tmp_path / "m", threshold=0.999999)
+    m = run_slide(tumour_slide.path, tmp_path / "s.tif", model=strict, options=OPTS)
+    assert m["params"]["label"]["tile_threshold"] == 0.999999
+    assert m["label"]["evidence"]["tumour_tiles"] == 0
+    from wsi_pipeline.aggregate import LabelRule
+
+    opts = RunOptions(chunk_tiles=32, workers=2, label=LabelRule(tile_threshold=0.5))
+    m2 = run_slide(tumour_slide.path, tmp_path / "e.tif", model=strict, options=opts)
+    assert m2["label"]["evidence"]["tumour_tiles"] > 10
+
+
+def test_card_naming_a_missing_ood_output_is_refused(tmp_path: Path) -> None:
+    model = write_test_model(tmp_path / "m")
+    card_path = model.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card["ood"] = {"output": "ood_distance", "d_ref": 3.0}
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="ood_distance"):
+        create_session(resolve_model(model), "cpu")

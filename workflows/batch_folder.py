@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-tissue", type=float, default=0.25)
     p.add_argument("--normalize", choices=["none", "macenko"], default="none")
     p.add_argument("--label-rule", choices=["area", "topk"], default="area")
-    p.add_argument("--tile-threshold", type=float, default=0.5)
+    p.add_argument("--tile-threshold", type=float, default=None, help="default: the model card's threshold")
     p.add_argument("--min-area", type=float, default=0.1, help="mm^2 of positive tissue (area rule)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--overwrite", action="store_true", help="recompute slides that are already finished")

@@ -5,7 +5,7 @@ Pure functions over numpy arrays. Areas in mm^2, coordinates in level-0 pixels.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -21,14 +21,30 @@ class LabelRule:
     """
 
     rule: str = "area"
-    tile_threshold: float = 0.5
+    tile_threshold: float | None = None  # None: the model card's threshold (``with_threshold``)
     min_area_mm2: float = 0.1
     top_k: int = 5
-    topk_threshold: float = 0.5
+    topk_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.rule not in ("area", "topk"):
             raise ValueError(f"label rule must be 'area' or 'topk', not {self.rule!r}")
+
+    def with_threshold(self, threshold: float) -> LabelRule:
+        """This rule with unset thresholds taken from ``threshold`` (the model card's)."""
+        return replace(
+            self,
+            tile_threshold=threshold if self.tile_threshold is None else self.tile_threshold,
+            topk_threshold=threshold if self.topk_threshold is None else self.topk_threshold,
+        )
+
+    @property
+    def tile_p(self) -> float:
+        return 0.5 if self.tile_threshold is None else self.tile_threshold
+
+    @property
+    def topk_p(self) -> float:
+        return 0.5 if self.topk_threshold is None else self.topk_threshold
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,12 +75,12 @@ def slide_label(
 ) -> dict[str, Any]:
     """The slide's label and the evidence behind it (JSON-ready)."""
     p = np.asarray(probs_pos, np.float64)
-    positive = p >= rule.tile_threshold
+    positive = p >= rule.tile_p
     area = float((tissue_fraction[positive] * cell_area_mm2).sum()) if len(p) else 0.0
     order = np.argsort(-p, kind="stable")
     k = min(rule.top_k, len(p))
     topk_mean = float(p[order[:k]].mean()) if k else 0.0
-    is_pos = area >= rule.min_area_mm2 if rule.rule == "area" else topk_mean >= rule.topk_threshold
+    is_pos = area >= rule.min_area_mm2 if rule.rule == "area" else topk_mean >= rule.topk_p
     top = [
         {
             "rank": i + 1,
@@ -87,6 +103,32 @@ def slide_label(
             "topk_mean_p": round(topk_mean, 4),
             "top_tiles": top,
         },
+    }
+
+
+def ood_summary(distances: np.ndarray | None, d_ref: float, warn_above: float = 1.0) -> dict[str, Any] | None:
+    """Slide out-of-distribution score: median tile distance / ``d_ref`` (see ``models/ood.py``).
+
+    ``d_ref`` is the 99th percentile of held-out in-distribution tile distances, so a score above
+    ``warn_above`` (1) means the slide's typical tile is farther from the training data than 99 % of
+    in-distribution tiles: the model does not know this kind of tissue, stain or scanner.
+    """
+    if distances is None or not d_ref > 0:
+        return None
+    d = np.asarray(distances, np.float64)
+    score = float(np.median(d) / d_ref) if d.size else float("nan")
+    warn = bool(d.size) and score > warn_above
+    return {
+        "score": round(score, 3),
+        "warn_above": warn_above,
+        "tiles_beyond_ref": round(float((d > d_ref).mean()), 4) if d.size else 0.0,
+        "d_ref": d_ref,
+        "warning": (
+            f"slide looks unlike the model's training data (OOD score {score:.2f} > {warn_above:g}): "
+            "a 'no tumour' call here is not a negative result; review by eye"
+        )
+        if warn
+        else None,
     }
 
 

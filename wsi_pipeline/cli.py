@@ -413,9 +413,8 @@ def _batch_summary(res: Any, summary: Path) -> int:
 @click.option(
     "--tile-threshold",
     type=float,
-    default=0.5,
-    show_default=True,
-    help="Tile probability counted as positive.",
+    default=None,
+    help="Tile probability counted as positive (default: the threshold on the model card).",
 )
 @click.option(
     "--min-area",
@@ -487,6 +486,11 @@ def _client(address: str | None) -> Any:
         raise WsiError(f"cannot reach the Dask scheduler at {address} ({exc}); check --scheduler") from exc
 
 
+def _ood_text(m: dict[str, Any]) -> str:
+    ood = m["label"].get("ood")
+    return f", OOD score {ood['score']}" if ood else ""
+
+
 def _run_one(
     slide: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, bars: _Bars
 ) -> Any:
@@ -505,9 +509,13 @@ def _run_one(
         return m
     bars.echo(
         f"{slide.name}: {m['label']['label'].upper()} ({pos} area {ev[f'{pos}_area_mm2']} mm^2, max p "
-        f"{ev['max_p']}), {m['n_tiles']} tiles in {m['seconds']:.1f} s, {m['tiles_per_s']:,.1f} tiles/s on "
+        f"{ev['max_p']}{_ood_text(m)}), {m['n_tiles']} tiles in {m['seconds']:.1f} s, "
+        f"{m['tiles_per_s']:,.1f} tiles/s on "
         f"{m['provider']} -> {', '.join(Path(v).name for v in m['outputs'].values())}"
     )
+    ood = m["label"].get("ood")
+    if ood and ood.get("warning"):
+        bars.echo(f"{slide.name}: WARNING {ood['warning']}")
     return m
 
 
@@ -525,8 +533,10 @@ def _run_folder(
                 item.slide, out / f"{item.slide.stem}.heatmap.tif", o, model, client, overwrite, bars
             )
             ev = m["label"]["evidence"]
+            ood = m["label"].get("ood") or {}
             return {"status": "skipped (done)" if m.get("skipped") else "ok", "label": m["label"]["label"],
-                    "n_tiles": m["n_tiles"], "max_p": ev["max_p"], "seconds": m["seconds"]}  # fmt: skip
+                    "n_tiles": m["n_tiles"], "max_p": ev["max_p"], "ood_score": ood.get("score"),
+                    "ood_warning": bool(ood.get("warning")), "seconds": m["seconds"]}  # fmt: skip
 
         res = run_batch(items, one, out=out, summary_name="summary", stop_on_error=not skip,
                         **_batch_callbacks(bars))  # fmt: skip

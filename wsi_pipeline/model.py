@@ -51,6 +51,9 @@ class ModelCard:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     sha256: str = ""
+    ood_output: str = ""  # per-tile out-of-distribution distance output ("" when the model has none)
+    ood_d_ref: float = 0.0  # reference distance: slide OOD score = median tile distance / ood_d_ref
+    threshold: float = 0.5  # P(positive) threshold chosen on validation data
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -95,6 +98,9 @@ def load_card(path: str | os.PathLike[str]) -> ModelCard:
             mean=tuple(float(v) for v in pre.get("mean", ())),
             std=tuple(float(v) for v in pre.get("std", ())),
             sha256=str(raw.get("sha256", "")),
+            ood_output=str((raw.get("ood") or {}).get("output", "")),
+            ood_d_ref=float((raw.get("ood") or {}).get("d_ref", 0.0)),
+            threshold=float((raw.get("threshold") or {}).get("value", 0.5)),
             raw=raw,
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -105,6 +111,10 @@ def load_card(path: str | os.PathLike[str]) -> ModelCard:
         raise _bad(p, f"implausible input size {card.input_size_px} px or mpp {card.mpp}")
     if card.input_dtype not in ("uint8", "float32") or card.input_layout not in ("NHWC", "NCHW"):
         raise _bad(p, f"unsupported input dtype/layout {card.input_dtype}/{card.input_layout}")
+    if card.ood_output and not card.ood_d_ref > 0:
+        raise _bad(p, f"ood.d_ref must be > 0 when ood.output is given, got {card.ood_d_ref}")
+    if not 0.0 < card.threshold < 1.0:
+        raise _bad(p, f"threshold.value must be in (0, 1), got {card.threshold}")
     if not card.in_graph and (len(card.mean) != 3 or len(card.std) != 3):
         raise _bad(p, "preprocessing is not in the graph, so the card needs 3 mean and 3 std values")
     return card
@@ -224,6 +234,8 @@ def check_io(session: Any, card: ModelCard) -> None:
         raise ModelError(f"{where}: input type {inp.type}, the card says {card.input_dtype}")
     if card.output_name not in outputs:
         raise ModelError(f"{where}: has no output {card.output_name!r} (has {list(outputs)})")
+    if card.ood_output and card.ood_output not in outputs:
+        raise ModelError(f"{where}: has no output {card.ood_output!r} named by the card's ood section")
     last = outputs[card.output_name].shape[-1]
     if isinstance(last, int) and last != len(card.classes):
         raise ModelError(f"{where}: {last} outputs but the card lists {len(card.classes)} classes")
@@ -242,13 +254,25 @@ def prepare_batch(tiles: np.ndarray, card: ModelCard) -> np.ndarray:
 
 def predict(session: Any, card: ModelCard, tiles: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
     """Class probabilities (N, n_classes) float32 for uint8 (N, H, W, 3) tiles, in batches."""
+    return predict_with_ood(session, card, tiles, batch_size=batch_size)[0]
+
+
+def predict_with_ood(
+    session: Any, card: ModelCard, tiles: np.ndarray, *, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities (N, n_classes) and, when the card names one, the per-tile OOD distance (N,)."""
     if tiles.shape[1:] != (card.input_size_px, card.input_size_px, 3):
         raise ModelError(
             f"{card.onnx_path}: tiles of shape {tiles.shape[1:]} given, the model takes "
             f"{card.input_size_px} px RGB tiles; tile at the model's size"
         )
     out = np.empty((len(tiles), len(card.classes)), np.float32)
+    ood = np.empty(len(tiles), np.float32) if card.ood_output else None
+    names = [card.output_name] + ([card.ood_output] if card.ood_output else [])
     for i in range(0, len(tiles), batch_size):
         x = prepare_batch(tiles[i : i + batch_size], card)
-        out[i : i + len(x)] = session.run([card.output_name], {card.input_name: x})[0]
-    return out
+        res = session.run(names, {card.input_name: x})
+        out[i : i + len(x)] = res[0]
+        if ood is not None:
+            ood[i : i + len(x)] = np.asarray(res[1], np.float32).reshape(-1)
+    return out, ood

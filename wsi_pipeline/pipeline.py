@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .aggregate import LabelRule, heatmap_grid, slide_label, tile_area_mm2, tumour_regions
+from .aggregate import LabelRule, heatmap_grid, ood_summary, slide_label, tile_area_mm2, tumour_regions
 from .errors import ModelError
 from .model import ModelCard, resolve_model
 from .outputs import (
@@ -111,7 +111,7 @@ def run_slide(
     opts = options or RunOptions()
     card = resolve_model(model)
     tile_opts = check_model_fits(card, opts.tile)
-    opts = replace(opts, tile=tile_opts)
+    opts = replace(opts, tile=tile_opts, label=opts.label.with_threshold(card.threshold))
     slide_p, paths = Path(slide), output_paths(Path(heatmap))
     from_store = slide_p.is_dir() and slide_p.suffix == ".zarr"
     fingerprint = (
@@ -225,6 +225,7 @@ def _write_outputs(
         p_pos, coords, fractions, cell_area_mm2=tile_area_mm2(cell, mpp0), rule=opts.label,
         positive_name=card.positive_class,
     )  # fmt: skip
+    label["ood"] = ood_summary(result.ood, card.ood_d_ref)
     boxes = grid.boxes_l0(colrow)
     write_heatmap_tiff(
         paths["heatmap"], canvas, cell_l0_px=cell, mpp_l0=mpp0,
@@ -232,10 +233,10 @@ def _write_outputs(
                      "colours": "0 dark blue -> 1 red; white = not scored", "model_sha256": card.sha256},
     )  # fmt: skip
     write_overlay_png(paths["overlay"], thumb, canvas, thumb_downsample=thumb_ds, cell_l0_px=cell)
-    regions = tumour_regions(boxes, p_pos >= opts.label.tile_threshold)
+    regions = tumour_regions(boxes, p_pos >= opts.label.tile_p)
     write_json(
         paths["geojson"],
-        geojson_features(boxes, result.probs, card.classes, pos, tile_threshold=opts.label.tile_threshold,
+        geojson_features(boxes, result.probs, card.classes, pos, tile_threshold=opts.label.tile_p,
                          regions=regions),
     )  # fmt: skip
     columns: dict[str, np.ndarray] = {
@@ -246,6 +247,8 @@ def _write_outputs(
     }  # fmt: skip
     for i, c in enumerate(card.classes):
         columns[f"p_{c}"] = result.probs[:, i]
+    if result.ood is not None:
+        columns["ood_distance"] = result.ood
     write_tiles_csv(paths["tiles_csv"], columns)
     seconds = time.perf_counter() - t0
     n = len(p_pos)

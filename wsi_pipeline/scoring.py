@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .grid import TileGrid
-from .model import ModelCard, create_session, load_card, predict
+from .model import ModelCard, create_session, load_card, predict_with_ood
 from .slide import SlideReader, open_slide
 from .tiler import iter_tiles, stain_transform
 
@@ -84,8 +84,11 @@ def _reader(path: str, backend: str) -> SlideReader:
     return cache[key]
 
 
-def score_chunk(task: ChunkTask) -> tuple[np.ndarray, str, float, float]:
-    """Run one task: returns (probabilities (n, classes) float32, provider, read s, infer s)."""
+ChunkResult = tuple[np.ndarray, str, float, float, "np.ndarray | None"]
+
+
+def score_chunk(task: ChunkTask) -> ChunkResult:
+    """Run one task: (probabilities (n, classes) float32, provider, read s, infer s, OOD distances (n,))."""
     session, provider, card = cached_session(task.card_path, task.onnx_path, task.device, task.threads)
     t0 = time.perf_counter()
     if task.from_store:
@@ -104,8 +107,8 @@ def score_chunk(task: ChunkTask) -> tuple[np.ndarray, str, float, float]:
             else np.zeros((0, task.grid.tile_px, task.grid.tile_px, 3), np.uint8)
         )
     t1 = time.perf_counter()
-    probs = predict(session, card, tiles, batch_size=task.batch_size)
-    return probs, provider, t1 - t0, time.perf_counter() - t1
+    probs, ood = predict_with_ood(session, card, tiles, batch_size=task.batch_size)
+    return probs, provider, t1 - t0, time.perf_counter() - t1, ood
 
 
 def _reference(stain: dict[str, Any]) -> Any:
@@ -125,6 +128,7 @@ class ScoreResult:
     infer_seconds: float  # summed over tasks
     n_tasks: int
     scheduler: str
+    ood: np.ndarray | None = None  # (N,) per-tile OOD distance, when the model has that output
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -179,7 +183,7 @@ def run_tasks(
     """
     total = sum(len(t.colrow) for t in tasks)
     t0 = time.perf_counter()
-    results: list[tuple[np.ndarray, str, float, float] | None] = [None] * len(tasks)
+    results: list[ChunkResult | None] = [None] * len(tasks)
     done = 0
     if progress:
         progress(0, total)
@@ -205,7 +209,7 @@ def run_tasks(
 
         class _Progress(Callback):
             def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-                if isinstance(result, tuple) and len(result) == 4 and progress:
+                if isinstance(result, tuple) and len(result) == 5 and progress:
                     with lock:
                         counts[0] += len(result[0])
                         progress(counts[0], total)
@@ -218,7 +222,10 @@ def run_tasks(
     parts = [r for r in results if r is not None]
     probs = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, n_classes), np.float32)
     providers = sorted({p[1] for p in parts})
+    has_ood = bool(parts) and all(p[4] is not None for p in parts)
+    ood = np.concatenate([np.asarray(p[4]) for p in parts]) if has_ood else None
     return ScoreResult(
+        ood=ood,
         probs=probs,
         provider=",".join(providers) if providers else "none",
         seconds=time.perf_counter() - t0,

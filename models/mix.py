@@ -1,0 +1,140 @@
+"""Training batches that mix LC25000 tiles with tiles cut on the fly from scanned GlaS regions.
+
+Torch-free. Every tile is drawn afresh: a source (LC25000 with probability ``lc_fraction``, else
+GlaS), a class (50/50), then a tile of that class. GlaS tiles are windows of a region at a jittered
+scale (``scale_jitter``: the tile's content at 0.5 x logU(0.8, 1.25) um/px) and position, labelled by
+``crop_label`` on the window actually cut; LC25000 tiles get a random zoom-in (their
+scale is unknown, about 0.4-0.6 um/px): of up to 1.3x. Augmentation happens afterwards (``models.augment``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from models import TILE_PX
+from models.scanned import LabelRule, Region, crop_label
+
+
+@dataclass(frozen=True)
+class Candidate:
+    region: int
+    x0: float
+    y0: float
+
+
+def _candidates(regions: Sequence[Region], rule: LabelRule) -> dict[int, list[Candidate]]:
+    """Grid windows (stride a quarter tile) of every region, by label; unusable windows dropped."""
+    out: dict[int, list[Candidate]] = {0: [], 1: []}
+    for i, reg in enumerate(regions):
+        side = reg.window_px()
+        for x0, y0 in reg.grid(side, side / 4):
+            lab = crop_label(reg.label, reg.mask_fraction(x0, y0, side), rule)
+            if lab is not None:
+                out[lab].append(Candidate(i, x0, y0))
+    return out
+
+
+class MixedSampler:
+    """Draws labelled uint8 tiles ``(N, 224, 224, 3)`` from LC25000 tiles and GlaS regions."""
+
+    def __init__(
+        self,
+        lc_images: npt.NDArray[np.uint8],
+        lc_labels: npt.NDArray[np.int64],
+        regions: Sequence[Region],
+        rule: LabelRule,
+        lc_fraction: float = 0.35,
+        scale_jitter: tuple[float, float] = (0.8, 1.25),
+        stroma_fraction: float = 0.25,
+    ) -> None:
+        self.lc_images, self.lc_labels = lc_images, lc_labels
+        self.lc_by_label = {k: np.flatnonzero(lc_labels == k) for k in (0, 1)}
+        self.regions = list(regions)
+        self.rule = rule
+        self.lc_fraction = lc_fraction if len(lc_images) else 0.0
+        self.scale_jitter = scale_jitter
+        cands = _candidates(self.regions, rule)
+        malignant = {i for i, r in enumerate(self.regions) if r.label.startswith("malignant")}
+        self.pos = cands[1]
+        self.neg_stroma = [c for c in cands[0] if c.region in malignant]
+        self.neg_benign = [c for c in cands[0] if c.region not in malignant]
+        self.stroma_fraction = stroma_fraction if self.neg_stroma else 0.0
+        if self.regions and (not self.pos or not self.neg_benign):
+            raise ValueError(
+                f"GlaS regions give {len(self.pos)} tumour and {len(self.neg_benign)} benign windows"
+            )
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "lc25000_tiles": len(self.lc_images),
+            "glas_regions": len(self.regions),
+            "glas_tumour_windows": len(self.pos),
+            "glas_stroma_windows": len(self.neg_stroma),
+            "glas_benign_windows": len(self.neg_benign),
+        }
+
+    def _lc(self, label: int, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
+        tile = self.lc_images[rng.choice(self.lc_by_label[label])]
+        zoom = rng.uniform(1.0, 1.3)
+        side = TILE_PX / zoom
+        x0, y0 = rng.uniform(0, TILE_PX - side, 2)
+        box = (float(x0), float(y0), float(x0 + side), float(y0 + side))
+        return np.asarray(
+            Image.fromarray(tile).resize((TILE_PX, TILE_PX), Image.Resampling.BILINEAR, box=box)
+        )
+
+    def _glas(self, label: int, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
+        if label == 1:
+            pool = self.pos
+        else:
+            pool = self.neg_stroma if rng.random() < self.stroma_fraction else self.neg_benign
+        for _ in range(8):
+            c = pool[int(rng.integers(len(pool)))]
+            reg = self.regions[c.region]
+            nominal = reg.window_px()
+            side = nominal * float(np.exp(rng.uniform(*np.log(self.scale_jitter))))
+            h, w = reg.image.shape[:2]
+            x0 = float(
+                np.clip(c.x0 + (nominal - side) / 2 + rng.uniform(-0.125, 0.125) * nominal, 0, w - side)
+            )
+            y0 = float(
+                np.clip(c.y0 + (nominal - side) / 2 + rng.uniform(-0.125, 0.125) * nominal, 0, h - side)
+            )
+            if crop_label(reg.label, reg.mask_fraction(x0, y0, side), self.rule) == label:
+                return reg.crop(x0, y0, side)
+        return reg.crop(c.x0, c.y0, nominal)  # the grid window itself has this label
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+        """``n`` tiles and their labels (0/1)."""
+        labels = rng.integers(0, 2, n).astype(np.int64)
+        tiles = np.empty((n, TILE_PX, TILE_PX, 3), dtype=np.uint8)
+        for i, lab in enumerate(labels):
+            use_lc = not self.regions or rng.random() < self.lc_fraction
+            tiles[i] = self._lc(int(lab), rng) if use_lc else self._glas(int(lab), rng)
+        return tiles, labels
+
+
+def sample_unlabelled(
+    pools: Sequence[Sequence[Region]],
+    n: int,
+    rng: np.random.Generator,
+    scale_jitter: tuple[float, float] = (0.8, 1.25),
+) -> npt.NDArray[np.uint8]:
+    """``n`` random windows (any content) at 0.5 um/px as 224 px tiles: each from a pool drawn
+    uniformly, then a region with probability proportional to its area."""
+    pools = [p for p in pools if p]
+    out = np.empty((n, TILE_PX, TILE_PX, 3), dtype=np.uint8)
+    for i in range(n):
+        regions = pools[int(rng.integers(len(pools)))]
+        sizes = np.array([r.image.shape[0] * r.image.shape[1] for r in regions], dtype=np.float64)
+        reg = regions[int(rng.choice(len(regions), p=sizes / sizes.sum()))]
+        h, w = reg.image.shape[:2]
+        side = min(reg.window_px() * float(np.exp(rng.uniform(*np.log(scale_jitter)))), h, w)
+        x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
+        out[i] = reg.crop(float(x0), float(y0), side)
+    return out

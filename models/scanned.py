@@ -1,0 +1,241 @@
+"""Training and evaluation tiles from scanned tissue: GlaS regions, Kather and NCT tiles, unlabelled lung.
+
+Torch-free (numpy + Pillow), so evaluation and tests can use it without the ``train`` extra.
+
+GlaS regions (colon, cropped from Zeiss MIRAX whole-slide scans at 0.62005 um/px, binary gland masks)
+are cut into 224 px tiles at the model's 0.5 um/px by resampling a window of ``224 * 0.5 / 0.62005``
+source pixels. A tile is labelled by what it holds (``crop_label``):
+
+- malignant region, gland fraction >= ``tumour_min_gland`` (0.20): **tumour** (tumour glands);
+- malignant region, gland fraction <= ``stroma_max_gland`` (0.05): **non-tumour** (tumour-associated
+  stroma, inflammation, lumen and background: a heatmap must not mark the stroma between tumour
+  glands);
+- malignant region, in between: **not used** (a tile that holds a little tumour is neither label);
+- healthy region: **non-tumour** (normal crypts, lamina propria, muscle), whatever the gland fraction;
+- adenomatous region (benign dysplastic adenoma): **non-tumour** or **not used**, by ``adenoma``.
+
+Patients are split by hand, recorded in ``GLAS_SPLIT``: healthy tissue comes from only five patients
+(9: 16 regions, 10: 19, 13: 3, 15: 3, 3: 1), so a hashed split could leave a split without normal
+crypts. Test holds patient 10 (the other large healthy block); training holds three healthy patients
+(3, 9, 13): a first split with patient 9 alone as the training source of normal crypts learnt that
+patient's look, not normal crypts (validation AUC 0.55-0.68 on the other healthy patients); test was
+not looked at. Every split holds healthy, adenomatous and malignant regions; no patient is in two.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from models import TILE_PX
+
+TARGET_MPP = 0.5
+GLAS_MPP = 0.62005
+GLAS_SPLIT: dict[str, tuple[int, ...]] = {
+    "train": (1, 2, 3, 5, 7, 8, 9, 13),
+    "val": (11, 12, 14, 15),
+    "test": (4, 6, 10, 16),
+}
+"""GlaS patient ids per split (train 97 regions, val 21, test 47)."""
+
+
+def shared_tiles_dir() -> Path:
+    """``<repo>/../shared/data/tiles`` (the shared data next to the checkout)."""
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "tiles"
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """How a GlaS crop is labelled from its region's grade and its gland fraction (0..1)."""
+
+    tumour_min_gland: float = 0.20
+    stroma_max_gland: float = 0.05
+    adenoma: str = "negative"  # "negative" or "exclude"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.stroma_max_gland < self.tumour_min_gland <= 1:
+            raise ValueError(f"need 0 <= stroma_max_gland < tumour_min_gland <= 1, got {self}")
+        if self.adenoma not in ("negative", "exclude"):
+            raise ValueError(f"adenoma must be 'negative' or 'exclude', got {self.adenoma!r}")
+
+
+def crop_label(grade: str, gland_fraction: float, rule: LabelRule) -> int | None:
+    """1 (tumour), 0 (non-tumour) or None (not used) for a crop of a region of GlaS ``grade``.
+
+    ``grade`` is the index label, e.g. ``malignant/moderately differentiated``, ``benign/healthy``,
+    ``benign/adenomatous``.
+    """
+    if grade.startswith("malignant"):
+        if gland_fraction >= rule.tumour_min_gland:
+            return 1
+        if gland_fraction <= rule.stroma_max_gland:
+            return 0
+        return None
+    if grade.endswith("adenomatous"):
+        return 0 if rule.adenoma == "negative" else None
+    return 0
+
+
+@dataclass
+class Region:
+    """One image region at ``mpp`` um/px with an optional binary mask (True = gland)."""
+
+    name: str
+    image: npt.NDArray[np.uint8]  # (H, W, 3)
+    mpp: float
+    label: str
+    group: str
+    mask: npt.NDArray[np.bool_] | None = None
+    _pil: Image.Image | None = field(default=None, repr=False)
+    _integral: npt.NDArray[np.int64] | None = field(default=None, repr=False)
+
+    @property
+    def pil(self) -> Image.Image:
+        if self._pil is None:
+            self._pil = Image.fromarray(self.image)
+        return self._pil
+
+    def window_px(self, target_mpp: float = TARGET_MPP, tile_px: int = TILE_PX) -> float:
+        """Side (source pixels) of the window that becomes one ``tile_px`` tile at ``target_mpp``."""
+        return tile_px * target_mpp / self.mpp
+
+    def mask_fraction(self, x0: float, y0: float, side: float) -> float:
+        """Fraction of mask pixels in the square window (source pixels; 0 without a mask)."""
+        if self.mask is None:
+            return 0.0
+        if self._integral is None:
+            ii = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), dtype=np.int64)
+            ii[1:, 1:] = self.mask.cumsum(0).cumsum(1)
+            self._integral = ii
+        h, w = self.mask.shape
+        a, b = int(np.clip(round(x0), 0, w)), int(np.clip(round(x0 + side), 0, w))
+        c, d = int(np.clip(round(y0), 0, h)), int(np.clip(round(y0 + side), 0, h))
+        area = (b - a) * (d - c)
+        if area <= 0:
+            return 0.0
+        ii = self._integral
+        return float(ii[d, b] - ii[c, b] - ii[d, a] + ii[c, a]) / area
+
+    def crop(self, x0: float, y0: float, side: float, tile_px: int = TILE_PX) -> npt.NDArray[np.uint8]:
+        """The square window (source pixels, may be fractional) resampled to ``tile_px`` (bilinear)."""
+        box = (x0, y0, x0 + side, y0 + side)
+        return np.asarray(self.pil.resize((tile_px, tile_px), Image.Resampling.BILINEAR, box=box))
+
+    def grid(self, side: float, stride: float) -> list[tuple[float, float]]:
+        """Window origins (source pixels) of a regular grid that stays inside the region."""
+        h, w = self.image.shape[:2]
+        xs = np.arange(0.0, w - side + 1e-6, stride)
+        ys = np.arange(0.0, h - side + 1e-6, stride)
+        return [(float(x), float(y)) for y in ys for x in xs]
+
+
+def _read_rgb(path: Path) -> npt.NDArray[np.uint8]:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def glas_patient(group: str) -> int:
+    """Patient id from a GlaS ``group`` (``glas_patient_4`` -> 4)."""
+    return int(group.rsplit("_", 1)[1])
+
+
+def load_glas(root: Path | None = None, patients: Sequence[int] | None = None) -> list[Region]:
+    """GlaS regions (with gland masks) of the given patients (all when None), in index order."""
+    root = root or shared_tiles_dir() / "glas-colon"
+    with (root / "index.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    masks = {r["label"].split(":")[-1]: root / r["path"] for r in rows if r["label"].startswith("MASK:")}
+    keep = None if patients is None else set(patients)
+    out = []
+    for r in rows:
+        if r["label"].startswith("MASK:") or (keep is not None and glas_patient(r["group"]) not in keep):
+            continue
+        name = Path(r["path"]).stem
+        with Image.open(masks[name]) as im:
+            mask = np.asarray(im.convert("L")) > 127
+        out.append(Region(name, _read_rgb(root / r["path"]), float(r["mpp"]), r["label"], r["group"], mask))
+    return out
+
+
+def glas_tiles(
+    regions: Sequence[Region], rule: LabelRule, stride_tiles: float = 0.5
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64], list[str], list[str]]:
+    """Deterministic evaluation tiles: a grid (stride ``stride_tiles`` x window) over every region.
+
+    Returns tiles ``(N, 224, 224, 3)``, labels (crops that ``crop_label`` leaves unused are left out),
+    the region label and the patient group of each tile.
+    """
+    tiles, labels, grades, groups = [], [], [], []
+    for reg in regions:
+        side = reg.window_px()
+        for x0, y0 in reg.grid(side, side * stride_tiles):
+            lab = crop_label(reg.label, reg.mask_fraction(x0, y0, side), rule)
+            if lab is None:
+                continue
+            tiles.append(reg.crop(x0, y0, side))
+            labels.append(lab)
+            grades.append(reg.label)
+            groups.append(reg.group)
+    images = np.stack(tiles) if tiles else np.zeros((0, TILE_PX, TILE_PX, 3), np.uint8)
+    return images, np.asarray(labels, dtype=np.int64), grades, groups
+
+
+def pad_reflect(tile: npt.NDArray[np.uint8], tile_px: int = TILE_PX) -> npt.NDArray[np.uint8]:
+    """Mirror-pad (or centre-crop) a tile to ``tile_px`` square without changing its scale."""
+    h, w = tile.shape[:2]
+    if h > tile_px:
+        tile = tile[(h - tile_px) // 2 : (h - tile_px) // 2 + tile_px]
+    if w > tile_px:
+        tile = tile[:, (w - tile_px) // 2 : (w - tile_px) // 2 + tile_px]
+    h, w = tile.shape[:2]
+    ph, pw = tile_px - h, tile_px - w
+    return np.pad(tile, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="symmetric")
+
+
+def load_labelled_tiles(
+    folder: Path, target_mpp: float = TARGET_MPP
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64], list[str], list[str]]:
+    """Kather-style tile sets (``index.csv`` with ``mpp``): rescaled to ``target_mpp``, mirror-padded.
+
+    Returns tiles ``(N, 224, 224, 3)``, tumour labels, class labels and groups.
+    """
+    with (folder / "index.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    tiles, labels, classes, groups = [], [], [], []
+    for r in rows:
+        img = _read_rgb(folder / r["path"])
+        scale = float(r["mpp"]) / target_mpp
+        if abs(scale - 1.0) > 0.02:
+            size = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
+            img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR))
+        tiles.append(pad_reflect(img))
+        labels.append(int(r["tumour"]))
+        classes.append(r["label"])
+        groups.append(r["group"])
+    return np.stack(tiles), np.asarray(labels, dtype=np.int64), classes, groups
+
+
+def load_unlabelled_regions(tiles_dir: Path | None = None, target_mpp: float = TARGET_MPP) -> list[Region]:
+    """Unlabelled scanned lung regions (MoNuSAC, MoNuSeg) large enough for one tile at ``target_mpp``."""
+    tiles_dir = tiles_dir or shared_tiles_dir()
+    out = []
+    for name in ("monusac-lung", "monuseg-lung"):
+        folder = tiles_dir / name
+        if not (folder / "index.csv").exists():
+            continue
+        with (folder / "index.csv").open(newline="", encoding="utf-8") as fh:
+            for r in csv.DictReader(fh):
+                if "he-image" not in r["label"]:
+                    continue
+                mpp = float(r["mpp"])
+                side = TILE_PX * target_mpp / mpp
+                if min(int(r["width"]), int(r["height"])) < side:
+                    continue
+                out.append(Region(Path(r["path"]).stem, _read_rgb(folder / r["path"]), mpp, "", r["group"]))
+    return out

@@ -1,0 +1,255 @@
+"""Tests of training for transfer to scanned tissue: GlaS tile labels, the mixed sampler, scanner-shift
+augmentation, the OOD reference, threshold choice and bootstrap, and the backward pass on any CPU.
+
+Real-data tests are marked ``realdata`` and skip when ../shared/data is absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.augment import colour_jitter, degrade, scanner_shift
+from models.evaluate import EvalSet, bootstrap_ci, choose_threshold
+from models.mix import MixedSampler, sample_unlabelled
+from models.ood import distances, fit_gaussian, slide_score
+from models.scanned import GLAS_SPLIT, LabelRule, Region, crop_label, pad_reflect
+
+SHARED_TILES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiles"
+TORCH_REASON = "torch is not installed (install the `train` extra: pip install -e .[train])"
+
+
+def _region(label: str, mpp: float = 0.62005) -> Region:
+    """A 600 x 400 px region whose left half is 'gland' (mask True, purple) and right half stroma (pink)."""
+    img = np.empty((400, 600, 3), np.uint8)
+    img[:, :300] = (120, 60, 150)
+    img[:, 300:] = (230, 170, 200)
+    mask = np.zeros((400, 600), bool)
+    mask[:, :300] = True
+    return Region("r", img, mpp, label, "glas_patient_1", mask)
+
+
+# --------------------------------------------------------------------------- labels
+
+
+@pytest.mark.parametrize(
+    ("grade", "fraction", "adenoma", "expected"),
+    [
+        ("malignant/moderately differentiated", 0.6, "negative", 1),
+        ("malignant/poorly differentiated", 0.20, "negative", 1),
+        ("malignant/poorly differentiated", 0.12, "negative", None),  # a little tumour: unused
+        ("malignant/moderately differentiated", 0.05, "negative", 0),  # tumour stroma: non-tumour
+        ("benign/healthy", 0.9, "negative", 0),  # normal crypts
+        ("benign/healthy", 0.0, "exclude", 0),
+        ("benign/adenomatous", 0.7, "negative", 0),
+        ("benign/adenomatous", 0.7, "exclude", None),
+    ],
+)
+def test_crop_label_rule(grade: str, fraction: float, adenoma: str, expected: int | None) -> None:
+    assert crop_label(grade, fraction, LabelRule(adenoma=adenoma)) == expected
+
+
+def test_label_rule_refuses_overlapping_bands() -> None:
+    with pytest.raises(ValueError):
+        LabelRule(tumour_min_gland=0.05, stroma_max_gland=0.2)
+    with pytest.raises(ValueError):
+        LabelRule(adenoma="tumour")
+
+
+def test_glas_split_is_by_patient_and_disjoint() -> None:
+    parts = [set(v) for v in GLAS_SPLIT.values()]
+    assert set().union(*parts) == set(range(1, 17))
+    assert sum(len(p) for p in parts) == 16
+
+
+def test_mask_fraction_matches_brute_force() -> None:
+    reg = _region("malignant/x")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x0, y0 = rng.uniform(0, 400), rng.uniform(0, 200)
+        side = rng.uniform(20, 190)
+        a, b, c, d = round(x0), round(x0 + side), round(y0), round(y0 + side)
+        assert reg.mask_fraction(x0, y0, side) == pytest.approx(reg.mask[c:d, a:b].mean())
+
+
+def test_crop_resamples_to_the_target_resolution() -> None:
+    reg = _region("benign/healthy")
+    side = reg.window_px(0.5, 224)
+    assert side == pytest.approx(224 * 0.5 / 0.62005)
+    tile = reg.crop(0, 0, side)
+    assert tile.shape == (224, 224, 3) and tile.dtype == np.uint8
+    assert (tile == (120, 60, 150)).all()  # fully inside the 'gland' half
+
+
+def test_mixed_sampler_labels_follow_the_masks() -> None:
+    """Tumour tiles come from the gland half of malignant regions, stroma from its other half, benign
+    tiles from anywhere in benign regions; LC25000 tiles keep their labels."""
+    lc = np.stack([np.full((224, 224, 3), v, np.uint8) for v in (10, 250)])
+    sampler = MixedSampler(
+        lc, np.array([0, 1]), [_region("malignant/m"), _region("benign/healthy")], LabelRule()
+    )
+    rng = np.random.default_rng(0)
+    tiles, labels = sampler.sample(200, rng)
+    assert set(labels.tolist()) == {0, 1}
+    for t, y in zip(tiles, labels, strict=True):
+        purple = (np.abs(t.astype(int) - (120, 60, 150)).sum(-1) < 30).mean()
+        if (t == 10).all() or (t == 250).all():  # LC25000 tile
+            assert y == int((t == 250).all())
+        elif y == 1:
+            assert purple >= 0.15  # >= 20 % gland in the window before resampling
+    counts = sampler.counts()
+    assert counts["glas_tumour_windows"] > 0 and counts["glas_stroma_windows"] > 0
+
+
+def test_sample_unlabelled_draws_from_every_pool() -> None:
+    a, b = _region("benign/healthy"), _region("", mpp=0.25)
+    b.image[:] = 0
+    tiles = sample_unlabelled([[a], [b]], 40, np.random.default_rng(1))
+    black = [(t == 0).all() for t in tiles]
+    assert 0 < sum(black) < 40
+
+
+def test_pad_reflect_keeps_scale() -> None:
+    tile = np.arange(148 * 148 * 3, dtype=np.uint32).reshape(148, 148, 3).astype(np.uint8)
+    out = pad_reflect(tile)
+    assert out.shape == (224, 224, 3)
+    np.testing.assert_array_equal(out[38 : 38 + 148, 38 : 38 + 148], tile)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_degrade_with_zero_probabilities_is_identity() -> None:
+    t = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    out = degrade(t, np.random.default_rng(0), p_resolution=0, p_blur=0, p_jpeg=0)
+    np.testing.assert_array_equal(out, t)
+
+
+def test_degrade_blurs_when_forced() -> None:
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    out = degrade(t, rng, p_resolution=1.0, p_blur=0, p_jpeg=0)
+    assert out.shape == t.shape
+    assert (
+        np.abs(np.diff(out.astype(int), axis=1)).mean() < 0.7 * np.abs(np.diff(t.astype(int), axis=1)).mean()
+    )
+
+
+def test_colour_jitter_zero_is_identity_and_nonzero_changes_colour() -> None:
+    t = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    same = colour_jitter(t, rng, brightness=0, contrast=0, saturation=0, gamma=0)
+    assert np.abs(same.astype(int) - t).max() <= 1
+    moved = colour_jitter(t, rng, brightness=0.1, contrast=0.2, saturation=0.2, gamma=0.2)
+    assert np.abs(moved.astype(int) - t).mean() > 2
+
+
+def test_scanner_shift_keeps_shape_and_dtype() -> None:
+    t = np.random.default_rng(0).integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
+    out = scanner_shift(t, np.random.default_rng(0))
+    assert out.shape == t.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - t).mean() > 1
+
+
+# --------------------------------------------------------------------------- OOD, threshold, bootstrap
+
+
+def test_mahalanobis_reference_separates_a_shifted_distribution() -> None:
+    rng = np.random.default_rng(0)
+    cov = np.diag(np.linspace(0.1, 3.0, 16))
+    fit = rng.multivariate_normal(np.zeros(16), cov, 2000)
+    held = rng.multivariate_normal(np.zeros(16), cov, 500)
+    foreign = rng.multivariate_normal(np.full(16, 2.0), cov, 500)
+    mean, whiten = fit_gaussian(fit, shrinkage=0.0)
+    # the whitened distance is the Mahalanobis distance with the inverse sample covariance
+    direct = np.sqrt(
+        np.einsum("ni,ij,nj->n", held - mean, np.linalg.inv(np.cov(fit, rowvar=False)), held - mean)
+    )
+    np.testing.assert_allclose(distances(held, mean, whiten), direct, rtol=1e-6)
+    d_ref = float(np.percentile(distances(held, mean, whiten), 99))
+    assert slide_score(distances(held, mean, whiten), d_ref) < 1.0
+    assert slide_score(distances(foreign, mean, whiten), d_ref) > 1.0
+
+
+def test_choose_threshold_uses_the_separating_value() -> None:
+    y = np.array([0] * 50 + [1] * 50)
+    p = np.concatenate([np.linspace(0.0, 0.29, 50), np.linspace(0.31, 1.0, 50)])
+    s = EvalSet("v", np.zeros((100, 1, 1, 3), np.uint8), y, ("x",) * 100, tuple(str(i) for i in range(100)))
+    t = choose_threshold([s], [p])
+    assert 0.29 < t <= 0.31
+
+
+def test_bootstrap_interval_contains_the_estimate_and_resamples_groups() -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 100)
+    p = np.clip(y * 0.4 + rng.uniform(0, 0.6, 200), 0, 1)
+    groups = [f"g{i // 10}" for i in range(200)]
+    ci = bootstrap_ci(y, p, groups, 0.5, n_boot=200)
+    lo, hi = ci["auc"]
+    assert lo is not None and hi is not None and lo <= hi <= 1.0
+    one_group = bootstrap_ci(y, p, ["same"] * 200, 0.5, n_boot=20)
+    assert one_group["auc"][0] == one_group["auc"][1]  # a single group cannot vary
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def test_backward_through_the_real_input_path() -> None:
+    """uint8 NHWC tiles -> Preprocess -> TileNet -> loss.backward(): the path that aborted in oneDNN on
+    AVX-512/AMX CPUs when Preprocess handed Conv2d a permuted (channels-last strided) tensor."""
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
+    from models.net import Preprocess, build_net
+
+    pre = Preprocess([0.7, 0.5, 0.8], [0.17, 0.2, 0.12])
+    x = pre(torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)))
+    assert x.is_contiguous() and x.shape == (4, 3, 224, 224)
+    net = build_net()
+    loss = torch.nn.functional.cross_entropy(net(x), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_export_with_ood_output_matches_torch(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
+    from models.evaluate import make_session
+    from models.export import export_onnx, fit_ood, parity
+    from models.net import TumourTileModel, build_net
+
+    torch.manual_seed(0)
+    model = TumourTileModel(build_net((8, 16), (16, 32, 32)), [0.66, 0.53, 0.85], [0.17, 0.2, 0.11]).eval()
+    rng = np.random.default_rng(0)
+    fit = rng.integers(100, 256, (96, 224, 224, 3), dtype=np.uint8)
+    info = fit_ood(model, fit, fit[:32])
+    assert info["d_ref"] > 0 and model.has_ood
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path)
+    session = make_session(path)
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "logits", "ood_distance"]
+    assert parity(model, path, fit[:9], batch_sizes=(1, 4)) <= 1e-4
+    near = session.run(["ood_distance"], {"tiles": fit[:16]})[0]
+    far = session.run(["ood_distance"], {"tiles": np.zeros((16, 224, 224, 3), np.uint8)})[0]
+    assert np.median(far) > np.median(near)
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.realdata
+def test_glas_regions_cut_into_labelled_tiles() -> None:
+    if not (SHARED_TILES / "glas-colon" / "index.csv").exists():
+        pytest.skip(
+            f"real data not available: {SHARED_TILES / 'glas-colon'} (the shared data folder is absent)"
+        )
+    from models.scanned import glas_tiles, load_glas
+
+    regions = load_glas(SHARED_TILES / "glas-colon", GLAS_SPLIT["val"])
+    assert {r.group for r in regions} == {f"glas_patient_{p}" for p in GLAS_SPLIT["val"]}
+    images, labels, grades, groups = glas_tiles(regions, LabelRule())
+    assert images.shape[1:] == (224, 224, 3) and len(images) == len(labels) == len(grades) == len(groups)
+    assert labels.sum() > 0 and (labels == 0).sum() > 0
+    assert all(g.startswith("malignant") for g, y in zip(grades, labels, strict=True) if y == 1)
+    excluded = glas_tiles(regions, LabelRule(adenoma="exclude"))[2]
+    assert not any(g.endswith("adenomatous") for g in excluded)
