@@ -1,8 +1,9 @@
 """Throughput of the shipped tumour CNN (ONNX, onnxruntime CPUExecutionProvider), in tiles per second.
 
-Runs ``models/tumour-cnn.onnx`` (fp32, and the int8 file when the card says it is shipped) at batch
-sizes 1, 8, 32 and 64 on the same tiles, after a warm-up, and prints a table with each batch size's
-throughput relative to batch 1 of the same model in the same run, then the card's held-out metrics.
+Runs ``models/tumour-cnn.onnx`` and, as the baseline measured in the same run, the LC25000-only
+TileNet 0.1.0 it replaced (``models/baselines/``, fp32 and its static int8 variant) at batch sizes
+1, 8, 32 and 64 on the same tiles, after a warm-up, and prints each model's throughput relative to
+its batch 1 and to the baseline fp32 at the same batch, then the card's held-out metrics.
 Tiles are real LC25000 test-split tiles from ``<repo>/../shared/data`` when present, otherwise random
 uint8 tiles (the header says which). Preprocessing (uint8 -> normalised float) is inside the graph,
 so the timing covers it; JPEG decoding is not timed.
@@ -36,6 +37,8 @@ from models.split import read_index, sample_rows, split_rows  # noqa: E402
 
 INDEX = ROOT.parent / "shared" / "data" / "tiles" / "lc25000-lung" / "index.csv"
 BATCH_SIZES = (1, 8, 32, 64)
+BASELINE = ROOT / "models" / "baselines" / "tumour-cnn-lc25000-0.1.0.onnx"
+BASELINE_INT8 = ROOT / "models" / "baselines" / "tumour-cnn-lc25000-0.1.0-int8.onnx"
 
 
 def bench_tiles(card: dict[str, Any], n: int) -> tuple[np.ndarray, str]:
@@ -83,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     card = load_card(args.model.with_suffix(".json"))
-    models = {"fp32": args.model}
-    int8 = card.get("int8") or {}
-    if int8.get("shipped"):
-        models["int8"] = args.model.parent / int8["onnx_file"]
+    models = {"shipped": args.model}
+    for name, file in (("base", BASELINE), ("base-i8", BASELINE_INT8)):
+        if file.exists():
+            models[name] = file
     tiles, what = bench_tiles(card, max(BATCH_SIZES))
     print(
         f"{card['name']} {card['version']}  onnxruntime {ort.__version__} CPUExecutionProvider  "
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tiles: {what}; {args.seconds:.1f} s per batch size after 3 warm-up runs\n")
     results: list[dict[str, Any]] = []
     print(
-        f"{'model':<6} {'batch':>5} {'ms/batch':>10} {'tiles/s':>9} {'vs batch 1':>10} {'best tiles/s':>12}"
+        f"{'model':<8} {'batch':>5} {'ms/batch':>10} {'tiles/s':>9} {'vs batch 1':>10} {'best tiles/s':>12}"
     )
     for name, path in models.items():
         opts = ort.SessionOptions()
@@ -114,28 +117,28 @@ def main(argv: list[str] | None = None) -> int:
             )
             results.append(r)
             print(
-                f"{name:<6} {batch:>5} {r['ms_per_batch']:>10.2f} {r['tiles_per_s']:>9.1f} "
+                f"{name:<8} {batch:>5} {r['ms_per_batch']:>10.2f} {r['tiles_per_s']:>9.1f} "
                 f"{r['ratio_vs_batch1']:>9.2f}x {r['best_tiles_per_s']:>12.1f}"
             )
-    if "int8" in models:
-        for batch in BATCH_SIZES:
-            f, q = (
-                next(r for r in results if r["model"] == m and r["batch"] == batch) for m in ("fp32", "int8")
-            )
-            print(f"int8 / fp32 at batch {batch}: {q['tiles_per_s'] / f['tiles_per_s']:.2f}x")
-    m = card["metrics"]["test"]
-    sp = card["data"]["split"]
-    print(
-        f"\ncard held-out test metrics ({m['n']} tiles, {sp['groups']['test']} groups; fp32): "
-        + ", ".join(
-            f"{k} {m[k]:.4f}" for k in ("accuracy", "precision", "recall", "specificity", "f1", "auc")
-        )
-    )
-    if int8:
-        q = int8["metrics"]["test"]
+    if "base" in models:
+        for name in [m for m in models if m != "base"]:
+            for batch in BATCH_SIZES:
+                f, q = (
+                    next(r for r in results if r["model"] == m and r["batch"] == batch)
+                    for m in ("base", name)
+                )
+                print(
+                    f"{name} / base (fp32 TileNet 0.1.0) at batch {batch}: "
+                    f"{q['tiles_per_s'] / f['tiles_per_s']:.2f}x"
+                )
+    for name, m in card["metrics"].items():
         print(
-            f"int8 ({'shipped' if int8.get('shipped') else 'not shipped'}): "
-            + ", ".join(f"{k} {q[k]:.4f}" for k in ("accuracy", "precision", "recall", "f1", "auc"))
+            f"card {name}: n {m['n']}, "
+            + ", ".join(
+                f"{k} {m[k]:.4f}"
+                for k in ("accuracy", "recall", "specificity", "f1", "auc")
+                if m[k] is not None
+            )
         )
     if args.json:
         args.json.write_text(json.dumps({"tiles": what, "results": results, "metrics": m}, indent=2))

@@ -21,7 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile.*"))
-MODEL_FILES = ("tumour-cnn.onnx", "tumour-cnn.json", "tumour-cnn-int8.onnx", "tumour-cnn-int8.json")
+MODEL_FILES = ("tumour-cnn.onnx", "tumour-cnn.json")
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
