@@ -478,13 +478,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"seed {targs['seed']}."
             ),
             "best_epoch": tr["best_epoch"],
-            "epochs_run": tr["epochs_run"],
-            "train_time_s": tr["train_time_s"],
+            "epochs_run": tr.get("epochs_run", tr["best_epoch"]),
+            "train_time_s": tr.get("train_time_s", 0.0),
             "device": tr["device"],
             "threads": targs.get("threads"),
             "torch": tr["torch"],
             "val_metrics": _round(tr["val_metrics"]),
-            "history": [_round(h) for h in tr["history"]],
+            "history": [_round(h) for h in tr.get("history", [])],
         },
         "export": {
             "command": command,

@@ -180,15 +180,17 @@ class TumourTileModel(nn.Module):
         self.net = net
         self.register_buffer("ood_mean", torch.zeros(0))
         self.register_buffer("ood_whiten", torch.zeros(0, 0))
+        self._has_ood = False
 
     def set_ood(self, mean: Sequence[float] | torch.Tensor, whiten: torch.Tensor) -> None:
         """Mahalanobis reference: ``ood_distance = ||(embedding - mean) @ whiten||`` (see ``models.ood``)."""
         self.ood_mean = torch.as_tensor(mean, dtype=torch.float32).clone()
         self.ood_whiten = torch.as_tensor(whiten, dtype=torch.float32).clone()
+        self._has_ood = True
 
     @property
     def has_ood(self) -> bool:
-        return self.ood_mean.numel() > 0
+        return self._has_ood
 
     def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, ...]:
         emb = self.net.embed(self.preprocess(tiles))

@@ -1,0 +1,83 @@
+"""Compare candidate models on the same tiles: the measurement behind a training choice.
+
+Example (from the repository root)::
+
+    python -m models.compare --split val models/runs/A/tumour-cnn.onnx models/runs/B/tumour-cnn.onnx
+
+Every model is scored on one set of tiles: the LC25000 split and the GlaS patients of ``--split``
+(adenomas kept, labelled by the default rule), so choices are compared on equal terms. Reported per
+model: AUC on LC25000, AUC of GlaS malignant tumour glands against healthy tissue and tumour stroma
+(adenomas left out), the same with adenomas as negatives, mean P(tumour) per GlaS class, and
+sensitivity/specificity at each model's own card threshold. Choose on ``val``; ``test`` is for the
+record once the choice is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.card import load_card
+from models.evaluate import build_sets, default_index, score_sets
+from models.metrics import binary_metrics, roc_auc
+
+
+def compare(models: list[Path], split: str, index: Path) -> list[dict[str, Any]]:
+    """One row of figures per model (see the module docstring)."""
+    ref_card = load_card(models[0].with_suffix(".json"))
+    card = {"data": {"split": ref_card["data"]["split"], "glas": {"label_rule": {"adenoma": "negative"}}}}
+    sets = {s.name: s for s in build_sets(card, index, splits=(split,))}
+    lc, glas = sets[split], sets[f"glas-{split}"]
+    grades = np.asarray(glas.labels)
+    adenoma = np.char.endswith(grades.astype(str), "adenomatous")
+    rows = []
+    for model in models:
+        thr = float((load_card(model.with_suffix(".json")).get("threshold") or {}).get("value", 0.5))
+        p_lc, p_glas = score_sets(model, [lc, glas])
+        g = binary_metrics(glas.tumour, p_glas, thr)
+        rows.append(
+            {
+                "model": str(model),
+                "threshold": thr,
+                "lc25000_auc": round(roc_auc(lc.tumour, p_lc), 4),
+                "glas_auc_without_adenoma": round(roc_auc(glas.tumour[~adenoma], p_glas[~adenoma]), 4),
+                "glas_auc_adenoma_negative": round(roc_auc(glas.tumour, p_glas), 4),
+                "glas_sensitivity": round(g["recall"], 4),
+                "glas_specificity": round(g["specificity"], 4),
+                "glas_mean_p": {
+                    str(k): round(float(p_glas[grades == k].mean()), 3) for k in sorted(set(glas.labels))
+                },
+                "glas_stroma_mean_p": round(
+                    float(
+                        p_glas[
+                            (glas.tumour == 0) & np.char.startswith(grades.astype(str), "malignant")
+                        ].mean()
+                    ),
+                    3,
+                ),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.compare", description=__doc__.split("\n")[0])
+    p.add_argument("models", type=Path, nargs="+", help="ONNX models with their cards")
+    p.add_argument("--split", choices=["val", "test"], default="val")
+    p.add_argument("--index", type=Path, default=None)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    rows = compare(args.models, args.split, args.index or default_index())
+    for r in rows:
+        print(json.dumps(r))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
