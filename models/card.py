@@ -206,6 +206,21 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"- {tr['summary']}",
         f"- Best epoch {tr['best_epoch']} of {tr['epochs_run']}; {tr['train_time_s']:.0f} s on "
         f"{tr['device']} ({tr.get('threads') or 'all'} threads, torch {tr['torch']}).",
+        *(
+            [
+                f"- Choices ({tr['choices']['compared_on']}): {tr['choices']['decision']}",
+                *[
+                    f"  - `{c['model']}`: AUC malignant vs healthy+stroma {c['glas_auc_without_adenoma']}, "
+                    f"adenoma as negative {c['glas_auc_adenoma_negative']}; mean P healthy "
+                    f"{c['glas_mean_p'].get('benign/healthy')}, "
+                    f"adenoma {c['glas_mean_p'].get('benign/adenomatous')}, "
+                    f"tumour stroma {c['glas_stroma_mean_p']}; LC25000 AUC {c['lc25000_auc']}"
+                    for c in tr["choices"]["candidates"]
+                ],
+            ]
+            if tr.get("choices")
+            else []
+        ),
         f"- Export: `{ex['command']}`; {ex['exporter']}; onnxruntime parity max abs diff "
         f"{ex['parity_max_abs_diff']:.2e} on {ex['parity_tiles']} real tiles.",
         "",

@@ -9,7 +9,8 @@ Every model is scored on one set of tiles: the LC25000 split and the GlaS patien
 model: AUC on LC25000, AUC of GlaS malignant tumour glands against healthy tissue and tumour stroma
 (adenomas left out), the same with adenomas as negatives, mean P(tumour) per GlaS class, and
 sensitivity/specificity at each model's own card threshold. Choose on ``val``; ``test`` is for the
-record once the choice is made.
+record once the choice is made. With ``--split val`` the official CoNSeP test tiles (never trained on)
+are scored too (``consep_val_auc``: epithelium-rich vs stroma/inflammation windows).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from models.card import load_card
-from models.evaluate import build_sets, default_index, score_sets
+from models.evaluate import EvalSet, build_sets, default_index, score_sets
 from models.metrics import binary_metrics, roc_auc
+from models.scanned import LabelRule, glas_tiles, load_consep, shared_tiles_dir
 
 
 def compare(models: list[Path], split: str, index: Path) -> list[dict[str, Any]]:
@@ -32,18 +34,23 @@ def compare(models: list[Path], split: str, index: Path) -> list[dict[str, Any]]
     card = {"data": {"split": ref_card["data"]["split"], "glas": {"label_rule": {"adenoma": "negative"}}}}
     sets = {s.name: s for s in build_sets(card, index, splits=(split,))}
     lc, glas = sets[split], sets[f"glas-{split}"]
+    consep = None
+    if split == "val" and (shared_tiles_dir() / "consep-patches").exists():  # CoNSeP's official test tiles
+        imgs, lab, _, groups = glas_tiles(load_consep(None, "test"), LabelRule())
+        consep = EvalSet("consep-val", imgs, lab, ("consep",) * len(lab), tuple(groups))
     grades = np.asarray(glas.labels)
     adenoma = np.char.endswith(grades.astype(str), "adenomatous")
     rows = []
     for model in models:
         thr = float((load_card(model.with_suffix(".json")).get("threshold") or {}).get("value", 0.5))
-        p_lc, p_glas = score_sets(model, [lc, glas])
+        p_lc, p_glas, *p_consep = score_sets(model, [lc, glas] + ([consep] if consep else []))
         g = binary_metrics(glas.tumour, p_glas, thr)
         rows.append(
             {
                 "model": str(model),
                 "threshold": thr,
                 "lc25000_auc": round(roc_auc(lc.tumour, p_lc), 4),
+                "consep_val_auc": round(roc_auc(consep.tumour, p_consep[0]), 4) if consep else None,
                 "glas_auc_without_adenoma": round(roc_auc(glas.tumour[~adenoma], p_glas[~adenoma]), 4),
                 "glas_auc_adenoma_negative": round(roc_auc(glas.tumour, p_glas), 4),
                 "glas_sensitivity": round(g["recall"], 4),

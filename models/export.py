@@ -14,6 +14,7 @@ split are within ``--int8-max-drop``, and write ``<out>.json`` and ``MODEL_CARD.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shlex
 import sys
@@ -264,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="tumour-cnn")
     p.add_argument("--version", default="0.2.0")
     p.add_argument("--no-card", action="store_true", help="export and check only")
+    p.add_argument("--choices", type=Path, help="models.compare --json output behind this model's recipe")
+    p.add_argument("--choices-note", default="", help="the decision the --choices figures support")
     args = p.parse_args(argv)
     command = "python -m models.export " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.opset < 17:
@@ -290,12 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     fit_rows = sample_rows(split["train"], rows, 1000, seed=3)
     fit_tiles = [load_tiles([rows[i] for i in fit_rows]).images]
     if recipe["name"] == "lc25000+glas":
-        from models.scanned import GLAS_SPLIT, LabelRule, glas_tiles, load_glas
+        from models.scanned import GLAS_SPLIT, LabelRule, glas_tiles, load_consep, load_glas
 
         glas_dir = Path(recipe["glas"])
-        fit_tiles.append(
-            glas_tiles(load_glas(glas_dir, GLAS_SPLIT["train"]), LabelRule(**recipe["label_rule"]))[0]
-        )
+        rule = LabelRule(**recipe["label_rule"])
+        fit_tiles.append(glas_tiles(load_glas(glas_dir, GLAS_SPLIT["train"]), rule)[0])
+        if recipe.get("consep"):
+            fit_tiles.append(glas_tiles(load_consep(Path(recipe["consep"]), "train"), rule)[0])
     ood_info = fit_ood(model, np.concatenate(fit_tiles), np.concatenate([v.images for v in val_sets]))
     print(f"OOD reference: {ood_info['fit_tiles']} fit tiles, d_ref {ood_info['d_ref']}")
 
@@ -451,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
                     "label_rule": recipe["label_rule"],
                     "sampler": recipe["sampler"],
                     "lc_fraction": recipe["lc_fraction"],
+                    "consep": "official train tiles (27), windows labelled by nucleus types (models.scanned."
+                    "consep_label); official test tiles (14) validate"
+                    if recipe.get("consep")
+                    else None,
                 }
                 if glas
                 else None
@@ -485,6 +493,15 @@ def main(argv: list[str] | None = None) -> int:
             "torch": tr["torch"],
             "val_metrics": _round(tr["val_metrics"]),
             "history": [_round(h) for h in tr.get("history", [])],
+            "choices": (
+                {
+                    "compared_on": "GlaS validation patients, LC25000 validation pictures (models.compare)",
+                    "candidates": json.loads(args.choices.read_text()),
+                    "decision": args.choices_note,
+                }
+                if args.choices is not None
+                else None
+            ),
         },
         "export": {
             "command": command,

@@ -3,8 +3,9 @@
 Torch-free. Every tile is drawn afresh: a source (LC25000 with probability ``lc_fraction``, else
 GlaS), a class (50/50), then a tile of that class. GlaS tiles are windows of a region at a jittered
 scale (``scale_jitter``: the tile's content at 0.5 x logU(0.8, 1.25) um/px) and position, labelled by
-``crop_label`` on the window actually cut; LC25000 tiles get a random zoom-in (their
-scale is unknown, about 0.4-0.6 um/px): of up to 1.3x. Augmentation happens afterwards (``models.augment``).
+``crop_label`` on the window actually cut; LC25000 tiles get a random zoom-in of up to 1.3x (their
+scale is unknown, about 0.4-0.6 um/px). Malignant stroma windows make up ``stroma_fraction`` of the
+GlaS non-tumour draws when a region has any. Augmentation happens afterwards (``models.augment``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from models import TILE_PX
-from models.scanned import LabelRule, Region, crop_label
+from models.scanned import LabelRule, Region
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ def _candidates(regions: Sequence[Region], rule: LabelRule) -> dict[int, list[Ca
     for i, reg in enumerate(regions):
         side = reg.window_px()
         for x0, y0 in reg.grid(side, side / 4):
-            lab = crop_label(reg.label, reg.mask_fraction(x0, y0, side), rule)
+            lab = reg.window_label(x0, y0, side, rule)
             if lab is not None:
                 out[lab].append(Candidate(i, x0, y0))
     return out
@@ -59,7 +60,7 @@ class MixedSampler:
         self.lc_fraction = lc_fraction if len(lc_images) else 0.0
         self.scale_jitter = scale_jitter
         cands = _candidates(self.regions, rule)
-        malignant = {i for i, r in enumerate(self.regions) if r.label.startswith("malignant")}
+        malignant = {i for i, r in enumerate(self.regions) if r.label.startswith(("malignant", "consep"))}
         self.pos = cands[1]
         self.neg_stroma = [c for c in cands[0] if c.region in malignant]
         self.neg_benign = [c for c in cands[0] if c.region not in malignant]
@@ -105,7 +106,7 @@ class MixedSampler:
             y0 = float(
                 np.clip(c.y0 + (nominal - side) / 2 + rng.uniform(-0.125, 0.125) * nominal, 0, h - side)
             )
-            if crop_label(reg.label, reg.mask_fraction(x0, y0, side), self.rule) == label:
+            if reg.window_label(x0, y0, side, self.rule) == label:
                 return reg.crop(x0, y0, side)
         return reg.crop(c.x0, c.y0, nominal)  # the grid window itself has this label
 

@@ -82,6 +82,40 @@ def crop_label(grade: str, gland_fraction: float, rule: LabelRule) -> int | None
     return 0
 
 
+def consep_label(epithelial_fraction: float, nuclei_fraction: float) -> int | None:
+    """Label of a CoNSeP window (colorectal adenocarcinoma) from its nucleus-type map.
+
+    Fractions are of window pixels. Epithelial nuclei >= 60 % of the nuclear pixels and nuclei >= 5 %
+    of the window: **tumour** (CoNSeP's epithelium is about 80-85 % malignant, so these positives are
+    noisy); epithelial <= 10 % of the nuclear pixels: **non-tumour** (stroma, muscle, inflammation);
+    otherwise, or with almost no nuclei, not used.
+    """
+    if nuclei_fraction < 0.02:
+        return None
+    share = epithelial_fraction / nuclei_fraction
+    if share >= 0.6 and nuclei_fraction >= 0.05:
+        return 1
+    if share <= 0.1:
+        return 0
+    return None
+
+
+def _integral(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+    ii = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    ii[1:, 1:] = mask.cumsum(0).cumsum(1)
+    return ii
+
+
+def _window_mean(ii: npt.NDArray[np.int64], x0: float, y0: float, side: float) -> float:
+    h, w = ii.shape[0] - 1, ii.shape[1] - 1
+    a, b = int(np.clip(round(x0), 0, w)), int(np.clip(round(x0 + side), 0, w))
+    c, d = int(np.clip(round(y0), 0, h)), int(np.clip(round(y0 + side), 0, h))
+    area = (b - a) * (d - c)
+    if area <= 0:
+        return 0.0
+    return float(ii[d, b] - ii[c, b] - ii[d, a] + ii[c, a]) / area
+
+
 @dataclass
 class Region:
     """One image region at ``mpp`` um/px with an optional binary mask (True = gland)."""
@@ -92,8 +126,10 @@ class Region:
     label: str
     group: str
     mask: npt.NDArray[np.bool_] | None = None
+    nuclei: npt.NDArray[np.bool_] | None = None  # CoNSeP: pixels of any typed nucleus (mask = epithelial)
     _pil: Image.Image | None = field(default=None, repr=False)
     _integral: npt.NDArray[np.int64] | None = field(default=None, repr=False)
+    _nuclei_integral: npt.NDArray[np.int64] | None = field(default=None, repr=False)
 
     @property
     def pil(self) -> Image.Image:
@@ -110,17 +146,22 @@ class Region:
         if self.mask is None:
             return 0.0
         if self._integral is None:
-            ii = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), dtype=np.int64)
-            ii[1:, 1:] = self.mask.cumsum(0).cumsum(1)
-            self._integral = ii
-        h, w = self.mask.shape
-        a, b = int(np.clip(round(x0), 0, w)), int(np.clip(round(x0 + side), 0, w))
-        c, d = int(np.clip(round(y0), 0, h)), int(np.clip(round(y0 + side), 0, h))
-        area = (b - a) * (d - c)
-        if area <= 0:
+            self._integral = _integral(self.mask)
+        return _window_mean(self._integral, x0, y0, side)
+
+    def nuclei_fraction(self, x0: float, y0: float, side: float) -> float:
+        """Fraction of typed-nucleus pixels in the window (0 without a nucleus map)."""
+        if self.nuclei is None:
             return 0.0
-        ii = self._integral
-        return float(ii[d, b] - ii[c, b] - ii[d, a] + ii[c, a]) / area
+        if self._nuclei_integral is None:
+            self._nuclei_integral = _integral(self.nuclei)
+        return _window_mean(self._nuclei_integral, x0, y0, side)
+
+    def window_label(self, x0: float, y0: float, side: float, rule: LabelRule) -> int | None:
+        """Label of a window: ``crop_label`` on the gland fraction, or for CoNSeP ``consep_label``."""
+        if self.nuclei is not None:
+            return consep_label(self.mask_fraction(x0, y0, side), self.nuclei_fraction(x0, y0, side))
+        return crop_label(self.label, self.mask_fraction(x0, y0, side), rule)
 
     def crop(self, x0: float, y0: float, side: float, tile_px: int = TILE_PX) -> npt.NDArray[np.uint8]:
         """The square window (source pixels, may be fractional) resampled to ``tile_px`` (bilinear)."""
@@ -175,7 +216,7 @@ def glas_tiles(
     for reg in regions:
         side = reg.window_px()
         for x0, y0 in reg.grid(side, side * stride_tiles):
-            lab = crop_label(reg.label, reg.mask_fraction(x0, y0, side), rule)
+            lab = reg.window_label(x0, y0, side, rule)
             if lab is None:
                 continue
             tiles.append(reg.crop(x0, y0, side))
@@ -184,6 +225,36 @@ def glas_tiles(
             groups.append(reg.group)
     images = np.stack(tiles) if tiles else np.zeros((0, TILE_PX, TILE_PX, 3), np.uint8)
     return images, np.asarray(labels, dtype=np.int64), grades, groups
+
+
+CONSEP_MPP = 0.25
+
+
+def load_consep(root: Path | None = None, split: str = "train") -> list[Region]:
+    """CoNSeP source tiles of ``split`` (``train``/``test``, the official split) as regions.
+
+    Each 1000 px tile was re-cut into 16 patches of 256 px; patches 0-8 are its top-left 3 x 3 block,
+    contiguous (checked: adjacent edges match to JPEG noise), so a region is that 768 x 768 px mosaic
+    at 0.25 um/px (192 um square) with its nucleus-type mosaic: mask = epithelial nuclei (type 3),
+    nuclei = any typed nucleus (types 1-4).
+    """
+    root = root or shared_tiles_dir() / "consep-patches"
+    with (root / "index.csv").open(newline="", encoding="utf-8") as fh:
+        groups = sorted({r["group"] for r in csv.DictReader(fh) if r["path"].startswith(f"images/{split}/")})
+    out = []
+    for g in groups:
+        name = g.removeprefix("consep-")
+        img = np.zeros((768, 768, 3), np.uint8)
+        types = np.zeros((768, 768), np.uint8)
+        for k in range(9):
+            y, x = divmod(k, 3)
+            img[y * 256 : (y + 1) * 256, x * 256 : (x + 1) * 256] = _read_rgb(
+                root / "images" / split / f"{name}_{k:03d}.jpg"
+            )
+            with Image.open(root / "seg_mask" / split / f"{name}_{k:03d}.png") as im:
+                types[y * 256 : (y + 1) * 256, x * 256 : (x + 1) * 256] = np.asarray(im)
+        out.append(Region(name, img, CONSEP_MPP, "consep/adenocarcinoma", g, types == 3, types > 0))
+    return out
 
 
 def pad_reflect(tile: npt.NDArray[np.uint8], tile_px: int = TILE_PX) -> npt.NDArray[np.uint8]:

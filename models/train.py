@@ -37,7 +37,15 @@ from models.data import TileSet, channel_stats, iterate_batches, load_tiles, row
 from models.metrics import binary_metrics
 from models.mix import MixedSampler, sample_unlabelled
 from models.net import Preprocess, build_net, count_flops, count_params
-from models.scanned import GLAS_SPLIT, LabelRule, Region, glas_tiles, load_glas, load_unlabelled_regions
+from models.scanned import (
+    GLAS_SPLIT,
+    LabelRule,
+    Region,
+    glas_tiles,
+    load_consep,
+    load_glas,
+    load_unlabelled_regions,
+)
 from models.split import DEFAULT_FRACTIONS, DEFAULT_SEED, read_index, split_rows, split_summary
 
 
@@ -74,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="GlaS folder: also train on tiles cut from its scanned regions",
+    )
+    p.add_argument(
+        "--consep", type=Path, default=None, help="CoNSeP folder: also train on its official train tiles"
     )
     p.add_argument("--adenoma", choices=["negative", "exclude"], default="negative", help="GlaS adenomas")
     p.add_argument("--lc-fraction", type=float, default=0.35, help="share of LC25000 tiles with --glas")
@@ -245,9 +256,15 @@ def build_recipe(
     rule = LabelRule(adenoma=args.adenoma)
     glas_train = load_glas(args.glas, GLAS_SPLIT["train"])
     glas_val = load_glas(args.glas, GLAS_SPLIT["val"])
-    sampler = MixedSampler(train.images, train.tumour, glas_train, rule, lc_fraction=args.lc_fraction)
+    consep = load_consep(args.consep, "train") if args.consep is not None else []
+    sampler = MixedSampler(
+        train.images, train.tumour, glas_train + consep, rule, lc_fraction=args.lc_fraction
+    )
     v_images, v_labels, _, _ = glas_tiles(glas_val, rule)
     val_sets.append(ValSet("glas-val", v_images, v_labels))
+    if args.consep is not None:  # CoNSeP's official test tiles validate; they are never trained on
+        c_images, c_labels, _, _ = glas_tiles(load_consep(args.consep, "test"), rule)
+        val_sets.append(ValSet("consep-val", c_images, c_labels))
     unlabelled: list[list[Region]] = []
     if args.ssl != "none":
         unlabelled = [glas_train, load_unlabelled_regions(args.glas.parent)]
@@ -255,6 +272,7 @@ def build_recipe(
         "name": "lc25000+glas",
         "glas": str(args.glas),
         "glas_split_patients": {k: list(v) for k, v in GLAS_SPLIT.items()},
+        "consep": str(args.consep) if args.consep is not None else None,
         "label_rule": asdict(rule),
         "lc_fraction": args.lc_fraction,
         "sampler": sampler.counts(),

@@ -326,6 +326,27 @@ def test_shipped_card_describes_the_graph() -> None:
     assert card["output"]["name"] in [o.name for o in session.get_outputs()]
     prob = session.run([card["output"]["name"]], {"tiles": np.zeros((2, 224, 224, 3), np.uint8)})[0]
     assert prob.shape == (2, 2)
+    # the OOD distance is in the graph and the card says how to read it
+    assert card["ood"]["output"] in [o.name for o in session.get_outputs()]
+    assert card["ood"]["d_ref"] > 0
+    assert 0 < card["threshold"]["value"] < 1
+    # what the card says about its data and scale
+    assert card["data"]["glas"]["patients"]["test"] and "research use only" in card["data"]["licence"].lower()
+    assert "no lung tiles from slide scanners" in card["data"]["scanned_lung"]
+
+
+def test_shipped_model_calls_the_bundled_benign_sample_no_tumour(tmp_path: Path) -> None:
+    """Whole-slide sanity on real input: the CC0 CMU sample (benign skin, 0.499 um/px) stays negative,
+    and its slide OOD score is computed (skin is an organ the model never saw)."""
+    from wsi_pipeline.pipeline import RunOptions, run_slide
+
+    sample = ROOT / "samples" / "CMU-1-Small-Region.svs"
+    m = run_slide(sample, tmp_path / "cmu.tif", model=SHIPPED_ONNX, options=RunOptions(workers=2))
+    assert m["label"]["label"] == "no tumour", m["label"]["evidence"]
+    assert m["n_tiles"] > 40
+    assert m["params"]["label"]["tile_threshold"] == load_card(SHIPPED_CARD)["threshold"]["value"]
+    ood = m["label"]["ood"]
+    assert ood is not None and ood["score"] > 0
 
 
 @pytest.mark.realdata
