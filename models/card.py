@@ -164,9 +164,26 @@ def render_markdown(card: dict[str, Any]) -> str:
             "",
             f"{ood['method']}. d_ref = {ood['d_ref']} ({ood['d_ref_note']}); fitted on {ood['fit_tiles']} "
             f"tiles, calibrated on {ood['calibration_tiles']}. A slide whose score exceeds "
-            f"{ood['warn_above']} gets a warning in its manifest and on the command line.",
+            f"{ood['warn_above']} ({ood.get('warn_note', '')}) gets a warning in its manifest and on the "
+            "command line.",
             "",
         ]
+        val = ood.get("validation")
+        if val:
+            lines += [
+                f"Measured by `{val['command']}` (slide score = median tile distance / d_ref of the "
+                "set's tiles):",
+                "",
+                "| kind | set | tiles | slide score | warned | AUROC vs held-out tiles |",
+                "| --- | --- | --- | --- | --- | --- |",
+                *[
+                    f"| {kind.replace('_', ' ')} | {name} | {r['tiles']} | {r['slide_score']} | "
+                    f"{'yes' if r['warned'] else 'no'} | {r.get('auroc_vs_held_out', '')} |"
+                    for kind in ("in_distribution", "unseen_source", "foreign")
+                    for name, r in val[kind].items()
+                ],
+                "",
+            ]
     q = card.get("int8")
     if q:
         lines += [

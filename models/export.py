@@ -202,26 +202,37 @@ def embeddings(model: TumourTileModel, tiles: npt.NDArray[np.uint8], batch_size:
 
 
 def fit_ood(
-    model: TumourTileModel, fit_tiles: npt.NDArray[np.uint8], ref_tiles: npt.NDArray[np.uint8]
+    model: TumourTileModel,
+    fit_tiles: npt.NDArray[np.uint8],
+    ref_tiles: npt.NDArray[np.uint8],
+    ref_groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Fit the Mahalanobis reference on ``fit_tiles`` (training sources, un-augmented), set it on the
-    model, and calibrate ``d_ref`` (99th percentile of tile distances) on held-out ``ref_tiles``."""
+    model, and calibrate on held-out ``ref_tiles``: ``d_ref`` = 99th percentile of tile distances;
+    ``warn_above`` = 95th percentile over ``ref_groups`` (source pictures, patients) of the group's
+    median distance / ``d_ref``, the slide score above which a slide is unlike held-out groups."""
     mean, whiten = ood.fit_gaussian(embeddings(model, fit_tiles))
     model.set_ood(torch.from_numpy(mean), torch.from_numpy(whiten))
     d_fit = ood.distances(embeddings(model, fit_tiles), mean, whiten)
-    d_ref = ood.distances(embeddings(model, ref_tiles), mean, whiten)
+    d_ref_tiles = ood.distances(embeddings(model, ref_tiles), mean, whiten)
+    d_ref = float(np.percentile(d_ref_tiles, 99))
+    groups = np.asarray(ref_groups if ref_groups is not None else ["all"] * len(ref_tiles))
+    medians = [float(np.median(d_ref_tiles[groups == g])) / d_ref for g in np.unique(groups)]
     return {
         "output": "ood_distance",
         "method": "Mahalanobis distance of the pooled CNN features to a Gaussian (shrinkage 0.1) fitted "
         "on un-augmented training tiles; slide score = median tile distance / d_ref",
         "fit_tiles": len(fit_tiles),
         "calibration_tiles": len(ref_tiles),
-        "d_ref": round(float(np.percentile(d_ref, 99)), 4),
+        "calibration_groups": len(medians),
+        "d_ref": round(d_ref, 4),
         "d_ref_note": "99th percentile of tile distances on held-out validation tiles of the training "
         "sources",
-        "median_fit": round(float(np.median(d_fit)), 4),
-        "median_calibration": round(float(np.median(d_ref)), 4),
-        "warn_above": 1.0,
+        "median_fit": round(float(np.median(d_fit)) / d_ref, 4),
+        "median_calibration": round(float(np.median(d_ref_tiles)) / d_ref, 4),
+        "warn_above": round(float(np.percentile(medians, 95)), 3),
+        "warn_note": "95th percentile of the median score of each validation group (LC25000 source "
+        "picture of ~10 tiles, GlaS patient); slides have far more tiles, so their medians vary less",
     }
 
 
@@ -300,7 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         fit_tiles.append(glas_tiles(load_glas(glas_dir, GLAS_SPLIT["train"]), rule)[0])
         if recipe.get("consep"):
             fit_tiles.append(glas_tiles(load_consep(Path(recipe["consep"]), "train"), rule)[0])
-    ood_info = fit_ood(model, np.concatenate(fit_tiles), np.concatenate([v.images for v in val_sets]))
+    ood_info = fit_ood(
+        model,
+        np.concatenate(fit_tiles),
+        np.concatenate([v.images for v in val_sets]),
+        [f"{v.name}:{g}" for v in val_sets for g in v.groups],
+    )
     print(f"OOD reference: {ood_info['fit_tiles']} fit tiles, d_ref {ood_info['d_ref']}")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

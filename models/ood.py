@@ -7,9 +7,9 @@ well conditioned. The distance of one tile is Mahalanobis: ``||(f - mean) @ whit
 ``whiten @ whiten.T = inverse(covariance)``; it is computed inside the exported ONNX graph.
 
 A slide's score is the median tile distance divided by the reference distance ``d_ref``, the 99th
-percentile of tile distances on held-out tiles of the training sources (validation split), so a
-score above 1 means that the typical tile of the slide is farther from the training data than 99 %
-of held-out in-distribution tiles.
+percentile of tile distances on held-out tiles of the training sources (validation split). The
+warning threshold ``warn_above`` is the 95th percentile of that score over validation groups (source
+pictures, patients): a slide above it is less like the training data than 95 % of held-out groups.
 """
 
 from __future__ import annotations

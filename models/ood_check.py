@@ -9,8 +9,9 @@ and a source never trained on (Kather 2016 colon tiles). Foreign: tiles of the r
 NDPI and multiplex QPTIFF, of the real IHC kidney TIFF (another stain), blank tiles (white, black,
 uniform grey), and held-out GlaS tiles with red and blue swapped (a synthetic "other stain": no real
 slide of another histochemical stain is in the shared data). For each set: the median tile distance
-over ``d_ref`` (the slide score the pipeline would give a slide made of these tiles), the fraction of
-tiles beyond ``d_ref`` and the AUROC of the distance against the in-distribution held-out tiles.
+over ``d_ref`` (the slide score the pipeline would give a slide made of these tiles), whether that
+score is above the card's ``warn_above`` (the pipeline's warning), the fraction of tiles beyond
+``d_ref`` and the AUROC of the distance against the in-distribution held-out tiles.
 Torch-free (numpy, onnxruntime, the package's slide readers).
 """
 
@@ -26,26 +27,46 @@ import numpy as np
 import numpy.typing as npt
 
 from models import TILE_PX
-from models.card import load_card
+from models.card import load_card, write_card
 from models.evaluate import build_sets, default_index, make_session
 from models.metrics import roc_auc
 from models.scanned import shared_tiles_dir
 
 
+def _grid(w: int, h: int, n: int) -> list[tuple[int, int]]:
+    side = int(np.sqrt(n)) + 1
+    xs = np.linspace(0, max(0, w - TILE_PX), side).astype(int)
+    ys = np.linspace(0, max(0, h - TILE_PX), side).astype(int)
+    return [(int(x), int(y)) for y in ys for x in xs][:n]
+
+
 def _slide_tiles(path: Path, n: int, backend: str = "auto") -> npt.NDArray[np.uint8]:
-    """Up to ``n`` level-0 tiles on a regular grid over a real slide (whatever it shows)."""
+    """Up to ``n`` level-0 tiles on a regular grid over a real slide (whatever it shows).
+
+    Files the pipeline refuses as not RGB (multiplex channels) are read with tifffile: the first
+    channel, scaled to 0-255 and repeated as grey RGB, i.e. what a reader that ignored the check saw.
+    """
+    from wsi_pipeline.errors import SlideError
     from wsi_pipeline.slide import open_slide
 
-    reader = open_slide(path, backend, verify=False)
+    try:
+        reader = open_slide(path, backend, verify=False)
+    except SlideError:
+        import tifffile
+
+        img = np.asarray(tifffile.imread(path, key=0), dtype=np.float64)
+        img = img.reshape(img.shape[-2:]) if img.ndim > 2 else img
+        grey = np.clip(255 * (img - img.min()) / max(float(np.ptp(img)), 1e-9), 0, 255).astype(np.uint8)
+        rgb = np.repeat(grey[..., None], 3, axis=2)
+        return np.stack(
+            [rgb[y : y + TILE_PX, x : x + TILE_PX] for x, y in _grid(rgb.shape[1], rgb.shape[0], n)]
+        )
     try:
         w, h = reader.dimensions
-        side = int(np.sqrt(n)) + 1
-        xs = np.linspace(0, max(0, w - TILE_PX), side).astype(int)
-        ys = np.linspace(0, max(0, h - TILE_PX), side).astype(int)
-        tiles = [reader.read_region((int(x), int(y)), 0, (TILE_PX, TILE_PX)) for y in ys for x in xs]
+        tiles = [reader.read_region(xy, 0, (TILE_PX, TILE_PX)) for xy in _grid(w, h, n)]
     finally:
         reader.close()
-    return np.stack(tiles[:n]).astype(np.uint8)
+    return np.stack(tiles).astype(np.uint8)
 
 
 def foreign_sets(slides_dir: Path, glas_test: npt.NDArray[np.uint8]) -> dict[str, npt.NDArray[np.uint8]]:
@@ -86,14 +107,22 @@ def ood_report(model: Path, card: dict[str, Any], index: Path, slides_dir: Path)
         raise ValueError(f"{model}: the card has no ood section (export with models.export)")
     session = make_session(model)
     d_ref = float(ood["d_ref"])
+    warn_above = float(ood.get("warn_above", 1.0))
     sets = {s.name: s.images for s in build_sets(card, index)}
     held = {k: v for k, v in sets.items() if k in ("test", "glas-test")}
     d_held = np.concatenate([distances(session, ood["output"], v) for v in held.values()])
-    report: dict[str, Any] = {"d_ref": d_ref, "in_distribution": {}, "unseen_source": {}, "foreign": {}}
+    report: dict[str, Any] = {
+        "d_ref": d_ref,
+        "warn_above": warn_above,
+        "in_distribution": {},
+        "unseen_source": {},
+        "foreign": {},
+    }
 
     def row(d: npt.NDArray[np.float64], versus: bool) -> dict[str, Any]:
         r = {"tiles": int(d.size), "slide_score": round(float(np.median(d) / d_ref), 3),
-             "beyond_d_ref": round(float((d > d_ref).mean()), 3)}  # fmt: skip
+             "beyond_d_ref": round(float((d > d_ref).mean()), 3),
+             "warned": bool(np.median(d) / d_ref > warn_above)}  # fmt: skip
         if versus:
             r["auroc_vs_held_out"] = round(
                 roc_auc(np.r_[np.zeros(d_held.size), np.ones(d.size)], np.r_[d_held, d]), 4
@@ -120,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=Path, default=None)
     p.add_argument("--slides", type=Path, default=shared_tiles_dir().parent / "slides")
     p.add_argument("--json", type=Path, help="also write the report here")
+    p.add_argument("--write-card", action="store_true", help="store the report in the card (ood.validation)")
     args = p.parse_args(argv)
     card = load_card(args.model.with_suffix(".json"))
     index = args.index or default_index()
@@ -131,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
+    if args.write_card:
+        card["ood"]["validation"] = {
+            "command": "python -m models.ood_check --model " + args.model.as_posix(),
+            **report,
+        }
+        write_card(card, args.model.with_suffix(".json"), args.model.parent / "MODEL_CARD.md")
     return 0
 
 

@@ -109,9 +109,10 @@ def slide_label(
 def ood_summary(distances: np.ndarray | None, d_ref: float, warn_above: float = 1.0) -> dict[str, Any] | None:
     """Slide out-of-distribution score: median tile distance / ``d_ref`` (see ``models/ood.py``).
 
-    ``d_ref`` is the 99th percentile of held-out in-distribution tile distances, so a score above
-    ``warn_above`` (1) means the slide's typical tile is farther from the training data than 99 % of
-    in-distribution tiles: the model does not know this kind of tissue, stain or scanner.
+    ``d_ref`` is the 99th percentile of held-out in-distribution tile distances and ``warn_above``
+    (from the model card) the 95th percentile of this score over held-out groups of tiles, so a slide
+    above it looks less like the training data than 95 % of held-out groups: the model may not know
+    this kind of tissue, stain or scanner.
     """
     if distances is None or not d_ref > 0:
         return None

@@ -53,6 +53,7 @@ class ModelCard:
     sha256: str = ""
     ood_output: str = ""  # per-tile out-of-distribution distance output ("" when the model has none)
     ood_d_ref: float = 0.0  # reference distance: slide OOD score = median tile distance / ood_d_ref
+    ood_warn_above: float = 1.0  # slide OOD score above which the slide gets a warning
     threshold: float = 0.5  # P(positive) threshold chosen on validation data
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -100,6 +101,7 @@ def load_card(path: str | os.PathLike[str]) -> ModelCard:
             sha256=str(raw.get("sha256", "")),
             ood_output=str((raw.get("ood") or {}).get("output", "")),
             ood_d_ref=float((raw.get("ood") or {}).get("d_ref", 0.0)),
+            ood_warn_above=float((raw.get("ood") or {}).get("warn_above", 1.0)),
             threshold=float((raw.get("threshold") or {}).get("value", 0.5)),
             raw=raw,
         )

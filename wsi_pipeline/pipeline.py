@@ -225,7 +225,7 @@ def _write_outputs(
         p_pos, coords, fractions, cell_area_mm2=tile_area_mm2(cell, mpp0), rule=opts.label,
         positive_name=card.positive_class,
     )  # fmt: skip
-    label["ood"] = ood_summary(result.ood, card.ood_d_ref)
+    label["ood"] = ood_summary(result.ood, card.ood_d_ref, card.ood_warn_above)
     boxes = grid.boxes_l0(colrow)
     write_heatmap_tiff(
         paths["heatmap"], canvas, cell_l0_px=cell, mpp_l0=mpp0,
