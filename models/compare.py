@@ -28,26 +28,42 @@ from models.metrics import binary_metrics, roc_auc
 from models.scanned import LabelRule, glas_tiles, load_consep, shared_tiles_dir
 
 
-def compare(models: list[Path], split: str, index: Path) -> list[dict[str, Any]]:
-    """One row of figures per model (see the module docstring)."""
-    ref_card = load_card(models[0].with_suffix(".json"))
-    card = {"data": {"split": ref_card["data"]["split"], "glas": {"label_rule": {"adenoma": "negative"}}}}
+def _sets(
+    ref_card: dict[str, Any], split: str, index: Path, stain: str
+) -> tuple[EvalSet, EvalSet, EvalSet | None]:
+    card = {
+        "data": {"split": ref_card["data"]["split"], "glas": {"label_rule": {"adenoma": "negative"}}},
+        "preprocessing": {"stain_normalization": stain},
+    }
     sets = {s.name: s for s in build_sets(card, index, splits=(split,))}
-    lc, glas = sets[split], sets[f"glas-{split}"]
     consep = None
     if split == "val" and (shared_tiles_dir() / "consep-patches").exists():  # CoNSeP's official test tiles
-        imgs, lab, _, groups = glas_tiles(load_consep(None, "test"), LabelRule())
+        imgs, lab, _, groups = glas_tiles(load_consep(None, "test", stain=stain), LabelRule())
         consep = EvalSet("consep-val", imgs, lab, ("consep",) * len(lab), tuple(groups))
-    grades = np.asarray(glas.labels)
-    adenoma = np.char.endswith(grades.astype(str), "adenomatous")
+    return sets[split], sets[f"glas-{split}"], consep
+
+
+def compare(models: list[Path], split: str, index: Path) -> list[dict[str, Any]]:
+    """One row of figures per model (see the module docstring); each model sees its own input
+    (Macenko-normalized when its card says so)."""
+    cards = [load_card(m.with_suffix(".json")) for m in models]
+    cache: dict[str, tuple[EvalSet, EvalSet, EvalSet | None]] = {}
     rows = []
-    for model in models:
-        thr = float((load_card(model.with_suffix(".json")).get("threshold") or {}).get("value", 0.5))
+    for model, card in zip(models, cards, strict=True):
+        stain = (card.get("preprocessing") or {}).get("stain_normalization", "none")
+        if stain not in cache:
+            cache[stain] = _sets(cards[0], split, index, stain)
+        lc, glas, consep = cache[stain]
+        grades = np.asarray(glas.labels)
+        adenoma = np.char.endswith(grades.astype(str), "adenomatous")
+        thr = float((card.get("threshold") or {}).get("value", 0.5))
         p_lc, p_glas, *p_consep = score_sets(model, [lc, glas] + ([consep] if consep else []))
         g = binary_metrics(glas.tumour, p_glas, thr)
+        stroma = (glas.tumour == 0) & np.char.startswith(grades.astype(str), "malignant")
         rows.append(
             {
                 "model": str(model),
+                "stain": stain,
                 "threshold": thr,
                 "lc25000_auc": round(roc_auc(lc.tumour, p_lc), 4),
                 "consep_val_auc": round(roc_auc(consep.tumour, p_consep[0]), 4) if consep else None,
@@ -58,14 +74,7 @@ def compare(models: list[Path], split: str, index: Path) -> list[dict[str, Any]]
                 "glas_mean_p": {
                     str(k): round(float(p_glas[grades == k].mean()), 3) for k in sorted(set(glas.labels))
                 },
-                "glas_stroma_mean_p": round(
-                    float(
-                        p_glas[
-                            (glas.tumour == 0) & np.char.startswith(grades.astype(str), "malignant")
-                        ].mean()
-                    ),
-                    3,
-                ),
+                "glas_stroma_mean_p": round(float(p_glas[stroma].mean()), 3),
             }
         )
     return rows

@@ -125,19 +125,32 @@ def build_sets(card: dict[str, Any], index: Path | None, splits: Sequence[str] =
     ``test`` (and ``val``): the card's index split (LC25000 for the shipped model); ``glas-test`` /
     ``glas-val``: GlaS patients of ``models.scanned.GLAS_SPLIT`` with the card's label rule (only when
     the model was trained with GlaS); ``kather2016`` and ``nct-crc-he``: every tile (0.495 and 0.5
-    um/px, mirror-padded to 224 px), when the shared data is there.
+    um/px, mirror-padded to 224 px), when the shared data is there. A card whose
+    ``preprocessing.stain_normalization`` is ``macenko`` gets every set Macenko-normalized (one fit per
+    source picture, GlaS region or Kather tile), as the pipeline normalizes each slide.
     """
-    from models.scanned import GLAS_SPLIT, LabelRule, glas_tiles, load_glas, load_labelled_tiles
+    from models.scanned import (
+        GLAS_SPLIT,
+        LabelRule,
+        glas_tiles,
+        load_glas,
+        load_labelled_tiles,
+        macenko_groups,
+    )
 
     split_info = card["data"]["split"]
+    stain = (card.get("preprocessing") or {}).get("stain_normalization", "none")
     out: list[EvalSet] = []
     if index is not None and index.exists():
         rows = read_index(index)
         parts = split_rows(rows, split_info["fractions"], split_info["seed"])
         for split in splits:
             tiles = load_tiles([rows[i] for i in parts[split]])
+            images = tiles.images
+            if stain == "macenko":  # one fit per source picture, as the pipeline fits one per slide
+                images = macenko_groups(images, [r.group for r in tiles.rows])
             out.append(
-                EvalSet(split, tiles.images, tiles.tumour, tuple(r.label for r in tiles.rows),
+                EvalSet(split, images, tiles.tumour, tuple(r.label for r in tiles.rows),
                         tuple(r.group for r in tiles.rows), f"{index.parent.name} {split} split")
             )  # fmt: skip
     tiles_dir = shared_tiles_dir()
@@ -155,7 +168,7 @@ def build_sets(card: dict[str, Any], index: Path | None, splits: Sequence[str] =
     if "test" in splits:
         for name, folder in (("kather2016", "kather2016-samples"), ("nct-crc-he", "nct-crc-he-100k-samples")):
             if (tiles_dir / folder / "index.csv").exists():
-                imgs, lab, classes, groups = load_labelled_tiles(tiles_dir / folder)
+                imgs, lab, classes, groups = load_labelled_tiles(tiles_dir / folder, stain=stain)
                 out.append(EvalSet(name, imgs, lab, tuple(classes), tuple(groups), f"tiles/{folder}"))
     return out
 

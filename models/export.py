@@ -35,6 +35,7 @@ from models.card import sha256_file, write_card
 from models.data import load_tiles
 from models.evaluate import build_sets, choose_threshold, make_session, score_sets, set_metrics
 from models.net import TumourTileModel, build_net
+from models.scanned import macenko_groups
 from models.split import read_index, sample_rows, split_rows
 
 MPP_NOTE = (
@@ -298,19 +299,24 @@ def main(argv: list[str] | None = None) -> int:
     data_info: dict[str, Any] = {"split": {"fractions": split_info["fractions"], "seed": split_info["seed"]}}
     if recipe["name"] == "lc25000+glas":
         data_info["glas"] = {"label_rule": recipe["label_rule"]}
-    val_sets = build_sets({"data": data_info}, index, splits=("val",))
+    stain = recipe.get("stain", "none")
+    set_card = {"data": data_info, "preprocessing": {"stain_normalization": stain}}
+    val_sets = build_sets(set_card, index, splits=("val",))
 
     # OOD reference: fitted on the training sources (un-augmented), calibrated on their validation tiles
     fit_rows = sample_rows(split["train"], rows, 1000, seed=3)
-    fit_tiles = [load_tiles([rows[i] for i in fit_rows]).images]
+    fit_lc = load_tiles([rows[i] for i in fit_rows])
+    fit_tiles = [
+        macenko_groups(fit_lc.images, [r.group for r in fit_lc.rows]) if stain == "macenko" else fit_lc.images
+    ]
     if recipe["name"] == "lc25000+glas":
         from models.scanned import GLAS_SPLIT, LabelRule, glas_tiles, load_consep, load_glas
 
         glas_dir = Path(recipe["glas"])
         rule = LabelRule(**recipe["label_rule"])
-        fit_tiles.append(glas_tiles(load_glas(glas_dir, GLAS_SPLIT["train"]), rule)[0])
+        fit_tiles.append(glas_tiles(load_glas(glas_dir, GLAS_SPLIT["train"], stain=stain), rule)[0])
         if recipe.get("consep"):
-            fit_tiles.append(glas_tiles(load_consep(Path(recipe["consep"]), "train"), rule)[0])
+            fit_tiles.append(glas_tiles(load_consep(Path(recipe["consep"]), "train", stain=stain), rule)[0])
     ood_info = fit_ood(
         model,
         np.concatenate(fit_tiles),
@@ -340,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # threshold from validation sets only, then every test set at that threshold
     threshold = choose_threshold(val_sets, score_sets(args.out, val_sets))
-    test_sets = build_sets({"data": data_info}, index, splits=("test",))
+    test_sets = build_sets(set_card, index, splits=("test",))
     metrics = {
         s.name: _round(set_metrics(s, pr, threshold))
         for s, pr in zip(test_sets, score_sets(args.out, test_sets), strict=True)
@@ -432,6 +438,12 @@ def main(argv: list[str] | None = None) -> int:
             "mean": ckpt["mean"],
             "std": ckpt["std"],
             "formula": "(tiles / 255 - mean) / std per RGB channel, then NHWC -> NCHW",
+            "stain_normalization": stain,
+            "stain_note": "macenko: the model was trained on tiles Macenko-normalized to the pipeline's "
+            "default H&E reference (one fit per source picture / region); wsi-infer normalizes each slide "
+            "the same way unless --normalize none is given"
+            if stain == "macenko"
+            else "none: trained on raw colours (with stain augmentation)",
         },
         "onnx_file": args.out.name,
         "sha256": sha256_file(args.out),

@@ -176,6 +176,37 @@ class Region:
         return [(float(x), float(y)) for y in ys for x in xs]
 
 
+def macenko_groups(images: npt.NDArray[np.uint8], groups: Sequence[str]) -> npt.NDArray[np.uint8]:
+    """Macenko-normalize ``images`` ``(N, H, W, 3)`` to the pipeline's reference stain, one stain fit per
+    group (a source picture, region or slide), as ``wsi-infer --normalize macenko`` does per slide.
+
+    A group whose fit fails (too little stained tissue) is left as it is, as the pipeline falls back
+    to the reference (an identity transform).
+    """
+    import warnings
+
+    from wsi_pipeline.stain import StainFitWarning, apply_macenko, fit_macenko
+
+    out = images.copy()
+    g = np.asarray(groups)
+    for name in np.unique(g):
+        sel = np.flatnonzero(g == name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", StainFitWarning)
+            try:
+                model = fit_macenko(images[sel])
+            except ValueError:
+                continue
+        out[sel] = apply_macenko(images[sel], model)
+    return out
+
+
+def _normalized(reg: Region, stain: str) -> Region:
+    if stain == "macenko":
+        reg.image = macenko_groups(reg.image[None], ["region"])[0]
+    return reg
+
+
 def _read_rgb(path: Path) -> npt.NDArray[np.uint8]:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
@@ -186,8 +217,11 @@ def glas_patient(group: str) -> int:
     return int(group.rsplit("_", 1)[1])
 
 
-def load_glas(root: Path | None = None, patients: Sequence[int] | None = None) -> list[Region]:
-    """GlaS regions (with gland masks) of the given patients (all when None), in index order."""
+def load_glas(
+    root: Path | None = None, patients: Sequence[int] | None = None, stain: str = "none"
+) -> list[Region]:
+    """GlaS regions (with gland masks) of the given patients (all when None), in index order;
+    ``stain="macenko"`` normalizes each region with its own fit (``macenko_groups``)."""
     root = root or shared_tiles_dir() / "glas-colon"
     with (root / "index.csv").open(newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
@@ -200,7 +234,8 @@ def load_glas(root: Path | None = None, patients: Sequence[int] | None = None) -
         name = Path(r["path"]).stem
         with Image.open(masks[name]) as im:
             mask = np.asarray(im.convert("L")) > 127
-        out.append(Region(name, _read_rgb(root / r["path"]), float(r["mpp"]), r["label"], r["group"], mask))
+        reg = Region(name, _read_rgb(root / r["path"]), float(r["mpp"]), r["label"], r["group"], mask)
+        out.append(_normalized(reg, stain))
     return out
 
 
@@ -230,7 +265,7 @@ def glas_tiles(
 CONSEP_MPP = 0.25
 
 
-def load_consep(root: Path | None = None, split: str = "train") -> list[Region]:
+def load_consep(root: Path | None = None, split: str = "train", stain: str = "none") -> list[Region]:
     """CoNSeP source tiles of ``split`` (``train``/``test``, the official split) as regions.
 
     Each 1000 px tile was re-cut into 16 patches of 256 px; patches 0-8 are its top-left 3 x 3 block,
@@ -253,7 +288,11 @@ def load_consep(root: Path | None = None, split: str = "train") -> list[Region]:
             )
             with Image.open(root / "seg_mask" / split / f"{name}_{k:03d}.png") as im:
                 types[y * 256 : (y + 1) * 256, x * 256 : (x + 1) * 256] = np.asarray(im)
-        out.append(Region(name, img, CONSEP_MPP, "consep/adenocarcinoma", g, types == 3, types > 0))
+        out.append(
+            _normalized(
+                Region(name, img, CONSEP_MPP, "consep/adenocarcinoma", g, types == 3, types > 0), stain
+            )
+        )
     return out
 
 
@@ -270,7 +309,7 @@ def pad_reflect(tile: npt.NDArray[np.uint8], tile_px: int = TILE_PX) -> npt.NDAr
 
 
 def load_labelled_tiles(
-    folder: Path, target_mpp: float = TARGET_MPP
+    folder: Path, target_mpp: float = TARGET_MPP, stain: str = "none"
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64], list[str], list[str]]:
     """Kather-style tile sets (``index.csv`` with ``mpp``): rescaled to ``target_mpp``, mirror-padded.
 
@@ -285,14 +324,16 @@ def load_labelled_tiles(
         if abs(scale - 1.0) > 0.02:
             size = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
             img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR))
-        tiles.append(pad_reflect(img))
+        tiles.append(pad_reflect(macenko_groups(img[None], ["tile"])[0] if stain == "macenko" else img))
         labels.append(int(r["tumour"]))
         classes.append(r["label"])
         groups.append(r["group"])
     return np.stack(tiles), np.asarray(labels, dtype=np.int64), classes, groups
 
 
-def load_unlabelled_regions(tiles_dir: Path | None = None, target_mpp: float = TARGET_MPP) -> list[Region]:
+def load_unlabelled_regions(
+    tiles_dir: Path | None = None, target_mpp: float = TARGET_MPP, stain: str = "none"
+) -> list[Region]:
     """Unlabelled scanned lung regions (MoNuSAC, MoNuSeg) large enough for one tile at ``target_mpp``."""
     tiles_dir = tiles_dir or shared_tiles_dir()
     out = []
@@ -308,5 +349,6 @@ def load_unlabelled_regions(tiles_dir: Path | None = None, target_mpp: float = T
                 side = TILE_PX * target_mpp / mpp
                 if min(int(r["width"]), int(r["height"])) < side:
                     continue
-                out.append(Region(Path(r["path"]).stem, _read_rgb(folder / r["path"]), mpp, "", r["group"]))
+                reg = Region(Path(r["path"]).stem, _read_rgb(folder / r["path"]), mpp, "", r["group"])
+                out.append(_normalized(reg, stain))
     return out

@@ -22,7 +22,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from models.scanned import (
     load_consep,
     load_glas,
     load_unlabelled_regions,
+    macenko_groups,
 )
 from models.split import DEFAULT_FRACTIONS, DEFAULT_SEED, read_index, split_rows, split_summary
 
@@ -91,6 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--augment", choices=["basic", "scanner"], default="basic",
         help="basic: flips, rotations, HED jitter; scanner: also resolution, blur, JPEG, colour",
+    )  # fmt: skip
+    p.add_argument(
+        "--stain", choices=["none", "macenko"], default="none",
+        help="macenko: normalize every source picture / region to the pipeline's reference stain first "
+        "(the model card then makes wsi-infer normalize slides the same way)",
     )  # fmt: skip
     p.add_argument("--ssl", choices=["none", "fixmatch"], default="none", help="semi-supervised loss")
     p.add_argument("--ssl-weight", type=float, default=1.0, help="FixMatch unlabelled-loss weight")
@@ -246,28 +252,31 @@ def build_recipe(
     args: argparse.Namespace, train: TileSet, val: TileSet
 ) -> tuple[BatchSource, list[ValSet], list[list[Region]], dict[str, Any]]:
     """Training source, validation sets, unlabelled regions and a description for the checkpoint."""
+    if args.stain == "macenko":
+        train = replace(train, images=macenko_groups(train.images, [r.group for r in train.rows]))
+        val = replace(val, images=macenko_groups(val.images, [r.group for r in val.rows]))
     val_sets = [ValSet("lc25000-val", val.images, val.tumour)] if len(val) else []
     if args.glas is None:
         if args.ssl != "none":
             raise ValueError(
                 "--ssl needs --glas (its regions and the shared lung tiles are the unlabelled pool)"
             )
-        return BatchSource(train, None, args.batch_size), val_sets, [], {"name": "index"}
+        return BatchSource(train, None, args.batch_size), val_sets, [], {"name": "index", "stain": args.stain}
     rule = LabelRule(adenoma=args.adenoma)
-    glas_train = load_glas(args.glas, GLAS_SPLIT["train"])
-    glas_val = load_glas(args.glas, GLAS_SPLIT["val"])
-    consep = load_consep(args.consep, "train") if args.consep is not None else []
+    glas_train = load_glas(args.glas, GLAS_SPLIT["train"], stain=args.stain)
+    glas_val = load_glas(args.glas, GLAS_SPLIT["val"], stain=args.stain)
+    consep = load_consep(args.consep, "train", stain=args.stain) if args.consep is not None else []
     sampler = MixedSampler(
         train.images, train.tumour, glas_train + consep, rule, lc_fraction=args.lc_fraction
     )
     v_images, v_labels, _, _ = glas_tiles(glas_val, rule)
     val_sets.append(ValSet("glas-val", v_images, v_labels))
     if args.consep is not None:  # CoNSeP's official test tiles validate; they are never trained on
-        c_images, c_labels, _, _ = glas_tiles(load_consep(args.consep, "test"), rule)
+        c_images, c_labels, _, _ = glas_tiles(load_consep(args.consep, "test", stain=args.stain), rule)
         val_sets.append(ValSet("consep-val", c_images, c_labels))
     unlabelled: list[list[Region]] = []
     if args.ssl != "none":
-        unlabelled = [glas_train, load_unlabelled_regions(args.glas.parent)]
+        unlabelled = [glas_train, load_unlabelled_regions(args.glas.parent, stain=args.stain)]
     recipe = {
         "name": "lc25000+glas",
         "glas": str(args.glas),
@@ -280,6 +289,7 @@ def build_recipe(
         "unlabelled_regions": [len(p) for p in unlabelled],
         "augment": args.augment,
         "ssl": args.ssl,
+        "stain": args.stain,
     }
     print(f"recipe: {json.dumps(recipe)}", flush=True)
     return BatchSource(None, sampler, args.batch_size), val_sets, unlabelled, recipe
@@ -318,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         mean, std = channel_stats(source.sampler.sample(512, np.random.default_rng(args.seed))[0])
         class_weights = [1.0, 1.0]  # the sampler draws both classes equally often
     else:
-        mean, std = channel_stats(train.images)
+        assert source.tiles is not None
+        mean, std = channel_stats(source.tiles.images)
         counts = np.bincount(train.tumour, minlength=2)
         if counts.min() == 0:
             raise ValueError(f"training split has only one class (counts {counts.tolist()})")

@@ -133,6 +133,7 @@ def write_test_model(
     name: str = "colour-model",
     ood_d_ref: float | None = None,
     threshold: float | None = None,
+    stain_normalization: str | None = None,
 ) -> Path:
     """Write ``name.onnx`` + ``name.json`` (card) into ``folder``; returns the .onnx path.
 
@@ -189,7 +190,10 @@ def write_test_model(
         "input": {"name": "tiles", "size_px": size_px, "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
         "output": {"name": "probabilities"},
         "mpp": mpp,
-        "preprocessing": {"in_graph": True},
+        "preprocessing": {
+            "in_graph": True,
+            **({"stain_normalization": stain_normalization} if stain_normalization else {}),
+        },
         "onnx_file": onnx_path.name,
         "sha256": file_sha256(onnx_path),
     }

@@ -335,18 +335,33 @@ def test_shipped_card_describes_the_graph() -> None:
     assert "no lung tiles from slide scanners" in card["data"]["scanned_lung"]
 
 
-def test_shipped_model_calls_the_bundled_benign_sample_no_tumour(tmp_path: Path) -> None:
-    """Whole-slide sanity on real input: the CC0 CMU sample (benign skin, 0.499 um/px) stays negative,
-    and its slide OOD score is computed (skin is an organ the model never saw)."""
+@pytest.fixture(scope="module")
+def cmu_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from wsi_pipeline.pipeline import RunOptions, run_slide
 
     sample = ROOT / "samples" / "CMU-1-Small-Region.svs"
-    m = run_slide(sample, tmp_path / "cmu.tif", model=SHIPPED_ONNX, options=RunOptions(workers=2))
-    assert m["label"]["label"] == "no tumour", m["label"]["evidence"]
+    out = tmp_path_factory.mktemp("cmu") / "cmu.tif"
+    return run_slide(sample, out, model=SHIPPED_ONNX, options=RunOptions(workers=2))
+
+
+def test_shipped_model_warns_that_the_bundled_skin_sample_is_unlike_its_training_data(cmu_run: dict) -> None:
+    """Whole-slide sanity on real input: the CC0 CMU sample (benign skin, 0.499 um/px) is an organ the
+    model never saw; its slide OOD score is above the card's warning level, so the run says so."""
+    m = cmu_run
     assert m["n_tiles"] > 40
     assert m["params"]["label"]["tile_threshold"] == load_card(SHIPPED_CARD)["threshold"]["value"]
     ood = m["label"]["ood"]
-    assert ood is not None and ood["score"] > 0
+    assert ood is not None and ood["score"] > load_card(SHIPPED_CARD)["ood"]["warn_above"]
+    assert ood["warning"] and "unlike the model's training data" in ood["warning"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect (issue 12): benign squamous epithelium of the skin sample scores as tumour "
+    "(the model learnt squamous morphology from LC25000 lung_scc and never saw benign squamous epithelium)",
+)
+def test_shipped_model_calls_the_bundled_benign_sample_no_tumour(cmu_run: dict) -> None:
+    assert cmu_run["label"]["label"] == "no tumour", cmu_run["label"]["evidence"]
 
 
 @pytest.mark.realdata
@@ -384,3 +399,25 @@ def test_index_csv_columns_are_the_ones_documented(tmp_path: Path) -> None:
     bad.write_text("path,label,group\na,b,c\n")
     with pytest.raises(ValueError, match="tumour"):
         read_index(bad)
+
+
+@pytest.mark.realdata
+def test_shipped_model_warns_on_the_stain_shifted_tcga_section(tmp_path: Path) -> None:
+    """The TCGA-CR head-and-neck squamous carcinoma section (no mpp in the file; 1.0 um/px assumed from
+    nuclear size) is stained far pinker than anything in training: the slide OOD score says so, so its
+    'no tumour' is flagged as not a negative result. That the heatmap misses its nests is a known
+    defect (see the xfail below)."""
+    slide = SHARED_DATA / "slides" / "aperio" / "tcga-cr-7395-01a-01-ts1.svs"
+    if not slide.exists():
+        pytest.skip(f"real data not available: {slide} (the shared data folder is absent)")
+    from dataclasses import replace
+
+    from wsi_pipeline.pipeline import RunOptions, run_slide
+    from wsi_pipeline.tiler import TileOptions
+
+    opts = RunOptions(tile=replace(TileOptions(), mpp_override=1.0), workers=2)
+    m = run_slide(slide, tmp_path / "tcga.tif", model=SHIPPED_ONNX, options=opts)
+    assert m["label"]["ood"]["score"] > 1.5 * load_card(SHIPPED_CARD)["ood"]["warn_above"]
+    assert m["label"]["ood"]["warning"]
+    if m["label"]["label"] != "tumour":
+        pytest.xfail("known defect (issue 12): the shipped model misses this section's carcinoma nests")

@@ -410,3 +410,30 @@ def test_card_naming_a_missing_ood_output_is_refused(tmp_path: Path) -> None:
     card_path.write_text(json.dumps(card))
     with pytest.raises(ModelError, match="ood_distance"):
         create_session(resolve_model(model), "cpu")
+
+
+def test_card_asking_for_macenko_normalizes_unless_told_not_to(tumour_slide: Fixture, tmp_path: Path) -> None:
+    """A model trained on Macenko-normalized tiles gets them: the slide's stain is fitted and recorded;
+    an explicit `--normalize none` (normalize_from_card=False) is respected and recorded too."""
+    model = write_test_model(tmp_path / "m", stain_normalization="macenko")
+    m = run_slide(tumour_slide.path, tmp_path / "n.tif", model=model, options=OPTS)
+    assert m["params"]["tile"]["normalize"] == "macenko"
+    assert m["stain"] is not None and "source" in json.dumps(m["stain"])
+    raw = RunOptions(chunk_tiles=32, workers=2, normalize_from_card=False)
+    m2 = run_slide(tumour_slide.path, tmp_path / "r.tif", model=model, options=raw)
+    assert m2["params"]["tile"]["normalize"] == "none" and m2["stain"] is None
+    res = CliRunner().invoke(
+        main, [str(tumour_slide.path), "--out", str(tmp_path / "c.tif"), "--model", str(model), "-q"]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "c.run.json").read_text())["params"]["tile"]["normalize"] == "macenko"
+
+
+def test_unnormalized_store_is_refused_by_a_macenko_model(tumour_slide: Fixture, tmp_path: Path) -> None:
+    from wsi_pipeline.tiler import TileOptions, tile_slide
+
+    store = tmp_path / "s.zarr"
+    tile_slide(tumour_slide.path, store, TileOptions())
+    model = write_test_model(tmp_path / "m", stain_normalization="macenko")
+    with pytest.raises(ModelError, match="re-tile with `wsi-infer tile --normalize macenko`"):
+        run_slide(store, tmp_path / "x.tif", model=model, options=OPTS)

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float, default=None, help="level-0 um/px override for every slide")
     p.add_argument("--target-mpp", type=float, default=None, help="tile resolution (default: the model's)")
     p.add_argument("--min-tissue", type=float, default=0.25)
-    p.add_argument("--normalize", choices=["none", "macenko"], default="none")
+    p.add_argument("--normalize", choices=["none", "macenko"], default=None, help="default: the model card's")
     p.add_argument("--label-rule", choices=["area", "topk"], default="area")
     p.add_argument("--tile-threshold", type=float, default=None, help="default: the model card's threshold")
     p.add_argument("--min-area", type=float, default=0.1, help="mm^2 of positive tissue (area rule)")
@@ -162,7 +162,7 @@ def make_options(args: argparse.Namespace, resources: dict | None) -> Any:
     tile = TileOptions(
         mpp_override=args.mpp,
         min_tissue_fraction=args.min_tissue,
-        normalize=args.normalize,
+        normalize=args.normalize or "none",
         **({"target_mpp": args.target_mpp} if args.target_mpp else {}),
     )
     label = LabelRule(
@@ -180,6 +180,7 @@ def make_options(args: argparse.Namespace, resources: dict | None) -> Any:
         chunk_tiles=args.chunk_tiles,
         backend=args.backend,
         resources=resources,
+        normalize_from_card=args.normalize is None,
     )
 
 

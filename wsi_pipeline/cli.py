@@ -147,8 +147,9 @@ def _tile_options(fn: F) -> F:
         click.option("--min-tissue-area", type=float, default=10_000.0, show_default=True,
                      help="Ignore tissue pieces smaller than this, um^2."),
         click.option("--workers", type=int, default=None, help="Reader threads [default: CPUs, at most 4]."),
-        click.option("--normalize", type=click.Choice(["none", "macenko"]), default="none", show_default=True,
-                     help="Stain normalization: one Macenko model fitted per slide, applied to every tile."),
+        click.option("--normalize", type=click.Choice(["none", "macenko"]), default=None,
+                     help="Stain normalization: one Macenko model fitted per slide, applied to every tile "
+                          "[default: what the model card asks for when scoring, else none]."),
         click.option("--stain-reference", type=click.Path(path_type=Path), default=None,
                      help="Reference H&E image (PNG/JPEG) to normalize to [default: standard reference]."),
     ]  # fmt: skip
@@ -285,7 +286,7 @@ def _options_from(kw: dict[str, Any]) -> Any:
             "stain_reference_name": f"{ref_path.name} (sha256 {file_sha256(ref_path)[:16]})",
         }
     return TileOptions(
-        normalize=kw["normalize"],
+        normalize=kw["normalize"] or "none",
         **stain,
         target_mpp=kw["target_mpp"],
         tile_px=kw["tile_size"],
@@ -460,6 +461,7 @@ def run(slide: Path, out: Path, quiet: bool, overwrite: bool, skip_errors: bool,
             workers=kw["workers"],
             backend=kw["backend"],
             tiles_out=kw["tiles_out"],
+            normalize_from_card=kw["normalize"] is None,
         )
         client = _client(kw["scheduler"])
         try:

@@ -55,6 +55,7 @@ class ModelCard:
     ood_d_ref: float = 0.0  # reference distance: slide OOD score = median tile distance / ood_d_ref
     ood_warn_above: float = 1.0  # slide OOD score above which the slide gets a warning
     threshold: float = 0.5  # P(positive) threshold chosen on validation data
+    stain_normalization: str = "none"  # "macenko": the model expects slide-level Macenko-normalized tiles
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -103,6 +104,7 @@ def load_card(path: str | os.PathLike[str]) -> ModelCard:
             ood_d_ref=float((raw.get("ood") or {}).get("d_ref", 0.0)),
             ood_warn_above=float((raw.get("ood") or {}).get("warn_above", 1.0)),
             threshold=float((raw.get("threshold") or {}).get("value", 0.5)),
+            stain_normalization=str(pre.get("stain_normalization", "none")),
             raw=raw,
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -115,6 +117,10 @@ def load_card(path: str | os.PathLike[str]) -> ModelCard:
         raise _bad(p, f"unsupported input dtype/layout {card.input_dtype}/{card.input_layout}")
     if card.ood_output and not card.ood_d_ref > 0:
         raise _bad(p, f"ood.d_ref must be > 0 when ood.output is given, got {card.ood_d_ref}")
+    if card.stain_normalization not in ("none", "macenko"):
+        raise _bad(
+            p, f"preprocessing.stain_normalization must be none or macenko, not {card.stain_normalization!r}"
+        )
     if not 0.0 < card.threshold < 1.0:
         raise _bad(p, f"threshold.value must be in (0, 1), got {card.threshold}")
     if not card.in_graph and (len(card.mean) != 3 or len(card.std) != 3):

@@ -47,6 +47,7 @@ class RunOptions:
     backend: str = "auto"
     tiles_out: Path | None = None  # also write the (normalized) tile store here, then score from it
     resources: dict[str, float] | None = None  # distributed worker resources per task, e.g. {"GPU": 1}
+    normalize_from_card: bool = True  # normalize stain as the model card asks when tile.normalize is "none"
 
 
 def output_paths(heatmap: Path) -> dict[str, Path]:
@@ -110,6 +111,8 @@ def run_slide(
     t0 = time.perf_counter()
     opts = options or RunOptions()
     card = resolve_model(model)
+    if opts.normalize_from_card and card.stain_normalization == "macenko" and opts.tile.normalize == "none":
+        opts = replace(opts, tile=replace(opts.tile, normalize="macenko"))
     tile_opts = check_model_fits(card, opts.tile)
     opts = replace(opts, tile=tile_opts, label=opts.label.with_threshold(card.threshold))
     slide_p, paths = Path(slide), output_paths(Path(heatmap))
@@ -150,6 +153,12 @@ def run_slide(
         grid = TileGrid(**{k: meta["grid"][k] for k in TileGrid.__dataclass_fields__})
         colrow, coords, fractions = store.grid_colrow, store.coords_l0, store.tissue_fraction
         stain, source_meta = None, meta  # tiles in the store are already normalized if asked
+        if opts.tile.normalize == "macenko" and not meta.get("stain"):
+            raise ModelError(
+                f"{slide_p}: the store holds tiles without stain normalization but "
+                f"{'the model card asks for' if opts.normalize_from_card else 'you asked for'} Macenko; "
+                "re-tile with `wsi-infer tile --normalize macenko` or score the slide itself"
+            )
         if store.tiles.shape[1] != card.input_size_px:
             raise ModelError(
                 f"{slide_p}: tiles of {store.tiles.shape[1]} px, the model takes {card.input_size_px}"
