@@ -126,7 +126,7 @@ def ood_summary(distances: np.ndarray | None, d_ref: float, warn_above: float = 
         "d_ref": d_ref,
         "warning": (
             f"slide looks unlike the model's training data (OOD score {score:.2f} > {warn_above:g}): "
-            "a 'no tumour' call here is not a negative result; review by eye"
+            "its label is unreliable either way (a 'no tumour' is not a negative result); review by eye"
         )
         if warn
         else None,
