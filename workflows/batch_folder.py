@@ -197,7 +197,7 @@ def list_items(src: Path) -> list[Any]:
 
 def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
     """Score ``items`` on ``client``; returns the exit code (0 ok, 1 some slide failed)."""
-    from wsi_pipeline.batch import BatchItem, run_batch
+    from wsi_pipeline.batch import BatchItem, output_stems, run_batch
     from wsi_pipeline.pipeline import run_slide
     from wsi_pipeline.provenance import atomic_write_json, environment_versions
 
@@ -217,10 +217,12 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
         + f", model on {provider}; {len(items)} slides -> {out}"
     )
 
+    names = dict(zip(items, output_stems(items), strict=True))
+
     def one(item: BatchItem) -> dict[str, Any]:
         o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
         m = run_slide(
-            item.slide, out / f"{item.slide.stem}.heatmap.tif", model=model, options=o, client=client,
+            item.slide, out / f"{names[item]}.heatmap.tif", model=model, options=o, client=client,
             overwrite=args.overwrite,
         )  # fmt: skip
         ev = m["label"]["evidence"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,12 +28,48 @@ class BatchItem:
     mpp: float | None = None
 
 
+def is_own_output(path: Path) -> bool:
+    """True for a heatmap TIFF this package wrote (its first page's description says so)."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return False
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            desc = tif.pages.first.description if len(tif.pages) else ""
+    except Exception:  # not a readable TIFF: not ours; the slide reader reports it properly
+        return False
+    return "wsi_pipeline_heatmap" in (desc or "")
+
+
 def find_slides(folder: Path) -> list[Path]:
-    """Slide files directly inside ``folder`` (sorted; hidden files skipped)."""
+    """Slide files directly inside ``folder`` (sorted; hidden files and this package's own heatmap
+    TIFFs skipped, so a folder run whose --out is the input folder does not score its own outputs)."""
     return sorted(
         p for p in folder.iterdir()
         if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith(".")
+        and not is_own_output(p)
     )  # fmt: skip
+
+
+def output_stems(items: Sequence[BatchItem]) -> list[str]:
+    """A distinct output name per slide: the file stem (``case1``) where it is unique in the batch,
+    else the file name (``case1.svs``, ``case1.tif``), else the path from the slides' common folder
+    with ``/`` written as ``__`` (``sub1__s.svs``, ``sub2__s.svs``), so no slide overwrites another's
+    results and each resumes on its own."""
+    stems = [it.slide.stem for it in items]
+    names = [it.slide.name for it in items]
+    resolved = [it.slide.resolve() for it in items]
+    common = Path(os.path.commonpath([str(r.parent) for r in resolved])) if resolved else Path()
+    out = []
+    for stem, name, res in zip(stems, names, resolved, strict=True):
+        if stems.count(stem) == 1:
+            out.append(stem)
+        elif names.count(name) == 1:
+            out.append(name)
+        else:
+            out.append("__".join(res.relative_to(common).parts))
+    return out
 
 
 def read_manifest_csv(path: Path) -> list[BatchItem]:

@@ -344,14 +344,15 @@ def _stain_note(meta: dict[str, Any]) -> str:
 
 
 def _tile_folder(folder: Path, out: Path, opts: Any, *, backend: str, overwrite: bool, quiet: bool) -> int:
-    from .batch import BatchItem, batch_items, run_batch
+    from .batch import BatchItem, batch_items, output_stems, run_batch
 
     items = batch_items(folder)
+    names = dict(zip(items, output_stems(items), strict=True))
     with _Bars(enabled=not quiet, n_slides=len(items)) as bars:
 
         def one(item: BatchItem) -> dict[str, Any]:
             o = opts if item.mpp is None else replace(opts, mpp_override=item.mpp)
-            rep = _tile_one(item.slide, out / f"{item.slide.stem}.zarr", o, backend=backend,
+            rep = _tile_one(item.slide, out / f"{names[item]}.zarr", o, backend=backend,
                             overwrite=overwrite, bars=bars)  # fmt: skip
             return {"status": rep.status, "n_tiles": rep.n_tiles}
 
@@ -524,16 +525,15 @@ def _run_one(
 def _run_folder(
     src: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, quiet: bool, skip: bool
 ) -> int:
-    from .batch import BatchItem, batch_items, run_batch
+    from .batch import BatchItem, batch_items, output_stems, run_batch
 
     items = batch_items(src)
+    names = dict(zip(items, output_stems(items), strict=True))
     with _Bars(enabled=not quiet, n_slides=len(items)) as bars:
 
         def one(item: BatchItem) -> dict[str, Any]:
             o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
-            m = _run_one(
-                item.slide, out / f"{item.slide.stem}.heatmap.tif", o, model, client, overwrite, bars
-            )
+            m = _run_one(item.slide, out / f"{names[item]}.heatmap.tif", o, model, client, overwrite, bars)
             ev = m["label"]["evidence"]
             ood = m["label"].get("ood") or {}
             return {"status": "skipped (done)" if m.get("skipped") else "ok", "label": m["label"]["label"],

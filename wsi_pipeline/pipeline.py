@@ -27,7 +27,7 @@ from .outputs import (
     write_overlay_png,
     write_tiles_csv,
 )
-from .provenance import check_writable, environment_versions
+from .provenance import check_writable, environment_versions, refuse_overwriting_inputs
 from .scoring import ProgressFn, ScoreResult, make_tasks, run_tasks
 from .slide import open_slide, slide_fingerprint
 from .tiler import TileOptions, fit_slide_stain, plan_slide, require_tissue, tile_slide
@@ -116,6 +116,8 @@ def run_slide(
     tile_opts = check_model_fits(card, opts.tile)
     opts = replace(opts, tile=tile_opts, label=opts.label.with_threshold(card.threshold))
     slide_p, paths = Path(slide), output_paths(Path(heatmap))
+    outputs = list(paths.values()) + ([Path(opts.tiles_out)] if opts.tiles_out is not None else [])
+    refuse_overwriting_inputs(outputs, [slide_p, card.onnx_path, card.path])
     from_store = slide_p.is_dir() and slide_p.suffix == ".zarr"
     fingerprint = (
         f"store:{open_tile_store(slide_p).meta['slide']['fingerprint']}"

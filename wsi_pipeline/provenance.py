@@ -94,6 +94,35 @@ def check_writable(folder: Path) -> None:
         raise output_error(folder, exc) from exc
 
 
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)  # hard links and symlinks too
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def input_files(path: Path) -> list[Path]:
+    """The files an input occupies: the file itself and, for MIRAX ``X.mrxs``, its data folder ``X/``."""
+    return [path, path.with_suffix("")] if path.suffix.lower() == ".mrxs" else [path]
+
+
+def refuse_overwriting_inputs(outputs: list[Path], inputs: list[Path], *, what: str = "--out") -> None:
+    """Raise :class:`OutputError` when an output path is (or would replace) an input file or folder.
+
+    Checked before anything is read or written, so a mistyped ``--out`` can never destroy a slide,
+    a model or its card.
+    """
+    for inp in (f for i in inputs for f in input_files(i)):
+        for out in outputs:
+            if _same_path(out, inp):
+                raise OutputError(
+                    f"{out}: this output would overwrite the input {inp}; choose another {what} "
+                    "(e.g. results/NAME.tif)"
+                )
+
+
 def output_error(path: Path, exc: OSError) -> OutputError:
     """One-line :class:`OutputError` for an OSError met while writing ``path``."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):

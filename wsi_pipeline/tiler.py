@@ -26,6 +26,7 @@ from PIL import Image
 from . import __version__
 from .errors import SlideError, TissueError
 from .grid import TileGrid, block_order, make_grid
+from .provenance import refuse_overwriting_inputs
 from .slide import (
     LevelChoice,
     Resolution,
@@ -447,6 +448,7 @@ def tile_slide(
     """
     opts = options or TileOptions()
     out_p = Path(out)
+    refuse_overwriting_inputs([out_p, partial_path(out_p)], [Path(slide_path)])
     t0 = time.perf_counter()
     reader = open_slide(slide_path, backend)
     try:

@@ -81,13 +81,12 @@ def existing_state(out: Path, params: dict[str, Any], *, overwrite: bool) -> str
     """
     part = partial_path(out)
     if out.exists():
-        meta = _read_attrs(out)
-        if meta is None:
-            if not overwrite:
-                raise StoreError(
-                    f"{out}: exists and is not a wsi-pipeline tile store; choose another --out or "
-                    f"pass --overwrite"
-                )
+        meta = _read_attrs(out) if out.is_dir() else None
+        if meta is None:  # --overwrite replaces only a store this project wrote, never a user's folder
+            raise StoreError(
+                f"{out}: exists and is not a wsi-pipeline tile store, so it is left alone (even with "
+                "--overwrite); choose another --out, e.g. a new NAME.zarr"
+            )
         elif meta.get("params") == params and meta.get("complete"):
             return "complete"
         elif not overwrite:
@@ -100,6 +99,11 @@ def existing_state(out: Path, params: dict[str, Any], *, overwrite: bool) -> str
         meta = _read_attrs(part)
         if meta is not None and meta.get("params") == params:
             return "partial"
+        if meta is None and not (part.is_dir() and (part / "zarr.json").exists()):
+            raise StoreError(
+                f"{part}: exists and is not a partial wsi-pipeline tile store, so it is left alone; "
+                "move it away or choose another --out"
+            )
         if not overwrite:
             why = "; ".join(_param_diff(meta.get("params", {}), params)) if meta else "unreadable"
             raise StoreError(
