@@ -33,7 +33,8 @@ def _copy(fixture: Fixture, dest: Path) -> Path:
 
 
 def _invoke(*args: str) -> tuple[int, str]:
-    res = CliRunner().invoke(main, [*args, "-q"])
+    quiet = [] if args[0] == "evaluate" else ["-q"]
+    res = CliRunner().invoke(main, [*args, *quiet])
     return res.exit_code, res.output
 
 
@@ -144,3 +145,87 @@ def test_folder_run_into_its_own_folder_does_not_score_its_outputs(
         assert code == 0, text
     summary = json.loads((src / "summary.json").read_text())
     assert [Path(r["slide"]).name for r in summary["slides"]] == ["case.svs"], summary
+
+
+# --------------------------------------------------------------------------- evaluate: no mix-ups
+
+
+@pytest.fixture(scope="module")
+def two_runs(
+    tumour_slide: Fixture, benign_slide: Fixture, test_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    from wsi_pipeline.pipeline import RunOptions, run_slide
+
+    results = tmp_path_factory.mktemp("results")
+    for fx in (tumour_slide, benign_slide):
+        run_slide(fx.path, results / f"{fx.path.stem}.tif", model=test_model, options=RunOptions(workers=2))
+    return results
+
+
+def _tumour_xml(tumour_slide: Fixture, path: Path) -> Path:
+    from wsi_pipeline.annotations import write_asap_xml
+
+    return write_asap_xml(path, [("Tumor", e.polygon(96)) for e in tumour_slide.spec.tumour])
+
+
+def test_one_annotation_file_applies_only_to_the_slide_of_its_name(
+    two_runs: Path, tumour_slide: Fixture, tmp_path: Path
+) -> None:
+    """Case 5: `evaluate RESULTS --annotations one.xml` applied that file to every slide."""
+    xml = _tumour_xml(tumour_slide, tmp_path / "tumour.xml")
+    code, out = _invoke(
+        "evaluate", str(two_runs), "--annotations", str(xml), "--out", str(tmp_path / "m.json")
+    )
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert [Path(s["slide"]).name for s in metrics["slides"]] == ["tumour.svs"]
+    assert [Path(s).name for s in metrics["unannotated"]] == ["benign.svs"]
+    other = _tumour_xml(tumour_slide, tmp_path / "somebody-else.xml")
+    code, out = _invoke(
+        "evaluate", str(two_runs), "--annotations", str(other), "--out", str(tmp_path / "n.json")
+    )
+    assert code == 9 and "matches none of them by name" in out, out
+    # one manifest and one file, both named by the user: an explicit pair, whatever the names
+    run = two_runs / "tumour.run.json"
+    code, out = _invoke("evaluate", str(run), "--annotations", str(other), "--out", str(tmp_path / "p.json"))
+    assert code == 0, out
+
+
+def test_evaluate_reads_the_outputs_beside_the_manifest(
+    two_runs: Path, tumour_slide: Fixture, tmp_path: Path
+) -> None:
+    """Case 6: tiles.csv was read by the path recorded at run time: from another directory it failed, and a
+    copied results folder silently read the original's table."""
+    copy = tmp_path / "copied-results"
+    shutil.copytree(two_runs, copy)
+    for p in two_runs.glob("*.tiles.csv"):
+        p.rename(p.with_name(p.name + ".moved"))  # the original tables are gone
+    try:
+        ann = tmp_path / "ann"
+        ann.mkdir()
+        _tumour_xml(tumour_slide, ann / "tumour.xml")
+        code, out = _invoke(
+            "evaluate", str(copy), "--annotations", str(ann), "--out", str(tmp_path / "m.json")
+        )
+        assert code == 0, out
+        (s,) = json.loads((tmp_path / "m.json").read_text())["slides"]
+        assert s["dice"] > 0.5
+    finally:
+        for p in two_runs.glob("*.tiles.csv.moved"):
+            p.rename(p.with_name(p.name[: -len(".moved")]))
+
+
+def test_evaluate_with_nothing_to_score_fails_saying_what_it_searched(two_runs: Path, tmp_path: Path) -> None:
+    """Case 24: no matching annotation, or a folder without runs, exited 0 with '0 slides scored'."""
+    empty = tmp_path / "ann"
+    empty.mkdir()
+    code, out = _invoke(
+        "evaluate", str(two_runs), "--annotations", str(empty), "--out", str(tmp_path / "m.json")
+    )
+    assert code == 9 and str(empty) in out and "no annotation" in out, out
+    no_runs = tmp_path / "nothing"
+    no_runs.mkdir()
+    code, out = _invoke(
+        "evaluate", str(no_runs), "--annotations", str(empty), "--out", str(tmp_path / "n.json")
+    )
+    assert code != 0 and "no run manifests" in out, out

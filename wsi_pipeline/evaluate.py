@@ -154,7 +154,9 @@ def evaluate_slide(
     """Metrics of one finished run against its annotation file (None = annotated as no tumour)."""
     m = load_run(manifest_path)
     pos = m["model"]["positive_class"]
-    tiles = _read_tiles(Path(m["outputs"]["tiles_csv"]))
+    # Outputs lie beside the manifest that names them: resolve there, not where the run was made, so a
+    # moved or copied results folder reads its own tile table.
+    tiles = _read_tiles(Path(manifest_path).parent / Path(m["outputs"]["tiles_csv"]).name)
     ann: Annotations | None = read_annotations(annotation_path, mapping) if annotation_path else None
     from shapely import MultiPolygon
 
@@ -227,13 +229,21 @@ def find_runs(results: Path) -> list[Path]:
     raise WsiError(f"{results}: no such run manifest or results folder")
 
 
-def match_annotation(manifest: dict[str, Any], annotations: Path) -> Path | None:
-    """The annotation file for a run: ``annotations`` itself if a file, else ``<slide stem>.<ext>``."""
-    if annotations.is_file():
-        return annotations
+def _slide_stem(manifest: dict[str, Any]) -> str:
     stem = Path(manifest["slide"]).stem
-    if stem.endswith(".zarr"):
-        stem = stem[: -len(".zarr")]
+    return stem[: -len(".zarr")] if stem.endswith(".zarr") else stem
+
+
+def match_annotation(
+    manifest: dict[str, Any], annotations: Path, *, explicit_pair: bool = False
+) -> Path | None:
+    """The annotation file for a run, matched by name: ``<slide stem>.<ext>`` in the ``annotations``
+    folder, or ``annotations`` itself when it is a file of that stem. ``explicit_pair``: the user named
+    one run manifest and one annotation file, so the file is that run's whatever its name."""
+    stem = _slide_stem(manifest)
+    if annotations.is_file():
+        ann_stem = annotations.name[: -len(annotations.suffix)] if annotations.suffix else annotations.name
+        return annotations if explicit_pair or ann_stem == stem else None
     for suffix in ANNOTATION_SUFFIXES:
         cand = annotations / f"{stem}{suffix}"
         if cand.exists():
@@ -260,9 +270,15 @@ def evaluate_runs(
     per: list[dict[str, Any]] = []
     unannotated: list[str] = []
     errors: list[dict[str, str]] = []
-    for run in find_runs(Path(results)):
+    runs = find_runs(Path(results))
+    if not runs:
+        raise WsiError(
+            f"{results}: no run manifests (*.run.json) found; point it at a results folder or manifest"
+        )
+    explicit_pair = Path(results).is_file() and ann_p.is_file()
+    for run in runs:
         m = load_run(run)
-        a = match_annotation(m, ann_p)
+        a = match_annotation(m, ann_p, explicit_pair=explicit_pair)
         if a is None:
             unannotated.append(m["slide"])
             continue
@@ -271,4 +287,14 @@ def evaluate_runs(
                                       mapping=mapping))  # fmt: skip
         except AnnotationError as exc:
             errors.append({"slide": m["slide"], "error": str(exc)})
+    if not per and not errors:
+        where = (
+            f"the file {ann_p.name} matches none of them by name"
+            if ann_p.is_file()
+            else f"no <slide stem>{'/'.join(ANNOTATION_SUFFIXES)} file for any of them in {ann_p}"
+        )
+        raise AnnotationError(
+            f"{ann_p}: no annotation for the {len(runs)} run(s) in {results} ({where}; slides: "
+            f"{', '.join(sorted(Path(s).name for s in unannotated)[:5])}); name each file after its slide"
+        )
     return {"summary": summarize(per), "slides": per, "unannotated": unannotated, "errors": errors}
