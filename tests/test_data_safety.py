@@ -20,6 +20,7 @@ from wsi_pipeline.cli import main
 from wsi_pipeline.synthetic import write_synthetic_slide
 
 pytestmark = pytest.mark.reliability
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "CMU-1-Small-Region.svs"
 
 
 def _sha(path: Path) -> str:
@@ -229,3 +230,40 @@ def test_evaluate_with_nothing_to_score_fails_saying_what_it_searched(two_runs: 
         "evaluate", str(no_runs), "--annotations", str(empty), "--out", str(tmp_path / "n.json")
     )
     assert code != 0 and "no run manifests" in out, out
+
+
+# --------------------------------------------------------------------------- bad slides
+
+
+@pytest.mark.parametrize("size", [100, 5_000, 500_000])
+def test_truncated_svs_is_one_line_exit_3_everywhere(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path, size: int
+) -> None:
+    """Case 8: truncated SVS files gave IndexError tracebacks in info, tile and scoring (the bundled real
+    Aperio sample, cut; synthetic tifffile slides cut the same way were already refused cleanly)."""
+    cut = tmp_path / f"cut{size}.svs"
+    cut.write_bytes(SAMPLE.read_bytes()[:size])
+    for args in (
+        ["info", str(cut)],
+        ["tile", str(cut), "--out", str(tmp_path / "s.zarr"), "-q"],
+        [str(cut), "--out", str(tmp_path / "o.tif"), "--model", str(test_model), "-q"],
+    ):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 3, (args, res.output)
+        assert "Traceback" not in res.output and str(cut) in res.output
+        assert "truncated" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cut.name]
+
+
+def test_truncated_slide_in_a_folder_does_not_stop_the_batch(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "slides"
+    _copy(tumour_slide, src / "b-good.svs")
+    (src / "a-cut.svs").write_bytes(SAMPLE.read_bytes()[:5_000])
+    out = tmp_path / "out"
+    code, text = _invoke(str(src), "--out", str(out), "--model", str(test_model))
+    assert code == 1, text
+    rows = {Path(r["slide"]).name: r for r in json.loads((out / "summary.json").read_text())["slides"]}
+    assert rows["b-good.svs"]["status"] == "ok"
+    assert rows["a-cut.svs"]["status"] != "ok" and "truncated" in json.dumps(rows["a-cut.svs"])

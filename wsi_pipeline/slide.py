@@ -270,6 +270,12 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: b
             except SlideError:
                 reader.close()
                 raise
+            except Exception as exc:  # a reader library's own exception on a corrupt file
+                reader.close()
+                raise SlideError(
+                    f"{p}: cannot read the slide's structure ({type(exc).__name__}: {exc}); the file is "
+                    "truncated or corrupt: re-copy or re-export it"
+                ) from exc
         return reader
     detail = "; ".join(failures)
     other = " or try --backend tiffslide" if backend == "openslide" else ""
@@ -287,7 +293,11 @@ def _open_with(name: str, path: str) -> SlideReader:
             return _LibrarySlide(path, "openslide", openslide.OpenSlide(path), "openslide")
         import tiffslide
 
-        return _LibrarySlide(path, "tiffslide", tiffslide.TiffSlide(path), "tiffslide")
+        ts = tiffslide.TiffSlide(path)
+        # tiffslide parses lazily: a truncated or corrupt file fails here (IndexError, KeyError, ...)
+        # instead of on the first property access far from this error handling.
+        _ = ts.properties, ts.level_dimensions
+        return _LibrarySlide(path, "tiffslide", ts, "tiffslide")
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SlideError(f"{path}: {type(exc).__name__}: {msg}") from exc
