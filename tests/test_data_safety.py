@@ -267,3 +267,77 @@ def test_truncated_slide_in_a_folder_does_not_stop_the_batch(
     rows = {Path(r["slide"]).name: r for r in json.loads((out / "summary.json").read_text())["slides"]}
     assert rows["b-good.svs"]["status"] == "ok"
     assert rows["a-cut.svs"]["status"] != "ok" and "truncated" in json.dumps(rows["a-cut.svs"])
+
+
+def _claiming_tiff(path: Path, claimed: int) -> Path:
+    """A 512 x 512 tiled TIFF (4 tiles) whose header is patched to claim ``claimed`` x ``claimed`` px."""
+    import struct
+
+    import numpy as np
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(120, 230, (512, 512, 3), dtype=np.uint8)
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="zlib",
+                     resolution=(20000, 20000), resolutionunit="CENTIMETER")  # fmt: skip
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages.first.tags
+        offsets = tags["ImageWidth"].valueoffset, tags["ImageLength"].valueoffset
+        fmt = "<I" if tags["ImageWidth"].dtype == 4 else "<H"
+    data = bytearray(path.read_bytes())
+    for off in offsets:
+        struct.pack_into(fmt, data, off, claimed)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("claimed", [65_000, 1_000_000])
+def test_header_claiming_more_pixels_than_the_file_holds_is_refused_at_once(
+    tmp_path: Path, claimed: int
+) -> None:
+    """Case 9: a small TIFF claiming 65,000^2 px ran for minutes; 1e6^2 raised MemoryError."""
+    import time
+
+    slide = _claiming_tiff(tmp_path / "claims.tif", claimed)
+    for args in (["info", str(slide)], ["tile", str(slide), "--out", str(tmp_path / "s.zarr"), "-q"]):
+        t0 = time.perf_counter()
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 3, res.output
+        assert f"claims {claimed} x {claimed} px" in res.output and "4 of the" in res.output
+        assert time.perf_counter() - t0 < 20  # refused before any work scales with the claim
+
+
+def test_unknown_compression_is_unreadable_before_any_mpp_question(tmp_path: Path) -> None:
+    """Case 10: an unreadable TIFF (unknown compression) was reported as missing mpp."""
+    import tifffile
+
+    slide = tmp_path / "odd.tif"
+    import numpy as np
+
+    tifffile.imwrite(slide, np.full((512, 512, 3), 128, np.uint8), tile=(256, 256), photometric="rgb",
+                     compression="zlib")  # fmt: skip
+    with tifffile.TiffFile(slide) as tif:
+        off = tif.pages.first.tags["Compression"].valueoffset
+    data = bytearray(slide.read_bytes())
+    data[off : off + 2] = (52479).to_bytes(2, "little")
+    slide.write_bytes(bytes(data))
+    for args in (
+        ["tile", str(slide), "--out", str(tmp_path / "s.zarr"), "-q"],
+        [str(slide), "--out", str(tmp_path / "o.tif"), "-q"],
+    ):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 3, res.output
+        assert "COMPRESSION" in res.output and "--mpp" not in res.output
+
+
+def test_uniform_white_slide_has_no_tissue_not_grayscale(tmp_path: Path) -> None:
+    """Case 11: a uniform white RGB slide was reported as "grayscale" (exit 3); it has no tissue (exit 5)."""
+    import numpy as np
+    import tifffile
+
+    slide = tmp_path / "white.tif"
+    tifffile.imwrite(slide, np.full((2048, 2048, 3), 255, np.uint8), tile=(256, 256), photometric="rgb",
+                     resolution=(20000, 20000), resolutionunit="CENTIMETER")  # fmt: skip
+    res = CliRunner().invoke(main, ["tile", str(slide), "--out", str(tmp_path / "s.zarr"), "-q"])
+    assert res.exit_code == 5, res.output
+    assert "no tissue" in res.output and "grayscale" not in res.output

@@ -267,6 +267,9 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: b
                 _check_header(reader)  # opened but unusable: say why, do not try another reader
                 if verify:
                     _check_tiff_extent(reader.path)
+                    # Decode one pixel now: an unknown compression or corrupt first tile is "unreadable"
+                    # (exit 3) before any question about its resolution is asked.
+                    reader.read_region((0, 0), 0, (1, 1))
             except SlideError:
                 reader.close()
                 raise
@@ -345,6 +348,7 @@ def _check_tiff_extent(path: str) -> None:
                 if isinstance(pg, tifffile.TiffPage)
             }
             data_end = 0
+            short = next((pg for pg in pages.values() if len(pg.dataoffsets) < _blocks_expected(pg)), None)
             for pg in pages.values():
                 n = min(len(pg.dataoffsets), len(pg.databytecounts))
                 if n:
@@ -354,12 +358,33 @@ def _check_tiff_extent(path: str) -> None:
             next_ifd = _next_ifd_offset(tf, chain[-1].offset) if chain else 0
     except Exception:  # unreadable structure: leave it to the reader that opened it
         return
+    if short is not None:  # before anything allocates or loops over the claimed size
+        raise SlideError(
+            f"{path}: the TIFF header claims {short.imagewidth} x {short.imagelength} px but the file holds "
+            f"{len(short.dataoffsets)} of the {_blocks_expected(short)} tiles or strips that needs; the "
+            "file is corrupt or not a real slide: re-export it"
+        )
     if data_end > size or next_ifd >= size:
         beyond = max(data_end, next_ifd)
         raise SlideError(
             f"{path}: the file is truncated ({size} bytes, but its TIFF structure refers to offset "
             f"{beyond}); re-copy or re-export the slide"
         )
+
+
+def _blocks_expected(pg: Any) -> int:
+    """Tiles (or strips) a TIFF page of its claimed size must list."""
+    planes = int(pg.samplesperpixel) if int(pg.planarconfig) == 2 else 1
+    if pg.is_tiled:
+        tw, tl, td = int(pg.tilewidth), int(pg.tilelength), max(1, int(getattr(pg, "tiledepth", 1) or 1))
+        per = (
+            -(-int(pg.imagewidth) // tw)
+            * -(-int(pg.imagelength) // tl)
+            * -(-max(1, int(pg.imagedepth)) // td)
+        )
+        return per * planes
+    rows = int(pg.rowsperstrip) or int(pg.imagelength)
+    return -(-int(pg.imagelength) // max(1, rows)) * planes
 
 
 def missing_tiles_l0(reader: SlideReader, level: int) -> np.ndarray:

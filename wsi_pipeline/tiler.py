@@ -127,8 +127,12 @@ def is_brightfield(thumb: np.ndarray) -> bool:
 
 
 def is_grayscale(thumb: np.ndarray) -> bool:
-    """True when every pixel has R == G == B: a grayscale image (stored or rendered as RGB), not H&E."""
-    return bool(thumb.size) and not np.any(thumb.max(axis=-1) != thumb.min(axis=-1))
+    """True when every pixel has R == G == B and the image shows something: a grayscale image (stored
+    or rendered as RGB), not H&E. A uniform image (blank glass, all white) is not "grayscale": it has no
+    tissue, which the tissue check reports."""
+    if not thumb.size or int(np.ptp(thumb)) <= 10:
+        return False
+    return not np.any(thumb.max(axis=-1) != thumb.min(axis=-1))
 
 
 #: A kept tile may lie on missing image tiles only where the mask says there is no tissue; this much
