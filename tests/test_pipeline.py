@@ -278,14 +278,60 @@ def test_model_without_card_and_malformed_card(tmp_path: Path, test_model: Path)
 
 def test_model_trained_at_other_mpp_is_refused(tumour_slide: Fixture, tmp_path: Path) -> None:
     onnx_path = write_test_model(tmp_path, mpp=1.0, name="coarse")
-    with pytest.raises(ModelError, match=r"trained at 1\.0 um/px"):
-        run_slide(tumour_slide.path, tmp_path / "x.tif", model=onnx_path, options=OPTS)
-    # Without an explicit --target-mpp... the default 0.5 contradicts the card too, so callers set it:
-    m = run_slide(
-        tumour_slide.path, tmp_path / "y.tif", model=onnx_path,
-        options=RunOptions(tile=TileOptions(target_mpp=1.0), chunk_tiles=64),
-    )  # fmt: skip
+    asked = RunOptions(chunk_tiles=64, requested_target_mpp=0.5)
+    with pytest.raises(ModelError, match=r"trained at 1\.0 um/px.*drop --target-mpp"):
+        run_slide(tumour_slide.path, tmp_path / "x.tif", model=onnx_path, options=asked)
+    # Issue 13 case 14: with no --target-mpp the tiles are cut at the card's resolution.
+    m = run_slide(tumour_slide.path, tmp_path / "y.tif", model=onnx_path, options=RunOptions(chunk_tiles=64))
     assert m["grid"]["level"] == 0 and m["resolution"]["effective_mpp"] == 1.0
+    res = CliRunner().invoke(
+        main, [str(tumour_slide.path), "--out", str(tmp_path / "z.tif"), "--model", str(onnx_path), "-q"]
+    )
+    assert res.exit_code == 0, res.output
+
+
+def test_options_contradicting_the_card_are_refused_not_hidden(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """Issue 13 case 12: `--tile-size 0` silently used 224 and the manifest hid it."""
+    out = tmp_path / "o.tif"
+    res = CliRunner().invoke(
+        main,
+        [str(tumour_slide.path), "--out", str(out), "--model", str(test_model), "--tile-size", "256", "-q"],
+    )
+    assert res.exit_code == 8 and "drop --tile-size" in res.output and not out.exists()
+    res = CliRunner().invoke(
+        main,
+        [str(tumour_slide.path), "--out", str(out), "--model", str(test_model), "--tile-size", "224", "-q"],
+    )
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--tile-size", "0"],
+        ["--tile-size", "-5"],
+        ["--target-mpp", "0"],
+        ["--overlap", "300"],
+        ["--workers", "-1"],
+        ["--chunk-tiles", "0"],
+        ["--batch-size", "0"],
+        ["--mpp", "-1"],
+        ["--min-tissue", "2"],
+        ["--tile-threshold", "1.5"],
+    ],
+)
+def test_bad_options_are_one_line_exit_2_before_anything_runs(
+    tumour_slide: Fixture, tmp_path: Path, option: list[str]
+) -> None:
+    """Issue 13 case 12: bad values gave tracebacks, some only after the slide was read."""
+    out = tmp_path / "o.tif"
+    res = CliRunner().invoke(main, [str(tumour_slide.path), "--out", str(out), *option])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and option[0] in lines[0], res.output
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
 def test_shipped_model_is_found_and_runs() -> None:
@@ -430,7 +476,7 @@ def test_card_asking_for_macenko_normalizes_unless_told_not_to(tumour_slide: Fix
 
 
 def test_unnormalized_store_is_refused_by_a_macenko_model(tumour_slide: Fixture, tmp_path: Path) -> None:
-    from wsi_pipeline.tiler import TileOptions, tile_slide
+    from wsi_pipeline.tiler import tile_slide
 
     store = tmp_path / "s.zarr"
     tile_slide(tumour_slide.path, store, TileOptions())

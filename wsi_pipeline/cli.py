@@ -18,9 +18,10 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__
-from .errors import WsiError
+from .errors import UsageError, WsiError
 
 F = TypeVar("F", bound=Callable[..., Any])
+_POSITIVE = click.FloatRange(min=0.0, min_open=True)
 
 
 def _err(msg: str) -> None:
@@ -121,7 +122,7 @@ def _slide_options(fn: F) -> F:
         ),
         click.option(
             "--mpp",
-            type=float,
+            type=_POSITIVE,
             default=None,
             help="Level-0 microns per pixel, overriding the slide's metadata (needed when it has none).",
         ),
@@ -133,20 +134,23 @@ def _slide_options(fn: F) -> F:
 
 def _tile_options(fn: F) -> F:
     decorators = [
-        click.option("--target-mpp", type=float, default=0.5, show_default=True,
-                     help="Resolution of the tiles, microns per pixel."),
-        click.option("--tile-size", type=int, default=224, show_default=True, help="Tile side in pixels."),
-        click.option("--overlap", type=int, default=0, show_default=True,
-                     help="Pixels shared by neighbouring tiles."),
-        click.option("--min-tissue", type=float, default=0.25, show_default=True,
+        click.option("--target-mpp", type=_POSITIVE, default=None,
+                     help="Resolution of the tiles, microns per pixel [default: the model's when scoring, "
+                          "else 0.5]."),
+        click.option("--tile-size", type=click.IntRange(min=8), default=None,
+                     help="Tile side in pixels [default: the model's when scoring, else 224]."),
+        click.option("--overlap", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Pixels shared by neighbouring tiles (less than the tile size)."),
+        click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=0.25, show_default=True,
                      help="Keep tiles at least this fraction covered by tissue."),
-        click.option("--level-tolerance", type=float, default=0.1, show_default=True,
+        click.option("--level-tolerance", type=click.FloatRange(min=0.0), default=0.1, show_default=True,
                      help="Use a pyramid level as is when its mpp is within this relative distance."),
-        click.option("--mask-mpp", type=float, default=8.0, show_default=True,
+        click.option("--mask-mpp", type=_POSITIVE, default=8.0, show_default=True,
                      help="Resolution of the thumbnail used for tissue detection, microns per pixel."),
-        click.option("--min-tissue-area", type=float, default=10_000.0, show_default=True,
+        click.option("--min-tissue-area", type=click.FloatRange(min=0.0), default=10_000.0, show_default=True,
                      help="Ignore tissue pieces smaller than this, um^2."),
-        click.option("--workers", type=int, default=None, help="Reader threads [default: CPUs, at most 4]."),
+        click.option("--workers", type=click.IntRange(min=1), default=None,
+                     help="Reader threads [default: CPUs, at most 4]."),
         click.option("--normalize", type=click.Choice(["none", "macenko"]), default=None,
                      help="Stain normalization: one Macenko model fitted per slide, applied to every tile "
                           "[default: what the model card asks for when scoring, else none]."),
@@ -168,6 +172,24 @@ class _DefaultGroup(click.Group):
         if first_is_path and self.default_command in self.commands:
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """As click's, but a malformed command line is one line (``error: ...``) and exit code 2."""
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
+        except click.UsageError as exc:
+            cmd = exc.ctx.command_path if exc.ctx is not None else "wsi-infer"
+            _err(f"{exc.format_message()} (see `{cmd} --help`)")
+            sys.exit(2)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            _err("aborted")
+            sys.exit(1)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
 
 
 @click.group(cls=_DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -285,11 +307,14 @@ def _options_from(kw: dict[str, Any]) -> Any:
             "stain_reference": reference_from_image(ref_path),
             "stain_reference_name": f"{ref_path.name} (sha256 {file_sha256(ref_path)[:16]})",
         }
+    tile_px = kw["tile_size"] or 224
+    if kw["overlap"] >= tile_px:
+        raise UsageError(f"--overlap {kw['overlap']} must be smaller than the tile size ({tile_px} px)")
     return TileOptions(
         normalize=kw["normalize"] or "none",
         **stain,
-        target_mpp=kw["target_mpp"],
-        tile_px=kw["tile_size"],
+        target_mpp=kw["target_mpp"] or 0.5,
+        tile_px=tile_px,
         overlap_px=kw["overlap"],
         mpp_override=kw["mpp"],
         level_tolerance=kw["level_tolerance"],
@@ -402,9 +427,11 @@ def _batch_summary(res: Any, summary: Path) -> int:
     show_default=True,
     help="onnxruntime provider; cuda/tensorrt fail when unavailable.",
 )
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--scheduler", default=None, help="Address of a Dask distributed scheduler (default: local).")
-@click.option("--chunk-tiles", type=int, default=256, show_default=True, help="Tiles per Dask task.")
+@click.option(
+    "--chunk-tiles", type=click.IntRange(min=1), default=256, show_default=True, help="Tiles per Dask task."
+)
 @click.option(
     "--tiles-out",
     type=click.Path(path_type=Path),
@@ -414,18 +441,24 @@ def _batch_summary(res: Any, summary: Path) -> int:
 @click.option("--label-rule", type=click.Choice(["area", "topk"]), default="area", show_default=True)
 @click.option(
     "--tile-threshold",
-    type=float,
+    type=click.FloatRange(0.0, 1.0),
     default=None,
     help="Tile probability counted as positive (default: the threshold on the model card).",
 )
 @click.option(
     "--min-area",
-    type=float,
+    type=click.FloatRange(min=0.0),
     default=0.1,
     show_default=True,
     help="Positive tissue area (mm^2) that makes the slide positive (area rule).",
 )
-@click.option("--top-k", type=int, default=5, show_default=True, help="Tiles averaged by the topk rule.")
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Tiles averaged by the topk rule.",
+)
 @click.option(
     "--skip-errors/--stop-on-error",
     default=True,
@@ -463,6 +496,8 @@ def run(slide: Path, out: Path, quiet: bool, overwrite: bool, skip_errors: bool,
             backend=kw["backend"],
             tiles_out=kw["tiles_out"],
             normalize_from_card=kw["normalize"] is None,
+            requested_target_mpp=kw["target_mpp"],
+            requested_tile_px=kw["tile_size"],
         )
         client = _client(kw["scheduler"])
         try:

@@ -13,6 +13,12 @@ class WsiError(Exception):
     exit_code = 1
 
 
+class UsageError(WsiError, ValueError):
+    """Options that cannot work together (exit 2, like a malformed command line)."""
+
+    exit_code = 2
+
+
 class SlideError(WsiError, OSError):
     """A slide cannot be opened or read (missing, not a slide, truncated, corrupt, unsupported)."""
 

@@ -48,6 +48,10 @@ class RunOptions:
     tiles_out: Path | None = None  # also write the (normalized) tile store here, then score from it
     resources: dict[str, float] | None = None  # distributed worker resources per task, e.g. {"GPU": 1}
     normalize_from_card: bool = True  # normalize stain as the model card asks when tile.normalize is "none"
+    # What the user asked for explicitly (CLI --target-mpp / --tile-size): checked against the model
+    # card. tile.target_mpp and tile.tile_px themselves are always set from the card.
+    requested_target_mpp: float | None = None
+    requested_tile_px: int | None = None
 
 
 def output_paths(heatmap: Path) -> dict[str, Path]:
@@ -62,12 +66,22 @@ def output_paths(heatmap: Path) -> dict[str, Path]:
     }
 
 
-def check_model_fits(card: ModelCard, tile: TileOptions) -> TileOptions:
-    """Tile at the model's resolution and size; refuse explicit options that contradict the card."""
-    if abs(tile.target_mpp - card.mpp) / card.mpp > tile.level_tolerance:
+def check_model_fits(
+    card: ModelCard, tile: TileOptions, *, target_mpp: float | None = None, tile_px: int | None = None
+) -> TileOptions:
+    """Tile at the model's resolution and size. ``target_mpp`` / ``tile_px``: what the user asked for
+    explicitly (``--target-mpp``, ``--tile-size``); a request that contradicts the card is refused,
+    never silently replaced."""
+    if target_mpp is not None and abs(target_mpp - card.mpp) / card.mpp > tile.level_tolerance:
         raise ModelError(
             f"{card.path}: the model was trained at {card.mpp} um/px but tiles were requested at "
-            f"{tile.target_mpp} um/px; drop --target-mpp or use a model trained at that resolution"
+            f"{target_mpp} um/px; drop --target-mpp (tiles are cut at the model's resolution) or use a "
+            "model trained at that resolution"
+        )
+    if tile_px is not None and tile_px != card.input_size_px:
+        raise ModelError(
+            f"{card.path}: the model takes {card.input_size_px} px tiles but --tile-size {tile_px} was "
+            "given; drop --tile-size (tiles are cut at the model's size)"
         )
     return replace(tile, target_mpp=card.mpp, tile_px=card.input_size_px)
 
@@ -113,7 +127,9 @@ def run_slide(
     card = resolve_model(model)
     if opts.normalize_from_card and card.stain_normalization == "macenko" and opts.tile.normalize == "none":
         opts = replace(opts, tile=replace(opts.tile, normalize="macenko"))
-    tile_opts = check_model_fits(card, opts.tile)
+    tile_opts = check_model_fits(
+        card, opts.tile, target_mpp=opts.requested_target_mpp, tile_px=opts.requested_tile_px
+    )
     opts = replace(opts, tile=tile_opts, label=opts.label.with_threshold(card.threshold))
     slide_p, paths = Path(slide), output_paths(Path(heatmap))
     outputs = list(paths.values()) + ([Path(opts.tiles_out)] if opts.tiles_out is not None else [])
