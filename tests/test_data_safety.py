@@ -341,3 +341,39 @@ def test_uniform_white_slide_has_no_tissue_not_grayscale(tmp_path: Path) -> None
     res = CliRunner().invoke(main, ["tile", str(slide), "--out", str(tmp_path / "s.zarr"), "-q"])
     assert res.exit_code == 5, res.output
     assert "no tissue" in res.output and "grayscale" not in res.output
+
+
+# --------------------------------------------------------------------------- inputs and outputs
+
+
+def test_csv_with_excel_bom_and_blank_rows(tumour_slide: Fixture, test_model: Path, tmp_path: Path) -> None:
+    """Case 15: a UTF-8 BOM gave "needs a 'slide' column"; blank rows became failed slides."""
+    _copy(tumour_slide, tmp_path / "a.svs")
+    csv_path = tmp_path / "slides.csv"
+    csv_path.write_bytes("\ufeffslide,mpp\r\na.svs,\r\n\r\n   ,  \r\n".encode())
+    out = tmp_path / "out"
+    code, text = _invoke(str(csv_path), "--out", str(out), "--model", str(test_model))
+    assert code == 0, text
+    rows = json.loads((out / "summary.json").read_text())["slides"]
+    assert [Path(r["slide"]).name for r in rows] == ["a.svs"] and rows[0]["status"] == "ok"
+    csv_path.write_text("slide,mpp\na.svs,\n,0.5\n")
+    code, text = _invoke(str(csv_path), "--out", str(out), "--model", str(test_model))
+    assert code != 0 and "line 3" in text and "empty 'slide' cell" in text
+
+
+def test_out_naming_an_existing_folder_for_one_slide(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """Case 16: `--out` naming an existing folder scored the slide, then failed writing. The CLI now
+    writes DIR/<slide>.tif; the Python API refuses a folder before any work."""
+    from wsi_pipeline.errors import OutputError
+    from wsi_pipeline.pipeline import RunOptions, run_slide
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    code, text = _invoke(str(tumour_slide.path), "--out", str(folder), "--model", str(test_model))
+    assert code == 0, text
+    assert (folder / f"{tumour_slide.path.stem}.tif").is_file()
+    assert (folder / f"{tumour_slide.path.stem}.run.json").is_file()
+    with pytest.raises(OutputError, match="is a folder"):
+        run_slide(tumour_slide.path, folder, model=test_model, options=RunOptions(workers=2))

@@ -17,6 +17,7 @@ from wsi_pipeline.cli import main
 from wsi_pipeline.errors import DeviceError, ModelError
 from wsi_pipeline.model import create_session, resolve_model
 from wsi_pipeline.pipeline import RunOptions, output_paths, run_slide
+from wsi_pipeline.provenance import file_sha256
 from wsi_pipeline.slide import open_slide
 from wsi_pipeline.synthetic import SyntheticSpec
 from wsi_pipeline.tiler import TileOptions
@@ -256,11 +257,33 @@ def test_corrupt_model_file_is_refused(tmp_path: Path, test_model: Path) -> None
     with pytest.raises(ModelError, match=r"sha256 .* does not match"):
         resolve_model(bad)
     data = json.loads((tmp_path / "m.json").read_text())
-    data["sha256"] = ""
+    data["sha256"] = file_sha256(bad)  # a card that vouches for a broken file
     data["onnx_file"] = "m.onnx"
     (tmp_path / "m.json").write_text(json.dumps(data))
     with pytest.raises(ModelError, match="not a loadable ONNX model"):
         create_session(resolve_model(bad))
+
+
+def test_card_without_sha256_is_refused(tmp_path: Path, test_model: Path) -> None:
+    """Issue 13 case 13: a card without sha256 was accepted, the manifest recorded "" and resume
+    protection was gone."""
+    shutil.copy(test_model, tmp_path / "m.onnx")
+    data = json.loads(test_model.with_suffix(".json").read_text())
+    data.pop("sha256")
+    data["onnx_file"] = "m.onnx"
+    (tmp_path / "m.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="no sha256"):
+        resolve_model(tmp_path / "m.onnx")
+
+
+def test_card_whose_input_shape_contradicts_its_size_is_refused(tmp_path: Path, test_model: Path) -> None:
+    shutil.copy(test_model, tmp_path / "m.onnx")
+    data = json.loads(test_model.with_suffix(".json").read_text())
+    data["input"]["shape"] = ["N", 256, 256, 3]
+    data["onnx_file"] = "m.onnx"
+    (tmp_path / "m.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="contradicts size_px 224"):
+        resolve_model(tmp_path / "m.onnx")
 
 
 def test_model_without_card_and_malformed_card(tmp_path: Path, test_model: Path) -> None:

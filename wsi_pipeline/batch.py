@@ -75,16 +75,23 @@ def output_stems(items: Sequence[BatchItem]) -> list[str]:
 def read_manifest_csv(path: Path) -> list[BatchItem]:
     """Rows of a CSV with a ``slide`` column (relative paths are relative to the CSV) and an
     optional ``mpp`` column (per-slide override)."""
-    try:
-        with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError as exc:
+    try:  # utf-8-sig: Excel writes a byte-order mark before the header
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            rows = [(reader.line_num, r) for r in reader]
+            header = [h.strip() for h in reader.fieldnames or []]
+    except (OSError, UnicodeDecodeError) as exc:
         raise WsiError(f"{path}: cannot read the manifest ({exc})") from exc
-    if not rows or "slide" not in rows[0]:
+    if "slide" not in header:
         raise WsiError(f"{path}: the manifest needs a header with a 'slide' column (and optionally 'mpp')")
     out: list[BatchItem] = []
-    for i, r in enumerate(rows, 2):
-        p = Path(r["slide"])
+    for i, raw in rows:
+        r = {(k or "").strip(): (v or "") for k, v in raw.items()}
+        if not any(str(v).strip() for v in r.values()):
+            continue  # blank or whitespace-only line
+        if not r["slide"].strip():
+            raise WsiError(f"{path}: line {i}: empty 'slide' cell; fill it in or delete the line")
+        p = Path(r["slide"].strip())
         mpp = (r.get("mpp") or "").strip()
         try:
             out.append(BatchItem(p if p.is_absolute() else path.parent / p, float(mpp) if mpp else None))

@@ -504,7 +504,8 @@ def run(slide: Path, out: Path, quiet: bool, overwrite: bool, skip_errors: bool,
             if (slide.is_dir() and slide.suffix != ".zarr") or slide.suffix.lower() == ".csv":
                 return _run_folder(slide, out, opts, kw["model"], client, overwrite, quiet, skip_errors)
             with _Bars(enabled=not quiet) as bars:
-                _run_one(slide, out, opts, kw["model"], client, overwrite, bars)
+                target = out / f"{slide.stem}.tif" if out.is_dir() else out  # --out results/
+                _run_one(slide, target, opts, kw["model"], client, overwrite, bars)
             return 0
         finally:
             if client is not None:

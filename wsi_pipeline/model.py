@@ -115,6 +115,12 @@ def load_card(path: str | os.PathLike[str]) -> ModelCard:
         raise _bad(p, f"implausible input size {card.input_size_px} px or mpp {card.mpp}")
     if card.input_dtype not in ("uint8", "float32") or card.input_layout not in ("NHWC", "NCHW"):
         raise _bad(p, f"unsupported input dtype/layout {card.input_dtype}/{card.input_layout}")
+    shape = (raw.get("input") or {}).get("shape")
+    if shape is not None:
+        s_px = card.input_size_px
+        want = [s_px, s_px, 3] if card.input_layout == "NHWC" else [3, s_px, s_px]
+        if not isinstance(shape, list) or len(shape) != 4 or list(shape[1:]) != want:
+            raise _bad(p, f"input.shape {shape} contradicts size_px {s_px} and layout {card.input_layout}")
     if card.ood_output and not card.ood_d_ref > 0:
         raise _bad(p, f"ood.d_ref must be > 0 when ood.output is given, got {card.ood_d_ref}")
     if card.stain_normalization not in ("none", "macenko"):
@@ -158,6 +164,11 @@ def resolve_model(model: str | os.PathLike[str] | None = None) -> ModelCard:
         card = _with_onnx(card, Path(model))
     if not card.onnx_path.exists():
         raise ModelError(f"{card.onnx_path}: the ONNX file named by {card.path.name} is missing")
+    if not card.sha256:  # without it neither the model's identity nor resume protection holds
+        raise ModelError(
+            f"{card.path}: the card has no sha256 of {card.onnx_path.name}; add "
+            f'"sha256": "<output of sha256sum {card.onnx_path.name}>" to the card'
+        )
     if card.sha256:
         actual = file_sha256(card.onnx_path)
         if actual != card.sha256:

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import __version__
 from .aggregate import LabelRule, heatmap_grid, ood_summary, slide_label, tile_area_mm2, tumour_regions
-from .errors import ModelError
+from .errors import ModelError, OutputError
 from .model import ModelCard, resolve_model
 from .outputs import (
     geojson_features,
@@ -133,6 +133,11 @@ def run_slide(
     opts = replace(opts, tile=tile_opts, label=opts.label.with_threshold(card.threshold))
     slide_p, paths = Path(slide), output_paths(Path(heatmap))
     outputs = list(paths.values()) + ([Path(opts.tiles_out)] if opts.tiles_out is not None else [])
+    for out_p in paths.values():  # before any work: a folder where a file must go fails only at the end
+        if out_p.is_dir():
+            raise OutputError(
+                f"{out_p}: is a folder, not a file name for the output; give e.g. {out_p}/NAME.tif"
+            )
     refuse_overwriting_inputs(outputs, [slide_p, card.onnx_path, card.path])
     from_store = slide_p.is_dir() and slide_p.suffix == ".zarr"
     fingerprint = (
