@@ -377,3 +377,44 @@ def test_out_naming_an_existing_folder_for_one_slide(
     assert (folder / f"{tumour_slide.path.stem}.run.json").is_file()
     with pytest.raises(OutputError, match="is a folder"):
         run_slide(tumour_slide.path, folder, model=test_model, options=RunOptions(workers=2))
+
+
+# --------------------------------------------------------------------------- concurrency and leftovers
+
+
+def _write_many(args: tuple[str, int]) -> int:
+    from wsi_pipeline.provenance import atomic_write_bytes
+
+    path, tag = args
+    failures = 0
+    for i in range(50):
+        try:
+            atomic_write_bytes(path, f"{tag}:{i}\n".encode() * 2000)
+        except OSError:
+            failures += 1
+    return failures
+
+
+def test_two_processes_writing_one_file_never_break_each_other(tmp_path: Path) -> None:
+    """Case 18: 11 of 50 writes failed because each writer's stale-temp cleanup deleted the other's
+    temporary file."""
+    import multiprocessing as mp
+
+    target = tmp_path / "summary.json"
+    with mp.get_context("fork").Pool(2) as pool:
+        failures = pool.map(_write_many, [(str(target), 1), (str(target), 2)])
+    assert failures == [0, 0]
+    text = target.read_text()
+    assert len(set(text.splitlines())) == 1  # one whole write, never a mix
+    assert not list(tmp_path.glob(".summary.json.*.tmp"))
+
+
+def test_temp_file_of_a_dead_writer_is_cleaned(tmp_path: Path) -> None:
+    from wsi_pipeline.provenance import atomic_write_bytes
+
+    dead = tmp_path / ".out.json.999999999.abc.tmp"  # no such PID
+    legacy = tmp_path / ".out.json.xyz.tmp"
+    dead.write_text("half")
+    legacy.write_text("half")
+    atomic_write_bytes(tmp_path / "out.json", b"{}")
+    assert not dead.exists() and not legacy.exists()

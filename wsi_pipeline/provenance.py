@@ -63,8 +63,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         for stale in p.parent.glob(f".{p.name}.*.tmp"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+            if not _writer_alive(stale, p.name):
+                stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp", dir=p.parent)
     except OSError as exc:
         raise output_error(p, exc) from exc
     umask = os.umask(0)
@@ -82,6 +83,24 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             raise output_error(p, exc) from exc
         raise
     return p
+
+
+def _writer_alive(tmp: Path, name: str) -> bool:
+    """True when the process that owns temporary file ``tmp`` (``.NAME.PID.xxx.tmp``) still runs, so
+    its write must not be disturbed. Temporary files without a PID are treated as stale."""
+    pid_part = tmp.name[len(name) + 2 :].split(".", 1)[0]
+    if not pid_part.isdigit():
+        return False
+    pid = int(pid_part)
+    if pid == os.getpid():
+        return True  # another thread of this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def check_writable(folder: Path) -> None:
