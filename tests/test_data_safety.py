@@ -418,3 +418,34 @@ def test_temp_file_of_a_dead_writer_is_cleaned(tmp_path: Path) -> None:
     legacy.write_text("half")
     atomic_write_bytes(tmp_path / "out.json", b"{}")
     assert not dead.exists() and not legacy.exists()
+
+
+def test_two_tile_processes_on_one_store(tumour_slide: Fixture, tmp_path: Path) -> None:
+    """Case 17: the second `tile` process died with KeyError: 'chunk_done' and left a .partial behind.
+    Now it gets one clean error while the first holds the store, and the first finishes normally."""
+    import fcntl
+    import os
+
+    store = tmp_path / "s.zarr"
+    lock = tmp_path / "s.zarr.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)  # a first writer holds the store (this test process)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.pwrite(fd, b"4242", 0)
+    try:
+        import subprocess
+        import sys
+
+        res = subprocess.run(
+            [sys.executable, "-m", "wsi_pipeline.cli", "tile", str(tumour_slide.path), "--out", str(store), "-q"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        lock.unlink()
+    assert res.returncode == 6, res.stderr
+    assert "another process (pid 4242) is writing this store" in res.stderr and "Traceback" not in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing left behind by the refused run
+    code, out = _invoke("tile", str(tumour_slide.path), "--out", str(store))
+    assert code == 0, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tile-report.json", "s.zarr"]  # no lock left

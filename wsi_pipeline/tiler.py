@@ -40,7 +40,7 @@ from .slide import (
     slide_fingerprint,
 )
 from .stain import REFERENCE, StainFitWarning, StainModel, apply_macenko, fit_slide
-from .tilestore import TileStoreWriter, existing_state, open_tile_store, partial_path
+from .tilestore import TileStoreWriter, existing_state, open_tile_store, partial_path, store_lock
 from .tissue import TissueParams, tissue_fraction_in_boxes, tissue_mask
 
 T = TypeVar("T")
@@ -456,51 +456,58 @@ def tile_slide(
     t0 = time.perf_counter()
     reader = open_slide(slide_path, backend)
     try:
-        params = {
-            **opts.store_params(),
-            "fingerprint": slide_fingerprint(reader.path),
-            "backend": reader.backend,
-        }
-        state = existing_state(out_p, params, overwrite=overwrite)
-        if state == "complete":
-            return _report_existing(slide_path, out_p, time.perf_counter() - t0)
-        plan = plan_slide(reader, opts)
-        require_tissue(plan, slide_path, opts)
-        meta = _slide_meta(reader, plan, opts, params["fingerprint"])
-        if state == "partial":
-            writer = TileStoreWriter.resume(out_p)
-            stain = writer.meta.get("stain")  # resume with the model the first run fitted
-            meta["stain"] = stain
-        else:
-            stain = fit_slide_stain(reader, plan, opts) if opts.normalize == "macenko" else None
-            meta["stain"] = stain
-            writer = TileStoreWriter.create(
-                out_p,
-                tile_px=opts.tile_px,
-                chunk_tiles=opts.chunk_tiles,
-                coords_l0=plan.coords_l0,
-                grid_colrow=plan.colrow,
-                tissue_fraction=plan.tissue_fraction,
-                thumbnail=plan.thumbnail.image,
-                tissue_mask=plan.mask,
-                meta={**meta, "params": params},
-            )
-        transform = stain_transform(stain, opts.stain_reference) if stain else None
-        written = _write_pending(reader, plan, writer, opts, progress, transform)
-        seconds = time.perf_counter() - t0
-        report = _report(
-            slide_path, out_p, "resumed" if state == "partial" else "written", plan, written, seconds, meta
-        )
-        writer.finalize(
-            run={
-                "seconds": round(seconds, 3),
-                "tiles_written_this_run": written,
-                "tiles_per_s": report.tiles_per_s,
-                "resumed": state == "partial",
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        with store_lock(out_p):  # one writer per store: a second process gets one clear error
+            params = {
+                **opts.store_params(),
+                "fingerprint": slide_fingerprint(reader.path),
+                "backend": reader.backend,
             }
-        )
-        return report
+            state = existing_state(out_p, params, overwrite=overwrite)
+            if state == "complete":
+                return _report_existing(slide_path, out_p, time.perf_counter() - t0)
+            plan = plan_slide(reader, opts)
+            require_tissue(plan, slide_path, opts)
+            meta = _slide_meta(reader, plan, opts, params["fingerprint"])
+            if state == "partial":
+                writer = TileStoreWriter.resume(out_p)
+                stain = writer.meta.get("stain")  # resume with the model the first run fitted
+                meta["stain"] = stain
+            else:
+                stain = fit_slide_stain(reader, plan, opts) if opts.normalize == "macenko" else None
+                meta["stain"] = stain
+                writer = TileStoreWriter.create(
+                    out_p,
+                    tile_px=opts.tile_px,
+                    chunk_tiles=opts.chunk_tiles,
+                    coords_l0=plan.coords_l0,
+                    grid_colrow=plan.colrow,
+                    tissue_fraction=plan.tissue_fraction,
+                    thumbnail=plan.thumbnail.image,
+                    tissue_mask=plan.mask,
+                    meta={**meta, "params": params},
+                )
+            transform = stain_transform(stain, opts.stain_reference) if stain else None
+            written = _write_pending(reader, plan, writer, opts, progress, transform)
+            seconds = time.perf_counter() - t0
+            report = _report(
+                slide_path,
+                out_p,
+                "resumed" if state == "partial" else "written",
+                plan,
+                written,
+                seconds,
+                meta,
+            )
+            writer.finalize(
+                run={
+                    "seconds": round(seconds, 3),
+                    "tiles_written_this_run": written,
+                    "tiles_per_s": report.tiles_per_s,
+                    "resumed": state == "partial",
+                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+            )
+            return report
     finally:
         reader.close()
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,51 @@ def _read_attrs(path: Path) -> dict[str, Any] | None:
 def _param_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+@contextmanager
+def store_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the store ``out`` (file ``OUT.lock`` beside it) while writing it.
+
+    A second process writing the same store gets one :class:`StoreError` naming the holder, instead of
+    reading half-made arrays; the lock file is removed when the writer is done (a killed writer's
+    kernel lock dies with it, so its leftover file does not block the next run).
+    """
+    import fcntl
+
+    lock = out.with_name(out.name + ".lock")
+    from .provenance import output_error
+
+    for _ in range(3):
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:  # read-only, no permission, disk full: the usual one-line output error
+            raise output_error(out, exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StoreError(
+                f"{out}: another process (pid {holder}) is writing this store; wait for it to finish "
+                "or choose another --out"
+            ) from None
+        try:  # the file we locked must still be the one at that path (not unlinked by a finishing writer)
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    else:
+        raise StoreError(f"{out}: could not take its lock file {lock}; re-run the command")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def existing_state(out: Path, params: dict[str, Any], *, overwrite: bool) -> str:
