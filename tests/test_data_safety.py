@@ -449,3 +449,80 @@ def test_two_tile_processes_on_one_store(tumour_slide: Fixture, tmp_path: Path) 
     code, out = _invoke("tile", str(tumour_slide.path), "--out", str(store))
     assert code == 0, out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tile-report.json", "s.zarr"]  # no lock left
+
+
+# --------------------------------------------------------------------------- annotations
+
+
+def _asap(path: Path, coords: list[tuple[str, str]]) -> Path:
+    pts = "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate(coords))
+    path.write_text(
+        '<?xml version="1.0"?><ASAP_Annotations><Annotations><Annotation Name="a" Type="Polygon" '
+        f'PartOfGroup="Tumor"><Coordinates>{pts}</Coordinates></Annotation></Annotations>'
+        "<AnnotationGroups/></ASAP_Annotations>"
+    )
+    return path
+
+
+def test_comma_decimal_asap_xml_is_read(tmp_path: Path) -> None:
+    """Case 20: ASAP XML written under a comma-decimal locale (X="2100,0000") was refused whole."""
+    from wsi_pipeline.annotations import read_asap_xml
+
+    comma = _asap(
+        tmp_path / "c.xml", [("100,0000", "100,0000"), ("2100,5000", "100,0000"), ("2100,5000", "900,2500")]
+    )
+    dot = _asap(tmp_path / "d.xml", [("100.0", "100.0"), ("2100.5", "100.0"), ("2100.5", "900.25")])
+    assert read_asap_xml(comma).tumour.equals(read_asap_xml(dot).tumour)
+    assert read_asap_xml(comma).tumour.area == pytest.approx(0.5 * 2000.5 * 800.25)
+
+
+def test_absurd_coordinates_are_refused_and_json_stays_strict(tmp_path: Path) -> None:
+    """Case 21: coordinates of 1e300 gave shapely warnings and Infinity in metrics.json."""
+    from wsi_pipeline.annotations import read_annotations
+    from wsi_pipeline.errors import AnnotationError
+    from wsi_pipeline.provenance import atomic_write_json
+
+    bad = _asap(tmp_path / "b.xml", [("0", "0"), ("1e300", "0"), ("1e300", "1e300")])
+    with pytest.raises(AnnotationError, match="far outside any slide"):
+        read_annotations(bad)
+    geo = tmp_path / "b.geojson"
+    geo.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {
+        "type": "Polygon", "coordinates": [[[0, 0], [1e300, 0], [1e300, 1e300], [0, 0]]]}}))  # fmt: skip
+    with pytest.raises(AnnotationError, match="far outside any slide"):
+        read_annotations(geo)
+    out = atomic_write_json(tmp_path / "m.json", {"a": float("inf"), "b": [float("nan"), 1.5]})
+    assert json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}")) == {
+        "a": None, "b": [None, 1.5]}  # fmt: skip
+
+
+def test_polygon_outside_the_slide_counts_consistently(two_runs: Path, tmp_path: Path) -> None:
+    """Case 22: a polygon wholly outside the slide gave pixel metrics of 'no tumour' (Dice 1.0) while the
+    slide-level truth said tumour."""
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    _asap(ann / "benign.xml", [("1e7", "1e7"), ("1.1e7", "1e7"), ("1.1e7", "1.1e7")])
+    res = CliRunner().invoke(
+        main, ["evaluate", str(two_runs), "--annotations", str(ann), "--out", str(tmp_path / "m.json")]
+    )
+    assert res.exit_code == 0, res.output
+    (s,) = json.loads((tmp_path / "m.json").read_text())["slides"]
+    assert s["slide_truth_positive"] is False  # same clipped truth as the pixel metrics
+    assert s["annotation_outside_slide_fraction"] == 1.0
+    assert "lies outside the slide" in res.output
+
+
+def test_empty_annotation_file_means_no_tumour(two_runs: Path, tmp_path: Path) -> None:
+    """Case 23: a 0-byte annotation file was 'malformed XML' although the README says it means no tumour."""
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    (ann / "benign.xml").write_bytes(b"")
+    (ann / "tumour.geojson").write_bytes(b"  \n")
+    res = CliRunner().invoke(
+        main, ["evaluate", str(two_runs), "--annotations", str(ann), "--out", str(tmp_path / "m.json")]
+    )
+    assert res.exit_code == 0, res.output
+    rows = {Path(s["slide"]).name: s for s in json.loads((tmp_path / "m.json").read_text())["slides"]}
+    assert (
+        rows["benign.svs"]["slide_truth_positive"] is False
+        and rows["tumour.svs"]["slide_truth_positive"] is False
+    )

@@ -116,6 +116,18 @@ def _assemble(
     )
 
 
+MAX_COORD = 1e8
+"""Largest plausible level-0 coordinate (px): 100x any real slide's side; beyond it is an error."""
+
+
+def _coordinate(text: str) -> float:
+    """A coordinate attribute: ``2100.5``, or ``2100,5`` as ASAP writes under comma-decimal locales."""
+    t = text.strip()
+    if "," in t and "." not in t:
+        t = t.replace(",", ".")
+    return float(t)
+
+
 def read_asap_xml(path: str | os.PathLike[str], mapping: GroupMapping | None = None) -> Annotations:
     """Read an ASAP XML file (``<ASAP_Annotations>``): Polygon, Rectangle and Spline areas; Dot and
     PointSet are counted in ``skipped``. Raises :class:`AnnotationError` naming the file."""
@@ -124,6 +136,8 @@ def read_asap_xml(path: str | os.PathLike[str], mapping: GroupMapping | None = N
     from shapely import Polygon
 
     p = Path(path)
+    if p.is_file() and not p.read_bytes().strip():  # an empty file: annotated, no tumour (README)
+        return _assemble(p, [], mapping or GroupMapping(), {})
     try:
         root = DET.parse(str(p)).getroot()
     except FileNotFoundError:
@@ -148,11 +162,17 @@ def read_asap_xml(path: str | os.PathLike[str], mapping: GroupMapping | None = N
         pts: list[tuple[int, float, float]] = []
         for c in coords.iter("Coordinate") if coords is not None else []:
             try:
-                pts.append((int(c.get("Order", len(pts))), float(c.get("X", "")), float(c.get("Y", ""))))
+                x, y = _coordinate(c.get("X", "")), _coordinate(c.get("Y", ""))
+                pts.append((int(c.get("Order", len(pts))), x, y))
             except ValueError:
                 raise AnnotationError(
                     f"{p}: annotation {i} ({ann.get('Name')!r}) has a coordinate that is not a number"
                 ) from None
+            if not (abs(x) <= MAX_COORD and abs(y) <= MAX_COORD):
+                raise AnnotationError(
+                    f"{p}: annotation {i} ({ann.get('Name')!r}) has a coordinate ({x:g}, {y:g}) far outside "
+                    f"any slide (|x|, |y| <= {MAX_COORD:g} level-0 px); fix or re-export the annotation"
+                )
         if kind in _POINT_TYPES:
             skipped[kind] = skipped.get(kind, 0) + 1
             continue
@@ -174,6 +194,8 @@ def read_geojson(path: str | os.PathLike[str], mapping: GroupMapping | None = No
     from shapely.geometry import shape
 
     p = Path(path)
+    if p.is_file() and not p.read_bytes().strip():  # an empty file: annotated, no tumour (README)
+        return _assemble(p, [], mapping or GroupMapping(), {})
     try:
         data = json.loads(p.read_text())
     except FileNotFoundError:
@@ -203,6 +225,11 @@ def read_geojson(path: str | os.PathLike[str], mapping: GroupMapping | None = No
             geom = shape(f["geometry"])
         except Exception as exc:
             raise AnnotationError(f"{p}: a feature has an unreadable geometry ({exc})") from exc
+        if not geom.is_empty and not all(abs(v) <= MAX_COORD for v in geom.bounds):
+            raise AnnotationError(
+                f"{p}: a feature has coordinates {geom.bounds} far outside any slide (|x|, |y| <= "
+                f"{MAX_COORD:g} level-0 px); fix or re-export the annotation"
+            )
         if geom.geom_type not in ("Polygon", "MultiPolygon"):
             t = geom.geom_type.lower()
             skipped[t] = skipped.get(t, 0) + 1

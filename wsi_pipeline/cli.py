@@ -664,6 +664,9 @@ def evaluate(
         )
         for sl in res["unannotated"]:
             click.echo(f"  no annotation file for {sl} (not scored)", err=True)
+        for row in res["slides"]:
+            for w in row.get("warnings", []):
+                click.echo(f"warning: {Path(row['slide']).name}: {w}", err=True)
         for e in res["errors"]:
             _err(e["error"])
         return 1 if res["errors"] else 0

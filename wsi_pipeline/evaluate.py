@@ -159,10 +159,17 @@ def evaluate_slide(
     tiles = _read_tiles(Path(manifest_path).parent / Path(m["outputs"]["tiles_csv"]).name)
     ann: Annotations | None = read_annotations(annotation_path, mapping) if annotation_path else None
     from shapely import MultiPolygon
+    from shapely.geometry import box as _box
 
-    tumour = ann.tumour if ann is not None else MultiPolygon()
     cell = float(m["heatmap"]["cell_l0_px"])
     rows, cols = (int(v) for v in m["heatmap"]["shape"])
+    annotated = ann.tumour if ann is not None else MultiPolygon()
+    # Truth is what lies on the slide (the heatmap canvas): the same clipped geometry decides the pixel
+    # metrics and the slide-level truth, and what was cut off is reported.
+    tumour = (
+        annotated.intersection(_box(0, 0, cols * cell, rows * cell)) if not annotated.is_empty else annotated
+    )
+    outside = float(annotated.area - tumour.area) / annotated.area if annotated.area > 0 else 0.0
     grid_cols, grid_rows = int(m["grid"]["cols"]), int(m["grid"]["rows"])
     canvas = np.full((rows, cols), np.nan)
     p = tiles.get(f"p_{pos}", np.zeros(0))
@@ -198,6 +205,12 @@ def evaluate_slide(
         "truth_area_mm2": round(tumour.area * (area_mpp or 0) ** 2 / 1e6, 5) if area_mpp else None,
         "annotation_groups": ann.groups if ann else {},
         "annotation_repaired": ann.repaired if ann else 0,
+        "annotation_outside_slide_fraction": round(outside, 4),
+        "warnings": (
+            [f"{round(100 * outside, 1)} % of the annotated tumour lies outside the slide and is not counted"]
+            if outside > 1e-6
+            else []
+        ),
         "slide_truth_positive": truth_positive,
         "slide_predicted_positive": predicted_positive,
         "slide_label_correct": truth_positive == predicted_positive,

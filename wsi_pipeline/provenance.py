@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -158,6 +159,20 @@ def output_error(path: Path, exc: OSError) -> OutputError:
     return err
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, Infinity) replaced by None: strict JSON parsers
+    reject Python's ``NaN``/``Infinity`` tokens."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON (see :func:`atomic_write_bytes`)."""
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    """Atomically write ``obj`` as indented, strict JSON (non-finite numbers become null; see
+    :func:`atomic_write_bytes`)."""
+    text = json.dumps(strict_json(obj), indent=2, sort_keys=False, default=str, allow_nan=False)
+    return atomic_write_bytes(path, (text + "\n").encode())
