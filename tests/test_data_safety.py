@@ -526,3 +526,27 @@ def test_empty_annotation_file_means_no_tumour(two_runs: Path, tmp_path: Path) -
         rows["benign.svs"]["slide_truth_positive"] is False
         and rows["tumour.svs"]["slide_truth_positive"] is False
     )
+
+
+def test_failed_runs_leave_no_empty_output_folders(test_model: Path, tmp_path: Path) -> None:
+    """Case 19: failed runs left empty output folders."""
+    bad = tmp_path / "bad.svs"
+    bad.write_bytes(b"not a slide" * 100)
+    code, _ = _invoke(
+        str(bad), "--out", str(tmp_path / "new" / "deeper" / "x.tif"), "--model", str(test_model)
+    )
+    assert code == 3
+    code, _ = _invoke("tile", str(bad), "--out", str(tmp_path / "stores" / "x.zarr"))
+    assert code == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.svs"]
+
+
+def test_old_store_left_by_a_kill_inside_finalize_is_removed(tumour_slide: Fixture, tmp_path: Path) -> None:
+    """Case 19: a kill at the very end (between the renames of finalize) left `.old-PID` folders."""
+    store = tmp_path / "s.zarr"
+    assert _invoke("tile", str(tumour_slide.path), "--out", str(store))[0] == 0
+    shutil.copytree(store, tmp_path / "s.zarr.old-999999999")  # a dead writer's old store
+    (tmp_path / "s.zarr.old-notes").mkdir()  # not ours: left alone
+    code, out = _invoke("tile", str(tumour_slide.path), "--out", str(store))
+    assert code == 0, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tile-report.json", "s.zarr", "s.zarr.old-notes"]

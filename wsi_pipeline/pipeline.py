@@ -27,7 +27,12 @@ from .outputs import (
     write_overlay_png,
     write_tiles_csv,
 )
-from .provenance import check_writable, environment_versions, refuse_overwriting_inputs
+from .provenance import (
+    check_writable,
+    environment_versions,
+    refuse_overwriting_inputs,
+    remove_created_folders_on_failure,
+)
 from .scoring import ProgressFn, ScoreResult, make_tasks, run_tasks
 from .slide import open_slide, slide_fingerprint
 from .tiler import TileOptions, fit_slide_stain, plan_slide, require_tissue, tile_slide
@@ -122,6 +127,28 @@ def run_slide(
     Skips the slide when its manifest shows a finished run with the same parameters (unless
     ``overwrite``).
     """
+    with remove_created_folders_on_failure(Path(heatmap).parent):
+        return _run_slide(
+            slide,
+            heatmap,
+            model=model,
+            options=options,
+            client=client,
+            progress=progress,
+            overwrite=overwrite,
+        )
+
+
+def _run_slide(
+    slide: str | os.PathLike[str],
+    heatmap: str | os.PathLike[str],
+    *,
+    model: str | os.PathLike[str] | None = None,
+    options: RunOptions | None = None,
+    client: Any = None,
+    progress: ProgressFn | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     opts = options or RunOptions()
     card = resolve_model(model)

@@ -10,6 +10,8 @@ import os
 import platform
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,26 @@ def _writer_alive(tmp: Path, name: str) -> bool:
     except PermissionError:  # alive, owned by someone else
         return True
     return True
+
+
+@contextmanager
+def remove_created_folders_on_failure(folder: Path) -> Iterator[None]:
+    """Run a block that may create ``folder`` (and missing parents); if the block fails, remove the
+    folders it created that are still empty, so a failed run leaves no empty output folders."""
+    missing = []
+    p = folder.absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        yield
+    except BaseException:
+        for d in missing:  # leaf first
+            try:
+                d.rmdir()  # only when empty
+            except OSError:
+                break
+        raise
 
 
 def check_writable(folder: Path) -> None:

@@ -26,7 +26,7 @@ from PIL import Image
 from . import __version__
 from .errors import SlideError, TissueError
 from .grid import TileGrid, block_order, make_grid
-from .provenance import refuse_overwriting_inputs
+from .provenance import refuse_overwriting_inputs, remove_created_folders_on_failure
 from .slide import (
     LevelChoice,
     Resolution,
@@ -450,6 +450,19 @@ def tile_slide(
     removed), :class:`ResolutionError` (no mpp), :class:`TissueError` (no tissue tiles),
     :class:`StoreError` (other parameters, disk full; a partial store is kept for resuming).
     """
+    with remove_created_folders_on_failure(Path(out).parent):
+        return _tile_slide(slide_path, out, options, backend=backend, overwrite=overwrite, progress=progress)
+
+
+def _tile_slide(
+    slide_path: str | Path,
+    out: str | Path,
+    options: TileOptions | None = None,
+    *,
+    backend: str = "auto",
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+) -> TileReport:
     opts = options or TileOptions()
     out_p = Path(out)
     refuse_overwriting_inputs([out_p, partial_path(out_p)], [Path(slide_path)])

@@ -119,6 +119,22 @@ def store_lock(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _remove_stale_old_stores(out: Path) -> None:
+    """Remove ``OUT.old-PID`` stores that a writer killed inside ``finalize`` left behind (the old
+    store it was replacing); only our own stores, and only when that process is gone."""
+    for old in out.parent.glob(f"{out.name}.old-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _read_attrs(old) is None:
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
 def existing_state(out: Path, params: dict[str, Any], *, overwrite: bool) -> str:
     """State of ``out`` for a run with ``params``: 'absent', 'partial' (resume) or 'complete'.
 
@@ -127,6 +143,7 @@ def existing_state(out: Path, params: dict[str, Any], *, overwrite: bool) -> str
     ``overwrite``, refused otherwise.
     """
     part = partial_path(out)
+    _remove_stale_old_stores(out)
     if out.exists():
         meta = _read_attrs(out) if out.is_dir() else None
         if meta is None:  # --overwrite replaces only a store this project wrote, never a user's folder
