@@ -550,3 +550,44 @@ def test_old_store_left_by_a_kill_inside_finalize_is_removed(tumour_slide: Fixtu
     code, out = _invoke("tile", str(tumour_slide.path), "--out", str(store))
     assert code == 0, out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tile-report.json", "s.zarr", "s.zarr.old-notes"]
+
+
+def test_symlink_loop_is_one_line_exit_3(test_model: Path, tmp_path: Path) -> None:
+    (tmp_path / "a.svs").symlink_to(tmp_path / "b.svs")
+    (tmp_path / "b.svs").symlink_to(tmp_path / "a.svs")
+    for args in (["info", str(tmp_path / "a.svs")], [str(tmp_path / "a.svs"), "--out", str(tmp_path / "o" / "x.tif"),
+                                                     "--model", str(test_model), "-q"]):  # fmt: skip
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 3 and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_sigint_during_a_folder_run_stops_cleanly_and_resumes(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C: exit 130 with one line saying how to resume; nothing half-written; the re-run finishes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "slides"
+    for i in range(4):
+        _copy(tumour_slide, src / f"s{i}.svs")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "wsi_pipeline.cli", str(src), "--out", str(out), "--model", str(test_model),
+           "--chunk-tiles", "8", "-q"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(out.glob("*.run.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert proc.returncode == 130, err
+    assert "interrupted; re-run the same command to resume" in err and "Traceback" not in err
+    assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial"))]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(list(out.glob("*.run.json"))) == 4

@@ -142,7 +142,10 @@ def _same_path(a: Path, b: Path) -> bool:
             return os.path.samefile(a, b)  # hard links and symlinks too
     except OSError:
         pass
-    return a.resolve() == b.resolve()
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compare the paths as given
+        return a.absolute() == b.absolute()
 
 
 def input_files(path: Path) -> list[Path]:
