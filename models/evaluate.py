@@ -268,12 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=Path, default=None, help="index CSV (default: shared LC25000 lung)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--check", action="store_true", help="exit 1 when metrics differ from the card's")
-    p.add_argument("--tolerance", type=float, default=0.005)
+    p.add_argument(
+        "--tolerance", type=float, default=None,
+        help="largest allowed difference from the card (default 0.005; 0.02 for an int8 card, whose "
+        "figures depend on the CPU's instruction set)",
+    )  # fmt: skip
     p.add_argument("--json", type=Path, help="also write the metrics to this file")
     args = p.parse_args(argv)
 
     card_path = args.card or args.model.with_suffix(".json")
     card = load_card(card_path)
+    if args.tolerance is None:
+        args.tolerance = 0.02 if card.get("quantization") else 0.005
     threshold = (
         float(card.get("threshold", {}).get("value", 0.5)) if isinstance(card.get("threshold"), dict) else 0.5
     )
