@@ -45,7 +45,7 @@ MPP_NOTE = (
 )
 MPP_NOTE_GLAS = (
     "0.5 um/px: GlaS regions (0.62005 um/px, Zeiss MIRAX) were resampled to it; LC25000 states no scale "
-    "(about 0.4-0.6 um/px by nuclear size, an estimate) and was used as is, with 1.0-1.2x zoom jitter. "
+    "(about 0.4-0.6 um/px by nuclear size, an estimate) and was used as is, with 1.0-1.3x zoom jitter. "
     "Tile slides at 0.5 um/px."
 )
 DATA_GLAS: dict[str, Any] = {
