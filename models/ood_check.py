@@ -90,7 +90,7 @@ def foreign_sets(slides_dir: Path, glas_test: npt.NDArray[np.uint8]) -> dict[str
     return out
 
 
-def distances(
+def session_distances(
     session: Any, name: str, tiles: npt.NDArray[np.uint8], batch: int = 64
 ) -> npt.NDArray[np.float64]:
     parts = [
@@ -110,7 +110,7 @@ def ood_report(model: Path, card: dict[str, Any], index: Path, slides_dir: Path)
     warn_above = float(ood.get("warn_above", 1.0))
     sets = {s.name: s.images for s in build_sets(card, index)}
     held = {k: v for k, v in sets.items() if k in ("test", "glas-test")}
-    d_held = np.concatenate([distances(session, ood["output"], v) for v in held.values()])
+    d_held = np.concatenate([session_distances(session, ood["output"], v) for v in held.values()])
     report: dict[str, Any] = {
         "d_ref": d_ref,
         "warn_above": warn_above,
@@ -131,15 +131,15 @@ def ood_report(model: Path, card: dict[str, Any], index: Path, slides_dir: Path)
 
     for k, v in held.items():
         report["in_distribution"]["LC25000 test" if k == "test" else "GlaS test patients"] = row(
-            distances(session, ood["output"], v), False
+            session_distances(session, ood["output"], v), False
         )
     for k in ("kather2016", "nct-crc-he"):
         if k in sets:
-            report["unseen_source"][k] = row(distances(session, ood["output"], sets[k]), True)
+            report["unseen_source"][k] = row(session_distances(session, ood["output"], sets[k]), True)
     for k, tiles in foreign_sets(
         slides_dir, sets.get("glas-test", np.zeros((0, TILE_PX, TILE_PX, 3), np.uint8))
     ).items():
-        report["foreign"][k] = row(distances(session, ood["output"], tiles), True)
+        report["foreign"][k] = row(session_distances(session, ood["output"], tiles), True)
     return report
 
 

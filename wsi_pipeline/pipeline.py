@@ -127,134 +127,117 @@ def run_slide(
     Skips the slide when its manifest shows a finished run with the same parameters (unless
     ``overwrite``).
     """
-    with remove_created_folders_on_failure(Path(heatmap).parent):
-        return _run_slide(
-            slide,
-            heatmap,
-            model=model,
-            options=options,
-            client=client,
-            progress=progress,
-            overwrite=overwrite,
+    with remove_created_folders_on_failure(Path(heatmap).parent):  # no empty folders after a failure
+        t0 = time.perf_counter()
+        opts = options or RunOptions()
+        card = resolve_model(model)
+        if (
+            opts.normalize_from_card
+            and card.stain_normalization == "macenko"
+            and opts.tile.normalize == "none"
+        ):
+            opts = replace(opts, tile=replace(opts.tile, normalize="macenko"))
+        tile_opts = check_model_fits(
+            card, opts.tile, target_mpp=opts.requested_target_mpp, tile_px=opts.requested_tile_px
         )
+        opts = replace(opts, tile=tile_opts, label=opts.label.with_threshold(card.threshold))
+        slide_p, paths = Path(slide), output_paths(Path(heatmap))
+        outputs = list(paths.values()) + ([Path(opts.tiles_out)] if opts.tiles_out is not None else [])
+        for out_p in paths.values():  # checked now: otherwise the write would fail after all the scoring
+            if out_p.is_dir():
+                raise OutputError(
+                    f"{out_p}: is a folder, not a file name for the output; give e.g. {out_p}/NAME.tif"
+                )
+        refuse_overwriting_inputs(outputs, [slide_p, card.onnx_path, card.path])
+        from_store = slide_p.is_dir() and slide_p.suffix == ".zarr"
+        fingerprint = (
+            f"store:{open_tile_store(slide_p).meta['slide']['fingerprint']}"
+            if from_store
+            else slide_fingerprint(slide_p)
+            if slide_p.exists()
+            else ""
+        )
+        params = _params(card, opts, fingerprint)
+        if not overwrite and finished(paths["manifest"], params):
+            import json
 
+            manifest: dict[str, Any] = json.loads(paths["manifest"].read_text())
+            manifest["skipped"] = True
+            return manifest
+        n_workers = opts.workers or min(4, os.cpu_count() or 1)
+        threads = max(1, (os.cpu_count() or 1) // n_workers) if client is None else None
+        # Fail now, not after reading the slide: the output folder must be writable and, for local runs,
+        # the model must load on the device (the session is cached and reused by the local tasks).
+        check_writable(paths["heatmap"].parent)
+        if client is None:
+            from .scoring import cached_session
 
-def _run_slide(
-    slide: str | os.PathLike[str],
-    heatmap: str | os.PathLike[str],
-    *,
-    model: str | os.PathLike[str] | None = None,
-    options: RunOptions | None = None,
-    client: Any = None,
-    progress: ProgressFn | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    opts = options or RunOptions()
-    card = resolve_model(model)
-    if opts.normalize_from_card and card.stain_normalization == "macenko" and opts.tile.normalize == "none":
-        opts = replace(opts, tile=replace(opts.tile, normalize="macenko"))
-    tile_opts = check_model_fits(
-        card, opts.tile, target_mpp=opts.requested_target_mpp, tile_px=opts.requested_tile_px
-    )
-    opts = replace(opts, tile=tile_opts, label=opts.label.with_threshold(card.threshold))
-    slide_p, paths = Path(slide), output_paths(Path(heatmap))
-    outputs = list(paths.values()) + ([Path(opts.tiles_out)] if opts.tiles_out is not None else [])
-    for out_p in paths.values():  # before any work: a folder where a file must go fails only at the end
-        if out_p.is_dir():
-            raise OutputError(
-                f"{out_p}: is a folder, not a file name for the output; give e.g. {out_p}/NAME.tif"
-            )
-    refuse_overwriting_inputs(outputs, [slide_p, card.onnx_path, card.path])
-    from_store = slide_p.is_dir() and slide_p.suffix == ".zarr"
-    fingerprint = (
-        f"store:{open_tile_store(slide_p).meta['slide']['fingerprint']}"
-        if from_store
-        else slide_fingerprint(slide_p)
-        if slide_p.exists()
-        else ""
-    )
-    params = _params(card, opts, fingerprint)
-    if not overwrite and finished(paths["manifest"], params):
-        import json
+            cached_session(str(card.path), str(card.onnx_path), opts.device, threads)
 
-        manifest: dict[str, Any] = json.loads(paths["manifest"].read_text())
-        manifest["skipped"] = True
+        if opts.tiles_out is not None and not from_store:
+            tile_slide(slide_p, opts.tiles_out, tile_opts, backend=opts.backend)
+            slide_p, from_store = Path(opts.tiles_out), True
+
+        if from_store:
+            store = open_tile_store(slide_p)
+            meta = store.meta
+            from .grid import TileGrid
+
+            grid = TileGrid(**{k: meta["grid"][k] for k in TileGrid.__dataclass_fields__})
+            colrow, coords, fractions = store.grid_colrow, store.coords_l0, store.tissue_fraction
+            stain, source_meta = None, meta  # tiles in the store are already normalized if asked
+            if opts.tile.normalize == "macenko" and not meta.get("stain"):
+                raise ModelError(
+                    f"{slide_p}: the store holds tiles without stain normalization but "
+                    f"{'the model card asks for' if opts.normalize_from_card else 'you asked for'} Macenko; "
+                    "re-tile with `wsi-infer tile --normalize macenko` or score the slide itself"
+                )
+            if store.tiles.shape[1] != card.input_size_px:
+                raise ModelError(
+                    f"{slide_p}: tiles of {store.tiles.shape[1]} px, the model takes {card.input_size_px}"
+                )
+            mpp0 = float(meta["resolution"]["mpp_x"] + meta["resolution"]["mpp_y"]) / 2
+            thumb = np.asarray(store.array("thumbnail")[...])
+            thumb_ds = float(meta["tissue"]["mask_downsample"])
+            slide_wh = tuple(meta["slide"]["dimensions"])
+            backend = meta["slide"]["backend"]
+        else:
+            reader = open_slide(slide_p, opts.backend)
+            try:
+                plan = plan_slide(reader, tile_opts)
+                require_tissue(plan, slide_p, tile_opts)
+                stain = fit_slide_stain(reader, plan, tile_opts) if tile_opts.normalize == "macenko" else None
+                backend = reader.backend
+                slide_wh = reader.dimensions
+            finally:
+                reader.close()
+            grid, colrow, coords, fractions = plan.grid, plan.colrow, plan.coords_l0, plan.tissue_fraction
+            mpp0, thumb, thumb_ds = plan.resolution.mpp, plan.thumbnail.image, plan.thumbnail.downsample
+            source_meta = {
+                "resolution": {
+                    "mpp_x": plan.resolution.mpp_x,
+                    "mpp_y": plan.resolution.mpp_y,
+                    "mpp_source": plan.resolution.source,
+                    "effective_mpp": plan.choice.effective_mpp,
+                    "level": plan.choice.level,
+                    "resize_scale": plan.choice.scale,
+                },
+                "tissue": {"slide_tissue_fraction": plan.slide_tissue_fraction},
+            }
+
+        tasks = make_tasks(
+            str(slide_p), backend, grid, colrow, card, stain=stain, device=opts.device,
+            batch_size=opts.batch_size, chunk_tiles=opts.chunk_tiles, threads=threads, from_store=from_store,
+        )  # fmt: skip
+        result = run_tasks(
+            tasks, len(card.classes), client=client, workers=n_workers, progress=progress,
+            resources=opts.resources,
+        )  # fmt: skip
+        manifest = _write_outputs(
+            paths, card, opts, params, result, grid, colrow, coords, fractions, mpp0, thumb, thumb_ds,
+            slide_wh, slide_p, source_meta, stain, t0,
+        )  # fmt: skip
         return manifest
-    n_workers = opts.workers or min(4, os.cpu_count() or 1)
-    threads = max(1, (os.cpu_count() or 1) // n_workers) if client is None else None
-    # Fail now, not after reading the slide: the output folder must be writable and, for local runs,
-    # the model must load on the device (the session is cached and reused by the local tasks).
-    check_writable(paths["heatmap"].parent)
-    if client is None:
-        from .scoring import cached_session
-
-        cached_session(str(card.path), str(card.onnx_path), opts.device, threads)
-
-    if opts.tiles_out is not None and not from_store:
-        tile_slide(slide_p, opts.tiles_out, tile_opts, backend=opts.backend)
-        slide_p, from_store = Path(opts.tiles_out), True
-
-    if from_store:
-        store = open_tile_store(slide_p)
-        meta = store.meta
-        from .grid import TileGrid
-
-        grid = TileGrid(**{k: meta["grid"][k] for k in TileGrid.__dataclass_fields__})
-        colrow, coords, fractions = store.grid_colrow, store.coords_l0, store.tissue_fraction
-        stain, source_meta = None, meta  # tiles in the store are already normalized if asked
-        if opts.tile.normalize == "macenko" and not meta.get("stain"):
-            raise ModelError(
-                f"{slide_p}: the store holds tiles without stain normalization but "
-                f"{'the model card asks for' if opts.normalize_from_card else 'you asked for'} Macenko; "
-                "re-tile with `wsi-infer tile --normalize macenko` or score the slide itself"
-            )
-        if store.tiles.shape[1] != card.input_size_px:
-            raise ModelError(
-                f"{slide_p}: tiles of {store.tiles.shape[1]} px, the model takes {card.input_size_px}"
-            )
-        mpp0 = float(meta["resolution"]["mpp_x"] + meta["resolution"]["mpp_y"]) / 2
-        thumb = np.asarray(store.array("thumbnail")[...])
-        thumb_ds = float(meta["tissue"]["mask_downsample"])
-        slide_wh = tuple(meta["slide"]["dimensions"])
-        backend = meta["slide"]["backend"]
-    else:
-        reader = open_slide(slide_p, opts.backend)
-        try:
-            plan = plan_slide(reader, tile_opts)
-            require_tissue(plan, slide_p, tile_opts)
-            stain = fit_slide_stain(reader, plan, tile_opts) if tile_opts.normalize == "macenko" else None
-            backend = reader.backend
-            slide_wh = reader.dimensions
-        finally:
-            reader.close()
-        grid, colrow, coords, fractions = plan.grid, plan.colrow, plan.coords_l0, plan.tissue_fraction
-        mpp0, thumb, thumb_ds = plan.resolution.mpp, plan.thumbnail.image, plan.thumbnail.downsample
-        source_meta = {
-            "resolution": {
-                "mpp_x": plan.resolution.mpp_x,
-                "mpp_y": plan.resolution.mpp_y,
-                "mpp_source": plan.resolution.source,
-                "effective_mpp": plan.choice.effective_mpp,
-                "level": plan.choice.level,
-                "resize_scale": plan.choice.scale,
-            },
-            "tissue": {"slide_tissue_fraction": plan.slide_tissue_fraction},
-        }
-
-    tasks = make_tasks(
-        str(slide_p), backend, grid, colrow, card, stain=stain, device=opts.device,
-        batch_size=opts.batch_size, chunk_tiles=opts.chunk_tiles, threads=threads, from_store=from_store,
-    )  # fmt: skip
-    result = run_tasks(
-        tasks, len(card.classes), client=client, workers=n_workers, progress=progress,
-        resources=opts.resources,
-    )  # fmt: skip
-    manifest = _write_outputs(
-        paths, card, opts, params, result, grid, colrow, coords, fractions, mpp0, thumb, thumb_ds,
-        slide_wh, slide_p, source_meta, stain, t0,
-    )  # fmt: skip
-    return manifest
 
 
 def _write_outputs(

@@ -88,15 +88,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return p
 
 
-def _writer_alive(tmp: Path, name: str) -> bool:
-    """True when the process that owns temporary file ``tmp`` (``.NAME.PID.xxx.tmp``) still runs, so
-    its write must not be disturbed. Temporary files without a PID are treated as stale."""
-    pid_part = tmp.name[len(name) + 2 :].split(".", 1)[0]
-    if not pid_part.isdigit():
-        return False
-    pid = int(pid_part)
+def pid_alive(pid: int) -> bool:
+    """True when process ``pid`` runs (this process included)."""
     if pid == os.getpid():
-        return True  # another thread of this process
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -104,6 +99,13 @@ def _writer_alive(tmp: Path, name: str) -> bool:
     except PermissionError:  # alive, owned by someone else
         return True
     return True
+
+
+def _writer_alive(tmp: Path, name: str) -> bool:
+    """True when the process that owns temporary file ``tmp`` (``.NAME.PID.xxx.tmp``) still runs, so
+    its write must not be disturbed (this process: another thread). Files without a PID are stale."""
+    pid_part = tmp.name[len(name) + 2 :].split(".", 1)[0]
+    return pid_part.isdigit() and pid_alive(int(pid_part))
 
 
 @contextmanager

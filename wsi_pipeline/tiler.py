@@ -450,79 +450,67 @@ def tile_slide(
     removed), :class:`ResolutionError` (no mpp), :class:`TissueError` (no tissue tiles),
     :class:`StoreError` (other parameters, disk full; a partial store is kept for resuming).
     """
-    with remove_created_folders_on_failure(Path(out).parent):
-        return _tile_slide(slide_path, out, options, backend=backend, overwrite=overwrite, progress=progress)
-
-
-def _tile_slide(
-    slide_path: str | Path,
-    out: str | Path,
-    options: TileOptions | None = None,
-    *,
-    backend: str = "auto",
-    overwrite: bool = False,
-    progress: ProgressFn | None = None,
-) -> TileReport:
-    opts = options or TileOptions()
-    out_p = Path(out)
-    refuse_overwriting_inputs([out_p, partial_path(out_p)], [Path(slide_path)])
-    t0 = time.perf_counter()
-    reader = open_slide(slide_path, backend)
-    try:
-        with store_lock(out_p):  # one writer per store: a second process gets one clear error
-            params = {
-                **opts.store_params(),
-                "fingerprint": slide_fingerprint(reader.path),
-                "backend": reader.backend,
-            }
-            state = existing_state(out_p, params, overwrite=overwrite)
-            if state == "complete":
-                return _report_existing(slide_path, out_p, time.perf_counter() - t0)
-            plan = plan_slide(reader, opts)
-            require_tissue(plan, slide_path, opts)
-            meta = _slide_meta(reader, plan, opts, params["fingerprint"])
-            if state == "partial":
-                writer = TileStoreWriter.resume(out_p)
-                stain = writer.meta.get("stain")  # resume with the model the first run fitted
-                meta["stain"] = stain
-            else:
-                stain = fit_slide_stain(reader, plan, opts) if opts.normalize == "macenko" else None
-                meta["stain"] = stain
-                writer = TileStoreWriter.create(
-                    out_p,
-                    tile_px=opts.tile_px,
-                    chunk_tiles=opts.chunk_tiles,
-                    coords_l0=plan.coords_l0,
-                    grid_colrow=plan.colrow,
-                    tissue_fraction=plan.tissue_fraction,
-                    thumbnail=plan.thumbnail.image,
-                    tissue_mask=plan.mask,
-                    meta={**meta, "params": params},
-                )
-            transform = stain_transform(stain, opts.stain_reference) if stain else None
-            written = _write_pending(reader, plan, writer, opts, progress, transform)
-            seconds = time.perf_counter() - t0
-            report = _report(
-                slide_path,
-                out_p,
-                "resumed" if state == "partial" else "written",
-                plan,
-                written,
-                seconds,
-                meta,
-            )
-            writer.finalize(
-                run={
-                    "seconds": round(seconds, 3),
-                    "tiles_written_this_run": written,
-                    "tiles_per_s": report.tiles_per_s,
-                    "resumed": state == "partial",
-                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    with remove_created_folders_on_failure(Path(out).parent):  # no empty folders after a failure
+        opts = options or TileOptions()
+        out_p = Path(out)
+        refuse_overwriting_inputs([out_p, partial_path(out_p)], [Path(slide_path)])
+        t0 = time.perf_counter()
+        reader = open_slide(slide_path, backend)
+        try:
+            with store_lock(out_p):  # one writer per store: a second process gets one clear error
+                params = {
+                    **opts.store_params(),
+                    "fingerprint": slide_fingerprint(reader.path),
+                    "backend": reader.backend,
                 }
-            )
-            return report
-    finally:
-        reader.close()
+                state = existing_state(out_p, params, overwrite=overwrite)
+                if state == "complete":
+                    return _report_existing(slide_path, out_p, time.perf_counter() - t0)
+                plan = plan_slide(reader, opts)
+                require_tissue(plan, slide_path, opts)
+                meta = _slide_meta(reader, plan, opts, params["fingerprint"])
+                if state == "partial":
+                    writer = TileStoreWriter.resume(out_p)
+                    stain = writer.meta.get("stain")  # resume with the model the first run fitted
+                    meta["stain"] = stain
+                else:
+                    stain = fit_slide_stain(reader, plan, opts) if opts.normalize == "macenko" else None
+                    meta["stain"] = stain
+                    writer = TileStoreWriter.create(
+                        out_p,
+                        tile_px=opts.tile_px,
+                        chunk_tiles=opts.chunk_tiles,
+                        coords_l0=plan.coords_l0,
+                        grid_colrow=plan.colrow,
+                        tissue_fraction=plan.tissue_fraction,
+                        thumbnail=plan.thumbnail.image,
+                        tissue_mask=plan.mask,
+                        meta={**meta, "params": params},
+                    )
+                transform = stain_transform(stain, opts.stain_reference) if stain else None
+                written = _write_pending(reader, plan, writer, opts, progress, transform)
+                seconds = time.perf_counter() - t0
+                report = _report(
+                    slide_path,
+                    out_p,
+                    "resumed" if state == "partial" else "written",
+                    plan,
+                    written,
+                    seconds,
+                    meta,
+                )
+                writer.finalize(
+                    run={
+                        "seconds": round(seconds, 3),
+                        "tiles_written_this_run": written,
+                        "tiles_per_s": report.tiles_per_s,
+                        "resumed": state == "partial",
+                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    }
+                )
+                return report
+        finally:
+            reader.close()
 
 
 def _write_pending(

@@ -39,6 +39,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from .errors import StoreError
+from .provenance import output_error, pid_alive
 
 STORE_FORMAT = "wsi-pipeline.tilestore"
 FORMAT_VERSION = 1
@@ -85,7 +86,6 @@ def store_lock(out: Path) -> Iterator[None]:
     import fcntl
 
     lock = out.with_name(out.name + ".lock")
-    from .provenance import output_error
 
     for _ in range(3):
         try:
@@ -124,15 +124,8 @@ def _remove_stale_old_stores(out: Path) -> None:
     store it was replacing); only our own stores, and only when that process is gone."""
     for old in out.parent.glob(f"{out.name}.old-*"):
         pid = old.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or _read_attrs(old) is None:
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # its writer still runs
-        except ProcessLookupError:
+        if pid.isdigit() and not pid_alive(int(pid)) and _read_attrs(old) is not None:
             shutil.rmtree(old, ignore_errors=True)
-        except PermissionError:
-            continue
 
 
 def existing_state(out: Path, params: dict[str, Any], *, overwrite: bool) -> str:
