@@ -140,6 +140,12 @@ def render_markdown(card: dict[str, Any]) -> str:
         *_metrics_table(card["metrics"], SET_NOTES),
         "",
     ]
+    ev = card.get("evaluated_on")
+    if ev:
+        lines += [
+            f"Measured on {ev['cpu']} (CPU features: {', '.join(ev['features']) or 'none recorded'}).",
+            "",
+        ]
     base = card.get("baseline")
     if base:
         lines += [

@@ -260,6 +260,23 @@ def cpu_features() -> list[str]:
     return [f for f in keep if f in flags]
 
 
+def evaluated_on() -> dict[str, Any]:
+    """The CPU the card's held-out figures were measured on (int8 results depend on its features)."""
+    import platform
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
+    return {
+        "cpu": name or platform.machine(),
+        "features": cpu_features(),
+        "note": "held-out figures measured by models.evaluate with onnxruntime CPUExecutionProvider "
+        "on this CPU",
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.split("\n")[1])
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -453,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({', '.join(v.name for v in val_sets)}); test sets never used",
         },
         "metrics": metrics,
+        "evaluated_on": evaluated_on(),
         "ood": ood_info,
         "baseline": baseline,
         "evaluate_command": f"python -m models.evaluate --model {args.out.as_posix()} --check",
