@@ -25,8 +25,8 @@ test-reliability: $(STAMP)
 	$(BIN)/pytest -q -m reliability
 
 lint: $(STAMP)
-	$(BIN)/ruff check wsi_pipeline tests benchmarks models
-	$(BIN)/ruff format --check wsi_pipeline tests benchmarks models
+	$(BIN)/ruff check wsi_pipeline testkit tests benchmarks models workflows
+	$(BIN)/ruff format --check wsi_pipeline testkit tests benchmarks models workflows
 	$(BIN)/mypy
 
 bench: $(STAMP)

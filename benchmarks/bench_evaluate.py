@@ -55,8 +55,8 @@ def tile_truth(tiles_csv: Path, xml: Path, positive: str) -> tuple[np.ndarray, n
     """(P(positive), truth) of every scored tile: truth = tile at least half covered by tumour."""
     import csv
 
-    from wsi_pipeline.annotations import read_asap_xml
-    from wsi_pipeline.evaluate import box_coverage
+    from wsi_pipeline.evaluation.annotations import read_asap_xml
+    from wsi_pipeline.evaluation.evaluate import box_coverage
 
     with tiles_csv.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -92,9 +92,9 @@ def main() -> None:
               f"pass --index)", file=sys.stderr)  # fmt: skip
         return
 
-    from wsi_pipeline.benchslides import TileSource, random_spec, write_bench_slide
-    from wsi_pipeline.evaluate import auc, evaluate_slide, summarize
-    from wsi_pipeline.model import resolve_model
+    from testkit.benchslides import TileSource, random_spec, write_bench_slide
+    from wsi_pipeline.evaluation.evaluate import auc, evaluate_slide, summarize
+    from wsi_pipeline.inference.model import resolve_model
     from wsi_pipeline.pipeline import RunOptions, run_slide
 
     card = resolve_model(args.model)

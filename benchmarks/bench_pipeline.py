@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline.model import create_session, predict, resolve_model
+from testkit.synthetic import Ellipse, SyntheticSpec, write_synthetic_slide
+from wsi_pipeline.inference.model import create_session, predict, resolve_model
+from wsi_pipeline.io.slide import open_slide
 from wsi_pipeline.pipeline import RunOptions, run_slide
-from wsi_pipeline.slide import open_slide
-from wsi_pipeline.synthetic import Ellipse, SyntheticSpec, write_synthetic_slide
-from wsi_pipeline.tiler import TileOptions, iter_tiles, plan_slide
+from wsi_pipeline.tiling.tiler import TileOptions, iter_tiles, plan_slide
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from wsi_pipeline import __version__
-from wsi_pipeline.stain import REFERENCE, StainFitWarning, apply_macenko, fit_slide, normalize_image
+from wsi_pipeline.stain.macenko import REFERENCE, StainFitWarning, apply_macenko, fit_slide, normalize_image
 
 TILE_PX = 224
 DEFAULT_TILE_DIR = (

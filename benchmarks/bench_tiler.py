@@ -27,9 +27,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from wsi_pipeline.slide import SlideReader, open_slide
-from wsi_pipeline.synthetic import Ellipse, SyntheticSpec, write_synthetic_slide
-from wsi_pipeline.tiler import TileOptions, plan_slide, resize_tiles, tile_slide
+from testkit.synthetic import Ellipse, SyntheticSpec, write_synthetic_slide
+from wsi_pipeline.io.slide import SlideReader, open_slide
+from wsi_pipeline.tiling.tiler import TileOptions, plan_slide, resize_tiles, tile_slide
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -47,7 +47,7 @@ def _slide_tiles(path: Path, n: int, backend: str = "auto") -> npt.NDArray[np.ui
     channel, scaled to 0-255 and repeated as grey RGB, i.e. what a reader that ignored the check saw.
     """
     from wsi_pipeline.errors import SlideError
-    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.io.slide import open_slide
 
     try:
         reader = open_slide(path, backend, verify=False)

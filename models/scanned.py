@@ -185,7 +185,7 @@ def macenko_groups(images: npt.NDArray[np.uint8], groups: Sequence[str]) -> npt.
     """
     import warnings
 
-    from wsi_pipeline.stain import StainFitWarning, apply_macenko, fit_macenko
+    from wsi_pipeline.stain.macenko import StainFitWarning, apply_macenko, fit_macenko
 
     out = images.copy()
     g = np.asarray(groups)

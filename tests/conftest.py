@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_pipeline.synthetic import Ellipse, SyntheticSpec, write_synthetic_slide
+from testkit.synthetic import Ellipse, SyntheticSpec, write_synthetic_slide
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BACKENDS = ("openslide", "tiffslide")

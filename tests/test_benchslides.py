@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_pipeline.annotations import read_asap_xml
-from wsi_pipeline.benchslides import (
+from testkit.benchslides import (
     GLASS_RGB,
     BenchRenderer,
     BenchSlideSpec,
@@ -25,6 +24,7 @@ from wsi_pipeline.benchslides import (
     random_spec,
     write_bench_slide,
 )
+from wsi_pipeline.evaluation.annotations import read_asap_xml
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LC25000_INDEX = DATA / "tiles" / "lc25000-lung" / "index.csv"
@@ -272,7 +272,7 @@ def real_slide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Be
 def test_real_slide_opens_as_aperio(
     real_slide: tuple[Path, Path, BenchSlideSpec, list[str]], backend: str
 ) -> None:
-    from wsi_pipeline.slide import open_slide, resolve_mpp
+    from wsi_pipeline.io.slide import open_slide, resolve_mpp
 
     slide, _, spec, _ = real_slide
     r = open_slide(slide, backend)
@@ -338,8 +338,8 @@ def test_real_slide_xml_round_trips(real_slide: tuple[Path, Path, BenchSlideSpec
 
 @pytest.mark.realdata
 def test_tiler_finds_the_tissue(real_slide: tuple[Path, Path, BenchSlideSpec, list[str]]) -> None:
-    from wsi_pipeline.slide import open_slide
-    from wsi_pipeline.tiler import TileOptions, plan_slide
+    from wsi_pipeline.io.slide import open_slide
+    from wsi_pipeline.tiling.tiler import TileOptions, plan_slide
 
     slide, _, spec, _ = real_slide
     r = open_slide(slide)

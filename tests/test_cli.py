@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import Fixture, shared
-from wsi_pipeline.cli import main
-from wsi_pipeline.tilestore import open_tile_store, partial_path
+from wsi_pipeline.cli.commands import main
+from wsi_pipeline.io.tilestore import open_tile_store, partial_path
 
 
 def _run(*args: str) -> tuple[int, str, str]:
@@ -115,8 +115,8 @@ def test_normalize_with_a_reference_image(generic_slide: Fixture, tmp_path: Path
     import numpy as np
     from PIL import Image
 
-    from wsi_pipeline.slide import open_slide
-    from wsi_pipeline.stain import REFERENCE, StainModel
+    from wsi_pipeline.io.slide import open_slide
+    from wsi_pipeline.stain.macenko import REFERENCE, StainModel
 
     # A reference cut from the aperio-like synthetic tissue (other stain colours than the default).
     r = open_slide(generic_slide.path)

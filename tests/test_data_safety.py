@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TUMOUR_SPEC, Fixture
-from wsi_pipeline.cli import main
-from wsi_pipeline.synthetic import write_synthetic_slide
+from testkit.synthetic import write_synthetic_slide
+from wsi_pipeline.cli.commands import main
 
 pytestmark = pytest.mark.reliability
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "CMU-1-Small-Region.svs"
@@ -164,7 +164,7 @@ def two_runs(
 
 
 def _tumour_xml(tumour_slide: Fixture, path: Path) -> Path:
-    from wsi_pipeline.annotations import write_asap_xml
+    from wsi_pipeline.evaluation.annotations import write_asap_xml
 
     return write_asap_xml(path, [("Tumor", e.polygon(96)) for e in tumour_slide.spec.tumour])
 
@@ -466,7 +466,7 @@ def _asap(path: Path, coords: list[tuple[str, str]]) -> Path:
 
 def test_comma_decimal_asap_xml_is_read(tmp_path: Path) -> None:
     """Case 20: ASAP XML written under a comma-decimal locale (X="2100,0000") was refused whole."""
-    from wsi_pipeline.annotations import read_asap_xml
+    from wsi_pipeline.evaluation.annotations import read_asap_xml
 
     comma = _asap(
         tmp_path / "c.xml", [("100,0000", "100,0000"), ("2100,5000", "100,0000"), ("2100,5000", "900,2500")]
@@ -478,8 +478,8 @@ def test_comma_decimal_asap_xml_is_read(tmp_path: Path) -> None:
 
 def test_absurd_coordinates_are_refused_and_json_stays_strict(tmp_path: Path) -> None:
     """Case 21: coordinates of 1e300 gave shapely warnings and Infinity in metrics.json."""
-    from wsi_pipeline.annotations import read_annotations
     from wsi_pipeline.errors import AnnotationError
+    from wsi_pipeline.evaluation.annotations import read_annotations
     from wsi_pipeline.provenance import atomic_write_json
 
     bad = _asap(tmp_path / "b.xml", [("0", "0"), ("1e300", "0"), ("1e300", "1e300")])

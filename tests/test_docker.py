@@ -167,7 +167,12 @@ def _context_files() -> list[Path]:
 
 def test_build_context_is_small_and_has_what_the_images_copy() -> None:
     files = {str(p) for p in _context_files()}
-    for name in ("pyproject.toml", "README.md", "wsi_pipeline/cli.py", "docker/requirements-cpu.txt"):
+    for name in (
+        "pyproject.toml",
+        "README.md",
+        "wsi_pipeline/cli/commands.py",
+        "docker/requirements-cpu.txt",
+    ):
         assert name in files
     for name in MODEL_FILES:
         assert f"models/{name}" in files
@@ -264,7 +269,7 @@ def test_installed_wheel_scores_a_slide_with_the_shipped_model(wheel: Path, tmp_
     (Path(purelib) / "zz-dev-deps.pth").write_text("\n".join(deps) + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     probe = subprocess.run(
-        [str(py), "-c", "import wsi_pipeline, wsi_pipeline.model as m; "
+        [str(py), "-c", "import wsi_pipeline, wsi_pipeline.inference.model as m; "
          "print(wsi_pipeline.__file__); print(m.resolve_model(None).path)"],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
     )  # fmt: skip

@@ -12,16 +12,16 @@ from click.testing import CliRunner
 from shapely.geometry import Polygon, box
 
 from conftest import Fixture, shared
-from wsi_pipeline.annotations import (
+from wsi_pipeline.cli.commands import main
+from wsi_pipeline.errors import AnnotationError
+from wsi_pipeline.evaluation.annotations import (
     GroupMapping,
     read_annotations,
     read_asap_xml,
     read_geojson,
     write_asap_xml,
 )
-from wsi_pipeline.cli import main
-from wsi_pipeline.errors import AnnotationError
-from wsi_pipeline.evaluate import (
+from wsi_pipeline.evaluation.evaluate import (
     auc,
     binary_metrics,
     box_coverage,

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsi_pipeline.grid import block_order, make_grid
-from wsi_pipeline.slide import LevelChoice
+from wsi_pipeline.io.slide import LevelChoice
+from wsi_pipeline.tiling.grid import block_order, make_grid
 
 
 def test_grid_without_resize() -> None:

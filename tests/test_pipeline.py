@@ -13,14 +13,14 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import Fixture, box_distance_outside, write_test_model
-from wsi_pipeline.cli import main
+from testkit.synthetic import SyntheticSpec
+from wsi_pipeline.cli.commands import main
 from wsi_pipeline.errors import DeviceError, ModelError
-from wsi_pipeline.model import create_session, resolve_model
+from wsi_pipeline.inference.model import create_session, resolve_model
+from wsi_pipeline.io.slide import open_slide
 from wsi_pipeline.pipeline import RunOptions, output_paths, run_slide
 from wsi_pipeline.provenance import file_sha256
-from wsi_pipeline.slide import open_slide
-from wsi_pipeline.synthetic import SyntheticSpec
-from wsi_pipeline.tiler import TileOptions
+from wsi_pipeline.tiling.tiler import TileOptions
 
 OPTS = RunOptions(chunk_tiles=32, workers=2)
 
@@ -361,7 +361,7 @@ def test_shipped_model_is_found_and_runs() -> None:
     card = resolve_model(None)
     assert card.name == "tumour-cnn" and card.positive_class == "tumour"
     session, _ = create_session(card, "cpu")
-    from wsi_pipeline.model import predict
+    from wsi_pipeline.inference.model import predict
 
     probs = predict(session, card, np.full((2, 224, 224, 3), 240, np.uint8))
     assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
@@ -499,7 +499,7 @@ def test_card_asking_for_macenko_normalizes_unless_told_not_to(tumour_slide: Fix
 
 
 def test_unnormalized_store_is_refused_by_a_macenko_model(tumour_slide: Fixture, tmp_path: Path) -> None:
-    from wsi_pipeline.tiler import tile_slide
+    from wsi_pipeline.tiling.tiler import tile_slide
 
     store = tmp_path / "s.zarr"
     tile_slide(tumour_slide.path, store, TileOptions())

@@ -29,11 +29,11 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import BENIGN_SPEC, Fixture, write_test_model
-from wsi_pipeline.cli import main
+from testkit.synthetic import SyntheticSpec, write_synthetic_slide
+from wsi_pipeline.cli.commands import main
+from wsi_pipeline.io.tilestore import open_tile_store, partial_path
 from wsi_pipeline.pipeline import RunOptions, output_paths, run_slide
-from wsi_pipeline.synthetic import SyntheticSpec, write_synthetic_slide
-from wsi_pipeline.tiler import TileOptions, tile_slide
-from wsi_pipeline.tilestore import open_tile_store, partial_path
+from wsi_pipeline.tiling.tiler import TileOptions, tile_slide
 
 pytestmark = pytest.mark.reliability
 
@@ -162,13 +162,13 @@ if stall:
     prov.os.fsync = fsync
 slow = float(os.environ.get("WSI_TEST_SLOW_CHUNK_S", "0"))
 if slow:
-    import wsi_pipeline.tilestore as ts
+    import wsi_pipeline.io.tilestore as ts
     _write = ts.TileStoreWriter.write_chunk
     def write_chunk(self, k, tiles):
         _write(self, k, tiles)
         time.sleep(slow)
     ts.TileStoreWriter.write_chunk = write_chunk
-from wsi_pipeline.cli import main
+from wsi_pipeline.cli.commands import main
 sys.argv[0] = "wsi-infer"
 main()
 """
@@ -308,7 +308,7 @@ def _arm_worker_kill(marker: str) -> None:
     import os
     import signal
 
-    import wsi_pipeline.scoring as scoring
+    import wsi_pipeline.inference.scoring as scoring
 
     original = scoring.score_chunk
 
@@ -624,10 +624,10 @@ XML_CASES = {
 @counted
 @pytest.mark.parametrize("case", list(XML_CASES))
 def test_malformed_and_hostile_annotation_xml(case: str, tmp_path: Path) -> None:
-    annotations = pytest.importorskip("wsi_pipeline.annotations")
+    annotations = pytest.importorskip("wsi_pipeline.evaluation.annotations")
     read_asap_xml = getattr(annotations, "read_asap_xml", None)
     if read_asap_xml is None:
-        pytest.skip("wsi_pipeline.annotations.read_asap_xml does not exist yet")
+        pytest.skip("wsi_pipeline.evaluation.annotations.read_asap_xml does not exist yet")
     from wsi_pipeline.errors import AnnotationError
 
     text, words = XML_CASES[case]

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import Fixture, shared
 from wsi_pipeline.errors import ResolutionError, SlideError
-from wsi_pipeline.slide import (
+from wsi_pipeline.io.slide import (
     ArraySlide,
     SlideReader,
     choose_level,

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_pipeline import stain
 from wsi_pipeline.errors import StainError
-from wsi_pipeline.stain import (
+from wsi_pipeline.stain import macenko as stain
+from wsi_pipeline.stain.macenko import (
     REFERENCE,
     StainFitWarning,
     StainModel,

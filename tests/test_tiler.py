@@ -10,11 +10,11 @@ import pytest
 import zarr
 
 from conftest import Fixture, box_distance_outside, box_inside, shared
+from testkit.synthetic import Ellipse, SyntheticSlide, SyntheticSpec
 from wsi_pipeline.errors import ResolutionError, SlideError, StoreError, TissueError
-from wsi_pipeline.slide import ArraySlide, open_slide
-from wsi_pipeline.synthetic import Ellipse, SyntheticSlide, SyntheticSpec
-from wsi_pipeline.tiler import TileOptions, iter_tiles, plan_slide, read_tile, tile_slide
-from wsi_pipeline.tilestore import open_tile_store, partial_path
+from wsi_pipeline.io.slide import ArraySlide, open_slide
+from wsi_pipeline.io.tilestore import open_tile_store, partial_path
+from wsi_pipeline.tiling.tiler import TileOptions, iter_tiles, plan_slide, read_tile, tile_slide
 
 SMALL_CHUNKS = TileOptions(chunk_tiles=8, block_tiles=3)
 
@@ -240,7 +240,7 @@ def test_missing_path_leaves_no_store(tmp_path: Path) -> None:
 
 
 def test_no_tissue_is_an_error(tmp_path: Path) -> None:
-    from wsi_pipeline.synthetic import write_synthetic_slide
+    from testkit.synthetic import write_synthetic_slide
 
     p = write_synthetic_slide(tmp_path / "blank.svs", SyntheticSpec(width=1024, height=1024, mpp=0.5))
     out = tmp_path / "blank.zarr"
@@ -282,7 +282,7 @@ def test_read_error_midway_removes_partial_store(
     aperio_slide: Fixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A tile that cannot be decoded half-way through: clear error, no partial store left."""
-    import wsi_pipeline.tiler as tiler
+    import wsi_pipeline.tiling.tiler as tiler
 
     real_open = tiler.open_slide
 
@@ -315,7 +315,7 @@ MACENKO = TileOptions(chunk_tiles=8, block_tiles=3, normalize="macenko", stain_f
 def test_normalized_store_equals_slide_fit_applied_to_read_region(
     aperio_slide: Fixture, tmp_path: Path
 ) -> None:
-    from wsi_pipeline.stain import REFERENCE, StainModel, apply_macenko
+    from wsi_pipeline.stain.macenko import REFERENCE, StainModel, apply_macenko
 
     out = tmp_path / "n.zarr"
     tile_slide(aperio_slide.path, out, MACENKO)

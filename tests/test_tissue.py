@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import shared
-from wsi_pipeline.slide import open_slide, read_thumbnail
-from wsi_pipeline.synthetic import Ellipse, SyntheticSlide, SyntheticSpec
-from wsi_pipeline.tissue import TissueParams, tissue_fraction_in_boxes, tissue_mask
+from testkit.synthetic import Ellipse, SyntheticSlide, SyntheticSpec
+from wsi_pipeline.io.slide import open_slide, read_thumbnail
+from wsi_pipeline.tiling.tissue import TissueParams, tissue_fraction_in_boxes, tissue_mask
 
 
 def _render(spec: SyntheticSpec, mask_mpp: float = 8.0):  # type: ignore[no-untyped-def]

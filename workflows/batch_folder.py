@@ -144,8 +144,8 @@ def require_resources(client: Any, resources: dict[str, float], *, timeout_s: fl
 
 def probe_model(client: Any, model: Path | None, device: str, resources: dict | None) -> str:
     """Load the model on one worker (one that may run the tasks); returns the provider it uses."""
-    from wsi_pipeline.model import resolve_model
-    from wsi_pipeline.scoring import probe_session
+    from wsi_pipeline.inference.model import resolve_model
+    from wsi_pipeline.inference.scoring import probe_session
 
     card = resolve_model(model)
     fut = client.submit(
@@ -157,7 +157,7 @@ def probe_model(client: Any, model: Path | None, device: str, resources: dict | 
 def make_options(args: argparse.Namespace, resources: dict | None) -> Any:
     from wsi_pipeline.aggregate import LabelRule
     from wsi_pipeline.pipeline import RunOptions
-    from wsi_pipeline.tiler import TileOptions
+    from wsi_pipeline.tiling.tiler import TileOptions
 
     tile = TileOptions(
         mpp_override=args.mpp,

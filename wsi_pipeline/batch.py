@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import WsiError
-from .provenance import atomic_write_bytes, atomic_write_json, output_error
+from wsi_pipeline.errors import WsiError
+from wsi_pipeline.provenance import atomic_write_bytes, atomic_write_json, output_error
 
 SLIDE_SUFFIXES = (
     ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".dcm", ".scn", ".bif", ".vms", ".vmu", ".svslide",

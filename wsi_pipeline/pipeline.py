@@ -15,11 +15,19 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .aggregate import LabelRule, heatmap_grid, ood_summary, slide_label, tile_area_mm2, tumour_regions
-from .errors import ModelError, OutputError
-from .model import ModelCard, resolve_model
-from .outputs import (
+from wsi_pipeline import __version__
+from wsi_pipeline.aggregate import (
+    LabelRule,
+    heatmap_grid,
+    ood_summary,
+    slide_label,
+    tile_area_mm2,
+    tumour_regions,
+)
+from wsi_pipeline.errors import ModelError, OutputError
+from wsi_pipeline.inference.model import ModelCard, resolve_model
+from wsi_pipeline.inference.scoring import ProgressFn, ScoreResult, make_tasks, run_tasks
+from wsi_pipeline.io.outputs import (
     geojson_features,
     heatmap_canvas,
     write_heatmap_tiff,
@@ -27,16 +35,15 @@ from .outputs import (
     write_overlay_png,
     write_tiles_csv,
 )
-from .provenance import (
+from wsi_pipeline.io.slide import open_slide, slide_fingerprint
+from wsi_pipeline.io.tilestore import open_tile_store
+from wsi_pipeline.provenance import (
     check_writable,
     environment_versions,
     refuse_overwriting_inputs,
     remove_created_folders_on_failure,
 )
-from .scoring import ProgressFn, ScoreResult, make_tasks, run_tasks
-from .slide import open_slide, slide_fingerprint
-from .tiler import TileOptions, fit_slide_stain, plan_slide, require_tissue, tile_slide
-from .tilestore import open_tile_store
+from wsi_pipeline.tiling.tiler import TileOptions, fit_slide_stain, plan_slide, require_tissue, tile_slide
 
 
 @dataclass(frozen=True)
@@ -170,7 +177,7 @@ def run_slide(
         # the model must load on the device (the session is cached and reused by the local tasks).
         check_writable(paths["heatmap"].parent)
         if client is None:
-            from .scoring import cached_session
+            from wsi_pipeline.inference.scoring import cached_session
 
             cached_session(str(card.path), str(card.onnx_path), opts.device, threads)
 
@@ -181,7 +188,7 @@ def run_slide(
         if from_store:
             store = open_tile_store(slide_p)
             meta = store.meta
-            from .grid import TileGrid
+            from wsi_pipeline.tiling.grid import TileGrid
 
             grid = TileGrid(**{k: meta["grid"][k] for k in TileGrid.__dataclass_fields__})
             colrow, coords, fractions = store.grid_colrow, store.coords_l0, store.tissue_fraction

@@ -16,8 +16,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import OutputError
+from wsi_pipeline import __version__
+from wsi_pipeline.errors import OutputError
 
 _PACKAGES = (
     "numpy",

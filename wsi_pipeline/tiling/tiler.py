@@ -23,11 +23,9 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from . import __version__
-from .errors import SlideError, TissueError
-from .grid import TileGrid, block_order, make_grid
-from .provenance import refuse_overwriting_inputs, remove_created_folders_on_failure
-from .slide import (
+from wsi_pipeline import __version__
+from wsi_pipeline.errors import SlideError, TissueError
+from wsi_pipeline.io.slide import (
     LevelChoice,
     Resolution,
     SlideReader,
@@ -39,9 +37,17 @@ from .slide import (
     resolve_mpp,
     slide_fingerprint,
 )
-from .stain import REFERENCE, StainFitWarning, StainModel, apply_macenko, fit_slide
-from .tilestore import TileStoreWriter, existing_state, open_tile_store, partial_path, store_lock
-from .tissue import TissueParams, tissue_fraction_in_boxes, tissue_mask
+from wsi_pipeline.io.tilestore import (
+    TileStoreWriter,
+    existing_state,
+    open_tile_store,
+    partial_path,
+    store_lock,
+)
+from wsi_pipeline.provenance import refuse_overwriting_inputs, remove_created_folders_on_failure
+from wsi_pipeline.stain.macenko import REFERENCE, StainFitWarning, StainModel, apply_macenko, fit_slide
+from wsi_pipeline.tiling.grid import TileGrid, block_order, make_grid
+from wsi_pipeline.tiling.tissue import TissueParams, tissue_fraction_in_boxes, tissue_mask
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .provenance import atomic_write_bytes
+from wsi_pipeline.provenance import atomic_write_bytes
 
 #: Colour ramp for probabilities 0 -> 1 (dark blue, blue, green, yellow, red); no tissue is white.
 _RAMP = np.array([[48, 18, 59], [40, 130, 230], [60, 200, 100], [250, 210, 40], [200, 20, 20]], np.float32)

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import click
 
-from . import __version__
-from .errors import UsageError, WsiError
+from wsi_pipeline import __version__
+from wsi_pipeline.errors import UsageError, WsiError
 
 F = TypeVar("F", bound=Callable[..., Any])
 _POSITIVE = click.FloatRange(min=0.0, min_open=True)
@@ -213,7 +213,7 @@ def info(slide: Path, backend: str, mpp: float | None, as_json: bool) -> None:
     """Vendor, size, pyramid levels, mpp and its source, and tissue fraction of SLIDE."""
 
     def body() -> int:
-        from .slide_info import slide_info
+        from wsi_pipeline.tiling.info import slide_info
 
         data = slide_info(slide, backend=backend, mpp_override=mpp)
         if as_json:
@@ -294,13 +294,13 @@ def tile(slide: Path, out: Path, overwrite: bool, quiet: bool, **kw: Any) -> Non
 
 
 def _options_from(kw: dict[str, Any]) -> Any:
-    from .tiler import TileOptions
-    from .tissue import TissueParams
+    from wsi_pipeline.tiling.tiler import TileOptions
+    from wsi_pipeline.tiling.tissue import TissueParams
 
     stain: dict[str, Any] = {}
     if kw["stain_reference"] is not None:
-        from .provenance import file_sha256
-        from .stain import reference_from_image
+        from wsi_pipeline.provenance import file_sha256
+        from wsi_pipeline.stain.macenko import reference_from_image
 
         ref_path = kw["stain_reference"]
         stain = {
@@ -332,8 +332,8 @@ def report_path(out: Path) -> Path:
 
 
 def _tile_one(slide: Path, out: Path, opts: Any, *, backend: str, overwrite: bool, bars: _Bars) -> Any:
-    from .provenance import atomic_write_json, environment_versions
-    from .tiler import tile_slide
+    from wsi_pipeline.provenance import atomic_write_json, environment_versions
+    from wsi_pipeline.tiling.tiler import tile_slide
 
     with bars.slide(slide.name) as update:
         rep = tile_slide(slide, out, opts, backend=backend, overwrite=overwrite, progress=update)
@@ -369,7 +369,7 @@ def _stain_note(meta: dict[str, Any]) -> str:
 
 
 def _tile_folder(folder: Path, out: Path, opts: Any, *, backend: str, overwrite: bool, quiet: bool) -> int:
-    from .batch import BatchItem, batch_items, output_stems, run_batch
+    from wsi_pipeline.batch import BatchItem, batch_items, output_stems, run_batch
 
     items = batch_items(folder)
     names = dict(zip(items, output_stems(items), strict=True))
@@ -476,8 +476,8 @@ def run(slide: Path, out: Path, quiet: bool, overwrite: bool, skip_errors: bool,
     """  # fmt: skip
 
     def body() -> int:
-        from .aggregate import LabelRule
-        from .pipeline import RunOptions
+        from wsi_pipeline.aggregate import LabelRule
+        from wsi_pipeline.pipeline import RunOptions
 
         label = LabelRule(
             rule=kw["label_rule"],
@@ -533,7 +533,7 @@ def _ood_text(m: dict[str, Any]) -> str:
 def _run_one(
     slide: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, bars: _Bars
 ) -> Any:
-    from .pipeline import run_slide
+    from wsi_pipeline.pipeline import run_slide
 
     with bars.slide(slide.name) as update:
         m = run_slide(
@@ -561,7 +561,7 @@ def _run_one(
 def _run_folder(
     src: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, quiet: bool, skip: bool
 ) -> int:
-    from .batch import BatchItem, batch_items, output_stems, run_batch
+    from wsi_pipeline.batch import BatchItem, batch_items, output_stems, run_batch
 
     items = batch_items(src)
     names = dict(zip(items, output_stems(items), strict=True))
@@ -631,10 +631,10 @@ def evaluate(
     """  # fmt: skip
 
     def body() -> int:
-        from .annotations import DEFAULT_EXCLUSION_GROUPS, GroupMapping
-        from .batch import rows_to_csv
-        from .evaluate import evaluate_runs
-        from .provenance import atomic_write_bytes, atomic_write_json
+        from wsi_pipeline.batch import rows_to_csv
+        from wsi_pipeline.evaluation.annotations import DEFAULT_EXCLUSION_GROUPS, GroupMapping
+        from wsi_pipeline.evaluation.evaluate import evaluate_runs
+        from wsi_pipeline.provenance import atomic_write_bytes, atomic_write_json
 
         mapping = GroupMapping(
             positive=frozenset(positive_group) if positive_group else None,

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from .grid import TileGrid
-from .model import ModelCard, create_session, load_card, predict_with_ood
-from .slide import SlideReader, open_slide
-from .tiler import iter_tiles, stain_transform
+from wsi_pipeline.inference.model import ModelCard, create_session, load_card, predict_with_ood
+from wsi_pipeline.io.slide import SlideReader, open_slide
+from wsi_pipeline.tiling.grid import TileGrid
+from wsi_pipeline.tiling.tiler import iter_tiles, stain_transform
 
 ProgressFn = Callable[[int, int], None]
 
@@ -92,7 +92,7 @@ def score_chunk(task: ChunkTask) -> ChunkResult:
     session, provider, card = cached_session(task.card_path, task.onnx_path, task.device, task.threads)
     t0 = time.perf_counter()
     if task.from_store:
-        from .tilestore import open_tile_store
+        from wsi_pipeline.io.tilestore import open_tile_store
 
         tiles = np.asarray(open_tile_store(task.source).tiles[task.start : task.start + len(task.colrow)])
         if task.stain:
@@ -112,7 +112,7 @@ def score_chunk(task: ChunkTask) -> ChunkResult:
 
 
 def _reference(stain: dict[str, Any]) -> Any:
-    from .stain import REFERENCE, StainModel
+    from wsi_pipeline.stain.macenko import REFERENCE, StainModel
 
     return StainModel.from_dict(stain["reference"]) if stain.get("reference") else REFERENCE
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .annotations import Annotations, GroupMapping, read_annotations
-from .errors import AnnotationError, WsiError
+from wsi_pipeline.errors import AnnotationError, WsiError
+from wsi_pipeline.evaluation.annotations import Annotations, GroupMapping, read_annotations
 
 ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
 

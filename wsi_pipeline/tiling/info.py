@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .errors import ResolutionError, SlideError
-from .slide import MPP_OVERRIDE_HINT, open_slide, read_thumbnail, resolve_mpp
-from .tiler import TileOptions, plan_slide
-from .tissue import tissue_mask
+from wsi_pipeline.errors import ResolutionError, SlideError
+from wsi_pipeline.io.slide import MPP_OVERRIDE_HINT, open_slide, read_thumbnail, resolve_mpp
+from wsi_pipeline.tiling.tiler import TileOptions, plan_slide
+from wsi_pipeline.tiling.tissue import tissue_mask
 
 #: Resolution assumed only to size the tissue thumbnail when a slide has no mpp (reported as such).
 ASSUMED_MPP_FOR_MASK = 0.5

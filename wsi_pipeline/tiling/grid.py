@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .slide import LevelChoice
+from wsi_pipeline.io.slide import LevelChoice
 
 
 @dataclass(frozen=True)

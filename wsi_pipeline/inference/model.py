@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DeviceError, ModelError
-from .provenance import file_sha256
+from wsi_pipeline.errors import DeviceError, ModelError
+from wsi_pipeline.provenance import file_sha256
 
 DEFAULT_MODEL_NAME = "tumour-cnn"
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
@@ -136,7 +136,7 @@ def load_card(path: str | os.PathLike[str]) -> ModelCard:
 
 def default_model_dir() -> Path:
     """Folder of the shipped model: ``models/`` of a source checkout, else the installed data files."""
-    here = Path(__file__).resolve().parent.parent / "models"
+    here = Path(__file__).resolve().parents[2] / "models"
     if (here / f"{DEFAULT_MODEL_NAME}.json").exists():
         return here
     return Path(sys.prefix) / "share" / "wsi-pipeline" / "models"

@@ -38,8 +38,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from .errors import StoreError
-from .provenance import output_error, pid_alive
+from wsi_pipeline.errors import StoreError
+from wsi_pipeline.provenance import output_error, pid_alive
 
 STORE_FORMAT = "wsi-pipeline.tilestore"
 FORMAT_VERSION = 1

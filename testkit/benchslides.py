@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from wsi_pipeline import __version__
 
 #: Glass colour outside tissue (RGB); pixels get a little noise around it.
 GLASS_RGB = (242, 241, 244)
@@ -640,8 +640,8 @@ def write_bench_slide(
     """
     from shapely import Polygon
 
-    from .annotations import write_asap_xml
-    from .provenance import atomic_write_bytes
+    from wsi_pipeline.evaluation.annotations import write_asap_xml
+    from wsi_pipeline.provenance import atomic_write_bytes
 
     t_start = time.perf_counter()
     for name in ("tissue", "tumour", "exclusion"):

@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from .errors import ResolutionError, SlideError
+from wsi_pipeline.errors import ResolutionError, SlideError
 
 Backend = Literal["auto", "openslide", "tiffslide"]
 BACKENDS: tuple[str, ...] = ("auto", "openslide", "tiffslide")

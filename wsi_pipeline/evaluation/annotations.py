@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import AnnotationError
+from wsi_pipeline.errors import AnnotationError
 
 #: Group names treated as exclusions (non-tumour holes) unless the caller says otherwise.
 DEFAULT_EXCLUSION_GROUPS: frozenset[str] = frozenset(
@@ -254,7 +254,7 @@ def write_asap_xml(
     """Write ``(group, [(x, y), ...])`` polygons (level-0 px) as ASAP XML, with the groups declared."""
     from xml.sax.saxutils import quoteattr
 
-    from .provenance import atomic_write_bytes
+    from wsi_pipeline.provenance import atomic_write_bytes
 
     lines = ['<?xml version="1.0"?>', "<ASAP_Annotations>", "\t<Annotations>"]
     colours = {"_2": "#64FE2E"}

@@ -1,0 +1,3 @@
+from wsi_pipeline.cli.commands import main
+
+main()

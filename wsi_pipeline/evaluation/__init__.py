@@ -1,0 +1,1 @@
+"""Predictions against expert annotations: parsing, metrics, evaluate."""

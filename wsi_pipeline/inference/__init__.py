@@ -1,0 +1,1 @@
+"""The model: card, onnxruntime sessions, scoring tiles through Dask."""

@@ -1,0 +1,1 @@
+"""Stain normalization (Macenko)."""

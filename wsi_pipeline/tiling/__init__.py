@@ -1,0 +1,1 @@
+"""Slide to tiles: tissue mask, tile grid, plan, tile streaming."""
