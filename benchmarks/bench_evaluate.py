@@ -93,7 +93,8 @@ def main() -> None:
         return
 
     from testkit.benchslides import TileSource, random_spec, write_bench_slide
-    from wsi_pipeline.evaluation.evaluate import auc, evaluate_slide, summarize
+    from wsi_pipeline.evaluation.evaluate import evaluate_slide, summarize
+    from wsi_pipeline.evaluation.metrics import is_undefined, roc_auc
     from wsi_pipeline.inference.model import resolve_model
     from wsi_pipeline.pipeline import RunOptions, run_slide
 
@@ -164,7 +165,7 @@ def main() -> None:
         )
     summary = summarize(results)
     p_all, t_all_truth = np.concatenate(pooled_p), np.concatenate(pooled_t)
-    pooled_auc = auc(p_all, t_all_truth)
+    pooled_auc = roc_auc(t_all_truth, p_all)
     out = {
         "model": {"name": card.name, "version": card.version, "sha256": card.sha256},
         "source": {"index": str(args.index), "split": args.split, "groups": len(groups),
@@ -172,9 +173,9 @@ def main() -> None:
         "slides": {"n": args.slides, "size_px": args.size, "mpp": args.mpp, "seed": args.seed},
         "threshold": args.threshold,
         "summary": summary,
-        "pooled_tile_auc": None if pooled_auc is None else round(pooled_auc, 4),
+        "pooled_tile_auc": None if is_undefined(pooled_auc) else round(pooled_auc, 4),
         "pooled_tiles": len(p_all),
-        # The benign slide's Dice is 1.0 by convention (empty truth, empty prediction): also without it.
+        # A benign slide has a Dice only when something was called tumour (then 0): also without them.
         "dice_tumour_slides": summarize([r for r in results if r["slide_truth_positive"]])["dice"],
         "per_slide": rows,
         "seconds_total": round(time.perf_counter() - t_all, 1),

@@ -8,6 +8,10 @@ Two levels, both on the run's tile grid (level-0 pixel coordinates):
   (sensitivity), specificity, accuracy and F1 are computed over every cell of the slide;
 * tile level over the scored tiles: truth = tile at least half covered by tumour, AUC threshold-free.
 
+The metrics themselves are :mod:`wsi_pipeline.evaluation.metrics`; a ratio with nothing to divide by
+(Dice, precision, recall of a slide with no tumour in truth and none predicted) is undefined: ``null``
+in the results and left out of the means across slides, whose ``n`` says how many slides they cover.
+
 Pure functions over arrays, plus readers for run manifests and tile tables at the edges.
 """
 
@@ -25,53 +29,10 @@ import numpy as np
 
 from wsi_pipeline.errors import AnnotationError, WsiError
 from wsi_pipeline.evaluation.annotations import Annotations, GroupMapping, read_annotations
+from wsi_pipeline.evaluation.metrics import binary_metrics, is_undefined, roc_auc
+from wsi_pipeline.provenance import strict_json
 
 ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
-
-
-def binary_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float | int]:
-    """Confusion counts and Dice, precision, recall, specificity, accuracy, F1 of boolean arrays.
-
-    Undefined ratios (e.g. precision with no positive prediction) follow the usual convention for
-    segmentation: 1.0 when both prediction and truth are empty for that ratio, else 0.0.
-    """
-    p = np.asarray(pred, bool).ravel()
-    t = np.asarray(truth, bool).ravel()
-    tp = int(np.count_nonzero(p & t))
-    fp = int(np.count_nonzero(p & ~t))
-    fn = int(np.count_nonzero(~p & t))
-    tn = int(np.count_nonzero(~p & ~t))
-
-    def ratio(num: int, den: int) -> float:
-        return num / den if den else 1.0
-
-    dice = ratio(2 * tp, 2 * tp + fp + fn)
-    return {
-        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
-        "dice": dice,
-        "precision": ratio(tp, tp + fp),
-        "recall": ratio(tp, tp + fn),
-        "specificity": ratio(tn, tn + fp),
-        "accuracy": ratio(tp + tn, tp + tn + fp + fn),
-        "f1": dice,  # F1 over cells is the Dice coefficient
-    }  # fmt: skip
-
-
-def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """Area under the ROC curve (Mann-Whitney, ties counted half); None when one class is absent."""
-    s = np.asarray(scores, np.float64)
-    y = np.asarray(labels, bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), np.float64)
-    sorted_s = s[order]
-    # average ranks over ties
-    _uniq, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def box_coverage(geom: Any, boxes: np.ndarray) -> np.ndarray:
@@ -184,13 +145,13 @@ def evaluate_slide(
         boxes = np.stack([tiles["x_l0"], tiles["y_l0"], tiles["x_l0"] + w, tiles["y_l0"] + w], axis=1)
         tile_truth = box_coverage(tumour, boxes) >= truth_min_fraction
         tile = binary_metrics(p >= threshold, tile_truth)
-        tile_auc = auc(p, tile_truth)
+        tile_auc = roc_auc(tile_truth, p)
     else:
-        tile, tile_auc, tile_truth = binary_metrics(np.zeros(0), np.zeros(0)), None, np.zeros(0, bool)
+        tile, tile_auc, tile_truth = binary_metrics(np.zeros(0), np.zeros(0)), math.nan, np.zeros(0, bool)
     truth_positive = bool(tumour.area > 0)
     predicted_positive = bool(m["label"]["positive"])
     area_mpp = float(m["resolution"]["mpp_x"]) if m.get("resolution") else None
-    return {
+    return strict_json({  # undefined metrics (nan) are null, as they are written
         "slide": m["slide"],
         "manifest": str(manifest_path),
         "annotation": str(annotation_path) if annotation_path else None,
@@ -214,15 +175,18 @@ def evaluate_slide(
         "slide_truth_positive": truth_positive,
         "slide_predicted_positive": predicted_positive,
         "slide_label_correct": truth_positive == predicted_positive,
-    }  # fmt: skip
+    })  # fmt: skip
 
 
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and sd across slides of every metric, and slide-level label accuracy."""
+    """Mean and sd across slides of every metric, and slide-level label accuracy.
+
+    A metric undefined for a slide (null) is left out of its mean; ``n`` counts the slides averaged.
+    """
     keys = ("dice", "precision", "recall", "specificity", "accuracy", "f1", "auc")
     out: dict[str, Any] = {"n_slides": len(results)}
     for k in keys:
-        vals = np.array([r[k] for r in results if r.get(k) is not None], np.float64)
+        vals = np.array([r[k] for r in results if not is_undefined(r.get(k))], np.float64)
         out[k] = {
             "mean": round(float(vals.mean()), 4) if len(vals) else None,
             "sd": round(float(vals.std(ddof=1)), 4) if len(vals) > 1 else None,
