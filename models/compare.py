@@ -24,8 +24,8 @@ import numpy as np
 
 from models.card import load_card
 from models.evaluate import EvalSet, build_sets, default_index, score_sets
-from models.metrics import binary_metrics, roc_auc
 from models.scanned import LabelRule, glas_tiles, load_consep, shared_tiles_dir
+from wsi_pipeline.evaluation.metrics import classification_metrics, roc_auc
 
 
 def _sets(
@@ -58,7 +58,7 @@ def compare(models: list[Path], split: str, index: Path) -> list[dict[str, Any]]
         adenoma = np.char.endswith(grades.astype(str), "adenomatous")
         thr = float((card.get("threshold") or {}).get("value", 0.5))
         p_lc, p_glas, *p_consep = score_sets(model, [lc, glas] + ([consep] if consep else []))
-        g = binary_metrics(glas.tumour, p_glas, thr)
+        g = classification_metrics(glas.tumour, p_glas, thr)
         stroma = (glas.tumour == 0) & np.char.startswith(grades.astype(str), "malignant")
         rows.append(
             {

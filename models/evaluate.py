@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -27,9 +26,10 @@ import onnxruntime as ort
 
 from models.card import load_card
 from models.data import iterate_batches, load_tiles
-from models.metrics import binary_metrics
 from models.scanned import shared_tiles_dir
 from models.split import DEFAULT_FRACTIONS, DEFAULT_SEED, read_index, sample_rows, split_rows
+from wsi_pipeline.evaluation.metrics import classification_metrics, is_undefined
+from wsi_pipeline.provenance import strict_json
 
 METRIC_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 
@@ -73,7 +73,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Metrics of an ONNX model on one split of ``index_csv`` (all of it, or a fixed sample).
 
-    Returns ``binary_metrics`` plus ``per_label`` accuracy, ``groups`` (number of groups),
+    Returns ``classification_metrics`` plus ``per_label`` accuracy, ``groups`` (number of groups),
     ``group_accuracy`` (a group called tumour when its tiles' mean P(tumour) >= 0.5) and
     ``groups_with_errors`` (groups holding at least one misclassified tile).
     """
@@ -84,7 +84,7 @@ def evaluate_model(
     tiles = load_tiles([rows[i] for i in idx])
     session = make_session(model_path, threads)
     prob = predict(session, tiles.images)[:, 1]
-    metrics: dict[str, Any] = binary_metrics(tiles.tumour, prob)
+    metrics: dict[str, Any] = classification_metrics(tiles.tumour, prob)
     labels = np.array([r.label for r in tiles.rows])
     metrics["per_label"] = {
         str(lab): {
@@ -188,9 +188,9 @@ def bootstrap_ci(
     draws: dict[str, list[float]] = {"auc": [], "recall": [], "specificity": []}
     for _ in range(n_boot):
         idx = np.concatenate([members[g] for g in rng.integers(0, len(names), len(names))])
-        m = binary_metrics(tumour[idx], p[idx], threshold)
+        m = classification_metrics(tumour[idx], p[idx], threshold)
         for k in draws:
-            if not math.isnan(m[k]):
+            if not is_undefined(m[k]):  # a resample without positives has no recall, and so on
                 draws[k].append(m[k])
     return {
         k: (
@@ -205,8 +205,8 @@ def bootstrap_ci(
 def set_metrics(
     s: EvalSet, p: npt.NDArray[np.floating], threshold: float, n_boot: int = 1000
 ) -> dict[str, Any]:
-    """``binary_metrics`` at ``threshold``, group-bootstrap intervals and per-class results."""
-    m: dict[str, Any] = binary_metrics(s.tumour, p, threshold)
+    """``classification_metrics`` at ``threshold``, group-bootstrap intervals and per-class results."""
+    m: dict[str, Any] = classification_metrics(s.tumour, p, threshold)
     m["groups"] = len(set(s.groups))
     m["ci95"] = bootstrap_ci(s.tumour, p, s.groups, threshold, n_boot)
     labels = np.asarray(s.labels)
@@ -229,7 +229,7 @@ def choose_threshold(sets: Sequence[EvalSet], probs: Sequence[npt.NDArray[np.flo
     scores = [
         np.mean(
             [
-                binary_metrics(s.tumour, p, float(t))["balanced_accuracy"]
+                classification_metrics(s.tumour, p, float(t))["balanced_accuracy"]
                 for s, p in zip(sets, probs, strict=True)
             ]
         )
@@ -253,8 +253,8 @@ def compare(card_metrics: dict[str, Any], metrics: dict[str, Any], tolerance: fl
     """Lines describing each metric that differs by more than ``tolerance`` (after rounding to 4 places)."""
     bad = []
     for k in METRIC_KEYS:
-        # the card stores 4 decimals and None for undefined (NaN) values
-        now = None if math.isnan(metrics[k]) else round(float(metrics[k]), 4)
+        # the card stores 4 decimals and null for undefined values (wsi_pipeline.evaluation.metrics)
+        now = None if is_undefined(metrics[k]) else round(float(metrics[k]), 4)
         then = card_metrics[k]
         if (now is None) != (then is None) or (now is not None and abs(float(then) - now) > tolerance):
             bad.append(f"{k}: card {then}, now {now}")
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             f"sens {m['recall']:.4f} spec {m['specificity']:.4f} f1 {m['f1']:.4f} acc {m['accuracy']:.4f}"
         )
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=float))
+        args.json.write_text(json.dumps(strict_json(results), indent=2, default=float))
     if args.check:
         bad = []
         for name, reference in card["metrics"].items():

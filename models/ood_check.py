@@ -29,8 +29,8 @@ import numpy.typing as npt
 from models import TILE_PX
 from models.card import load_card, write_card
 from models.evaluate import build_sets, default_index, make_session
-from models.metrics import roc_auc
 from models.scanned import shared_tiles_dir
+from wsi_pipeline.evaluation.metrics import roc_auc
 
 
 def _grid(w: int, h: int, n: int) -> list[tuple[int, int]]:

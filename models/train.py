@@ -34,7 +34,6 @@ from torch import nn
 from models import CLASSES, POSITIVE_CLASS, TILE_PX
 from models.augment import augment_batch, random_dihedral, scanner_shift
 from models.data import TileSet, channel_stats, iterate_batches, load_tiles, rows_from_folder
-from models.metrics import binary_metrics
 from models.mix import MixedSampler, sample_unlabelled
 from models.net import Preprocess, build_net, count_flops, count_params
 from models.scanned import (
@@ -48,6 +47,7 @@ from models.scanned import (
     macenko_groups,
 )
 from models.split import DEFAULT_FRACTIONS, DEFAULT_SEED, read_index, split_rows, split_summary
+from wsi_pipeline.evaluation.metrics import classification_metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -144,9 +144,9 @@ class ValSet:
 def evaluate_split(
     net: nn.Module, pre: Preprocess, tiles: ValSet | TileSet, device: torch.device
 ) -> dict[str, float]:
-    """``binary_metrics`` plus the unweighted cross-entropy ``loss`` of one validation set."""
+    """``classification_metrics`` plus the unweighted cross-entropy ``loss`` of one validation set."""
     logits = predict_logits(net, pre, tiles.images, device)
-    metrics = binary_metrics(tiles.tumour, torch.softmax(logits, 1)[:, 1].numpy())
+    metrics = classification_metrics(tiles.tumour, torch.softmax(logits, 1)[:, 1].numpy())
     metrics["loss"] = float(nn.functional.cross_entropy(logits, torch.from_numpy(tiles.tumour)))
     return metrics
 

@@ -1,4 +1,4 @@
-"""Tests of the tumour tile CNN (``models/``): split, augmentation, metrics, training, export, card.
+"""Tests of the tumour tile CNN (``models/``): split, augmentation, training, export, card.
 
 Torch-dependent tests skip when torch is absent (install the ``train`` extra). Tests on the real
 LC25000 tiles are marked ``realdata`` and skip when ../shared/data is absent.
@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]  # `models` is importable via pytest'
 
 from models.augment import hed_jitter, hed_to_rgb, random_dihedral, rgb_to_hed  # noqa: E402
 from models.card import load_card, sha256_file  # noqa: E402
-from models.metrics import binary_metrics, roc_auc  # noqa: E402
 from models.split import IndexRow, read_index, sample_rows, split_groups, split_rows  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -148,30 +147,7 @@ def test_random_dihedral_gives_one_of_eight_transforms() -> None:
         assert any(np.array_equal(after, o) for o in options)
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def test_auc_matches_pairwise_definition_with_ties() -> None:
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 200)
-    s = np.round(rng.random(200) + 0.3 * y, 1)  # many ties
-    pos, neg = s[y == 1], s[y == 0]
-    pairwise = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (
-        pos.size * neg.size
-    )
-    assert roc_auc(y, s) == pytest.approx(pairwise, abs=1e-12)
-    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
-    assert np.isnan(roc_auc([1, 1], [0.2, 0.3]))
-
-
-def test_binary_metrics_counts() -> None:
-    m = binary_metrics([1, 1, 1, 0, 0, 0, 0, 1], [0.9, 0.8, 0.3, 0.6, 0.1, 0.2, 0.4, 0.7])
-    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (3, 1, 3, 1)
-    assert m["accuracy"] == pytest.approx(0.75)
-    assert m["precision"] == pytest.approx(0.75)
-    assert m["recall"] == pytest.approx(0.75)
-    assert m["f1"] == pytest.approx(0.75)
-    assert m["specificity"] == pytest.approx(0.75)
+# --------------------------------------------------------------------------- metrics: tests/test_metrics.py
 
 
 # --------------------------------------------------------------------------- torch: net, training, export
