@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from wsi_pipeline.errors import ResolutionError, SlideError
+from wsi_pipeline.io.resample import box_mean
 
 Backend = Literal["auto", "openslide", "tiffslide"]
 BACKENDS: tuple[str, ...] = ("auto", "openslide", "tiffslide")
@@ -181,7 +182,7 @@ class ArraySlide:
             raise ValueError("ArraySlide needs an RGB uint8 array of shape (H, W, 3)")
         self.path = path
         self._mpp = mpp
-        self._levels = [_block_mean(image, int(d)) for d in downsamples]
+        self._levels = [box_mean(image, int(d), pad=255) for d in downsamples]  # edges white
         self._downsamples = tuple(float(d) for d in downsamples)
 
     @property
@@ -225,18 +226,6 @@ class ArraySlide:
 
     def close(self) -> None:
         pass
-
-
-def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
-    """Downsample (H, W, C) uint8 by an integer ``factor`` with a box filter (edges padded white)."""
-    if factor == 1:
-        return image
-    h, w = image.shape[:2]
-    hp, wp = -(-h // factor) * factor, -(-w // factor) * factor
-    padded = np.full((hp, wp, image.shape[2]), 255, np.uint8)
-    padded[:h, :w] = image
-    blocks = padded.reshape(hp // factor, factor, wp // factor, factor, image.shape[2])
-    return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
 
 
 def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: bool = True) -> SlideReader:
@@ -593,7 +582,7 @@ def read_thumbnail(
             bw, bh = min(block, w - x), min(block, h - y)
             loc = (round(x * downs[level]), round(y * downs[level]))
             pixels = reader.read_region(loc, level, (bw, bh))
-            small = _block_mean(pixels, factor)
+            small = box_mean(pixels, factor, pad=255)  # the slide's last partial block padded white
             out[y // factor : y // factor + small.shape[0], x // factor : x // factor + small.shape[1]] = (
                 small
             )

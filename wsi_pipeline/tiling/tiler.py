@@ -25,6 +25,7 @@ from PIL import Image
 
 from wsi_pipeline import __version__
 from wsi_pipeline.errors import SlideError, TissueError
+from wsi_pipeline.io.resample import box_mean
 from wsi_pipeline.io.slide import (
     LevelChoice,
     Resolution,
@@ -228,19 +229,12 @@ def resize_tiles(tiles: np.ndarray, tile_px: int) -> np.ndarray:
     An integer reduction (e.g. 40x to 20x) is a box average over the whole batch at once; other
     factors use Lanczos filtering tile by tile.
     """
-    n, h = tiles.shape[0], tiles.shape[1]
+    h = tiles.shape[1]
     if h == tile_px and tiles.shape[2] == tile_px:
         return tiles
     k = h // tile_px
     if k * tile_px == h and tiles.shape[2] == h and k <= 16:
-        # Sum the k*k phase-shifted sub-grids (k*k*255 fits uint16 for k <= 16): fast strided adds.
-        acc = np.zeros((n, tile_px, tile_px, 3), np.uint16)
-        for dy in range(k):
-            for dx in range(k):
-                acc += tiles[:, dy::k, dx::k]
-        acc += (k * k) // 2
-        acc //= k * k
-        return acc.astype(np.uint8)
+        return box_mean(tiles, k)
     out = np.empty((len(tiles), tile_px, tile_px, 3), np.uint8)
     for i, t in enumerate(tiles):
         out[i] = np.asarray(Image.fromarray(t).resize((tile_px, tile_px), Image.Resampling.LANCZOS))
