@@ -16,7 +16,8 @@ a tile (benign and tumour, chosen from the seed) and one of the 8 right-angle ro
 
 Slides are streamed: level 0 is rendered and written one TIFF tile at a time; lower levels are
 exact block averages of the level-0 tiles, accumulated on the fly into temporary memory-mapped files
-beside the output (never a full level in RAM), then written from them.
+beside the output (never a full level in RAM), then written from them by
+:func:`testkit.svs.write_pyramid`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from testkit.svs import write_pyramid
 from wsi_pipeline import __version__
+from wsi_pipeline.io.resample import box_mean
 
 #: Glass colour outside tissue (RGB); pixels get a little noise around it.
 GLASS_RGB = (242, 241, 244)
@@ -527,21 +530,6 @@ class BenchRenderer:
 # --- writing --------------------------------------------------------------------------------------
 
 
-def _block_mean(f: np.ndarray, k: int) -> np.ndarray:
-    """Means of k x k blocks of a float (h, w, c) array (h, w multiples of k); explicit adds, fast."""
-    h, w, c = f.shape
-    a = f.reshape(h, w // k, k, c)
-    cols = a[:, :, 0].copy()
-    for j in range(1, k):
-        cols += a[:, :, j]
-    b = cols.reshape(h // k, k, w // k, c)
-    rows = b[:, 0].copy()
-    for j in range(1, k):
-        rows += b[:, j]
-    rows /= k * k
-    return rows
-
-
 def _thumb_downsample(spec: BenchSlideSpec) -> int:
     """A power of two (>= 2) dividing tile_px that leaves the thumbnail >= ~512 px on its long side."""
     d = 2
@@ -553,8 +541,6 @@ def _thumb_downsample(spec: BenchSlideSpec) -> int:
 def _write_svs(target: Path, spec: BenchSlideSpec, renderer: BenchRenderer) -> None:
     """Stream the pyramid into ``target``: level 0 rendered tile by tile, lower levels (and the
     thumbnail) from block means accumulated in temporary memory maps beside ``target``."""
-    import tifffile
-
     t = spec.tile_px
     nx, ny = -(-spec.width // t), -(-spec.height // t)
     thumb_ds = _thumb_downsample(spec)
@@ -572,54 +558,28 @@ def _write_svs(target: Path, spec: BenchSlideSpec, renderer: BenchRenderer) -> N
             for ty in range(ny):
                 for tx in range(nx):
                     tile = renderer.render(tx * t, ty * t, t, t)
-                    means = {1: tile.astype(np.float32)}
-                    for d in acc_ds:  # block means, each from the coarsest finer one (equal blocks)
-                        base = max(b for b in means if d % b == 0)
-                        means[d] = _block_mean(means[base], d // base)
+                    for d in acc_ds:  # every downsample divides tile_px: whole blocks
                         s = t // d
-                        acc[d][ty * s : (ty + 1) * s, tx * s : (tx + 1) * s] = np.round(means[d])
+                        acc[d][ty * s : (ty + 1) * s, tx * s : (tx + 1) * s] = box_mean(tile, d)
                     yield tile
 
-        def from_acc(d: int) -> Iterator[np.ndarray]:
+        def level_tiles(d: int) -> Iterator[np.ndarray]:
+            if d == 1:
+                yield from level0()
+                return
             a = acc[d]
             for y in range(0, a.shape[0], t):
                 for x in range(0, a.shape[1], t):
                     yield np.ascontiguousarray(a[y : y + t, x : x + t])
 
-        with tifffile.TiffWriter(target, bigtiff=spec.width * spec.height > 2**31) as tw:
-            for i, d in enumerate(spec.downsamples):
-                w, h = -(-spec.width // d), -(-spec.height // d)
-                description = (
-                    f"Aperio Image Library v12.0.15 wsi-pipeline benchmark slide\r\n"
-                    f"{spec.width}x{spec.height} [0,0 {spec.width}x{spec.height}] ({t}x{t}) "
-                    f"JPEG/RGB Q={spec.quality}|AppMag = {round(10 / spec.mpp)}|MPP = {spec.mpp}"
-                )
-                tw.write(
-                    level0() if i == 0 else from_acc(d),
-                    shape=(h, w, 3),
-                    dtype=np.uint8,
-                    tile=(t, t),
-                    photometric="rgb",
-                    compression="jpeg",
-                    compressionargs={"level": spec.quality},
-                    subsampling=(1, 1),
-                    description=description,
-                    metadata=None,
-                    maxworkers=min(4, os.cpu_count() or 1),
-                )
-                if i == 0:
-                    # Aperio's second directory is a stripped thumbnail (an associated image).
-                    a = acc[thumb_ds]
-                    thumb = np.ascontiguousarray(
-                        a[: -(-spec.height // thumb_ds), : -(-spec.width // thumb_ds)]
-                    )
-                    step = max(1, -(-max(thumb.shape[:2]) // 1024))
-                    tw.write(
-                        thumb[::step, ::step],
-                        photometric="rgb",
-                        description="Aperio Image Library thumbnail",
-                        metadata=None,
-                    )
+        def thumbnail() -> np.ndarray:  # Aperio's second directory (an associated image)
+            a = acc[thumb_ds]
+            thumb = np.ascontiguousarray(a[: -(-spec.height // thumb_ds), : -(-spec.width // thumb_ds)])
+            step = max(1, -(-max(thumb.shape[:2]) // 1024))
+            return thumb[::step, ::step]
+
+        software = "wsi-pipeline benchmark slide"
+        write_pyramid(target, spec, level_tiles, quality=spec.quality, software=software, thumbnail=thumbnail)
         acc.clear()  # drop the memory maps before their folder is removed
 
 

@@ -4,10 +4,9 @@ For tests, benchmarks and demos where no real slide with ground truth exists. Te
 (pink stroma with purple nuclei; denser, darker, larger nuclei inside tumour regions), not real
 H&E: say so wherever a figure measured on these slides is reported.
 
-Slides are streamed to disk with tifffile one tile at a time, so their size is not bounded by memory.
-Formats: ``"aperio"`` (an SVS that OpenSlide and tiffslide detect as vendor aperio, JPEG tiles, mpp in
-the description), ``"generic"`` (tiled TIFF with resolution tags) and ``"nompp"`` (tiled TIFF without
-any resolution metadata).
+Slides are streamed to disk one tile at a time by :func:`testkit.svs.write_pyramid`, so their size is
+not bounded by memory; its module docstring describes the formats (``"aperio"``, ``"generic"``,
+``"nompp"``). Lower levels average the texture with :func:`wsi_pipeline.io.resample.box_mean`.
 """
 
 from __future__ import annotations
@@ -18,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from testkit.svs import write_pyramid
+from wsi_pipeline.io.resample import box_mean
 
 BACKGROUND_RGB = (242, 241, 244)
 _ATLAS_PX = 512
@@ -106,14 +108,6 @@ def _atlas(rng: np.random.Generator, *, tumour: bool) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _downscale(img: np.ndarray, factor: int) -> np.ndarray:
-    if factor == 1:
-        return img
-    h, w = img.shape[0] // factor * factor, img.shape[1] // factor * factor
-    b = img[:h, :w].reshape(h // factor, factor, w // factor, factor, 3).astype(np.float32)
-    return np.round(b.mean(axis=(1, 3))).astype(np.uint8)
-
-
 def _wrap_crop(atlas: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
     """Pixels [y, y+h) x [x, x+w) of the plane tiled with ``atlas``."""
     n = atlas.shape[0]
@@ -133,7 +127,7 @@ class _Renderer:
     def atlas(self, ds: int, tumour: bool) -> np.ndarray:
         key = (ds, tumour)
         if key not in self._cache:
-            self._cache[key] = _downscale(self._tumour if tumour else self._normal, ds)
+            self._cache[key] = box_mean(self._tumour if tumour else self._normal, ds)
         return self._cache[key]
 
     def region(self, x: int, y: int, w: int, h: int, ds: int) -> np.ndarray:
@@ -171,51 +165,15 @@ def write_synthetic_slide(
 
     Level sizes are ``ceil(size / downsample)``; downsamples must be integers starting at 1.
     """
-    import tifffile
-
-    if kind not in ("aperio", "generic", "nompp"):
-        raise ValueError(f"unknown kind {kind!r}")
-    if spec.downsamples[0] != 1:
-        raise ValueError("the first downsample must be 1")
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     r = _Renderer(spec)
-    t = spec.tile_px
-    compression = "jpeg" if kind == "aperio" else "zlib"
-    with tifffile.TiffWriter(p, bigtiff=spec.width * spec.height > 2**31) as tw:
-        for i, ds in enumerate(spec.downsamples):
-            w, h = -(-spec.width // ds), -(-spec.height // ds)
-            kw: dict[str, object] = {
-                "shape": (h, w, 3),
-                "dtype": np.uint8,
-                "tile": (t, t),
-                "photometric": "rgb",
-                "compression": compression,
-                "compressionargs": {"level": quality} if kind == "aperio" else {},
-                "metadata": None,
-            }
-            if kind == "aperio":
-                kw["description"] = (
-                    f"Aperio Image Library v12.0.15 synthetic\r\n{spec.width}x{spec.height} "
-                    f"[0,0 {spec.width}x{spec.height}] ({t}x{t}) JPEG/RGB Q={quality}"
-                    f"|AppMag = {round(10 / spec.mpp)}|MPP = {spec.mpp}"
-                    + "".join(f"|{k} = {v}" for k, v in spec.extra.items())
-                )
-                kw["subsampling"] = (1, 1)
-            else:
-                kw["subfiletype"] = 1 if i else 0
-                if kind == "generic":
-                    kw["resolution"] = (1e4 / (spec.mpp * ds), 1e4 / (spec.mpp * ds))
-                    kw["resolutionunit"] = "CENTIMETER"
-            tw.write(r.tiles(ds), **kw)  # type: ignore[arg-type]
-            if kind == "aperio" and i == 0:
-                # Aperio puts a stripped thumbnail second; readers treat it as an associated image.
-                tds = max(1, max(spec.width, spec.height) // 512)
-                thumb = r.region(0, 0, -(-spec.width // tds), -(-spec.height // tds), tds)
-                tw.write(
-                    thumb, photometric="rgb", description="Aperio Image Library thumbnail", metadata=None
-                )
-    return p
+
+    def thumbnail() -> np.ndarray:
+        tds = max(1, max(spec.width, spec.height) // 512)
+        return r.region(0, 0, -(-spec.width // tds), -(-spec.height // tds), tds)
+
+    return write_pyramid(
+        path, spec, r.tiles, kind=kind, quality=quality, extra=spec.extra, thumbnail=thumbnail
+    )
 
 
 class SyntheticSlide:
