@@ -42,8 +42,9 @@ def heldout_groups(index: Path, card_json: Path, split: str) -> list[str]:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))  # models/ lives in the checkout, not in the installed package
     from models.split import read_index, split_groups
+    from wsi_pipeline.inference.card import load_card
 
-    info = json.loads(card_json.read_text()).get("data", {}).get("split")
+    info = (load_card(card_json).raw.get("data") or {}).get("split")
     if not info:
         raise SystemExit(f"{card_json}: the model card records no data split; cannot choose held-out groups")
     rows = read_index(index)
@@ -95,7 +96,7 @@ def main() -> None:
     from testkit.benchslides import TileSource, random_spec, write_bench_slide
     from wsi_pipeline.evaluation.evaluate import evaluate_slide, summarize
     from wsi_pipeline.evaluation.metrics import is_undefined, roc_auc
-    from wsi_pipeline.inference.model import resolve_model
+    from wsi_pipeline.inference.card import resolve_model
     from wsi_pipeline.pipeline import RunOptions, run_slide
 
     card = resolve_model(args.model)

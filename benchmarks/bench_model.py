@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `models` is a top-level folder of the repo, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from models.card import load_card, sha256_file  # noqa: E402
 from models.data import load_tiles  # noqa: E402
 from models.split import read_index, sample_rows, split_rows  # noqa: E402
+from wsi_pipeline.inference.card import load_card  # noqa: E402
+from wsi_pipeline.provenance import file_sha256  # noqa: E402
 
 INDEX = ROOT.parent / "shared" / "data" / "tiles" / "lc25000-lung" / "index.csv"
 BATCH_SIZES = (1, 8, 32, 64)
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
 
-    card = load_card(args.model.with_suffix(".json"))
+    card = load_card(args.model.with_suffix(".json")).raw
     models = {"shipped": args.model}
     for name, file in (("base", BASELINE), ("base-i8", BASELINE_INT8)):
         if file.exists():
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(session, tiles, batch, args.seconds)
             base = base or r["tiles_per_s"]
             r.update(
-                model=name, file=path.name, sha256=sha256_file(path), ratio_vs_batch1=r["tiles_per_s"] / base
+                model=name, file=path.name, sha256=file_sha256(path), ratio_vs_batch1=r["tiles_per_s"] / base
             )
             results.append(r)
             print(

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from testkit.synthetic import Ellipse, SyntheticSpec, write_synthetic_slide
-from wsi_pipeline.inference.model import create_session, predict, resolve_model
+from wsi_pipeline.inference.card import resolve_model
+from wsi_pipeline.inference.session import create_session, predict
 from wsi_pipeline.io.slide import open_slide
 from wsi_pipeline.pipeline import RunOptions, run_slide
 from wsi_pipeline.tiling.tiler import TileOptions, iter_tiles, plan_slide

@@ -10,9 +10,11 @@ Not part of the installed ``wsi_pipeline`` package. Run the entry points from th
     python -m models.compare --split val models/runs/*/tumour-cnn.onnx
     python -m models.ood_check --model models/tumour-cnn.onnx
 
-Modules ``split``, ``metrics``, ``augment``, ``data``, ``scanned`` (GlaS, CoNSeP, Kather tiles),
-``mix`` (training batches), ``ood``, ``evaluate``, ``compare`` and ``ood_check`` need numpy, Pillow
-and onnxruntime only; ``net``, ``train`` and ``export`` need torch (the ``train`` extra).
+Modules ``split``, ``augment``, ``data``, ``scanned`` (GlaS, CoNSeP, Kather tiles), ``mix``
+(training batches), ``ood``, ``card`` (MODEL_CARD.md), ``evaluate``, ``compare`` and ``ood_check``
+need numpy, Pillow and onnxruntime only; ``net``, ``train`` and ``export`` need torch (the ``train``
+extra). The card JSON (schema, loading, writing) and the metrics are the installed package's:
+``wsi_pipeline.inference.card`` and ``wsi_pipeline.evaluation.metrics``.
 """
 
 from __future__ import annotations

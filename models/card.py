@@ -1,51 +1,15 @@
-"""The model card: a JSON file next to the ONNX model, and a short Markdown rendering of it.
+"""The model card's short Markdown rendering (``MODEL_CARD.md``), from the card JSON.
 
-Torch-free. ``write_card`` writes both files atomically (temporary name, then rename).
+The card JSON itself (its schema, loading, validation and writing) is
+:mod:`wsi_pipeline.inference.card`, shared with the pipeline. Torch-free.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Any
 
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_card(path: str | Path) -> dict[str, Any]:
-    """Read a card JSON; raise ``ValueError`` naming the file when a required key is missing."""
-    path = Path(path)
-    card: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    required = (
-        "name",
-        "version",
-        "classes",
-        "positive_class",
-        "input",
-        "output",
-        "mpp",
-        "onnx_file",
-        "sha256",
-    )
-    missing = [k for k in required if k not in card]
-    if missing:
-        raise ValueError(f"{path}: model card lacks {missing}")
-    return card
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+from wsi_pipeline.provenance import atomic_write_bytes
 
 
 def _fmt(v: Any) -> str:
@@ -255,8 +219,6 @@ def render_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_card(card: dict[str, Any], json_path: str | Path, md_path: str | Path | None = None) -> None:
-    """Write the card JSON (and its Markdown rendering when ``md_path`` is given), atomically."""
-    _atomic_write(Path(json_path), json.dumps(card, indent=2, sort_keys=False) + "\n")
-    if md_path is not None:
-        _atomic_write(Path(md_path), render_markdown(card))
+def write_markdown(card: dict[str, Any], md_path: str | Path) -> None:
+    """Write :func:`render_markdown` of ``card`` to ``md_path``, atomically."""
+    atomic_write_bytes(md_path, render_markdown(card).encode("utf-8"))

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from models.card import load_card
 from models.evaluate import EvalSet, build_sets, default_index, score_sets
 from models.scanned import LabelRule, glas_tiles, load_consep, shared_tiles_dir
 from wsi_pipeline.evaluation.metrics import classification_metrics, roc_auc
+from wsi_pipeline.inference.card import load_card
 
 
 def _sets(
@@ -46,7 +46,7 @@ def _sets(
 def compare(models: list[Path], split: str, index: Path) -> list[dict[str, Any]]:
     """One row of figures per model (see the module docstring); each model sees its own input
     (Macenko-normalized when its card says so)."""
-    cards = [load_card(m.with_suffix(".json")) for m in models]
+    cards = [load_card(m.with_suffix(".json")).raw for m in models]
     cache: dict[str, tuple[EvalSet, EvalSet, EvalSet | None]] = {}
     rows = []
     for model, card in zip(models, cards, strict=True):

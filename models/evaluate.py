@@ -24,11 +24,11 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from models.card import load_card
 from models.data import iterate_batches, load_tiles
 from models.scanned import shared_tiles_dir
 from models.split import DEFAULT_FRACTIONS, DEFAULT_SEED, read_index, sample_rows, split_rows
 from wsi_pipeline.evaluation.metrics import classification_metrics, is_undefined
+from wsi_pipeline.inference.card import load_card
 from wsi_pipeline.provenance import strict_json
 
 METRIC_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
@@ -276,13 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the metrics to this file")
     args = p.parse_args(argv)
 
-    card_path = args.card or args.model.with_suffix(".json")
-    card = load_card(card_path)
+    model_card = load_card(args.card or args.model.with_suffix(".json"))
+    card = model_card.raw
     if args.tolerance is None:
         args.tolerance = 0.02 if card.get("quantization") else 0.005
-    threshold = (
-        float(card.get("threshold", {}).get("value", 0.5)) if isinstance(card.get("threshold"), dict) else 0.5
-    )
+    threshold = model_card.threshold
     index = args.index or default_index()
     if not index.exists():
         print(f"error: index {index} not found; pass --index", file=sys.stderr)

@@ -31,12 +31,14 @@ import onnxruntime as ort
 import torch
 
 from models import CLASSES, POSITIVE_CLASS, TILE_PX, ood
-from models.card import sha256_file, write_card
+from models.card import write_markdown
 from models.data import load_tiles
 from models.evaluate import build_sets, choose_threshold, make_session, score_sets, set_metrics
 from models.net import TumourTileModel, build_net
 from models.scanned import macenko_groups
 from models.split import read_index, sample_rows, split_rows
+from wsi_pipeline.inference.card import write_card
+from wsi_pipeline.provenance import file_sha256
 
 MPP_NOTE = (
     "LC25000 states no magnification or pixel size; its 224 px tiles (resized from 768 px by a third "
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         base_probs = score_sets(args.baseline, test_sets)
         baseline = {
             "onnx_file": args.baseline.name,
-            "sha256": sha256_file(args.baseline),
+            "sha256": file_sha256(args.baseline),
             "threshold": 0.5,
             "metrics": {
                 s.name: _round(set_metrics(s, pr, 0.5)) for s, pr in zip(test_sets, base_probs, strict=True)
@@ -413,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         if shipped:
             int8["onnx_file"] = q_path.name
-            int8["sha256"] = sha256_file(q_path)
+            int8["sha256"] = file_sha256(q_path)
         else:
             q_path.unlink()
     if args.no_card:
@@ -463,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             else "none: trained on raw colours (with stain augmentation)",
         },
         "onnx_file": args.out.name,
-        "sha256": sha256_file(args.out),
+        "sha256": file_sha256(args.out),
         "threshold": {
             "value": threshold,
             "note": "P(tumour) threshold maximising the mean balanced accuracy over the validation sets "
@@ -560,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "limitations": list(LIMITATIONS_GLAS if glas else LIMITATIONS),
     }
-    write_card(card, args.out.with_suffix(".json"), args.out.parent / "MODEL_CARD.md")
+    write_card(card, args.out.with_suffix(".json"))
+    write_markdown(card, args.out.parent / "MODEL_CARD.md")
     if int8 and int8.get("shipped"):
         # The int8 model gets a card of its own, so `--model X-int8.onnx` works like any model.
         quant = {k: v for k, v in int8.items() if k != "metrics"}

@@ -27,10 +27,11 @@ import numpy as np
 import numpy.typing as npt
 
 from models import TILE_PX
-from models.card import load_card, write_card
+from models.card import write_markdown
 from models.evaluate import build_sets, default_index, make_session
 from models.scanned import shared_tiles_dir
 from wsi_pipeline.evaluation.metrics import roc_auc
+from wsi_pipeline.inference.card import load_card, write_card
 
 
 def _grid(w: int, h: int, n: int) -> list[tuple[int, int]]:
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the report here")
     p.add_argument("--write-card", action="store_true", help="store the report in the card (ood.validation)")
     args = p.parse_args(argv)
-    card = load_card(args.model.with_suffix(".json"))
+    card = load_card(args.model.with_suffix(".json")).raw
     index = args.index or default_index()
     if not index.exists():
         print(f"error: index {index} not found; pass --index", file=sys.stderr)
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python -m models.ood_check --model " + args.model.as_posix(),
             **report,
         }
-        write_card(card, args.model.with_suffix(".json"), args.model.parent / "MODEL_CARD.md")
+        write_card(card, args.model.with_suffix(".json"))
+        write_markdown(card, args.model.parent / "MODEL_CARD.md")
     return 0
 
 

@@ -13,7 +13,6 @@ flips, 90-degree rotations and HED stain jitter, early-stops on the validation l
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -48,6 +47,7 @@ from models.scanned import (
 )
 from models.split import DEFAULT_FRACTIONS, DEFAULT_SEED, read_index, split_rows, split_summary
 from wsi_pipeline.evaluation.metrics import classification_metrics
+from wsi_pipeline.provenance import file_sha256
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,14 +109,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 - for any library that uses the legacy global state
     torch.manual_seed(seed)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -401,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                     "seed": args.split_seed,
                     "fractions": list(args.split),
                     "index": str(args.index) if args.index is not None else str(args.folder),
-                    "index_sha256": sha256_file(args.index) if args.index is not None else None,
+                    "index_sha256": file_sha256(args.index) if args.index is not None else None,
                     "summary": summary,
                 },
                 "recipe": recipe,

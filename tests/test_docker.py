@@ -244,6 +244,7 @@ def test_wheel_carries_the_model_and_the_entry_point(wheel: Path) -> None:
         (ep,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         assert re.search(r"^wsi-infer\s*=\s*wsi_pipeline\.cli:main$", z.read(ep).decode(), re.M)
         assert not any(n.startswith(("tests/", "models/")) for n in names)
+        assert "wsi_pipeline/inference/model_card.schema.json" in names  # load_card reads it
 
 
 def test_installed_wheel_scores_a_slide_with_the_shipped_model(wheel: Path, tmp_path: Path) -> None:
@@ -269,7 +270,7 @@ def test_installed_wheel_scores_a_slide_with_the_shipped_model(wheel: Path, tmp_
     (Path(purelib) / "zz-dev-deps.pth").write_text("\n".join(deps) + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     probe = subprocess.run(
-        [str(py), "-c", "import wsi_pipeline, wsi_pipeline.inference.model as m; "
+        [str(py), "-c", "import wsi_pipeline, wsi_pipeline.inference.card as m; "
          "print(wsi_pipeline.__file__); print(m.resolve_model(None).path)"],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
     )  # fmt: skip

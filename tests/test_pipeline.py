@@ -16,7 +16,8 @@ from conftest import Fixture, box_distance_outside, write_test_model
 from testkit.synthetic import SyntheticSpec
 from wsi_pipeline.cli.commands import main
 from wsi_pipeline.errors import DeviceError, ModelError
-from wsi_pipeline.inference.model import create_session, resolve_model
+from wsi_pipeline.inference.card import resolve_model
+from wsi_pipeline.inference.session import create_session
 from wsi_pipeline.io.slide import open_slide
 from wsi_pipeline.pipeline import RunOptions, output_paths, run_slide
 from wsi_pipeline.provenance import file_sha256
@@ -361,7 +362,7 @@ def test_shipped_model_is_found_and_runs() -> None:
     card = resolve_model(None)
     assert card.name == "tumour-cnn" and card.positive_class == "tumour"
     session, _ = create_session(card, "cpu")
-    from wsi_pipeline.inference.model import predict
+    from wsi_pipeline.inference.session import predict
 
     probs = predict(session, card, np.full((2, 224, 224, 3), 240, np.uint8))
     assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)

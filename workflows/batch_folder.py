@@ -144,7 +144,7 @@ def require_resources(client: Any, resources: dict[str, float], *, timeout_s: fl
 
 def probe_model(client: Any, model: Path | None, device: str, resources: dict | None) -> str:
     """Load the model on one worker (one that may run the tasks); returns the provider it uses."""
-    from wsi_pipeline.inference.model import resolve_model
+    from wsi_pipeline.inference.card import resolve_model
     from wsi_pipeline.inference.scoring import probe_session
 
     card = resolve_model(model)

@@ -25,7 +25,7 @@ from wsi_pipeline.aggregate import (
     tumour_regions,
 )
 from wsi_pipeline.errors import ModelError, OutputError
-from wsi_pipeline.inference.model import ModelCard, resolve_model
+from wsi_pipeline.inference.card import ModelCard, resolve_model
 from wsi_pipeline.inference.scoring import ProgressFn, ScoreResult, make_tasks, run_tasks
 from wsi_pipeline.io.outputs import (
     geojson_features,

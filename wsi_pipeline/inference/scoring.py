@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from wsi_pipeline.inference.model import ModelCard, create_session, load_card, predict_with_ood
+from wsi_pipeline.inference.card import ModelCard, load_card
+from wsi_pipeline.inference.session import create_session, predict_with_ood
 from wsi_pipeline.io.slide import SlideReader, open_slide
 from wsi_pipeline.tiling.grid import TileGrid
 from wsi_pipeline.tiling.tiler import iter_tiles, stain_transform

@@ -1,0 +1,136 @@
+"""onnxruntime sessions for a classifier, and tiles through them.
+
+The model's card (what it expects and returns) is :mod:`wsi_pipeline.inference.card`; a session is
+checked against it (input name, shape and type, output names, number of classes) before it is used.
+
+Execution providers are explicit: asking for ``cuda`` or ``tensorrt`` where onnxruntime cannot use
+them is a :class:`~wsi_pipeline.errors.DeviceError`, never a silent CPU run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from wsi_pipeline.errors import DeviceError, ModelError
+from wsi_pipeline.inference.card import ModelCard
+
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def create_session(card: ModelCard, device: str = "auto", *, threads: int | None = None) -> tuple[Any, str]:
+    """An onnxruntime session for ``card`` on ``device``; returns (session, provider really used).
+
+    ``auto`` takes CUDA when onnxruntime offers it, else the CPU. ``cuda``/``tensorrt`` that are not
+    available raise :class:`DeviceError`; so does a session that silently fell back to the CPU.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise DeviceError(
+            "onnxruntime is not installed; pip install 'wsi-pipeline[cpu]' (or '[gpu]' on a CUDA machine)"
+        ) from exc
+    if device not in DEVICES:
+        raise DeviceError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    available = ort.get_available_providers()
+    auto = "cuda" if PROVIDERS["cuda"] in available else "cpu"
+    wanted = auto if device == "auto" else device
+    provider = PROVIDERS[wanted]
+    if provider not in available:
+        raise DeviceError(
+            f"--device {device}: onnxruntime here has no {provider} (available: {', '.join(available)}); "
+            f"install the GPU build (pip install 'wsi-pipeline[gpu]') on a machine with CUDA, or use "
+            f"--device cpu"
+        )
+    providers = [provider] if wanted == "cpu" else [provider, PROVIDERS["cpu"]]
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(card.onnx_path), sess_options=opts, providers=providers)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        if wanted != "cpu" and "provider" in msg.lower():
+            raise DeviceError(f"{card.onnx_path}: cannot start {provider} ({msg}); use --device cpu") from exc
+        raise ModelError(f"{card.onnx_path}: not a loadable ONNX model ({msg}); re-export the model") from exc
+    used = session.get_providers()[0]
+    if used != provider:
+        raise DeviceError(
+            f"{card.onnx_path}: asked for {provider} but onnxruntime runs on {used} (CUDA libraries "
+            f"missing?); fix the CUDA install or use --device cpu"
+        )
+    check_io(session, card)
+    return session, used
+
+
+def check_io(session: Any, card: ModelCard) -> None:
+    """Refuse a model whose ONNX inputs/outputs do not match its card."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    where = card.onnx_path
+    if card.input_name not in inputs:
+        raise ModelError(f"{where}: no input {card.input_name!r} (has {list(inputs)}); card and model differ")
+    inp = inputs[card.input_name]
+    s = card.input_size_px
+    expected = [s, s, 3] if card.input_layout == "NHWC" else [3, s, s]
+    dims = list(inp.shape[1:])
+    if len(inp.shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(dims, expected, strict=True)):
+        raise ModelError(
+            f"{where}: input shape {inp.shape} does not fit {card.input_layout} tiles of {s} px; "
+            f"use a model exported for {s} px tiles"
+        )
+    want_type = "tensor(uint8)" if card.input_dtype == "uint8" else "tensor(float)"
+    if inp.type != want_type:
+        raise ModelError(f"{where}: input type {inp.type}, the card says {card.input_dtype}")
+    if card.output_name not in outputs:
+        raise ModelError(f"{where}: has no output {card.output_name!r} (has {list(outputs)})")
+    if card.ood_output and card.ood_output not in outputs:
+        raise ModelError(f"{where}: has no output {card.ood_output!r} named by the card's ood section")
+    last = outputs[card.output_name].shape[-1]
+    if isinstance(last, int) and last != len(card.classes):
+        raise ModelError(f"{where}: {last} outputs but the card lists {len(card.classes)} classes")
+
+
+def prepare_batch(tiles: np.ndarray, card: ModelCard) -> np.ndarray:
+    """uint8 NHWC RGB tiles -> the model's input (only a layout change when preprocessing is in graph)."""
+    nchw = card.input_layout == "NCHW"
+    if card.input_dtype == "uint8":
+        return np.ascontiguousarray(tiles.transpose(0, 3, 1, 2) if nchw else tiles)
+    x: np.ndarray = tiles.astype(np.float32) / np.float32(255.0)
+    if not card.in_graph:
+        x = (x - np.asarray(card.mean, np.float32)) / np.asarray(card.std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2) if nchw else x)
+
+
+def predict(session: Any, card: ModelCard, tiles: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (N, n_classes) float32 for uint8 (N, H, W, 3) tiles, in batches."""
+    return predict_with_ood(session, card, tiles, batch_size=batch_size)[0]
+
+
+def predict_with_ood(
+    session: Any, card: ModelCard, tiles: np.ndarray, *, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities (N, n_classes) and, when the card names one, the per-tile OOD distance (N,)."""
+    if tiles.shape[1:] != (card.input_size_px, card.input_size_px, 3):
+        raise ModelError(
+            f"{card.onnx_path}: tiles of shape {tiles.shape[1:]} given, the model takes "
+            f"{card.input_size_px} px RGB tiles; tile at the model's size"
+        )
+    out = np.empty((len(tiles), len(card.classes)), np.float32)
+    ood = np.empty(len(tiles), np.float32) if card.ood_output else None
+    names = [card.output_name] + ([card.ood_output] if card.ood_output else [])
+    for i in range(0, len(tiles), batch_size):
+        x = prepare_batch(tiles[i : i + batch_size], card)
+        res = session.run(names, {card.input_name: x})
+        out[i : i + len(x)] = res[0]
+        if ood is not None:
+            ood[i : i + len(x)] = np.asarray(res[1], np.float32).reshape(-1)
+    return out, ood
