@@ -30,10 +30,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_tiler.py
-	$(BIN)/python benchmarks/bench_stain.py
-	$(BIN)/python benchmarks/bench_model.py
-	$(BIN)/python benchmarks/bench_pipeline.py
+	$(BIN)/python -m benchmarks.bench_tiler
+	$(BIN)/python -m benchmarks.bench_stain
+	$(BIN)/python -m benchmarks.bench_model
+	$(BIN)/python -m benchmarks.bench_pipeline
 
 clean:
 	rm -rf $(OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -17,7 +17,7 @@ transfer to real whole-slide scans.
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/bench_evaluate.py [--slides 4] [--size 8192] [--work DIR] [--json out.json]
+    .venv/bin/python -m benchmarks.bench_evaluate [--slides 4] [--size 8192] [--work DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ DEFAULT_INDEX = REPO.parent / "shared" / "data" / "tiles" / "lc25000-lung" / "in
 
 def heldout_groups(index: Path, card_json: Path, split: str) -> list[str]:
     """Groups of ``split`` in the model's train/val/test split (seed and fractions from its card)."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))  # models/ lives in the checkout, not in the installed package
     from models.split import read_index, split_groups
     from wsi_pipeline.inference.card import load_card
 

@@ -8,9 +8,9 @@ Tiles are real LC25000 test-split tiles from ``<repo>/../shared/data`` when pres
 uint8 tiles (the header says which). Preprocessing (uint8 -> normalised float) is inside the graph,
 so the timing covers it; JPEG decoding is not timed.
 
-Usage::
+Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/bench_model.py [--seconds 2] [--threads 0] [--json out.json]
+    .venv/bin/python -m benchmarks.bench_model [--seconds 2] [--threads 0] [--json out.json]
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,15 +26,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from models.data import load_tiles
+from models.split import read_index, sample_rows, split_rows
+from wsi_pipeline.inference.card import load_card
+from wsi_pipeline.provenance import file_sha256
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `models` is a top-level folder of the repo, not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from models.data import load_tiles  # noqa: E402
-from models.split import read_index, sample_rows, split_rows  # noqa: E402
-from wsi_pipeline.inference.card import load_card  # noqa: E402
-from wsi_pipeline.provenance import file_sha256  # noqa: E402
-
 INDEX = ROOT.parent / "shared" / "data" / "tiles" / "lc25000-lung" / "index.csv"
 BATCH_SIZES = (1, 8, 32, 64)
 BASELINE = ROOT / "models" / "baselines" / "tumour-cnn-lc25000-0.1.0.onnx"

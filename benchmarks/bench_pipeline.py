@@ -5,9 +5,9 @@ Raw: ``session.run`` on tiles already in memory (the model alone). End to end: `
 read + cut tiles, score through Dask, aggregate, write every output). Overhead = 1 - e2e / raw.
 The slide is synthetic (texture does not change the model's speed); it is written once into --work.
 
-Usage::
+Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/bench_pipeline.py [--size 12288] [--batch-size 64] [--device cpu]
+    .venv/bin/python -m benchmarks.bench_pipeline [--size 12288] [--batch-size 64] [--device cpu]
 """
 
 from __future__ import annotations

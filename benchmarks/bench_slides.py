@@ -5,9 +5,9 @@ baseline (``models/baselines/``), in the same process. Slides without mpp metada
 override (``MPP_ASSUMED``); slides the pipeline refuses (fluorescence, broken files) are listed with
 their error. Outputs (heatmaps, overlays) go to ``--out`` so the overlays can be looked at.
 
-Usage::
+Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/bench_slides.py [--out /tmp/wsi-bench-slides] [--json slides.json]
+    .venv/bin/python -m benchmarks.bench_slides [--out /tmp/wsi-bench-slides] [--json slides.json]
 """
 
 from __future__ import annotations

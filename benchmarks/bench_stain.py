@@ -12,9 +12,9 @@ Modes, all measured in the same run on the same tiles:
 Tiles are real LC25000 lung JPEGs from ``<repo>/../shared/data/tiles/lc25000-lung/images`` when present,
 otherwise synthetic Beer-Lambert H&E tiles; the table says which.
 
-Usage::
+Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/bench_stain.py --n-tiles 512 --batch 64 --repeats 3 --json out.json
+    .venv/bin/python -m benchmarks.bench_stain --n-tiles 512 --batch 64 --repeats 3 --json out.json
 """
 
 from __future__ import annotations

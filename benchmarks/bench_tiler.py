@@ -8,9 +8,9 @@ pyramidal slides (synthetic texture; written once into --work):
 * ``synthetic-40x-1-4-16.svs``: 0.25 um/px, levels 1/4/16 (no 20x level: both read level 0);
 * ``synthetic-40x-1-2-8.svs``: 0.25 um/px, levels 1/2/8 (ours reads the 20x level, naive level 0).
 
-Usage::
+Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/bench_tiler.py [--size 16384] [--json out.json]
+    .venv/bin/python -m benchmarks.bench_tiler [--size 16384] [--json out.json]
 """
 
 from __future__ import annotations
