@@ -26,7 +26,8 @@ from wsi_pipeline.inference.card import resolve_model
 from wsi_pipeline.inference.session import create_session, predict
 from wsi_pipeline.io.slide import open_slide
 from wsi_pipeline.pipeline import RunOptions, run_slide
-from wsi_pipeline.tiling.tiler import TileOptions, iter_tiles, plan_slide
+from wsi_pipeline.tiling.plan import TileOptions, plan_slide
+from wsi_pipeline.tiling.tiler import iter_tiles
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from wsi_pipeline.errors import WsiError
 from wsi_pipeline.pipeline import RunOptions, run_slide
-from wsi_pipeline.tiling.tiler import TileOptions
+from wsi_pipeline.tiling.plan import TileOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 SLIDES = ROOT.parent / "shared" / "data" / "slides"

@@ -339,7 +339,7 @@ def test_real_slide_xml_round_trips(real_slide: tuple[Path, Path, BenchSlideSpec
 @pytest.mark.realdata
 def test_tiler_finds_the_tissue(real_slide: tuple[Path, Path, BenchSlideSpec, list[str]]) -> None:
     from wsi_pipeline.io.slide import open_slide
-    from wsi_pipeline.tiling.tiler import TileOptions, plan_slide
+    from wsi_pipeline.tiling.plan import TileOptions, plan_slide
 
     slide, _, spec, _ = real_slide
     r = open_slide(slide)

@@ -390,7 +390,7 @@ def test_shipped_model_warns_on_the_stain_shifted_tcga_section(tmp_path: Path) -
     from dataclasses import replace
 
     from wsi_pipeline.pipeline import RunOptions, run_slide
-    from wsi_pipeline.tiling.tiler import TileOptions
+    from wsi_pipeline.tiling.plan import TileOptions
 
     opts = RunOptions(tile=replace(TileOptions(), mpp_override=1.0), workers=2)
     m = run_slide(slide, tmp_path / "tcga.tif", model=SHIPPED_ONNX, options=opts)

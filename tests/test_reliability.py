@@ -33,7 +33,8 @@ from testkit.synthetic import SyntheticSpec, write_synthetic_slide
 from wsi_pipeline.cli.commands import main
 from wsi_pipeline.io.tilestore import open_tile_store, partial_path
 from wsi_pipeline.pipeline import RunOptions, output_paths, run_slide
-from wsi_pipeline.tiling.tiler import TileOptions, tile_slide
+from wsi_pipeline.tiling.plan import TileOptions
+from wsi_pipeline.tiling.tiler import tile_slide
 
 pytestmark = pytest.mark.reliability
 

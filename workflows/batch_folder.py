@@ -157,7 +157,7 @@ def probe_model(client: Any, model: Path | None, device: str, resources: dict | 
 def make_options(args: argparse.Namespace, resources: dict | None) -> Any:
     from wsi_pipeline.aggregate import LabelRule
     from wsi_pipeline.pipeline import RunOptions
-    from wsi_pipeline.tiling.tiler import TileOptions
+    from wsi_pipeline.tiling.plan import TileOptions
 
     tile = TileOptions(
         mpp_override=args.mpp,

@@ -294,7 +294,7 @@ def tile(slide: Path, out: Path, overwrite: bool, quiet: bool, **kw: Any) -> Non
 
 
 def _options_from(kw: dict[str, Any]) -> Any:
-    from wsi_pipeline.tiling.tiler import TileOptions
+    from wsi_pipeline.tiling.plan import TileOptions
     from wsi_pipeline.tiling.tissue import TissueParams
 
     stain: dict[str, Any] = {}

@@ -153,6 +153,20 @@ class _LibrarySlide:
         self._h.close()
 
 
+def read_rule(reader: SlideReader, level: int) -> tuple[str, bool]:
+    """How ``reader`` maps level-0 locations to pixels of ``level``: (origin rule, exact block reads).
+
+    tiffslide truncates ``location / downsample`` and slices whole level pixels ("trunc": exact at any
+    downsample). OpenSlide divides and resamples by the sub-pixel remainder, so a region read at a
+    non-integer downsample is not pixel-equal to reads of its parts; it is exact only at integer
+    downsamples ("round"). In-memory slides have integer downsamples.
+    """
+    if reader.backend == "tiffslide":
+        return "trunc", True
+    ds = float(reader.level_downsamples[level])
+    return "round", abs(ds - round(ds)) < 1e-9
+
+
 def _as_float(value: object) -> float | None:
     try:
         f = float(value)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ from typing import Any
 
 from wsi_pipeline.errors import ResolutionError, SlideError
 from wsi_pipeline.io.slide import MPP_OVERRIDE_HINT, open_slide, read_thumbnail, resolve_mpp
-from wsi_pipeline.tiling.tiler import TileOptions, plan_slide
+from wsi_pipeline.tiling.plan import TileOptions, plan_slide
 from wsi_pipeline.tiling.tissue import tissue_mask
 
 #: Resolution assumed only to size the tissue thumbnail when a slide has no mpp (reported as such).

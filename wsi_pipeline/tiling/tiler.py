@@ -1,22 +1,23 @@
-"""Slide -> tissue tiles: plan (resolution, level, mask, grid) and stream tiles into a Zarr store.
+"""Slide -> tissue tiles: read the planned tiles and stream them into a Zarr store.
 
-``plan_slide`` decides everything before a tile is read; ``iter_tiles`` reads one large region per
-block of the grid (at the chosen pyramid level) and cuts tiles from it, with a few reader threads;
+``plan_slide`` (:mod:`wsi_pipeline.tiling.plan`) decides everything before a tile is read;
+``iter_tiles`` reads one large region per block of the grid (at the chosen pyramid level) and cuts
+tiles from it, with a few reader threads;
 ``tile_slide`` writes them chunk by chunk into a resumable store.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
 import threading
 import time
+import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,18 +25,11 @@ import numpy as np
 from PIL import Image
 
 from wsi_pipeline import __version__
-from wsi_pipeline.errors import SlideError, TissueError
+from wsi_pipeline.errors import SlideError
 from wsi_pipeline.io.resample import box_mean
 from wsi_pipeline.io.slide import (
-    LevelChoice,
-    Resolution,
     SlideReader,
-    Thumbnail,
-    choose_level,
-    missing_tiles_l0,
     open_slide,
-    read_thumbnail,
-    resolve_mpp,
     slide_fingerprint,
 )
 from wsi_pipeline.io.tilestore import (
@@ -46,181 +40,12 @@ from wsi_pipeline.io.tilestore import (
     store_lock,
 )
 from wsi_pipeline.provenance import refuse_overwriting_inputs, remove_created_folders_on_failure
-from wsi_pipeline.stain.macenko import REFERENCE, StainFitWarning, StainModel, apply_macenko, fit_slide
-from wsi_pipeline.tiling.grid import TileGrid, block_order, make_grid
-from wsi_pipeline.tiling.tissue import TissueParams, tissue_fraction_in_boxes, tissue_mask
+from wsi_pipeline.stain.macenko import StainFitWarning, StainModel, apply_macenko, fit_slide
+from wsi_pipeline.tiling.grid import TileGrid, level_to_l0
+from wsi_pipeline.tiling.plan import SlidePlan, TileOptions, plan_slide, require_tissue
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class TileOptions:
-    """What to tile and how. Resolutions in micrometres per pixel, sizes in output pixels."""
-
-    target_mpp: float = 0.5
-    tile_px: int = 224
-    overlap_px: int = 0
-    mpp_override: float | None = None
-    level_tolerance: float = 0.1  # relative mpp difference accepted without resizing
-    min_tissue_fraction: float = 0.25  # keep tiles at least this much covered by the mask
-    mask_mpp: float = 8.0  # resolution of the thumbnail the tissue mask is computed on
-    tissue: TissueParams = field(default_factory=TissueParams)
-    chunk_tiles: int = 64  # tiles per Zarr chunk (and per write)
-    block_tiles: int = 4  # a read covers up to block_tiles x block_tiles grid positions
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # reader threads
-    normalize: str = "none"  # "none" or "macenko" (one stain model fitted per slide)
-    stain_reference: StainModel = REFERENCE  # target stain when normalizing
-    stain_reference_name: str = "default H&E reference (HERef/maxCRef)"
-    stain_fit_tiles: int = 64  # tiles spread across the slide pooled for the slide's stain fit
-
-    def __post_init__(self) -> None:
-        if self.normalize not in ("none", "macenko"):
-            raise ValueError(f"normalize must be 'none' or 'macenko', not {self.normalize!r}")
-
-    def store_params(self) -> dict[str, Any]:
-        """The options a resumed or re-run store must share (reader threads do not matter)."""
-        stain = (
-            {"stain_reference": self.stain_reference.to_dict(), "stain_fit_tiles": self.stain_fit_tiles}
-            if self.normalize == "macenko"
-            else {}
-        )
-        return {
-            "normalize": self.normalize,
-            **stain,
-            "target_mpp": self.target_mpp,
-            "tile_px": self.tile_px,
-            "overlap_px": self.overlap_px,
-            "mpp_override": self.mpp_override,
-            "level_tolerance": self.level_tolerance,
-            "min_tissue_fraction": self.min_tissue_fraction,
-            "mask_mpp": self.mask_mpp,
-            "tissue": self.tissue.to_dict(),
-            "chunk_tiles": self.chunk_tiles,
-            "block_tiles": self.block_tiles,
-        }
-
-
-@dataclass(frozen=True)
-class SlidePlan:
-    """Everything decided about a slide before any tile is read.
-
-    ``colrow`` (N, 2) are the kept grid positions in store order (grouped by read block);
-    ``coords_l0`` their origins in level-0 pixels; ``tissue_fraction`` their mask coverage.
-    """
-
-    resolution: Resolution
-    choice: LevelChoice
-    grid: TileGrid
-    thumbnail: Thumbnail
-    mask: np.ndarray
-    colrow: np.ndarray
-    coords_l0: np.ndarray
-    tissue_fraction: np.ndarray
-
-    @property
-    def slide_tissue_fraction(self) -> float:
-        """Fraction of the thumbnail that is tissue."""
-        return float(self.mask.mean()) if self.mask.size else 0.0
-
-    @property
-    def n_tiles(self) -> int:
-        return len(self.colrow)
-
-
-def is_brightfield(thumb: np.ndarray) -> bool:
-    """True when the brightest decile is bright: brightfield glass, not a dark fluorescence field."""
-    return bool(np.percentile(thumb.max(axis=-1), 90) >= 100) if thumb.size else False
-
-
-def is_grayscale(thumb: np.ndarray) -> bool:
-    """True when every pixel has R == G == B and the image shows something: a grayscale image (stored
-    or rendered as RGB), not H&E. A uniform image (blank glass, all white) is not "grayscale": it has no
-    tissue, which the tissue check reports."""
-    if not thumb.size or int(np.ptp(thumb)) <= 10:
-        return False
-    return not np.any(thumb.max(axis=-1) != thumb.min(axis=-1))
-
-
-#: A kept tile may lie on missing image tiles only where the mask says there is no tissue; this much
-#: slack absorbs the coarseness of the mask.
-MISSING_TILE_SLACK = 0.25
-
-
-def check_missing_tiles(
-    reader: SlideReader, level: int, thumb: Thumbnail, boxes_l0: np.ndarray, fractions: np.ndarray
-) -> None:
-    """Refuse a slide whose read level lacks image tiles where the thumbnail shows tissue.
-
-    Scanners leave empty background tiles out of a level (OpenSlide shows them transparent), which
-    is fine; a missing tile under tissue means a damaged or incompletely written file, whose blank
-    (white or black) pixels would otherwise be scored as if they were tissue.
-    """
-    missing = missing_tiles_l0(reader, level)
-    if len(missing) == 0 or len(boxes_l0) == 0:
-        return
-    holes = np.zeros(thumb.image.shape[:2], bool)
-    ds = thumb.downsample
-    for x0, y0, x1, y1 in np.round(missing / ds).astype(np.int64):
-        holes[max(y0, 0) : max(y1, y0 + 1), max(x0, 0) : max(x1, x0 + 1)] = True
-    covered = tissue_fraction_in_boxes(holes, boxes_l0, ds)
-    bad = np.flatnonzero(covered > (1.0 - fractions) + MISSING_TILE_SLACK)
-    if len(bad):
-        x, y = (int(v) for v in boxes_l0[bad[0], :2])
-        raise SlideError(
-            f"{reader.path}: level {level} lacks image data under tissue ({len(missing)} missing TIFF "
-            f"tiles; {len(bad)} tissue tiles affected, first at level-0 x={x}, y={y}); the file is "
-            f"damaged or incompletely written - re-export or re-scan it"
-        )
-
-
-def plan_slide(reader: SlideReader, options: TileOptions) -> SlidePlan:
-    """Resolve mpp, choose the level, compute the tissue mask and the kept tiles (in store order).
-
-    Raises :class:`ResolutionError` without usable mpp, :class:`SlideError` on dark-field or grayscale
-    images and on a read level that lacks image tiles under tissue.
-    """
-    res = resolve_mpp(reader, options.mpp_override)
-    choice = choose_level(
-        reader.level_downsamples, res.mpp, options.target_mpp, tolerance=options.level_tolerance
-    )
-    grid = make_grid(
-        reader.level_dimensions[choice.level],
-        reader.level_downsamples[choice.level],
-        choice,
-        tile_px=options.tile_px,
-        overlap_px=options.overlap_px,
-    )
-    thumb = read_thumbnail(reader, res.mpp, target_mpp=options.mask_mpp)
-    if not is_brightfield(thumb.image):
-        raise SlideError(
-            f"{reader.path}: the image is dark (fluorescence or dark-field?); only brightfield H&E "
-            f"slides are supported"
-        )
-    if is_grayscale(thumb.image):
-        raise SlideError(
-            f"{reader.path}: the image is grayscale (R = G = B everywhere), not RGB; only brightfield "
-            f"RGB slides (H&E) are supported"
-        )
-    mask = tissue_mask(thumb.image, mpp=thumb.mpp, params=options.tissue)
-    positions = grid.all_positions()
-    fractions = tissue_fraction_in_boxes(mask, grid.boxes_l0(positions), thumb.downsample)
-    keep = fractions >= options.min_tissue_fraction
-    colrow, fractions = positions[keep], fractions[keep]
-    check_missing_tiles(reader, choice.level, thumb, grid.boxes_l0(colrow), fractions)
-    order = block_order(colrow, options.block_tiles)
-    colrow, fractions = colrow[order], fractions[order]
-    return SlidePlan(res, choice, grid, thumb, mask, colrow, grid.origins_l0(colrow), fractions)
-
-
-def require_tissue(plan: SlidePlan, slide_path: str | Path, opts: TileOptions) -> None:
-    """Raise :class:`TissueError` (naming the slide and the fix) when the plan has no tile."""
-    if plan.n_tiles == 0:
-        raise TissueError(
-            f"{slide_path}: no tissue tiles (tissue covers {plan.slide_tissue_fraction:.1%} of the "
-            f"slide, no tile reaches --min-tissue {opts.min_tissue_fraction}); check the slide is an "
-            f"H&E brightfield scan with tissue, or lower --min-tissue"
-        )
 
 
 def resize_tiles(tiles: np.ndarray, tile_px: int) -> np.ndarray:
@@ -243,9 +68,8 @@ def resize_tiles(tiles: np.ndarray, tile_px: int) -> np.ndarray:
 
 def read_tile(reader: SlideReader, grid: TileGrid, col: int, row: int) -> np.ndarray:
     """One tile by one ``read_region`` at the grid's level (the reference the block path equals)."""
-    x, y = grid.origins_level(np.array([[col, row]]))[0]
-    loc = (round(x * grid.level_downsample), round(y * grid.level_downsample))
-    pixels = reader.read_region(loc, grid.level, (grid.read_px, grid.read_px))
+    x, y = (int(v) for v in grid.origins_l0(np.array([[col, row]]))[0])
+    pixels = reader.read_region((x, y), grid.level, (grid.read_px, grid.read_px))
     return resize_tiles(pixels[None], grid.tile_px)[0]
 
 
@@ -291,12 +115,14 @@ def iter_tiles(
 
     ``plan`` is a :class:`SlidePlan` or just its (grid, colrow), which is what remote workers get.
 
-    One region per block is read at the plan's level and the tiles are cut from it. With
+    One region per block is read at the plan's level and the tiles are cut from it (one read per
+    tile where the reader's block reads are not exact, see :class:`TileGrid`). With
     ``workers`` > 1, that many threads read ahead, each with its own slide handle (in-memory readers
     are shared). Memory is bounded by about ``2 * workers`` blocks. ``transform`` (e.g. stain
     normalization) is applied to each block's tiles in the reader thread.
     """
     grid, colrow = (plan.grid, plan.colrow) if isinstance(plan, SlidePlan) else plan
+    block_tiles = block_tiles if grid.exact_blocks else 1
     idx = np.arange(len(colrow)) if indices is None else np.sort(np.asarray(indices, np.int64))
     origins = grid.origins_level(colrow)
     local = threading.local()
@@ -318,7 +144,8 @@ def iter_tiles(
         o = origins[block]
         x0, y0 = o.min(axis=0)
         x1, y1 = o.max(axis=0) + grid.read_px
-        loc = (round(x0 * grid.level_downsample), round(y0 * grid.level_downsample))
+        lx, ly = level_to_l0(np.array([x0, y0]), grid.level_downsample, grid.origin_rule)
+        loc = (int(lx), int(ly))
         region = thread_reader().read_region(loc, grid.level, (int(x1 - x0), int(y1 - y0)))
         rp = grid.read_px
         cut = np.stack([region[y - y0 : y - y0 + rp, x - x0 : x - x0 + rp] for x, y in o])
@@ -469,8 +296,18 @@ def tile_slide(
                 plan = plan_slide(reader, opts)
                 require_tissue(plan, slide_path, opts)
                 meta = _slide_meta(reader, plan, opts, params["fingerprint"])
-                if state == "partial":
-                    writer = TileStoreWriter.resume(out_p)
+                writer = TileStoreWriter.resume(out_p) if state == "partial" else None
+                if writer is not None and not writer.matches_layout(plan.colrow, plan.coords_l0):
+                    # Same parameters, other tiles (e.g. another scikit-image): the chunks already written
+                    # belong to another layout, so they cannot be kept; start this (our own) store over.
+                    warnings.warn(
+                        f"{out_p}: the interrupted run planned other tiles than this one (the tissue "
+                        "mask changed); its partial store is discarded and tiling starts over",
+                        stacklevel=2,
+                    )
+                    shutil.rmtree(partial_path(out_p))
+                    state, writer = "absent", None
+                if writer is not None:
                     stain = writer.meta.get("stain")  # resume with the model the first run fitted
                     meta["stain"] = stain
                 else:
@@ -485,7 +322,7 @@ def tile_slide(
                         tissue_fraction=plan.tissue_fraction,
                         thumbnail=plan.thumbnail.image,
                         tissue_mask=plan.mask,
-                        meta={**meta, "params": params},
+                        meta={**meta, "params": params, "store_id": uuid.uuid4().hex},
                     )
                 transform = stain_transform(stain, opts.stain_reference) if stain else None
                 written = _write_pending(reader, plan, writer, opts, progress, transform)
