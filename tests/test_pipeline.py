@@ -21,7 +21,7 @@ from wsi_pipeline.inference.session import create_session
 from wsi_pipeline.io.slide import open_slide
 from wsi_pipeline.pipeline import RunOptions, output_paths, run_slide
 from wsi_pipeline.provenance import file_sha256
-from wsi_pipeline.tiling.tiler import TileOptions
+from wsi_pipeline.tiling.plan import TileOptions
 
 OPTS = RunOptions(chunk_tiles=32, workers=2)
 

@@ -35,15 +35,15 @@ from wsi_pipeline.io.outputs import (
     write_overlay_png,
     write_tiles_csv,
 )
-from wsi_pipeline.io.slide import open_slide, slide_fingerprint
-from wsi_pipeline.io.tilestore import open_tile_store
 from wsi_pipeline.provenance import (
     check_writable,
     environment_versions,
     refuse_overwriting_inputs,
     remove_created_folders_on_failure,
 )
-from wsi_pipeline.tiling.tiler import TileOptions, fit_slide_stain, plan_slide, require_tissue, tile_slide
+from wsi_pipeline.tiling.plan import TileOptions
+from wsi_pipeline.tiling.source import TileSource, open_source
+from wsi_pipeline.tiling.tiler import tile_slide
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,13 @@ def check_model_fits(
     return replace(tile, target_mpp=card.mpp, tile_px=card.input_size_px)
 
 
-def _params(card: ModelCard, opts: RunOptions, fingerprint: str) -> dict[str, Any]:
+def _params(card: ModelCard, opts: RunOptions, source: TileSource) -> dict[str, Any]:
+    """The resume key of a run: the source's identity (content + tiling), the model and the label rule."""
     return {
-        "fingerprint": fingerprint,
+        "source": source.identity,
+        "fingerprint": source.fingerprint,
         "model_sha256": card.sha256,
-        "tile": opts.tile.store_params(),
+        "tile": source.params,
         "label": opts.label.to_dict(),
         "backend": opts.backend,
     }
@@ -156,15 +158,10 @@ def run_slide(
                     f"{out_p}: is a folder, not a file name for the output; give e.g. {out_p}/NAME.tif"
                 )
         refuse_overwriting_inputs(outputs, [slide_p, card.onnx_path, card.path])
-        from_store = slide_p.is_dir() and slide_p.suffix == ".zarr"
-        fingerprint = (
-            f"store:{open_tile_store(slide_p).meta['slide']['fingerprint']}"
-            if from_store
-            else slide_fingerprint(slide_p)
-            if slide_p.exists()
-            else ""
-        )
-        params = _params(card, opts, fingerprint)
+        source = open_source(slide_p, tile_opts, opts.backend)
+        asked_by = "the model card asks for" if opts.normalize_from_card else "you asked for"
+        source.check_model(card, normalize=opts.tile.normalize, asked_by=asked_by)
+        params = _params(card, opts, source)
         if not overwrite and finished(paths["manifest"], params):
             import json
 
@@ -181,70 +178,19 @@ def run_slide(
 
             cached_session(str(card.path), str(card.onnx_path), opts.device, threads)
 
-        if opts.tiles_out is not None and not from_store:
+        if opts.tiles_out is not None and source.kind == "slide":
             tile_slide(slide_p, opts.tiles_out, tile_opts, backend=opts.backend)
-            slide_p, from_store = Path(opts.tiles_out), True
-
-        if from_store:
-            store = open_tile_store(slide_p)
-            meta = store.meta
-            from wsi_pipeline.tiling.grid import TileGrid
-
-            grid = TileGrid(**{k: meta["grid"][k] for k in TileGrid.__dataclass_fields__})
-            colrow, coords, fractions = store.grid_colrow, store.coords_l0, store.tissue_fraction
-            stain, source_meta = None, meta  # tiles in the store are already normalized if asked
-            if opts.tile.normalize == "macenko" and not meta.get("stain"):
-                raise ModelError(
-                    f"{slide_p}: the store holds tiles without stain normalization but "
-                    f"{'the model card asks for' if opts.normalize_from_card else 'you asked for'} Macenko; "
-                    "re-tile with `wsi-infer tile --normalize macenko` or score the slide itself"
-                )
-            if store.tiles.shape[1] != card.input_size_px:
-                raise ModelError(
-                    f"{slide_p}: tiles of {store.tiles.shape[1]} px, the model takes {card.input_size_px}"
-                )
-            mpp0 = float(meta["resolution"]["mpp_x"] + meta["resolution"]["mpp_y"]) / 2
-            thumb = np.asarray(store.array("thumbnail")[...])
-            thumb_ds = float(meta["tissue"]["mask_downsample"])
-            slide_wh = tuple(meta["slide"]["dimensions"])
-            backend = meta["slide"]["backend"]
-        else:
-            reader = open_slide(slide_p, opts.backend)
-            try:
-                plan = plan_slide(reader, tile_opts)
-                require_tissue(plan, slide_p, tile_opts)
-                stain = fit_slide_stain(reader, plan, tile_opts) if tile_opts.normalize == "macenko" else None
-                backend = reader.backend
-                slide_wh = reader.dimensions
-            finally:
-                reader.close()
-            grid, colrow, coords, fractions = plan.grid, plan.colrow, plan.coords_l0, plan.tissue_fraction
-            mpp0, thumb, thumb_ds = plan.resolution.mpp, plan.thumbnail.image, plan.thumbnail.downsample
-            source_meta = {
-                "resolution": {
-                    "mpp_x": plan.resolution.mpp_x,
-                    "mpp_y": plan.resolution.mpp_y,
-                    "mpp_source": plan.resolution.source,
-                    "effective_mpp": plan.choice.effective_mpp,
-                    "level": plan.choice.level,
-                    "resize_scale": plan.choice.scale,
-                },
-                "tissue": {"slide_tissue_fraction": plan.slide_tissue_fraction},
-            }
+            source = open_source(opts.tiles_out, tile_opts, opts.backend)
 
         tasks = make_tasks(
-            str(slide_p), backend, grid, colrow, card, stain=stain, device=opts.device,
-            batch_size=opts.batch_size, chunk_tiles=opts.chunk_tiles, threads=threads, from_store=from_store,
+            source, card, device=opts.device, batch_size=opts.batch_size, chunk_tiles=opts.chunk_tiles,
+            threads=threads,
         )  # fmt: skip
         result = run_tasks(
             tasks, len(card.classes), client=client, workers=n_workers, progress=progress,
             resources=opts.resources,
         )  # fmt: skip
-        manifest = _write_outputs(
-            paths, card, opts, params, result, grid, colrow, coords, fractions, mpp0, thumb, thumb_ds,
-            slide_wh, slide_p, source_meta, stain, t0,
-        )  # fmt: skip
-        return manifest
+        return _write_outputs(paths, card, opts, params, result, source, t0)
 
 
 def _write_outputs(
@@ -253,23 +199,16 @@ def _write_outputs(
     opts: RunOptions,
     params: dict[str, Any],
     result: ScoreResult,
-    grid: Any,
-    colrow: np.ndarray,
-    coords: np.ndarray,
-    fractions: np.ndarray,
-    mpp0: float,
-    thumb: np.ndarray,
-    thumb_ds: float,
-    slide_wh: tuple[int, int],
-    slide_p: Path,
-    source_meta: dict[str, Any],
-    stain: dict[str, Any] | None,
+    source: TileSource,
     t0: float,
 ) -> dict[str, Any]:
+    layout = source.layout
+    grid, colrow, coords, fractions = layout.grid, layout.colrow, layout.coords_l0, layout.tissue_fraction
+    mpp0, slide_wh = layout.mpp_l0, layout.slide_wh
     pos = card.positive_index
     p_pos = result.probs[:, pos]
-    cell = float(grid.stride_l0_px)
-    canvas = heatmap_canvas(heatmap_grid(colrow, p_pos, grid.cols, grid.rows), slide_wh, cell)
+    cell, origin = float(grid.stride_l0_px), float(grid.cell_origin_l0)  # cells centred on their tiles
+    canvas = heatmap_canvas(heatmap_grid(colrow, p_pos, grid.cols, grid.rows), slide_wh, cell, origin)
     label = slide_label(
         p_pos, coords, fractions, cell_area_mm2=tile_area_mm2(cell, mpp0), rule=opts.label,
         positive_name=card.positive_class,
@@ -277,11 +216,15 @@ def _write_outputs(
     label["ood"] = ood_summary(result.ood, card.ood_d_ref, card.ood_warn_above)
     boxes = grid.boxes_l0(colrow)
     write_heatmap_tiff(
-        paths["heatmap"], canvas, cell_l0_px=cell, mpp_l0=mpp0,
-        description={"wsi_pipeline_heatmap": 1, "slide": slide_p.name, "value": f"P({card.positive_class})",
+        paths["heatmap"], canvas, cell_l0_px=cell, mpp_l0=mpp0, origin_l0=origin,
+        description={"wsi_pipeline_heatmap": 1, "slide": source.slide_name,
+                     "value": f"P({card.positive_class})",
                      "colours": "0 dark blue -> 1 red; white = not scored", "model_sha256": card.sha256},
     )  # fmt: skip
-    write_overlay_png(paths["overlay"], thumb, canvas, thumb_downsample=thumb_ds, cell_l0_px=cell)
+    write_overlay_png(
+        paths["overlay"], layout.thumbnail, canvas, thumb_downsample=layout.thumbnail_downsample,
+        cell_l0_px=cell, origin_l0=origin,
+    )  # fmt: skip
     regions = tumour_regions(boxes, p_pos >= opts.label.tile_p)
     write_json(
         paths["geojson"],
@@ -303,7 +246,8 @@ def _write_outputs(
     n = len(p_pos)
     manifest = {
         "status": "complete",
-        "slide": str(slide_p),
+        "slide": str(source.slide_path),
+        "source": {"kind": source.kind, "path": str(source.path), "identity": source.identity},
         "params": params,
         "label": label,
         "n_tiles": n,
@@ -321,11 +265,11 @@ def _write_outputs(
         "batch_size": opts.batch_size,
         "model": {"name": card.name, "version": card.version, "sha256": card.sha256, "card": str(card.path),
                   "classes": list(card.classes), "positive_class": card.positive_class, "mpp": card.mpp},
-        "resolution": source_meta.get("resolution"),
-        "tissue": source_meta.get("tissue"),
+        "resolution": layout.records.get("resolution"),
+        "tissue": layout.records.get("tissue"),
         "grid": grid.to_dict(),
-        "stain": stain if stain is not None else source_meta.get("stain"),
-        "heatmap": {"cell_l0_px": cell, "mpp": cell * mpp0, "shape": list(canvas.shape)},
+        "stain": layout.stain,
+        "heatmap": {"cell_l0_px": cell, "origin_l0": origin, "mpp": cell * mpp0, "shape": list(canvas.shape)},
         "outputs": {k: str(v) for k, v in paths.items()},
         "package_version": __version__,
         "versions": environment_versions(),

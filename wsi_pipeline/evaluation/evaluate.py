@@ -48,23 +48,26 @@ def box_coverage(geom: Any, boxes: np.ndarray) -> np.ndarray:
     return np.clip(inter / shapely.area(polys), 0.0, 1.0)
 
 
-def rasterize_fraction(geom: Any, shape: tuple[int, int], cell_l0: float) -> np.ndarray:
+def rasterize_fraction(
+    geom: Any, shape: tuple[int, int], cell_l0: float, origin_l0: float = 0.0
+) -> np.ndarray:
     """Exact area fraction of each cell of a (rows, cols) grid covered by ``geom`` (level-0 px).
 
-    Cell (r, c) covers level-0 x in [c * cell_l0, (c + 1) * cell_l0), same for y. Only cells whose
-    box touches the geometry's bounding box are intersected, so sparse annotations are cheap.
+    Cell (r, c) covers level-0 x in [origin + c * cell_l0, origin + (c + 1) * cell_l0), same for y.
+    Only cells whose box touches the geometry's bounding box are intersected, so sparse annotations
+    are cheap.
     """
     rows, cols = shape
     out = np.zeros((rows, cols), np.float64)
     if geom is None or geom.is_empty:
         return out
-    x0, y0, x1, y1 = geom.bounds
+    x0, y0, x1, y1 = (v - origin_l0 for v in geom.bounds)
     c0, c1 = max(0, int(x0 // cell_l0)), min(cols, math.ceil(x1 / cell_l0))
     r0, r1 = max(0, int(y0 // cell_l0)), min(rows, math.ceil(y1 / cell_l0))
     if c1 <= c0 or r1 <= r0:
         return out
     rr, cc = np.mgrid[r0:r1, c0:c1]
-    boxes = np.stack([cc.ravel(), rr.ravel(), cc.ravel() + 1, rr.ravel() + 1], axis=1) * cell_l0
+    boxes = np.stack([cc.ravel(), rr.ravel(), cc.ravel() + 1, rr.ravel() + 1], axis=1) * cell_l0 + origin_l0
     out[r0:r1, c0:c1] = box_coverage(geom, boxes).reshape(r1 - r0, c1 - c0)
     return out
 
@@ -123,13 +126,13 @@ def evaluate_slide(
     from shapely.geometry import box as _box
 
     cell = float(m["heatmap"]["cell_l0_px"])
+    origin = float(m["heatmap"].get("origin_l0", 0.0))  # the cell is centred on its tile (overlap)
     rows, cols = (int(v) for v in m["heatmap"]["shape"])
     annotated = ann.tumour if ann is not None else MultiPolygon()
     # Truth is what lies on the slide (the heatmap canvas): the same clipped geometry decides the pixel
     # metrics and the slide-level truth, and what was cut off is reported.
-    tumour = (
-        annotated.intersection(_box(0, 0, cols * cell, rows * cell)) if not annotated.is_empty else annotated
-    )
+    on_slide = _box(0, 0, origin + cols * cell, origin + rows * cell)
+    tumour = annotated.intersection(on_slide) if not annotated.is_empty else annotated
     outside = float(annotated.area - tumour.area) / annotated.area if annotated.area > 0 else 0.0
     grid_cols, grid_rows = int(m["grid"]["cols"]), int(m["grid"]["rows"])
     canvas = np.full((rows, cols), np.nan)
@@ -137,7 +140,7 @@ def evaluate_slide(
     if len(p):
         cr = np.stack([tiles["col"], tiles["row"]], axis=1).astype(np.int64)
         canvas[cr[:, 1], cr[:, 0]] = p
-    truth_frac = rasterize_fraction(tumour, (rows, cols), cell)
+    truth_frac = rasterize_fraction(tumour, (rows, cols), cell, origin)
     pixel = evaluate_grid(canvas, truth_frac, threshold=threshold, truth_min_fraction=truth_min_fraction)
     # Tile level: the scored tiles only.
     if len(p):

@@ -1,8 +1,9 @@
 """Score tiles with the ONNX classifier in parallel through Dask.
 
-The client plans the slide (thumbnail, mask, grid) and fits its stain model; each Dask task gets a
-chunk of tile *coordinates* (a few hundred), opens the slide (or tile store) itself, reads, normalizes
-and scores its tiles, and returns only the probabilities. Pixels never travel from the client.
+The client plans the source (a slide: thumbnail, mask, grid, stain fit; or a finished tile store);
+each Dask task gets the source's small picklable part and a chunk of tile *coordinates* (a few
+hundred), reads (and normalizes) its tiles through :func:`~wsi_pipeline.tiling.source.read_chunk`,
+scores them and returns only the probabilities. Pixels never travel from the client.
 Each worker process builds one onnxruntime session per (model, device) lazily and reuses it
 (sessions cannot be pickled). By default Dask's local threaded scheduler runs the tasks; pass a
 ``distributed.Client`` (or ``--scheduler ADDRESS``) to run them on a cluster, with retries.
@@ -23,32 +24,23 @@ import numpy as np
 
 from wsi_pipeline.inference.card import ModelCard, load_card
 from wsi_pipeline.inference.session import create_session, predict_with_ood
-from wsi_pipeline.io.slide import SlideReader, open_slide
-from wsi_pipeline.tiling.grid import TileGrid
-from wsi_pipeline.tiling.tiler import iter_tiles, stain_transform
+from wsi_pipeline.tiling.source import TaskSource, TileSource, read_chunk
 
 ProgressFn = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
 class ChunkTask:
-    """One Dask task: where to read which tiles and how to score them (small, picklable)."""
+    """One Dask task: which tiles of which source, and how to score them (small, picklable)."""
 
-    source: str  # slide path, or tile-store path when ``from_store``
-    backend: str
-    grid: TileGrid
+    source: TaskSource
     colrow: np.ndarray  # (n, 2) grid positions of this chunk's tiles
-    start: int  # index of the first tile in the slide's tile order
-    stain: dict[str, Any] | None
+    start: int  # index of the first tile in the source's tile order
     card_path: str
     onnx_path: str
     device: str
     batch_size: int
     threads: int | None
-    from_store: bool = False
-
-
-_local = threading.local()
 
 
 @functools.lru_cache(maxsize=4)
@@ -72,19 +64,6 @@ def probe_session(card_path: str, onnx_path: str, device: str, threads: int | No
     return str(cached_session(card_path, onnx_path, device, threads)[1])
 
 
-def _reader(path: str, backend: str) -> SlideReader:
-    """A slide handle per worker thread, kept open for the next task on the same slide."""
-    cache: dict[tuple[str, str], SlideReader] = getattr(_local, "readers", None) or {}
-    _local.readers = cache
-    key = (path, backend)
-    if key not in cache:
-        for old in list(cache.values()):
-            old.close()
-        cache.clear()
-        cache[key] = open_slide(path, backend, verify=False)  # the client opened and checked it
-    return cache[key]
-
-
 ChunkResult = tuple[np.ndarray, str, float, float, "np.ndarray | None"]
 
 
@@ -92,30 +71,10 @@ def score_chunk(task: ChunkTask) -> ChunkResult:
     """Run one task: (probabilities (n, classes) float32, provider, read s, infer s, OOD distances (n,))."""
     session, provider, card = cached_session(task.card_path, task.onnx_path, task.device, task.threads)
     t0 = time.perf_counter()
-    if task.from_store:
-        from wsi_pipeline.io.tilestore import open_tile_store
-
-        tiles = np.asarray(open_tile_store(task.source).tiles[task.start : task.start + len(task.colrow)])
-        if task.stain:
-            tiles = stain_transform(task.stain, _reference(task.stain))(tiles)
-    else:
-        reader = _reader(task.source, task.backend)
-        transform = stain_transform(task.stain, _reference(task.stain)) if task.stain else None
-        parts = [t for _, t in iter_tiles(reader, (task.grid, task.colrow), workers=1, transform=transform)]
-        tiles = (
-            np.concatenate(parts)
-            if parts
-            else np.zeros((0, task.grid.tile_px, task.grid.tile_px, 3), np.uint8)
-        )
+    tiles = read_chunk(task.source, task.colrow, task.start)
     t1 = time.perf_counter()
     probs, ood = predict_with_ood(session, card, tiles, batch_size=task.batch_size)
     return probs, provider, t1 - t0, time.perf_counter() - t1, ood
-
-
-def _reference(stain: dict[str, Any]) -> Any:
-    from wsi_pipeline.stain.macenko import REFERENCE, StainModel
-
-    return StainModel.from_dict(stain["reference"]) if stain.get("reference") else REFERENCE
 
 
 @dataclass
@@ -134,34 +93,26 @@ class ScoreResult:
 
 
 def make_tasks(
-    source: str,
-    backend: str,
-    grid: TileGrid,
-    colrow: np.ndarray,
+    source: TileSource,
     card: ModelCard,
     *,
-    stain: dict[str, Any] | None,
     device: str = "auto",
     batch_size: int = 64,
     chunk_tiles: int = 256,
     threads: int | None = None,
-    from_store: bool = False,
 ) -> list[ChunkTask]:
-    """Split the tiles into tasks of ``chunk_tiles`` consecutive tiles (spatially compact blocks)."""
+    """Split the source's tiles into tasks of ``chunk_tiles`` consecutive tiles (compact blocks)."""
+    task_source, colrow = source.task_source(), source.layout.colrow
     return [
         ChunkTask(
-            source=str(source),
-            backend=backend,
-            grid=grid,
+            source=task_source,
             colrow=np.ascontiguousarray(colrow[i : i + chunk_tiles]),
             start=i,
-            stain=stain,
             card_path=str(card.path),
             onnx_path=str(card.onnx_path),
             device=device,
             batch_size=batch_size,
             threads=threads,
-            from_store=from_store,
         )
         for i in range(0, len(colrow), chunk_tiles)
     ]

@@ -31,10 +31,13 @@ def colourize(grid: np.ndarray) -> np.ndarray:
     return np.round(rgb).astype(np.uint8)
 
 
-def heatmap_canvas(grid: np.ndarray, slide_wh: tuple[int, int], cell_l0_px: float) -> np.ndarray:
-    """Pad the (rows, cols) grid with NaN so it spans the whole slide (cells of ``cell_l0_px``)."""
-    cols = int(np.ceil(slide_wh[0] / cell_l0_px))
-    rows = int(np.ceil(slide_wh[1] / cell_l0_px))
+def heatmap_canvas(
+    grid: np.ndarray, slide_wh: tuple[int, int], cell_l0_px: float, origin_l0: float = 0.0
+) -> np.ndarray:
+    """Pad the (rows, cols) grid with NaN so it spans the whole slide (cells of ``cell_l0_px`` level-0
+    pixels, the first starting at level-0 (``origin_l0``, ``origin_l0``))."""
+    cols = int(np.ceil((slide_wh[0] - origin_l0) / cell_l0_px))
+    rows = int(np.ceil((slide_wh[1] - origin_l0) / cell_l0_px))
     out = np.full((max(rows, grid.shape[0]), max(cols, grid.shape[1])), np.nan, np.float32)
     out[: grid.shape[0], : grid.shape[1]] = grid
     return out
@@ -47,19 +50,21 @@ def write_heatmap_tiff(
     cell_l0_px: float,
     mpp_l0: float,
     description: dict[str, Any],
+    origin_l0: float = 0.0,
     tile_px: int = 256,
 ) -> Path:
     """Tiled, pyramidal RGB TIFF of the probability canvas; one pixel = one grid cell.
 
     Resolution tags give the heatmap's um/px (``cell_l0_px * mpp_l0``), and the description (JSON)
-    records ``downsample`` (level-0 pixels per heatmap pixel) and origin (0, 0), so a viewer scales it
-    onto the slide without guessing. Levels halve until the image fits one tile.
+    records ``downsample`` (level-0 pixels per heatmap pixel) and ``origin_l0`` (level-0 position of
+    the first cell: half the tile overlap, 0 without overlap), so a viewer places it on the slide
+    without guessing. Levels halve until the image fits one tile.
     """
     import tifffile
 
     rgb = colourize(canvas)
     mpp = cell_l0_px * mpp_l0
-    meta = {**description, "downsample": cell_l0_px, "origin_l0": [0, 0], "mpp": mpp}
+    meta = {**description, "downsample": cell_l0_px, "origin_l0": [origin_l0, origin_l0], "mpp": mpp}
     levels = [rgb]
     while max(levels[-1].shape[:2]) > tile_px:
         prev = levels[-1]
@@ -89,15 +94,21 @@ def write_overlay_png(
     *,
     thumb_downsample: float,
     cell_l0_px: float,
+    origin_l0: float = 0.0,
     alpha: float = 0.5,
 ) -> Path:
-    """The heatmap blended over the slide thumbnail (cells scaled to thumbnail pixels)."""
+    """The heatmap blended over the slide thumbnail (cells scaled to thumbnail pixels; cells start at
+    level-0 ``origin_l0``, and thumbnail pixels before the first cell are left unscored)."""
     from PIL import Image
 
     h, w = thumbnail.shape[:2]
-    rows = np.minimum(((np.arange(h) + 0.5) * thumb_downsample / cell_l0_px).astype(int), canvas.shape[0] - 1)
-    cols = np.minimum(((np.arange(w) + 0.5) * thumb_downsample / cell_l0_px).astype(int), canvas.shape[1] - 1)
-    up = canvas[np.ix_(rows, cols)]
+
+    def index(n: int, limit: int) -> np.ndarray:
+        i = np.floor(((np.arange(n) + 0.5) * thumb_downsample - origin_l0) / cell_l0_px).astype(np.int64)
+        return np.where(i < 0, limit, np.minimum(i, limit - 1))  # ``limit``: the NaN row/column added below
+
+    padded = np.pad(canvas, ((0, 1), (0, 1)), constant_values=np.nan)
+    up = padded[np.ix_(index(h, canvas.shape[0]), index(w, canvas.shape[1]))]
     colour = colourize(up).astype(np.float32)
     out = thumbnail.astype(np.float32)
     scored = ~np.isnan(up)

@@ -249,6 +249,16 @@ class TileStoreWriter:
     def resume(cls, out: Path) -> TileStoreWriter:
         return cls(out, zarr.open_group(str(partial_path(out)), mode="r+"))
 
+    def matches_layout(self, grid_colrow: np.ndarray, coords_l0: np.ndarray) -> bool:
+        """True when this store was created for exactly these tiles, in this order."""
+        old_cr = np.asarray(_array(self.group, "grid_colrow")[:])
+        old_xy = np.asarray(_array(self.group, "coords_l0")[:])
+        return bool(
+            old_cr.shape == np.shape(grid_colrow)
+            and np.array_equal(old_cr, grid_colrow)
+            and np.array_equal(old_xy, coords_l0)
+        )
+
     def pending_chunks(self) -> list[int]:
         """Indices of ``tiles`` chunks not yet fully written."""
         done = np.asarray(_array(self.group, "chunk_done")[:])
