@@ -1,15 +1,36 @@
 """wsi-pipeline: find cancer in folders of H&E whole-slide images.
 
-Stages (one module each): ``slide`` (readers, resolution), ``tissue`` (mask), ``grid`` (tile grid),
-``tilestore`` (Zarr v3 tile stores), ``stain`` (Macenko), ``model``/``scoring`` (ONNX), ``aggregate``,
-``outputs``, ``annotations``, ``evaluate``. Nothing heavy is imported here.
+Subpackages, one per stage (see ARCHITECTURE.md): ``io`` (slide readers, the Zarr tile store, output
+writers), ``tiling`` (tissue, grid, plan, tiler, ``TileSource``), ``stain`` (Macenko), ``inference``
+(model card, onnxruntime sessions, Dask scoring), ``evaluation`` (annotations, metrics, evaluate),
+``cli``; ``pipeline`` runs one slide end to end.
+
+The public API, importable from here (loaded on first use, so ``import wsi_pipeline`` stays light):
+``run_slide``, ``RunOptions``, ``TileOptions``, ``tile_slide``, ``open_tile_store``, ``open_source``.
 """
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("wsi-pipeline")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+_API = {
+    "run_slide": "wsi_pipeline.pipeline",
+    "RunOptions": "wsi_pipeline.pipeline",
+    "TileOptions": "wsi_pipeline.tiling.plan",
+    "tile_slide": "wsi_pipeline.tiling.tiler",
+    "open_tile_store": "wsi_pipeline.io.tilestore",
+    "open_source": "wsi_pipeline.tiling.source",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'wsi_pipeline' has no attribute {name!r}")
