@@ -6,7 +6,10 @@ sees. Slides: the real CMU-1-Small-Region.svs (if ../shared/data is present) and
 pyramidal slides (synthetic texture; written once into --work):
 
 * ``synthetic-40x-1-4-16.svs``: 0.25 um/px, levels 1/4/16 (no 20x level: both read level 0);
-* ``synthetic-40x-1-2-8.svs``: 0.25 um/px, levels 1/2/8 (ours reads the 20x level, naive level 0).
+* ``synthetic-40x-1-2-8.svs``: 0.25 um/px, levels 1/2/8 (ours reads the 20x level, naive level 0);
+* ``synthetic-40x-1-2-8-odd.svs``: the same, 3 px wider and taller, so the 20x level's downsample
+  is not an integer (1.9998): tiffslide still reads blocks, OpenSlide reads tile by tile (a block
+  read would resample every tile by the block's sub-pixel remainder).
 
 Usage (from the repository root)::
 
@@ -74,15 +77,16 @@ def slides(work: Path, size: int) -> list[tuple[str, Path]]:
     if cmu.exists():
         out.append(("CMU-1-Small-Region.svs (real, 0.499 um/px, 1 level)", cmu))
     tissue = (Ellipse(size * 0.5, size * 0.5, size * 0.42, size * 0.36),)
-    for ds in ((1, 4, 16), (1, 2, 8)):
-        name = f"synthetic-40x-{'-'.join(map(str, ds))}.svs"
+    for ds, odd in (((1, 4, 16), 0), ((1, 2, 8), 0), ((1, 2, 8), 3)):
+        name = f"synthetic-40x-{'-'.join(map(str, ds))}{'-odd' if odd else ''}.svs"
         p = work / f"{size}-{name}"
         if not p.exists():
-            spec = SyntheticSpec(width=size, height=size, mpp=0.25, tissue=tissue, downsamples=ds)
+            side = size + odd
+            spec = SyntheticSpec(width=side, height=side, mpp=0.25, tissue=tissue, downsamples=ds)
             t = time.perf_counter()
             write_synthetic_slide(p, spec)
             print(f"  wrote {p.name} in {time.perf_counter() - t:.1f} s")
-        out.append((f"{name} ({size}x{size}, synthetic texture)", p))
+        out.append((f"{name} ({size + odd}x{size + odd}, synthetic texture)", p))
     return out
 
 
