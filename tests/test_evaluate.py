@@ -1,14 +1,20 @@
-"""Annotations (ASAP XML, GeoJSON) and evaluation metrics: exact toy cases, hostile XML, end to end."""
+"""Annotations (ASAP XML, ImageScope XML, GeoJSON) and evaluation metrics: exact toy cases checked
+against hand computations with shapely, hostile XML, the recursive search for runs, end to end."""
 
 from __future__ import annotations
 
+import csv
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import shapely
 from click.testing import CliRunner
-from shapely.geometry import Polygon, box
+from shapely.geometry import Point, Polygon, box
 
 from conftest import Fixture, shared
 from wsi_pipeline.cli.commands import main
@@ -18,12 +24,17 @@ from wsi_pipeline.evaluation.annotations import (
     read_annotations,
     read_asap_xml,
     read_geojson,
+    read_imagescope_xml,
+    read_xml,
     write_asap_xml,
 )
 from wsi_pipeline.evaluation.evaluate import (
+    area_overlap,
     box_coverage,
     evaluate_grid,
+    evaluate_runs,
     evaluate_slide,
+    find_runs,
     rasterize_fraction,
     summarize,
 )
@@ -78,16 +89,78 @@ def test_box_coverage() -> None:
     np.testing.assert_allclose(f, [1.0, 0.25, 0.0])
 
 
-def test_summary_mean_sd_and_label_accuracy() -> None:
-    rs = [
-        {"dice": 0.5, "precision": 1, "recall": 1, "specificity": 1, "accuracy": 1, "f1": 1, "auc": None,
-         "slide_label_correct": True},
-        {"dice": 0.7, "precision": 1, "recall": 1, "specificity": 1, "accuracy": 1, "f1": 1, "auc": 0.9,
-         "slide_label_correct": False},
+def test_summary_means_cover_tumour_slides_and_benign_slides_are_apart() -> None:
+    rs: list[dict[str, Any]] = [
+        {"dice": 0.5, "precision": 1, "recall": 1, "cell_dice": 0.6, "auc": None, "slide_truth_positive": True,
+         "slide_predicted_positive": True, "slide_label_correct": True, "false_positive_mm2": 0.0},
+        {"dice": 0.7, "precision": 1, "recall": 1, "cell_dice": 0.8, "auc": 0.9, "slide_truth_positive": True,
+         "slide_predicted_positive": False, "slide_label_correct": False, "false_positive_mm2": 0.1},
+        # benign, called tumour: Dice 0 by the metric's rule, but not averaged with the tumour slides
+        {"dice": 0.0, "precision": 0.0, "recall": None, "cell_dice": 0.0, "auc": None,
+         "slide_truth_positive": False, "slide_predicted_positive": True, "slide_label_correct": False,
+         "false_positive_mm2": 0.25},
+        # benign, nothing predicted: Dice undefined
+        {"dice": None, "precision": None, "recall": None, "cell_dice": None, "auc": None,
+         "slide_truth_positive": False, "slide_predicted_positive": False, "slide_label_correct": True,
+         "false_positive_mm2": 0.0},
     ]  # fmt: skip
     s = summarize(rs)
-    assert s["dice"]["mean"] == 0.6 and s["dice"]["sd"] == pytest.approx(0.1414, abs=1e-4)
-    assert s["auc"]["n"] == 1 and s["slide_label_accuracy"] == 0.5
+    assert s["n_slides"] == 4 and s["n_tumour_slides"] == 2 and s["n_benign_slides"] == 2
+    assert (
+        s["dice"]["mean"] == 0.6
+        and s["dice"]["n"] == 2
+        and s["dice"]["sd"] == pytest.approx(0.1414, abs=1e-4)
+    )
+    assert s["cell_dice"]["mean"] == 0.7 and s["auc"]["n"] == 1 and s["slide_label_accuracy"] == 0.5
+    b = s["benign"]
+    assert b["n"] == 2 and b["called_tumour"] == 1 and b["with_false_positive_area"] == 1
+    assert b["false_positive_mm2"] == {"mean": 0.125, "max": 0.25, "total": 0.25, "n": 2}
+
+
+def _cells_union(pred: np.ndarray, cell: float, origin: float = 0.0) -> Any:
+    """Hand computation: the predicted cells as one shapely geometry (cell (r, c) at origin + c * cell)."""
+    rr, cc = np.nonzero(pred)
+    return shapely.union_all([box(origin + c * cell, origin + r * cell, origin + (c + 1) * cell,
+                                  origin + (r + 1) * cell) for r, c in zip(rr, cc, strict=True)])  # fmt: skip
+
+
+def _hand_dice(truth: Any, predicted: Any) -> float:
+    tp = truth.intersection(predicted).area
+    return 2 * tp / (truth.area + predicted.area)
+
+
+def test_area_exact_dice_is_the_shapely_overlap_and_differs_from_cell_dice() -> None:
+    """Issue 14: the cell Dice rounds the truth to cells (0.951 where the area-exact Dice of the same
+    prediction was 0.910). Here the prediction is exactly the cells at least half covered by a disk:
+    on cells it is perfect (Dice 1.0); on areas it is what shapely says."""
+    cell, shape = 100.0, (10, 10)
+    disk = Point(500, 500).buffer(330, quad_segs=64)
+    frac = rasterize_fraction(disk, shape, cell)
+    pred = frac >= 0.5
+    cells = evaluate_grid(np.where(pred, 0.9, 0.1), frac)
+    assert cells["dice"] == 1.0
+    area = area_overlap(pred, frac, disk.area, cell)
+    predicted = _cells_union(pred, cell)
+    assert area["predicted"] == pytest.approx(predicted.area)
+    assert area["tp"] == pytest.approx(disk.intersection(predicted).area)
+    assert area["fp"] == pytest.approx(predicted.difference(disk).area)
+    assert area["fn"] == pytest.approx(disk.difference(predicted).area)
+    dice = 2 * area["tp"] / (2 * area["tp"] + area["fp"] + area["fn"])
+    assert dice == pytest.approx(_hand_dice(disk, predicted)) and 0.9 < dice < 0.97
+
+
+def test_area_overlap_with_centred_cells_and_unscored_area() -> None:
+    """Cells centred on overlapping tiles start at origin_l0 > 0; unscored area is predicted negative."""
+    cell, origin, shape = 64.0, 32.0, (6, 8)
+    truth = Polygon([(40, 50), (400, 20), (350, 300), (90, 360)])
+    rng = np.random.default_rng(3)
+    pred = rng.random(shape) > 0.5
+    frac = rasterize_fraction(truth, shape, cell, origin)
+    area = area_overlap(pred, frac, truth.area, cell)
+    predicted = _cells_union(pred, cell, origin)
+    assert area["tp"] == pytest.approx(truth.intersection(predicted).area)
+    assert area["fn"] == pytest.approx(truth.difference(predicted).area)  # includes truth left of origin
+    assert area["fp"] == pytest.approx(predicted.difference(truth).area)
 
 
 # --- annotation readers -------------------------------------------------------------------------
@@ -185,6 +258,102 @@ def test_geojson_holes_and_classes(tmp_path: Path) -> None:
         read_annotations(tmp_path / "a.txt")
 
 
+def _imagescope(
+    path: Path, layers: list[tuple[dict[str, str], list[str], list[tuple[str, list[tuple[str, str]]]]]]
+) -> Path:
+    """ImageScope XML: layers of (layer attributes, attribute names, [(NegativeROA, vertices)])."""
+    out = ['<Annotations MicronsPerPixel="0.252000">']
+    for i, (attrs, names, regions) in enumerate(layers, 1):
+        a = " ".join(f'{k}="{v}"' for k, v in {"Id": str(i), "Name": "", "LineColor": "255", **attrs}.items())
+        out.append(f'<Annotation {a} Type="4"><Attributes>')
+        out += [f'<Attribute Name="{n}" Id="0" Value=""/>' for n in names]
+        out.append("</Attributes><Regions><RegionAttributeHeaders/>")
+        for j, (neg, verts) in enumerate(regions, 1):
+            out.append(f'<Region Id="{j}" Type="0" NegativeROA="{neg}"><Attributes/><Vertices>')
+            out += [f'<Vertex X="{x}" Y="{y}" Z="0"/>' for x, y in verts]
+            out.append("</Vertices></Region>")
+        out.append("</Regions><Plots/></Annotation>")
+    out.append("</Annotations>")
+    path.write_text("\n".join(out))
+    return path
+
+
+def _xy(poly: Sequence[tuple[float, float]]) -> list[tuple[str, str]]:
+    return [(str(x), str(y)) for x, y in poly]
+
+
+OUTER = [(1000, 1000), (5000, 1000), (5000, 4000), (1000, 4000)]
+HOLE = [(2000, 2000), (3000, 2000), (2500, 3000)]
+
+
+def test_imagescope_xml_negative_region_is_a_hole(tmp_path: Path) -> None:
+    p = _imagescope(tmp_path / "case.xml", [
+        ({}, ["CaP"], [("0", _xy(OUTER)), ("1", _xy(HOLE))]),
+        ({"Name": "stroma"}, ["Description"], [("0", _xy([(6000, 0), (7000, 0), (7000, 500)]))]),
+        ({}, ["Description"], [("0", _xy([(0, 6000), (100, 6000)]))]),  # a ruler: no area
+    ])  # fmt: skip
+    hand = Polygon(OUTER, [HOLE])  # the hand-made polygon with its hole
+    stroma = Polygon([(6000, 0), (7000, 0), (7000, 500)])
+    ann = read_annotations(p)  # .xml: told from ASAP by the root element
+    assert ann.format == "imagescope" and ann.negative == 1
+    assert ann.groups == {"CaP": 2, "stroma": 1} and ann.skipped == {"degenerate": 1}
+    assert ann.tumour.area == pytest.approx(hand.area + stroma.area)  # every layer counts by default
+    assert ann.tumour.symmetric_difference(hand.union(stroma)).area == pytest.approx(0, abs=1e-6)
+    cap = read_imagescope_xml(p, GroupMapping(positive=frozenset({"cap"})))  # names are case-insensitive
+    assert cap.tumour.area == pytest.approx(hand.area) == pytest.approx(12e6 - 0.5e6)
+    # a layer without a name or attribute is "layer <Id>"; an exclusion name makes it a hole
+    q = _imagescope(tmp_path / "q.xml", [
+        ({}, ["Description"], [("0", _xy(OUTER))]), ({"Name": "Exclusion"}, [], [("0", _xy(HOLE))]),
+    ])  # fmt: skip
+    ann = read_xml(q)
+    assert ann.groups == {"layer 1": 1, "Exclusion": 1} and ann.tumour.area == pytest.approx(hand.area)
+    # a negative region in a layer the mapping ignores cuts nothing
+    ign = read_imagescope_xml(p, GroupMapping(positive=frozenset({"stroma"})))
+    assert ign.tumour.area == pytest.approx(stroma.area) and ign.negative == 0
+
+
+def test_imagescope_decimal_comma_and_hostile_xml(tmp_path: Path) -> None:
+    p = _imagescope(
+        tmp_path / "c.xml", [({}, [], [("0", [("10,5", "0"), ("110,5", "0"), ("110,5", "100")])])]
+    )
+    assert read_annotations(p).tumour.area == pytest.approx(5000)
+    bomb = tmp_path / "bomb.xml"
+    bomb.write_text('<?xml version="1.0"?><!DOCTYPE a [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]>'
+                    "<Annotations>&b;</Annotations>")  # fmt: skip
+    with pytest.raises(AnnotationError, match="refused unsafe XML"):
+        read_annotations(bomb)
+    other = tmp_path / "other.xml"
+    other.write_text("<Slide/>")
+    with pytest.raises(AnnotationError, match=r"neither <ASAP_Annotations>.*nor <Annotations>"):
+        read_annotations(other)
+    far = _imagescope(tmp_path / "far.xml", [({}, [], [("0", [("0", "0"), ("1e12", "0"), ("0", "5")])])])
+    with pytest.raises(AnnotationError, match="far outside any slide"):
+        read_annotations(far)
+
+
+def test_decimal_comma_asap_xml_evaluates_like_decimal_point(tmp_path: Path) -> None:
+    """ASAP writes the locale's decimal separator: X="2100,5" under a comma-decimal locale."""
+
+    def asap(path: Path, sep: str) -> Path:
+        pts = [
+            ("100" + sep + "25", "100"),
+            ("2100" + sep + "5", "100"),
+            ("2100" + sep + "5", "900" + sep + "25"),
+        ]
+        coords = "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate(pts))
+        path.write_text('<?xml version="1.0"?><ASAP_Annotations><Annotations><Annotation Name="a" '
+                        f'Type="Polygon" PartOfGroup="Tumor"><Coordinates>{coords}</Coordinates></Annotation>'
+                        "</Annotations><AnnotationGroups/></ASAP_Annotations>")  # fmt: skip
+        return path
+
+    comma, dot = (
+        read_annotations(asap(tmp_path / "c.xml", ",")),
+        read_annotations(asap(tmp_path / "d.xml", ".")),
+    )
+    assert comma.format == "asap" and comma.tumour.equals(dot.tumour)
+    assert comma.tumour.area == pytest.approx(0.5 * 2000.25 * 800.25)
+
+
 @pytest.mark.realdata
 def test_real_camelyon_asap_xml() -> None:
     ann = read_asap_xml(shared("annotations", "asap", "patient_004_node_4.xml"))
@@ -197,6 +366,29 @@ def test_real_camelyon_asap_xml() -> None:
 
 
 @pytest.mark.realdata
+@pytest.mark.parametrize(
+    ("name", "groups", "invalid"),
+    [("TCGA-EJ-5518-01Z-00-DX1.xml", {"CaP": 2, "layer 3": 1, "layer 4": 1}, 3),
+     ("TCGA-EJ-5519-01Z-00-DX1.xml", {"CaP": 1, "layer 3": 1, "layer 4": 1}, 2)],
+)  # fmt: skip
+def test_real_tcga_imagescope_xml(name: str, groups: dict[str, int], invalid: int) -> None:
+    """Real TCGA ImageScope XML: layers named by their attribute ("CaP") or Id; self-intersecting
+    regions repaired; each valid region's area equals the Area ImageScope itself recorded."""
+    path = shared("annotations", "imagescope", name)
+    ann = read_annotations(path)
+    assert ann.format == "imagescope" and ann.groups == groups and ann.repaired == invalid
+    recorded = [float(a) for a in re.findall(r'<Region [^>]* Area="([0-9.]+)"', path.read_text())]
+    polys = [Polygon([(float(x), float(y)) for x, y in re.findall(r'<Vertex X="([0-9.]+)" Y="([0-9.]+)"', r)])
+             for r in path.read_text().split("<Region ")[1:]]  # fmt: skip
+    valid = [(p.area, a) for p, a in zip(polys, recorded, strict=True) if p.is_valid]
+    assert len(valid) == len(polys) - invalid and valid
+    for mine, theirs in valid:
+        assert mine == pytest.approx(theirs, abs=0.1)
+    cap = read_annotations(path, GroupMapping(positive=frozenset({"CaP"})))
+    assert 0 < cap.tumour.area <= ann.tumour.area
+
+
+@pytest.mark.realdata
 def test_real_qupath_geojson_with_hole() -> None:
     ann = read_geojson(shared("annotations", "geojson", "histoqc-holed.geojson"))
     assert len(list(getattr(ann.tumour, "interiors", []))) == 1 or any(
@@ -204,6 +396,184 @@ def test_real_qupath_geojson_with_hole() -> None:
     )
     ex = read_geojson(shared("annotations", "geojson", "histoqc-geojson_example.json"))
     assert set(ex.groups) == {"Tumor", "Invborder"}
+
+
+# --- runs written by hand: the search, the matching, area-exact metrics, benign slides -------------
+
+MPP = 0.5  # um/px at level 0 of the hand-made runs
+
+
+def _fake_run(
+    folder: Path,
+    stem: str,
+    probs: np.ndarray,
+    *,
+    cell: float = 100.0,
+    origin: float = 0.0,
+    status: str = "complete",
+) -> Path:
+    """A finished run as the pipeline writes it (manifest + tile table), without scoring a slide:
+    ``probs`` (rows, cols) P(tumour) per heatmap cell, NaN where no tile was scored."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tile = cell + 2 * origin  # the cell is the stride square centred on its tile
+    rows, cols = probs.shape
+    rr, cc = np.nonzero(~np.isnan(probs))
+    with (folder / f"{stem}.tiles.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["x_l0", "y_l0", "width_l0", "height_l0", "col", "row", "tissue_fraction", "p_benign",
+                    "p_tumour"])  # fmt: skip
+        for r, c in zip(rr, cc, strict=True):
+            p = float(probs[r, c])
+            w.writerow([c * cell, r * cell, tile, tile, c, r, 1.0, 1 - p, p])
+    positive = bool(np.nansum(probs >= 0.5) > 0)
+    manifest = {
+        "status": status, "slide": f"/scanner/{stem}.svs", "label": {"label": "tumour" if positive else
+        "benign", "positive": positive}, "model": {"positive_class": "tumour"},
+        "resolution": {"mpp_x": MPP, "mpp_y": MPP},
+        "grid": {"cols": cols, "rows": rows}, "heatmap": {"cell_l0_px": cell, "origin_l0": origin,
+        "shape": [rows, cols]}, "outputs": {"tiles_csv": f"/elsewhere/{stem}.tiles.csv"},
+    }  # fmt: skip
+    path = folder / f"{stem}.run.json"
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+def _asap_file(path: Path, polygon: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_asap_xml(
+        path, [("Tumor", list(polygon.exterior.coords)[:-1])] if polygon is not None else []
+    )
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    r = CliRunner().invoke(main, ["evaluate", *args])
+    return r.exit_code, r.output
+
+
+TRUTH = Polygon([(130, 140), (720, 90), (800, 610), (260, 700)])
+
+
+def test_evaluate_slide_area_exact_against_hand_computation(tmp_path: Path) -> None:
+    probs = np.full((8, 10), np.nan)
+    probs[1:7, 1:8] = 0.2
+    probs[1:6, 2:8] = 0.8  # called tumour
+    probs[6, 1] = 0.9  # a false positive cell
+    run = _fake_run(tmp_path / "results", "case1", probs)
+    r = evaluate_slide(run, _asap_file(tmp_path / "ann" / "case1.xml", TRUTH))
+    predicted = _cells_union(probs >= 0.5, 100.0)
+    assert r["dice"] == pytest.approx(_hand_dice(TRUTH, predicted))
+    assert r["precision"] == pytest.approx(TRUTH.intersection(predicted).area / predicted.area)
+    assert r["recall"] == pytest.approx(TRUTH.intersection(predicted).area / TRUTH.area)
+    to_mm2 = MPP * MPP / 1e6
+    assert r["area_mm2"]["fp"] == pytest.approx(predicted.difference(TRUTH).area * to_mm2, abs=1e-6)
+    assert r["area_mm2"]["truth"] == pytest.approx(TRUTH.area * to_mm2, abs=1e-6)
+    assert r["false_positive_mm2"] == r["area_mm2"]["fp"] and r["truth"] == "tumour"
+    # the cell Dice is a second figure that rounds the truth to cells: it differs here
+    assert r["cell_dice"] == r["cell"]["dice"] and abs(r["cell_dice"] - r["dice"]) > 0.01
+    assert r["annotation_format"] == "asap" and r["slide_label"] == "tumour"
+
+
+def test_evaluate_finds_runs_in_subfolders(tmp_path: Path) -> None:
+    """Issue 14: a run in results/case1/ was not found and evaluate exited 0 with '0 slides scored'."""
+    probs = np.full((8, 10), 0.1)
+    probs[2:6, 2:7] = 0.9
+    results = tmp_path / "results"
+    _fake_run(results / "case1", "case1", probs)
+    _fake_run(results / "batch" / "deeper", "case2", probs)
+    _fake_run(results / ".hidden", "case3", probs)  # hidden folders are not entered
+    store = results / "case1" / "case1.zarr"  # nor tile stores
+    _fake_run(store, "case4", probs)
+    (store / "zarr.json").write_text("{}")
+    (results / "other.run.json").write_text(json.dumps({"tool": "someone else's"}))  # not ours: ignored
+    ann = tmp_path / "ann"
+    for stem in ("case1", "case2", "case3", "case4"):
+        _asap_file(ann / f"{stem}.xml", TRUTH)
+    search = find_runs(results)
+    assert [p.name for p in search.manifests] == ["case2.run.json", "case1.run.json", "other.run.json"]
+    assert search.stores_skipped == 1
+    code, out = _invoke(str(results), "--annotations", str(ann), "--out", str(tmp_path / "m.json"))
+    assert code == 0, out
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert sorted(Path(s["slide"]).name for s in data["slides"]) == ["case1.svs", "case2.svs"]
+    assert data["ignored"] and "not a wsi-pipeline run manifest" in out
+    assert data["searched"]["recursive"] and data["searched"]["manifests"] == 3
+    assert "2 slides scored; 2 with tumour: Dice" in out and "(area-exact; cell Dice" in out
+    header = (tmp_path / "m.csv").read_text().splitlines()[0]
+    assert header.startswith("slide,truth,dice,precision,recall,cell_dice,")
+
+
+def test_evaluate_without_runs_exits_1_saying_what_it_searched(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    (results / "a" / "b").mkdir(parents=True)
+    (results / "a" / "slide.tif").write_bytes(b"")
+    ann = tmp_path / "ann"
+    _asap_file(ann / "slide.xml", TRUTH)
+    code, out = _invoke(str(results), "--annotations", str(ann), "--out", str(tmp_path / "m.json"))
+    assert code == 1 and out.count("\n") == 1, out
+    assert "no run manifests found" in out and str(results) in out and "*.run.json" in out
+    assert "3 folder(s)" in out and "0 manifest(s) found" in out
+    assert not (tmp_path / "m.json").exists()
+    # manifests that are all unfinished: also exit 1, counted
+    _fake_run(results / "a", "slide", np.full((2, 2), 0.9), status="running")
+    code, out = _invoke(str(results), "--annotations", str(ann), "--out", str(tmp_path / "m.json"))
+    assert code == 1 and "no finished run manifests" in out and "1 unfinished or unreadable" in out, out
+
+
+def test_evaluate_without_matching_annotation_exits_9_saying_what_it_searched(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    _fake_run(results / "case1", "case1", np.full((4, 4), 0.9))
+    _fake_run(results, "case2", np.full((4, 4), 0.9))
+    ann = tmp_path / "ann"
+    _asap_file(ann / "someone-else.xml", TRUTH)
+    (ann / "notes.txt").write_text("not an annotation")
+    code, out = _invoke(str(results), "--annotations", str(ann), "--out", str(tmp_path / "m.json"))
+    assert code == 9 and out.count("\n") == 1, out
+    for part in (str(ann), str(results), "*.run.json", "2 finished run(s)", "<slide stem>.xml|.geojson|.json",
+                 "1 annotation file(s): someone-else.xml", "case1.svs, case2.svs"):  # fmt: skip
+        assert part in out, (part, out)
+
+
+def test_unfinished_run_in_a_folder_is_listed_and_the_others_scored(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    _fake_run(results / "done", "case1", np.full((8, 10), 0.9))
+    _fake_run(results / "running", "case2", np.full((8, 10), 0.9), status="running")
+    ann = tmp_path / "ann"
+    _asap_file(ann / "case1.xml", TRUTH)
+    _asap_file(ann / "case2.xml", TRUTH)
+    res = evaluate_runs(results, ann)
+    assert [Path(s["slide"]).name for s in res["slides"]] == ["case1.svs"]
+    assert len(res["errors"]) == 1 and "did not finish" in res["errors"][0]["error"]
+    code, out = _invoke(str(results), "--annotations", str(ann), "--out", str(tmp_path / "m.json"))
+    assert code == 1 and "did not finish" in out and "1 slides scored" in out, out
+
+
+def test_benign_slides_are_reported_apart_and_not_in_the_mean_dice(tmp_path: Path) -> None:
+    results, ann = tmp_path / "results", tmp_path / "ann"
+    tumour = np.full((8, 10), 0.1)
+    tumour[1:6, 2:8] = 0.8
+    _fake_run(results, "tumour", tumour)
+    called = np.full((8, 10), 0.1)
+    called[0:2, 0:3] = 0.95  # 6 cells of 100 x 100 px called tumour on a benign slide
+    _fake_run(results, "benign-fp", called)
+    _fake_run(results, "benign-clean", np.full((8, 10), 0.1))
+    _asap_file(ann / "tumour.xml", TRUTH)
+    _asap_file(ann / "benign-fp.xml", None)  # annotated, no tumour
+    (ann / "benign-clean.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    res = evaluate_runs(results, ann)
+    rows = {Path(s["slide"]).stem: s for s in res["slides"]}
+    t, fp, clean = rows["tumour"], rows["benign-fp"], rows["benign-clean"]
+    assert t["truth"] == "tumour" and fp["truth"] == "benign" and clean["truth"] == "benign"
+    assert fp["false_positive_mm2"] == pytest.approx(6 * 100 * 100 * MPP**2 / 1e6)
+    assert fp["slide_label"] == "tumour" and not fp["slide_label_correct"]
+    assert clean["false_positive_mm2"] == 0 and clean["dice"] is None and clean["slide_label_correct"]
+    s = res["summary"]
+    assert s["n_tumour_slides"] == 1 and s["dice"]["n"] == 1 and s["dice"]["mean"] == round(t["dice"], 4)
+    assert s["benign"]["n"] == 2 and s["benign"]["called_tumour"] == 1
+    assert s["benign"]["false_positive_mm2"]["max"] == pytest.approx(0.015)
+    code, out = _invoke(str(results), "--annotations", str(ann), "--out", str(tmp_path / "m.json"))
+    assert (
+        code == 0 and "2 benign: 1 called tumour, false-positive area mean 0.0075 mm^2 (max 0.0150)" in out
+    ), out
 
 
 # --- end to end: slide -> heatmap -> Dice ---------------------------------------------------------
@@ -229,15 +599,16 @@ def test_evaluate_slide_against_known_truth(runs: Path) -> None:
     r = evaluate_slide(
         output_paths(runs / "tumour.heatmap.tif")["manifest"], runs / "annotations" / "tumour.xml"
     )
-    assert r["dice"] > 0.85 and r["recall"] > 0.85 and r["specificity"] > 0.98
-    assert r["auc"] > 0.98 and r["slide_label_correct"]
+    assert r["dice"] > 0.85 and r["recall"] > 0.85 and r["cell"]["specificity"] > 0.98
+    assert r["cell_dice"] > 0.85 and r["auc"] > 0.98 and r["slide_label_correct"]
     truth_mm2 = float(np.pi * 700 * 550 * 0.25 / 1e6)
     assert r["truth_area_mm2"] == pytest.approx(truth_mm2, rel=0.01)
     b = evaluate_slide(
         output_paths(runs / "benign.heatmap.tif")["manifest"], runs / "annotations" / "benign.xml"
     )
     # no tumour in truth nor in the prediction: Dice and precision are undefined (null), not 1.0
-    assert b["dice"] is None and b["precision"] is None and b["auc"] is None and b["specificity"] == 1.0
+    assert b["dice"] is None and b["precision"] is None and b["auc"] is None
+    assert b["cell"]["specificity"] == 1.0 and b["false_positive_mm2"] == 0.0 and b["truth"] == "benign"
     assert b["slide_label_correct"] and not b["slide_truth_positive"]
 
 
@@ -248,13 +619,12 @@ def test_evaluate_cli_folder_reports_unannotated(runs: Path, tmp_path: Path) -> 
     out = tmp_path / "metrics.json"
     r = CliRunner().invoke(main, ["evaluate", str(runs), "--annotations", str(ann), "--out", str(out)])
     assert r.exit_code == 0, r.stderr
-    assert (
-        "1 slides scored: Dice" in r.stdout and "no annotation file for" in r.stderr and "benign" in r.stderr
-    )
+    assert "1 slides scored; 1 with tumour: Dice" in r.stdout
+    assert "no annotation file for" in r.stderr and "benign" in r.stderr
     data = json.loads(out.read_text())
     assert len(data["slides"]) == 1 and data["unannotated"] and data["summary"]["dice"]["mean"] > 0.85
     rows = out.with_suffix(".csv").read_text().splitlines()
-    assert rows[0].startswith("slide,dice") and len(rows) == 2
+    assert rows[0].startswith("slide,truth,dice") and len(rows) == 2
 
 
 def test_evaluate_cli_bad_annotation_exit_code(runs: Path, tmp_path: Path) -> None:

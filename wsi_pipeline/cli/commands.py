@@ -588,7 +588,7 @@ def _run_folder(
     "-a",
     type=click.Path(path_type=Path),
     required=True,
-    help="ASAP XML / GeoJSON file, or a folder of them named after the slides.",
+    help="ASAP or ImageScope XML / QuPath GeoJSON file, or a folder of them named after the slides.",
 )
 @click.option(
     "--out",
@@ -603,7 +603,8 @@ def _run_folder(
     type=float,
     default=0.5,
     show_default=True,
-    help="A cell/tile is tumour in truth when at least this fraction is annotated.",
+    help="For the cell Dice and tile metrics only: a cell/tile is tumour in truth when at least this "
+    "fraction is annotated (the headline Dice is area-exact).",
 )
 @click.option(
     "--positive-group",
@@ -624,16 +625,18 @@ def evaluate(
     positive_group: tuple[str, ...],
     exclusion_group: tuple[str, ...],
 ) -> None:
-    """Score finished runs (a .run.json or a results folder) against expert annotations.
+    """Score finished runs (a .run.json, or a results folder searched recursively) against expert
+    annotations.
 
-    Dice (the ACDC@LUNGHP metric), precision, recall, specificity, accuracy, F1 on the heatmap grid,
-    AUC over tiles, slide-label accuracy; mean and sd across slides.
+    Area-exact Dice (the ACDC@LUNGHP metric), precision and recall of the predicted cells against the
+    annotated polygons; the cell Dice beside it; tile AUC; slide-label accuracy. Means over slides with
+    tumour; benign slides reported by their false-positive area.
     """  # fmt: skip
 
     def body() -> int:
         from wsi_pipeline.batch import rows_to_csv
         from wsi_pipeline.evaluation.annotations import DEFAULT_EXCLUSION_GROUPS, GroupMapping
-        from wsi_pipeline.evaluation.evaluate import evaluate_runs
+        from wsi_pipeline.evaluation.evaluate import CSV_COLUMNS, csv_rows, evaluate_runs, format_summary
         from wsi_pipeline.provenance import atomic_write_bytes, atomic_write_json
 
         mapping = GroupMapping(
@@ -643,27 +646,13 @@ def evaluate(
         res = evaluate_runs(results, annotations, threshold=threshold, truth_min_fraction=truth_fraction,
                             mapping=mapping)  # fmt: skip
         atomic_write_json(out, res)
-        cols = ["slide", "dice", "precision", "recall", "specificity", "accuracy", "f1", "auc",
-                "slide_truth_positive", "slide_predicted_positive", "slide_label_correct"]  # fmt: skip
         csv_path = out.with_suffix(".csv")
-        atomic_write_bytes(csv_path, rows_to_csv(res["slides"], cols))
-        s = res["summary"]
-
-        def fmt(k: str) -> str:
-            v = s[k]
-            return (
-                "n/a"
-                if v["mean"] is None
-                else f"{v['mean']:.3f}" + (f" +/- {v['sd']:.3f}" if v["sd"] else "")
-            )
-
-        click.echo(
-            f"{s['n_slides']} slides scored: Dice {fmt('dice')}, precision {fmt('precision')}, recall "
-            f"{fmt('recall')}, specificity {fmt('specificity')}, tile AUC {fmt('auc')}, slide labels "
-            f"{s['slide_label_accuracy']} correct -> {out}, {csv_path}"
-        )
+        atomic_write_bytes(csv_path, rows_to_csv(csv_rows(res["slides"]), CSV_COLUMNS))
+        click.echo(f"{format_summary(res['summary'])} -> {out}, {csv_path}")
         for sl in res["unannotated"]:
             click.echo(f"  no annotation file for {sl} (not scored)", err=True)
+        for ig in res["ignored"]:
+            click.echo(f"  {ig['reason']} (ignored)", err=True)
         for row in res["slides"]:
             for w in row.get("warnings", []):
                 click.echo(f"warning: {Path(row['slide']).name}: {w}", err=True)

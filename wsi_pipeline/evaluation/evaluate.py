@@ -1,16 +1,24 @@
 """Score predictions against expert annotations: Dice (the ACDC@LUNGHP metric) and friends.
 
-Two levels, both on the run's tile grid (level-0 pixel coordinates):
+The prediction of a run is the union of its heatmap cells called tumour (P >= ``threshold``), each
+cell the stride square centred on its tile (level-0 px: cell (r, c) covers x in
+[origin + c * cell, origin + (c + 1) * cell), from the manifest's ``heatmap`` record; see
+``TileGrid.cell_origin_l0``); unscored area is predicted non-tumour. Three levels:
 
-* pixel level at the heatmap's resolution (one pixel per grid cell): the annotation is rasterized onto
-  the heatmap grid (exact area fraction of every cell), a cell is tumour in truth when at least half of
-  it is, and predicted tumour when its probability reaches ``threshold``. Dice, precision, recall
-  (sensitivity), specificity, accuracy and F1 are computed over every cell of the slide;
-* tile level over the scored tiles: truth = tile at least half covered by tumour, AUC threshold-free.
+* **area-exact** (the headline ``dice``, ``precision``, ``recall``): true positive, false positive
+  and false negative are areas of the annotation polygons against the predicted cells, computed
+  exactly with shapely; the truth is not rounded to cells;
+* **cell** (``cell_dice`` and the ``cell`` record): the annotation rasterized onto the heatmap grid
+  (exact area fraction of every cell), a cell tumour in truth when at least ``truth_min_fraction`` of
+  it is; Dice, precision, recall, specificity, accuracy and F1 over every cell of the canvas. It
+  rounds the truth to cells, so it flatters a prediction made of cells: kept as a second figure;
+* **tile** over the scored tiles: truth = tile at least ``truth_min_fraction`` covered, AUC.
 
-The metrics themselves are :mod:`wsi_pipeline.evaluation.metrics`; a ratio with nothing to divide by
-(Dice, precision, recall of a slide with no tumour in truth and none predicted) is undefined: ``null``
-in the results and left out of the means across slides, whose ``n`` says how many slides they cover.
+A slide with no tumour in truth (none annotated, or only outside the slide) is *benign*: it is
+reported by its false-positive area and slide label, and left out of the means of Dice, precision
+and recall across slides (:func:`summarize`). The metrics are :mod:`wsi_pipeline.evaluation.metrics`;
+a ratio with nothing to divide by is undefined: ``null`` in the results and left out of the means,
+whose ``n`` says how many slides they cover.
 
 Pure functions over arrays, plus readers for run manifests and tile tables at the edges.
 """
@@ -22,6 +30,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +38,7 @@ import numpy as np
 
 from wsi_pipeline.errors import AnnotationError, WsiError
 from wsi_pipeline.evaluation.annotations import Annotations, GroupMapping, read_annotations
-from wsi_pipeline.evaluation.metrics import binary_metrics, is_undefined, roc_auc
+from wsi_pipeline.evaluation.metrics import binary_metrics, is_undefined, overlap_ratios, roc_auc
 from wsi_pipeline.provenance import strict_json
 
 ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
@@ -79,10 +88,30 @@ def evaluate_grid(
     threshold: float = 0.5,
     truth_min_fraction: float = 0.5,
 ) -> dict[str, Any]:
-    """Pixel-level metrics on the heatmap grid. Unscored cells (NaN) are predicted non-tumour."""
+    """Cell-level metrics on the heatmap grid. Unscored cells (NaN) are predicted non-tumour."""
     pred = np.nan_to_num(prob_canvas, nan=0.0) >= threshold
     truth = truth_fraction >= truth_min_fraction
     return binary_metrics(pred, truth)
+
+
+def area_overlap(
+    pred: np.ndarray, truth_fraction: np.ndarray, truth_area: float, cell_l0_px: float
+) -> dict[str, float]:
+    """Exact areas (level-0 px^2) of the predicted cells against the annotated tumour.
+
+    ``pred``: (rows, cols) bool, the cells called tumour; ``truth_fraction``: the exact fraction of
+    each cell covered by the tumour (:func:`rasterize_fraction`); ``truth_area``: the tumour's whole
+    area (level-0 px^2, also what lies in no cell). The cells are disjoint squares of ``cell_l0_px``,
+    so the tumour inside the predicted union is the sum of their covered areas. Returns ``truth``,
+    ``predicted``, ``tp``, ``fp``, ``fn``.
+    """
+    cell_area = float(cell_l0_px) ** 2
+    p = np.asarray(pred, bool)
+    tp = float(np.asarray(truth_fraction, np.float64)[p].sum()) * cell_area
+    predicted = float(np.count_nonzero(p)) * cell_area
+    tp = min(tp, predicted, float(truth_area))  # float sums may overshoot by ulps
+    return {"truth": float(truth_area), "predicted": predicted, "tp": tp,
+            "fp": max(predicted - tp, 0.0), "fn": max(float(truth_area) - tp, 0.0)}  # fmt: skip
 
 
 def _read_tiles(csv_path: Path) -> dict[str, np.ndarray]:
@@ -96,15 +125,27 @@ def _read_tiles(csv_path: Path) -> dict[str, np.ndarray]:
     return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in rows[0]}
 
 
+class NotARunManifest(WsiError, ValueError):
+    """A ``*.run.json`` file that this package did not write (no ``slide`` and ``status``)."""
+
+
 def load_run(manifest_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A finished run's manifest. Raises :class:`NotARunManifest` for a JSON file this package did not
+    write, :class:`WsiError` for an unreadable or unfinished one."""
     p = Path(manifest_path)
     try:
         m = json.loads(p.read_text())
     except (OSError, ValueError) as exc:
         raise WsiError(f"{p}: not a readable run manifest ({exc}); re-run the slide") from exc
+    if not isinstance(m, dict) or "slide" not in m or "status" not in m:
+        raise NotARunManifest(f"{p}: not a wsi-pipeline run manifest (it has no slide and status)")
     if m.get("status") != "complete":
         raise WsiError(f"{p}: the run did not finish; re-run the slide")
     return dict(m)
+
+
+def _mm2(area_l0_px2: float, mpp: tuple[float, float] | None) -> float | None:
+    return round(area_l0_px2 * mpp[0] * mpp[1] / 1e6, 6) if mpp else None
 
 
 def evaluate_slide(
@@ -115,7 +156,12 @@ def evaluate_slide(
     truth_min_fraction: float = 0.5,
     mapping: GroupMapping | None = None,
 ) -> dict[str, Any]:
-    """Metrics of one finished run against its annotation file (None = annotated as no tumour)."""
+    """Metrics of one finished run against its annotation file (None = annotated as no tumour).
+
+    ``dice``, ``precision``, ``recall``: area-exact (see the module docstring); ``cell_dice`` and
+    ``cell``: on the heatmap grid with the truth rounded to cells; ``tile``/``auc``: over the scored
+    tiles; areas in ``area_l0_px2`` and ``area_mm2``; ``truth`` is "tumour" or "benign".
+    """
     m = load_run(manifest_path)
     pos = m["model"]["positive_class"]
     # Outputs lie beside the manifest that names them: resolve there, not where the run was made, so a
@@ -129,8 +175,8 @@ def evaluate_slide(
     origin = float(m["heatmap"].get("origin_l0", 0.0))  # the cell is centred on its tile (overlap)
     rows, cols = (int(v) for v in m["heatmap"]["shape"])
     annotated = ann.tumour if ann is not None else MultiPolygon()
-    # Truth is what lies on the slide (the heatmap canvas): the same clipped geometry decides the pixel
-    # metrics and the slide-level truth, and what was cut off is reported.
+    # Truth is what lies on the slide (the heatmap canvas): the same clipped geometry decides every
+    # metric and the slide-level truth, and what was cut off is reported.
     on_slide = _box(0, 0, origin + cols * cell, origin + rows * cell)
     tumour = annotated.intersection(on_slide) if not annotated.is_empty else annotated
     outside = float(annotated.area - tumour.area) / annotated.area if annotated.area > 0 else 0.0
@@ -141,7 +187,10 @@ def evaluate_slide(
         cr = np.stack([tiles["col"], tiles["row"]], axis=1).astype(np.int64)
         canvas[cr[:, 1], cr[:, 0]] = p
     truth_frac = rasterize_fraction(tumour, (rows, cols), cell, origin)
-    pixel = evaluate_grid(canvas, truth_frac, threshold=threshold, truth_min_fraction=truth_min_fraction)
+    pred = np.nan_to_num(canvas, nan=0.0) >= threshold
+    area = area_overlap(pred, truth_frac, float(tumour.area), cell)
+    exact = overlap_ratios(area["tp"], area["fp"], area["fn"])
+    cells = evaluate_grid(canvas, truth_frac, threshold=threshold, truth_min_fraction=truth_min_fraction)
     # Tile level: the scored tiles only.
     if len(p):
         w = tiles["width_l0"]
@@ -153,22 +202,32 @@ def evaluate_slide(
         tile, tile_auc, tile_truth = binary_metrics(np.zeros(0), np.zeros(0)), math.nan, np.zeros(0, bool)
     truth_positive = bool(tumour.area > 0)
     predicted_positive = bool(m["label"]["positive"])
-    area_mpp = float(m["resolution"]["mpp_x"]) if m.get("resolution") else None
+    res = m.get("resolution") or {}
+    mpp = (float(res["mpp_x"]), float(res.get("mpp_y") or res["mpp_x"])) if res.get("mpp_x") else None
+    area_mm2 = {k: _mm2(v, mpp) for k, v in area.items()}
     return strict_json({  # undefined metrics (nan) are null, as they are written
         "slide": m["slide"],
         "manifest": str(manifest_path),
         "annotation": str(annotation_path) if annotation_path else None,
+        "annotation_format": ann.format if ann else None,
+        "truth": "tumour" if truth_positive else "benign",
         "threshold": threshold,
         "truth_min_fraction": truth_min_fraction,
-        **{k: pixel[k] for k in ("dice", "precision", "recall", "specificity", "accuracy", "f1")},
-        "pixel_counts": {k: pixel[k] for k in ("tp", "fp", "fn", "tn")},
+        **exact,  # the headline: area-exact dice, precision, recall
+        "cell_dice": cells["dice"],
+        "area_mm2": area_mm2,
+        "area_l0_px2": {k: round(v, 3) for k, v in area.items()},
+        "false_positive_mm2": area_mm2["fp"],
+        "truth_area_mm2": area_mm2["truth"],
+        "cell": {k: cells[k] for k in ("dice", "precision", "recall", "specificity", "accuracy", "f1",
+                                       "tp", "fp", "fn", "tn")},
         "grid": {"rows": rows, "cols": cols, "scored_rows": grid_rows, "scored_cols": grid_cols,
-                 "cell_l0_px": cell},
+                 "cell_l0_px": cell, "origin_l0": origin},
         "tile": {**tile, "auc": tile_auc, "n": len(p), "n_truth_positive": int(tile_truth.sum())},
         "auc": tile_auc,
-        "truth_area_mm2": round(tumour.area * (area_mpp or 0) ** 2 / 1e6, 5) if area_mpp else None,
         "annotation_groups": ann.groups if ann else {},
         "annotation_repaired": ann.repaired if ann else 0,
+        "annotation_negative_regions": ann.negative if ann else 0,
         "annotation_outside_slide_fraction": round(outside, 4),
         "warnings": (
             [f"{round(100 * outside, 1)} % of the annotated tumour lies outside the slide and is not counted"]
@@ -177,36 +236,131 @@ def evaluate_slide(
         ),
         "slide_truth_positive": truth_positive,
         "slide_predicted_positive": predicted_positive,
+        "slide_label": m["label"].get("label"),
         "slide_label_correct": truth_positive == predicted_positive,
     })  # fmt: skip
 
 
-def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and sd across slides of every metric, and slide-level label accuracy.
+def _stat(values: Sequence[Any]) -> dict[str, Any]:
+    vals = np.array([v for v in values if not is_undefined(v)], np.float64)
+    return {
+        "mean": round(float(vals.mean()), 4) if len(vals) else None,
+        "sd": round(float(vals.std(ddof=1)), 4) if len(vals) > 1 else None,
+        "n": len(vals),
+    }
 
-    A metric undefined for a slide (null) is left out of its mean; ``n`` counts the slides averaged.
+
+def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Summary across slides: tumour slides and benign slides apart.
+
+    ``dice``, ``precision``, ``recall`` (area-exact) and ``cell_dice``: mean and sd over the slides
+    with tumour in truth (a record without ``slide_truth_positive`` counts as one); ``auc`` (tile
+    level) over every slide where it is defined; ``slide_label_accuracy`` over every slide;
+    ``benign``: how many benign slides, how many were called tumour, and their false-positive area.
+    A value undefined for a slide (null) is left out of its mean; ``n`` counts the slides averaged.
     """
-    keys = ("dice", "precision", "recall", "specificity", "accuracy", "f1", "auc")
-    out: dict[str, Any] = {"n_slides": len(results)}
-    for k in keys:
-        vals = np.array([r[k] for r in results if not is_undefined(r.get(k))], np.float64)
-        out[k] = {
-            "mean": round(float(vals.mean()), 4) if len(vals) else None,
-            "sd": round(float(vals.std(ddof=1)), 4) if len(vals) > 1 else None,
-            "n": len(vals),
-        }
+    tumour = [r for r in results if r.get("slide_truth_positive", True)]
+    benign = [r for r in results if not r.get("slide_truth_positive", True)]
+    out: dict[str, Any] = {"n_slides": len(results), "n_tumour_slides": len(tumour),
+                           "n_benign_slides": len(benign)}  # fmt: skip
+    for k in ("dice", "precision", "recall", "cell_dice"):
+        out[k] = _stat([r.get(k) for r in tumour])
+    out["auc"] = _stat([r.get("auc") for r in results])
     correct = [bool(r["slide_label_correct"]) for r in results]
     out["slide_label_accuracy"] = round(sum(correct) / len(correct), 4) if correct else None
+    fp = [float(r["false_positive_mm2"]) for r in benign if not is_undefined(r.get("false_positive_mm2"))]
+    out["benign"] = {
+        "n": len(benign),
+        "called_tumour": sum(bool(r.get("slide_predicted_positive")) for r in benign),
+        "with_false_positive_area": sum(v > 0 for v in fp),
+        "false_positive_mm2": {
+            "mean": round(float(np.mean(fp)), 6) if fp else None,
+            "max": round(float(np.max(fp)), 6) if fp else None,
+            "total": round(float(np.sum(fp)), 6) if fp else None,
+            "n": len(fp),
+        },
+    }
     return out
 
 
-def find_runs(results: Path) -> list[Path]:
-    """Run manifests: the file itself, or every ``*.run.json`` in a folder."""
+def format_summary(summary: dict[str, Any]) -> str:
+    """One line for people: the area-exact Dice first, the cell Dice beside it, benign slides apart."""
+
+    def f(v: dict[str, Any]) -> str:
+        if v["mean"] is None:
+            return "n/a"
+        return f"{v['mean']:.3f}" + (f" +/- {v['sd']:.3f}" if v["sd"] else "")
+
+    s, b = summary, summary["benign"]
+    fp = b["false_positive_mm2"]
+    benign = (
+        f"{b['n']} benign: {b['called_tumour']} called tumour, false-positive area mean "
+        f"{fp['mean']:.4f} mm^2 (max {fp['max']:.4f})"
+        if b["n"] and fp["mean"] is not None
+        else f"{b['n']} benign: {b['called_tumour']} called tumour"
+    )
+    return (
+        f"{s['n_slides']} slides scored; {s['n_tumour_slides']} with tumour: Dice {f(s['dice'])} "
+        f"(area-exact; cell Dice {f(s['cell_dice'])}), precision {f(s['precision'])}, recall "
+        f"{f(s['recall'])}, tile AUC {f(s['auc'])}; {benign}; slide labels "
+        f"{s['slide_label_accuracy']} correct"
+    )
+
+
+CSV_COLUMNS = ("slide", "truth", "dice", "precision", "recall", "cell_dice", "truth_mm2", "predicted_mm2",
+               "false_positive_mm2", "auc", "slide_label", "slide_truth_positive",
+               "slide_predicted_positive", "slide_label_correct", "annotation")  # fmt: skip
+
+
+def csv_rows(slides: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per slide for ``metrics.csv`` (columns :data:`CSV_COLUMNS`)."""
+    return [
+        {**r, "truth_mm2": (r.get("area_mm2") or {}).get("truth"),
+         "predicted_mm2": (r.get("area_mm2") or {}).get("predicted")}
+        for r in slides
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunSearch:
+    """What :func:`find_runs` looked at: the run manifests found and how many folders it searched."""
+
+    root: Path
+    manifests: list[Path]
+    folders: int
+    stores_skipped: int = 0
+
+    def describe(self) -> str:
+        if self.root.is_file():
+            return f"the manifest {self.root}"
+        stores = f", {self.stores_skipped} tile store(s) not entered" if self.stores_skipped else ""
+        return (
+            f"{self.root} and its subfolders for {RUN_PATTERN}: {self.folders} folder(s){stores}, "
+            f"{len(self.manifests)} manifest(s) found"
+        )
+
+
+RUN_PATTERN = "*.run.json"
+
+
+def find_runs(results: Path) -> RunSearch:
+    """Run manifests: the file itself, or every ``*.run.json`` in a folder and its subfolders (hidden
+    folders and Zarr tile stores are not entered; symbolic links to folders are not followed)."""
     if results.is_file():
-        return [results]
-    if results.is_dir():
-        return sorted(results.glob("*.run.json"))
-    raise WsiError(f"{results}: no such run manifest or results folder")
+        return RunSearch(results, [results], 0)
+    if not results.is_dir():
+        raise WsiError(f"{results}: no such run manifest or results folder")
+    found: list[Path] = []
+    folders = stores = 0
+    for here, dirs, files in os.walk(results):
+        if "zarr.json" in files or ".zgroup" in files:  # a tile store: thousands of chunks, no runs
+            dirs[:] = []
+            stores += 1
+            continue
+        folders += 1
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(here) / f for f in files if f.endswith(".run.json") and not f.startswith(".")]
+    return RunSearch(results, sorted(found), folders, stores)
 
 
 def _slide_stem(manifest: dict[str, Any]) -> str:
@@ -231,6 +385,11 @@ def match_annotation(
     return None
 
 
+def _names(items: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 def evaluate_runs(
     results: str | os.PathLike[str],
     annotations: str | os.PathLike[str],
@@ -239,42 +398,76 @@ def evaluate_runs(
     truth_min_fraction: float = 0.5,
     mapping: GroupMapping | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every run in ``results`` against the matching file in ``annotations``.
+    """Evaluate every run found in ``results`` (searched recursively) against the matching file in
+    ``annotations``.
 
     Runs without an annotation file are listed under ``unannotated`` (not scored, not dropped
-    silently); unreadable annotation files under ``errors``.
+    silently); unreadable annotation files and unfinished or unreadable manifests under ``errors``;
+    ``*.run.json`` files this package did not write under ``ignored``. Raises :class:`WsiError` when
+    no finished run is found and :class:`AnnotationError` when no run has an annotation file, each
+    saying what was searched.
     """
     ann_p = Path(annotations)
     if not ann_p.exists():
         raise AnnotationError(f"{ann_p}: no such annotation file or folder")
-    per: list[dict[str, Any]] = []
-    unannotated: list[str] = []
-    errors: list[dict[str, str]] = []
-    runs = find_runs(Path(results))
+    res_p = Path(results)
+    search = find_runs(res_p)
+    if not search.manifests:
+        raise WsiError(
+            f"{res_p}: no run manifests found (searched {search.describe()}); point it at a results "
+            f"folder or a NAME.run.json written by wsi-infer"
+        )
+    runs: list[tuple[Path, dict[str, Any]]] = []
+    errors: list[dict[str, Any]] = []
+    ignored: list[dict[str, str]] = []
+    for run in search.manifests:
+        try:
+            runs.append((run, load_run(run)))
+        except NotARunManifest as exc:
+            if res_p.is_file():
+                raise
+            ignored.append({"manifest": str(run), "reason": str(exc)})
+        except WsiError as exc:
+            if res_p.is_file():
+                raise
+            errors.append({"slide": None, "manifest": str(run), "error": str(exc)})
     if not runs:
         raise WsiError(
-            f"{results}: no run manifests (*.run.json) found; point it at a results folder or manifest"
+            f"{res_p}: no finished run manifests (searched {search.describe()}: {len(errors)} unfinished or "
+            f"unreadable, {len(ignored)} not written by wsi-infer); re-run the slides"
         )
-    explicit_pair = Path(results).is_file() and ann_p.is_file()
-    for run in runs:
-        m = load_run(run)
+    explicit_pair = res_p.is_file() and ann_p.is_file()
+    per: list[dict[str, Any]] = []
+    unannotated: list[str] = []
+    matched = 0
+    for run, m in runs:
         a = match_annotation(m, ann_p, explicit_pair=explicit_pair)
         if a is None:
             unannotated.append(m["slide"])
             continue
+        matched += 1
         try:
             per.append(evaluate_slide(run, a, threshold=threshold, truth_min_fraction=truth_min_fraction,
                                       mapping=mapping))  # fmt: skip
         except AnnotationError as exc:
-            errors.append({"slide": m["slide"], "error": str(exc)})
-    if not per and not errors:
-        where = (
-            f"the file {ann_p.name} matches none of them by name"
-            if ann_p.is_file()
-            else f"no <slide stem>{'/'.join(ANNOTATION_SUFFIXES)} file for any of them in {ann_p}"
-        )
+            errors.append({"slide": m["slide"], "manifest": str(run), "error": str(exc)})
+    if not matched:
+        if ann_p.is_file():
+            where = f"the file {ann_p.name} matches none of them by name"
+        else:
+            files = sorted(f.name for f in ann_p.iterdir() if f.suffix.lower() in ANNOTATION_SUFFIXES)
+            listed = f": {_names(files)}" if files else ""
+            where = (
+                f"no annotation named <slide stem>{'|'.join(ANNOTATION_SUFFIXES)} for any of them in "
+                f"{ann_p}, which holds {len(files)} annotation file(s){listed}"
+            )
         raise AnnotationError(
-            f"{ann_p}: no annotation for the {len(runs)} run(s) in {results} ({where}; slides: "
-            f"{', '.join(sorted(Path(s).name for s in unannotated)[:5])}); name each file after its slide"
+            f"{ann_p}: no annotation for any of the {len(runs)} finished run(s) (searched "
+            f"{search.describe()}; {where}; slides: {_names(sorted(Path(s).name for s in unannotated))}); "
+            f"name each file after its slide"
         )
-    return {"summary": summarize(per), "slides": per, "unannotated": unannotated, "errors": errors}
+    return {"summary": summarize(per), "slides": per, "unannotated": unannotated, "errors": errors,
+            "ignored": ignored,
+            "searched": {"results": str(res_p), "pattern": RUN_PATTERN, "recursive": True,
+                         "folders": search.folders, "manifests": len(search.manifests),
+                         "annotations": str(ann_p)}}  # fmt: skip

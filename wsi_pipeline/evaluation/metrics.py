@@ -1,8 +1,8 @@
 """Binary metrics, in one place: confusion counts, the ratios built on them, and the ROC AUC.
 
-Used for pixels of a heatmap against an annotation (``wsi_pipeline.evaluation.evaluate``) and for
-tiles of a classifier against their labels (``models/``: training, export, ``models.evaluate``).
-numpy only (no scikit-learn).
+Used for a heatmap against an annotation (``wsi_pipeline.evaluation.evaluate``: areas with
+:func:`overlap_ratios`, cells with :func:`binary_metrics`) and for tiles of a classifier against their
+labels (``models/``: training, export, ``models.evaluate``). numpy only (no scikit-learn).
 
 Undefined values, one rule everywhere: a ratio whose denominator is zero (precision when nothing is
 called positive, recall when nothing is positive in truth, Dice/F1 when both are empty, any ratio of
@@ -70,6 +70,20 @@ def ratios(c: Confusion) -> dict[str, float]:
         "accuracy": ratio(c.tp + c.tn, c.n),
         "f1": ratio(2 * c.tp, 2 * c.tp + c.fp + c.fn),
         "balanced_accuracy": (recall + specificity) / 2.0,  # nan when either is
+    }
+
+
+def overlap_ratios(tp: float, fp: float, fn: float) -> dict[str, float]:
+    """Dice, precision and recall of an overlap given as counts or areas (true positive, false
+    positive, false negative): ``2 tp / (2 tp + fp + fn)``, ``tp / (tp + fp)``, ``tp / (tp + fn)``.
+
+    Each is ``nan`` when undefined (see the module docstring): Dice when there is nothing in truth nor
+    in the prediction, precision when nothing is predicted, recall when nothing is in truth.
+    """
+    return {
+        "dice": ratio(2 * tp, 2 * tp + fp + fn),
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
     }
 
 
