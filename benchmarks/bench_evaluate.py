@@ -1,14 +1,17 @@
 """Whole-slide accuracy of the shipped model on benchmark slides with exact ground truth.
 
 Composes ``--slides`` pyramidal slides (default 4, 8192 x 8192 px at 0.5 um/px) from real LC25000
-lung tiles laid out inside random polygons (``wsi_pipeline.benchslides``), using only the groups of
+lung tiles laid out inside random polygons (``testkit.benchslides``), using only the groups of
 the classifier's held-out TEST split (rebuilt from the model card's split seed with
 ``models/split.py``), so no source picture seen in training or early stopping appears. Slide 0 has
 no tumour, slide 1 an exclusion (``_2``) inside a tumour. Each slide is scored end to end with
 ``run_slide`` (default options, the shipped model unless ``--model``), then evaluated against its
-ASAP XML with ``wsi_pipeline.evaluate.evaluate_slide``: Dice etc. on the heatmap grid, tile-level
-AUC, slide label. Prints one row per slide, the mean/sd across slides, a pooled tile AUC (all
-slides' tiles together: the benign slide has no tile AUC of its own) and the time of each stage.
+ASAP XML with ``wsi_pipeline.evaluation.evaluate.evaluate_slide``: the area-exact Dice (predicted
+cells against the annotated polygons, the headline), the cell Dice beside it (truth rounded to heatmap
+cells), precision, recall, tile-level AUC, slide label; a benign slide by its false-positive area.
+Prints one row per slide, the mean/sd over the slides with tumour, the benign slides apart, a pooled
+tile AUC (all slides' tiles together: the benign slide has no tile AUC of its own) and the time of
+each stage.
 
 Caveat when reading the figures: the texture is a patchwork of LC25000 photographs (microscope
 camera, clean centred fields), not scanner tiles; every pipeline tile straddles up to 4 source
@@ -141,7 +144,10 @@ def main() -> None:
             "tiles": int(manifest["n_tiles"]),
             "truth_tiles": int(res["tile"]["n_truth_positive"]),
             "pred_tiles": int(res["tile"]["tp"] + res["tile"]["fp"]),
-            **{k: res[k] for k in ("dice", "precision", "recall", "specificity", "accuracy")},
+            **{k: res[k] for k in ("dice", "cell_dice", "precision", "recall")},
+            "cell_specificity": res["cell"]["specificity"],
+            "truth": res["truth"],
+            "false_positive_mm2": res["false_positive_mm2"],
             "tile_auc": res["auc"],
             "tile_dice": res["tile"]["dice"],
             "label_truth": res["slide_truth_positive"],
@@ -156,8 +162,9 @@ def main() -> None:
         print(
             f"  {row['slide']}: {row['tumour_regions']} tumour ({row['tumour_mm2']} mm^2), "
             f"{row['exclusions']} excl; {row['tiles']} tiles, truth {row['truth_tiles']} pred "
-            f"{row['pred_tiles']}; Dice {fmt(row['dice'])} prec {fmt(row['precision'])} rec "
-            f"{fmt(row['recall'])} spec {fmt(row['specificity'])} tileAUC {fmt(row['tile_auc'])}; "
+            f"{row['pred_tiles']}; Dice {fmt(row['dice'])} (cell {fmt(row['cell_dice'])}) prec "
+            f"{fmt(row['precision'])} rec {fmt(row['recall'])} FP {fmt(row['false_positive_mm2'], 4)} mm^2 "
+            f"cell spec {fmt(row['cell_specificity'])} tileAUC {fmt(row['tile_auc'])}; "
             f"label {row['label_pred']} (truth {row['label_truth']}); write {row['write_s']} s, "
             f"run {row['run_s']} s, eval {row['eval_s']} s",
             flush=True,
@@ -174,19 +181,18 @@ def main() -> None:
         "summary": summary,
         "pooled_tile_auc": None if is_undefined(pooled_auc) else round(pooled_auc, 4),
         "pooled_tiles": len(p_all),
-        # A benign slide has a Dice only when something was called tumour (then 0): also without them.
-        "dice_tumour_slides": summarize([r for r in results if r["slide_truth_positive"]])["dice"],
         "per_slide": rows,
         "seconds_total": round(time.perf_counter() - t_all, 1),
         "cpus": os.cpu_count(),
     }  # fmt: skip
-    d, a, dt = summary["dice"], summary["auc"], out["dice_tumour_slides"]
+    d, c, a, b = summary["dice"], summary["cell_dice"], summary["auc"], summary["benign"]
     print(
-        f"mean Dice {fmt(d['mean'], 4)} (sd {fmt(d['sd'], 4)}, n {d['n']}; slides with tumour only "
-        f"{fmt(dt['mean'], 4)}, n {dt['n']}); tile AUC mean "
-        f"{fmt(a['mean'], 4)} (sd {fmt(a['sd'], 4)}, n {a['n']}), pooled {fmt(out['pooled_tile_auc'], 4)} "
-        f"over {out['pooled_tiles']} tiles; slide labels {summary['slide_label_accuracy']}; "
-        f"total {out['seconds_total']} s"
+        f"mean Dice (area-exact) {fmt(d['mean'], 4)} (sd {fmt(d['sd'], 4)}, n {d['n']} slides with tumour); "
+        f"cell Dice {fmt(c['mean'], 4)} (sd {fmt(c['sd'], 4)}); benign slides {b['n']}: "
+        f"{b['called_tumour']} called tumour, FP area max {fmt(b['false_positive_mm2']['max'], 4)} mm^2; "
+        f"tile AUC mean {fmt(a['mean'], 4)} (sd {fmt(a['sd'], 4)}, n {a['n']}), pooled "
+        f"{fmt(out['pooled_tile_auc'], 4)} over {out['pooled_tiles']} tiles; slide labels "
+        f"{summary['slide_label_accuracy']}; total {out['seconds_total']} s"
     )
     (args.work / "bench_evaluate.json").write_text(json.dumps(out, indent=2))
     if args.json:
