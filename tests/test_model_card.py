@@ -87,7 +87,7 @@ def _shipped() -> dict[str, Any]:
         (lambda c: c["preprocessing"].update(in_graph="yes"), ["preprocessing.in_graph", "boolean"]),
         (lambda c: c["threshold"].update(value=1.5), ["threshold.value", "< 1"]),
         (lambda c: c["input"].update(layout="HWC"), ["input.layout", '"NHWC"']),
-        (lambda c: c["output"].update(kind="logits"), ["output.kind", '"probabilities"']),
+        (lambda c: c["output"].update(kind="scores"), ["output.kind", '"probabilities", "logits"']),
         (lambda c: c.update(sha256="not-a-checksum"), ["sha256", "64 lower-case hex"]),
         (lambda c: c["metrics"]["test"].update(auc="high"), ["metrics.test.auc", "number or null"]),
         (lambda c: c["ood"].update(d_ref=0), ["ood.d_ref", "> 0"]),

@@ -28,6 +28,8 @@ from wsi_pipeline.provenance import atomic_write_bytes, file_sha256
 
 DEFAULT_MODEL_NAME = "tumour-cnn"
 SCHEMA_FILE = "model_card.schema.json"
+#: what a model's class output may hold (``output.kind``); a card without it means probabilities
+OUTPUT_KINDS = ("probabilities", "logits")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class ModelCard:
     ood_warn_above: float = 1.0  # slide OOD score above which the slide gets a warning
     threshold: float = 0.5  # P(positive) threshold chosen on validation data
     stain_normalization: str = "none"  # "macenko": the model expects slide-level Macenko-normalized tiles
+    # what output_name holds: "probabilities" (read as they are, checked) or "logits" (softmax applied)
+    output_kind: str = "probabilities"
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the whole card JSON
 
     @property
@@ -64,7 +68,8 @@ class ModelCard:
 
 def _bad(path: Path, what: str) -> ModelError:
     return ModelError(
-        f"{path}: {what}; use a card written by `python -m models.export` (see models/MODEL_CARD.md)"
+        f"{path}: {what}; use a card written by `python -m models.export` or `wsi-infer import-model`, "
+        f"or check a hand-written one against `wsi-infer model-schema`"
     )
 
 
@@ -176,6 +181,7 @@ def card_from_dict(raw: Any, path: str | os.PathLike[str]) -> ModelCard:
             ood_warn_above=float(ood.get("warn_above", 1.0)),
             threshold=float(thr.get("value", 0.5)),
             stain_normalization=str(pre.get("stain_normalization", "none")),
+            output_kind=str(out.get("kind", "probabilities")),
             raw=raw,
         )
     except (KeyError, TypeError, ValueError) as exc:  # the schema should have caught it
@@ -197,6 +203,8 @@ def card_from_dict(raw: Any, path: str | os.PathLike[str]) -> ModelCard:
             raise _bad(p, f"input.shape {shape} contradicts size_px {s_px} and layout {card.input_layout}")
     if card.ood_output and not card.ood_d_ref > 0:
         raise _bad(p, f"ood.d_ref must be > 0 when ood.output is given, got {card.ood_d_ref}")
+    if card.output_kind not in OUTPUT_KINDS:
+        raise _bad(p, f"output.kind must be one of {', '.join(OUTPUT_KINDS)}, not {card.output_kind!r}")
     if card.stain_normalization not in ("none", "macenko"):
         raise _bad(
             p, f"preprocessing.stain_normalization must be none or macenko, not {card.stain_normalization!r}"

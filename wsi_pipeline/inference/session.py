@@ -118,7 +118,10 @@ def predict(session: Any, card: ModelCard, tiles: np.ndarray, *, batch_size: int
 def predict_with_ood(
     session: Any, card: ModelCard, tiles: np.ndarray, *, batch_size: int = 64
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Probabilities (N, n_classes) and, when the card names one, the per-tile OOD distance (N,)."""
+    """Probabilities (N, n_classes) and, when the card names one, the per-tile OOD distance (N,).
+
+    The class output is read as the card's ``output.kind`` says (:func:`to_probabilities`).
+    """
     if tiles.shape[1:] != (card.input_size_px, card.input_size_px, 3):
         raise ModelError(
             f"{card.onnx_path}: tiles of shape {tiles.shape[1:]} given, the model takes "
@@ -130,7 +133,50 @@ def predict_with_ood(
     for i in range(0, len(tiles), batch_size):
         x = prepare_batch(tiles[i : i + batch_size], card)
         res = session.run(names, {card.input_name: x})
-        out[i : i + len(x)] = res[0]
+        out[i : i + len(x)] = to_probabilities(res[0], card)
         if ood is not None:
             ood[i : i + len(x)] = np.asarray(res[1], np.float32).reshape(-1)
     return out, ood
+
+
+#: an output declared as probabilities may leave [0, 1] by this much (float rounding), no more
+PROB_RANGE_TOL = 1e-5
+#: ... and each tile's probabilities must sum to 1 within this
+PROB_SUM_TOL = 1e-3
+
+
+def to_probabilities(raw: np.ndarray, card: ModelCard) -> np.ndarray:
+    """A batch of the class output (n, n_classes) as probabilities, per the card's ``output.kind``.
+
+    ``logits``: a numerically stable softmax over the classes. ``probabilities``: checked, not changed
+    (beyond clipping float rounding into [0, 1]); values outside [0, 1], rows that do not sum to 1 or
+    non-finite values raise :class:`ModelError` naming the model, in the worker that ran the batch.
+    """
+    x = np.asarray(raw, np.float32)
+    if x.ndim != 2 or x.shape[1] != len(card.classes):
+        raise ModelError(
+            f"{card.onnx_path}: output {card.output_name!r} has shape {list(x.shape)}, the card lists "
+            f"{len(card.classes)} classes; it must be [N, {len(card.classes)}]"
+        )
+    if not np.isfinite(x).all():
+        raise ModelError(f"{card.onnx_path}: output {card.output_name!r} holds NaN or infinite values")
+    if card.output_kind == "logits":
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+        return out
+    low, high = (float(x.min()), float(x.max())) if x.size else (0.0, 1.0)
+    sums = x.sum(axis=1)
+    worst = float(np.abs(sums - 1.0).max(initial=0.0))
+    if low < -PROB_RANGE_TOL or high > 1.0 + PROB_RANGE_TOL or worst > PROB_SUM_TOL:
+        what = (
+            f"values from {low:.4g} to {high:.4g}"
+            if low < -PROB_RANGE_TOL or high > 1.0 + PROB_RANGE_TOL
+            else f"rows summing to {float(sums[np.argmax(np.abs(sums - 1.0))]):.4g}"
+        )
+        raise ModelError(
+            f"{card.onnx_path}: model {card.name!r} gives {what} in output {card.output_name!r}, which its "
+            f"card ({card.path.name}) declares as probabilities (in [0, 1], summing to 1 per tile); if "
+            f'the output is logits, set "output": {{"kind": "logits"}} in the card (a softmax is then '
+            f"applied), else fix the model"
+        )
+    return np.clip(x, 0.0, 1.0, out=x)
