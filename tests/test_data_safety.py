@@ -113,7 +113,7 @@ def test_slides_sharing_a_stem_get_their_own_outputs(
     code, text = _invoke(str(src), "--out", str(out), "--model", str(test_model))
     assert code == 0, text
     manifests = {p.name: json.loads(p.read_text()) for p in out.glob("*.run.json")}
-    assert set(manifests) == {"case1.svs.heatmap.run.json", "case1.tif.heatmap.run.json"}
+    assert set(manifests) == {"case1.svs.run.json", "case1.tif.run.json"}
     assert {Path(m["slide"]).name for m in manifests.values()} == {"case1.svs", "case1.tif"}
     code, text = _invoke(str(src), "--out", str(out), "--model", str(test_model))  # resume: both skipped
     assert code == 0 and text.count("already done") == 2, text
@@ -130,7 +130,7 @@ def test_csv_slides_with_one_name_in_two_folders_get_their_own_outputs(
     code, text = _invoke(str(csv_path), "--out", str(out), "--model", str(test_model))
     assert code == 0, text
     names = sorted(p.name for p in out.glob("*.run.json"))
-    assert names == ["sub1__s.svs.heatmap.run.json", "sub2__s.svs.heatmap.run.json"]
+    assert names == ["sub1__s.svs.run.json", "sub2__s.svs.run.json"]
     slides = {json.loads((out / n).read_text())["slide"] for n in names}
     assert slides == {str(tmp_path / "sub1" / "s.svs"), str(other)}
 

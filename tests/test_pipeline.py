@@ -89,22 +89,39 @@ def test_manifest_records_provenance(scored: dict, test_model: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
-def test_heatmap_tiff_overlays_the_slide(scored: dict, tumour_slide: Fixture, backend: str) -> None:
-    heat = open_slide(scored["paths"]["heatmap"], backend)
-    slide = open_slide(tumour_slide.path, backend)
+def test_probability_tiff_overlays_the_slide_and_holds_p(
+    scored: dict, tumour_slide: Fixture, backend: str
+) -> None:
+    """Issue 14: NAME.tif is the probability map. OpenSlide (as grey) and tiffslide open it; scaled by
+    its downsample from its origin it spans the slide, ending with the last cell that overlaps it;
+    level 0 gives back every tile's round(255 x P) from the tile table (within 1), 0 where not scored."""
+    import openslide
+    import tiffslide
+
+    path = scored["paths"]["heatmap"]
+    heat = openslide.OpenSlide(str(path)) if backend == "openslide" else tiffslide.TiffSlide(path)
     desc = json.loads(heat.properties["tiff.ImageDescription"])
-    ds = desc["downsample"]
+    ds, (ox, oy) = desc["downsample"], desc["origin_l0"]
+    sw, sh = open_slide(tumour_slide.path, backend).dimensions
     w, h = heat.dimensions
-    # Scaled by its downsample, the heatmap spans the slide (to within one cell).
-    assert abs(w * ds - slide.dimensions[0]) < ds and abs(h * ds - slide.dimensions[1]) < ds
-    mpp_x, _ = heat.metadata_mpp()
-    assert mpp_x == pytest.approx(ds * 0.5, rel=1e-6) and desc["mpp"] == pytest.approx(ds * 0.5)
-    assert heat.level_count >= 1
-    # The tumour centre (slide level-0 px / downsample = heatmap px) is red, glass is white.
+    assert ox + (w - 1) * ds < sw <= ox + w * ds and oy + (h - 1) * ds < sh <= oy + h * ds
+    assert desc["slide_size_l0"] == [sw, sh] and desc["kind"] == "probability"
+    mpp = float(heat.properties[f"{backend}.mpp-x"])
+    assert mpp == pytest.approx(ds * 0.5, rel=1e-6) and desc["mpp"] == pytest.approx(ds * 0.5)
+    level0 = np.asarray(heat.read_region((0, 0), 0, (w, h)))
+    grey = level0[..., 0] if level0.ndim == 3 else level0  # OpenSlide: RGBA with R = G = B
+    if level0.ndim == 3 and level0.shape[-1] >= 3:
+        assert (level0[..., 0] == level0[..., 1]).all() and (level0[..., 1] == level0[..., 2]).all()
+    rows = _tiles(scored["paths"]["tiles_csv"])
+    scored_cells = np.zeros((h, w), bool)
+    for r in rows:
+        col, row, p = int(r["col"]), int(r["row"]), float(r["p_tumour"])
+        assert abs(int(grey[row, col]) - 255 * p) <= 1, r
+        scored_cells[row, col] = True
+    assert (grey[~scored_cells] == 0).all()
+    # The tumour centre (slide level-0 px - origin, / downsample = heatmap px) is near 255.
     e = tumour_slide.spec.tumour[0]
-    px = heat.read_region((int(e.cx / ds), int(e.cy / ds)), 0, (1, 1))[0, 0]
-    assert px[0] > 150 and px[2] < 80
-    assert (heat.read_region((0, 0), 0, (1, 1))[0, 0] == 255).all()
+    assert grey[int((e.cy - oy) / ds), int((e.cx - ox) / ds)] > 240
 
 
 def test_geojson_is_qupath_shaped_and_regions_match(scored: dict, tumour_slide: Fixture) -> None:
@@ -123,13 +140,27 @@ def test_geojson_is_qupath_shaped_and_regions_match(scored: dict, tumour_slide: 
     truth = Polygon(tumour_slide.spec.tumour[0].polygon(128))
     iou = region.intersection(truth).area / region.union(truth).area
     assert iou > 0.6
+    # Issue 14: compact, and each region measured (area from level-0 px at the slide's um/px).
+    text = scored["paths"]["geojson"].read_text()
+    assert "\n " not in text and ": " not in text
+    meas = [a["properties"]["measurements"] for a in ann]
+    mpp = tumour_slide.spec.mpp
+    assert sum(m["Area um^2"] for m in meas) == pytest.approx(region.area * mpp**2, rel=1e-4)
+    assert all(m["Area mm^2"] == pytest.approx(m["Area um^2"] / 1e6, abs=1e-6) for m in meas)
+    positive = [f for f in det if f["properties"]["classification"]["name"] == "tumour"]
+    assert sum(m["Tiles"] for m in meas) == len(positive)
+    top = max(f["properties"]["measurements"]["P(tumour)"] for f in positive)
+    assert max(m["Max P(tumour)"] for m in meas) == pytest.approx(top, abs=1e-5)
+    assert all(0.5 <= m["Mean P(tumour)"] <= m["Max P(tumour)"] for m in meas)
 
 
 def test_overlay_png(scored: dict) -> None:
     from PIL import Image
 
     img = Image.open(scored["paths"]["overlay"])
-    assert img.mode == "RGB" and min(img.size) > 50
+    ov = scored["manifest"]["heatmap"]["overlay"]
+    assert img.mode == "RGB" and max(ov["slide_px"]) == 1000 and ov["background"] == "slide"
+    assert list(img.size) == ov["size_px"] and img.size[0] > ov["slide_px"][0]  # legend panel beside
 
 
 def test_benign_slide_is_negative(benign_slide: Fixture, test_model: Path, tmp_path: Path) -> None:
@@ -405,7 +436,7 @@ def test_cli_folder_with_corrupt_slide(
     # --stop-on-error stops at the bad slide (sorted order: benign, notes, tumour).
     shutil.rmtree(out)
     r = CliRunner().invoke(main, [*args, "--stop-on-error"])
-    assert r.exit_code == 1 and not (out / "tumour.heatmap.run.json").exists()
+    assert r.exit_code == 1 and not (out / "tumour.run.json").exists()
 
 
 def test_cli_manifest_csv_with_per_slide_mpp(nompp_slide: Fixture, test_model: Path, tmp_path: Path) -> None:
@@ -414,7 +445,7 @@ def test_cli_manifest_csv_with_per_slide_mpp(nompp_slide: Fixture, test_model: P
     out = tmp_path / "res"
     r = CliRunner().invoke(main, [str(man), "--out", str(out), "--model", str(test_model), "-q"])
     assert r.exit_code == 0, r.stderr
-    m = json.loads((out / "nompp.heatmap.run.json").read_text())
+    m = json.loads((out / "nompp.run.json").read_text())
     assert m["resolution"]["mpp_source"] == "override" and m["resolution"]["mpp_x"] == 0.5
 
 

@@ -126,8 +126,11 @@ def complete_outputs(heatmap: Path) -> None:
     manifest = json.loads(paths["manifest"].read_text())
     assert manifest["status"] == "complete"
     with tifffile.TiffFile(paths["heatmap"]) as tf:
+        assert tf.pages[0].asarray().ndim == 2  # the probability map: one channel
+    with tifffile.TiffFile(paths["colour"]) as tf:
         assert tf.pages[0].asarray().ndim == 3
     Image.open(paths["overlay"]).load()
+    assert paths["report"].read_text().rstrip().endswith("</html>")
     assert json.loads(paths["geojson"].read_text())["type"] == "FeatureCollection"
     assert len(tiles_rows(paths["tiles_csv"])) == manifest["n_tiles"] + 1
 
@@ -230,20 +233,20 @@ def test_kill_folder_run_mid_write_then_resume(slide_folder: Path, model: Path, 
     out = tmp_path / "out"
     args = [str(slide_folder), "--out", str(out), "--model", str(model), "-q", "--chunk-tiles", "32"]
     # Sorted order: aperio, benign, tumour. Kill while benign's tile table sits in its temporary file.
-    stalled = "benign.heatmap.tiles.csv"
+    stalled = "benign.tiles.csv"
     run_until_then_kill(
         args, lambda: any(out.glob(f".{stalled}.*.tmp")), {"WSI_TEST_STALL": stalled}
     )  # fmt: skip
     # What the kill left: aperio finished; benign's first outputs under final names, no manifest;
     # the temporary file of the write in progress; no summary.
-    complete_outputs(out / "aperio.heatmap.tif")
-    assert not (out / "benign.heatmap.run.json").exists() and not (out / "benign.heatmap.tiles.csv").exists()
+    complete_outputs(out / "aperio.tif")
+    assert not (out / "benign.run.json").exists() and not (out / "benign.tiles.csv").exists()
     assert not (out / "summary.csv").exists()
     import tifffile  # the outputs benign did finish are whole files, not halves
 
-    with tifffile.TiffFile(out / "benign.heatmap.tif") as tf:
+    with tifffile.TiffFile(out / "benign.tif") as tf:
         tf.pages.first.asarray()
-    assert json.loads((out / "benign.heatmap.geojson").read_text())["type"] == "FeatureCollection"
+    assert json.loads((out / "benign.geojson").read_text())["type"] == "FeatureCollection"
     leftovers = sorted(p.name for p in out.glob(".*.tmp"))
     assert len(leftovers) == 1 and leftovers[0].startswith(f".{stalled}.")
     note(
@@ -255,8 +258,8 @@ def test_kill_folder_run_mid_write_then_resume(slide_folder: Path, model: Path, 
     summary = {Path(r.split(",")[0]).name: r.split(",")[1] for r in tiles_rows(out / "summary.csv")[1:]}
     assert summary == {"aperio.svs": "skipped (done)", "benign.svs": "ok", "tumour.svs": "ok"}
     for stem in ("aperio", "benign", "tumour"):
-        complete_outputs(out / f"{stem}.heatmap.tif")
-        a, b = output_paths(ref / f"{stem}.heatmap.tif"), output_paths(out / f"{stem}.heatmap.tif")
+        complete_outputs(out / f"{stem}.tif")
+        a, b = output_paths(ref / f"{stem}.tif"), output_paths(out / f"{stem}.tif")
         assert tiles_rows(a["tiles_csv"]) == tiles_rows(b["tiles_csv"])
         assert (
             json.loads(a["manifest"].read_text())["label"] == json.loads(b["manifest"].read_text())["label"]
@@ -268,7 +271,7 @@ def test_kill_folder_run_mid_write_then_resume(slide_folder: Path, model: Path, 
 def test_kill_folder_run_between_slides_then_resume(slide_folder: Path, model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = [str(slide_folder), "--out", str(out), "--model", str(model), "-q", "--chunk-tiles", "32"]
-    run_until_then_kill(args, lambda: (out / "aperio.heatmap.run.json").exists(), {})
+    run_until_then_kill(args, lambda: (out / "aperio.run.json").exists(), {})
     assert not list(out.glob(".*.tmp"))
     for manifest in out.glob("*.run.json"):  # whatever finished is complete
         complete_outputs(manifest.with_name(manifest.name.replace(".run.json", ".tif")))
@@ -276,7 +279,7 @@ def test_kill_folder_run_between_slides_then_resume(slide_folder: Path, model: P
     assert code == 0, err
     assert "already done" in stdout
     for stem in ("aperio", "benign", "tumour"):
-        complete_outputs(out / f"{stem}.heatmap.tif")
+        complete_outputs(out / f"{stem}.tif")
     assert not list(out.glob(".*.tmp"))
 
 
@@ -586,7 +589,7 @@ def test_folder_of_bad_inputs_skips_and_reports_each(
         assert status[case]["status"] == "failed" and f"{case}." in status[case]["error"], case
         assert f"{case}." in err
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("good.")) == [
-        "summary.csv", "summary.json"
+        "report.html", "summary.csv", "summary.json"
     ]  # fmt: skip
     # tile mode: the same, with stores
     code, stdout, _ = cli("tile", folder, "--out", tmp_path / "stores", "-q")

@@ -96,8 +96,8 @@ def test_batch_folder_on_a_local_cluster_equals_a_local_run(
         for key in ("status", "label", "n_tiles", "max_p"):
             assert dist[name][key] == local[name][key], (name, key)
         stem = Path(name).stem
-        a = output_paths(local_run / f"{stem}.heatmap.tif")
-        b = output_paths(out / f"{stem}.heatmap.tif")
+        a = output_paths(local_run / f"{stem}.tif")
+        b = output_paths(out / f"{stem}.tif")
         assert a["tiles_csv"].read_text() == b["tiles_csv"].read_text()
         ma, mb = json.loads(a["manifest"].read_text()), json.loads(b["manifest"].read_text())
         assert ma["label"] == mb["label"] and mb["scheduler"] == f"distributed {cluster.scheduler_address}"
@@ -161,8 +161,8 @@ def test_gpu_resource_tasks_run_only_on_gpu_workers(
     assert len(scoring) > 5
     assert {t["worker"] for t in scoring} == set(gpu)
     for stem in ("tumour", "benign"):
-        a = output_paths(local_run / f"{stem}.heatmap.tif")["tiles_csv"]
-        assert a.read_text() == output_paths(out / f"{stem}.heatmap.tif")["tiles_csv"].read_text()
+        a = output_paths(local_run / f"{stem}.tif")["tiles_csv"]
+        assert a.read_text() == output_paths(out / f"{stem}.tif")["tiles_csv"].read_text()
     assert json.loads((out / "batch-job.json").read_text())["task_resources"] == {"GPU": 1.0}
 
 

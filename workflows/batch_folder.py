@@ -9,9 +9,10 @@ The job connects a ``distributed.Client`` and runs :func:`wsi_pipeline.pipeline.
 slide after another: this machine plans each slide (thumbnail, tissue mask, grid) and the workers
 read and score its tiles in tasks of ``--chunk-tiles`` tile coordinates (with retries, so a lost
 worker costs only its tasks). Outputs are those of ``wsi-infer SLIDES/ --out RESULTS/``:
-``<stem>.heatmap.tif`` with its ``.overlay.png``, ``.geojson``, ``.tiles.csv`` and, last, the
-``.run.json`` manifest, plus ``summary.csv`` / ``summary.json`` and ``batch-job.json`` (cluster,
-workers, provider). Finished slides are skipped on a re-run, so an interrupted job resumes.
+``<stem>.tif`` (probability map) with its ``.colour.tif``, ``.overlay.png``, ``.geojson``,
+``.tiles.csv``, ``.report.html`` and, last, the ``.run.json`` manifest, plus ``summary.csv`` /
+``summary.json``, ``report.html`` and ``batch-job.json`` (cluster, workers, provider). Finished
+slides are skipped on a re-run, so an interrupted job resumes.
 
 GPU workers are declared as Dask resources: start them with ``dask worker ADDRESS --resources GPU=1``
 (``workflows/slurm/`` does this on SLURM). ``--device cuda``/``tensorrt`` makes every scoring task
@@ -197,7 +198,14 @@ def list_items(src: Path) -> list[Any]:
 
 def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
     """Score ``items`` on ``client``; returns the exit code (0 ok, 1 some slide failed)."""
-    from wsi_pipeline.batch import BatchItem, output_stems, run_batch
+    from wsi_pipeline.batch import (
+        BatchItem,
+        heatmap_path,
+        output_stems,
+        result_row,
+        run_batch,
+        write_folder_report,
+    )
     from wsi_pipeline.pipeline import run_slide
     from wsi_pipeline.provenance import atomic_write_json, environment_versions
 
@@ -217,19 +225,17 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
         + f", model on {provider}; {len(items)} slides -> {out}"
     )
 
-    names = dict(zip(items, output_stems(items), strict=True))
+    names = dict(zip(items, output_stems(items, out), strict=True))
 
     def one(item: BatchItem) -> dict[str, Any]:
         o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
         m = run_slide(
-            item.slide, out / f"{names[item]}.heatmap.tif", model=model, options=o, client=client,
+            item.slide, heatmap_path(out, names[item]), model=model, options=o, client=client,
             overwrite=args.overwrite,
         )  # fmt: skip
-        ev = m["label"]["evidence"]
-        status = "skipped (done)" if m.get("skipped") else "ok"
-        say(f"{item.slide.name}: {status}, {m['label']['label']}, {m['n_tiles']} tiles on {m['provider']}")
-        return {"status": status, "label": m["label"]["label"], "n_tiles": m["n_tiles"],
-                "max_p": ev["max_p"], "seconds": m["seconds"], "provider": m["provider"]}  # fmt: skip
+        row = result_row(m, out)
+        say(f"{item.slide.name}: {row['status']}, {row['label']}, {m['n_tiles']} tiles on {m['provider']}")
+        return {**row, "provider": m["provider"]}
 
     def on_error(item: BatchItem, exc: WsiError) -> None:
         print(f"error: {exc}", file=sys.stderr)
@@ -239,6 +245,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
         on_start=lambda i, n, item: say(f"[{i}/{n}] {item.slide.name}"),
     )  # fmt: skip
     failed = res.failed
+    write_folder_report(out, res.rows)
     atomic_write_json(
         out / "batch-job.json",
         {

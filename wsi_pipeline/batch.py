@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline.errors import WsiError
-from wsi_pipeline.provenance import atomic_write_bytes, atomic_write_json, output_error
+from wsi_pipeline.provenance import atomic_write_bytes, atomic_write_json, input_files, output_error
 
 SLIDE_SUFFIXES = (
     ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".dcm", ".scn", ".bif", ".vms", ".vmu", ".svslide",
@@ -29,7 +29,8 @@ class BatchItem:
 
 
 def is_own_output(path: Path) -> bool:
-    """True for a heatmap TIFF this package wrote (its first page's description says so)."""
+    """True for a heatmap TIFF this package wrote (probability or colour map, also those of older
+    versions, e.g. ``NAME.heatmap.tif``): its first page's description says so."""
     if path.suffix.lower() not in (".tif", ".tiff"):
         return False
     try:
@@ -52,24 +53,71 @@ def find_slides(folder: Path) -> list[Path]:
     )  # fmt: skip
 
 
-def output_stems(items: Sequence[BatchItem]) -> list[str]:
+def output_stems(items: Sequence[BatchItem], out: Path | None = None) -> list[str]:
     """A distinct output name per slide: the file stem (``case1``) where it is unique in the batch,
     else the file name (``case1.svs``, ``case1.tif``), else the path from the slides' common folder
     with ``/`` written as ``__`` (``sub1__s.svs``, ``sub2__s.svs``), so no slide overwrites another's
-    results and each resumes on its own."""
+    results and each resumes on its own.
+
+    With ``out`` (the results folder of a scoring run) a name whose outputs (:func:`heatmap_path`
+    and the files beside it) would be one of the batch's slides is passed over for the next one:
+    ``case1.tif`` scored into its own folder is named ``case1.tif`` (``case1.tif.tif``, ...), never
+    ``case1`` (whose ``case1.tif`` is the slide)."""
     stems = [it.slide.stem for it in items]
     names = [it.slide.name for it in items]
     resolved = [it.slide.resolve() for it in items]
     common = Path(os.path.commonpath([str(r.parent) for r in resolved])) if resolved else Path()
-    out = []
-    for stem, name, res in zip(stems, names, resolved, strict=True):
-        if stems.count(stem) == 1:
-            out.append(stem)
-        elif names.count(name) == 1:
-            out.append(name)
-        else:
-            out.append("__".join(res.relative_to(common).parts))
-    return out
+    inputs = {f.resolve() for it in items for f in input_files(it.slide)} if out is not None else set()
+
+    def collides(name: str) -> bool:
+        if out is None:
+            return False
+        from wsi_pipeline.pipeline import output_paths
+
+        return any(p.resolve() in inputs for p in output_paths(heatmap_path(out, name)).values())
+
+    by_path = ["__".join(r.relative_to(common).parts) for r in resolved]
+    chosen = []
+    for stem, name, path_name in zip(stems, names, by_path, strict=True):
+        unique = [c for c, n in ((stem, stems.count(stem)), (name, names.count(name))) if n == 1]
+        chosen.append(next((c for c in unique if not collides(c)), path_name))
+    return [c if chosen.count(c) == 1 else p for c, p in zip(chosen, by_path, strict=True)]
+
+
+def heatmap_path(out: Path, name: str) -> Path:
+    """The probability map of the slide named ``name`` (:func:`output_stems`) in results folder ``out``:
+    ``out/NAME.tif``, its other outputs beside it (``wsi_pipeline.pipeline.output_paths``). The same
+    rule as a single run with ``--out NAME.tif``."""
+    return out / f"{name}.tif"
+
+
+def result_row(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The summary row of one finished (or skipped) slide, with its report relative to ``out``."""
+    m = manifest
+    ev = m["label"]["evidence"]
+    ood = m["label"].get("ood") or {}
+    pos = m["model"]["positive_class"]
+    report = m.get("outputs", {}).get("report")
+    try:
+        href = os.path.relpath(report, out) if report else None
+    except ValueError:  # another drive (Windows)
+        href = Path(report).as_uri() if report else None
+    return {
+        "status": "skipped (done)" if m.get("skipped") else "ok", "label": m["label"]["label"],
+        "positive": bool(m["label"]["positive"]), "positive_class": pos,
+        "area_mm2": ev.get(f"{pos}_area_mm2"),
+        "n_tiles": m["n_tiles"], "max_p": ev["max_p"], "ood_score": ood.get("score"),
+        "ood_warning": bool(ood.get("warning")), "seconds": m["seconds"],
+        "report": href.replace(os.sep, "/") if href else None,
+    }  # fmt: skip
+
+
+def write_folder_report(out: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """``out/report.html``: one sortable row per slide (label, area, max P, OOD, ...) linking to each
+    slide's ``NAME.report.html``; failed slides with their error."""
+    from wsi_pipeline.io.report import write_folder_report as write_page
+
+    return write_page(out / "report.html", rows, title=f"wsi-pipeline results: {out.name or out}")
 
 
 def read_manifest_csv(path: Path) -> list[BatchItem]:

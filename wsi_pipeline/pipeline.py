@@ -1,8 +1,9 @@
 """One slide end to end: plan, (normalize,) score with Dask + onnxruntime, aggregate, write outputs.
 
-Outputs for ``--out NAME.tif``: ``NAME.tif`` (pyramidal heatmap), ``NAME.overlay.png``,
-``NAME.geojson`` (QuPath), ``NAME.tiles.csv`` and, written last, ``NAME.run.json`` (the run
-manifest, which also marks the slide as finished for resumed folder runs).
+Outputs for ``--out NAME.tif``: ``NAME.tif`` (probability map: pyramidal uint8 TIFF, 255 x P),
+``NAME.colour.tif`` (the same in colour), ``NAME.overlay.png``, ``NAME.geojson`` (QuPath),
+``NAME.tiles.csv``, ``NAME.report.html`` and, written last, ``NAME.run.json`` (the run manifest,
+which also marks the slide as finished for resumed folder runs). See :func:`output_paths`.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ from wsi_pipeline.errors import ModelError, OutputError
 from wsi_pipeline.inference.card import ModelCard, resolve_model
 from wsi_pipeline.inference.scoring import ProgressFn, ScoreResult, make_tasks, run_tasks
 from wsi_pipeline.io.outputs import (
+    HEATMAP_FORMAT,
     geojson_features,
     heatmap_canvas,
-    write_heatmap_tiff,
+    render_overlay,
+    write_colour_tiff,
+    write_compact_json,
     write_json,
     write_overlay_png,
+    write_probability_tiff,
     write_tiles_csv,
 )
 from wsi_pipeline.provenance import (
@@ -64,17 +69,28 @@ class RunOptions:
     # card. tile.target_mpp and tile.tile_px themselves are always set from the card.
     requested_target_mpp: float | None = None
     requested_tile_px: int | None = None
+    geojson_tiles: bool = True  # one GeoJSON detection per tile (off for huge slides: regions only)
+    overlay_px: int = 1000  # long side of the slide picture in NAME.overlay.png
 
 
 def output_paths(heatmap: Path) -> dict[str, Path]:
-    """All outputs of one slide, named after the heatmap path."""
+    """All outputs of one slide: ``NAME.tif`` (the probability map, the path given) and, beside it,
+    ``NAME.colour.tif``, ``NAME.overlay.png``, ``NAME.geojson``, ``NAME.tiles.csv``,
+    ``NAME.report.html`` and, written last, ``NAME.run.json``. ``NAME`` is the heatmap path without
+    its ``.tif``/``.tiff`` suffix."""
     base = heatmap.with_suffix("") if heatmap.suffix.lower() in (".tif", ".tiff") else heatmap
+
+    def beside(suffix: str) -> Path:
+        return base.with_name(base.name + suffix)
+
     return {
         "heatmap": heatmap,
-        "overlay": base.with_name(base.name + ".overlay.png"),
-        "geojson": base.with_name(base.name + ".geojson"),
-        "tiles_csv": base.with_name(base.name + ".tiles.csv"),
-        "manifest": base.with_name(base.name + ".run.json"),
+        "colour": beside(".colour.tif"),
+        "overlay": beside(".overlay.png"),
+        "geojson": beside(".geojson"),
+        "tiles_csv": beside(".tiles.csv"),
+        "report": beside(".report.html"),
+        "manifest": beside(".run.json"),
     }
 
 
@@ -107,6 +123,7 @@ def _params(card: ModelCard, opts: RunOptions, source: TileSource) -> dict[str, 
         "tile": source.params,
         "label": opts.label.to_dict(),
         "backend": opts.backend,
+        "outputs_format": HEATMAP_FORMAT,  # runs whose outputs an older version wrote are redone
     }
 
 
@@ -215,21 +232,12 @@ def _write_outputs(
     )  # fmt: skip
     label["ood"] = ood_summary(result.ood, card.ood_d_ref, card.ood_warn_above)
     boxes = grid.boxes_l0(colrow)
-    write_heatmap_tiff(
-        paths["heatmap"], canvas, cell_l0_px=cell, mpp_l0=mpp0, origin_l0=origin,
-        description={"wsi_pipeline_heatmap": 1, "slide": source.slide_name,
-                     "value": f"P({card.positive_class})",
-                     "colours": "0 dark blue -> 1 red; white = not scored", "model_sha256": card.sha256},
-    )  # fmt: skip
-    write_overlay_png(
-        paths["overlay"], layout.thumbnail, canvas, thumb_downsample=layout.thumbnail_downsample,
-        cell_l0_px=cell, origin_l0=origin,
-    )  # fmt: skip
     regions = tumour_regions(boxes, p_pos >= opts.label.tile_p)
-    write_json(
+    pictures = _write_maps(paths, card, opts, source, canvas, regions)
+    write_compact_json(
         paths["geojson"],
         geojson_features(boxes, result.probs, card.classes, pos, tile_threshold=opts.label.tile_p,
-                         regions=regions),
+                         regions=regions, mpp_l0=mpp0, tiles=opts.geojson_tiles),
     )  # fmt: skip
     columns: dict[str, np.ndarray] = {
         "x_l0": coords[:, 0], "y_l0": coords[:, 1],
@@ -248,6 +256,7 @@ def _write_outputs(
         "status": "complete",
         "slide": str(source.slide_path),
         "source": {"kind": source.kind, "path": str(source.path), "identity": source.identity},
+        "store": str(source.path) if source.kind == "store" else None,  # --tiles-out, or a store scored
         "params": params,
         "label": label,
         "n_tiles": n,
@@ -269,11 +278,82 @@ def _write_outputs(
         "tissue": layout.records.get("tissue"),
         "grid": grid.to_dict(),
         "stain": layout.stain,
-        "heatmap": {"cell_l0_px": cell, "origin_l0": origin, "mpp": cell * mpp0, "shape": list(canvas.shape)},
-        "outputs": {k: str(v) for k, v in paths.items()},
+        "heatmap": {"cell_l0_px": cell, "origin_l0": origin, "mpp": cell * mpp0, "shape": list(canvas.shape),
+                    "slide_size_l0": list(slide_wh), "encoding": "round(255 * P), 0 where not scored",
+                    "overlay": pictures["overlay"], "geojson_tiles": opts.geojson_tiles},
+        "outputs": {k: str(v) for k, v in paths.items()}
+        | ({"store": str(opts.tiles_out)} if opts.tiles_out is not None and source.kind == "store" else {}),
         "package_version": __version__,
         "versions": environment_versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
+    _write_report(paths, manifest, source, p_pos, pictures)
     write_json(paths["manifest"], manifest)  # last: its presence marks the slide finished
     return manifest
+
+
+def _write_maps(
+    paths: dict[str, Path],
+    card: ModelCard,
+    opts: RunOptions,
+    source: TileSource,
+    canvas: np.ndarray,
+    regions: Any,
+) -> dict[str, Any]:
+    """The probability and colour TIFFs and the overlay PNG; returns the slide picture (for the report)
+    and how the overlay was made."""
+    from wsi_pipeline.tiling.pictures import slide_picture
+
+    layout = source.layout
+    grid, mpp0 = layout.grid, layout.mpp_l0
+    cell, origin = float(grid.stride_l0_px), float(grid.cell_origin_l0)
+    desc = {"slide": source.slide_name, "value": f"P({card.positive_class})", "threshold": opts.label.tile_p,
+            "model": card.name, "model_version": card.version, "model_sha256": card.sha256}  # fmt: skip
+    geo: dict[str, Any] = {
+        "cell_l0_px": cell,
+        "mpp_l0": mpp0,
+        "origin_l0": origin,
+        "slide_wh": layout.slide_wh,
+    }
+    write_probability_tiff(paths["heatmap"], canvas, description=desc, **geo)
+    write_colour_tiff(paths["colour"], canvas, description=desc, **geo)
+    pic = slide_picture(source, opts.overlay_px)
+    overlay = render_overlay(
+        pic.image, canvas, l0_per_px=pic.l0_per_px, cell_l0_px=cell, mpp_l0=mpp0,
+        threshold=opts.label.tile_p, origin_l0=origin, regions=regions, positive_name=card.positive_class,
+    )  # fmt: skip
+    write_overlay_png(paths["overlay"], overlay)
+    return {
+        "picture": pic,
+        "overlay": {"background": pic.origin, "size_px": [int(overlay.shape[1]), int(overlay.shape[0])],
+                    "slide_px": [int(pic.image.shape[1]), int(pic.image.shape[0])],
+                    "l0_per_px": round(pic.l0_per_px, 4)},
+    }  # fmt: skip
+
+
+def _write_report(
+    paths: dict[str, Path],
+    manifest: dict[str, Any],
+    source: TileSource,
+    p_pos: np.ndarray,
+    pictures: dict[str, Any],
+) -> None:
+    """``NAME.report.html``: label, evidence, thumbnail, overlay, top tiles, timings, model."""
+    from PIL import Image
+
+    from wsi_pipeline.io.report import write_slide_report
+    from wsi_pipeline.tiling.pictures import tile_pictures
+
+    top = manifest["label"]["evidence"]["top_tiles"]
+    order = np.argsort(-np.asarray(p_pos, np.float64), kind="stable")[: len(top)]  # as slide_label ranks
+    tiles = tile_pictures(source, order.tolist(), size_px=150)
+    pic = pictures["picture"].image
+    thumb = Image.fromarray(pic)
+    thumb.thumbnail((480, 480), Image.Resampling.LANCZOS)
+    links = {"probability map (TIFF)": paths["heatmap"], "colour heatmap (TIFF)": paths["colour"],
+             "overlay (PNG)": paths["overlay"], "QuPath GeoJSON": paths["geojson"],
+             "tile table (CSV)": paths["tiles_csv"], "run manifest (JSON)": paths["manifest"]}  # fmt: skip
+    write_slide_report(
+        paths["report"], manifest, overlay_href=paths["overlay"].name, thumbnail=np.asarray(thumb),
+        top_tiles=list(zip(tiles, top, strict=True)), links={k: v.name for k, v in links.items()},
+    )  # fmt: skip

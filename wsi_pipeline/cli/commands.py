@@ -395,13 +395,13 @@ def _batch_callbacks(bars: _Bars) -> dict[str, Any]:
     }
 
 
-def _batch_summary(res: Any, summary: Path) -> int:
+def _batch_summary(res: Any, summary: Path, report: Path | None = None) -> int:
     """The closing line of a folder run, failures listed on stderr; exit code 1 if any failed."""
     failed = res.failed
     tiles = sum(int(r.get("n_tiles") or 0) for r in res.rows)
     click.echo(
         f"{len(res.rows)} slides, {len(res.rows) - len(failed)} done, {len(failed)} failed, {tiles} tiles, "
-        f"{res.seconds:.1f} s -> {summary}"
+        f"{res.seconds:.1f} s -> {summary}" + (f", {report}" if report is not None else "")
     )
     for r in failed:
         click.echo(f"  failed: {r['error']}", err=True)
@@ -415,7 +415,8 @@ def _batch_summary(res: Any, summary: Path) -> int:
     "-o",
     type=click.Path(path_type=Path),
     required=True,
-    help="Heatmap TIFF to write (other outputs beside it); a folder for folder/CSV input.",
+    help="Probability map NAME.tif to write (NAME.overlay.png, NAME.report.html, ... beside it); "
+    "a folder for folder/CSV input (NAME: each slide's file stem).",
 )
 @click.option(
     "--model",
@@ -463,6 +464,19 @@ def _batch_summary(res: Any, summary: Path) -> int:
     help="Tiles averaged by the topk rule.",
 )
 @click.option(
+    "--geojson-tiles/--no-geojson-tiles",
+    default=True,
+    show_default=True,
+    help="One GeoJSON detection per tile; --no-geojson-tiles keeps only the tumour regions (huge slides).",
+)
+@click.option(
+    "--overlay-size",
+    type=click.IntRange(min=64),
+    default=1000,
+    show_default=True,
+    help="Long side of the slide picture in NAME.overlay.png, pixels.",
+)
+@click.option(
     "--skip-errors/--stop-on-error",
     default=True,
     show_default=True,
@@ -501,13 +515,15 @@ def run(slide: Path, out: Path, quiet: bool, overwrite: bool, skip_errors: bool,
             normalize_from_card=kw["normalize"] is None,
             requested_target_mpp=kw["target_mpp"],
             requested_tile_px=kw["tile_size"],
+            geojson_tiles=kw["geojson_tiles"],
+            overlay_px=kw["overlay_size"],
         )
         client = _client(kw["scheduler"])
         try:
             if (slide.is_dir() and slide.suffix != ".zarr") or slide.suffix.lower() == ".csv":
                 return _run_folder(slide, out, opts, kw["model"], client, overwrite, quiet, skip_errors)
             with _Bars(enabled=not quiet) as bars:
-                target = out / f"{slide.stem}.tif" if out.is_dir() else out  # --out results/
+                target = _single_target(slide, out)
                 _run_one(slide, target, opts, kw["model"], client, overwrite, bars)
             return 0
         finally:
@@ -515,6 +531,16 @@ def run(slide: Path, out: Path, quiet: bool, overwrite: bool, skip_errors: bool,
                 client.close()
 
     _run_guarded(body)
+
+
+def _single_target(slide: Path, out: Path) -> Path:
+    """``--out NAME.tif`` as given; ``--out FOLDER`` (an existing folder): the name a folder run would
+    give the slide (``FOLDER/STEM.tif``, or ``FOLDER/NAME.tif`` where that would be the slide)."""
+    if not out.is_dir():
+        return out
+    from wsi_pipeline.batch import BatchItem, heatmap_path, output_stems
+
+    return heatmap_path(out, output_stems([BatchItem(slide)], out)[0])
 
 
 def _client(address: str | None) -> Any:
@@ -564,24 +590,29 @@ def _run_one(
 def _run_folder(
     src: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, quiet: bool, skip: bool
 ) -> int:
-    from wsi_pipeline.batch import BatchItem, batch_items, output_stems, run_batch
+    from wsi_pipeline.batch import (
+        BatchItem,
+        batch_items,
+        heatmap_path,
+        output_stems,
+        result_row,
+        run_batch,
+        write_folder_report,
+    )
 
     items = batch_items(src)
-    names = dict(zip(items, output_stems(items), strict=True))
+    names = dict(zip(items, output_stems(items, out), strict=True))
     with _Bars(enabled=not quiet, n_slides=len(items)) as bars:
 
         def one(item: BatchItem) -> dict[str, Any]:
             o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
-            m = _run_one(item.slide, out / f"{names[item]}.heatmap.tif", o, model, client, overwrite, bars)
-            ev = m["label"]["evidence"]
-            ood = m["label"].get("ood") or {}
-            return {"status": "skipped (done)" if m.get("skipped") else "ok", "label": m["label"]["label"],
-                    "n_tiles": m["n_tiles"], "max_p": ev["max_p"], "ood_score": ood.get("score"),
-                    "ood_warning": bool(ood.get("warning")), "seconds": m["seconds"]}  # fmt: skip
+            m = _run_one(item.slide, heatmap_path(out, names[item]), o, model, client, overwrite, bars)
+            return result_row(m, out)
 
         res = run_batch(items, one, out=out, summary_name="summary", stop_on_error=not skip,
                         **_batch_callbacks(bars))  # fmt: skip
-    return _batch_summary(res, out / "summary.csv")
+    report = write_folder_report(out, res.rows)
+    return _batch_summary(res, out / "summary.csv", report)
 
 
 @main.command()

@@ -1,7 +1,12 @@
-"""Writers for slide results: heatmap TIFF, overlay PNG, QuPath GeoJSON, per-tile CSV. All atomic.
+"""Writers for slide results: probability TIFF, colour TIFF, overlay PNG, QuPath GeoJSON, tile CSV.
 
-Each writer renders to a temporary file beside the target and renames it when complete, so a crash
-leaves the previous result or none, never half a file.
+Pure functions over numpy arrays; every file is rendered in memory and written atomically
+(:func:`wsi_pipeline.provenance.atomic_write_bytes`), so a crash leaves the previous result or none,
+never half a file.
+
+Heatmap geometry (all writers): the heatmap is a (rows, cols) grid of cells, one cell per grid
+position, ``cell_l0_px`` level-0 pixels wide, the first starting at level-0 (``origin_l0``,
+``origin_l0``) (half the tile overlap; 0 without overlap). NaN marks a cell that was not scored.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,16 +23,26 @@ import numpy as np
 
 from wsi_pipeline.provenance import atomic_write_bytes
 
-#: Colour ramp for probabilities 0 -> 1 (dark blue, blue, green, yellow, red); no tissue is white.
+#: Marker in the first page's description of every TIFF this package writes (``batch.is_own_output``
+#: skips such files, so a folder run never takes its own outputs for slides). 2: probability map.
+HEATMAP_MARKER = "wsi_pipeline_heatmap"
+HEATMAP_FORMAT = 2
+
+#: Colour ramp for probabilities 0 -> 1 (dark violet, blue, green, yellow, red); no tissue is white.
 _RAMP = np.array([[48, 18, 59], [40, 130, 230], [60, 200, 100], [250, 210, 40], [200, 20, 20]], np.float32)
 
 
-def colourize(grid: np.ndarray) -> np.ndarray:
-    """(h, w) probabilities in [0, 1] (NaN = not scored) -> (h, w, 3) uint8 RGB."""
-    g = np.clip(np.nan_to_num(grid, nan=0.0), 0.0, 1.0) * (len(_RAMP) - 1)
+def ramp_colours(p: np.ndarray) -> np.ndarray:
+    """Probabilities (any shape, values in [0, 1], no NaN) -> float32 RGB of the colour ramp."""
+    g = np.clip(p, 0.0, 1.0) * (len(_RAMP) - 1)
     lo = np.floor(g).astype(np.int64).clip(0, len(_RAMP) - 2)
     frac = (g - lo)[..., None]
-    rgb = _RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac
+    return np.asarray(_RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac, np.float32)
+
+
+def colourize(grid: np.ndarray) -> np.ndarray:
+    """(h, w) probabilities in [0, 1] (NaN = not scored) -> (h, w, 3) uint8 RGB (white = not scored)."""
+    rgb = ramp_colours(np.nan_to_num(grid, nan=0.0))
     rgb[np.isnan(grid)] = 255.0
     return np.round(rgb).astype(np.uint8)
 
@@ -34,16 +50,102 @@ def colourize(grid: np.ndarray) -> np.ndarray:
 def heatmap_canvas(
     grid: np.ndarray, slide_wh: tuple[int, int], cell_l0_px: float, origin_l0: float = 0.0
 ) -> np.ndarray:
-    """Pad the (rows, cols) grid with NaN so it spans the whole slide (cells of ``cell_l0_px`` level-0
-    pixels, the first starting at level-0 (``origin_l0``, ``origin_l0``))."""
-    cols = int(np.ceil((slide_wh[0] - origin_l0) / cell_l0_px))
-    rows = int(np.ceil((slide_wh[1] - origin_l0) / cell_l0_px))
-    out = np.full((max(rows, grid.shape[0]), max(cols, grid.shape[1])), np.nan, np.float32)
+    """The (rows, cols) grid padded with NaN to the last cell that overlaps the slide.
+
+    Cells are ``cell_l0_px`` level-0 pixels, the first starting at level-0 (``origin_l0``,
+    ``origin_l0``); the canvas has ``ceil((width - origin_l0) / cell_l0_px)`` columns (rows alike):
+    every cell that overlaps the slide and none beyond it, so the canvas passes the slide's right and
+    bottom edges by less than one cell.
+    """
+    cols = max(math.ceil((slide_wh[0] - origin_l0) / cell_l0_px), grid.shape[1])
+    rows = max(math.ceil((slide_wh[1] - origin_l0) / cell_l0_px), grid.shape[0])
+    out = np.full((rows, cols), np.nan, np.float32)
     out[: grid.shape[0], : grid.shape[1]] = grid
     return out
 
 
-def write_heatmap_tiff(
+def probability_u8(p: np.ndarray) -> np.ndarray:
+    """P in [0, 1] (NaN = not scored) -> uint8 ``round(255 * P)`` (half up), 0 where not scored."""
+    v = np.floor(np.clip(np.nan_to_num(p, nan=0.0), 0.0, 1.0) * 255.0 + 0.5)
+    return v.astype(np.uint8)
+
+
+def _halve_max(a: np.ndarray) -> np.ndarray:
+    """Half-size grid: each pixel the highest P of its 2 x 2 cells (NaN only where all are NaN)."""
+    h, w = a.shape
+    p = np.full((h + h % 2, w + w % 2), np.nan, np.float32)
+    p[:h, :w] = a
+    return np.asarray(np.fmax(np.fmax(p[0::2, 0::2], p[0::2, 1::2]), np.fmax(p[1::2, 0::2], p[1::2, 1::2])))
+
+
+def probability_pyramid(canvas: np.ndarray, tile_px: int = 256) -> list[np.ndarray]:
+    """Levels of the canvas, halving until one fits a ``tile_px`` tile. Lower levels keep the highest
+    P of each 2 x 2 block, so a small hot spot stays visible when a viewer zooms out."""
+    levels = [np.asarray(canvas, np.float32)]
+    while max(levels[-1].shape) > tile_px:
+        levels.append(_halve_max(levels[-1]))
+    return levels
+
+
+def _pyramid_tiff(
+    levels: list[np.ndarray],
+    *,
+    photometric: str,
+    mpp: float,
+    description: dict[str, Any],
+    tile_px: int,
+    extra: list[tuple[np.ndarray, dict[str, Any]]] | None = None,
+) -> bytes:
+    """Bytes of a tiled pyramidal TIFF: level 0 then the reduced levels as main pages (what OpenSlide's
+    generic-TIFF reader and tifffile/tiffslide take as a pyramid), then ``extra`` pages written in
+    strips (OpenSlide ignores untiled pages; tifffile shows each as its own series)."""
+    import tifffile
+
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tw:
+        for i, lv in enumerate(levels):
+            res = 1e4 / (mpp * 2**i)  # pixels per centimetre
+            tw.write(
+                lv,
+                photometric=photometric,
+                tile=(tile_px, tile_px),
+                compression="zlib",
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                subfiletype=1 if i else 0,
+                description=json.dumps(description) if i == 0 else None,
+                metadata=None,
+            )
+        for page, desc in extra or []:
+            tw.write(
+                page,
+                photometric="minisblack",
+                rowsperstrip=64,
+                compression="zlib",
+                resolution=(1e4 / mpp, 1e4 / mpp),
+                resolutionunit="CENTIMETER",
+                description=json.dumps(desc),
+                metadata=None,
+            )
+    return buf.getvalue()
+
+
+def _geometry(
+    canvas: np.ndarray, cell_l0_px: float, mpp_l0: float, origin_l0: float, slide_wh: tuple[int, int] | None
+) -> dict[str, Any]:
+    g: dict[str, Any] = {
+        "downsample": cell_l0_px,
+        "origin_l0": [origin_l0, origin_l0],
+        "mpp": cell_l0_px * mpp_l0,
+        "grid_shape": [int(canvas.shape[0]), int(canvas.shape[1])],  # rows, cols (not "shape": tifffile
+        # would take a description with a "shape" key for one of its own)
+    }
+    if slide_wh is not None:
+        g["slide_size_l0"] = [int(slide_wh[0]), int(slide_wh[1])]
+    return g
+
+
+def write_probability_tiff(
     path: str | os.PathLike[str],
     canvas: np.ndarray,
     *,
@@ -51,75 +153,255 @@ def write_heatmap_tiff(
     mpp_l0: float,
     description: dict[str, Any],
     origin_l0: float = 0.0,
+    slide_wh: tuple[int, int] | None = None,
     tile_px: int = 256,
 ) -> Path:
-    """Tiled, pyramidal RGB TIFF of the probability canvas; one pixel = one grid cell.
+    """The probability map: tiled, pyramidal, single-channel uint8 TIFF, one pixel per cell.
 
-    Resolution tags give the heatmap's um/px (``cell_l0_px * mpp_l0``), and the description (JSON)
-    records ``downsample`` (level-0 pixels per heatmap pixel) and ``origin_l0`` (level-0 position of
-    the first cell: half the tile overlap, 0 without overlap), so a viewer places it on the slide
-    without guessing. Levels halve until the image fits one tile.
+    Level 0 holds ``round(255 * P)`` (0 where not scored); lower levels halve it (highest P of each
+    2 x 2 block) until it fits one ``tile_px`` tile. Resolution tags give the um/px of each level
+    (unit centimetre: ``1e4 / (cell_l0_px * mpp_l0 * 2**level)`` px/cm) and the first page's
+    description (JSON) records ``downsample`` (level-0 slide pixels per heatmap pixel),
+    ``origin_l0`` (level-0 position of the first cell) and the slide's size, so a viewer places it on
+    the slide without guessing. A last page, in strips (so OpenSlide, which reads only tiled pages,
+    ignores it; tifffile sees it as the second series), is the scored mask: 255 = scored, 0 = not.
     """
-    import tifffile
-
-    rgb = colourize(canvas)
-    mpp = cell_l0_px * mpp_l0
-    meta = {**description, "downsample": cell_l0_px, "origin_l0": [origin_l0, origin_l0], "mpp": mpp}
-    levels = [rgb]
-    while max(levels[-1].shape[:2]) > tile_px:
-        prev = levels[-1]
-        levels.append(prev[::2, ::2].copy())  # nearest: keeps the colours of real probabilities
-    buf = io.BytesIO()
-    with tifffile.TiffWriter(buf) as tw:
-        for i, lv in enumerate(levels):
-            res = 1e4 / (mpp * 2**i)  # pixels per centimetre
-            tw.write(
-                lv,
-                photometric="rgb",
-                tile=(tile_px, tile_px),
-                compression="zlib",
-                resolution=(res, res),
-                resolutionunit="CENTIMETER",
-                subfiletype=1 if i else 0,
-                description=json.dumps(meta) if i == 0 else None,
-                metadata=None,
-            )
-    return atomic_write_bytes(path, buf.getvalue())
+    levels = probability_pyramid(canvas, tile_px)
+    geo = _geometry(canvas, cell_l0_px, mpp_l0, origin_l0, slide_wh)
+    meta = {
+        HEATMAP_MARKER: HEATMAP_FORMAT,
+        "kind": "probability",
+        **description,
+        "encoding": "round(255 * P), 0 where not scored; lower levels: highest P of each 2x2 block",
+        "scored_mask": "last page (tifffile series 1): 255 = cell scored, 0 = not scored",
+        **geo,
+    }
+    mask = np.where(np.isnan(canvas), 0, 255).astype(np.uint8)
+    mask_desc = {"wsi_pipeline_scored_mask": 1, "value": "255 = cell scored, 0 = not scored", **geo}
+    data = _pyramid_tiff(
+        [probability_u8(lv) for lv in levels], photometric="minisblack", mpp=geo["mpp"],
+        description=meta, tile_px=tile_px, extra=[(mask, mask_desc)],
+    )  # fmt: skip
+    return atomic_write_bytes(path, data)
 
 
-def write_overlay_png(
+def write_colour_tiff(
     path: str | os.PathLike[str],
-    thumbnail: np.ndarray,
     canvas: np.ndarray,
     *,
-    thumb_downsample: float,
     cell_l0_px: float,
+    mpp_l0: float,
+    description: dict[str, Any],
     origin_l0: float = 0.0,
-    alpha: float = 0.5,
+    slide_wh: tuple[int, int] | None = None,
+    tile_px: int = 256,
 ) -> Path:
-    """The heatmap blended over the slide thumbnail (cells scaled to thumbnail pixels; cells start at
-    level-0 ``origin_l0``, and thumbnail pixels before the first cell are left unscored)."""
+    """The same map rendered in colour (RGB, the overlay's ramp, white = not scored), for viewers that
+    need RGB; same geometry, tags and pyramid as :func:`write_probability_tiff`."""
+    levels = probability_pyramid(canvas, tile_px)
+    geo = _geometry(canvas, cell_l0_px, mpp_l0, origin_l0, slide_wh)
+    meta = {
+        HEATMAP_MARKER: HEATMAP_FORMAT,
+        "kind": "colour",
+        **description,
+        "colours": "0 dark violet -> blue -> green -> yellow -> 1 red; white = not scored",
+        **geo,
+    }
+    data = _pyramid_tiff(
+        [colourize(lv) for lv in levels], photometric="rgb", mpp=geo["mpp"], description=meta, tile_px=tile_px
+    )
+    return atomic_write_bytes(path, data)
+
+
+# --- overlay ----------------------------------------------------------------------------------------
+
+
+def visible_floor(threshold: float) -> float:
+    """Lowest P that gets colour on the overlay: 0.2, or the threshold when that is lower (every tile
+    called positive is coloured)."""
+    return float(min(0.2, threshold))
+
+
+def overlay_alpha(p: np.ndarray, floor: float) -> np.ndarray:
+    """Opacity of the colour over the slide: 0 below ``floor`` (and where not scored), then rising
+    linearly from 0.25 at the floor to 0.7 at P = 1."""
+    q = np.nan_to_num(p, nan=-1.0)
+    a = 0.25 + 0.45 * (q - floor) / max(1.0 - floor, 1e-6)
+    return np.where(q >= floor, a, 0.0).astype(np.float32)
+
+
+def _cell_index(n_px: int, l0_per_px: float, origin_l0: float, cell_l0_px: float, n_cells: int) -> np.ndarray:
+    """Cell index under the centre of each of ``n_px`` picture pixels; ``n_cells`` (a NaN cell) outside."""
+    i = np.floor(((np.arange(n_px) + 0.5) * l0_per_px - origin_l0) / cell_l0_px).astype(np.int64)
+    return np.where((i < 0) | (i >= n_cells), n_cells, i)
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def nice_length_um(max_um: float) -> float:
+    """The longest 1, 2 or 5 x 10^k micrometres not above ``max_um`` (a scale bar's length)."""
+    if not max_um > 0:
+        return 0.0
+    k = math.floor(math.log10(max_um))
+    return max(m * 10.0**k for m in (1, 2, 5) if m * 10.0**k <= max_um)
+
+
+def _um_text(um: float) -> str:
+    return f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} um"
+
+
+def render_overlay(
+    background: np.ndarray,
+    canvas: np.ndarray,
+    *,
+    l0_per_px: float,
+    cell_l0_px: float,
+    mpp_l0: float,
+    threshold: float,
+    origin_l0: float = 0.0,
+    regions: Any = None,
+    positive_name: str = "tumour",
+) -> np.ndarray:
+    """The heatmap over a picture of the slide, with a colour bar, the threshold and a scale bar.
+
+    ``background``: (h, w, 3) uint8 picture of the whole slide, ``l0_per_px`` level-0 pixels per
+    picture pixel. Cells with P below :func:`visible_floor` (and unscored ones) leave the slide as it
+    looks; above it the ramp colour is blended with an opacity rising with P (:func:`overlay_alpha`).
+    ``regions`` (a shapely geometry in level-0 pixels) are outlined. A legend panel is added on the
+    right. Returns (H, w + panel, 3) uint8 RGB.
+    """
+    from PIL import Image, ImageDraw
+
+    h, w = background.shape[:2]
+    rows = _cell_index(h, l0_per_px, origin_l0, cell_l0_px, canvas.shape[0])
+    cols = _cell_index(w, l0_per_px, origin_l0, cell_l0_px, canvas.shape[1])
+    padded = np.pad(np.asarray(canvas, np.float32), ((0, 1), (0, 1)), constant_values=np.nan)
+    up = padded[np.ix_(rows, cols)]
+    floor = visible_floor(threshold)
+    alpha = overlay_alpha(up, floor)[..., None]
+    colour = ramp_colours(np.nan_to_num(up, nan=0.0))
+    out = background.astype(np.float32) * (1 - alpha) + colour * alpha
+    img = Image.fromarray(np.round(out).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    fs = max(12, round(max(h, w) / 70))
+    line_w = max(2, round(max(h, w) / 500))
+    geoms = getattr(regions, "geoms", [regions]) if regions is not None and not regions.is_empty else []
+    for g in geoms:
+        for ring in [g.exterior, *g.interiors]:
+            xy = [(x / l0_per_px, y / l0_per_px) for x, y in ring.coords]
+            draw.line(xy, fill=(0, 0, 0), width=line_w, joint="curve")
+    _scale_bar(draw, w, h, um_per_px=l0_per_px * mpp_l0, fs=fs)
+    panel = _legend_panel(max(h, 22 * fs), fs, threshold=threshold, floor=floor, line_w=line_w,
+                          positive_name=positive_name)  # fmt: skip
+    full = Image.new("RGB", (w + panel.width, max(h, panel.height)), (255, 255, 255))
+    full.paste(img, (0, 0))
+    full.paste(panel, (w, 0))
+    return np.asarray(full)
+
+
+def _scale_bar(draw: Any, w: int, h: int, *, um_per_px: float, fs: int) -> None:
+    """A black bar of a round length (about a fifth of the picture) on a white box, bottom left."""
+    um = nice_length_um(w * um_per_px / 5)
+    if um <= 0:
+        return
+    bar_px = max(1, round(um / um_per_px))
+    font = _font(fs)
+    text = _um_text(um)
+    tw = draw.textlength(text, font=font)
+    pad = fs // 2
+    box_w, box_h = max(bar_px, tw) + 2 * pad, fs * 2 + 2 * pad
+    x0, y0 = pad, h - box_h - pad
+    if y0 < 0 or box_w > w:
+        return  # a picture too small for one
+    draw.rectangle([x0, y0, x0 + box_w, y0 + box_h], fill=(255, 255, 255), outline=(0, 0, 0))
+    draw.text((x0 + pad, y0 + pad // 2), text, fill=(0, 0, 0), font=font)
+    by = y0 + pad + fs + fs // 3
+    draw.rectangle([x0 + pad, by, x0 + pad + bar_px, by + max(3, fs // 3)], fill=(0, 0, 0))
+
+
+def _legend_panel(
+    height: int, fs: int, *, threshold: float, floor: float, line_w: int, positive_name: str
+) -> Any:
+    """Colour bar (P 0..1 bottom to top, grey below the visible floor), ticks, threshold, legend."""
+    from PIL import Image, ImageDraw
+
+    font, small = _font(fs), _font(max(10, fs - 2))
+    width = 13 * fs
+    panel = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(panel)
+    draw.text((fs // 2, fs // 2), f"P({positive_name})", fill=(0, 0, 0), font=font)
+    top, bar_h = 2 * fs + fs // 2, max(100, min(height - 11 * fs, 24 * fs))
+    x0, x1 = 5 * fs, 5 * fs + 3 * fs // 2
+    p = 1.0 - np.arange(bar_h) / max(bar_h - 1, 1)
+    rgb = np.where((p >= floor)[:, None], ramp_colours(p), np.float32(225))
+    strip = np.repeat(np.round(rgb).astype(np.uint8)[:, None, :], x1 - x0, axis=1)
+    panel.paste(Image.fromarray(strip), (x0, top))
+    draw.rectangle([x0 - 1, top - 1, x1, top + bar_h], outline=(0, 0, 0))
+
+    def y_of(v: float) -> float:
+        return top + (1.0 - v) * (bar_h - 1)
+
+    for v in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        y = y_of(v)
+        draw.line([(x1, y), (x1 + fs // 2, y)], fill=(0, 0, 0), width=1)
+        draw.text((x1 + fs // 2 + 3, y - fs / 2), f"{v:.1f}", fill=(0, 0, 0), font=font)
+    yt = y_of(threshold)
+    draw.line([(x0 - fs // 2, yt), (x1 + 2, yt)], fill=(0, 0, 0), width=max(2, line_w))
+    draw.polygon([(x0 - fs // 2, yt), (x0 - fs, yt - fs / 2.5), (x0 - fs, yt + fs / 2.5)], fill=(0, 0, 0))
+    tlabel = f"{threshold:.2f}"
+    tx = x0 - fs - 4 - draw.textlength(tlabel, font=font)
+    draw.text((tx, yt - fs / 2), tlabel, fill=(0, 0, 0), font=font)
+    y = top + bar_h + fs
+    lines = [
+        ("text", "black mark: threshold"),
+        ("text", f"grey: P < {floor:.2f}; these and"),
+        ("text", "unscored cells get no"),
+        ("text", "colour (slide as it looks)"),
+        ("line", f"{positive_name} region"),
+        ("text", f"(tiles with P >= {threshold:.2f})"),
+    ]
+    for kind, text in lines:
+        if kind == "line":
+            draw.line([(fs // 2, y + fs / 2), (fs // 2 + 2 * fs, y + fs / 2)], fill=(0, 0, 0), width=line_w)
+            draw.text((3 * fs, y), text, fill=(0, 0, 0), font=small)
+        else:
+            draw.text((fs // 2, y), text, fill=(0, 0, 0), font=small)
+        y += fs + fs // 3
+    return panel
+
+
+def write_overlay_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
+    """``image`` ((h, w, 3) uint8, e.g. from :func:`render_overlay`) as a PNG."""
+    return atomic_write_bytes(path, encode_image(image, "PNG"))
+
+
+def encode_image(image: np.ndarray, fmt: str = "PNG", *, quality: int = 85) -> bytes:
+    """(h, w, 3) uint8 -> PNG or JPEG bytes."""
     from PIL import Image
 
-    h, w = thumbnail.shape[:2]
-
-    def index(n: int, limit: int) -> np.ndarray:
-        i = np.floor(((np.arange(n) + 0.5) * thumb_downsample - origin_l0) / cell_l0_px).astype(np.int64)
-        return np.where(i < 0, limit, np.minimum(i, limit - 1))  # ``limit``: the NaN row/column added below
-
-    padded = np.pad(canvas, ((0, 1), (0, 1)), constant_values=np.nan)
-    up = padded[np.ix_(index(h, canvas.shape[0]), index(w, canvas.shape[1]))]
-    colour = colourize(up).astype(np.float32)
-    out = thumbnail.astype(np.float32)
-    scored = ~np.isnan(up)
-    out[scored] = (1 - alpha) * out[scored] + alpha * colour[scored]
     buf = io.BytesIO()
-    Image.fromarray(np.round(out).astype(np.uint8)).save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    kwargs: dict[str, Any] = {"quality": quality} if fmt.upper() == "JPEG" else {"optimize": False}
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+# --- JSON, CSV, GeoJSON -----------------------------------------------------------------------------
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def write_compact_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """JSON without indentation or spaces (GeoJSON of large slides)."""
+    return atomic_write_bytes(path, (json.dumps(obj, separators=(",", ":"), default=str) + "\n").encode())
 
 
 def write_tiles_csv(path: str | os.PathLike[str], columns: dict[str, np.ndarray]) -> Path:
@@ -134,6 +416,37 @@ def write_tiles_csv(path: str | os.PathLike[str], columns: dict[str, np.ndarray]
     return atomic_write_bytes(path, buf.getvalue().encode())
 
 
+def region_measurements(
+    regions: Any, boxes_l0: np.ndarray, p_pos: np.ndarray, positive: np.ndarray, *, mpp_l0: float, name: str
+) -> list[dict[str, Any]]:
+    """Measurements of each region polygon (level-0 px): its area (um^2 and mm^2), and the number,
+    mean and max P of the positive tiles whose centre lies in it."""
+    import shapely
+
+    geoms = list(getattr(regions, "geoms", [regions])) if regions is not None and not regions.is_empty else []
+    if not geoms:
+        return []
+    b = np.asarray(boxes_l0, float)[np.asarray(positive, bool)]
+    p = np.asarray(p_pos, float)[np.asarray(positive, bool)]
+    owner = np.full(len(b), -1, np.int64)
+    if len(b):
+        pts = shapely.points((b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2)
+        pt_idx, geom_idx = shapely.STRtree(geoms).query(pts, predicate="within")
+        owner[pt_idx] = geom_idx
+    out = []
+    for i, g in enumerate(geoms):
+        sel = p[owner == i]
+        um2 = float(g.area) * mpp_l0 * mpp_l0
+        out.append({
+            "Area um^2": round(um2, 1),
+            "Area mm^2": round(um2 / 1e6, 6),
+            f"Mean P({name})": round(float(sel.mean()), 5) if len(sel) else None,
+            f"Max P({name})": round(float(sel.max()), 5) if len(sel) else None,
+            "Tiles": len(sel),
+        })  # fmt: skip
+    return out
+
+
 def geojson_features(
     boxes_l0: np.ndarray,
     probs: np.ndarray,
@@ -142,47 +455,70 @@ def geojson_features(
     *,
     tile_threshold: float,
     regions: Any,
+    mpp_l0: float | None = None,
+    tiles: bool = True,
 ) -> dict[str, Any]:
     """QuPath-compatible FeatureCollection (level-0 px): one detection per tile, tumour annotations.
 
-    Tiles carry their class (positive when P >= ``tile_threshold``) and every class probability as
-    measurements; ``regions`` (a shapely geometry) becomes annotation objects of the positive class.
+    Tiles (``tiles=False`` leaves them out, for huge slides: the tile table has them) carry their
+    class (positive when P >= ``tile_threshold``) and every class probability as measurements;
+    ``regions`` (a shapely geometry) becomes annotation objects of the positive class, each with
+    its area (um^2, mm^2; needs ``mpp_l0``), tile count and mean and max P.
     """
     from shapely.geometry import mapping
 
     pos = classes[positive_index]
     neg = next((c for i, c in enumerate(classes) if i != positive_index), "other")
     colour = {pos: [220, 30, 30], neg: [60, 120, 220]}
+    probs = np.asarray(probs)
+    boxes = np.asarray(boxes_l0, float)
+    positive = probs[:, positive_index] >= tile_threshold if len(probs) else np.zeros(0, bool)
     feats: list[dict[str, Any]] = []
-    for b, p in zip(np.asarray(boxes_l0, float), probs, strict=True):
-        x0, y0, x1, y1 = (round(float(v), 2) for v in b)
-        name = pos if p[positive_index] >= tile_threshold else neg
-        feats.append(
-            {
-                "type": "Feature",
-                "geometry": {
-                    "type": "Polygon",
-                    "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]],
-                },
-                "properties": {
-                    "objectType": "detection",
-                    "classification": {"name": name, "color": colour[name]},
-                    "measurements": {f"P({c})": round(float(v), 5) for c, v in zip(classes, p, strict=True)},
-                },
-            }
-        )
+    if tiles:
+        for b, p, is_pos in zip(boxes, probs, positive, strict=True):
+            x0, y0, x1, y1 = (round(float(v), 2) for v in b)
+            name = pos if is_pos else neg
+            feats.append(
+                {
+                    "type": "Feature",
+                    "geometry": {
+                        "type": "Polygon",
+                        "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]],
+                    },
+                    "properties": {
+                        "objectType": "detection",
+                        "classification": {"name": name, "color": colour[name]},
+                        "measurements": {
+                            f"P({c})": round(float(v), 5) for c, v in zip(classes, p, strict=True)
+                        },
+                    },
+                }
+            )
     geoms = getattr(regions, "geoms", [regions]) if regions is not None and not regions.is_empty else []
-    for g in geoms:
-        feats.append(
-            {
-                "type": "Feature",
-                "geometry": mapping(g),
-                "properties": {
-                    "objectType": "annotation",
-                    "name": f"{pos} region",
-                    "classification": {"name": pos, "color": colour[pos]},
-                    "isLocked": False,
-                },
-            }
-        )
+    measures = (
+        region_measurements(regions, boxes, probs[:, positive_index] if len(probs) else probs, positive,
+                            mpp_l0=mpp_l0, name=pos)
+        if mpp_l0 is not None else [None] * len(geoms)
+    )  # fmt: skip
+    for g, meas in zip(geoms, measures, strict=True):
+        props: dict[str, Any] = {
+            "objectType": "annotation",
+            "name": f"{pos} region",
+            "classification": {"name": pos, "color": colour[pos]},
+            "isLocked": False,
+        }
+        if meas is not None:
+            props["measurements"] = meas
+        feats.append({"type": "Feature", "geometry": _rounded(mapping(g)), "properties": props})
     return {"type": "FeatureCollection", "features": feats}
+
+
+def _rounded(geom: dict[str, Any], ndigits: int = 2) -> dict[str, Any]:
+    """A GeoJSON geometry mapping with coordinates rounded (level-0 px: 0.01 px is plenty)."""
+
+    def r(c: Any) -> Any:
+        if isinstance(c, list | tuple) and c and isinstance(c[0], int | float):
+            return [round(float(v), ndigits) for v in c]
+        return [r(x) for x in c]
+
+    return {**geom, "coordinates": r(geom["coordinates"])}

@@ -1,0 +1,300 @@
+"""Issue 14: outputs a pathologist can read and a script can trust.
+
+The probability TIFF (pyramid, scored mask, geometry, three readers), the colour TIFF, the overlay
+(slide left as it looks below the visible floor, colour bar, threshold, outlines, scale bar), the
+compact GeoJSON with region measurements and the tiles switch, and one naming rule for single and
+folder runs (manifest naming the slide and the store).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import Fixture
+from wsi_pipeline.batch import BatchItem, find_slides, heatmap_path, is_own_output, output_stems
+from wsi_pipeline.cli.commands import main
+from wsi_pipeline.io.outputs import (
+    geojson_features,
+    heatmap_canvas,
+    overlay_alpha,
+    probability_u8,
+    render_overlay,
+    visible_floor,
+    write_colour_tiff,
+    write_probability_tiff,
+)
+from wsi_pipeline.pipeline import RunOptions, output_paths, run_slide
+
+OPTS = RunOptions(chunk_tiles=64, workers=2)
+
+
+def _canvas(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = rng.random((rows, cols)).astype(np.float32)
+    c[rng.random((rows, cols)) < 0.3] = np.nan
+    return c
+
+
+# --------------------------------------------------------------------------- probability TIFF
+
+
+def test_probability_tiff_is_a_pyramid_with_its_scored_mask(tmp_path: Path) -> None:
+    import openslide
+    import tifffile
+    import tiffslide
+
+    canvas = _canvas(600, 700)
+    path = write_probability_tiff(
+        tmp_path / "p.tif", canvas, cell_l0_px=224.0, mpp_l0=0.25, origin_l0=16.0,
+        slide_wh=(700 * 224 + 10, 600 * 224 - 5), description={"slide": "s.svs", "value": "P(tumour)"},
+    )  # fmt: skip
+    u8 = probability_u8(canvas)
+    assert u8[np.isnan(canvas)].max() == 0
+    ok = ~np.isnan(canvas)
+    assert np.abs(u8[ok].astype(float) - 255 * canvas[ok]).max() <= 0.5 + 1e-4
+    with tifffile.TiffFile(path) as tf:
+        pyramid, mask = tf.series[0], tf.series[1]
+        assert len(tf.series) == 2 and len(pyramid.levels) == 3
+        assert all(p.is_tiled for p in tf.pages[:3]) and not tf.pages[3].is_tiled
+        assert (pyramid.levels[0].asarray() == u8).all() and pyramid.levels[0].dtype == np.uint8
+        lv1 = pyramid.levels[1].asarray()  # highest P of each 2 x 2 block
+        assert lv1.shape == (300, 350) and (lv1 == u8.reshape(300, 2, 350, 2).max(axis=(1, 3))).all()
+        assert ((mask.asarray() == 255) == ok).all()
+        desc = json.loads(tf.pages[0].description)
+        assert desc["wsi_pipeline_heatmap"] == 2 and desc["downsample"] == 224.0
+        assert desc["origin_l0"] == [16.0, 16.0] and desc["mpp"] == pytest.approx(56.0)
+        assert desc["slide_size_l0"] == [700 * 224 + 10, 600 * 224 - 5] and desc["slide"] == "s.svs"
+        assert tf.pages[0].tags["ResolutionUnit"].value == 3  # centimetre
+        assert tf.pages[0].tags["XResolution"].value[0] / tf.pages[0].tags["XResolution"].value[1] == (
+            pytest.approx(1e4 / 56.0)
+        )
+    for reader in (openslide.OpenSlide(str(path)), tiffslide.TiffSlide(path)):
+        assert reader.level_count == 3 and reader.dimensions == (700, 600)  # the mask is not a level
+        assert float(reader.properties[f"{type(reader).__module__.split('.')[0]}.mpp-x"]) == pytest.approx(
+            56.0
+        )
+        region = np.asarray(reader.read_region((100, 50), 0, (64, 32)))
+        grey = region[..., 0] if region.ndim == 3 else region
+        assert (grey == u8[50:82, 100:164]).all()
+        reader.close()
+    assert is_own_output(path)
+
+
+def test_small_probability_tiff_is_one_tiled_level(tmp_path: Path) -> None:
+    import tifffile
+
+    path = write_probability_tiff(
+        tmp_path / "s.tif", _canvas(14, 10), cell_l0_px=224.0, mpp_l0=0.5, description={}
+    )  # fmt: skip
+    with tifffile.TiffFile(path) as tf:
+        assert len(tf.series[0].levels) == 1 and tf.pages[0].is_tiled and tf.series[0].shape == (14, 10)
+
+
+def test_colour_tiff_is_an_rgb_pyramid_with_the_same_geometry(tmp_path: Path) -> None:
+    import openslide
+    import tifffile
+
+    canvas = _canvas(300, 520)
+    path = write_colour_tiff(tmp_path / "c.tif", canvas, cell_l0_px=112.0, mpp_l0=0.5, description={})
+    with tifffile.TiffFile(path) as tf:
+        lv = tf.series[0].levels
+        assert len(lv) == 3 and lv[0].shape == (300, 520, 3) and lv[2].shape == (75, 130, 3)
+        rgb = lv[0].asarray()
+        assert (rgb[np.isnan(canvas)] == 255).all()  # white = not scored
+        desc = json.loads(tf.pages[0].description)
+        assert desc["kind"] == "colour" and desc["downsample"] == 112.0 and desc["grid_shape"] == [300, 520]
+    assert openslide.OpenSlide(str(path)).level_count == 3
+    assert is_own_output(path)
+
+
+def test_canvas_ends_with_the_last_cell_that_overlaps_the_slide() -> None:
+    grid = np.zeros((3, 4), np.float32)
+    for origin in (0.0, 16.0):
+        c = heatmap_canvas(grid, (1000, 700), 224.0, origin)
+        rows, cols = c.shape
+        assert origin + (cols - 1) * 224 < 1000 <= origin + cols * 224
+        assert origin + (rows - 1) * 224 < 700 <= origin + rows * 224
+        assert np.isnan(c[:, 4:]).all() and (c[:3, :4] == 0).all()
+    assert heatmap_canvas(grid, (896, 672), 224.0).shape == (3, 4)  # an exact fit: no extra cell
+
+
+# --------------------------------------------------------------------------- overlay
+
+
+def test_overlay_leaves_low_p_and_unscored_tissue_as_the_slide_looks() -> None:
+    bg = np.full((400, 600, 3), (230, 160, 200), np.uint8)  # pink "tissue"
+    canvas = np.full((4, 6), np.nan, np.float32)  # cells of 100 picture px (l0_per_px = 2, cell 200)
+    canvas[0, 0], canvas[0, 1], canvas[0, 2], canvas[1, 1] = 0.05, 0.5, 0.95, 0.95
+    from shapely import box
+
+    region = box(400, 0, 600, 200)  # level-0 px: cell (0, 2)
+    img = render_overlay(
+        bg, canvas, l0_per_px=2.0, cell_l0_px=200.0, mpp_l0=0.5, threshold=0.5, regions=region,
+    )  # fmt: skip
+    assert img.shape[0] >= 400 and img.shape[1] > 600  # the legend panel is beside the picture
+    assert (img[50, 50] == bg[0, 0]).all()  # P 0.05: below the floor, untouched
+    assert (img[150, 550] == bg[0, 0]).all()  # not scored: untouched
+    low, high = img[50, 150].astype(int), img[150, 150].astype(int)
+    assert np.abs(low - bg[0, 0]).sum() > 20 and np.abs(high - bg[0, 0]).sum() > np.abs(low - bg[0, 0]).sum()
+    assert high[0] > high[2]  # high P is red
+    assert (img[100, 200:300].max(axis=-1) < 40).any() and (
+        img[50, 199:203].max(axis=-1) < 40
+    ).any()  # outline
+    assert (img[330:400, 0:150].max(axis=-1) < 30).sum() > 100  # the scale bar (bottom left)
+    panel = img[:, 600:]
+    assert len(np.unique(panel.reshape(-1, 3), axis=0)) > 50  # the colour bar's ramp
+    assert visible_floor(0.5) == 0.2 and visible_floor(0.1) == 0.1
+    a = overlay_alpha(np.array([np.nan, 0.1, 0.2, 0.6, 1.0]), 0.2)
+    assert a[0] == a[1] == 0 and 0 < a[2] < a[3] < a[4] <= 0.7
+
+
+@pytest.mark.parametrize("long_side", [1000, 997, 1023, 333, 5000])
+def test_slide_picture_spans_the_slide_at_any_size(any_slide: Fixture, long_side: int) -> None:
+    """The overlay's background: the whole slide read at the needed resolution (upsampled when the
+    slide is smaller), tissue where the slide has tissue, glass where it has none."""
+    from wsi_pipeline.tiling.pictures import slide_picture
+    from wsi_pipeline.tiling.plan import TileOptions
+    from wsi_pipeline.tiling.source import open_source
+
+    spec = any_slide.spec
+    pic = slide_picture(open_source(any_slide.path, TileOptions()), long_side)
+    h, w = pic.image.shape[:2]
+    assert max(h, w) == long_side and pic.origin == "slide"
+    assert pic.l0_per_px == pytest.approx(max(spec.width, spec.height) / long_side)
+    assert (
+        abs(w * pic.l0_per_px - spec.width) <= pic.l0_per_px
+        and abs(h * pic.l0_per_px - spec.height) <= pic.l0_per_px
+    )
+    e = spec.tissue[0]
+    inside = pic.image[int(e.cy / pic.l0_per_px), int(e.cx / pic.l0_per_px)].astype(int)
+    glass = pic.image[int(5 / pic.l0_per_px), -1].astype(int)  # top right corner: no tissue
+    assert glass.min() > 200 and inside[1] < glass[1] - 30  # H&E pink/purple is low in green
+
+
+# --------------------------------------------------------------------------- GeoJSON
+
+
+def test_geojson_regions_are_measured_and_tiles_can_be_left_out() -> None:
+    from wsi_pipeline.aggregate import tumour_regions
+
+    boxes = np.array(
+        [[0, 0, 100, 100], [100, 0, 200, 100], [500, 500, 600, 600], [300, 300, 400, 400]], float
+    )
+    probs = np.array([[0.1, 0.9], [0.4, 0.6], [0.2, 0.8], [0.9, 0.1]])
+    regions = tumour_regions(boxes, probs[:, 1] >= 0.5)
+    fc = geojson_features(
+        boxes, probs, ("non-tumour", "tumour"), 1, tile_threshold=0.5, regions=regions, mpp_l0=0.5
+    )  # fmt: skip
+    ann = sorted(
+        (f["properties"]["measurements"] for f in fc["features"] if f["properties"]["objectType"] == "annotation"),
+        key=lambda m: -m["Tiles"],
+    )  # fmt: skip
+    assert ann[0] == {"Area um^2": 5000.0, "Area mm^2": 0.005, "Mean P(tumour)": 0.75, "Max P(tumour)": 0.9,
+                      "Tiles": 2}  # fmt: skip
+    assert ann[1]["Tiles"] == 1 and ann[1]["Max P(tumour)"] == 0.8 and ann[1]["Area um^2"] == 2500.0
+    assert sum(f["properties"]["objectType"] == "detection" for f in fc["features"]) == 4
+    fc2 = geojson_features(
+        boxes, probs, ("non-tumour", "tumour"), 1, tile_threshold=0.5, regions=regions, mpp_l0=0.5, tiles=False
+    )  # fmt: skip
+    assert [f["properties"]["objectType"] for f in fc2["features"]] == ["annotation", "annotation"]
+
+
+def test_cli_switches_for_geojson_tiles_and_overlay_size(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "t.tif"
+    args = [str(tumour_slide.path), "--out", str(out), "--model", str(test_model), "-q"]
+    r = CliRunner().invoke(main, [*args, "--no-geojson-tiles", "--overlay-size", "400"])
+    assert r.exit_code == 0, r.output
+    paths = output_paths(out)
+    gj = json.loads(paths["geojson"].read_text())
+    assert {f["properties"]["objectType"] for f in gj["features"]} == {"annotation"}
+    m = json.loads(paths["manifest"].read_text())
+    assert max(m["heatmap"]["overlay"]["slide_px"]) == 400 and m["heatmap"]["geojson_tiles"] is False
+    from PIL import Image
+
+    assert Image.open(paths["overlay"]).size == tuple(m["heatmap"]["overlay"]["size_px"])
+    assert "report.html" in " ".join(m["outputs"].values()) and paths["report"].is_file()
+
+
+# --------------------------------------------------------------------------- naming, manifest
+
+
+def test_one_naming_rule_for_single_and_folder_runs(tmp_path: Path) -> None:
+    paths = output_paths(tmp_path / "case1.tif")
+    assert {k: v.name for k, v in paths.items()} == {
+        "heatmap": "case1.tif", "colour": "case1.colour.tif", "overlay": "case1.overlay.png",
+        "geojson": "case1.geojson", "tiles_csv": "case1.tiles.csv", "report": "case1.report.html",
+        "manifest": "case1.run.json",
+    }  # fmt: skip
+    assert list(paths)[-1] == "manifest"  # written last
+    (tmp_path / "a.svs").write_bytes(b"x")
+    (tmp_path / "b.tif").write_bytes(b"x")
+    items = [BatchItem(tmp_path / "a.svs"), BatchItem(tmp_path / "b.tif")]
+    assert output_stems(items) == ["a", "b"]
+    # Into their own folder: b's b.tif would be the slide itself, so b is named after its file name.
+    assert output_stems(items, tmp_path) == ["a", "b.tif"]
+    assert heatmap_path(tmp_path, "b.tif").name == "b.tif.tif"
+    assert output_stems(items, tmp_path / "results") == ["a", "b"]
+
+
+def test_a_tif_slide_scored_into_its_own_folder_keeps_its_name_and_resumes(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "slides"
+    src.mkdir()
+    slide = src / "case.tif"
+    shutil.copy2(tumour_slide.path, slide)
+    before = slide.read_bytes()
+    args = [str(src), "--out", str(src), "--model", str(test_model), "-q"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert slide.read_bytes() == before and (src / "case.tif.run.json").is_file()
+    assert find_slides(src) == [slide]  # case.tif.tif and case.tif.colour.tif are ours, not slides
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "already done" in r.output, r.output
+    rows = json.loads((src / "summary.json").read_text())["slides"]
+    assert [(Path(x["slide"]).name, x["status"], x["report"]) for x in rows] == [
+        ("case.tif", "skipped (done)", "case.tif.report.html")
+    ]
+    assert (src / "report.html").is_file()
+
+
+def test_old_heatmaps_are_still_recognised_as_outputs(tmp_path: Path) -> None:
+    """Results folders of older versions hold NAME.heatmap.tif (RGB, format 1): never slides."""
+    import tifffile
+
+    old = tmp_path / "case1.heatmap.tif"
+    tifffile.imwrite(old, np.zeros((8, 8, 3), np.uint8), description=json.dumps({"wsi_pipeline_heatmap": 1}))
+    assert is_own_output(old) and find_slides(tmp_path) == []
+
+
+def test_manifest_names_the_slide_and_the_store(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    slide = tmp_path / "slide.svs"
+    shutil.copy2(tumour_slide.path, slide)
+    store = tmp_path / "t.zarr"
+    m = run_slide(slide, tmp_path / "s.tif", model=test_model, options=RunOptions(tiles_out=store))
+    assert Path(m["slide"]).resolve() == slide.resolve()
+    assert m["store"] == str(store) and m["outputs"]["store"] == str(store)
+    import tifffile
+
+    with tifffile.TiffFile(m["outputs"]["heatmap"]) as tf:
+        assert json.loads(tf.pages[0].description)["slide"] == "slide.svs"
+    # Scoring the store: the slide is still named, the store too (not an output of this run).
+    m2 = run_slide(store, tmp_path / "z.tif", model=test_model, options=OPTS)
+    assert Path(m2["slide"]).resolve() == slide.resolve() and m2["store"] == str(store)
+    assert "store" not in m2["outputs"] and m2["heatmap"]["overlay"]["background"] == "slide"
+    # A store whose slide is gone: the overlay is drawn on the store's thumbnail, upsampled.
+    slide.rename(tmp_path / "moved.svs")
+    m3 = run_slide(store, tmp_path / "y.tif", model=test_model, options=OPTS)
+    assert m3["heatmap"]["overlay"]["background"] == "store thumbnail"
+    assert max(m3["heatmap"]["overlay"]["slide_px"]) == 1000
+    assert output_paths(tmp_path / "y.tif")["report"].is_file()

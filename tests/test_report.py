@@ -1,0 +1,153 @@
+"""Issue 14: the HTML reports, checked in a real browser.
+
+A folder run on the bundled sample slide plus a synthetic tumour slide writes ``report.html`` and
+one ``NAME.report.html`` per slide. One headless Chromium launch loads a harness page that holds
+them in iframes; a script in the harness (the test's, not the product's) records, after the load
+event, whether every image of every page loaded, the table's order before and after a click on a
+header, and the links; the same launch takes a screenshot, which must not be blank.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import Fixture
+from wsi_pipeline.cli.commands import main
+
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "CMU-1-Small-Region.svs"
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+_HARNESS = """<!DOCTYPE html><html><head><meta charset="utf-8"></head><body style="margin:0">
+{frames}
+<pre id="result"></pre>
+<script>
+window.addEventListener("load", function() {{
+  var out = {{pages: []}};
+  document.querySelectorAll("iframe").forEach(function(f) {{
+    var d = f.contentDocument;
+    var page = {{src: f.getAttribute("src"), title: d.title, images: [], links: []}};
+    Array.from(d.images).forEach(function(i) {{
+      page.images.push({{src: i.getAttribute("src").slice(0, 40), ok: i.complete && i.naturalWidth > 0}});
+    }});
+    Array.from(d.querySelectorAll("a")).forEach(function(a) {{ page.links.push(a.getAttribute("href")); }});
+    var table = d.querySelector("table.sortable");
+    if (table) {{
+      var names = function() {{
+        return Array.from(table.tBodies[0].rows).map(function(r) {{ return r.cells[0].textContent; }});
+      }};
+      var th = Array.from(table.querySelectorAll("th")).find(function(t) {{ return t.textContent === "max P"; }});
+      page.order = names();
+      th.click();
+      page.asc = names();
+      th.click();
+      page.desc = names();
+    }}
+    out.pages.push(page);
+  }});
+  document.getElementById("result").textContent = JSON.stringify(out);
+}});
+</script></body></html>
+"""
+
+
+def _browser() -> str:
+    for name in BROWSERS:
+        if path := shutil.which(name):
+            return path
+    pytest.skip(
+        "no Chromium found (tried " + ", ".join(BROWSERS) + "): install it (`apt-get install -y chromium`, "
+        "as .ci/run does) to test the HTML report in a real browser"
+    )
+
+
+@pytest.fixture(scope="module")
+def folder_run(tumour_slide: Fixture, test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    src = root / "slides"
+    src.mkdir()
+    shutil.copy2(SAMPLE, src / SAMPLE.name)
+    shutil.copy2(tumour_slide.path, src / "tumour.svs")
+    out = root / "out"
+    r = CliRunner().invoke(main, [str(src), "--out", str(out), "--model", str(test_model), "-q"])
+    assert r.exit_code == 0, r.output
+    assert str(out / "report.html") in r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def browsed(folder_run: Path) -> dict:
+    """One Chromium launch: the harness's findings (JSON) and its screenshot."""
+    chromium = _browser()
+    root = folder_run.parent
+    pages = ["out/report.html", "out/CMU-1-Small-Region.report.html", "out/tumour.report.html"]
+    frames = "\n".join(
+        f'<iframe src="{p}" style="width:1260px;height:1100px;border:0"></iframe>' for p in pages
+    )
+    harness = root / "harness.html"
+    harness.write_text(_HARNESS.format(frames=frames))
+    shot = root / "screenshot.png"
+    cmd = [
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+        "--allow-file-access-from-files", "--virtual-time-budget=10000", "--window-size=1280,3400",
+        f"--screenshot={shot}", "--dump-dom", harness.as_uri(),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    m = re.search(r'<pre id="result">(.*?)</pre>', proc.stdout, re.S)
+    assert m and m.group(1), f"no result from the harness (exit {proc.returncode}): {proc.stderr[-2000:]}"
+    import html
+
+    return {"result": json.loads(html.unescape(m.group(1))), "screenshot": shot}
+
+
+def test_every_page_renders_with_every_image_loaded(browsed: dict) -> None:
+    pages = browsed["result"]["pages"]
+    assert [p["src"] for p in pages] == [
+        "out/report.html", "out/CMU-1-Small-Region.report.html", "out/tumour.report.html",
+    ]  # fmt: skip
+    for page in pages[1:]:
+        srcs = [i["src"] for i in page["images"]]
+        # thumbnail (data: URI), overlay (the PNG beside the page), 10 top tiles (data: URIs)
+        assert len(srcs) == 12 and srcs[1].endswith(".overlay.png"), srcs
+        assert all(i["ok"] for i in page["images"]), page["images"]
+    assert pages[2]["title"] == "tumour.svs: tumour"
+
+
+def test_folder_table_links_each_slide_and_sorts(browsed: dict, folder_run: Path) -> None:
+    folder = browsed["result"]["pages"][0]
+    assert {"CMU-1-Small-Region.report.html", "tumour.report.html"} <= set(folder["links"])
+    assert folder["order"] == ["CMU-1-Small-Region.svs", "tumour.svs"]  # the batch's (sorted) order
+    rows = json.loads((folder_run / "summary.json").read_text())["slides"]
+    by_p = [Path(r["slide"]).name for r in sorted(rows, key=lambda r: r["max_p"])]
+    assert folder["asc"] == by_p and folder["desc"] == by_p[::-1]
+
+
+def test_screenshot_is_not_blank(browsed: dict) -> None:
+    from PIL import Image
+
+    img = np.asarray(Image.open(browsed["screenshot"]).convert("RGB"))
+    assert img.shape[0] >= 3000 and img.shape[1] >= 1200
+    colours = len(np.unique(img.reshape(-1, 3), axis=0))
+    assert colours > 2000, colours  # text, the label badges, slide pictures, the overlay's ramp
+    assert (img.reshape(-1, 3) != 255).any(axis=1).mean() > 0.1
+
+
+def test_pages_fetch_nothing_and_name_the_model(folder_run: Path, test_model: Path) -> None:
+    from wsi_pipeline.inference.card import resolve_model
+
+    card = resolve_model(test_model)
+    for page in [folder_run / "report.html", *folder_run.glob("*.report.html")]:
+        text = page.read_text()
+        refs = re.findall(r'(?:src|href)="([^"]*)"', text)
+        assert refs and all(r.startswith("data:image/") or "/" not in r for r in refs), refs
+        assert "http://" not in text and "https://" not in text and "<link" not in text
+        if page.name != "report.html":
+            assert card.sha256 in text and card.name in text and "seconds" in text
+            assert all((folder_run / r).is_file() for r in refs if not r.startswith("data:"))

@@ -1,0 +1,282 @@
+"""HTML reports: one page per slide (``NAME.report.html``) and one per folder run (``report.html``).
+
+Plain static files that open from disk in any browser: inline CSS, a few lines of inline JavaScript
+(sorting the folder table), small pictures (slide thumbnail, top tiles) as ``data:`` URIs and the
+overlay linked as the PNG file beside the page. Nothing is fetched from anywhere at view time.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_pipeline.io.outputs import encode_image
+from wsi_pipeline.provenance import atomic_write_bytes
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5em auto;max-width:1200px;
+padding:0 1em;color:#222;background:#fff}
+h1{font-size:1.5em;margin-bottom:.2em;word-break:break-all}h2{font-size:1.15em;margin-top:1.6em;
+border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.4em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left;
+vertical-align:top}th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.label{display:inline-block;font-size:1.3em;font-weight:bold;padding:.2em .7em;border-radius:.3em;color:#fff}
+.pos{background:#b3261e}.neg{background:#2e6b30}.fail{background:#777}
+.warn{background:#fff4ce;border:1px solid #e0b000;padding:.5em .8em;margin:.8em 0}
+.pics{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}figure{margin:0}
+figcaption{font-size:.85em;color:#555;max-width:40em}
+.pics img{max-width:100%;border:1px solid #ccc}.thumb img{max-height:420px}.ovl img{max-height:720px}
+.tiles{display:flex;flex-wrap:wrap;gap:.6em}.tiles figure{width:150px}.tiles img{width:150px;height:150px;
+border:1px solid #ccc;image-rendering:auto}code{font-size:.9em;word-break:break-all}
+th.s{cursor:pointer;user-select:none}th.s:after{content:" \\2195";color:#999}
+th[data-dir=asc]:after{content:" \\2191";color:#000}th[data-dir=desc]:after{content:" \\2193";color:#000}
+footer{margin-top:2em;font-size:.8em;color:#666}
+"""
+
+# Sorts the table by a clicked header: numbers numerically (a cell's data-v when it has one), text
+# alphabetically, empty cells last; a second click reverses.
+_SORT_JS = """
+document.querySelectorAll("table.sortable th").forEach(function(th, i) {
+  th.classList.add("s");
+  th.addEventListener("click", function() {
+    var body = th.closest("table").tBodies[0], asc = th.dataset.dir !== "asc";
+    th.parentNode.querySelectorAll("th").forEach(function(t) { delete t.dataset.dir; });
+    th.dataset.dir = asc ? "asc" : "desc";
+    function key(r) {
+      var c = r.cells[i], v = c.dataset.v !== undefined ? c.dataset.v : c.textContent.trim();
+      var n = parseFloat(v);
+      return v === "" ? null : (isNaN(n) || !/^-?[0-9.]/.test(v) ? v.toLowerCase() : n);
+    }
+    Array.from(body.rows).sort(function(a, b) {
+      var x = key(a), y = key(b);
+      if (x === null || y === null) return x === y ? 0 : (x === null ? 1 : -1);
+      var c = (typeof x === typeof y) ? (x < y ? -1 : x > y ? 1 : 0) : (typeof x === "number" ? -1 : 1);
+      return asc ? c : -c;
+    }).forEach(function(r) { body.appendChild(r); });
+  });
+});
+"""
+
+
+def _e(v: Any) -> str:
+    return html.escape("" if v is None else str(v), quote=True)
+
+
+def data_uri(image: np.ndarray, fmt: str = "JPEG") -> str:
+    """A ``data:`` URI of an (h, w, 3) uint8 picture (JPEG or PNG)."""
+    mime = "image/jpeg" if fmt.upper() == "JPEG" else "image/png"
+    return f"data:{mime};base64,{base64.b64encode(encode_image(image, fmt)).decode()}"
+
+
+def _page(title: str, body: str, script: str = "") -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n"
+        + (f"<script>{script}</script>\n" if script else "")
+        + "</body></html>\n"
+    )
+
+
+def _rows(pairs: Sequence[tuple[str, Any]]) -> str:
+    out = []
+    for k, v in pairs:
+        num = isinstance(v, int | float) and not isinstance(v, bool)
+        out.append(f"<tr><th>{_e(k)}</th><td{' class=n' if num else ''}>{_e(v)}</td></tr>")
+    return "<table>" + "".join(out) + "</table>"
+
+
+def _rule_text(rule: Mapping[str, Any], positive: str) -> str:
+    if rule.get("rule") == "topk":
+        return (
+            f"top-k rule: {positive} when the mean of the {rule.get('top_k')} highest tile probabilities "
+            f"is at least {rule.get('topk_threshold')}"
+        )
+    return (
+        f"area rule: {positive} when the tissue area of tiles with P >= {rule.get('tile_threshold')} "
+        f"reaches {rule.get('min_area_mm2')} mm^2"
+    )
+
+
+def slide_report_html(
+    manifest: Mapping[str, Any],
+    *,
+    overlay_href: str,
+    thumbnail: np.ndarray,
+    top_tiles: Sequence[tuple[np.ndarray, Mapping[str, Any]]],
+    links: Mapping[str, str],
+) -> str:
+    """The page of one slide.
+
+    ``manifest``: the run manifest (label, evidence, timings, model, ...); ``overlay_href``: the
+    overlay PNG relative to the page; ``thumbnail``: picture of the slide; ``top_tiles``: (picture,
+    {"rank", "p", "x_l0", "y_l0"}) of the highest-P tiles; ``links``: file label -> href of the other
+    outputs.
+    """
+    lab = manifest["label"]
+    model = manifest["model"]
+    pos = model["positive_class"]
+    ev = lab["evidence"]
+    name = Path(str(manifest["slide"])).name
+    label_cls = "pos" if lab["positive"] else "neg"
+    parts = [
+        f"<h1>{_e(name)}</h1>",
+        f'<p><span class="label {label_cls}" id="label">{_e(str(lab["label"]).upper())}</span> '
+        f"&nbsp;{_e(_rule_text(lab['rule'], pos))}</p>",
+    ]
+    ood = lab.get("ood")
+    if ood and ood.get("warning"):
+        parts.append(f'<div class="warn"><b>Warning:</b> {_e(ood["warning"])}</div>')
+    evidence = [
+        (f"{pos} area (mm^2)", ev.get(f"{pos}_area_mm2")),
+        (f"{pos} tiles (P >= {lab['rule'].get('tile_threshold')})", ev.get(f"{pos}_tiles")),
+        ("tiles scored", ev.get("tiles")),
+        ("tissue area scored (mm^2)", ev.get("tissue_area_mm2")),
+        ("max P", ev.get("max_p")),
+        (f"mean P of the top {lab['rule'].get('top_k')}", ev.get("topk_mean_p")),
+    ]
+    if ood:
+        evidence.append((f"OOD score (warns above {ood.get('warn_above', 1.0):g})", ood.get("score")))
+    parts += ["<h2>Evidence</h2>", _rows(evidence)]
+    res = manifest.get("resolution") or {}
+    heat = manifest.get("heatmap") or {}
+    cell_um = round(float(heat.get("mpp") or 0.0), 1)
+    th, tw = thumbnail.shape[:2]
+    href = _e(overlay_href)
+    parts += [
+        "<h2>Slide and heatmap</h2>",
+        '<div class="pics">',
+        f'<figure class="thumb"><img src="{data_uri(thumbnail)}" alt="slide thumbnail" width="{tw}" '
+        f'height="{th}"><figcaption>The slide.</figcaption></figure>',
+        f'<figure class="ovl"><a href="{href}"><img src="{href}" alt="heatmap overlay"></a>'
+        f"<figcaption>P({_e(pos)}) over the slide: colour only where P is above the floor shown on the bar, "
+        f"stronger with P; black outlines: {_e(pos)} regions (tiles with P >= "
+        f"{_e(lab['rule'].get('tile_threshold'))}). One heatmap cell = {cell_um} um.</figcaption></figure>",
+        "</div>",
+    ]
+    tiles_html = []
+    for img, info in top_tiles:
+        tiles_html.append(
+            f'<figure><img src="{data_uri(img)}" alt="tile {_e(info.get("rank"))}" width="150" height="150">'
+            f"<figcaption>#{_e(info.get('rank'))} P {float(info.get('p', 0.0)):.3f}<br>"
+            f"x {_e(info.get('x_l0'))}, y {_e(info.get('y_l0'))}</figcaption></figure>"
+        )
+    parts += [
+        f"<h2>Top tiles</h2><p>The {len(top_tiles)} tiles with the highest P({_e(pos)}); "
+        "x, y: top-left corner in level-0 slide pixels.</p>",
+        '<div class="tiles">' + "".join(tiles_html) + "</div>",
+    ]
+    t = manifest.get("timings") or {}
+    parts += [
+        "<h2>Run</h2>",
+        _rows(
+            [
+                ("seconds (whole run)", manifest.get("seconds")),
+                ("scoring seconds", t.get("scoring_s")),
+                ("tiles per second", manifest.get("tiles_per_s")),
+                ("read + normalize seconds (summed over workers)", t.get("read_normalize_s_summed")),
+                ("inference seconds (summed over workers)", t.get("inference_s_summed")),
+                ("provider", manifest.get("provider")),
+                ("scheduler", manifest.get("scheduler")),
+                ("slide um/px (source)", f"{res.get('mpp_x')} ({res.get('mpp_source')})"),
+                ("tiles at um/px", res.get("effective_mpp")),
+                ("finished", manifest.get("finished_at")),
+            ]
+        ),
+        "<h2>Model</h2>",
+        _rows(
+            [
+                ("name", model.get("name")),
+                ("version", model.get("version")),
+                ("sha256", model.get("sha256")),
+                ("classes", ", ".join(model.get("classes", []))),
+                ("trained at um/px", model.get("mpp")),
+            ]
+        ),
+        "<h2>Files</h2><ul>"
+        + "".join(f'<li><a href="{_e(href)}">{_e(label)}</a></li>' for label, href in links.items())
+        + "</ul>",
+        f"<footer>slide: <code>{_e(manifest.get('slide'))}</code><br>wsi-pipeline "
+        f"{_e(manifest.get('package_version'))}. Research use only: not for diagnosis.</footer>",
+    ]
+    return _page(f"{name}: {lab['label']}", "\n".join(parts))
+
+
+def write_slide_report(
+    path: str | os.PathLike[str],
+    manifest: Mapping[str, Any],
+    *,
+    overlay_href: str,
+    thumbnail: np.ndarray,
+    top_tiles: Sequence[tuple[np.ndarray, Mapping[str, Any]]],
+    links: Mapping[str, str],
+) -> Path:
+    page = slide_report_html(
+        manifest, overlay_href=overlay_href, thumbnail=thumbnail, top_tiles=top_tiles, links=links
+    )
+    return atomic_write_bytes(path, page.encode())
+
+
+#: Columns of the folder table: (row key, header, numeric).
+FOLDER_COLUMNS = (
+    ("label", "label", False),
+    ("area_mm2", "{positive} area (mm^2)", True),
+    ("max_p", "max P", True),
+    ("ood_score", "OOD score", True),
+    ("n_tiles", "tiles", True),
+    ("seconds", "seconds", True),
+    ("status", "status", False),
+)
+
+
+def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-pipeline results") -> str:
+    """The page of a folder run: one sortable row per slide, linking to its page (``row["report"]``,
+    relative to the folder page). Failed slides show their error."""
+    n_pos = sum(1 for r in rows if r.get("positive") is True)
+    n_fail = sum(1 for r in rows if r.get("status") == "failed")
+    n_warn = sum(1 for r in rows if r.get("ood_warning") is True)
+    positive = next((str(r["positive_class"]) for r in rows if r.get("positive_class")), "tumour")
+    headers = ("slide", *(c[1].format(positive=positive) for c in FOLDER_COLUMNS), "error")
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = []
+    for r in rows:
+        name = Path(str(r.get("slide", ""))).name
+        href = r.get("report")
+        cell = f'<a href="{_e(href)}">{_e(name)}</a>' if href else _e(name)
+        tds = [f'<td data-v="{_e(name.lower())}">{cell}</td>']
+        for key, _, numeric in FOLDER_COLUMNS:
+            v = r.get(key)
+            v = "" if v is None else v
+            if key == "label" and v != "":
+                cls = "pos" if r.get("positive") else "neg"
+                span = f'<span class="label {cls}" style="font-size:.85em">{_e(v)}</span>'
+                tds.append(f'<td data-v="{_e(v)}">{span}</td>')
+            elif key == "ood_score" and r.get("ood_warning") is True:
+                tds.append(f'<td class="n" data-v="{_e(v)}" style="background:#fff4ce">{_e(v)} !</td>')
+            else:
+                tds.append(f'<td{" class=n" if numeric else ""} data-v="{_e(v)}">{_e(v)}</td>')
+        tds.append(f"<td>{_e(r.get('error') or '')}</td>")
+        body.append("<tr>" + "".join(tds) + "</tr>")
+    parts = [
+        f"<h1>{_e(title)}</h1>",
+        f"<p>{len(rows)} slides: {n_pos} called positive, {len(rows) - n_pos - n_fail} negative, "
+        f"{n_fail} failed; {n_warn} with an OOD warning (marked !: the model may not know this tissue, "
+        "stain or scanner; review by eye). Click a column header to sort.</p>",
+        f'<table class="sortable" id="slides"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>",
+        "<footer>Research use only: not for diagnosis. summary.csv and summary.json hold the same rows."
+        "</footer>",
+    ]
+    return _page(title, "\n".join(parts), _SORT_JS)
+
+
+def write_folder_report(
+    path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-pipeline results"
+) -> Path:
+    return atomic_write_bytes(path, folder_report_html(rows, title=title).encode())
