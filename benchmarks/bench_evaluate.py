@@ -94,7 +94,7 @@ def main() -> None:
               f"pass --index)", file=sys.stderr)  # fmt: skip
         return
 
-    from testkit.benchslides import TileSource, random_spec, write_bench_slide
+    from testkit.benchslides import PhotoPool, random_spec, write_bench_slide
     from wsi_pipeline.evaluation.evaluate import evaluate_slide, summarize
     from wsi_pipeline.evaluation.metrics import is_undefined, roc_auc
     from wsi_pipeline.inference.card import resolve_model
@@ -102,7 +102,7 @@ def main() -> None:
 
     card = resolve_model(args.model)
     groups = heldout_groups(args.index, Path(card.path), args.split)
-    source = TileSource.from_index(args.index, groups=groups)
+    source = PhotoPool.from_index(args.index, groups=groups)
     print(
         f"model {card.name} {card.version} ({card.sha256[:12]}); source: {args.split} split of the model "
         f"card's seed, {len(groups)} groups, {len(source.benign)} benign + {len(source.tumour)} tumour tiles"

@@ -33,7 +33,8 @@ from zarr.codecs import BloscCodec
 from testkit.synthetic import Ellipse, SyntheticSpec, write_synthetic_slide
 from wsi_pipeline.io.slide import SlideReader, open_slide
 from wsi_pipeline.tiling.plan import TileOptions, plan_slide
-from wsi_pipeline.tiling.tiler import resize_tiles, tile_slide
+from wsi_pipeline.tiling.read import resize_tiles
+from wsi_pipeline.tiling.tiler import tile_slide
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -334,7 +334,7 @@ class SourceTile:
 
 
 @dataclass
-class TileSource:
+class PhotoPool:
     """Benign and tumour tile images from a labelled index, loaded lazily through a small LRU cache.
 
     ``benign``/``tumour`` are sorted by path (so choices from a seed do not depend on CSV order).
@@ -357,7 +357,7 @@ class TileSource:
         groups: Iterable[str] | None = None,
         tile_px: int = 224,
         cache_tiles: int = 256,
-    ) -> TileSource:
+    ) -> PhotoPool:
         """Read an index CSV with ``path,label,tumour,group`` (paths relative to the CSV's folder).
 
         ``groups``: use only tiles of these groups (e.g. the classifier's held-out test groups);
@@ -440,7 +440,7 @@ def orient(tile: np.ndarray, code: int) -> np.ndarray:
 class BenchRenderer:
     """Renders level-0 pixels of ``spec`` from ``source``; also says which source pixel went where."""
 
-    def __init__(self, spec: BenchSlideSpec, source: TileSource) -> None:
+    def __init__(self, spec: BenchSlideSpec, source: PhotoPool) -> None:
         if source.tile_px != spec.source_px:
             raise ValueError(f"source tiles are {source.tile_px} px but the spec asks {spec.source_px} px")
         if spec.tumour and not source.tumour:
@@ -586,13 +586,13 @@ def _write_svs(target: Path, spec: BenchSlideSpec, renderer: BenchRenderer) -> N
 def write_bench_slide(
     path: str | os.PathLike[str],
     spec: BenchSlideSpec,
-    index_csv: str | os.PathLike[str] | TileSource,
+    index_csv: str | os.PathLike[str] | PhotoPool,
     *,
     groups: Iterable[str] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``spec`` as a pyramidal Aperio-like SVS at ``path`` and its truth as ``<stem>.xml``.
 
-    ``index_csv``: the LC25000 ``index.csv`` (or a ready :class:`TileSource`); ``groups`` restricts
+    ``index_csv``: the LC25000 ``index.csv`` (or a ready :class:`PhotoPool`); ``groups`` restricts
     the source tiles to those groups (e.g. held out from the model's training). Also writes
     ``<stem>.bench.json`` (the spec, source restriction and timings). Returns (slide, xml).
     Raises ``FileNotFoundError`` naming the index when it is missing and ``ValueError`` for a spec
@@ -608,12 +608,12 @@ def write_bench_slide(
         for i, poly in enumerate(getattr(spec, name)):
             if not Polygon(poly).is_valid:
                 raise ValueError(f"{name} polygon {i} is not valid (self-intersecting?); fix the spec")
-    if isinstance(index_csv, TileSource):
+    if isinstance(index_csv, PhotoPool):
         if groups is not None:
-            raise ValueError("pass groups to TileSource.from_index, not with a ready TileSource")
+            raise ValueError("pass groups to PhotoPool.from_index, not with a ready PhotoPool")
         source = index_csv
     else:
-        source = TileSource.from_index(index_csv, groups=groups, tile_px=spec.source_px)
+        source = PhotoPool.from_index(index_csv, groups=groups, tile_px=spec.source_px)
     renderer = BenchRenderer(spec, source)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -655,8 +655,8 @@ __all__ = [
     "TUMOUR_GROUP",
     "BenchRenderer",
     "BenchSlideSpec",
+    "PhotoPool",
     "SourceTile",
-    "TileSource",
     "orient",
     "random_spec",
     "write_bench_slide",

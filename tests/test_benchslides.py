@@ -19,7 +19,7 @@ from testkit.benchslides import (
     GLASS_RGB,
     BenchRenderer,
     BenchSlideSpec,
-    TileSource,
+    PhotoPool,
     orient,
     random_spec,
     write_bench_slide,
@@ -162,17 +162,17 @@ def test_missing_index_names_the_path(tmp_path: Path) -> None:
 
 
 def test_groups_restrict_the_source(fake_index: Path) -> None:
-    src = TileSource.from_index(fake_index, groups=["benign-g1", "tumour-g2"])
+    src = PhotoPool.from_index(fake_index, groups=["benign-g1", "tumour-g2"])
     assert {t.group for t in src.benign} == {"benign-g1"} and {t.group for t in src.tumour} == {"tumour-g2"}
     with pytest.raises(ValueError, match="not in the index"):
-        TileSource.from_index(fake_index, groups=["benign-g1", "no-such-group"])
-    only_benign = TileSource.from_index(fake_index, groups=["benign-g0"])
+        PhotoPool.from_index(fake_index, groups=["benign-g1", "no-such-group"])
+    only_benign = PhotoPool.from_index(fake_index, groups=["benign-g0"])
     with pytest.raises(ValueError, match="no tumour tiles"):
         BenchRenderer(SMALL, only_benign)
 
 
 def test_lru_cache_is_bounded(fake_index: Path) -> None:
-    src = TileSource.from_index(fake_index, cache_tiles=3)
+    src = PhotoPool.from_index(fake_index, cache_tiles=3)
     for t in (*src.benign, *src.benign):
         src.load(t)
     assert len(src._cache) == 3 and src.loads == 12  # 6 tiles cycled through 3 slots: no hit
@@ -195,7 +195,7 @@ def test_bad_source_tile_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 def test_every_pixel_comes_from_its_source(fake_index: Path) -> None:
-    src = TileSource.from_index(fake_index)
+    src = PhotoPool.from_index(fake_index)
     r = BenchRenderer(SMALL, src)
     img = r.render(0, 0, SMALL.width, SMALL.height)
     tissue, tumour = SMALL.masks(0, 0, SMALL.width, SMALL.height)
@@ -223,7 +223,7 @@ def test_written_pyramid_and_xml(fake_index: Path, tmp_path: Path) -> None:
     assert slide.exists() and xml == tmp_path / "small.xml"
     info = json.loads((tmp_path / "small.bench.json").read_text())
     assert info["spec"]["seed"] == 3 and info["source"]["tumour_tiles"] == 6
-    render = BenchRenderer(SMALL, TileSource.from_index(fake_index)).render(0, 0, SMALL.width, SMALL.height)
+    render = BenchRenderer(SMALL, PhotoPool.from_index(fake_index)).render(0, 0, SMALL.width, SMALL.height)
     with tiffslide.TiffSlide(slide) as s:
         assert s.level_dimensions == ((1300, 1000), (325, 250), (82, 63))
         l0 = np.asarray(s.read_region((0, 0), 0, (1300, 1000)).convert("RGB"), np.float64)
@@ -290,7 +290,7 @@ def test_real_slide_pixels_follow_the_truth(real_slide: tuple[Path, Path, BenchS
     import openslide
 
     slide, _, spec, groups = real_slide
-    src = TileSource.from_index(LC25000_INDEX, groups=groups)
+    src = PhotoPool.from_index(LC25000_INDEX, groups=groups)
     renderer = BenchRenderer(spec, src)
     rng = np.random.default_rng(1)
     deep_tumour = spec.tumour_geometry().buffer(-40)
