@@ -84,7 +84,12 @@ def test_manifest_records_provenance(scored: dict, test_model: Path) -> None:
     assert m["provider"] == "CPUExecutionProvider" and m["device_requested"] == "auto"
     assert m["model"]["sha256"] == resolve_model(test_model).sha256
     assert m["resolution"]["mpp_source"] == "metadata" and m["versions"]["onnxruntime"]
-    assert m["scheduler"].startswith("dask threads") and m["timings"]["tasks"] >= 2
+    # One session with every core, fed by reader threads: no oversubscription (issue 17).
+    plan = m["thread_plan"]
+    assert m["scheduler"].startswith("stream") and m["timings"]["tasks"] >= 2
+    assert plan["session_threads"] == plan["cores"] and plan["readers"] >= 1
+    for phase in ("plan_s", "session_wait_s", "scoring_s", "outputs_s"):
+        assert m["timings"][phase] >= 0
     assert json.loads(scored["paths"]["manifest"].read_text())["status"] == "complete"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,14 @@ from wsi_pipeline.aggregate import (
 )
 from wsi_pipeline.errors import ModelError, OutputError
 from wsi_pipeline.inference.card import ModelCard, resolve_model
-from wsi_pipeline.inference.scoring import ProgressFn, ScoreResult, make_tasks, run_tasks
+from wsi_pipeline.inference.scoring import (
+    ProgressFn,
+    ScoreResult,
+    cached_session,
+    make_tasks,
+    run_tasks,
+    thread_plan,
+)
 from wsi_pipeline.io.outputs import (
     HEATMAP_FORMAT,
     geojson_features,
@@ -43,12 +51,12 @@ from wsi_pipeline.io.outputs import (
 from wsi_pipeline.provenance import (
     check_writable,
     environment_versions,
+    peak_rss_mib,
     refuse_overwriting_inputs,
     remove_created_folders_on_failure,
 )
 from wsi_pipeline.tiling.plan import TileOptions
 from wsi_pipeline.tiling.source import TileSource, open_source
-from wsi_pipeline.tiling.tiler import tile_slide
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,7 @@ class RunOptions:
     device: str = "auto"
     batch_size: int = 64
     chunk_tiles: int = 256  # tiles per Dask task
-    workers: int | None = None  # local Dask threads
+    workers: int | None = None  # reader threads (local runs; default from inference.scoring.thread_plan)
     backend: str = "auto"
     tiles_out: Path | None = None  # also write the (normalized) tile store here, then score from it
     resources: dict[str, float] | None = None  # distributed worker resources per task, e.g. {"GPU": 1}
@@ -185,28 +193,44 @@ def run_slide(
             manifest: dict[str, Any] = json.loads(paths["manifest"].read_text())
             manifest["skipped"] = True
             return manifest
-        n_workers = opts.workers or min(4, os.cpu_count() or 1)
-        threads = max(1, (os.cpu_count() or 1) // n_workers) if client is None else None
-        # Fail now, not after reading the slide: the output folder must be writable and, for local runs,
-        # the model must load on the device (the session is cached and reused by the local tasks).
-        check_writable(paths["heatmap"].parent)
-        if client is None:
-            from wsi_pipeline.inference.scoring import cached_session
+        local = client is None
+        plan = thread_plan(readers=opts.workers, device=opts.device) if local else None
+        threads = plan.session_threads if plan else None
+        check_writable(paths["heatmap"].parent)  # fail now, not after all the scoring
+        phases: dict[str, float] = {"setup_s": time.perf_counter() - t0}
+        with ThreadPoolExecutor(1, thread_name_prefix="wsi-session") as ex:
+            # The model loads (on the device) while the slide is planned; a model that does not load is
+            # reported before any error of the slide's, and before a tile store is written.
+            job = ex.submit(cached_session, str(card.path), str(card.onnx_path), opts.device, threads)
+            t = time.perf_counter()
+            try:
+                if opts.tiles_out is not None and source.kind == "slide":
+                    from wsi_pipeline.tiling.tiler import tile_slide
 
-            cached_session(str(card.path), str(card.onnx_path), opts.device, threads)
-
-        if opts.tiles_out is not None and source.kind == "slide":
-            tile_slide(slide_p, opts.tiles_out, tile_opts, backend=opts.backend)
-            source = open_source(opts.tiles_out, tile_opts, opts.backend)
+                    job.result()
+                    tile_slide(slide_p, opts.tiles_out, tile_opts, backend=opts.backend)
+                    source = open_source(opts.tiles_out, tile_opts, opts.backend)
+                source.layout  # noqa: B018 - open, plan (thumbnail, tissue, grid), fit the stain
+            except Exception:
+                job.result()  # raises the model's error if it has one
+                raise
+            phases["plan_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            job.result()
+            phases["session_wait_s"] = time.perf_counter() - t
+        if not local:  # the workers build their own sessions; this one only checked the model
+            cached_session.cache_clear()
 
         tasks = make_tasks(
             source, card, device=opts.device, batch_size=opts.batch_size, chunk_tiles=opts.chunk_tiles,
             threads=threads,
         )  # fmt: skip
         result = run_tasks(
-            tasks, len(card.classes), client=client, workers=n_workers, progress=progress,
+            tasks, len(card.classes), client=client, workers=opts.workers, progress=progress,
             resources=opts.resources,
         )  # fmt: skip
+        phases["scoring_s"] = result.seconds
+        result.extra["phases"] = phases
         return _write_outputs(paths, card, opts, params, result, source, t0)
 
 
@@ -219,6 +243,7 @@ def _write_outputs(
     source: TileSource,
     t0: float,
 ) -> dict[str, Any]:
+    t_outputs = time.perf_counter()
     layout = source.layout
     grid, colrow, coords, fractions = layout.grid, layout.colrow, layout.coords_l0, layout.tissue_fraction
     mpp0, slide_wh = layout.mpp_l0, layout.slide_wh
@@ -267,8 +292,13 @@ def _write_outputs(
             "read_normalize_s_summed": round(result.read_seconds, 3),
             "inference_s_summed": round(result.infer_seconds, 3),
             "tasks": result.n_tasks,
+            "session_waited_for_tiles_s": result.extra.get("wait_s"),
+            **{k: round(v, 3) for k, v in result.extra.get("phases", {}).items()},
+            "outputs_s": round(time.perf_counter() - t_outputs, 3),
+            "peak_rss_mib": peak_rss_mib(),
         },
         "provider": result.provider,
+        "thread_plan": result.extra.get("thread_plan"),
         "scheduler": result.scheduler,
         "device_requested": opts.device,
         "batch_size": opts.batch_size,

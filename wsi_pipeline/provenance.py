@@ -46,6 +46,19 @@ def environment_versions() -> dict[str, str]:
     return out
 
 
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far, MiB (Linux ``VmHWM``: counted from the program's
+    start, unlike ``getrusage``, which carries the parent's peak across fork and exec)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def file_sha256(path: str | os.PathLike[str], *, block: int = 1 << 20) -> str:
     """Hex sha256 of a whole file (for models and reference images, not gigapixel slides)."""
     h = hashlib.sha256()

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,6 @@ def cached_session(
     card_path: str, onnx_path: str, device: str, threads: int | None
 ) -> tuple[Any, str, ModelCard]:
     """One session per worker process and model (onnxruntime sessions are thread-safe to run)."""
-    from dataclasses import replace
-
     card = replace(load_card(card_path), onnx_path=Path(onnx_path))
     session, provider = create_session(card, device, threads=threads)
     return session, provider, card
@@ -64,17 +62,152 @@ def probe_session(card_path: str, onnx_path: str, device: str, threads: int | No
     return str(cached_session(card_path, onnx_path, device, threads)[1])
 
 
+@dataclass(frozen=True)
+class ThreadPlan:
+    """How one process uses its cores: one onnxruntime session with ``session_threads`` intra-op
+    threads, fed by ``readers`` reader/decoder threads through a bounded queue of ``queue_batches``
+    batches. Recorded in the run manifest."""
+
+    cores: int
+    session_threads: int
+    readers: int
+    queue_batches: int = 2
+
+    def to_dict(self) -> dict[str, int]:
+        return {"cores": self.cores, "session_threads": self.session_threads, "readers": self.readers,
+                "queue_batches": self.queue_batches}  # fmt: skip
+
+
+def thread_plan(cores: int | None = None, *, device: str = "cpu", readers: int | None = None) -> ThreadPlan:
+    """The thread plan for ``cores`` CPU cores (default: all this process may use).
+
+    On the CPU the model needs every core and reading a few percent of them: the session gets all
+    cores and one reader thread decodes ahead (two from 8 cores), instead of several sessions that
+    each spawn a thread per core. On a GPU the session needs one CPU thread and readers get the rest.
+    """
+    n = max(1, cores or _usable_cores())
+    if device in ("cuda", "tensorrt"):
+        return ThreadPlan(n, 1, readers or max(1, n - 1), 4)
+    return ThreadPlan(n, n, readers or (1 if n < 8 else 2))
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class _Stream:
+    """What :func:`stream_score` measured (seconds summed over reader threads for ``read_s``)."""
+
+    read_s: float = 0.0
+    infer_s: float = 0.0
+    wait_s: float = 0.0  # the session waiting for tiles: reading is the bottleneck when this is large
+    batches: int = 0
+
+
+def stream_score(
+    units: list[ChunkTask],
+    session: Any,
+    card: ModelCard,
+    *,
+    batch_size: int,
+    readers: int,
+    progress: ProgressFn | None = None,
+    done_before: int = 0,
+    total: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, _Stream]:
+    """Score ``units`` (read units of one source, in tile order) with one session.
+
+    ``readers`` threads read and decode units ahead into a bounded window; this thread cuts the stream
+    into full batches of ``batch_size`` across unit boundaries and runs them, so the session never
+    waits on a partial batch and never competes with other sessions for the cores.
+    """
+    from wsi_pipeline.tiling.read import ordered_map
+
+    n = sum(len(u.colrow) for u in units)
+    total = n if total is None else total
+    tile_px = card.input_size_px
+    probs = np.empty((n, len(card.classes)), np.float32)
+    ood = np.empty(n, np.float32) if card.ood_output else None
+    stats = _Stream()
+    lock = threading.Lock()
+
+    def read(unit: ChunkTask) -> np.ndarray:
+        t = time.perf_counter()
+        tiles = read_chunk(unit.source, unit.colrow, unit.start)
+        with lock:
+            stats.read_s += time.perf_counter() - t
+        return tiles
+
+    batch = np.empty((batch_size, tile_px, tile_px, 3), np.uint8)
+    filled = out_at = 0
+
+    def run(k: int) -> None:
+        nonlocal out_at
+        t = time.perf_counter()
+        p, d = predict_with_ood(session, card, batch[:k], batch_size=k)
+        stats.infer_s += time.perf_counter() - t
+        stats.batches += 1
+        probs[out_at : out_at + k] = p
+        if ood is not None and d is not None:
+            ood[out_at : out_at + k] = d
+        out_at += k
+        if progress:
+            progress(done_before + out_at, total)
+
+    window = max(2, -(-batch_size * 2 // max(1, len(units[0].colrow)))) * readers if units else 2
+    stream = ordered_map(read, units, readers, window, ahead=True)
+    while True:
+        t = time.perf_counter()
+        tiles = next(stream, None)
+        stats.wait_s += time.perf_counter() - t
+        if tiles is None:
+            break
+        i = 0
+        while i < len(tiles):
+            take = min(batch_size - filled, len(tiles) - i)
+            batch[filled : filled + take] = tiles[i : i + take]
+            filled += take
+            i += take
+            if filled == batch_size:
+                run(filled)
+                filled = 0
+    if filled:
+        run(filled)
+    return probs, ood, stats
+
+
 ChunkResult = tuple[np.ndarray, str, float, float, "np.ndarray | None"]
 
 
+def _worker_threads() -> int | None:
+    """Cores per task on a ``distributed`` worker (its cores over its task slots), None elsewhere."""
+    try:
+        from distributed import get_worker
+
+        return max(1, _usable_cores() // max(1, get_worker().state.nthreads))
+    except (ImportError, ValueError):
+        return None
+
+
 def score_chunk(task: ChunkTask) -> ChunkResult:
-    """Run one task: (probabilities (n, classes) float32, provider, read s, infer s, OOD distances (n,))."""
-    session, provider, card = cached_session(task.card_path, task.onnx_path, task.device, task.threads)
-    t0 = time.perf_counter()
-    tiles = read_chunk(task.source, task.colrow, task.start)
-    t1 = time.perf_counter()
-    probs, ood = predict_with_ood(session, card, tiles, batch_size=task.batch_size)
-    return probs, provider, t1 - t0, time.perf_counter() - t1, ood
+    """Run one task: (probabilities (n, classes) float32, provider, read s, infer s, OOD distances (n,)).
+
+    On a cluster worker the session gets the worker's cores over its task slots (start workers with
+    ``--nthreads 1`` to give one task all of them) and one reader decodes ahead within the task.
+    """
+    threads = task.threads or _worker_threads()
+    session, provider, card = cached_session(task.card_path, task.onnx_path, task.device, threads)
+    step = max(1, task.batch_size)
+    units = [
+        replace(task, colrow=task.colrow[i : i + step], start=task.start + i)
+        for i in range(0, len(task.colrow), step)
+    ]
+    probs, ood, st = stream_score(units, session, card, batch_size=task.batch_size, readers=1)
+    return probs, provider, st.read_s, st.infer_s, ood
 
 
 @dataclass
@@ -128,13 +261,17 @@ def run_tasks(
     retries: int = 2,
     resources: dict[str, float] | None = None,
 ) -> ScoreResult:
-    """Run ``tasks`` locally (Dask threads) or on ``client`` (a ``distributed.Client``).
+    """Run ``tasks`` in this process (one session, readers ahead: :func:`stream_score`) or on ``client``
+    (a ``distributed.Client``: one task per chunk, each scored the same way on its worker).
+
+    ``workers`` (local): reader threads (default from :func:`thread_plan`).
 
     ``resources`` (distributed only), e.g. ``{"GPU": 1}``: every task needs that much of the worker
     resources, so it runs only on workers started with ``--resources GPU=1``, one task per GPU.
     """
     total = sum(len(t.colrow) for t in tasks)
     t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
     results: list[ChunkResult | None] = [None] * len(tasks)
     done = 0
     if progress:
@@ -152,25 +289,25 @@ def run_tasks(
                 progress(done, total)
         scheduler = f"distributed {client.scheduler.address}"
     else:
-        import dask
-        from dask.callbacks import Callback
-
-        n_workers = workers or min(4, os.cpu_count() or 1)
-        lock = threading.Lock()
-        counts = [0]
-
-        class _Progress(Callback):
-            def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-                if isinstance(result, tuple) and len(result) == 5 and progress:
-                    with lock:
-                        counts[0] += len(result[0])
-                        progress(counts[0], total)
-
-        delayed = [dask.delayed(score_chunk, pure=False)(t) for t in tasks]
-        with _Progress():
-            computed = dask.compute(*delayed, scheduler="threads", num_workers=n_workers)
-        results = list(computed)
-        scheduler = f"dask threads x{n_workers}"
+        # One process: one session with every core, readers decoding ahead (see ThreadPlan); Dask
+        # threads would run one session.run per thread and multiply inference threads on the cores.
+        plan = thread_plan(readers=workers, device=tasks[0].device if tasks else "cpu")
+        if tasks:
+            t = tasks[0]
+            session, provider, card = cached_session(t.card_path, t.onnx_path, t.device, plan.session_threads)
+            step = t.batch_size
+            units = [
+                replace(task, colrow=task.colrow[i : i + step], start=task.start + i)
+                for task in tasks
+                for i in range(0, len(task.colrow), step)
+            ]
+            probs, ood, st = stream_score(
+                units, session, card, batch_size=t.batch_size, readers=plan.readers, progress=progress,
+                total=total,
+            )  # fmt: skip
+            results = [(probs, provider, st.read_s, st.infer_s, ood)]
+            extra = {"thread_plan": plan.to_dict(), "wait_s": round(st.wait_s, 3), "batches": st.batches}
+        scheduler = f"stream: 1 session x {plan.session_threads} threads, {plan.readers} reader(s)"
     parts = [r for r in results if r is not None]
     probs = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, n_classes), np.float32)
     providers = sorted({p[1] for p in parts})
@@ -185,4 +322,5 @@ def run_tasks(
         infer_seconds=sum(p[3] for p in parts),
         n_tasks=len(tasks),
         scheduler=scheduler,
+        extra=extra,
     )
