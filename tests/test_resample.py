@@ -8,7 +8,7 @@ import pytest
 
 from wsi_pipeline.io.resample import box_mean
 from wsi_pipeline.io.slide import ArraySlide
-from wsi_pipeline.tiling.tiler import resize_tiles
+from wsi_pipeline.tiling.read import resize_tiles
 
 
 def reference(image: np.ndarray, k: int) -> np.ndarray:

@@ -28,8 +28,9 @@ from wsi_pipeline.io.tilestore import TileStoreWriter, open_tile_store, partial_
 from wsi_pipeline.pipeline import RunOptions, output_paths, run_slide
 from wsi_pipeline.tiling.grid import level_to_l0
 from wsi_pipeline.tiling.plan import TileOptions, plan_slide
+from wsi_pipeline.tiling.read import iter_tiles, read_tile
 from wsi_pipeline.tiling.source import SlideSource, StoreSource, open_source
-from wsi_pipeline.tiling.tiler import iter_tiles, read_tile, tile_slide
+from wsi_pipeline.tiling.tiler import tile_slide
 
 
 def _tiles_csv(manifest: dict) -> dict[str, np.ndarray]:

@@ -15,7 +15,8 @@ from wsi_pipeline.errors import ResolutionError, SlideError, StoreError, TissueE
 from wsi_pipeline.io.slide import ArraySlide, open_slide
 from wsi_pipeline.io.tilestore import open_tile_store, partial_path
 from wsi_pipeline.tiling.plan import TileOptions, plan_slide
-from wsi_pipeline.tiling.tiler import iter_tiles, read_tile, tile_slide
+from wsi_pipeline.tiling.read import iter_tiles, read_tile
+from wsi_pipeline.tiling.tiler import tile_slide
 
 SMALL_CHUNKS = TileOptions(chunk_tiles=8, block_tiles=3)
 

@@ -24,17 +24,19 @@ import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from wsi_pipeline.errors import ModelError
 from wsi_pipeline.inference.card import ModelCard
 from wsi_pipeline.io.slide import SlideReader, open_slide, slide_fingerprint
-from wsi_pipeline.io.tilestore import TileStore, open_tile_store
 from wsi_pipeline.tiling.grid import TileGrid
 from wsi_pipeline.tiling.plan import TileOptions, plan_slide, require_tissue
-from wsi_pipeline.tiling.tiler import fit_slide_stain, iter_tiles, stain_transform
+from wsi_pipeline.tiling.read import fit_slide_stain, iter_tiles, stain_transform
+
+if TYPE_CHECKING:  # zarr is imported only when a store is used (it costs ~0.1 s to import)
+    from wsi_pipeline.io.tilestore import TileStore
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,8 @@ class StoreSource(TileSource):
     kind = "store"
 
     def __init__(self, path: str | Path) -> None:
+        from wsi_pipeline.io.tilestore import open_tile_store
+
         self.path = Path(path)
         self.store: TileStore = open_tile_store(self.path)
         self.meta = self.store.meta
@@ -318,6 +322,8 @@ def _cached(key: str, open_fn: Any) -> Any:
 def read_chunk(source: TaskSource, colrow: np.ndarray, start: int) -> np.ndarray:
     """The tiles (n, tile_px, tile_px, 3) uint8 at ``colrow``, tiles ``start``.. of the source's order."""
     if source.kind == "store":
+        from wsi_pipeline.io.tilestore import open_tile_store
+
         store: TileStore = _cached(source.cache_key, lambda: open_tile_store(source.path))
         return np.asarray(store.tiles[start : start + len(colrow)])
     reader: SlideReader = _cached(
