@@ -242,8 +242,16 @@ class ArraySlide:
         pass
 
 
+#: Files that ``auto`` opens with tiffslide first (OpenSlide when tiffslide cannot open them): for
+#: Aperio SVS and tiled TIFF both give the same pixels (checked on CMU-1-Small-Region, TCGA-CR and the
+#: benchmark mosaics: identical tiles), and tiffslide decodes 2.15x faster on one thread (1861 vs 864
+#: tiles/s on the 9,250 px mosaic), because OpenSlide composes every region through cairo as ARGB.
+TIFFSLIDE_FIRST = (".svs", ".tif", ".tiff")
+
+
 def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: bool = True) -> SlideReader:
-    """Open a slide lazily with ``backend`` ('auto' prefers OpenSlide, then tiffslide).
+    """Open a slide lazily with ``backend`` ('auto': tiffslide first for .svs/.tif/.tiff, see
+    :data:`TIFFSLIDE_FIRST`, else OpenSlide first; the other one when the first cannot open it).
 
     ``verify`` also checks a TIFF's structure against its size (truncation); handles opened again for
     reader threads or Dask workers of a slide the pipeline already opened skip that file scan.
@@ -257,7 +265,8 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: b
         raise SlideError(f"{p}: no such file; check the path")
     if p.is_file() and p.stat().st_size == 0:
         raise SlideError(f"{p}: the file is empty (0 bytes); re-copy or re-export the slide")
-    order = ["openslide", "tiffslide"] if backend == "auto" else [backend]
+    first = ["tiffslide", "openslide"] if p.suffix.lower() in TIFFSLIDE_FIRST else ["openslide", "tiffslide"]
+    order = first if backend == "auto" else [backend]
     failures: list[str] = []
     for name in order:
         with _quiet_tifffile():
