@@ -47,9 +47,13 @@ class ChunkTask:
 def cached_session(
     card_path: str, onnx_path: str, device: str, threads: int | None
 ) -> tuple[Any, str, ModelCard]:
-    """One session per worker process and model (onnxruntime sessions are thread-safe to run)."""
+    """One session per worker process and model (onnxruntime sessions are thread-safe to run).
+
+    Its intra-op threads do not spin between batches: reader threads decode on the same cores (on 2
+    cores spinning cost TileNet 13% of its throughput, 494 vs 569 tiles/s, and ResNet-18 3%).
+    """
     card = replace(load_card(card_path), onnx_path=Path(onnx_path))
-    session, provider = create_session(card, device, threads=threads)
+    session, provider = create_session(card, device, threads=threads, spinning=False)
     return session, provider, card
 
 

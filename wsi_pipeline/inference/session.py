@@ -24,9 +24,13 @@ PROVIDERS = {
 }
 
 
-def create_session(card: ModelCard, device: str = "auto", *, threads: int | None = None) -> tuple[Any, str]:
+def create_session(
+    card: ModelCard, device: str = "auto", *, threads: int | None = None, spinning: bool = True
+) -> tuple[Any, str]:
     """An onnxruntime session for ``card`` on ``device``; returns (session, provider really used).
 
+    ``threads``: intra-op threads (default: onnxruntime's, one per core); ``spinning=False`` lets
+    them sleep between batches, which matters when reader threads share the cores.
     ``auto`` takes CUDA when onnxruntime offers it, else the CPU. ``cuda``/``tensorrt`` that are not
     available raise :class:`DeviceError`; so does a session that silently fell back to the CPU.
     """
@@ -53,6 +57,8 @@ def create_session(card: ModelCard, device: str = "auto", *, threads: int | None
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if not spinning:  # idle intra-op threads sleep instead of spinning: reader threads need those cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(card.onnx_path), sess_options=opts, providers=providers)
