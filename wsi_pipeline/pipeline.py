@@ -8,9 +8,11 @@ which also marks the slide as finished for resumed folder runs). See :func:`outp
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -221,6 +223,9 @@ def run_slide(
         if not local:  # the workers build their own sessions; this one only checked the model
             cached_session.cache_clear()
 
+        # The overlay's slide picture does not depend on the scores: made meanwhile by a low-priority
+        # thread from the cycles the scorer leaves idle.
+        picture = _low_priority(_slide_picture, source, opts.overlay_px)
         tasks = make_tasks(
             source, card, device=opts.device, batch_size=opts.batch_size, chunk_tiles=opts.chunk_tiles,
             threads=threads,
@@ -231,7 +236,28 @@ def run_slide(
         )  # fmt: skip
         phases["scoring_s"] = result.seconds
         result.extra["phases"] = phases
-        return _write_outputs(paths, card, opts, params, result, source, t0)
+        return _write_outputs(paths, card, opts, params, result, source, t0, picture=picture)
+
+
+def _slide_picture(source: TileSource, long_side_px: int) -> Any:
+    from wsi_pipeline.tiling.pictures import slide_picture
+
+    return slide_picture(source, long_side_px)
+
+
+def _low_priority(fn: Any, *args: Any) -> Future[Any]:
+    """Run ``fn(*args)`` in a thread at the lowest CPU priority (Linux: nice 19 for that thread)."""
+
+    def run() -> Any:
+        with contextlib.suppress(AttributeError, OSError):  # not Linux: an ordinary thread
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        return fn(*args)
+
+    ex = ThreadPoolExecutor(1, thread_name_prefix="wsi-background")
+    try:
+        return ex.submit(run)
+    finally:
+        ex.shutdown(wait=False)
 
 
 def _write_outputs(
@@ -242,6 +268,8 @@ def _write_outputs(
     result: ScoreResult,
     source: TileSource,
     t0: float,
+    *,
+    picture: Future[Any] | None = None,
 ) -> dict[str, Any]:
     t_outputs = time.perf_counter()
     layout = source.layout
@@ -258,7 +286,7 @@ def _write_outputs(
     label["ood"] = ood_summary(result.ood, card.ood_d_ref, card.ood_warn_above)
     boxes = grid.boxes_l0(colrow)
     regions = tumour_regions(boxes, p_pos >= opts.label.tile_p)
-    pictures = _write_maps(paths, card, opts, source, canvas, regions)
+    pictures = _write_maps(paths, card, opts, source, canvas, regions, picture)
     write_compact_json(
         paths["geojson"],
         geojson_features(boxes, result.probs, card.classes, pos, tile_threshold=opts.label.tile_p,
@@ -329,6 +357,7 @@ def _write_maps(
     source: TileSource,
     canvas: np.ndarray,
     regions: Any,
+    picture: Future[Any] | None = None,
 ) -> dict[str, Any]:
     """The probability and colour TIFFs and the overlay PNG; returns the slide picture (for the report)
     and how the overlay was made."""
@@ -347,7 +376,7 @@ def _write_maps(
     }
     write_probability_tiff(paths["heatmap"], canvas, description=desc, **geo)
     write_colour_tiff(paths["colour"], canvas, description=desc, **geo)
-    pic = slide_picture(source, opts.overlay_px)
+    pic = picture.result() if picture is not None else slide_picture(source, opts.overlay_px)
     overlay = render_overlay(
         pic.image, canvas, l0_per_px=pic.l0_per_px, cell_l0_px=cell, mpp_l0=mpp0,
         threshold=opts.label.tile_p, origin_l0=origin, regions=regions, positive_name=card.positive_class,
