@@ -106,3 +106,12 @@ def test_real_slide_tissue_fraction() -> None:
     th = read_thumbnail(r, 0.499)
     frac = tissue_mask(th.image, mpp=th.mpp).mean()
     assert 0.25 < frac < 0.5  # skin section covering about a third of the region (checked by eye)
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3, 5, 8])
+def test_disk_footprint_is_scikit_images(radius: int) -> None:
+    from skimage.morphology import disk as sk_disk
+
+    from wsi_pipeline.tiling.tissue import disk
+
+    np.testing.assert_array_equal(disk(radius), sk_disk(radius).astype(bool))

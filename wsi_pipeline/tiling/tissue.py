@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
-from skimage.filters import threshold_otsu
-from skimage.morphology import disk
+
+# scipy.ndimage and scikit-image are imported where they are used: they take ~0.25 s to import, which
+# then overlaps the model's loading (pipeline.run_slide loads it in another thread while planning).
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class TissueParams:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_BAND_ROWS = 512  # thumbnail rows per band in tissue_mask
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
@@ -45,20 +48,32 @@ def tissue_mask(thumb: np.ndarray, *, mpp: float, params: TissueParams | None = 
     holes filled and small specks removed (sizes in um / um^2). An empty or all-background
     thumbnail gives an all-False mask.
     """
+    from scipy import ndimage
+    from skimage.filters.thresholding import threshold_otsu
+
     p = params or TissueParams()
     if thumb.ndim != 3 or thumb.shape[2] != 3:
         raise ValueError(f"expected an RGB thumbnail (h, w, 3), got shape {thumb.shape}")
-    sat = saturation(thumb)
-    not_dark = thumb.max(axis=-1) >= p.black_value
-    if not not_dark.any():
+    # Row bands of the thumbnail, so the float32 saturation never exists for the whole slide at once
+    # (a 100k x 100k slide at 0.5 um/px has a 6250 x 6250 px thumbnail: 156 MB per float32 copy).
+    bands = [slice(y, y + _BAND_ROWS) for y in range(0, thumb.shape[0], _BAND_ROWS)]
+    # Otsu on a 256-bin histogram of the non-dark pixels' saturation, accumulated band by band.
+    counts = np.zeros(256, np.int64)
+    edges = np.histogram_bin_edges(np.zeros(0), bins=256, range=(0.0, 1.0))
+    for band in bands:
+        part = thumb[band]
+        sat = saturation(part)[part.max(axis=-1) >= p.black_value]
+        counts += np.histogram(sat, bins=256, range=(0.0, 1.0))[0]
+    if not counts.any():
         return np.zeros(thumb.shape[:2], bool)
-    # Otsu on a 256-bin histogram: same threshold, no copy of the candidate pixels.
-    counts, edges = np.histogram(sat[not_dark], bins=256, range=(0.0, 1.0))
     thr = p.min_saturation
     if np.count_nonzero(counts) > 1:
         centres = (edges[:-1] + edges[1:]) / 2
         thr = max(thr, float(threshold_otsu(hist=(counts, centres))))
-    mask = (sat > thr) & not_dark
+    mask = np.empty(thumb.shape[:2], bool)
+    for band in bands:
+        part = thumb[band]
+        mask[band] = (saturation(part) > thr) & (part.max(axis=-1) >= p.black_value)
     px_area_um2 = mpp * mpp
     radius = round(p.closing_um / mpp)
     if radius >= 1:
@@ -68,11 +83,29 @@ def tissue_mask(thumb: np.ndarray, *, mpp: float, params: TissueParams | None = 
     return _remove_small_objects(mask, min_px=int(np.ceil(p.min_tissue_um2 / px_area_um2)))
 
 
+def disk(radius: int) -> np.ndarray:
+    """Disk footprint of ``radius`` pixels, (2r+1, 2r+1) bool: x^2 + y^2 <= r^2, as
+    ``skimage.morphology.disk`` (whose package costs 0.08 s more to import for these 2 lines)."""
+    yy, xx = np.ogrid[-radius : radius + 1, -radius : radius + 1]
+    return np.asarray(xx * xx + yy * yy <= radius * radius)
+
+
+def _label_sizes(labels: np.ndarray, n: int) -> np.ndarray:
+    """Pixels per label 0..n, counted band by band (``np.bincount`` would copy the whole int32 label
+    image to int64 first: 312 MB for a 100k x 100k slide's mask)."""
+    sizes = np.zeros(n + 1, np.int64)
+    for y in range(0, labels.shape[0], _BAND_ROWS):
+        sizes += np.bincount(labels[y : y + _BAND_ROWS].ravel(), minlength=n + 1)
+    return sizes
+
+
 def _remove_small_objects(mask: np.ndarray, *, min_px: int) -> np.ndarray:
+    from scipy import ndimage
+
     if min_px <= 1 or not mask.any():
         return mask
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3)), output=np.int32)
-    sizes = np.bincount(labels.ravel())
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3)), output=np.int32)
+    sizes = _label_sizes(labels, n)
     keep = sizes >= min_px
     keep[0] = False
     return np.asarray(keep[labels])
@@ -80,10 +113,12 @@ def _remove_small_objects(mask: np.ndarray, *, min_px: int) -> np.ndarray:
 
 def _fill_small_holes(mask: np.ndarray, *, max_px: int) -> np.ndarray:
     """Fill background components of at most ``max_px`` pixels that do not touch the border."""
+    from scipy import ndimage
+
     if max_px < 1:
         return mask
-    labels, _ = ndimage.label(~mask, output=np.int32)  # 4-connected background
-    sizes = np.bincount(labels.ravel())
+    labels, n = ndimage.label(~mask, output=np.int32)  # 4-connected background
+    sizes = _label_sizes(labels, n)
     border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     fill = sizes <= max_px
     fill[0] = False
@@ -99,12 +134,16 @@ def tissue_fraction_in_boxes(mask: np.ndarray, boxes_l0: np.ndarray, downsample:
     """
     if len(boxes_l0) == 0:
         return np.zeros(0, np.float32)
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
-    integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    # Summed-area table, built in place in the narrowest integer that holds the mask's pixel count: for
+    # a 100k x 100k slide's 6250 px mask this is 156 MB, where int64 copies peaked at over 1 GB.
+    dtype = np.int32 if mask.size < 2**31 else np.int64
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype)
+    np.cumsum(mask, axis=0, dtype=dtype, out=integral[1:, 1:])
+    np.cumsum(integral[1:, 1:], axis=1, out=integral[1:, 1:])
     b = np.asarray(boxes_l0, np.float64) / downsample
     x0 = np.clip(np.round(b[:, 0]).astype(np.int64), 0, mask.shape[1] - 1)
     y0 = np.clip(np.round(b[:, 1]).astype(np.int64), 0, mask.shape[0] - 1)
     x1 = np.clip(np.maximum(np.round(b[:, 2]).astype(np.int64), x0 + 1), 1, mask.shape[1])
     y1 = np.clip(np.maximum(np.round(b[:, 3]).astype(np.int64), y0 + 1), 1, mask.shape[0])
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    inside = integral[y1, x1].astype(np.int64) - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     return (inside / ((x1 - x0) * (y1 - y0))).astype(np.float32)
