@@ -151,7 +151,7 @@ def _tile_options(fn: F) -> F:
         click.option("--min-tissue-area", type=click.FloatRange(min=0.0), default=10_000.0, show_default=True,
                      help="Ignore tissue pieces smaller than this, um^2."),
         click.option("--workers", type=click.IntRange(min=1), default=None,
-                     help="Reader threads [default: CPUs, at most 4]."),
+                     help="Reader threads [default: tiling: CPUs, at most 4; scoring: 1, 2 from 8 cores]."),
         click.option("--normalize", type=click.Choice(["none", "macenko"]), default=None,
                      help="Stain normalization: one Macenko model fitted per slide, applied to every tile "
                           "[default: what the model card asks for when scoring, else none]."),
