@@ -242,7 +242,7 @@ def test_wheel_carries_the_model_and_the_entry_point(wheel: Path) -> None:
                 onnx = next(n for n in data if n.endswith("/" + card["onnx_file"]))
                 assert hashlib.sha256(z.read(onnx)).hexdigest() == card["sha256"]
         (ep,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
-        assert re.search(r"^wsi-infer\s*=\s*wsi_pipeline\.cli:main$", z.read(ep).decode(), re.M)
+        assert re.search(r"^wsi-infer\s*=\s*wsi_pipeline\.cli:run$", z.read(ep).decode(), re.M)
         # Test helpers (testkit: synthetic and benchmark slides) and training code stay out of the wheel.
         assert not any(n.startswith(("tests/", "models/", "testkit/", "benchmarks/")) for n in names)
         assert "wsi_pipeline/inference/model_card.schema.json" in names  # load_card reads it

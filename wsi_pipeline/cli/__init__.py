@@ -1,5 +1,32 @@
 """The ``wsi-infer`` command line."""
 
+from __future__ import annotations
+
+import os
+import sys
+
 from wsi_pipeline.cli.commands import main
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
+
+
+def run() -> None:
+    """The ``wsi-infer`` program: :func:`main`, then exit without tearing the interpreter down.
+
+    Every output is written (atomically) and closed before ``main`` returns, so the only work left at
+    exit is freeing memory: the onnxruntime session, thread pools, modules. That took 0.12 s of a
+    1.5 s run on the bundled sample; ``os._exit`` skips it. ``main`` itself stays an ordinary
+    function for tests and for calling from Python.
+    """
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message") prints the message, exit status 1
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

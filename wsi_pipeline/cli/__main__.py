@@ -1,3 +1,3 @@
-from wsi_pipeline.cli.commands import main
+from wsi_pipeline.cli import run
 
-main()
+run()
