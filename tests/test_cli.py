@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import Fixture, shared
-from wsi_pipeline.cli.commands import main
+from wsi_pipeline.cli import main
 from wsi_pipeline.io.tilestore import open_tile_store, partial_path
 
 

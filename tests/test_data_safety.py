@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from conftest import TUMOUR_SPEC, Fixture
 from testkit.synthetic import write_synthetic_slide
-from wsi_pipeline.cli.commands import main
+from wsi_pipeline.cli import main
 
 pytestmark = pytest.mark.reliability
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "CMU-1-Small-Region.svs"

@@ -170,7 +170,7 @@ def test_build_context_is_small_and_has_what_the_images_copy() -> None:
     for name in (
         "pyproject.toml",
         "README.md",
-        "wsi_pipeline/cli/commands.py",
+        "wsi_pipeline/cli/group.py",
         "docker/requirements-cpu.txt",
     ):
         assert name in files

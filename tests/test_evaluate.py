@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from shapely.geometry import Point, Polygon, box
 
 from conftest import Fixture, shared
-from wsi_pipeline.cli.commands import main
+from wsi_pipeline.cli import main
 from wsi_pipeline.errors import AnnotationError
 from wsi_pipeline.evaluation.annotations import (
     GroupMapping,

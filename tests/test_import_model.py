@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import write_test_model
-from wsi_pipeline.cli.commands import main
+from wsi_pipeline.cli import main
 from wsi_pipeline.errors import ModelError
 from wsi_pipeline.inference.card import SCHEMA_FILE, card_from_dict, card_schema, load_card, validate_card
 from wsi_pipeline.inference.importer import (
@@ -424,7 +424,7 @@ def test_the_runtime_and_the_new_commands_never_import_torch(tmp_path: Path) -> 
         "import sys\n"
         "from click.testing import CliRunner\n"
         "import wsi_pipeline.inference.importer, wsi_pipeline.pipeline\n"
-        "from wsi_pipeline.cli.commands import main\n"
+        "from wsi_pipeline.cli import main\n"
         f"r = CliRunner().invoke(main, ['check-model', {str(onnx)!r}])\n"
         "assert r.exit_code == 0, r.output\n"
         "print('torch' in sys.modules)\n"

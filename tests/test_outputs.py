@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from conftest import Fixture
 from wsi_pipeline.batch import BatchItem, find_slides, heatmap_path, is_own_output, output_stems
-from wsi_pipeline.cli.commands import main
+from wsi_pipeline.cli import main
 from wsi_pipeline.io.outputs import (
     geojson_features,
     heatmap_canvas,

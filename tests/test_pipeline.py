@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from conftest import Fixture, box_distance_outside, write_test_model
 from testkit.synthetic import SyntheticSpec
-from wsi_pipeline.cli.commands import main
+from wsi_pipeline.cli import main
 from wsi_pipeline.errors import DeviceError, ModelError
 from wsi_pipeline.inference.card import resolve_model
 from wsi_pipeline.inference.session import create_session

@@ -30,7 +30,7 @@ from click.testing import CliRunner
 
 from conftest import BENIGN_SPEC, Fixture, write_test_model
 from testkit.synthetic import SyntheticSpec, write_synthetic_slide
-from wsi_pipeline.cli.commands import main
+from wsi_pipeline.cli import main
 from wsi_pipeline.io.tilestore import open_tile_store, partial_path
 from wsi_pipeline.pipeline import RunOptions, output_paths, run_slide
 from wsi_pipeline.tiling.plan import TileOptions
@@ -172,7 +172,7 @@ if slow:
         _write(self, k, tiles)
         time.sleep(slow)
     ts.TileStoreWriter.write_chunk = write_chunk
-from wsi_pipeline.cli.commands import main
+from wsi_pipeline.cli import main
 sys.argv[0] = "wsi-infer"
 main()
 """

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import Fixture
-from wsi_pipeline.cli.commands import main
+from wsi_pipeline.cli import main
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "CMU-1-Small-Region.svs"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import Fixture, write_test_model
-from wsi_pipeline.cli.commands import main as cli_main
+from wsi_pipeline.cli import main as cli_main
 from wsi_pipeline.pipeline import output_paths
 
 distributed = pytest.importorskip("distributed")

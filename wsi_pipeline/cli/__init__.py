@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from wsi_pipeline.cli.commands import main
+from wsi_pipeline.cli import evaluate, models, score, tile  # noqa: F401 - each registers its commands
+from wsi_pipeline.cli.group import main
 
 __all__ = ["main", "run"]
 

@@ -1,0 +1,263 @@
+"""The ``wsi-infer`` group and what its commands share: error mapping, progress bars, option sets.
+
+The commands live in one module each (``tile`` with ``info``, ``score``, ``evaluate``, ``models``);
+importing :mod:`wsi_pipeline.cli` registers them. The CLI is thin: it parses options, calls one
+function per stage, maps errors.
+
+Every :class:`~wsi_pipeline.errors.WsiError` becomes one line on stderr ("error: FILE: what; fix")
+and the error's exit code; Ctrl-C exits 130 and leaves a resumable partial output.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from wsi_pipeline import __version__
+from wsi_pipeline.errors import UsageError, WsiError
+
+F = TypeVar("F", bound=Callable[..., Any])
+_POSITIVE = click.FloatRange(min=0.0, min_open=True)
+
+
+def _err(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+
+
+def _run_guarded(fn: Callable[[], int | None]) -> None:
+    """Run a command body; map our errors to one line + exit code."""
+    try:
+        code = fn() or 0
+    except WsiError as exc:
+        _err(str(exc))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _err("interrupted; re-run the same command to resume where it stopped")
+        sys.exit(130)
+    sys.exit(code)
+
+
+class _Bars:
+    """Progress bars of one command: one per slide (tiles done/total, tiles/s, ETA) and, for folders,
+    an overall bar (slides done/total, ETA). Disabled bars cost nothing."""
+
+    def __init__(self, *, enabled: bool, n_slides: int | None = None) -> None:
+        self.enabled = enabled
+        self.n_slides = n_slides
+        self._bar: Any = None
+        self._overall: Any = None
+
+    def __enter__(self) -> _Bars:
+        if not self.enabled:
+            return self
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"), TaskProgressColumn(), TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        )  # fmt: skip
+        self._bar.__enter__()
+        if self.n_slides:
+            self._overall = self._bar.add_task("all slides", total=self.n_slides, unit="slides", rate="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def echo(self, msg: str) -> None:
+        """A line above the bars (plain echo when they are off)."""
+        if self._bar is not None:
+            self._bar.console.print(msg, markup=False, highlight=False, soft_wrap=True)
+        else:
+            click.echo(msg)
+
+    @contextmanager
+    def slide(self, name: str) -> Iterator[Callable[[int, int], None]]:
+        """A bar for one slide, fed by ``update(done, total)``; advances the overall bar at the end."""
+        if self._bar is None:
+            yield lambda done, total: None
+            return
+        task = self._bar.add_task(name, total=None, unit="tiles", rate="")
+        start = time.perf_counter()
+        first: list[int] = []
+
+        def update(done: int, total: int) -> None:
+            if not first:
+                first.append(done)
+            elapsed = time.perf_counter() - start
+            rate = (done - first[0]) / elapsed if elapsed > 0 else 0.0
+            self._bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} tiles/s")
+
+        try:
+            yield update
+        finally:
+            if self._overall is not None:
+                self._bar.remove_task(task)
+                self._bar.advance(self._overall)
+
+
+def _slide_options(fn: F) -> F:
+    """Options shared by every command that reads a slide."""
+    decorators = [
+        click.option(
+            "--backend",
+            type=click.Choice(["auto", "openslide", "tiffslide"]),
+            default="auto",
+            show_default=True,
+            help="Slide reader; auto: tiffslide first for .svs/.tif/.tiff from 8 MB (same pixels, faster), "
+            "else OpenSlide; the other when the first cannot open the file.",
+        ),
+        click.option(
+            "--mpp",
+            type=_POSITIVE,
+            default=None,
+            help="Level-0 microns per pixel, overriding the slide's metadata (needed when it has none).",
+        ),
+    ]
+    for d in reversed(decorators):
+        fn = d(fn)
+    return fn
+
+
+def _tile_options(fn: F) -> F:
+    decorators = [
+        click.option("--target-mpp", type=_POSITIVE, default=None,
+                     help="Resolution of the tiles, microns per pixel [default: the model's when scoring, "
+                          "else 0.5]."),
+        click.option("--tile-size", type=click.IntRange(min=8), default=None,
+                     help="Tile side in pixels [default: the model's when scoring, else 224]."),
+        click.option("--overlap", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Pixels shared by neighbouring tiles (less than the tile size)."),
+        click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=0.25, show_default=True,
+                     help="Keep tiles at least this fraction covered by tissue."),
+        click.option("--level-tolerance", type=click.FloatRange(min=0.0), default=0.1, show_default=True,
+                     help="Use a pyramid level as is when its mpp is within this relative distance."),
+        click.option("--mask-mpp", type=_POSITIVE, default=8.0, show_default=True,
+                     help="Resolution of the thumbnail used for tissue detection, microns per pixel."),
+        click.option("--min-tissue-area", type=click.FloatRange(min=0.0), default=10_000.0, show_default=True,
+                     help="Ignore tissue pieces smaller than this, um^2."),
+        click.option("--workers", type=click.IntRange(min=1), default=None,
+                     help="Reader threads [default: tiling: CPUs, at most 4; scoring: 1, 2 from 8 cores]."),
+        click.option("--normalize", type=click.Choice(["none", "macenko"]), default=None,
+                     help="Stain normalization: one Macenko model fitted per slide, applied to every tile "
+                          "[default: what the model card asks for when scoring, else none]."),
+        click.option("--stain-reference", type=click.Path(path_type=Path), default=None,
+                     help="Reference H&E image (PNG/JPEG) to normalize to [default: standard reference]."),
+    ]  # fmt: skip
+    for d in reversed(decorators):
+        fn = d(fn)
+    return fn
+
+
+class _DefaultGroup(click.Group):
+    """A group whose first argument may be a slide path instead of a command name."""
+
+    default_command = "run"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        first_is_path = bool(args) and args[0] not in self.commands and not args[0].startswith("-")
+        if first_is_path and self.default_command in self.commands:
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """As click's, but a malformed command line is one line (``error: ...``) and exit code 2."""
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
+        except click.UsageError as exc:
+            cmd = exc.ctx.command_path if exc.ctx is not None else "wsi-infer"
+            _err(f"{exc.format_message()} (see `{cmd} --help`)")
+            sys.exit(2)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            _err("aborted")
+            sys.exit(1)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wsi-infer")
+def main() -> None:
+    """Find cancer in H&E whole-slide images.
+
+    \b
+    wsi-infer SLIDE --out heatmap.tif      score a slide: heatmap, GeoJSON, tile table, label
+    wsi-infer SLIDES/ --out results/       every slide of a folder (or a CSV manifest)
+    wsi-infer info SLIDE                  what a slide holds (levels, mpp, tissue)
+    wsi-infer tile SLIDE --out SLIDE.zarr  tissue tiles into a Zarr store
+    wsi-infer import-model DIR --out M.onnx  a WSInfer model-zoo model as ONNX + card
+    wsi-infer check-model M.onnx          does the card match the model? runs one tile
+    wsi-infer model-schema                the model card's JSON Schema
+    """
+
+
+def _options_from(kw: dict[str, Any]) -> Any:
+    from wsi_pipeline.tiling.plan import TileOptions
+    from wsi_pipeline.tiling.tissue import TissueParams
+
+    stain: dict[str, Any] = {}
+    if kw["stain_reference"] is not None:
+        from wsi_pipeline.provenance import file_sha256
+        from wsi_pipeline.stain.macenko import reference_from_image
+
+        ref_path = kw["stain_reference"]
+        stain = {
+            "stain_reference": reference_from_image(ref_path),
+            "stain_reference_name": f"{ref_path.name} (sha256 {file_sha256(ref_path)[:16]})",
+        }
+    tile_px = kw["tile_size"] or 224
+    if kw["overlap"] >= tile_px:
+        raise UsageError(f"--overlap {kw['overlap']} must be smaller than the tile size ({tile_px} px)")
+    return TileOptions(
+        normalize=kw["normalize"] or "none",
+        **stain,
+        target_mpp=kw["target_mpp"] or 0.5,
+        tile_px=tile_px,
+        overlap_px=kw["overlap"],
+        mpp_override=kw["mpp"],
+        level_tolerance=kw["level_tolerance"],
+        min_tissue_fraction=kw["min_tissue"],
+        mask_mpp=kw["mask_mpp"],
+        tissue=TissueParams(min_tissue_um2=kw["min_tissue_area"]),
+        **({"workers": kw["workers"]} if kw["workers"] else {}),
+    )
+
+
+def _batch_callbacks(bars: _Bars) -> dict[str, Any]:
+    return {
+        "on_start": lambda i, n, item: bars.echo(f"[{i}/{n}] {item.slide.name}"),
+        "on_error": lambda item, exc: _err(str(exc)),
+    }
+
+
+def _batch_summary(res: Any, summary: Path, report: Path | None = None) -> int:
+    """The closing line of a folder run, failures listed on stderr; exit code 1 if any failed."""
+    failed = res.failed
+    tiles = sum(int(r.get("n_tiles") or 0) for r in res.rows)
+    click.echo(
+        f"{len(res.rows)} slides, {len(res.rows) - len(failed)} done, {len(failed)} failed, {tiles} tiles, "
+        f"{res.seconds:.1f} s -> {summary}" + (f", {report}" if report is not None else "")
+    )
+    for r in failed:
+        click.echo(f"  failed: {r['error']}", err=True)
+    return 1 if failed else 0

@@ -1,0 +1,228 @@
+"""``wsi-infer run`` (the default command): score a slide, a tile store, a folder or a CSV manifest."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+
+from wsi_pipeline.cli.group import (
+    _Bars,
+    _batch_callbacks,
+    _batch_summary,
+    _options_from,
+    _run_guarded,
+    _slide_options,
+    _tile_options,
+    main,
+)
+from wsi_pipeline.errors import WsiError
+
+
+@main.command()
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Probability map NAME.tif to write (NAME.overlay.png, NAME.report.html, ... beside it); "
+    "a folder for folder/CSV input (NAME: each slide's file stem).",
+)
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="ONNX model with its .json card beside it [default: the shipped tumour model].",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+    default="auto",
+    show_default=True,
+    help="onnxruntime provider; cuda/tensorrt fail when unavailable.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--scheduler", default=None, help="Address of a Dask distributed scheduler (default: local).")
+@click.option(
+    "--chunk-tiles", type=click.IntRange(min=1), default=256, show_default=True, help="Tiles per Dask task."
+)
+@click.option(
+    "--tiles-out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the tile store here (single slide), then score from it.",
+)
+@click.option("--label-rule", type=click.Choice(["area", "topk"]), default="area", show_default=True)
+@click.option(
+    "--tile-threshold",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Tile probability counted as positive (default: the threshold on the model card).",
+)
+@click.option(
+    "--min-area",
+    type=click.FloatRange(min=0.0),
+    default=0.1,
+    show_default=True,
+    help="Positive tissue area (mm^2) that makes the slide positive (area rule).",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Tiles averaged by the topk rule.",
+)
+@click.option(
+    "--geojson-tiles/--no-geojson-tiles",
+    default=True,
+    show_default=True,
+    help="One GeoJSON detection per tile; --no-geojson-tiles keeps only the tumour regions (huge slides).",
+)
+@click.option(
+    "--overlay-size",
+    type=click.IntRange(min=64),
+    default=1000,
+    show_default=True,
+    help="Long side of the slide picture in NAME.overlay.png, pixels.",
+)
+@click.option(
+    "--skip-errors/--stop-on-error",
+    default=True,
+    show_default=True,
+    help="Folder runs: report a bad slide and go on, or stop at the first.",
+)
+@_slide_options
+@_tile_options
+@click.option("--overwrite", is_flag=True, help="Recompute slides whose outputs already exist.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def run(slide: Path, out: Path, quiet: bool, overwrite: bool, skip_errors: bool, **kw: Any) -> None:
+    """Score SLIDE (a slide, a finished .zarr tile store, a folder, or a CSV manifest).
+
+    The CSV manifest has a `slide` column and an optional `mpp` column (per-slide override).
+    """  # fmt: skip
+
+    def body() -> int:
+        from wsi_pipeline.aggregate import LabelRule
+        from wsi_pipeline.pipeline import RunOptions
+
+        label = LabelRule(
+            rule=kw["label_rule"],
+            tile_threshold=kw["tile_threshold"],
+            min_area_mm2=kw["min_area"],
+            top_k=kw["top_k"],
+            topk_threshold=kw["tile_threshold"],
+        )
+        opts = RunOptions(
+            tile=_options_from(kw),
+            label=label,
+            device=kw["device"],
+            batch_size=kw["batch_size"],
+            chunk_tiles=kw["chunk_tiles"],
+            workers=kw["workers"],
+            backend=kw["backend"],
+            tiles_out=kw["tiles_out"],
+            normalize_from_card=kw["normalize"] is None,
+            requested_target_mpp=kw["target_mpp"],
+            requested_tile_px=kw["tile_size"],
+            geojson_tiles=kw["geojson_tiles"],
+            overlay_px=kw["overlay_size"],
+        )
+        client = _client(kw["scheduler"])
+        try:
+            if (slide.is_dir() and slide.suffix != ".zarr") or slide.suffix.lower() == ".csv":
+                return _run_folder(slide, out, opts, kw["model"], client, overwrite, quiet, skip_errors)
+            with _Bars(enabled=not quiet) as bars:
+                target = _single_target(slide, out)
+                _run_one(slide, target, opts, kw["model"], client, overwrite, bars)
+            return 0
+        finally:
+            if client is not None:
+                client.close()
+
+    _run_guarded(body)
+
+
+def _single_target(slide: Path, out: Path) -> Path:
+    """``--out NAME.tif`` as given; ``--out FOLDER`` (an existing folder): the name a folder run would
+    give the slide (``FOLDER/STEM.tif``, or ``FOLDER/NAME.tif`` where that would be the slide)."""
+    if not out.is_dir():
+        return out
+    from wsi_pipeline.batch import BatchItem, heatmap_path, output_stems
+
+    return heatmap_path(out, output_stems([BatchItem(slide)], out)[0])
+
+
+def _client(address: str | None) -> Any:
+    if not address:
+        return None
+    from distributed import Client
+
+    try:
+        return Client(address, timeout="20s")
+    except OSError as exc:
+        raise WsiError(f"cannot reach the Dask scheduler at {address} ({exc}); check --scheduler") from exc
+
+
+def _ood_text(m: dict[str, Any]) -> str:
+    ood = m["label"].get("ood")
+    return f", OOD score {ood['score']}" if ood else ""
+
+
+def _run_one(
+    slide: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, bars: _Bars
+) -> Any:
+    from wsi_pipeline.pipeline import run_slide
+
+    with bars.slide(slide.name) as update:
+        m = run_slide(
+            slide, out, model=model, options=opts, client=client, progress=update, overwrite=overwrite
+        )
+    ev = m["label"]["evidence"]
+    pos = m["model"]["positive_class"]
+    if m.get("skipped"):
+        bars.echo(
+            f"{slide.name}: already done ({m['label']['label']}); outputs in {out.parent} (use --overwrite)"
+        )
+        return m
+    bars.echo(
+        f"{slide.name}: {m['label']['label'].upper()} ({pos} area {ev[f'{pos}_area_mm2']} mm^2, max p "
+        f"{ev['max_p']}{_ood_text(m)}), {m['n_tiles']} tiles in {m['seconds']:.1f} s, "
+        f"{m['tiles_per_s']:,.1f} tiles/s on "
+        f"{m['provider']} -> {', '.join(Path(v).name for v in m['outputs'].values())}"
+    )
+    ood = m["label"].get("ood")
+    if ood and ood.get("warning"):
+        bars.echo(f"{slide.name}: WARNING {ood['warning']}")
+    return m
+
+
+def _run_folder(
+    src: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, quiet: bool, skip: bool
+) -> int:
+    from wsi_pipeline.batch import (
+        BatchItem,
+        batch_items,
+        heatmap_path,
+        output_stems,
+        result_row,
+        run_batch,
+        write_folder_report,
+    )
+
+    items = batch_items(src)
+    names = dict(zip(items, output_stems(items, out), strict=True))
+    with _Bars(enabled=not quiet, n_slides=len(items)) as bars:
+
+        def one(item: BatchItem) -> dict[str, Any]:
+            o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
+            m = _run_one(item.slide, heatmap_path(out, names[item]), o, model, client, overwrite, bars)
+            return result_row(m, out)
+
+        res = run_batch(items, one, out=out, summary_name="summary", stop_on_error=not skip,
+                        **_batch_callbacks(bars))  # fmt: skip
+    report = write_folder_report(out, res.rows)
+    return _batch_summary(res, out / "summary.csv", report)
