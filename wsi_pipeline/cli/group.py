@@ -120,7 +120,7 @@ def _slide_options(fn: F) -> F:
             type=click.Choice(["auto", "openslide", "tiffslide"]),
             default="auto",
             show_default=True,
-            help="Slide reader; auto: tiffslide first for .svs/.tif/.tiff from 8 MB (same pixels, faster), "
+            help="Slide reader; auto: tiffslide first for Aperio .svs from 8 MB (same pixels, faster), "
             "else OpenSlide; the other when the first cannot open the file.",
         ),
         click.option(

@@ -243,10 +243,11 @@ class ArraySlide:
 
 
 #: Files that ``auto`` opens with tiffslide first (OpenSlide when tiffslide cannot open them): for
-#: Aperio SVS and tiled TIFF both give the same pixels (checked on CMU-1-Small-Region, TCGA-CR and the
-#: benchmark mosaics: identical tiles), and tiffslide decodes 2.15x faster on one thread (1861 vs 864
-#: tiles/s on the 9,250 px mosaic), because OpenSlide composes every region through cairo as ARGB.
-TIFFSLIDE_FIRST = (".svs", ".tif", ".tiff")
+#: Aperio SVS both give the same pixels (checked on CMU-1-Small-Region, TCGA-CR and the benchmark
+#: mosaics: identical tiles), and tiffslide decodes 2.15x faster on one thread (1861 vs 864 tiles/s on
+#: the 9,250 px mosaic), because OpenSlide composes every region through cairo as ARGB. Other TIFFs
+#: (Philips, Ventana, generic) stay with OpenSlide first, whose vendor metadata (mpp) is the reference.
+TIFFSLIDE_FIRST = (".svs",)
 #: ... from this file size on: importing tiffslide (and zarr) takes ~0.2 s, which its faster decoding
 #: (~0.6 ms a tile) repays after ~330 tiles, about 8 MB of JPEG tiles at 20x (the 907-tile benchmark
 #: mosaic is 24 MB); smaller files open faster with OpenSlide.
@@ -254,7 +255,7 @@ TIFFSLIDE_MIN_BYTES = 8 << 20
 
 
 def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: bool = True) -> SlideReader:
-    """Open a slide lazily with ``backend`` ('auto': tiffslide first for .svs/.tif/.tiff of at least
+    """Open a slide lazily with ``backend`` ('auto': tiffslide first for Aperio .svs of at least
     :data:`TIFFSLIDE_MIN_BYTES`, else OpenSlide first; the other one when the first cannot open it).
 
     ``verify`` also checks a TIFF's structure against its size (truncation); handles opened again for
