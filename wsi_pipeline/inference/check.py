@@ -16,15 +16,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from wsi_pipeline.errors import DeviceError, ModelError, WsiError
+from wsi_pipeline.errors import ModelError, WsiError
 from wsi_pipeline.inference.card import ModelCard, resolve_model
 
 SAMPLE_NAME = "CMU-1-Small-Region.svs"
-_ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}
 
 
 def sample_slide() -> Path | None:
@@ -87,120 +85,6 @@ def sample_tiles(
     return SampleTiles(tiles, f"{len(tiles)} tissue tile(s) of {path.name} at {mpp:g} um/px", True)
 
 
-def _fix(card: ModelCard, field: str, what: str, fix: str) -> ModelError:
-    return ModelError(f"{card.path}: {field}: {what}; {fix}")
-
-
-def _session(card: ModelCard) -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise DeviceError(
-            "onnxruntime is not installed; pip install 'wsi-pipeline[cpu]' (or '[gpu]' on a CUDA machine)"
-        ) from exc
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(
-            str(card.onnx_path), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:
-        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{card.onnx_path}: not a loadable ONNX model ({msg}); re-export the model") from exc
-
-
-def _layout_of(dims: list[Any]) -> str | None:
-    """NCHW or NHWC from an input's non-batch dims, None when the shape does not tell."""
-    first, last = dims[0] == 3, dims[2] == 3
-    if first and not last:
-        return "NCHW"
-    if last and not first:
-        return "NHWC"
-    return None
-
-
-def check_graph(session: Any, card: ModelCard) -> None:
-    """Compare the card with the graph of ``session``, field by field; raise one :class:`ModelError`
-    naming the first field that differs and how to fix the card."""
-    inputs = {i.name: i for i in session.get_inputs()}
-    outputs = {o.name: o for o in session.get_outputs()}
-    if card.input_name not in inputs:
-        names = list(inputs)
-        fix = f'set input.name to "{names[0]}"' if len(names) == 1 else f"set input.name to one of {names}"
-        raise _fix(
-            card, "input.name", f"the model has no input {card.input_name!r} (its inputs: {names})", fix
-        )
-    inp = inputs[card.input_name]
-    shape = list(inp.shape)
-    if len(shape) != 4:
-        raise _fix(
-            card, "input", f"the model's input {inp.name!r} has shape {shape}",
-            "wsi-pipeline feeds a batch of RGB tiles, [N, 3, size, size] (NCHW) or [N, size, size, 3] "
-            "(NHWC): use a model with a 4-d image input",
-        )  # fmt: skip
-    dims = shape[1:]
-    layout = _layout_of(dims)
-    if layout is not None and layout != card.input_layout:
-        raise _fix(
-            card, "input.layout", f"the card says {card.input_layout} but the model takes {shape} ({layout})",
-            f'set input.layout to "{layout}" (and input.shape to match)',
-        )  # fmt: skip
-    spatial = dims[1:] if card.input_layout == "NCHW" else dims[:2]
-    channels = dims[0] if card.input_layout == "NCHW" else dims[2]
-    if isinstance(channels, int) and channels != 3:
-        raise _fix(
-            card, "input", f"the model's input {inp.name!r} {shape} has {channels} channels",
-            "wsi-pipeline feeds RGB tiles (3 channels): use an RGB model",
-        )  # fmt: skip
-    sizes = [d for d in spatial if isinstance(d, int)]
-    if sizes and any(d != card.input_size_px for d in sizes):
-        raise _fix(
-            card, "input.size_px", f"the card says {card.input_size_px} but the model takes {shape}",
-            f"set input.size_px to {sizes[0]} (and mpp to the um/px the model was trained at)",
-        )  # fmt: skip
-    dtype = _ORT_TYPES.get(inp.type)
-    if dtype is None:
-        raise _fix(
-            card, "input.dtype", f"the model takes {inp.type}",
-            "wsi-pipeline feeds uint8 (0-255) or float32 tiles: re-export the model with one of those",
-        )  # fmt: skip
-    if dtype != card.input_dtype:
-        how = (
-            "tiles are then fed as RGB / 255, normalized by preprocessing.mean/std unless "
-            "preprocessing.in_graph"
-            if dtype == "float32"
-            else "tiles are then fed as 0-255 RGB"
-        )
-        raise _fix(
-            card, "input.dtype", f"the card says {card.input_dtype} but the model takes {inp.type}",
-            f'set input.dtype to "{dtype}" ({how})',
-        )  # fmt: skip
-    if card.output_name not in outputs:
-        names = list(outputs)
-        fix = f'set output.name to "{names[0]}"' if len(names) == 1 else f"set output.name to one of {names}"
-        raise _fix(
-            card, "output.name", f"the model has no output {card.output_name!r} (its outputs: {names})", fix
-        )
-    out_shape = list(outputs[card.output_name].shape)
-    if len(out_shape) != 2:
-        raise _fix(
-            card, "output.name", f"output {card.output_name!r} has shape {out_shape}",
-            "it must be [N, number of classes]: name the output with one value per class",
-        )  # fmt: skip
-    n_out = out_shape[1]
-    if isinstance(n_out, int) and n_out != len(card.classes):
-        raise _fix(
-            card, "classes", f"the card lists {len(card.classes)} classes but output {card.output_name!r} "
-            f"gives {n_out} values per tile",
-            f"list {n_out} class names, in the order of the output",
-        )  # fmt: skip
-    if card.ood_output and card.ood_output not in outputs:
-        raise _fix(
-            card, "ood.output", f"the model has no output {card.ood_output!r} (its outputs: {list(outputs)})",
-            "name the model's OOD distance output, or remove the ood section",
-        )  # fmt: skip
-
-
 @dataclass(frozen=True)
 class CheckReport:
     card: ModelCard
@@ -231,12 +115,10 @@ def check_model(model: str | os.PathLike[str], *, slide: str | os.PathLike[str] 
     The tile comes from ``slide`` (default: the bundled sample; synthetic when it is absent), cut at
     the card's um/px and size. Raises :class:`ModelError` naming the field and the fix.
     """
-    from wsi_pipeline.inference.session import check_io, prepare_batch, to_probabilities
+    from wsi_pipeline.inference.session import create_session, prepare_batch, to_probabilities
 
     card = resolve_model(model)
-    session = _session(card)
-    check_graph(session, card)
-    check_io(session, card)  # the runtime's own check, which the pipeline runs before scoring
+    session, _ = create_session(card, "cpu")  # checks the card against the graph, as every run does
     got = sample_tiles(card.input_size_px, card.mpp, 1, slide=slide)
     tile = got.tiles[:1]
     try:

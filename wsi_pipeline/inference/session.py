@@ -73,36 +73,109 @@ def create_session(
             f"{card.onnx_path}: asked for {provider} but onnxruntime runs on {used} (CUDA libraries "
             f"missing?); fix the CUDA install or use --device cpu"
         )
-    check_io(session, card)
+    check_graph(session, card)
     return session, used
 
 
-def check_io(session: Any, card: ModelCard) -> None:
-    """Refuse a model whose ONNX inputs/outputs do not match its card."""
+_ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}
+
+
+def _fix(card: ModelCard, field: str, what: str, fix: str) -> ModelError:
+    return ModelError(f"{card.path}: {field}: {what}; {fix}")
+
+
+def _layout_of(dims: list[Any]) -> str | None:
+    """NCHW or NHWC from an input's non-batch dims, None when the shape does not tell."""
+    first, last = dims[0] == 3, dims[2] == 3
+    if first and not last:
+        return "NCHW"
+    if last and not first:
+        return "NHWC"
+    return None
+
+
+def check_graph(session: Any, card: ModelCard) -> None:
+    """Compare the card with the graph of ``session``, field by field; raise one :class:`ModelError`
+    naming the first field that differs and how to fix the card. Every session is checked so
+    (``create_session``: runs and ``wsi-infer check-model`` alike)."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
-    where = card.onnx_path
     if card.input_name not in inputs:
-        raise ModelError(f"{where}: no input {card.input_name!r} (has {list(inputs)}); card and model differ")
-    inp = inputs[card.input_name]
-    s = card.input_size_px
-    expected = [s, s, 3] if card.input_layout == "NHWC" else [3, s, s]
-    dims = list(inp.shape[1:])
-    if len(inp.shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(dims, expected, strict=True)):
-        raise ModelError(
-            f"{where}: input shape {inp.shape} does not fit {card.input_layout} tiles of {s} px; "
-            f"use a model exported for {s} px tiles"
+        names = list(inputs)
+        fix = f'set input.name to "{names[0]}"' if len(names) == 1 else f"set input.name to one of {names}"
+        raise _fix(
+            card, "input.name", f"the model has no input {card.input_name!r} (its inputs: {names})", fix
         )
-    want_type = "tensor(uint8)" if card.input_dtype == "uint8" else "tensor(float)"
-    if inp.type != want_type:
-        raise ModelError(f"{where}: input type {inp.type}, the card says {card.input_dtype}")
+    inp = inputs[card.input_name]
+    shape = list(inp.shape)
+    if len(shape) != 4:
+        raise _fix(
+            card, "input", f"the model's input {inp.name!r} has shape {shape}",
+            "wsi-pipeline feeds a batch of RGB tiles, [N, 3, size, size] (NCHW) or [N, size, size, 3] "
+            "(NHWC): use a model with a 4-d image input",
+        )  # fmt: skip
+    dims = shape[1:]
+    layout = _layout_of(dims)
+    if layout is not None and layout != card.input_layout:
+        raise _fix(
+            card, "input.layout", f"the card says {card.input_layout} but the model takes {shape} ({layout})",
+            f'set input.layout to "{layout}" (and input.shape to match)',
+        )  # fmt: skip
+    spatial = dims[1:] if card.input_layout == "NCHW" else dims[:2]
+    channels = dims[0] if card.input_layout == "NCHW" else dims[2]
+    if isinstance(channels, int) and channels != 3:
+        raise _fix(
+            card, "input", f"the model's input {inp.name!r} {shape} has {channels} channels",
+            "wsi-pipeline feeds RGB tiles (3 channels): use an RGB model",
+        )  # fmt: skip
+    sizes = [d for d in spatial if isinstance(d, int)]
+    if sizes and any(d != card.input_size_px for d in sizes):
+        raise _fix(
+            card, "input.size_px",
+            f"the card says {card.input_size_px} but the model's input shape is {shape}",
+            f"set input.size_px to {sizes[0]} (and mpp to the um/px the model was trained at)",
+        )  # fmt: skip
+    dtype = _ORT_TYPES.get(inp.type)
+    if dtype is None:
+        raise _fix(
+            card, "input.dtype", f"the model takes {inp.type}",
+            "wsi-pipeline feeds uint8 (0-255) or float32 tiles: re-export the model with one of those",
+        )  # fmt: skip
+    if dtype != card.input_dtype:
+        how = (
+            "tiles are then fed as RGB / 255, normalized by preprocessing.mean/std unless "
+            "preprocessing.in_graph"
+            if dtype == "float32"
+            else "tiles are then fed as 0-255 RGB"
+        )
+        raise _fix(
+            card, "input.dtype", f"the card says {card.input_dtype} but the model takes {inp.type}",
+            f'set input.dtype to "{dtype}" ({how})',
+        )  # fmt: skip
     if card.output_name not in outputs:
-        raise ModelError(f"{where}: has no output {card.output_name!r} (has {list(outputs)})")
+        names = list(outputs)
+        fix = f'set output.name to "{names[0]}"' if len(names) == 1 else f"set output.name to one of {names}"
+        raise _fix(
+            card, "output.name", f"the model has no output {card.output_name!r} (its outputs: {names})", fix
+        )
+    out_shape = list(outputs[card.output_name].shape)
+    if len(out_shape) != 2:
+        raise _fix(
+            card, "output.name", f"output {card.output_name!r} has shape {out_shape}",
+            "it must be [N, number of classes]: name the output with one value per class",
+        )  # fmt: skip
+    n_out = out_shape[1]
+    if isinstance(n_out, int) and n_out != len(card.classes):
+        raise _fix(
+            card, "classes", f"the card lists {len(card.classes)} classes but output {card.output_name!r} "
+            f"gives {n_out} values per tile",
+            f"list {n_out} class names, in the order of the output",
+        )  # fmt: skip
     if card.ood_output and card.ood_output not in outputs:
-        raise ModelError(f"{where}: has no output {card.ood_output!r} named by the card's ood section")
-    last = outputs[card.output_name].shape[-1]
-    if isinstance(last, int) and last != len(card.classes):
-        raise ModelError(f"{where}: {last} outputs but the card lists {len(card.classes)} classes")
+        raise _fix(
+            card, "ood.output", f"the model has no output {card.ood_output!r} (its outputs: {list(outputs)})",
+            "name the model's OOD distance output, or remove the ood section",
+        )  # fmt: skip
 
 
 def prepare_batch(tiles: np.ndarray, card: ModelCard) -> np.ndarray:
