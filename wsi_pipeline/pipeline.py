@@ -225,7 +225,9 @@ def run_slide(
 
         # The overlay's slide picture does not depend on the scores: made meanwhile by a low-priority
         # thread from the cycles the scorer leaves idle.
-        picture = _low_priority(_slide_picture, source, opts.overlay_px)
+        from wsi_pipeline.tiling.pictures import slide_picture
+
+        picture = _low_priority(slide_picture, source, opts.overlay_px)
         tasks = make_tasks(
             source, card, device=opts.device, batch_size=opts.batch_size, chunk_tiles=opts.chunk_tiles,
             threads=threads,
@@ -237,12 +239,6 @@ def run_slide(
         phases["scoring_s"] = result.seconds
         result.extra["phases"] = phases
         return _write_outputs(paths, card, opts, params, result, source, t0, picture=picture)
-
-
-def _slide_picture(source: TileSource, long_side_px: int) -> Any:
-    from wsi_pipeline.tiling.pictures import slide_picture
-
-    return slide_picture(source, long_side_px)
 
 
 def _low_priority(fn: Any, *args: Any) -> Future[Any]:
@@ -269,7 +265,7 @@ def _write_outputs(
     source: TileSource,
     t0: float,
     *,
-    picture: Future[Any] | None = None,
+    picture: Future[Any],
 ) -> dict[str, Any]:
     t_outputs = time.perf_counter()
     layout = source.layout
@@ -357,12 +353,10 @@ def _write_maps(
     source: TileSource,
     canvas: np.ndarray,
     regions: Any,
-    picture: Future[Any] | None = None,
+    picture: Future[Any],
 ) -> dict[str, Any]:
     """The probability and colour TIFFs and the overlay PNG; returns the slide picture (for the report)
     and how the overlay was made."""
-    from wsi_pipeline.tiling.pictures import slide_picture
-
     layout = source.layout
     grid, mpp0 = layout.grid, layout.mpp_l0
     cell, origin = float(grid.stride_l0_px), float(grid.cell_origin_l0)
@@ -376,7 +370,7 @@ def _write_maps(
     }
     write_probability_tiff(paths["heatmap"], canvas, description=desc, **geo)
     write_colour_tiff(paths["colour"], canvas, description=desc, **geo)
-    pic = picture.result() if picture is not None else slide_picture(source, opts.overlay_px)
+    pic = picture.result()  # the slide picture, made while the tiles were scored
     overlay = render_overlay(
         pic.image, canvas, l0_per_px=pic.l0_per_px, cell_l0_px=cell, mpp_l0=mpp0,
         threshold=opts.label.tile_p, origin_l0=origin, regions=regions, positive_name=card.positive_class,

@@ -162,8 +162,8 @@ def stream_score(
         if progress:
             progress(done_before + out_at, total)
 
-    window = max(2, -(-batch_size * 2 // max(1, len(units[0].colrow)))) * readers if units else 2
-    stream = ordered_map(read, units, readers, window, ahead=True)
+    # Each reader keeps up to two units in flight: about two batches of tiles ahead per reader.
+    stream = ordered_map(read, units, readers, 2 * readers, ahead=True)
     while True:
         t = time.perf_counter()
         tiles = next(stream, None)
@@ -182,6 +182,16 @@ def stream_score(
     if filled:
         run(filled)
     return probs, ood, stats
+
+
+def read_units(tasks: list[ChunkTask], tiles: int) -> list[ChunkTask]:
+    """``tasks`` cut into read units of ``tiles`` consecutive tiles (one batch each), in tile order."""
+    step = max(1, tiles)
+    return [
+        replace(task, colrow=task.colrow[i : i + step], start=task.start + i)
+        for task in tasks
+        for i in range(0, len(task.colrow), step)
+    ]
 
 
 ChunkResult = tuple[np.ndarray, str, float, float, "np.ndarray | None"]
@@ -205,11 +215,7 @@ def score_chunk(task: ChunkTask) -> ChunkResult:
     """
     threads = task.threads or _worker_threads()
     session, provider, card = cached_session(task.card_path, task.onnx_path, task.device, threads)
-    step = max(1, task.batch_size)
-    units = [
-        replace(task, colrow=task.colrow[i : i + step], start=task.start + i)
-        for i in range(0, len(task.colrow), step)
-    ]
+    units = read_units([task], task.batch_size)
     probs, ood, st = stream_score(units, session, card, batch_size=task.batch_size, readers=1)
     return probs, provider, st.read_s, st.infer_s, ood
 
@@ -299,12 +305,7 @@ def run_tasks(
         if tasks:
             t = tasks[0]
             session, provider, card = cached_session(t.card_path, t.onnx_path, t.device, plan.session_threads)
-            step = t.batch_size
-            units = [
-                replace(task, colrow=task.colrow[i : i + step], start=task.start + i)
-                for task in tasks
-                for i in range(0, len(task.colrow), step)
-            ]
+            units = read_units(tasks, t.batch_size)
             probs, ood, st = stream_score(
                 units, session, card, batch_size=t.batch_size, readers=plan.readers, progress=progress,
                 total=total,

@@ -81,7 +81,7 @@ _ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}
 
 
 def _fix(card: ModelCard, field: str, what: str, fix: str) -> ModelError:
-    return ModelError(f"{card.path}: {field}: {what}; {fix}")
+    return ModelError(f"{card.path}: {field}: {what}; {fix} (model {card.onnx_path.name})")
 
 
 def _layout_of(dims: list[Any]) -> str | None:

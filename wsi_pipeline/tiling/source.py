@@ -31,6 +31,7 @@ import numpy as np
 from wsi_pipeline.errors import ModelError
 from wsi_pipeline.inference.card import ModelCard
 from wsi_pipeline.io.slide import SlideReader, open_slide, slide_fingerprint
+from wsi_pipeline.stain.macenko import REFERENCE
 from wsi_pipeline.tiling.grid import TileGrid
 from wsi_pipeline.tiling.plan import TileOptions, plan_slide, require_tissue
 from wsi_pipeline.tiling.read import fit_slide_stain, iter_tiles, stain_transform
@@ -329,14 +330,9 @@ def read_chunk(source: TaskSource, colrow: np.ndarray, start: int) -> np.ndarray
     reader: SlideReader = _cached(
         source.cache_key, lambda: open_slide(source.path, source.backend, verify=False)
     )  # the client opened and checked the slide
-    transform = stain_transform(source.stain, _reference(source.stain)) if source.stain else None
+    # The stain record names its reference; REFERENCE is only the fallback of records without one.
+    transform = stain_transform(source.stain, REFERENCE) if source.stain else None
     parts = [t for _, t in iter_tiles(reader, (source.grid, colrow), workers=1, transform=transform)]
     if not parts:
         return np.zeros((0, source.grid.tile_px, source.grid.tile_px, 3), np.uint8)
     return np.concatenate(parts)
-
-
-def _reference(stain: dict[str, Any]) -> Any:
-    from wsi_pipeline.stain.macenko import REFERENCE, StainModel
-
-    return StainModel.from_dict(stain["reference"]) if stain.get("reference") else REFERENCE
