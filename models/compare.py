@@ -10,7 +10,10 @@ model: AUC on LC25000, AUC of GlaS malignant tumour glands against healthy tissu
 (adenomas left out), the same with adenomas as negatives, mean P(tumour) per GlaS class, and
 sensitivity/specificity at each model's own card threshold. Choose on ``val``; ``test`` is for the
 record once the choice is made. With ``--split val`` the official CoNSeP test tiles (never trained on)
-are scored too (``consep_val_auc``: epithelium-rich vs stroma/inflammation windows).
+are scored too (``consep_val_auc``: epithelium-rich vs stroma/inflammation windows), and so are the
+epithelium-rich windows of the validation MoNuSAC lung patients (scanned lung adenocarcinoma, all weak
+tumour labels: ``lung_val_called`` is the share called tumour at the model's threshold, a sensitivity).
+``lc25000_benign_called`` is the share of benign LC25000 lung pictures called tumour.
 """
 
 from __future__ import annotations
@@ -21,16 +24,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from models.evaluate import EvalSet, build_sets, default_index, score_sets
-from models.scanned import LabelRule, glas_tiles, load_consep, shared_tiles_dir
+from models.scanned import (
+    MONUSAC_SPLIT,
+    LabelRule,
+    glas_tiles,
+    load_consep,
+    load_monusac,
+    shared_tiles_dir,
+)
 from wsi_pipeline.evaluation.metrics import classification_metrics, roc_auc
 from wsi_pipeline.inference.card import load_card
 
 
 def _sets(
     ref_card: dict[str, Any], split: str, index: Path, stain: str
-) -> tuple[EvalSet, EvalSet, EvalSet | None]:
+) -> tuple[EvalSet, EvalSet, EvalSet | None, EvalSet | None]:
     card = {
         "data": {"split": ref_card["data"]["split"], "glas": {"label_rule": {"adenoma": "negative"}}},
         "preprocessing": {"stain_normalization": stain},
@@ -40,24 +51,38 @@ def _sets(
     if split == "val" and (shared_tiles_dir() / "consep-patches").exists():  # CoNSeP's official test tiles
         imgs, lab, _, groups = glas_tiles(load_consep(None, "test", stain=stain), LabelRule())
         consep = EvalSet("consep-val", imgs, lab, ("consep",) * len(lab), tuple(groups))
-    return sets[split], sets[f"glas-{split}"], consep
+    lung = None
+    if split == "val" and (shared_tiles_dir() / "monusac-lung").exists():
+        imgs, lab, _, groups = glas_tiles(load_monusac(None, MONUSAC_SPLIT["val"], stain=stain), LabelRule())
+        lung = EvalSet("lung-val", imgs, lab, ("monusac",) * len(lab), tuple(groups))
+    return sets[split], sets[f"glas-{split}"], consep, lung
+
+
+def _score(
+    model: Path, lc: EvalSet, glas: EvalSet, consep: EvalSet | None, lung: EvalSet | None
+) -> tuple[npt.NDArray[np.floating], ...]:
+    """P(tumour) of each set (an empty array for a set that is absent)."""
+    sets = [s for s in (lc, glas, consep, lung) if s is not None]
+    probs = iter(score_sets(model, sets))
+    return tuple(next(probs) if s is not None else np.empty(0) for s in (lc, glas, consep, lung))
 
 
 def compare(models: list[Path], split: str, index: Path) -> list[dict[str, Any]]:
     """One row of figures per model (see the module docstring); each model sees its own input
     (Macenko-normalized when its card says so)."""
     cards = [load_card(m.with_suffix(".json")).raw for m in models]
-    cache: dict[str, tuple[EvalSet, EvalSet, EvalSet | None]] = {}
+    cache: dict[str, tuple[EvalSet, EvalSet, EvalSet | None, EvalSet | None]] = {}
     rows = []
     for model, card in zip(models, cards, strict=True):
         stain = (card.get("preprocessing") or {}).get("stain_normalization", "none")
         if stain not in cache:
             cache[stain] = _sets(cards[0], split, index, stain)
-        lc, glas, consep = cache[stain]
+        lc, glas, consep, lung = cache[stain]
         grades = np.asarray(glas.labels)
         adenoma = np.char.endswith(grades.astype(str), "adenomatous")
         thr = float((card.get("threshold") or {}).get("value", 0.5))
-        p_lc, p_glas, *p_consep = score_sets(model, [lc, glas] + ([consep] if consep else []))
+        p_lc, p_glas, p_consep, p_lung = _score(model, lc, glas, consep, lung)
+        benign = np.asarray(lc.labels) == "lung_n"
         g = classification_metrics(glas.tumour, p_glas, thr)
         stroma = (glas.tumour == 0) & np.char.startswith(grades.astype(str), "malignant")
         rows.append(
@@ -66,7 +91,11 @@ def compare(models: list[Path], split: str, index: Path) -> list[dict[str, Any]]
                 "stain": stain,
                 "threshold": thr,
                 "lc25000_auc": round(roc_auc(lc.tumour, p_lc), 4),
-                "consep_val_auc": round(roc_auc(consep.tumour, p_consep[0]), 4) if consep else None,
+                "lc25000_benign_called": round(float((p_lc[benign] >= thr).mean()), 4),
+                "consep_val_auc": round(roc_auc(consep.tumour, p_consep), 4) if consep else None,
+                "lung_val_called": round(float((p_lung >= thr).mean()), 4) if lung else None,
+                "lung_val_mean_p": round(float(p_lung.mean()), 3) if lung else None,
+                "lung_val_tiles": len(p_lung) if lung else None,
                 "glas_auc_without_adenoma": round(roc_auc(glas.tumour[~adenoma], p_glas[~adenoma]), 4),
                 "glas_auc_adenoma_negative": round(roc_auc(glas.tumour, p_glas), 4),
                 "glas_sensitivity": round(g["recall"], 4),

@@ -72,6 +72,27 @@ LIMITATIONS_GLAS = [
     "and the slide OOD score flag slides the model does not know.",
     "Research use only (GlaS data terms); not a medical device.",
 ]
+DATA_LUNG: dict[str, Any] = {
+    "organs": [
+        "lung (LC25000 photographs)",
+        "colon (GlaS scanned regions)",
+        "lung (MoNuSAC scanned regions of TCGA lung adenocarcinoma slides, weak labels)",
+    ],
+    "tumour_mapping": DATA_GLAS["tumour_mapping"] + "; MoNuSAC scanned lung windows whose typed nuclei are "
+    ">= 60 % epithelial (and nuclei >= 5 % of the window) -> tumour (weak label: MoNuSAC does not tell "
+    "malignant from benign epithelium; these are crops of primary-tumour slides)",
+    "scanned_lung": "weak positives only: epithelium-rich windows of MoNuSAC lung regions of 2 TCGA LUAD "
+    "patients (TCGA-49-6743, TCGA-55-7573); 2 more (TCGA-50-6591, TCGA-73-4662) validate. No scanned "
+    "benign lung was available, so specificity on scanned lung is not measured here",
+    "citation": DATA_GLAS["citation"] + " Verma R et al., MoNuSAC2020, IEEE TMI 40(12):3413-3423, 2021.",
+}
+LIMITATIONS_LUNG = [
+    "Trained on LC25000 lung photographs, GlaS colon regions from one scanner (Zeiss MIRAX, one centre, 16 "
+    "patients) and epithelium-rich MoNuSAC lung regions of 2 TCGA lung adenocarcinoma patients (weak "
+    "labels). No scanned benign lung was available: specificity on scanned lung is not measured here.",
+    *LIMITATIONS_GLAS[1:-1],
+    "Research use only (GlaS data terms), non-commercial (MoNuSAC: CC BY-NC-SA 4.0); not a medical device.",
+]
 LIMITATIONS = [
     "Trained and tested on LC25000 lung: microscope-camera photographs (one lab, clean centred fields, "
     "lossy 224 px JPEG re-saves), not whole-slide-image tiles. Transfer to WSI tiles (scanner colour, "
@@ -336,11 +357,20 @@ def main(argv: list[str] | None = None) -> int:
         fit_tiles.append(glas_tiles(load_glas(glas_dir, GLAS_SPLIT["train"], stain=stain), rule)[0])
         if recipe.get("consep"):
             fit_tiles.append(glas_tiles(load_consep(Path(recipe["consep"]), "train", stain=stain), rule)[0])
+    calibration = list(val_sets)
+    if recipe.get("lung"):
+        from models.evaluate import EvalSet
+        from models.scanned import MONUSAC_SPLIT, load_monusac
+
+        lung_dir = Path(recipe["lung"])
+        fit_tiles.append(glas_tiles(load_monusac(lung_dir, MONUSAC_SPLIT["train"], stain=stain), rule)[0])
+        imgs, lab, _, groups = glas_tiles(load_monusac(lung_dir, MONUSAC_SPLIT["val"], stain=stain), rule)
+        calibration.append(EvalSet("lung-val", imgs, lab, ("monusac",) * len(lab), tuple(groups)))
     ood_info = fit_ood(
         model,
         np.concatenate(fit_tiles),
-        np.concatenate([v.images for v in val_sets]),
-        [f"{v.name}:{g}" for v in val_sets for g in v.groups],
+        np.concatenate([v.images for v in calibration]),
+        [f"{v.name}:{g}" for v in calibration for g in v.groups],
     )
     print(f"OOD reference: {ood_info['fit_tiles']} fit tiles, d_ref {ood_info['d_ref']}")
 
@@ -425,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     tr = ckpt["training"]
     targs = tr["args"]
     glas = recipe["name"] == "lc25000+glas"
+    lung = bool(recipe.get("lung"))
     card: dict[str, Any] = {
         "name": args.name,
         "version": args.version,
@@ -489,12 +520,18 @@ def main(argv: list[str] | None = None) -> int:
             "flops_note": "2 x multiply-accumulates of Conv2d and Linear layers per 224 px tile",
         },
         "data": {
-            **(DATA_GLAS if glas else {}),
+            **(DATA_LUNG if lung else DATA_GLAS if glas else {}),
             "dataset": "LC25000 lung (Borkowski et al. 2019), shared copy tiles/lc25000-lung"
-            + (" + GlaS colon regions from whole-slide scans (tiles/glas-colon)" if glas else ""),
-            "licence": "GlaS: research use only (so is this model); LC25000: unknown"
-            if glas
-            else "unknown (no licence stated by the dataset authors)",
+            + (" + GlaS colon regions from whole-slide scans (tiles/glas-colon)" if glas else "")
+            + (" + MoNuSAC lung regions from TCGA whole-slide scans (tiles/monusac-lung)" if lung else ""),
+            "licence": (
+                "GlaS: research use only; MoNuSAC: CC BY-NC-SA 4.0 (so this model is for non-commercial "
+                "research use only); LC25000: unknown"
+                if lung
+                else "GlaS: research use only (so is this model); LC25000: unknown"
+                if glas
+                else "unknown (no licence stated by the dataset authors)"
+            ),
             "index": "shared/data/tiles/lc25000-lung/index.csv",
             "index_sha256": split_info["index_sha256"],
             "glas": (
@@ -507,6 +544,15 @@ def main(argv: list[str] | None = None) -> int:
                     "consep_label); official test tiles (14) validate"
                     if recipe.get("consep")
                     else None,
+                    "lung": (
+                        {
+                            "patients": recipe["lung_split_patients"],
+                            "fraction_of_scanned_tumour_draws": recipe["lung_fraction"],
+                            "label_rule": "models.scanned.consep_label on MoNuSAC nucleus types",
+                        }
+                        if lung
+                        else None
+                    ),
                 }
                 if glas
                 else None
@@ -560,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
             "parity_tiles": len(parity_tiles),
             "parity_tolerance": args.tolerance,
         },
-        "limitations": list(LIMITATIONS_GLAS if glas else LIMITATIONS),
+        "limitations": list(LIMITATIONS_LUNG if lung else LIMITATIONS_GLAS if glas else LIMITATIONS),
     }
     write_card(card, args.out.with_suffix(".json"))
     write_markdown(card, args.out.parent / "MODEL_CARD.md")

@@ -5,7 +5,9 @@ GlaS), a class (50/50), then a tile of that class. GlaS tiles are windows of a r
 scale (``scale_jitter``: the tile's content at 0.5 x logU(0.8, 1.25) um/px) and position, labelled by
 ``crop_label`` on the window actually cut; LC25000 tiles get a random zoom-in of up to 1.3x (their
 scale is unknown, about 0.4-0.6 um/px). Malignant stroma windows make up ``stroma_fraction`` of the
-GlaS non-tumour draws when a region has any. Augmentation happens afterwards (``models.augment``).
+GlaS non-tumour draws when a region has any. With ``lung_regions`` (MoNuSAC scanned lung), epithelium-
+rich lung windows make up ``lung_fraction`` of the scanned tumour draws.
+Augmentation happens afterwards (``models.augment``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class MixedSampler:
         lc_fraction: float = 0.35,
         scale_jitter: tuple[float, float] = (0.8, 1.25),
         stroma_fraction: float = 0.25,
+        lung_regions: Sequence[Region] = (),
+        lung_fraction: float = 0.0,
     ) -> None:
         self.lc_images, self.lc_labels = lc_images, lc_labels
         self.lc_by_label = {k: np.flatnonzero(lc_labels == k) for k in (0, 1)}
@@ -65,6 +69,12 @@ class MixedSampler:
         self.neg_stroma = [c for c in cands[0] if c.region in malignant]
         self.neg_benign = [c for c in cands[0] if c.region not in malignant]
         self.stroma_fraction = stroma_fraction if self.neg_stroma else 0.0
+        # Scanned lung (MoNuSAC): only its epithelium-rich windows are used, as weak tumour labels
+        lung = _candidates(lung_regions, rule)[1]
+        self.n_glas = offset = len(self.regions)
+        self.regions += list(lung_regions)
+        self.lung_pos = [Candidate(c.region + offset, c.x0, c.y0) for c in lung]
+        self.lung_fraction = lung_fraction if self.lung_pos else 0.0
         if self.regions and (not self.pos or not self.neg_benign):
             raise ValueError(
                 f"GlaS regions give {len(self.pos)} tumour and {len(self.neg_benign)} benign windows"
@@ -73,10 +83,11 @@ class MixedSampler:
     def counts(self) -> dict[str, int]:
         return {
             "lc25000_tiles": len(self.lc_images),
-            "glas_regions": len(self.regions),
+            "glas_regions": self.n_glas,
             "glas_tumour_windows": len(self.pos),
             "glas_stroma_windows": len(self.neg_stroma),
             "glas_benign_windows": len(self.neg_benign),
+            "lung_tumour_windows": len(self.lung_pos),
         }
 
     def _lc(self, label: int, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
@@ -91,15 +102,15 @@ class MixedSampler:
 
     def _glas(self, label: int, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
         if label == 1:
-            pool = self.pos
+            pool = self.lung_pos if rng.random() < self.lung_fraction else self.pos
         else:
             pool = self.neg_stroma if rng.random() < self.stroma_fraction else self.neg_benign
         for _ in range(8):
             c = pool[int(rng.integers(len(pool)))]
             reg = self.regions[c.region]
             nominal = reg.window_px()
-            side = nominal * float(np.exp(rng.uniform(*np.log(self.scale_jitter))))
             h, w = reg.image.shape[:2]
+            side = min(nominal * float(np.exp(rng.uniform(*np.log(self.scale_jitter)))), h, w)
             x0 = float(
                 np.clip(c.x0 + (nominal - side) / 2 + rng.uniform(-0.125, 0.125) * nominal, 0, w - side)
             )

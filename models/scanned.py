@@ -296,6 +296,45 @@ def load_consep(root: Path | None = None, split: str = "train", stain: str = "no
     return out
 
 
+MONUSAC_SPLIT: dict[str, tuple[str, ...]] = {
+    "train": ("TCGA-49-6743", "TCGA-55-7573"),
+    "val": ("TCGA-50-6591", "TCGA-73-4662"),
+}
+"""MoNuSAC lung patients per split. Only these four have a region as large as one tile at 0.5 um/px
+(448 px at 0.25 um/px); train holds the largest (31 + 14 half-stride windows), validation the other two
+(10 + 20). No test split: there are too few patients, and the windows are all tumour (sensitivity only)."""
+
+
+def load_monusac(
+    root: Path | None = None, patients: Sequence[str] | None = None, stain: str = "none"
+) -> list[Region]:
+    """MoNuSAC scanned lung regions (TCGA LUAD primary-tumour slides, 0.25 um/px) of ``patients``
+    (all when None) as regions for ``consep_label``: mask = epithelial nuclei, nuclei = any typed
+    nucleus (epithelial, lymphocyte, macrophage, neutrophil; stroma nuclei are not typed).
+
+    MoNuSAC does not tell malignant from benign epithelium; in these primary-tumour crops epithelial
+    nuclei are predominantly carcinoma cells, so epithelium-rich windows are a weak tumour label.
+    Masks are lossy JPEG colour maps, decoded by threshold.
+    """
+    root = root or shared_tiles_dir() / "monusac-lung"
+    keep = None if patients is None else set(patients)
+    with (root / "index.csv").open(newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if "he-image" in r["label"]]
+    out = []
+    for r in rows:
+        if keep is not None and r["group"] not in keep:
+            continue
+        colours = _read_rgb(root / r["path"].replace("images/", "masks/", 1)).astype(np.int16)
+        red, green, blue = colours[..., 0], colours[..., 1], colours[..., 2]
+        epithelial = (green > 128) & (red < 100) & (blue < 100)
+        typed = (red > 128) | (green > 128) | (blue > 128)
+        image = _read_rgb(root / r["path"])
+        name = Path(r["path"]).stem
+        reg = Region(name, image, float(r["mpp"]), "monusac/lung", r["group"], epithelial, typed)
+        out.append(_normalized(reg, stain))
+    return out
+
+
 def pad_reflect(tile: npt.NDArray[np.uint8], tile_px: int = TILE_PX) -> npt.NDArray[np.uint8]:
     """Mirror-pad (or centre-crop) a tile to ``tile_px`` square without changing its scale."""
     h, w = tile.shape[:2]

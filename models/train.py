@@ -37,11 +37,13 @@ from models.mix import MixedSampler, sample_unlabelled
 from models.net import Preprocess, build_net, count_flops, count_params
 from models.scanned import (
     GLAS_SPLIT,
+    MONUSAC_SPLIT,
     LabelRule,
     Region,
     glas_tiles,
     load_consep,
     load_glas,
+    load_monusac,
     load_unlabelled_regions,
     macenko_groups,
 )
@@ -87,6 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--consep", type=Path, default=None, help="CoNSeP folder: also train on its official train tiles"
     )
+    p.add_argument(
+        "--lung", type=Path, default=None,
+        help="MoNuSAC lung folder: also train on epithelium-rich scanned lung windows (weak tumour labels)",
+    )  # fmt: skip
+    p.add_argument("--lung-fraction", type=float, default=0.15, help="share of lung windows in tumour draws")
     p.add_argument("--adenoma", choices=["negative", "exclude"], default="negative", help="GlaS adenomas")
     p.add_argument("--lc-fraction", type=float, default=0.35, help="share of LC25000 tiles with --glas")
     p.add_argument(
@@ -258,8 +265,15 @@ def build_recipe(
     glas_train = load_glas(args.glas, GLAS_SPLIT["train"], stain=args.stain)
     glas_val = load_glas(args.glas, GLAS_SPLIT["val"], stain=args.stain)
     consep = load_consep(args.consep, "train", stain=args.stain) if args.consep is not None else []
+    lung = load_monusac(args.lung, MONUSAC_SPLIT["train"], stain=args.stain) if args.lung is not None else []
     sampler = MixedSampler(
-        train.images, train.tumour, glas_train + consep, rule, lc_fraction=args.lc_fraction
+        train.images,
+        train.tumour,
+        glas_train + consep,
+        rule,
+        lc_fraction=args.lc_fraction,
+        lung_regions=lung,
+        lung_fraction=args.lung_fraction,
     )
     v_images, v_labels, _, _ = glas_tiles(glas_val, rule)
     val_sets.append(ValSet("glas-val", v_images, v_labels))
@@ -274,6 +288,9 @@ def build_recipe(
         "glas": str(args.glas),
         "glas_split_patients": {k: list(v) for k, v in GLAS_SPLIT.items()},
         "consep": str(args.consep) if args.consep is not None else None,
+        "lung": str(args.lung) if args.lung is not None else None,
+        "lung_split_patients": {k: list(v) for k, v in MONUSAC_SPLIT.items()} if lung else None,
+        "lung_fraction": args.lung_fraction if lung else None,
         "label_rule": asdict(rule),
         "lc_fraction": args.lc_fraction,
         "sampler": sampler.counts(),

@@ -103,6 +103,32 @@ def test_mixed_sampler_labels_follow_the_masks() -> None:
     assert counts["glas_tumour_windows"] > 0 and counts["glas_stroma_windows"] > 0
 
 
+def _lung_region(side_px: int) -> Region:
+    """A square scanned-lung region at 0.25 um/px (the window of one tile is 448 px) whose every pixel
+    is an epithelial nucleus: every window is a weak tumour label."""
+    img = np.full((side_px, side_px, 3), (90, 40, 140), np.uint8)
+    full = np.ones((side_px, side_px), bool)
+    return Region("lung", img, 0.25, "monusac/lung", "TCGA-XX-0000", full, full)
+
+
+def test_mixed_sampler_draws_lung_windows_from_regions_barely_larger_than_a_tile() -> None:
+    """A lung region 475 px wide holds one 448 px window; scale jitter up to 1.25x must shrink to the
+    region, never ask for a window outside it (that raised 'box offset can't be negative')."""
+    lc = np.stack([np.full((224, 224, 3), v, np.uint8) for v in (10, 250)])
+    lung = _lung_region(475)
+    sampler = MixedSampler(
+        lc, np.array([0, 1]), [_region("malignant/m"), _region("benign/healthy")], LabelRule(),
+        lc_fraction=0.0, lung_regions=[lung], lung_fraction=0.5,
+    )  # fmt: skip
+    assert sampler.counts()["lung_tumour_windows"] > 0
+    assert sampler.counts()["glas_regions"] == 2
+    tiles, labels = sampler.sample(400, np.random.default_rng(0))
+    lung_like = (np.abs(tiles.astype(int) - (90, 40, 140)).sum(-1) < 10).all(axis=(1, 2))
+    assert not lung_like[labels == 0].any()  # lung windows are only ever tumour draws
+    share = lung_like[labels == 1].mean()
+    assert 0.35 < share < 0.65  # lung_fraction of the tumour draws
+
+
 def test_sample_unlabelled_draws_from_every_pool() -> None:
     a, b = _region("benign/healthy"), _region("", mpp=0.25)
     b.image[:] = 0
@@ -253,3 +279,25 @@ def test_glas_regions_cut_into_labelled_tiles() -> None:
     assert all(g.startswith("malignant") for g, y in zip(grades, labels, strict=True) if y == 1)
     excluded = glas_tiles(regions, LabelRule(adenoma="exclude"))[2]
     assert not any(g.endswith("adenomatous") for g in excluded)
+
+
+@pytest.mark.realdata
+def test_monusac_lung_regions_give_epithelium_rich_tumour_windows() -> None:
+    if not (SHARED_TILES / "monusac-lung" / "index.csv").exists():
+        pytest.skip(
+            f"real data not available: {SHARED_TILES / 'monusac-lung'} (the shared data folder is absent)"
+        )
+    from models.scanned import MONUSAC_SPLIT, glas_tiles, load_monusac
+
+    assert not set(MONUSAC_SPLIT["train"]) & set(MONUSAC_SPLIT["val"])
+    regions = load_monusac(SHARED_TILES / "monusac-lung", MONUSAC_SPLIT["val"])
+    assert {r.group for r in regions} == set(MONUSAC_SPLIT["val"])
+    for r in regions:
+        assert r.mask is not None and r.nuclei is not None
+        assert r.mask.shape == r.image.shape[:2]
+        assert not (r.mask & ~r.nuclei).any()  # epithelial nuclei are a part of the typed ones
+        assert r.nuclei.mean() < 0.6  # the colour threshold does not take the black background
+    assert all(any(r.mask.any() for r in regions if r.group == g) for g in MONUSAC_SPLIT["val"])
+    images, labels, _, groups = glas_tiles(regions, LabelRule())
+    assert len(images) >= 20 and set(groups) == set(MONUSAC_SPLIT["val"])
+    assert labels.all()  # these primary-tumour crops are epithelium-rich: weak tumour labels only
