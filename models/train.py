@@ -105,6 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="macenko: normalize every source picture / region to the pipeline's reference stain first "
         "(the model card then makes wsi-infer normalize slides the same way)",
     )  # fmt: skip
+    p.add_argument(
+        "--ema", type=float, default=0.0,
+        help="exponential moving average of the weights (and BatchNorm statistics) with this decay per "
+        "step; validation, early stopping and the checkpoint use the average (0: off)",
+    )  # fmt: skip
     p.add_argument("--ssl", choices=["none", "fixmatch"], default="none", help="semi-supervised loss")
     p.add_argument("--ssl-weight", type=float, default=1.0, help="FixMatch unlabelled-loss weight")
     p.add_argument("--ssl-threshold", type=float, default=0.95, help="FixMatch pseudo-label confidence")
@@ -216,6 +221,7 @@ def train_one_epoch(
     device: torch.device,
     epoch: int,
     n_tiles: int,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> float:
     net.train()
     total, seen, t0, kept = 0.0, 0, time.perf_counter(), 0.0
@@ -234,6 +240,8 @@ def train_one_epoch(
         loss.backward()
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update_parameters(net)
         total += loss.item() * len(labels)
         seen += len(labels)
         if b % 25 == 0 or b == n_batches:
@@ -364,6 +372,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    ema = None
+    if args.ema:
+        if not 0 < args.ema < 1:
+            raise ValueError(f"--ema must be in (0, 1), got {args.ema}")
+        ema = torch.optim.swa_utils.AveragedModel(
+            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema), use_buffers=True
+        )
+    scored = ema.module if ema is not None else net  # what validation, early stopping and export see
     rng = np.random.default_rng(args.seed)
 
     history: list[dict[str, Any]] = []
@@ -373,9 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     for epoch in range(1, args.epochs + 1):
         t_epoch = time.perf_counter()
         train_loss = train_one_epoch(
-            net, pre, source, unlabelled, loss_fn, opt, sched, rng, args, device, epoch, epoch_tiles
+            net, pre, source, unlabelled, loss_fn, opt, sched, rng, args, device, epoch, epoch_tiles, ema
         )
-        per_set = {v.name: evaluate_split(net, pre, v, device) for v in val_sets}
+        per_set = {v.name: evaluate_split(scored, pre, v, device) for v in val_sets}
         val_loss = float(np.mean([m["loss"] for m in per_set.values()]))
         record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
         for name, m in per_set.items():
@@ -395,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             bad_epochs = 0
             best = {"epoch": epoch, "val_loss": val_loss, "val_metrics": per_set}
             checkpoint = {
-                "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                "state_dict": {k: v.detach().cpu() for k, v in scored.state_dict().items()},
                 "net_config": {"stem": list(args.stem), "stages": list(args.stages)},
                 "mean": mean,
                 "std": std,

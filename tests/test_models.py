@@ -264,6 +264,43 @@ def test_train_export_evaluate_cli_end_to_end(tmp_path: Path) -> None:
     assert evaluate.main(["--model", str(out), "--index", str(index), "--check", "--tolerance", "0"]) == 0
 
 
+def test_train_with_ema_checkpoints_the_averaged_weights(tmp_path: Path) -> None:
+    """With --ema the checkpoint holds the moving average: at a decay of almost 1 it stays at the
+    weights of the first step (next to the seeded initial weights), while the raw weights move on."""
+    torch = _torch()
+    from models import train
+    from models.net import build_net
+
+    index = _write_synthetic_index(tmp_path / "data")
+    small = [
+        "--stem",
+        "8",
+        "8",
+        "--stages",
+        "8",
+        "16",
+        "--batch-size",
+        "4",
+        "--threads",
+        "2",
+        "--epochs",
+        "2",
+    ]
+    for name, extra in (("raw", []), ("ema", ["--ema", "0.9999999"])):
+        assert train.main(["--index", str(index), "--out", str(tmp_path / name), *small, *extra]) == 0
+    train.seed_everything(0)
+    net = build_net([8, 8], [8, 16])
+    initial = {k: v.detach().clone() for k, v in net.named_parameters()}  # BatchNorm statistics move at once
+
+    def distance(run: str) -> float:
+        state = torch.load(tmp_path / run / "best.pt", weights_only=False)["state_dict"]
+        return sum(
+            float((state[k] - initial[k]).abs().sum()) for k in initial if initial[k].is_floating_point()
+        )
+
+    assert distance("ema") < 0.2 * distance("raw")
+
+
 # --------------------------------------------------------------------------- the shipped model
 
 
