@@ -6,7 +6,8 @@ scale (``scale_jitter``: the tile's content at 0.5 x logU(0.8, 1.25) um/px) and 
 ``crop_label`` on the window actually cut; LC25000 tiles get a random zoom-in of up to 1.3x (their
 scale is unknown, about 0.4-0.6 um/px). Malignant stroma windows make up ``stroma_fraction`` of the
 GlaS non-tumour draws when a region has any. With ``lung_regions`` (MoNuSAC scanned lung), epithelium-
-rich lung windows make up ``lung_fraction`` of the scanned tumour draws.
+rich lung windows make up ``lung_fraction`` of the scanned tumour draws, and ``crypt_fraction`` of
+the GlaS non-tumour draws are gland-rich windows of healthy regions (normal crypts).
 Augmentation happens afterwards (``models.augment``).
 """
 
@@ -56,6 +57,7 @@ class MixedSampler:
         stroma_fraction: float = 0.25,
         lung_regions: Sequence[Region] = (),
         lung_fraction: float = 0.0,
+        crypt_fraction: float = 0.0,
     ) -> None:
         self.lc_images, self.lc_labels = lc_images, lc_labels
         self.lc_by_label = {k: np.flatnonzero(lc_labels == k) for k in (0, 1)}
@@ -69,6 +71,16 @@ class MixedSampler:
         self.neg_stroma = [c for c in cands[0] if c.region in malignant]
         self.neg_benign = [c for c in cands[0] if c.region not in malignant]
         self.stroma_fraction = stroma_fraction if self.neg_stroma else 0.0
+        # Normal crypts: gland-rich windows of healthy regions, the benign epithelium that weak
+        # "epithelium-rich = tumour" labels (lung) would otherwise pull towards tumour
+        self.neg_crypt = [
+            c
+            for c in self.neg_benign
+            if self.regions[c.region].label == "benign/healthy"
+            and self.regions[c.region].mask_fraction(c.x0, c.y0, self.regions[c.region].window_px())
+            >= rule.tumour_min_gland
+        ]
+        self.crypt_fraction = crypt_fraction if self.neg_crypt else 0.0
         # Scanned lung (MoNuSAC): only its epithelium-rich windows are used, as weak tumour labels
         lung = _candidates(lung_regions, rule)[1]
         self.n_glas = offset = len(self.regions)
@@ -88,6 +100,7 @@ class MixedSampler:
             "glas_stroma_windows": len(self.neg_stroma),
             "glas_benign_windows": len(self.neg_benign),
             "lung_tumour_windows": len(self.lung_pos),
+            "glas_crypt_windows": len(self.neg_crypt),
         }
 
     def _lc(self, label: int, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
@@ -102,9 +115,16 @@ class MixedSampler:
 
     def _glas(self, label: int, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
         if label == 1:
-            pool = self.lung_pos if rng.random() < self.lung_fraction else self.pos
+            # (no draw without lung windows: the recipes before --lung keep their random stream)
+            pool = self.lung_pos if self.lung_fraction and rng.random() < self.lung_fraction else self.pos
         else:
-            pool = self.neg_stroma if rng.random() < self.stroma_fraction else self.neg_benign
+            u = rng.random()
+            if u < self.crypt_fraction:
+                pool = self.neg_crypt
+            elif u < self.crypt_fraction + (1 - self.crypt_fraction) * self.stroma_fraction:
+                pool = self.neg_stroma
+            else:
+                pool = self.neg_benign
         for _ in range(8):
             c = pool[int(rng.integers(len(pool)))]
             reg = self.regions[c.region]

@@ -94,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="MoNuSAC lung folder: also train on epithelium-rich scanned lung windows (weak tumour labels)",
     )  # fmt: skip
     p.add_argument("--lung-fraction", type=float, default=0.15, help="share of lung windows in tumour draws")
+    p.add_argument(
+        "--crypt-fraction", type=float, default=0.0,
+        help="share of GlaS non-tumour draws taken from normal crypts (gland-rich healthy windows)",
+    )  # fmt: skip
     p.add_argument("--adenoma", choices=["negative", "exclude"], default="negative", help="GlaS adenomas")
     p.add_argument("--lc-fraction", type=float, default=0.35, help="share of LC25000 tiles with --glas")
     p.add_argument(
@@ -282,6 +286,7 @@ def build_recipe(
         lc_fraction=args.lc_fraction,
         lung_regions=lung,
         lung_fraction=args.lung_fraction,
+        crypt_fraction=args.crypt_fraction,
     )
     v_images, v_labels, _, _ = glas_tiles(glas_val, rule)
     val_sets.append(ValSet("glas-val", v_images, v_labels))
@@ -301,6 +306,7 @@ def build_recipe(
         "lung_fraction": args.lung_fraction if lung else None,
         "label_rule": asdict(rule),
         "lc_fraction": args.lc_fraction,
+        "crypt_fraction": args.crypt_fraction,
         "sampler": sampler.counts(),
         "glas_val_tiles": {"tiles": len(v_labels), "tumour": int(v_labels.sum())},
         "unlabelled_regions": [len(p) for p in unlabelled],

@@ -129,6 +129,23 @@ def test_mixed_sampler_draws_lung_windows_from_regions_barely_larger_than_a_tile
     assert 0.35 < share < 0.65  # lung_fraction of the tumour draws
 
 
+def test_mixed_sampler_crypt_fraction_draws_normal_crypts_as_negatives() -> None:
+    """crypt_fraction 1: every GlaS non-tumour tile is a gland-rich window of a healthy region (normal
+    crypts), never the stroma half of a malignant region or the bare half of a healthy one."""
+    lc = np.stack([np.full((224, 224, 3), v, np.uint8) for v in (10, 250)])
+    regions = [_region("malignant/m"), _region("benign/healthy")]
+    sampler = MixedSampler(lc, np.array([0, 1]), regions, LabelRule(), lc_fraction=0.0, crypt_fraction=1.0)
+    assert 0 < sampler.counts()["glas_crypt_windows"] < sampler.counts()["glas_benign_windows"]
+    tiles, labels = sampler.sample(200, np.random.default_rng(0))
+    purple = (np.abs(tiles.astype(int) - (120, 60, 150)).sum(-1) < 30).mean(axis=(1, 2))
+    assert (labels == 0).sum() > 50
+    assert (purple[labels == 0] >= 0.15).all()
+    plain = MixedSampler(lc, np.array([0, 1]), regions, LabelRule(), lc_fraction=0.0)
+    tiles, labels = plain.sample(200, np.random.default_rng(0))
+    purple = (np.abs(tiles.astype(int) - (120, 60, 150)).sum(-1) < 30).mean(axis=(1, 2))
+    assert (purple[labels == 0] < 0.15).any()  # without it, stroma and bare windows are negatives too
+
+
 def test_sample_unlabelled_draws_from_every_pool() -> None:
     a, b = _region("benign/healthy"), _region("", mpp=0.25)
     b.image[:] = 0
