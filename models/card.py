@@ -181,7 +181,20 @@ def render_markdown(card: dict[str, Any]) -> str:
         lines += [
             f"- GlaS patients train/val/test: {glas['patients']['train']} / {glas['patients']['val']} / "
             f"{glas['patients']['test']}; tile label rule {glas['label_rule']}; training windows "
-            f"{glas['sampler']}; share of LC25000 tiles per batch {glas['lc_fraction']}.",
+            f"{glas['sampler']}; share of LC25000 tiles per batch {glas['lc_fraction']}"
+            + (
+                f"; share of GlaS non-tumour draws taken from normal crypts {glas['crypt_fraction']}"
+                if glas.get("crypt_fraction")
+                else ""
+            )
+            + (
+                f"; scanned lung: patients {glas['lung']['patients']}, "
+                f"{glas['lung']['fraction_of_scanned_tumour_draws']} of the scanned tumour draws, "
+                f"labels by {glas['lung']['label_rule']}"
+                if glas.get("lung")
+                else ""
+            )
+            + ".",
         ]
     if d.get("organs"):
         lines += [f"- Organs seen: {', '.join(d['organs'])}. Scanned lung: {d['scanned_lung']}."]
@@ -202,6 +215,12 @@ def render_markdown(card: dict[str, Any]) -> str:
                     f"{c['glas_mean_p'].get('benign/healthy')}, "
                     f"adenoma {c['glas_mean_p'].get('benign/adenomatous')}, "
                     f"tumour stroma {c['glas_stroma_mean_p']}; LC25000 AUC {c['lc25000_auc']}"
+                    + (
+                        f"; CoNSeP AUC {c['consep_val_auc']}; share of the {c['lung_val_tiles']} held-out "
+                        f"scanned lung windows called tumour {c['lung_val_called']}"
+                        if c.get("lung_val_called") is not None
+                        else ""
+                    )
                     for c in tr["choices"]["candidates"]
                 ],
             ]

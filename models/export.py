@@ -64,7 +64,7 @@ LIMITATIONS_GLAS = [
     "Trained on LC25000 lung photographs and GlaS colon regions from one scanner (Zeiss MIRAX, one centre, "
     "16 patients); no scanned lung tissue with tumour labels was available. Lung carcinoma on scanned "
     "slides is not measured by the figures here.",
-    "GlaS patients: 7 train, 5 validation, 4 test; intervals resample patients, so with 4 test patients "
+    "GlaS patients: 8 train, 4 validation, 4 test; intervals resample patients, so with 4 test patients "
     "they are wide.",
     "Tiles are labelled from gland masks; stroma inside a tumour is non-tumour by the label rule, so a "
     "tumour heatmap marks tumour epithelium, not the whole tumour outline a pathologist draws.",
@@ -540,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                     "label_rule": recipe["label_rule"],
                     "sampler": recipe["sampler"],
                     "lc_fraction": recipe["lc_fraction"],
+                    "crypt_fraction": recipe.get("crypt_fraction", 0.0),
                     "consep": "official train tiles (27), windows labelled by nucleus types (models.scanned."
                     "consep_label); official test tiles (14) validate"
                     if recipe.get("consep")

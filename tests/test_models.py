@@ -346,7 +346,12 @@ def test_shipped_card_describes_the_graph() -> None:
     assert 0 < card["threshold"]["value"] < 1
     # what the card says about its data and scale
     assert card["data"]["glas"]["patients"]["test"] and "research use only" in card["data"]["licence"].lower()
-    assert "no lung tiles from slide scanners" in card["data"]["scanned_lung"]
+    # the scanned lung it saw (weak labels of MoNuSAC patients) and what that leaves unmeasured
+    assert "MoNuSAC" in card["data"]["scanned_lung"]
+    assert "specificity on scanned lung is not measured" in card["data"]["scanned_lung"]
+    assert "non-commercial" in card["data"]["licence"]
+    lung_patients = card["data"]["glas"]["lung"]["patients"]
+    assert lung_patients["train"] and not set(lung_patients["train"]) & set(lung_patients["val"])
 
 
 @pytest.fixture(scope="module")
