@@ -183,7 +183,8 @@ def render_markdown(card: dict[str, Any]) -> str:
             f"{glas['patients']['test']}; tile label rule {glas['label_rule']}; training windows "
             f"{glas['sampler']}; share of LC25000 tiles per batch {glas['lc_fraction']}"
             + (
-                f"; share of GlaS non-tumour draws taken from normal crypts {glas['crypt_fraction']}"
+                f"; share of GlaS non-tumour draws taken from normal crypts {glas['crypt_fraction']}, "
+                f"of the others from tumour stroma {glas.get('stroma_fraction', 0.25)}"
                 if glas.get("crypt_fraction")
                 else ""
             )

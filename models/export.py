@@ -541,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
                     "sampler": recipe["sampler"],
                     "lc_fraction": recipe["lc_fraction"],
                     "crypt_fraction": recipe.get("crypt_fraction", 0.0),
+                    "stroma_fraction": recipe.get("stroma_fraction", 0.25),
                     "consep": "official train tiles (27), windows labelled by nucleus types (models.scanned."
                     "consep_label); official test tiles (14) validate"
                     if recipe.get("consep")

@@ -98,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--crypt-fraction", type=float, default=0.0,
         help="share of GlaS non-tumour draws taken from normal crypts (gland-rich healthy windows)",
     )  # fmt: skip
+    p.add_argument(
+        "--stroma-fraction", type=float, default=0.25,
+        help="share of the other GlaS non-tumour draws (not crypts) taken from tumour stroma",
+    )  # fmt: skip
     p.add_argument("--adenoma", choices=["negative", "exclude"], default="negative", help="GlaS adenomas")
     p.add_argument("--lc-fraction", type=float, default=0.35, help="share of LC25000 tiles with --glas")
     p.add_argument(
@@ -287,6 +291,7 @@ def build_recipe(
         lung_regions=lung,
         lung_fraction=args.lung_fraction,
         crypt_fraction=args.crypt_fraction,
+        stroma_fraction=args.stroma_fraction,
     )
     v_images, v_labels, _, _ = glas_tiles(glas_val, rule)
     val_sets.append(ValSet("glas-val", v_images, v_labels))
@@ -307,6 +312,7 @@ def build_recipe(
         "label_rule": asdict(rule),
         "lc_fraction": args.lc_fraction,
         "crypt_fraction": args.crypt_fraction,
+        "stroma_fraction": args.stroma_fraction,
         "sampler": sampler.counts(),
         "glas_val_tiles": {"tiles": len(v_labels), "tumour": int(v_labels.sum())},
         "unlabelled_regions": [len(p) for p in unlabelled],
