@@ -276,6 +276,8 @@ def build_recipe(
             raise ValueError(
                 "--ssl needs --glas (its regions and the shared lung tiles are the unlabelled pool)"
             )
+        if args.lung is not None or args.crypt_fraction:
+            raise ValueError("--lung and --crypt-fraction need --glas (they shape its scanned-tissue draws)")
         return BatchSource(train, None, args.batch_size), val_sets, [], {"name": "index", "stain": args.stain}
     rule = LabelRule(adenoma=args.adenoma)
     glas_train = load_glas(args.glas, GLAS_SPLIT["train"], stain=args.stain)

@@ -301,6 +301,18 @@ def test_train_with_ema_checkpoints_the_averaged_weights(tmp_path: Path) -> None
     assert distance("ema") < 0.2 * distance("raw")
 
 
+def test_train_refuses_scanned_options_without_glas(tmp_path: Path) -> None:
+    """--lung and --crypt-fraction only shape the GlaS sampler: without --glas they would be ignored."""
+    _torch()
+    from models import train
+
+    index = _write_synthetic_index(tmp_path / "data")
+    base = ["--index", str(index), "--out", str(tmp_path / "run"), "--epochs", "1", "--threads", "1"]
+    for extra in (["--lung", str(tmp_path)], ["--crypt-fraction", "0.3"]):
+        with pytest.raises(ValueError, match="need --glas"):
+            train.main(base + extra)
+
+
 # --------------------------------------------------------------------------- the shipped model
 
 
