@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -152,6 +153,80 @@ def test_overlay_leaves_low_p_and_unscored_tissue_as_the_slide_looks() -> None:
     assert visible_floor(0.5) == 0.2 and visible_floor(0.1) == 0.1
     a = overlay_alpha(np.array([np.nan, 0.1, 0.2, 0.6, 1.0]), 0.2)
     assert a[0] == a[1] == 0 and 0 < a[2] < a[3] < a[4] <= 0.7
+
+
+def test_overlay_blends_each_pixel_with_the_colour_and_opacity_of_its_cell() -> None:
+    """Colour and opacity computed per cell and spread to pixels equal computing them per pixel."""
+    from wsi_pipeline.io.outputs import ramp_colours
+
+    rng = np.random.default_rng(5)
+    bg = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    canvas = _canvas(7, 11, seed=2)
+    l0_per_px, cell, origin = 3.3, 150.0, -20.0
+    img = render_overlay(bg, canvas, l0_per_px=l0_per_px, cell_l0_px=cell, mpp_l0=0.5, threshold=0.6,
+                         origin_l0=origin)  # fmt: skip
+    ys, xs = np.mgrid[0:300, 0:500]
+    r = np.floor(((ys + 0.5) * l0_per_px - origin) / cell).astype(int)
+    c = np.floor(((xs + 0.5) * l0_per_px - origin) / cell).astype(int)
+    inside = (r >= 0) & (r < 7) & (c >= 0) & (c < 11)
+    p = np.where(inside, canvas[r.clip(0, 6), c.clip(0, 10)], np.nan)
+    a = overlay_alpha(p, visible_floor(0.6))[..., None]
+    expected = np.round(bg.astype(np.float32) * (1 - a) + ramp_colours(np.nan_to_num(p, nan=0.0)) * a)
+    np.testing.assert_array_equal(img[:150, :500], expected[:150].astype(np.uint8))  # above the scale bar
+
+
+@pytest.mark.parametrize("long_side", [100, 200, 1000])
+def test_overlay_picture_comes_from_the_planning_read(
+    any_slide: Fixture, long_side: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source opened for a picture size keeps that picture's base from the thumbnail's read: the
+    same pixels as reading the slide again, and the slide is not opened again for it. Where the
+    thumbnail's level is too coarse for the picture the slide is read as before."""
+    import wsi_pipeline.tiling.pictures as pictures
+    from wsi_pipeline.tiling.plan import TileOptions
+    from wsi_pipeline.tiling.source import open_source
+
+    separate = pictures.slide_picture(open_source(any_slide.path, TileOptions()), long_side)
+    source = open_source(any_slide.path, TileOptions(), picture_px=long_side)
+    layout = source.layout
+    thumbnail_level_ds = {"aperio": 16, "generic": 8}[any_slide.kind]  # levels 1/4/16 and 1/2/8
+    if max(layout.slide_wh) / long_side < thumbnail_level_ds:  # the picture needs a finer level
+        assert layout.picture is None
+    else:
+        assert layout.picture is not None and layout.picture_px == long_side
+
+        def no_reading(_: object) -> None:
+            raise AssertionError("the slide was opened again for its picture")
+
+        monkeypatch.setattr(pictures, "_open_reader", no_reading)
+    shared = pictures.slide_picture(source, long_side)
+    assert shared.origin == separate.origin == "slide" and shared.l0_per_px == separate.l0_per_px
+    np.testing.assert_array_equal(shared.image, separate.image)
+
+
+def test_bundled_sample_is_decoded_once_for_thumbnail_and_overlay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real single-level sample: its 1000 px overlay picture comes from the thumbnail's read
+    (level 0 decoded once, not twice), with the same pixels as a separate read."""
+    import wsi_pipeline.io.slide as slide_io
+    import wsi_pipeline.tiling.pictures as pictures
+    from wsi_pipeline.tiling.plan import TileOptions
+    from wsi_pipeline.tiling.source import open_source
+
+    sample = Path(__file__).resolve().parents[1] / "samples" / "CMU-1-Small-Region.svs"
+    separate = pictures.slide_picture(open_source(sample, TileOptions()), 1000)
+    pixels = {"n": 0}
+    real = slide_io._LibrarySlide.read_region
+
+    def counting(self: Any, loc: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        pixels["n"] += size[0] * size[1]
+        return real(self, loc, level, size)
+
+    monkeypatch.setattr(slide_io._LibrarySlide, "read_region", counting)
+    source = open_source(sample, TileOptions(), picture_px=1000)
+    shared = pictures.slide_picture(source, 1000)
+    w, h = source.layout.slide_wh
+    assert pixels["n"] <= w * h * 1.05  # one pass over level 0 (plus the missing-tile probes)
+    np.testing.assert_array_equal(shared.image, separate.image)
 
 
 @pytest.mark.parametrize("long_side", [1000, 997, 1023, 333, 5000])

@@ -13,6 +13,7 @@ from wsi_pipeline.io.slide import (
     choose_level,
     open_slide,
     read_thumbnail,
+    read_thumbnails,
     resolve_mpp,
     slide_fingerprint,
 )
@@ -141,6 +142,22 @@ def test_thumbnail_is_built_in_blocks_with_known_geometry(aperio_slide: Fixture,
     assert th.image.shape == (64, 96, 3)
     whole = read_thumbnail(r, 0.25, target_mpp=8.0, block_px=4096)
     np.testing.assert_array_equal(th.image, whole.image)  # tiled equals eager
+
+
+def test_one_read_gives_thumbnails_at_several_resolutions(aperio_slide: Fixture, backend: str) -> None:
+    """read_thumbnails: each thumbnail equals the one read on its own (same level, same factor), in
+    any block size; a target finer than the first one's level gets None (it needs a finer level)."""
+    r = open_slide(aperio_slide.path, backend)
+    # 0.25 um/px, levels 1/4/16: 8 um/px is level 2 by 2; 4 and 16 um/px are level 2 by 1 and by 4;
+    # 1 um/px needs level 1.
+    targets = [8.0, 4.0, 16.0, 1.0]
+    for block in (50, 4096):
+        got = read_thumbnails(r, 0.25, targets, block_px=block)
+        assert got[3] is None
+        for t, th in zip(targets[:3], got[:3], strict=True):
+            own = read_thumbnail(r, 0.25, target_mpp=t)
+            assert th is not None and th.downsample == own.downsample and th.mpp == pytest.approx(own.mpp)
+            np.testing.assert_array_equal(th.image, own.image)
 
 
 def test_array_slide_pyramid() -> None:

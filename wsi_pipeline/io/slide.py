@@ -599,21 +599,37 @@ def read_thumbnail(
     box-averages each block by an integer factor; a slide with no small levels never has its full
     level 0 in memory.
     """
+    first = read_thumbnails(reader, mpp_l0, [target_mpp], block_px=block_px)[0]
+    assert first is not None  # the first target always sets the level
+    return first
+
+
+def read_thumbnails(
+    reader: SlideReader, mpp_l0: float, targets_mpp: Sequence[float], *, block_px: int = 2048
+) -> list[Thumbnail | None]:
+    """Several thumbnails from one read of the slide: the first exactly as :func:`read_thumbnail`
+    gives it at ``targets_mpp[0]`` um/px (its level and factor), each further one box-averaged from
+    the same level pixels by its own integer factor, or None where that level is coarser than the
+    target (read it on its own). Each level pixel is decoded once for all of them.
+    """
     downs = reader.level_downsamples
-    want = max(target_mpp / mpp_l0, 1.0)
-    level = max((i for i, d in enumerate(downs) if d <= want * 1.01), key=lambda i: downs[i], default=0)
-    factor = max(1, int(want / downs[level]))
+    wants = [max(t / mpp_l0, 1.0) for t in targets_mpp]
+    level = max((i for i, d in enumerate(downs) if d <= wants[0] * 1.01), key=lambda i: downs[i], default=0)
+    ds = downs[level]
+    factors = [max(1, int(want / ds)) if i == 0 or ds <= want * 1.01 else 0 for i, want in enumerate(wants)]
     w, h = reader.level_dimensions[level]
-    block = max(factor, block_px // factor * factor)
-    out = np.empty((-(-h // factor), -(-w // factor), 3), np.uint8)
+    step = math.lcm(*(f for f in factors if f))  # blocks hold whole cells of every thumbnail
+    block = max(step, block_px // step * step)
+    outs = [np.empty((-(-h // f), -(-w // f), 3), np.uint8) if f else None for f in factors]
     for y in range(0, h, block):
         for x in range(0, w, block):
             bw, bh = min(block, w - x), min(block, h - y)
-            loc = (round(x * downs[level]), round(y * downs[level]))
-            pixels = reader.read_region(loc, level, (bw, bh))
-            small = box_mean(pixels, factor, pad=255)  # the slide's last partial block padded white
-            out[y // factor : y // factor + small.shape[0], x // factor : x // factor + small.shape[1]] = (
-                small
-            )
-    ds = downs[level] * factor
-    return Thumbnail(out, ds, mpp_l0 * ds)
+            pixels = reader.read_region((round(x * ds), round(y * ds)), level, (bw, bh))
+            for f, out in zip(factors, outs, strict=True):
+                if out is not None:
+                    small = box_mean(pixels, f, pad=255)  # the slide's last partial block padded white
+                    out[y // f : y // f + small.shape[0], x // f : x // f + small.shape[1]] = small
+    return [
+        Thumbnail(out, ds * f, mpp_l0 * ds * f) if out is not None else None
+        for f, out in zip(factors, outs, strict=True)
+    ]

@@ -44,24 +44,28 @@ def _open_reader(source: TileSource) -> SlideReader | None:
 
 
 def slide_picture(source: TileSource, long_side_px: int) -> SlidePicture:
-    """The whole slide with its long side ``long_side_px`` pixels (up- or downsampled)."""
+    """The whole slide with its long side ``long_side_px`` pixels (up- or downsampled): from the base
+    the source's planning read with its thumbnail when it was opened for this size, else read now."""
     from PIL import Image
 
     layout = source.layout
     w0, h0 = layout.slide_wh
     l0_per_px = max(w0, h0) / long_side_px
     size = (max(1, round(w0 / l0_per_px)), max(1, round(h0 / l0_per_px)))
-    reader = _open_reader(source)
     origin = "slide"
-    try:
-        if reader is not None:
-            thumb = read_thumbnail(reader, layout.mpp_l0, target_mpp=l0_per_px * layout.mpp_l0)
-            image, ds = thumb.image, thumb.downsample
-        else:
-            image, ds, origin = layout.thumbnail, layout.thumbnail_downsample, "store thumbnail"
-    finally:
-        if reader is not None:
-            reader.close()
+    if layout.picture is not None and layout.picture_px == long_side_px:  # read with the thumbnail
+        image, ds = layout.picture.image, layout.picture.downsample
+    else:
+        reader = _open_reader(source)
+        try:
+            if reader is not None:
+                thumb = read_thumbnail(reader, layout.mpp_l0, target_mpp=l0_per_px * layout.mpp_l0)
+                image, ds = thumb.image, thumb.downsample
+            else:
+                image, ds, origin = layout.thumbnail, layout.thumbnail_downsample, "store thumbnail"
+        finally:
+            if reader is not None:
+                reader.close()
     # Map exactly the slide's extent (the thumbnail's last pixels may pass it) onto the picture; the
     # picture's rounded size may pass the slide by under half a pixel, which the thumbnail may lack.
     ih, iw = image.shape[:2]

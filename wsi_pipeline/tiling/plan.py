@@ -23,7 +23,7 @@ from wsi_pipeline.io.slide import (
     choose_level,
     missing_tiles_l0,
     read_rule,
-    read_thumbnail,
+    read_thumbnails,
     resolve_mpp,
 )
 from wsi_pipeline.stain.macenko import REFERENCE, StainModel
@@ -94,6 +94,7 @@ class SlidePlan:
     colrow: np.ndarray
     coords_l0: np.ndarray
     tissue_fraction: np.ndarray
+    picture: Thumbnail | None = None  # the slide for people (``picture_px``), from the thumbnail's read
 
     @property
     def slide_tissue_fraction(self) -> float:
@@ -151,8 +152,12 @@ def check_missing_tiles(
         )
 
 
-def plan_slide(reader: SlideReader, options: TileOptions) -> SlidePlan:
+def plan_slide(reader: SlideReader, options: TileOptions, *, picture_px: int | None = None) -> SlidePlan:
     """Resolve mpp, choose the level, compute the tissue mask and the kept tiles (in store order).
+
+    With ``picture_px``, the same read of the slide also gives :attr:`SlidePlan.picture`, the base
+    of a picture of the slide with that long side (pixels): box-averaged to at most twice that size,
+    or None when the thumbnail's level is too coarse for it (:func:`read_thumbnails`).
 
     Raises :class:`ResolutionError` without usable mpp, :class:`SlideError` on dark-field or grayscale
     images and on a read level that lacks image tiles under tissue.
@@ -171,7 +176,11 @@ def plan_slide(reader: SlideReader, options: TileOptions) -> SlidePlan:
         origin_rule=origin_rule,
         exact_blocks=exact_blocks,
     )
-    thumb = read_thumbnail(reader, res.mpp, target_mpp=options.mask_mpp)
+    targets = [options.mask_mpp]
+    if picture_px:
+        targets.append(max(reader.dimensions) / picture_px * res.mpp)
+    thumb, *rest = read_thumbnails(reader, res.mpp, targets)
+    assert thumb is not None  # the first target always sets the level
     if not is_brightfield(thumb.image):
         raise SlideError(
             f"{reader.path}: the image is dark (fluorescence or dark-field?); only brightfield H&E "
@@ -190,7 +199,8 @@ def plan_slide(reader: SlideReader, options: TileOptions) -> SlidePlan:
     check_missing_tiles(reader, choice.level, thumb, grid.boxes_l0(colrow), fractions)
     order = block_order(colrow, options.block_tiles)
     colrow, fractions = colrow[order], fractions[order]
-    return SlidePlan(res, choice, grid, thumb, mask, colrow, grid.origins_l0(colrow), fractions)
+    picture = rest[0] if rest else None
+    return SlidePlan(res, choice, grid, thumb, mask, colrow, grid.origins_l0(colrow), fractions, picture)
 
 
 def require_tissue(plan: SlidePlan, slide_path: str | Path, opts: TileOptions) -> None:

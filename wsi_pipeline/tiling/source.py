@@ -30,7 +30,7 @@ import numpy as np
 
 from wsi_pipeline.errors import ModelError
 from wsi_pipeline.inference.card import ModelCard
-from wsi_pipeline.io.slide import SlideReader, open_slide, slide_fingerprint
+from wsi_pipeline.io.slide import SlideReader, Thumbnail, open_slide, slide_fingerprint
 from wsi_pipeline.stain.macenko import REFERENCE
 from wsi_pipeline.tiling.grid import TileGrid
 from wsi_pipeline.tiling.plan import TileOptions, plan_slide, require_tissue
@@ -47,7 +47,10 @@ class Layout:
     ``colrow`` (N, 2) grid positions in tile order, ``coords_l0`` (N, 2) tile origins in level-0
     pixels, ``tissue_fraction`` (N,); ``mpp_l0`` the slide's level-0 um/px; ``thumbnail`` RGB at
     ``thumbnail_downsample`` level-0 pixels per thumbnail pixel; ``stain`` the slide's Macenko fit
-    (None without normalization); ``records`` the resolution and tissue records for the manifest.
+    (None without normalization); ``records`` the resolution and tissue records for the manifest;
+    ``picture`` the base of the slide's picture for people, made from the thumbnail's read when the
+    source was opened with ``picture_px`` (None otherwise: :func:`~wsi_pipeline.tiling.pictures.slide_picture`
+    reads the slide for it).
     """
 
     grid: TileGrid
@@ -60,6 +63,8 @@ class Layout:
     thumbnail_downsample: float
     stain: dict[str, Any] | None
     records: dict[str, Any]
+    picture: Thumbnail | None = None
+    picture_px: int | None = None  # the long side (pixels) ``picture`` was read for
 
     @property
     def n_tiles(self) -> int:
@@ -147,13 +152,18 @@ class TileSource:
 
 
 class SlideSource(TileSource):
-    """A slide file, tiled at ``options.target_mpp`` on first use of :attr:`layout`."""
+    """A slide file, tiled at ``options.target_mpp`` on first use of :attr:`layout`; with
+    ``picture_px``, planning also keeps the base of a ``picture_px`` picture of the slide (read with
+    the tissue thumbnail, so the slide is not decoded twice for it)."""
 
     kind = "slide"
 
-    def __init__(self, path: str | Path, options: TileOptions, backend: str = "auto") -> None:
+    def __init__(
+        self, path: str | Path, options: TileOptions, backend: str = "auto", *, picture_px: int | None = None
+    ) -> None:
         self.path = Path(path)
         self.options = options
+        self.picture_px = picture_px
         self._backend_requested = backend
         self._fingerprint = slide_fingerprint(self.path) if self.path.exists() else ""
 
@@ -186,7 +196,7 @@ class SlideSource(TileSource):
         opts = self.options
         reader = open_slide(self.path, self._backend_requested)
         try:
-            plan = plan_slide(reader, opts)
+            plan = plan_slide(reader, opts, picture_px=self.picture_px)
             require_tissue(plan, self.path, opts)
             stain = fit_slide_stain(reader, plan, opts) if opts.normalize == "macenko" else None
             backend, slide_wh = reader.backend, reader.dimensions
@@ -207,6 +217,7 @@ class SlideSource(TileSource):
         return Layout(
             plan.grid, plan.colrow, plan.coords_l0, plan.tissue_fraction, plan.resolution.mpp, slide_wh,
             plan.thumbnail.image, plan.thumbnail.downsample, stain, records,
+            plan.picture, self.picture_px if plan.picture is not None else None,
         )  # fmt: skip
 
 
@@ -298,10 +309,15 @@ def is_store_path(path: str | Path) -> bool:
     return p.suffix == ".zarr" and p.is_dir()
 
 
-def open_source(path: str | Path, options: TileOptions, backend: str = "auto") -> TileSource:
+def open_source(
+    path: str | Path, options: TileOptions, backend: str = "auto", *, picture_px: int | None = None
+) -> TileSource:
     """A :class:`StoreSource` for a ``.zarr`` tile store, else a :class:`SlideSource` tiled with
-    ``options`` (nothing is read from the slide until its layout is used)."""
-    return StoreSource(path) if is_store_path(path) else SlideSource(path, options, backend)
+    ``options`` (nothing is read from the slide until its layout is used; ``picture_px``: see
+    :class:`SlideSource`)."""
+    if is_store_path(path):
+        return StoreSource(path)
+    return SlideSource(path, options, backend, picture_px=picture_px)
 
 
 _local = threading.local()
