@@ -283,10 +283,11 @@ def render_overlay(
     rows = _cell_index(h, l0_per_px, origin_l0, cell_l0_px, canvas.shape[0])
     cols = _cell_index(w, l0_per_px, origin_l0, cell_l0_px, canvas.shape[1])
     padded = np.pad(np.asarray(canvas, np.float32), ((0, 1), (0, 1)), constant_values=np.nan)
-    up = padded[np.ix_(rows, cols)]
     floor = visible_floor(threshold)
-    alpha = overlay_alpha(up, floor)[..., None]
-    colour = ramp_colours(np.nan_to_num(up, nan=0.0))
+    # Opacity and colour per cell, then spread to the picture's pixels (the same values as computing
+    # them per pixel, at the cost of the grid instead of the picture).
+    alpha = overlay_alpha(padded, floor)[np.ix_(rows, cols)][..., None]
+    colour = ramp_colours(np.nan_to_num(padded, nan=0.0))[np.ix_(rows, cols)]
     out = background.astype(np.float32) * (1 - alpha) + colour * alpha
     img = Image.fromarray(np.round(out).astype(np.uint8))
     draw = ImageDraw.Draw(img)
