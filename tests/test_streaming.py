@@ -17,7 +17,9 @@ from wsi_pipeline.inference.card import resolve_model
 from wsi_pipeline.inference.scoring import (
     ChunkTask,
     cached_session,
+    first_batch_tiles,
     make_tasks,
+    read_units,
     score_chunk,
     stream_score,
     thread_plan,
@@ -58,13 +60,52 @@ def test_batches_are_full_across_read_units_and_tiles_stay_in_order(
     units, card = _units(tumour_slide, test_model, [5, 7, 3, 11, 2, 9, 6])
     session = RecordingSession(cached_session(str(card.path), str(card.onnx_path), "cpu", 1)[0])
     probs, ood, stats = stream_score(units, session, card, batch_size=8, readers=2)
-    assert session.batches == [8, 8, 8, 8, 8, 3]  # 43 tiles: full batches, one remainder at the end
+    # 43 tiles: the first unit as it comes (the session starts early), then full batches across unit
+    # boundaries, one remainder at the end.
+    assert session.batches == [5, 8, 8, 8, 8, 6]
     assert session.threads == {threading.get_ident()}  # one session, run from one thread
     tiles = np.concatenate([read_chunk(u.source, u.colrow, u.start) for u in units])
     expected, expected_ood = predict_with_ood(session.session, card, tiles, batch_size=8)
     np.testing.assert_allclose(probs, expected, atol=1e-6)
     assert ood is None and expected_ood is None  # this test model has no OOD output
     assert stats.batches == 6 and stats.read_s > 0 and stats.infer_s > 0
+
+
+@pytest.mark.parametrize(("batch", "expected"), [(16, [4, 16, 16, 4]), (64, [16, 24]), (1, [1] * 40)])
+def test_read_units_start_with_a_short_unit_then_one_batch_each(
+    tumour_slide: Fixture, test_model: Path, batch: int, expected: list[int]
+) -> None:
+    card = resolve_model(test_model)
+    source = open_source(tumour_slide.path, TileOptions())
+    tasks = make_tasks(source, card, batch_size=batch, chunk_tiles=10_000)
+    (task,) = tasks
+    task = replace(task, colrow=task.colrow[:40])
+    units = read_units([task], batch, first=first_batch_tiles(batch))
+    assert [len(u.colrow) for u in units] == expected
+    assert [u.start for u in units] == list(np.cumsum([0, *expected[:-1]]))  # every tile once, in order
+    np.testing.assert_array_equal(np.concatenate([u.colrow for u in units]), task.colrow)
+
+
+def test_a_run_starts_the_session_on_a_quarter_batch(
+    tumour_slide: Fixture, test_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_tasks: the first batch is a quarter batch, then full batches; the same probabilities."""
+    import wsi_pipeline.inference.scoring as scoring
+
+    card = resolve_model(test_model)
+    source = open_source(tumour_slide.path, TileOptions())
+    tasks = make_tasks(source, card, batch_size=16, chunk_tiles=10_000)
+    real = cached_session(str(card.path), str(card.onnx_path), "cpu", thread_plan().session_threads)
+    recording = RecordingSession(real[0])
+    monkeypatch.setattr(scoring, "cached_session", lambda *a: (recording, real[1], real[2]))
+    result = scoring.run_tasks(tasks, len(card.classes))
+    n = source.layout.n_tiles
+    assert n > 20 and recording.batches[0] == 4 and set(recording.batches[1:-1]) == {16}
+    assert sum(recording.batches) == n
+    tiles = read_chunk(tasks[0].source, tasks[0].colrow, 0)
+    np.testing.assert_allclose(
+        result.probs, predict_with_ood(real[0], card, tiles, batch_size=16)[0], atol=1e-6
+    )
 
 
 def test_readers_work_ahead_of_the_session(tumour_slide: Fixture, test_model: Path) -> None:
@@ -104,3 +145,30 @@ def test_thread_plan_gives_one_session_the_cores(
     plan = thread_plan(cores, device=device)
     assert (plan.session_threads, plan.readers) == (session_threads, readers)
     assert thread_plan(cores, device=device, readers=3).readers == 3
+
+
+@pytest.mark.parametrize(
+    ("dtype", "layout", "in_graph"),
+    [("float32", "NCHW", False), ("float32", "NHWC", False), ("float32", "NCHW", True), ("uint8", "NCHW", True),
+     ("uint8", "NHWC", True)],
+)  # fmt: skip
+def test_batch_preparation_is_the_card_formula_bit_for_bit(
+    test_model: Path, dtype: str, layout: str, in_graph: bool
+) -> None:
+    """prepare_batch (one buffer, in place) gives exactly (x / 255 - mean) / std in the model's layout."""
+    from wsi_pipeline.inference.session import prepare_batch
+
+    card = replace(resolve_model(test_model), input_dtype=dtype, input_layout=layout, in_graph=in_graph,
+                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # fmt: skip
+    tiles = np.random.default_rng(3).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    if dtype == "uint8":
+        expected = tiles
+    else:
+        expected = tiles.astype(np.float32) / np.float32(255.0)
+        if not in_graph:
+            expected = (expected - np.asarray(card.mean, np.float32)) / np.asarray(card.std, np.float32)
+    if layout == "NCHW":
+        expected = expected.transpose(0, 3, 1, 2)
+    got = prepare_batch(tiles, card)
+    assert got.dtype == expected.dtype and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected)

@@ -127,7 +127,8 @@ def stream_score(
 
     ``readers`` threads read and decode units ahead into a bounded window; this thread cuts the stream
     into full batches of ``batch_size`` across unit boundaries and runs them, so the session never
-    waits on a partial batch and never competes with other sessions for the cores.
+    waits on a partial batch and never competes with other sessions for the cores. The first unit
+    is run as it comes (a short first unit starts the session early: :func:`first_batch_tiles`).
     """
     from wsi_pipeline.tiling.read import ordered_map
 
@@ -179,19 +180,33 @@ def stream_score(
             if filled == batch_size:
                 run(filled)
                 filled = 0
+        if stats.batches == 0 and filled:  # the first unit: run now, not once a full batch is read
+            run(filled)
+            filled = 0
     if filled:
         run(filled)
     return probs, ood, stats
 
 
-def read_units(tasks: list[ChunkTask], tiles: int) -> list[ChunkTask]:
-    """``tasks`` cut into read units of ``tiles`` consecutive tiles (one batch each), in tile order."""
+def first_batch_tiles(batch_size: int) -> int:
+    """Tiles in the first batch of a stream: a quarter batch, read in a quarter of the time, so the
+    session starts while the reader fills the first full batch (on a small slide, waiting for a full
+    first batch idled the session for 0.06 s of its 0.5 s)."""
+    return max(1, batch_size // 4)
+
+
+def read_units(tasks: list[ChunkTask], tiles: int, *, first: int | None = None) -> list[ChunkTask]:
+    """``tasks`` cut into read units of ``tiles`` consecutive tiles (one batch each), in tile order;
+    with ``first``, the very first unit has only that many tiles."""
     step = max(1, tiles)
-    return [
-        replace(task, colrow=task.colrow[i : i + step], start=task.start + i)
-        for task in tasks
-        for i in range(0, len(task.colrow), step)
-    ]
+    units: list[ChunkTask] = []
+    for task in tasks:
+        i = 0
+        while i < len(task.colrow):
+            n = first if first and not units else step
+            units.append(replace(task, colrow=task.colrow[i : i + n], start=task.start + i))
+            i += n
+    return units
 
 
 ChunkResult = tuple[np.ndarray, str, float, float, "np.ndarray | None"]
@@ -215,7 +230,7 @@ def score_chunk(task: ChunkTask) -> ChunkResult:
     """
     threads = task.threads or _worker_threads()
     session, provider, card = cached_session(task.card_path, task.onnx_path, task.device, threads)
-    units = read_units([task], task.batch_size)
+    units = read_units([task], task.batch_size, first=first_batch_tiles(task.batch_size))
     probs, ood, st = stream_score(units, session, card, batch_size=task.batch_size, readers=1)
     return probs, provider, st.read_s, st.infer_s, ood
 
@@ -305,7 +320,7 @@ def run_tasks(
         if tasks:
             t = tasks[0]
             session, provider, card = cached_session(t.card_path, t.onnx_path, t.device, plan.session_threads)
-            units = read_units(tasks, t.batch_size)
+            units = read_units(tasks, t.batch_size, first=first_batch_tiles(t.batch_size))
             probs, ood, st = stream_score(
                 units, session, card, batch_size=t.batch_size, readers=plan.readers, progress=progress,
                 total=total,
