@@ -185,7 +185,7 @@ def run_slide(
                     f"{out_p}: is a folder, not a file name for the output; give e.g. {out_p}/NAME.tif"
                 )
         refuse_overwriting_inputs(outputs, [slide_p, card.onnx_path, card.path])
-        source = open_source(slide_p, tile_opts, opts.backend)
+        source = open_source(slide_p, tile_opts, opts.backend, picture_px=opts.overlay_px)
         asked_by = "the model card asks for" if opts.normalize_from_card else "you asked for"
         source.check_model(card, normalize=opts.tile.normalize, asked_by=asked_by)
         params = _params(card, opts, source)
@@ -204,6 +204,10 @@ def run_slide(
             # The model loads (on the device) while the slide is planned; a model that does not load is
             # reported before any error of the slide's, and before a tile store is written.
             job = ex.submit(cached_session, str(card.path), str(card.onnx_path), opts.device, threads)
+            if source.kind == "slide":  # then, on the same thread, what the tissue mask imports
+                from wsi_pipeline.tiling.tissue import preload_libraries
+
+                ex.submit(preload_libraries)
             t = time.perf_counter()
             try:
                 if opts.tiles_out is not None and source.kind == "slide":
@@ -282,23 +286,13 @@ def _write_outputs(
     label["ood"] = ood_summary(result.ood, card.ood_d_ref, card.ood_warn_above)
     boxes = grid.boxes_l0(colrow)
     regions = tumour_regions(boxes, p_pos >= opts.label.tile_p)
-    pictures = _write_maps(paths, card, opts, source, canvas, regions, picture)
-    write_compact_json(
-        paths["geojson"],
-        geojson_features(boxes, result.probs, card.classes, pos, tile_threshold=opts.label.tile_p,
-                         regions=regions, mpp_l0=mpp0, tiles=opts.geojson_tiles),
-    )  # fmt: skip
-    columns: dict[str, np.ndarray] = {
-        "x_l0": coords[:, 0], "y_l0": coords[:, 1],
-        "width_l0": np.full(len(coords), round(grid.tile_l0_px, 3)),
-        "height_l0": np.full(len(coords), round(grid.tile_l0_px, 3)),
-        "col": colrow[:, 0], "row": colrow[:, 1], "tissue_fraction": fractions,
-    }  # fmt: skip
-    for i, c in enumerate(card.classes):
-        columns[f"p_{c}"] = result.probs[:, i]
-    if result.ood is not None:
-        columns["ood_distance"] = result.ood
-    write_tiles_csv(paths["tiles_csv"], columns)
+    # The maps (TIFF compression, the overlay's PNG) are encoded on another core while this thread
+    # writes the tables and reads the report's top tiles.
+    with ThreadPoolExecutor(1, thread_name_prefix="wsi-outputs") as ex:
+        maps = ex.submit(_write_maps, paths, card, opts, source, canvas, regions, picture)
+        _write_tables(paths, card, opts, result, layout, boxes, regions)
+        top_tiles = _top_tile_pictures(source, p_pos, len(label["evidence"]["top_tiles"]))
+        pictures = maps.result()
     seconds = time.perf_counter() - t0
     n = len(p_pos)
     manifest = {
@@ -341,7 +335,7 @@ def _write_outputs(
         "versions": environment_versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
-    _write_report(paths, manifest, source, p_pos, pictures)
+    _write_report(paths, manifest, top_tiles, pictures)
     write_json(paths["manifest"], manifest)  # last: its presence marks the slide finished
     return manifest
 
@@ -384,22 +378,56 @@ def _write_maps(
     }  # fmt: skip
 
 
+def _write_tables(
+    paths: dict[str, Path],
+    card: ModelCard,
+    opts: RunOptions,
+    result: ScoreResult,
+    layout: Any,
+    boxes: np.ndarray,
+    regions: Any,
+) -> None:
+    """``NAME.geojson`` (tiles and tumour regions, for QuPath) and ``NAME.tiles.csv`` (one row a tile)."""
+    grid, colrow, coords = layout.grid, layout.colrow, layout.coords_l0
+    write_compact_json(
+        paths["geojson"],
+        geojson_features(boxes, result.probs, card.classes, card.positive_index,
+                         tile_threshold=opts.label.tile_p, regions=regions, mpp_l0=layout.mpp_l0,
+                         tiles=opts.geojson_tiles),
+    )  # fmt: skip
+    columns: dict[str, np.ndarray] = {
+        "x_l0": coords[:, 0], "y_l0": coords[:, 1],
+        "width_l0": np.full(len(coords), round(grid.tile_l0_px, 3)),
+        "height_l0": np.full(len(coords), round(grid.tile_l0_px, 3)),
+        "col": colrow[:, 0], "row": colrow[:, 1], "tissue_fraction": layout.tissue_fraction,
+    }  # fmt: skip
+    for i, c in enumerate(card.classes):
+        columns[f"p_{c}"] = result.probs[:, i]
+    if result.ood is not None:
+        columns["ood_distance"] = result.ood
+    write_tiles_csv(paths["tiles_csv"], columns)
+
+
+def _top_tile_pictures(source: TileSource, p_pos: np.ndarray, n: int) -> list[np.ndarray]:
+    """The ``n`` highest-P tiles as 150 px pictures, in the order :func:`slide_label` ranks them."""
+    from wsi_pipeline.tiling.pictures import tile_pictures
+
+    order = np.argsort(-np.asarray(p_pos, np.float64), kind="stable")[:n]
+    return tile_pictures(source, order.tolist(), size_px=150)
+
+
 def _write_report(
     paths: dict[str, Path],
     manifest: dict[str, Any],
-    source: TileSource,
-    p_pos: np.ndarray,
+    top_tiles: list[np.ndarray],
     pictures: dict[str, Any],
 ) -> None:
     """``NAME.report.html``: label, evidence, thumbnail, overlay, top tiles, timings, model."""
     from PIL import Image
 
     from wsi_pipeline.io.report import write_slide_report
-    from wsi_pipeline.tiling.pictures import tile_pictures
 
     top = manifest["label"]["evidence"]["top_tiles"]
-    order = np.argsort(-np.asarray(p_pos, np.float64), kind="stable")[: len(top)]  # as slide_label ranks
-    tiles = tile_pictures(source, order.tolist(), size_px=150)
     pic = pictures["picture"].image
     thumb = Image.fromarray(pic)
     thumb.thumbnail((480, 480), Image.Resampling.LANCZOS)
@@ -408,5 +436,5 @@ def _write_report(
              "tile table (CSV)": paths["tiles_csv"], "run manifest (JSON)": paths["manifest"]}  # fmt: skip
     write_slide_report(
         paths["report"], manifest, overlay_href=paths["overlay"].name, thumbnail=np.asarray(thumb),
-        top_tiles=list(zip(tiles, top, strict=True)), links={k: v.name for k, v in links.items()},
+        top_tiles=list(zip(top_tiles, top, strict=True)), links={k: v.name for k, v in links.items()},
     )  # fmt: skip

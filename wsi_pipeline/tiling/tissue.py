@@ -11,8 +11,15 @@ from typing import Any
 
 import numpy as np
 
-# scipy.ndimage and scikit-image are imported where they are used: they take ~0.25 s to import, which
-# then overlaps the model's loading (pipeline.run_slide loads it in another thread while planning).
+# scipy.ndimage and scikit-image are imported where they are used (see preload_libraries).
+
+
+def preload_libraries() -> None:
+    """Import the libraries :func:`tissue_mask` uses (0.1-0.2 s, most of it scipy's array-API layer
+    rewriting docstrings), e.g. on a thread that would otherwise idle while the slide is opened and
+    its thumbnail decoded; ``tissue_mask`` then finds them loaded (or waits for the import to end)."""
+    import scipy.ndimage  # noqa: F401
+    import skimage.filters.thresholding  # noqa: F401
 
 
 @dataclass(frozen=True)
