@@ -286,13 +286,14 @@ def _write_outputs(
     label["ood"] = ood_summary(result.ood, card.ood_d_ref, card.ood_warn_above)
     boxes = grid.boxes_l0(colrow)
     regions = tumour_regions(boxes, p_pos >= opts.label.tile_p)
-    # The maps (TIFF compression, the overlay's PNG) are encoded on another core while this thread
-    # writes the tables and reads the report's top tiles.
+    # The overlay (its PNG is the largest encode) is made on another core while this thread writes
+    # the tables and the TIFFs and reads the report's top tiles.
     with ThreadPoolExecutor(1, thread_name_prefix="wsi-outputs") as ex:
-        maps = ex.submit(_write_maps, paths, card, opts, source, canvas, regions, picture)
+        overlay = ex.submit(_write_overlay, paths, card, opts, source, canvas, regions, picture)
         _write_tables(paths, card, opts, result, layout, boxes, regions)
         top_tiles = _top_tile_pictures(source, p_pos, len(label["evidence"]["top_tiles"]))
-        pictures = maps.result()
+        _write_tiffs(paths, card, opts, source, canvas)
+        pictures = overlay.result()
     seconds = time.perf_counter() - t0
     n = len(p_pos)
     manifest = {
@@ -340,7 +341,25 @@ def _write_outputs(
     return manifest
 
 
-def _write_maps(
+def _write_tiffs(
+    paths: dict[str, Path], card: ModelCard, opts: RunOptions, source: TileSource, canvas: np.ndarray
+) -> None:
+    """The probability and colour TIFFs (pyramids in the slide's level-0 geometry)."""
+    layout = source.layout
+    grid = layout.grid
+    desc = {"slide": source.slide_name, "value": f"P({card.positive_class})", "threshold": opts.label.tile_p,
+            "model": card.name, "model_version": card.version, "model_sha256": card.sha256}  # fmt: skip
+    geo: dict[str, Any] = {
+        "cell_l0_px": float(grid.stride_l0_px),
+        "mpp_l0": layout.mpp_l0,
+        "origin_l0": float(grid.cell_origin_l0),
+        "slide_wh": layout.slide_wh,
+    }
+    write_probability_tiff(paths["heatmap"], canvas, description=desc, **geo)
+    write_colour_tiff(paths["colour"], canvas, description=desc, **geo)
+
+
+def _write_overlay(
     paths: dict[str, Path],
     card: ModelCard,
     opts: RunOptions,
@@ -349,25 +368,14 @@ def _write_maps(
     regions: Any,
     picture: Future[Any],
 ) -> dict[str, Any]:
-    """The probability and colour TIFFs and the overlay PNG; returns the slide picture (for the report)
-    and how the overlay was made."""
+    """The overlay PNG; returns the slide picture (for the report) and how the overlay was made."""
     layout = source.layout
-    grid, mpp0 = layout.grid, layout.mpp_l0
-    cell, origin = float(grid.stride_l0_px), float(grid.cell_origin_l0)
-    desc = {"slide": source.slide_name, "value": f"P({card.positive_class})", "threshold": opts.label.tile_p,
-            "model": card.name, "model_version": card.version, "model_sha256": card.sha256}  # fmt: skip
-    geo: dict[str, Any] = {
-        "cell_l0_px": cell,
-        "mpp_l0": mpp0,
-        "origin_l0": origin,
-        "slide_wh": layout.slide_wh,
-    }
-    write_probability_tiff(paths["heatmap"], canvas, description=desc, **geo)
-    write_colour_tiff(paths["colour"], canvas, description=desc, **geo)
+    grid = layout.grid
     pic = picture.result()  # the slide picture, made while the tiles were scored
     overlay = render_overlay(
-        pic.image, canvas, l0_per_px=pic.l0_per_px, cell_l0_px=cell, mpp_l0=mpp0,
-        threshold=opts.label.tile_p, origin_l0=origin, regions=regions, positive_name=card.positive_class,
+        pic.image, canvas, l0_per_px=pic.l0_per_px, cell_l0_px=float(grid.stride_l0_px), mpp_l0=layout.mpp_l0,
+        threshold=opts.label.tile_p, origin_l0=float(grid.cell_origin_l0), regions=regions,
+        positive_name=card.positive_class,
     )  # fmt: skip
     write_overlay_png(paths["overlay"], overlay)
     return {
