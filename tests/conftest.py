@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,14 @@ import pytest
 from testkit.synthetic import Ellipse, SyntheticSpec, write_synthetic_slide
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Runs in tests (and the commands they start) keep onnxruntime's optimized models in a fresh
+    folder of their own, never in the user's cache."""
+    os.environ["WSI_PIPELINE_CACHE"] = tempfile.mkdtemp(prefix="wsi-pipeline-test-cache-")
+
+
 BACKENDS = ("openslide", "tiffslide")
 
 

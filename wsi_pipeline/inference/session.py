@@ -9,12 +9,17 @@ them is a :class:`~wsi_pipeline.errors.DeviceError`, never a silent CPU run.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from wsi_pipeline.errors import DeviceError, ModelError
 from wsi_pipeline.inference.card import ModelCard
+from wsi_pipeline.inference.model_cache import optimized_model_path
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 PROVIDERS = {
@@ -25,12 +30,19 @@ PROVIDERS = {
 
 
 def create_session(
-    card: ModelCard, device: str = "auto", *, threads: int | None = None, spinning: bool = True
+    card: ModelCard,
+    device: str = "auto",
+    *,
+    threads: int | None = None,
+    spinning: bool = True,
+    cache: bool = False,
 ) -> tuple[Any, str]:
     """An onnxruntime session for ``card`` on ``device``; returns (session, provider really used).
 
     ``threads``: intra-op threads (default: onnxruntime's, one per core); ``spinning=False`` lets
-    them sleep between batches, which matters when reader threads share the cores.
+    them sleep between batches, which matters when reader threads share the cores. ``cache``: a CPU
+    session loads the model's optimized copy from :mod:`~wsi_pipeline.inference.model_cache` (or
+    saves it there while it is built), skipping the graph optimization of every later run.
     ``auto`` takes CUDA when onnxruntime offers it, else the CPU. ``cuda``/``tensorrt`` that are not
     available raise :class:`DeviceError`; so does a session that silently fell back to the CPU.
     """
@@ -53,15 +65,22 @@ def create_session(
             f"--device cpu"
         )
     providers = [provider] if wanted == "cpu" else [provider, PROVIDERS["cpu"]]
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    if not spinning:  # idle intra-op threads sleep instead of spinning: reader threads need those cores
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
+
+    def options() -> Any:
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        if not spinning:  # idle intra-op threads sleep instead of spinning: reader threads need the cores
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        return opts
+
+    cached = optimized_model_path(card, provider, ort.__version__) if cache else None
+    session = _load_optimized(ort, cached, options(), providers) if cached is not None else None
     try:
-        session = ort.InferenceSession(str(card.onnx_path), sess_options=opts, providers=providers)
+        if session is None:
+            session = _build_session(ort, card, cached, options, providers)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         if wanted != "cpu" and "provider" in msg.lower():
@@ -75,6 +94,51 @@ def create_session(
         )
     check_graph(session, card)
     return session, used
+
+
+def _load_optimized(ort: Any, cached: Path, opts: Any, providers: list[str]) -> Any:
+    """The session from the cached optimized model (optimization off: it is done), or None when
+    there is none or it does not load (then it is removed and rebuilt)."""
+    if not cached.is_file():
+        return None
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(str(cached), sess_options=opts, providers=providers)
+    except Exception:
+        with contextlib.suppress(OSError):
+            cached.unlink()
+        return None
+
+
+def _build_session(ort: Any, card: ModelCard, cached: Path | None, options: Any, providers: list[str]) -> Any:
+    """The session from the model file; when ``cached`` is given, its optimized graph is saved there
+    too (under a temporary name, then renamed). A cache that cannot be written only means no cache."""
+    tmp: Path | None = None
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}.partial")
+        except OSError:
+            tmp = None
+    opts = options()
+    if tmp is not None:
+        opts.optimized_model_filepath = str(tmp)
+    try:
+        session = ort.InferenceSession(str(card.onnx_path), sess_options=opts, providers=providers)
+    except Exception:
+        if tmp is None:
+            raise
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        # perhaps only the cache could not be written: the model's own error comes from a plain load
+        return ort.InferenceSession(str(card.onnx_path), sess_options=options(), providers=providers)
+    if tmp is not None and cached is not None:
+        try:
+            os.replace(tmp, cached)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    return session
 
 
 _ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}
