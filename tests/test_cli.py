@@ -179,3 +179,15 @@ def test_info_reports_an_unscorable_slide_without_failing(tmp_path: Path) -> Non
     assert data["tissue"]["fraction"] is None and "grayscale" in data["tissue"]["note"]
     code, out, _ = _run("info", str(p))
     assert code == 0 and "not scorable" in out
+
+
+def test_the_version_is_one_number_for_the_package_and_its_metadata() -> None:
+    """``wsi_pipeline.__version__`` is the single source pyproject.toml reads; the installed
+    metadata, ``--version`` and the manifests all report it."""
+    from importlib.metadata import version
+
+    import wsi_pipeline
+
+    assert wsi_pipeline.__version__ == version("wsi-pipeline")
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and wsi_pipeline.__version__ in result.output

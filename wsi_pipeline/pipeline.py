@@ -287,12 +287,13 @@ def _write_outputs(
     boxes = grid.boxes_l0(colrow)
     regions = tumour_regions(boxes, p_pos >= opts.label.tile_p)
     # The overlay (its PNG is the largest encode) is made on another core while this thread writes
-    # the tables and the TIFFs and reads the report's top tiles.
+    # the TIFFs and the tables and reads the report's top tiles. The manifest comes last.
     with ThreadPoolExecutor(1, thread_name_prefix="wsi-outputs") as ex:
         overlay = ex.submit(_write_overlay, paths, card, opts, source, canvas, regions, picture)
+        _write_tiffs(paths, card, opts, source, canvas)
         _write_tables(paths, card, opts, result, layout, boxes, regions)
         top_tiles = _top_tile_pictures(source, p_pos, len(label["evidence"]["top_tiles"]))
-        _write_tiffs(paths, card, opts, source, canvas)
+        versions = environment_versions()
         pictures = overlay.result()
     seconds = time.perf_counter() - t0
     n = len(p_pos)
@@ -322,7 +323,8 @@ def _write_outputs(
         "device_requested": opts.device,
         "batch_size": opts.batch_size,
         "model": {"name": card.name, "version": card.version, "sha256": card.sha256, "card": str(card.path),
-                  "classes": list(card.classes), "positive_class": card.positive_class, "mpp": card.mpp},
+                  "classes": list(card.classes), "positive_class": card.positive_class, "mpp": card.mpp,
+                  "optimized_copy": _optimized_copy(card, result.provider)},
         "resolution": layout.records.get("resolution"),
         "tissue": layout.records.get("tissue"),
         "grid": grid.to_dict(),
@@ -333,12 +335,24 @@ def _write_outputs(
         "outputs": {k: str(v) for k, v in paths.items()}
         | ({"store": str(opts.tiles_out)} if opts.tiles_out is not None and source.kind == "store" else {}),
         "package_version": __version__,
-        "versions": environment_versions(),
+        "versions": versions,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
     _write_report(paths, manifest, top_tiles, pictures)
     write_json(paths["manifest"], manifest)  # last: its presence marks the slide finished
     return manifest
+
+
+def _optimized_copy(card: ModelCard, provider: str) -> str | None:
+    """onnxruntime's optimized copy of the model this process's session came from, if cached."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    from wsi_pipeline.inference.model_cache import optimized_model_path
+
+    path = optimized_model_path(card, provider, onnxruntime.__version__)
+    return str(path) if path is not None and path.is_file() else None
 
 
 def _write_tiffs(

@@ -12,7 +12,6 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,8 @@ _PACKAGES = (
 
 def environment_versions() -> dict[str, str]:
     """Versions of Python, this package and the libraries that shape its outputs (installed ones)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"python": sys.version.split()[0], "platform": platform.platform(), "wsi-pipeline": __version__}
     for name in _PACKAGES:
         try:
