@@ -100,3 +100,41 @@ def test_a_broken_model_is_reported_as_such_with_the_cache_on(
     with pytest.raises(ModelError, match="not a loadable ONNX model"):
         create_session(replace(card, onnx_path=broken, sha256=file_sha256(broken)), "cpu", cache=True)
     assert not list((tmp_path / "cache").rglob("*.partial"))
+
+
+def test_a_card_that_passed_the_schema_is_not_validated_again_but_a_changed_one_is(
+    test_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The schema check (jsonschema's import and validation: 0.04 s of every command) runs once per
+    card content; any change to the card, or a schema that changed, checks it again."""
+    import json
+
+    import wsi_pipeline.inference.card as card_mod
+
+    monkeypatch.setenv("WSI_PIPELINE_CACHE", str(tmp_path / "cache"))
+    card_json = test_model.with_suffix(".json")
+    card_mod.load_card(card_json)  # validated, remembered
+    calls = []
+    real = card_mod._validator
+
+    def counting() -> object:
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(card_mod, "_validator", counting)
+    card_mod.load_card(card_json)
+    assert calls == []  # the same card: no schema run
+    raw = json.loads(card_json.read_text())
+    raw["input"]["size_px"] = "big"  # changed, and now wrong
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match=r"input\.size_px"):
+        card_mod.load_card(bad)
+    assert calls == [1]
+    monkeypatch.setattr(card_mod, "_schema_bytes", lambda: b"another schema")
+    card_mod.load_card(card_json)
+    assert calls == [1, 1]  # a new schema checks the old card again
+    monkeypatch.setenv("WSI_PIPELINE_CACHE", "off")
+    card_mod.load_card(card_json)
+    card_mod.load_card(card_json)
+    assert calls == [1, 1, 1, 1]  # without a cache every load is checked

@@ -7,33 +7,23 @@ every Dask worker. onnxruntime can save the optimized graph and load it with opt
 its file name is a digest of everything it depends on: the model's sha256 (checked against its card
 before any session), the onnxruntime version, the provider and this CPU's model and instruction sets.
 
-The folder is ``$WSI_PIPELINE_CACHE`` when set (``off`` or empty: no cache), else
-``$XDG_CACHE_HOME/wsi-pipeline`` or ``~/.cache/wsi-pipeline``. A file is written under a temporary
-name and renamed, so a crash or a concurrent run never leaves half a model; one that does not load
-is rebuilt; a folder that cannot be written only means no cache.
+The folder is :func:`wsi_pipeline.cache.cache_dir`'s ``onnxruntime/``. A file is written under a
+temporary name and renamed, so a crash or a concurrent run never leaves half a model; one that does
+not load is rebuilt; a folder that cannot be written only means no cache.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import platform
 from pathlib import Path
 
+from wsi_pipeline.cache import cache_dir
 from wsi_pipeline.inference.card import ModelCard
 
 #: models larger than this keep their weights outside the ONNX file when saved: not cached
 MAX_CACHED_BYTES = 1 << 30
-
-
-def cache_dir() -> Path | None:
-    """The cache folder (not created here), or None when caching is off."""
-    env = os.environ.get("WSI_PIPELINE_CACHE")
-    if env is not None:
-        return None if env.strip().lower() in ("", "off", "0", "none") else Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "wsi-pipeline"
 
 
 @functools.lru_cache(maxsize=1)
