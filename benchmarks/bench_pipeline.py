@@ -18,7 +18,8 @@ it measures, on the same tiles with the same threads, best of ``--repeat``:
 
 Usage (from the repository root; ResNet-18 needs torch, the ``train`` extra)::
 
-    .venv/bin/python -m benchmarks.bench_pipeline [--repeat 3] [--models tilenet,resnet18] [--json out.json]
+    .venv/bin/python -m benchmarks.bench_pipeline [--repeat 3] [--models tilenet,resnet18]
+        [--slides mosaic,sample] [--json out.json]
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "wsi-bench-pipeline")
     ap.add_argument("--size", type=int, default=9250, help="mosaic side in level-0 px (0.5 um/px)")
     ap.add_argument("--models", default="tilenet,resnet18")
+    ap.add_argument("--slides", default="mosaic,sample", help="mosaic, sample or both")
     ap.add_argument("--repeat", type=int, default=3, help="best of N for every column")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -144,7 +146,10 @@ def main() -> None:
             from testkit.resnet import export_resnet18
 
             models[name] = export_resnet18(args.work / "models")
-    slides = [mosaic(args.work, args.size), ("bundled CMU-1-Small-Region", SAMPLE)]
+    wanted = args.slides.split(",")
+    slides = ([mosaic(args.work, args.size)] if "mosaic" in wanted else []) + (
+        [("bundled CMU-1-Small-Region", SAMPLE)] if "sample" in wanted else []
+    )
     rows: list[dict[str, Any]] = []
     for slide_label, slide in slides:
         tiles, decode = slide_tiles(slide, cores)

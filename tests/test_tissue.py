@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import shared
+from conftest import Fixture, shared
 from testkit.synthetic import Ellipse, SyntheticSlide, SyntheticSpec
 from wsi_pipeline.io.slide import open_slide, read_thumbnail
 from wsi_pipeline.tiling.tissue import TissueParams, tissue_fraction_in_boxes, tissue_mask
@@ -115,3 +115,26 @@ def test_disk_footprint_is_scikit_images(radius: int) -> None:
     from wsi_pipeline.tiling.tissue import disk
 
     np.testing.assert_array_equal(disk(radius), sk_disk(radius).astype(bool))
+
+
+@pytest.mark.parametrize("threshold", [1, 10**12])
+def test_the_mask_libraries_are_imported_during_a_large_thumbnail_decode_only(
+    aperio_slide: Fixture, monkeypatch: pytest.MonkeyPatch, threshold: int
+) -> None:
+    """plan_slide imports scipy on another thread while a thumbnail of at least PRELOAD_MIN_PIXELS
+    level pixels decodes (the decode releases the GIL); below, the import would only compete with the
+    planning thread, so it is left to tissue_mask."""
+    import threading
+
+    import wsi_pipeline.tiling.plan as plan
+
+    started: list[str] = []
+    monkeypatch.setattr(plan, "preload_libraries", lambda: started.append(threading.current_thread().name))
+    monkeypatch.setattr(plan, "PRELOAD_MIN_PIXELS", threshold)
+    reader = open_slide(aperio_slide.path)
+    plan.plan_slide(reader, plan.TileOptions())
+    reader.close()
+    for t in threading.enumerate():
+        if t.name == "wsi-preload":
+            t.join()
+    assert started == (["wsi-preload"] if threshold == 1 else [])

@@ -204,10 +204,6 @@ def run_slide(
             # The model loads (on the device) while the slide is planned; a model that does not load is
             # reported before any error of the slide's, and before a tile store is written.
             job = ex.submit(cached_session, str(card.path), str(card.onnx_path), opts.device, threads)
-            if source.kind == "slide":  # then, on the same thread, what the tissue mask imports
-                from wsi_pipeline.tiling.tissue import preload_libraries
-
-                ex.submit(preload_libraries)
             t = time.perf_counter()
             try:
                 if opts.tiles_out is not None and source.kind == "slide":

@@ -604,6 +604,13 @@ def read_thumbnail(
     return first
 
 
+def thumbnail_level(reader: SlideReader, mpp_l0: float, target_mpp: float) -> int:
+    """The level a thumbnail at ``target_mpp`` um/px is read from: the coarsest not coarser than it."""
+    downs = reader.level_downsamples
+    want = max(target_mpp / mpp_l0, 1.0)
+    return max((i for i, d in enumerate(downs) if d <= want * 1.01), key=lambda i: downs[i], default=0)
+
+
 def read_thumbnails(
     reader: SlideReader, mpp_l0: float, targets_mpp: Sequence[float], *, block_px: int = 2048
 ) -> list[Thumbnail | None]:
@@ -614,7 +621,7 @@ def read_thumbnails(
     """
     downs = reader.level_downsamples
     wants = [max(t / mpp_l0, 1.0) for t in targets_mpp]
-    level = max((i for i, d in enumerate(downs) if d <= wants[0] * 1.01), key=lambda i: downs[i], default=0)
+    level = thumbnail_level(reader, mpp_l0, targets_mpp[0])
     ds = downs[level]
     factors = [max(1, int(want / ds)) if i == 0 or ds <= want * 1.01 else 0 for i, want in enumerate(wants)]
     w, h = reader.level_dimensions[level]

@@ -16,8 +16,8 @@ import numpy as np
 
 def preload_libraries() -> None:
     """Import the libraries :func:`tissue_mask` uses (0.1-0.2 s, most of it scipy's array-API layer
-    rewriting docstrings), e.g. on a thread that would otherwise idle while the slide is opened and
-    its thumbnail decoded; ``tissue_mask`` then finds them loaded (or waits for the import to end)."""
+    rewriting docstrings), e.g. on another thread while a large thumbnail decodes (``plan_slide``);
+    ``tissue_mask`` then finds them loaded (or waits for the import to end)."""
     import scipy.ndimage  # noqa: F401
     import skimage.filters.thresholding  # noqa: F401
 
