@@ -160,6 +160,19 @@ def test_one_read_gives_thumbnails_at_several_resolutions(aperio_slide: Fixture,
             np.testing.assert_array_equal(th.image, own.image)
 
 
+def test_thumbnails_whose_cells_only_align_in_huge_blocks_are_left_to_their_own_read() -> None:
+    """Factors 16 and 17 align every 272 px; 61 and 64 only every 3904 px, more than a 2048 px block:
+    that second thumbnail is not derived (a block that large would hold a GB on a big slide)."""
+    img = np.random.default_rng(1).integers(0, 255, (700, 1100, 3), dtype=np.uint8)
+    s = ArraySlide(img, mpp=0.5, downsamples=(1,))
+    a, b = read_thumbnails(s, 0.5, [8.0, 8.5], block_px=2048)  # factors 16 and 17
+    assert a is not None and b is not None
+    np.testing.assert_array_equal(b.image, read_thumbnail(s, 0.5, target_mpp=8.5).image)
+    c, d = read_thumbnails(s, 0.5, [32.0, 30.5], block_px=2048)  # factors 64 and 61
+    assert c is not None and d is None
+    np.testing.assert_array_equal(c.image, read_thumbnail(s, 0.5, target_mpp=32.0).image)
+
+
 def test_array_slide_pyramid() -> None:
     img = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
     s = ArraySlide(img, mpp=0.5, downsamples=(1, 2))

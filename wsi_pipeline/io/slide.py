@@ -617,15 +617,21 @@ def read_thumbnails(
     """Several thumbnails from one read of the slide: the first exactly as :func:`read_thumbnail`
     gives it at ``targets_mpp[0]`` um/px (its level and factor), each further one box-averaged from
     the same level pixels by its own integer factor, or None where that level is coarser than the
-    target (read it on its own). Each level pixel is decoded once for all of them.
+    target or the factors' common multiple exceeds ``block_px`` (read it on its own: blocks stay
+    within ``block_px``). Each level pixel is decoded once for all of them.
     """
     downs = reader.level_downsamples
     wants = [max(t / mpp_l0, 1.0) for t in targets_mpp]
     level = thumbnail_level(reader, mpp_l0, targets_mpp[0])
     ds = downs[level]
     factors = [max(1, int(want / ds)) if i == 0 or ds <= want * 1.01 else 0 for i, want in enumerate(wants)]
+    step = factors[0]  # blocks hold whole cells of every thumbnail: a multiple of every factor
+    for i, f in enumerate(factors[1:], 1):
+        if f and math.lcm(step, f) > max(block_px, factors[0]):
+            factors[i] = 0  # its cells and the first's align only in blocks too large to read at once
+        elif f:
+            step = math.lcm(step, f)
     w, h = reader.level_dimensions[level]
-    step = math.lcm(*(f for f in factors if f))  # blocks hold whole cells of every thumbnail
     block = max(step, block_px // step * step)
     outs = [np.empty((-(-h // f), -(-w // f), 3), np.uint8) if f else None for f in factors]
     for y in range(0, h, block):
