@@ -227,6 +227,9 @@ def test_bundled_sample_is_decoded_once_for_thumbnail_and_overlay(monkeypatch: p
     w, h = source.layout.slide_wh
     assert pixels["n"] <= w * h * 1.05  # one pass over level 0 (plus the missing-tile probes)
     np.testing.assert_array_equal(shared.image, separate.image)
+    one_thread = open_source(sample, TileOptions(workers=1), picture_px=1000)  # decoded on 1 thread
+    np.testing.assert_array_equal(one_thread.layout.thumbnail, source.layout.thumbnail)
+    np.testing.assert_array_equal(pictures.slide_picture(one_thread, 1000).image, shared.image)
 
 
 @pytest.mark.parametrize("long_side", [1000, 997, 1023, 333, 5000])

@@ -144,15 +144,19 @@ def test_thumbnail_is_built_in_blocks_with_known_geometry(aperio_slide: Fixture,
     np.testing.assert_array_equal(th.image, whole.image)  # tiled equals eager
 
 
-def test_one_read_gives_thumbnails_at_several_resolutions(aperio_slide: Fixture, backend: str) -> None:
+@pytest.mark.parametrize("workers", [1, 3])
+def test_one_read_gives_thumbnails_at_several_resolutions(
+    aperio_slide: Fixture, backend: str, workers: int
+) -> None:
     """read_thumbnails: each thumbnail equals the one read on its own (same level, same factor), in
-    any block size; a target finer than the first one's level gets None (it needs a finer level)."""
+    any block size and on any number of threads; a target finer than the first one's level gets
+    None (it needs a finer level)."""
     r = open_slide(aperio_slide.path, backend)
     # 0.25 um/px, levels 1/4/16: 8 um/px is level 2 by 2; 4 and 16 um/px are level 2 by 1 and by 4;
     # 1 um/px needs level 1.
     targets = [8.0, 4.0, 16.0, 1.0]
     for block in (50, 4096):
-        got = read_thumbnails(r, 0.25, targets, block_px=block)
+        got = read_thumbnails(r, 0.25, targets, block_px=block, workers=workers)
         assert got[3] is None
         for t, th in zip(targets[:3], got[:3], strict=True):
             own = read_thumbnail(r, 0.25, target_mpp=t)

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import struct
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -604,6 +605,41 @@ def read_thumbnail(
     return first
 
 
+def _read_blocks_in_threads(
+    reader: SlideReader, corners: list[tuple[int, int]], read_block: Any, workers: int
+) -> None:
+    """``read_block(handle, x, y)`` for every corner on ``workers`` threads: the first thread uses
+    ``reader``, the others a handle of their own for library readers (in-memory readers are shared)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = threading.local()
+    lock = threading.Lock()
+    handed: list[bool] = [False]
+    opened: list[SlideReader] = []
+
+    def handle() -> SlideReader:
+        r: SlideReader | None = getattr(local, "reader", None)
+        if r is None:
+            with lock:
+                first, handed[0] = not handed[0], True
+            if first or not isinstance(reader, _LibrarySlide):
+                r = reader
+            else:
+                r = open_slide(reader.path, reader.backend, verify=False)  # checked by the first open
+                with lock:
+                    opened.append(r)
+            local.reader = r
+        return r
+
+    try:
+        with ThreadPoolExecutor(min(workers, len(corners)), thread_name_prefix="wsi-thumb") as ex:
+            for _ in ex.map(lambda c: read_block(handle(), *c), corners):
+                pass
+    finally:
+        for r in opened:
+            r.close()
+
+
 def thumbnail_level(reader: SlideReader, mpp_l0: float, target_mpp: float) -> int:
     """The level a thumbnail at ``target_mpp`` um/px is read from: the coarsest not coarser than it."""
     downs = reader.level_downsamples
@@ -612,13 +648,21 @@ def thumbnail_level(reader: SlideReader, mpp_l0: float, target_mpp: float) -> in
 
 
 def read_thumbnails(
-    reader: SlideReader, mpp_l0: float, targets_mpp: Sequence[float], *, block_px: int = 2048
+    reader: SlideReader,
+    mpp_l0: float,
+    targets_mpp: Sequence[float],
+    *,
+    block_px: int = 2048,
+    workers: int = 1,
 ) -> list[Thumbnail | None]:
     """Several thumbnails from one read of the slide: the first exactly as :func:`read_thumbnail`
     gives it at ``targets_mpp[0]`` um/px (its level and factor), each further one box-averaged from
     the same level pixels by its own integer factor, or None where that level is coarser than the
     target or the factors' common multiple exceeds ``block_px`` (read it on its own: blocks stay
     within ``block_px``). Each level pixel is decoded once for all of them.
+
+    ``workers`` > 1 decode blocks of half that size on as many threads (each its own handle of a
+    library reader; the decoders release the GIL): the same pixels, sooner, on a large single level.
     """
     downs = reader.level_downsamples
     wants = [max(t / mpp_l0, 1.0) for t in targets_mpp]
@@ -632,16 +676,24 @@ def read_thumbnails(
         elif f:
             step = math.lcm(step, f)
     w, h = reader.level_dimensions[level]
-    block = max(step, block_px // step * step)
+    size = block_px // 2 if workers > 1 else block_px
+    block = max(step, size // step * step)
     outs = [np.empty((-(-h // f), -(-w // f), 3), np.uint8) if f else None for f in factors]
-    for y in range(0, h, block):
-        for x in range(0, w, block):
-            bw, bh = min(block, w - x), min(block, h - y)
-            pixels = reader.read_region((round(x * ds), round(y * ds)), level, (bw, bh))
-            for f, out in zip(factors, outs, strict=True):
-                if out is not None:
-                    small = box_mean(pixels, f, pad=255)  # the slide's last partial block padded white
-                    out[y // f : y // f + small.shape[0], x // f : x // f + small.shape[1]] = small
+    corners = [(x, y) for y in range(0, h, block) for x in range(0, w, block)]
+
+    def read_block(r: SlideReader, x: int, y: int) -> None:
+        bw, bh = min(block, w - x), min(block, h - y)
+        pixels = r.read_region((round(x * ds), round(y * ds)), level, (bw, bh))
+        for f, out in zip(factors, outs, strict=True):
+            if out is not None:  # each block fills its own cells of every thumbnail
+                small = box_mean(pixels, f, pad=255)  # the slide's last partial block padded white
+                out[y // f : y // f + small.shape[0], x // f : x // f + small.shape[1]] = small
+
+    if workers <= 1 or len(corners) < 2:
+        for x, y in corners:
+            read_block(reader, x, y)
+    else:
+        _read_blocks_in_threads(reader, corners, read_block, workers)
     return [
         Thumbnail(out, ds * f, mpp_l0 * ds * f) if out is not None else None
         for f, out in zip(factors, outs, strict=True)

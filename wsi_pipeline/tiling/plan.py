@@ -190,7 +190,7 @@ def plan_slide(reader: SlideReader, options: TileOptions, *, picture_px: int | N
     targets = [options.mask_mpp]
     if picture_px:
         targets.append(max(reader.dimensions) / picture_px * res.mpp)
-    thumb, *rest = read_thumbnails(reader, res.mpp, targets)
+    thumb, *rest = read_thumbnails(reader, res.mpp, targets, workers=options.workers)
     assert thumb is not None  # the first target always sets the level
     if not is_brightfield(thumb.image):
         raise SlideError(
