@@ -58,7 +58,7 @@ from wsi_pipeline.provenance import (
     remove_created_folders_on_failure,
 )
 from wsi_pipeline.tiling.plan import TileOptions
-from wsi_pipeline.tiling.source import TileSource, open_source
+from wsi_pipeline.tiling.source import Layout, TileSource, open_source
 
 
 @dataclass(frozen=True)
@@ -401,7 +401,7 @@ def _write_tables(
     card: ModelCard,
     opts: RunOptions,
     result: ScoreResult,
-    layout: Any,
+    layout: Layout,
     boxes: np.ndarray,
     regions: Any,
 ) -> None:
