@@ -9,8 +9,12 @@ The public API, importable from here (loaded on first use, so ``import wsi_pipel
 ``run_slide``, ``RunOptions``, ``TileOptions``, ``tile_slide``, ``open_tile_store``, ``open_source``.
 """
 
+import time as _time
 from importlib import import_module
 from typing import Any
+
+#: perf_counter when this package began to import (the run manifest splits start-up with it)
+IMPORTED_AT = _time.perf_counter()
 
 # The single source of the version: pyproject.toml reads it from here (importlib.metadata, which the
 # installed version would need, costs 0.02 s of every command's start).

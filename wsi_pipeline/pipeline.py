@@ -54,6 +54,7 @@ from wsi_pipeline.provenance import (
     check_writable,
     environment_versions,
     peak_rss_mib,
+    process_age_s,
     refuse_overwriting_inputs,
     remove_created_folders_on_failure,
 )
@@ -199,7 +200,7 @@ def run_slide(
         plan = thread_plan(readers=opts.workers, device=opts.device) if local else None
         threads = plan.session_threads if plan else None
         check_writable(paths["heatmap"].parent)  # fail now, not after all the scoring
-        phases: dict[str, float] = {"setup_s": time.perf_counter() - t0}
+        phases: dict[str, float] = {**_startup_phases(t0), "setup_s": time.perf_counter() - t0}
         with ThreadPoolExecutor(1, thread_name_prefix="wsi-session") as ex:
             # The model loads (on the device) while the slide is planned; a model that does not load is
             # reported before any error of the slide's, and before a tile store is written.
@@ -239,6 +240,25 @@ def run_slide(
         phases["scoring_s"] = result.seconds
         result.extra["phases"] = phases
         return _write_outputs(paths, card, opts, params, result, source, t0, picture=picture)
+
+
+_started = threading.Event()  # set by the first run_slide of this process
+
+
+def _startup_phases(t0: float) -> dict[str, float]:
+    """For the first slide of a process: seconds from the process's start to this package's import
+    (interpreter, the caller's own imports) and from there to ``run_slide`` (imports, the command
+    line); later slides of the process get none."""
+    if _started.is_set():
+        return {}
+    _started.set()
+    import wsi_pipeline
+
+    out = {"imports_to_run_s": t0 - wsi_pipeline.IMPORTED_AT}
+    age = process_age_s()
+    if age is not None:  # measured now, at 10 ms resolution
+        out["process_start_to_imports_s"] = max(0.0, age - (time.perf_counter() - wsi_pipeline.IMPORTED_AT))
+    return out
 
 
 def _low_priority(fn: Any, *args: Any) -> Future[Any]:

@@ -47,6 +47,18 @@ def environment_versions() -> dict[str, str]:
     return out
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux ``/proc``: clock ticks of 10 ms), None elsewhere."""
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def peak_rss_mib() -> float | None:
     """This process's peak resident memory so far, MiB (Linux ``VmHWM``: counted from the program's
     start, unlike ``getrusage``, which carries the parent's peak across fork and exec)."""
