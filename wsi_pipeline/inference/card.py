@@ -312,23 +312,26 @@ def resolve_model(model: str | os.PathLike[str] | None = None) -> ModelCard:
     raw = _read_card_json(card_path)
     # The model file is hashed on another thread while the card is validated (a 45 MB ResNet-18 takes
     # 0.03 s to hash and jsonschema as long to import: both sit before the first tile of every run).
-    guess = Path(model) if model is not None and Path(model).suffix != ".json" else None
-    if guess is None and isinstance(raw, dict) and isinstance(raw.get("onnx_file"), str):
-        guess = card_path.parent / raw["onnx_file"]
+    onnx_given = model is not None and Path(model).suffix != ".json"
+    if onnx_given:
+        onnx: Path | None = Path(str(model))
+    elif isinstance(raw, dict):  # where card_from_dict will look for it
+        onnx = card_path.parent / str(raw.get("onnx_file") or card_path.with_suffix(".onnx").name)
+    else:
+        onnx = None  # not a card: card_from_dict says so
     with ThreadPoolExecutor(1, thread_name_prefix="wsi-sha256") as ex:
-        digest = ex.submit(file_sha256, guess) if guess is not None and guess.is_file() else None
+        digest = ex.submit(file_sha256, onnx) if onnx is not None and onnx.is_file() else None
         card = card_from_dict(raw, card_path)
-        if model is not None and Path(model).suffix != ".json":
-            card = replace(card, onnx_path=Path(model))
-        if not card.onnx_path.exists():
+        if onnx_given:
+            card = replace(card, onnx_path=Path(str(model)))
+        if digest is None:
             raise ModelError(f"{card.onnx_path}: the ONNX file named by {card.path.name} is missing")
         if not card.sha256:  # without it neither the model's identity nor resume protection holds
             raise ModelError(
                 f"{card.path}: the card has no sha256 of {card.onnx_path.name}; add "
                 f'"sha256": "<output of sha256sum {card.onnx_path.name}>" to the card'
             )
-        same = digest is not None and guess is not None and guess.resolve() == card.onnx_path.resolve()
-        actual = digest.result() if same and digest is not None else file_sha256(card.onnx_path)
+        actual = digest.result()
     if actual != card.sha256:
         raise ModelError(
             f"{card.onnx_path}: sha256 {actual[:12]}... does not match its card ({card.sha256[:12]}...); "

@@ -13,7 +13,7 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -605,36 +605,28 @@ def read_thumbnail(
     return first
 
 
-def _read_blocks_in_threads(
-    reader: SlideReader, corners: list[tuple[int, int]], read_block: Any, workers: int
-) -> None:
-    """``read_block(handle, x, y)`` for every corner on ``workers`` threads: the first thread uses
-    ``reader``, the others a handle of their own for library readers (in-memory readers are shared)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+@contextmanager
+def thread_handles(reader: SlideReader, workers: int) -> Iterator[Callable[[], SlideReader]]:
+    """A function that gives the calling thread its handle of ``reader``'s slide: ``reader`` itself
+    for one worker or an in-memory reader, else one handle per thread (opened without the file scan
+    the first open made), closed when the block ends."""
     local = threading.local()
     lock = threading.Lock()
-    handed: list[bool] = [False]
     opened: list[SlideReader] = []
 
     def handle() -> SlideReader:
+        if workers <= 1 or reader.backend not in ("openslide", "tiffslide"):
+            return reader
         r: SlideReader | None = getattr(local, "reader", None)
         if r is None:
-            with lock:
-                first, handed[0] = not handed[0], True
-            if first or not isinstance(reader, _LibrarySlide):
-                r = reader
-            else:
-                r = open_slide(reader.path, reader.backend, verify=False)  # checked by the first open
-                with lock:
-                    opened.append(r)
+            r = open_slide(reader.path, reader.backend, verify=False)
             local.reader = r
+            with lock:
+                opened.append(r)
         return r
 
     try:
-        with ThreadPoolExecutor(min(workers, len(corners)), thread_name_prefix="wsi-thumb") as ex:
-            for _ in ex.map(lambda c: read_block(handle(), *c), corners):
-                pass
+        yield handle
     finally:
         for r in opened:
             r.close()
@@ -661,8 +653,8 @@ def read_thumbnails(
     target or the factors' common multiple exceeds ``block_px`` (read it on its own: blocks stay
     within ``block_px``). Each level pixel is decoded once for all of them.
 
-    ``workers`` > 1 decode blocks of half that size on as many threads (each its own handle of a
-    library reader; the decoders release the GIL): the same pixels, sooner, on a large single level.
+    ``workers`` > 1 decode blocks of half that size on as many threads (:func:`thread_handles`; the
+    decoders release the GIL): the same pixels, sooner, on a large single level.
     """
     downs = reader.level_downsamples
     wants = [max(t / mpp_l0, 1.0) for t in targets_mpp]
@@ -693,7 +685,14 @@ def read_thumbnails(
         for x, y in corners:
             read_block(reader, x, y)
     else:
-        _read_blocks_in_threads(reader, corners, read_block, workers)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with (
+            thread_handles(reader, workers) as handle,
+            ThreadPoolExecutor(min(workers, len(corners)), thread_name_prefix="wsi-thumb") as ex,
+        ):
+            for _ in ex.map(lambda c: read_block(handle(), *c), corners):
+                pass
     return [
         Thumbnail(out, ds * f, mpp_l0 * ds * f) if out is not None else None
         for f, out in zip(factors, outs, strict=True)

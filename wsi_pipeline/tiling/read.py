@@ -8,7 +8,6 @@ every tile equals. Also the slide's stain fit (tiles spread over the slide) and 
 from __future__ import annotations
 
 import itertools
-import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -19,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from wsi_pipeline.io.resample import box_mean
-from wsi_pipeline.io.slide import SlideReader, open_slide
+from wsi_pipeline.io.slide import SlideReader, thread_handles
 from wsi_pipeline.stain.macenko import StainFitWarning, StainModel, apply_macenko, fit_slide
 from wsi_pipeline.tiling.grid import TileGrid, level_to_l0
 from wsi_pipeline.tiling.plan import SlidePlan, TileOptions
@@ -110,20 +109,6 @@ def iter_tiles(
     block_tiles = block_tiles if grid.exact_blocks else 1
     idx = np.arange(len(colrow)) if indices is None else np.sort(np.asarray(indices, np.int64))
     origins = grid.origins_level(colrow)
-    local = threading.local()
-    opened: list[SlideReader] = []
-    lock = threading.Lock()
-
-    def thread_reader() -> SlideReader:
-        if workers <= 1 or reader.backend not in ("openslide", "tiffslide"):
-            return reader
-        r = getattr(local, "reader", None)
-        if r is None:
-            r = open_slide(reader.path, reader.backend, verify=False)  # checked by the first open
-            local.reader = r
-            with lock:
-                opened.append(r)
-        return r
 
     def read_block(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         o = origins[block]
@@ -137,11 +122,8 @@ def iter_tiles(
         tiles = resize_tiles(cut, grid.tile_px)
         return block, transform(tiles) if transform else tiles
 
-    try:
+    with thread_handles(reader, workers) as thread_reader:
         yield from ordered_map(read_block, _blocks(colrow, idx, block_tiles), workers, 2 * workers)
-    finally:
-        for r in opened:
-            r.close()
 
 
 def stain_fit_indices(n_tiles: int, n_fit: int) -> np.ndarray:
