@@ -71,6 +71,30 @@ def test_batches_are_full_across_read_units_and_tiles_stay_in_order(
     assert stats.batches == 6 and stats.read_s > 0 and stats.infer_s > 0
 
 
+def test_the_model_input_is_prepared_on_the_reader_threads(
+    tumour_slide: Fixture, test_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session's thread only runs the session: tiles become the model's input (prepare_batch) on
+    the readers, while the previous batch runs; the probabilities are the same."""
+    import wsi_pipeline.inference.scoring as scoring
+
+    prepared_on: list[int] = []
+    real = scoring.prepare_batch
+
+    def recording(tiles: np.ndarray, card: Any) -> np.ndarray:
+        prepared_on.append(threading.get_ident())
+        return real(tiles, card)
+
+    monkeypatch.setattr(scoring, "prepare_batch", recording)
+    units, card = _units(tumour_slide, test_model, [4, 8, 8, 8])
+    session = RecordingSession(cached_session(str(card.path), str(card.onnx_path), "cpu", 1)[0])
+    probs, _, _ = stream_score(units, session, card, batch_size=8, readers=2)
+    assert session.batches == [4, 8, 8, 8]
+    assert len(prepared_on) == 4 and threading.get_ident() not in prepared_on
+    tiles = np.concatenate([read_chunk(u.source, u.colrow, u.start) for u in units])
+    np.testing.assert_allclose(probs, predict_with_ood(session.session, card, tiles)[0], atol=1e-6)
+
+
 @pytest.mark.parametrize(("batch", "expected"), [(16, [4, 16, 16, 4]), (64, [16, 24]), (1, [1] * 40)])
 def test_read_units_start_with_a_short_unit_then_one_batch_each(
     tumour_slide: Fixture, test_model: Path, batch: int, expected: list[int]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from wsi_pipeline.inference.card import ModelCard, load_card
-from wsi_pipeline.inference.session import create_session, predict_with_ood
+from wsi_pipeline.inference.session import check_tiles, create_session, prepare_batch, run_prepared
 from wsi_pipeline.tiling.source import TaskSource, TileSource, read_chunk
 
 ProgressFn = Callable[[int, int], None]
@@ -125,7 +125,8 @@ def stream_score(
 ) -> tuple[np.ndarray, np.ndarray | None, _Stream]:
     """Score ``units`` (read units of one source, in tile order) with one session.
 
-    ``readers`` threads read and decode units ahead into a bounded window; this thread cuts the stream
+    ``readers`` threads read, decode and prepare units ahead (uint8 tiles to the model's input,
+    :func:`prepare_batch`) into a bounded window; this thread cuts the stream
     into full batches of ``batch_size`` across unit boundaries and runs them, so the session never
     waits on a partial batch and never competes with other sessions for the cores. The first unit
     is run as it comes (a short first unit starts the session early: :func:`first_batch_tiles`).
@@ -134,7 +135,6 @@ def stream_score(
 
     n = sum(len(u.colrow) for u in units)
     total = n if total is None else total
-    tile_px = card.input_size_px
     probs = np.empty((n, len(card.classes)), np.float32)
     ood = np.empty(n, np.float32) if card.ood_output else None
     stats = _Stream()
@@ -143,19 +143,22 @@ def stream_score(
     def read(unit: ChunkTask) -> np.ndarray:
         t = time.perf_counter()
         tiles = read_chunk(unit.source, unit.colrow, unit.start)
+        check_tiles(tiles, card)
+        x = prepare_batch(tiles, card)  # the model's input, made here so the session never waits on it
         with lock:
             stats.read_s += time.perf_counter() - t
-        return tiles
+        return x
 
-    batch = np.empty((batch_size, tile_px, tile_px, 3), np.uint8)
+    batch: np.ndarray | None = None  # for batches cut across units; a unit of one batch runs as it is
     filled = out_at = 0
 
-    def run(k: int) -> None:
+    def run(x: np.ndarray) -> None:
         nonlocal out_at
         t = time.perf_counter()
-        p, d = predict_with_ood(session, card, batch[:k], batch_size=k)
+        p, d = run_prepared(session, card, x)
         stats.infer_s += time.perf_counter() - t
         stats.batches += 1
+        k = len(x)
         probs[out_at : out_at + k] = p
         if ood is not None and d is not None:
             ood[out_at : out_at + k] = d
@@ -167,24 +170,30 @@ def stream_score(
     stream = ordered_map(read, units, readers, 2 * readers, ahead=True)
     while True:
         t = time.perf_counter()
-        tiles = next(stream, None)
+        x = next(stream, None)
         stats.wait_s += time.perf_counter() - t
-        if tiles is None:
+        if x is None:
             break
+        if stats.batches == 0 and filled == 0 and len(x) < batch_size:
+            run(x)  # the first unit: run now, not once a full batch is read
+            continue
         i = 0
-        while i < len(tiles):
-            take = min(batch_size - filled, len(tiles) - i)
-            batch[filled : filled + take] = tiles[i : i + take]
-            filled += take
+        while i < len(x):
+            take = min(batch_size - filled, len(x) - i)
+            if filled == 0 and take == batch_size:
+                run(x[i : i + take])  # a whole batch within the unit: no copy
+            else:
+                if batch is None:
+                    batch = np.empty((batch_size, *x.shape[1:]), x.dtype)
+                batch[filled : filled + take] = x[i : i + take]
+                filled += take
+                if filled == batch_size:
+                    run(batch)
+                    filled = 0
             i += take
-            if filled == batch_size:
-                run(filled)
-                filled = 0
-        if stats.batches == 0 and filled:  # the first unit: run now, not once a full batch is read
-            run(filled)
-            filled = 0
     if filled:
-        run(filled)
+        assert batch is not None
+        run(batch[:filled])
     return probs, ood, stats
 
 

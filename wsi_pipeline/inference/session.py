@@ -272,21 +272,33 @@ def predict_with_ood(
 
     The class output is read as the card's ``output.kind`` says (:func:`to_probabilities`).
     """
+    check_tiles(tiles, card)
+    out = np.empty((len(tiles), len(card.classes)), np.float32)
+    ood = np.empty(len(tiles), np.float32) if card.ood_output else None
+    for i in range(0, len(tiles), batch_size):
+        p, d = run_prepared(session, card, prepare_batch(tiles[i : i + batch_size], card))
+        out[i : i + len(p)] = p
+        if ood is not None and d is not None:
+            ood[i : i + len(p)] = d
+    return out, ood
+
+
+def check_tiles(tiles: np.ndarray, card: ModelCard) -> None:
+    """Raise :class:`ModelError` unless ``tiles`` are (N, size, size, 3) at the model's input size."""
     if tiles.shape[1:] != (card.input_size_px, card.input_size_px, 3):
         raise ModelError(
             f"{card.onnx_path}: tiles of shape {tiles.shape[1:]} given, the model takes "
             f"{card.input_size_px} px RGB tiles; tile at the model's size"
         )
-    out = np.empty((len(tiles), len(card.classes)), np.float32)
-    ood = np.empty(len(tiles), np.float32) if card.ood_output else None
+
+
+def run_prepared(session: Any, card: ModelCard, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """One ``session.run`` on a batch already in the model's input form (:func:`prepare_batch`):
+    probabilities (n, n_classes) float32 and the OOD distances (n,) when the card names that output."""
     names = [card.output_name] + ([card.ood_output] if card.ood_output else [])
-    for i in range(0, len(tiles), batch_size):
-        x = prepare_batch(tiles[i : i + batch_size], card)
-        res = session.run(names, {card.input_name: x})
-        out[i : i + len(x)] = to_probabilities(res[0], card)
-        if ood is not None:
-            ood[i : i + len(x)] = np.asarray(res[1], np.float32).reshape(-1)
-    return out, ood
+    res = session.run(names, {card.input_name: x})
+    ood = np.asarray(res[1], np.float32).reshape(-1) if card.ood_output else None
+    return to_probabilities(res[0], card), ood
 
 
 #: an output declared as probabilities may leave [0, 1] by this much (float rounding), no more
