@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -388,8 +389,11 @@ def encode_image(image: np.ndarray, fmt: str = "PNG", *, quality: int = 85) -> b
     from PIL import Image
 
     buf = io.BytesIO()
-    # PNG at zlib level 3: a 1000 px overlay encodes in 0.045 s instead of 0.069 s (level 6), 8% larger.
-    kwargs: dict[str, Any] = {"quality": quality} if fmt.upper() == "JPEG" else {"compress_level": 3}
+    # PNG at zlib level 3 with the run-length strategy (zlib's advice for PNG data): a 1000 px overlay
+    # encodes in 0.032-0.059 s instead of 0.045-0.090 s (default strategy) and 2-9% smaller.
+    kwargs: dict[str, Any] = (
+        {"quality": quality} if fmt.upper() == "JPEG" else {"compress_level": 3, "compress_type": zlib.Z_RLE}
+    )
     Image.fromarray(np.ascontiguousarray(image)).save(buf, format=fmt, **kwargs)
     return buf.getvalue()
 
