@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from jsonschema import Draft202012Validator
 
@@ -182,3 +183,16 @@ def test_write_card_validates_before_writing(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="NaN"):
         write_card(nan, tmp_path / "new.json")
     assert not (tmp_path / "new.json").exists() and not list(tmp_path.glob(".new.json*"))
+
+
+@pytest.mark.parametrize("size", [0, 3, 3 * 2**20 + 7])
+def test_file_sha256_is_the_sha256_of_the_files_bytes(tmp_path: Path, size: int) -> None:
+    """The model hash (one mapped read) is sha256sum's, empty files included."""
+    import hashlib
+
+    from wsi_pipeline.provenance import file_sha256
+
+    data = np.random.default_rng(size).integers(0, 256, size, np.uint8).tobytes()
+    p = tmp_path / "m.onnx"
+    p.write_bytes(data)
+    assert file_sha256(p) == hashlib.sha256(data).hexdigest()

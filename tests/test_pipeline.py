@@ -301,6 +301,28 @@ def test_corrupt_model_file_is_refused(tmp_path: Path, test_model: Path) -> None
         create_session(resolve_model(bad))
 
 
+def test_a_model_that_does_not_match_its_card_is_reported_first_and_writes_nothing(
+    tmp_path: Path, test_model: Path, tumour_slide: Fixture
+) -> None:
+    """run_slide hashes the model while it opens the slide; the mismatch still stops the run before any
+    output and is the error reported when the slide is broken too."""
+    bad = tmp_path / "m.onnx"
+    bad.write_bytes(test_model.read_bytes()[:-1] + b"\0")  # one byte changed
+    shutil.copy(test_model.with_suffix(".json"), tmp_path / "m.json")
+    out = tmp_path / "out" / "x.tif"
+    with pytest.raises(ModelError, match=r"sha256 .* does not match"):
+        run_slide(tumour_slide.path, out, model=bad)
+    assert not out.parent.exists()
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"II*\0" + b"\0" * 100)
+    with pytest.raises(ModelError, match=r"sha256 .* does not match"):
+        run_slide(broken, out, model=bad)
+    run_slide(tumour_slide.path, out, model=test_model)  # the same slide and model file as shipped: fine
+    with pytest.raises(ModelError, match=r"sha256 .* does not match"):  # a finished run is not skipped
+        run_slide(tumour_slide.path, out, model=bad)
+    assert json.loads(output_paths(out)["manifest"].read_text())["status"] == "complete"
+
+
 def test_card_without_sha256_is_refused(tmp_path: Path, test_model: Path) -> None:
     """Issue 13 case 13: a card without sha256 was accepted, the manifest recorded "" and resume
     protection was gone."""

@@ -29,7 +29,7 @@ from wsi_pipeline.aggregate import (
     tumour_regions,
 )
 from wsi_pipeline.errors import ModelError, OutputError
-from wsi_pipeline.inference.card import ModelCard, resolve_model
+from wsi_pipeline.inference.card import ModelCard, resolve_model_deferred
 from wsi_pipeline.inference.scoring import (
     ProgressFn,
     ScoreResult,
@@ -167,39 +167,47 @@ def run_slide(
     with remove_created_folders_on_failure(Path(heatmap).parent):  # no empty folders after a failure
         t0 = time.perf_counter()
         opts = options or RunOptions()
-        card = resolve_model(model)
-        if (
-            opts.normalize_from_card
-            and card.stain_normalization == "macenko"
-            and opts.tile.normalize == "none"
-        ):
-            opts = replace(opts, tile=replace(opts.tile, normalize="macenko"))
-        tile_opts = check_model_fits(
-            card, opts.tile, target_mpp=opts.requested_target_mpp, tile_px=opts.requested_tile_px
-        )
-        opts = replace(opts, tile=tile_opts, label=opts.label.with_threshold(card.threshold))
-        slide_p, paths = Path(slide), output_paths(Path(heatmap))
-        outputs = list(paths.values()) + ([Path(opts.tiles_out)] if opts.tiles_out is not None else [])
-        for out_p in paths.values():  # checked now: otherwise the write would fail after all the scoring
-            if out_p.is_dir():
-                raise OutputError(
-                    f"{out_p}: is a folder, not a file name for the output; give e.g. {out_p}/NAME.tif"
-                )
-        refuse_overwriting_inputs(outputs, [slide_p, card.onnx_path, card.path])
-        source = open_source(slide_p, tile_opts, opts.backend, picture_px=opts.overlay_px)
-        asked_by = "the model card asks for" if opts.normalize_from_card else "you asked for"
-        source.check_model(card, normalize=opts.tile.normalize, asked_by=asked_by)
-        params = _params(card, opts, source)
-        if not overwrite and finished(paths["manifest"], params):
-            import json
+        # The model file is hashed while the slide is opened; a file that does not match its card is
+        # reported before the slide's errors, and before the session loads it.
+        card, verify_model = resolve_model_deferred(model)
+        try:
+            if (
+                opts.normalize_from_card
+                and card.stain_normalization == "macenko"
+                and opts.tile.normalize == "none"
+            ):
+                opts = replace(opts, tile=replace(opts.tile, normalize="macenko"))
+            tile_opts = check_model_fits(
+                card, opts.tile, target_mpp=opts.requested_target_mpp, tile_px=opts.requested_tile_px
+            )
+            opts = replace(opts, tile=tile_opts, label=opts.label.with_threshold(card.threshold))
+            slide_p, paths = Path(slide), output_paths(Path(heatmap))
+            outputs = list(paths.values()) + ([Path(opts.tiles_out)] if opts.tiles_out is not None else [])
+            for out_p in paths.values():  # checked now: otherwise the write would fail after all the scoring
+                if out_p.is_dir():
+                    raise OutputError(
+                        f"{out_p}: is a folder, not a file name for the output; give e.g. {out_p}/NAME.tif"
+                    )
+            refuse_overwriting_inputs(outputs, [slide_p, card.onnx_path, card.path])
+            source = open_source(slide_p, tile_opts, opts.backend, picture_px=opts.overlay_px)
+            asked_by = "the model card asks for" if opts.normalize_from_card else "you asked for"
+            source.check_model(card, normalize=opts.tile.normalize, asked_by=asked_by)
+            params = _params(card, opts, source)
+            if not overwrite and finished(paths["manifest"], params):
+                import json
 
-            manifest: dict[str, Any] = json.loads(paths["manifest"].read_text())
-            manifest["skipped"] = True
-            return manifest
-        local = client is None
-        plan = thread_plan(readers=opts.workers, device=opts.device) if local else None
-        threads = plan.session_threads if plan else None
-        check_writable(paths["heatmap"].parent)  # fail now, not after all the scoring
+                manifest: dict[str, Any] = json.loads(paths["manifest"].read_text())
+                manifest["skipped"] = True
+                verify_model()
+                return manifest
+            local = client is None
+            plan = thread_plan(readers=opts.workers, device=opts.device) if local else None
+            threads = plan.session_threads if plan else None
+            check_writable(paths["heatmap"].parent)  # fail now, not after all the scoring
+        except Exception:
+            verify_model()
+            raise
+        verify_model()
         phases: dict[str, float] = {**_startup_phases(t0), "setup_s": time.perf_counter() - t0}
         with ThreadPoolExecutor(1, thread_name_prefix="wsi-session") as ex:
             # The model loads (on the device) while the slide is planned; a model that does not load is

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import platform
 import sys
@@ -72,12 +73,18 @@ def peak_rss_mib() -> float | None:
     return None
 
 
-def file_sha256(path: str | os.PathLike[str], *, block: int = 1 << 20) -> str:
-    """Hex sha256 of a whole file (for models and reference images, not gigapixel slides)."""
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a whole file (for models and reference images, not gigapixel slides).
+
+    The file is mapped and hashed in one call, which holds the GIL once: read in 1 MB chunks, a 45 MB
+    model took 0.49 s instead of 0.03 s to hash beside a busy Python thread (each chunk waited for
+    the GIL), and models are hashed on a thread while the run starts.
+    """
     h = hashlib.sha256()
     with Path(path).open("rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
+        if os.fstat(fh.fileno()).st_size:  # an empty file cannot be mapped
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                h.update(m)
     return h.hexdigest()
 
 

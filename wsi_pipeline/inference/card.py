@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -297,6 +298,20 @@ def resolve_model(model: str | os.PathLike[str] | None = None) -> ModelCard:
 
     Checks that the ONNX file exists and matches the card's sha256.
     """
+    card, verify = resolve_model_deferred(model)
+    verify()
+    return card
+
+
+def resolve_model_deferred(
+    model: str | os.PathLike[str] | None = None,
+) -> tuple[ModelCard, Callable[[], None]]:
+    """:func:`resolve_model`, with the sha256 check still running: returns the card and ``verify``, which
+    waits for the model file's hash and raises :class:`ModelError` when it does not match the card.
+
+    The file is hashed on another thread while the card is validated and while the caller sets up
+    (a 45 MB ResNet-18 takes 0.03 s to hash); call ``verify`` before the model is used.
+    """
     if model is None:
         card_path = default_model_dir() / f"{DEFAULT_MODEL_NAME}.json"
         if not card_path.exists():
@@ -310,8 +325,6 @@ def resolve_model(model: str | os.PathLike[str] | None = None) -> ModelCard:
             raise ModelError(f"{p}: no such model file; pass an .onnx file with its .json card beside it")
         card_path = p if p.suffix == ".json" else p.with_suffix(".json")
     raw = _read_card_json(card_path)
-    # The model file is hashed on another thread while the card is validated (a 45 MB ResNet-18 takes
-    # 0.03 s to hash and jsonschema as long to import: both sit before the first tile of every run).
     onnx_given = model is not None and Path(model).suffix != ".json"
     if onnx_given:
         onnx: Path | None = Path(str(model))
@@ -319,22 +332,29 @@ def resolve_model(model: str | os.PathLike[str] | None = None) -> ModelCard:
         onnx = card_path.parent / str(raw.get("onnx_file") or card_path.with_suffix(".onnx").name)
     else:
         onnx = None  # not a card: card_from_dict says so
-    with ThreadPoolExecutor(1, thread_name_prefix="wsi-sha256") as ex:
+    ex = ThreadPoolExecutor(1, thread_name_prefix="wsi-sha256")
+    try:
         digest = ex.submit(file_sha256, onnx) if onnx is not None and onnx.is_file() else None
-        card = card_from_dict(raw, card_path)
-        if onnx_given:
-            card = replace(card, onnx_path=Path(str(model)))
-        if digest is None:
-            raise ModelError(f"{card.onnx_path}: the ONNX file named by {card.path.name} is missing")
-        if not card.sha256:  # without it neither the model's identity nor resume protection holds
-            raise ModelError(
-                f"{card.path}: the card has no sha256 of {card.onnx_path.name}; add "
-                f'"sha256": "<output of sha256sum {card.onnx_path.name}>" to the card'
-            )
-        actual = digest.result()
-    if actual != card.sha256:
+    finally:
+        ex.shutdown(wait=False)
+    card = card_from_dict(raw, card_path)
+    if onnx_given:
+        card = replace(card, onnx_path=Path(str(model)))
+    if digest is None:
+        raise ModelError(f"{card.onnx_path}: the ONNX file named by {card.path.name} is missing")
+    if not card.sha256:  # without it neither the model's identity nor resume protection holds
         raise ModelError(
-            f"{card.onnx_path}: sha256 {actual[:12]}... does not match its card ({card.sha256[:12]}...); "
-            f"the file is corrupt or not the model the card describes - re-export or re-download it"
+            f"{card.path}: the card has no sha256 of {card.onnx_path.name}; add "
+            f'"sha256": "<output of sha256sum {card.onnx_path.name}>" to the card'
         )
-    return card
+    expected = card.sha256
+
+    def verify() -> None:
+        actual = digest.result()
+        if actual != expected:
+            raise ModelError(
+                f"{card.onnx_path}: sha256 {actual[:12]}... does not match its card ({expected[:12]}...); "
+                f"the file is corrupt or not the model the card describes - re-export or re-download it"
+            )
+
+    return card, verify
