@@ -12,6 +12,7 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -164,7 +165,8 @@ def run_slide(
     Skips the slide when its manifest shows a finished run with the same parameters (unless
     ``overwrite``).
     """
-    with remove_created_folders_on_failure(Path(heatmap).parent):  # no empty folders after a failure
+    # No empty folders after a failure; the slide level planning may keep for the tiles is let go.
+    with remove_created_folders_on_failure(Path(heatmap).parent), _kept_level_released():
         t0 = time.perf_counter()
         opts = options or RunOptions()
         # The model file is hashed while the slide is opened; a file that does not match its card is
@@ -248,6 +250,17 @@ def run_slide(
         phases["scoring_s"] = result.seconds
         result.extra["phases"] = phases
         return _write_outputs(paths, card, opts, params, result, source, t0, picture=picture)
+
+
+@contextlib.contextmanager
+def _kept_level_released() -> Iterator[None]:
+    """Forget the decoded level kept for this slide's tiles (io.tiff_level) when the run ends."""
+    from wsi_pipeline.io.tiff_level import forget_levels
+
+    try:
+        yield
+    finally:
+        forget_levels()
 
 
 _started = threading.Event()  # set by the first run_slide of this process
