@@ -179,3 +179,22 @@ def test_regions_over_the_edge_are_the_backends_own(backend: str) -> None:
         np.testing.assert_array_equal(
             mem.read_region(loc, 0, (224, 224)), reader.read_region(loc, 0, (224, 224))
         )
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_thumbnails_of_a_fractional_downsample_level_are_its_exact_pixels(
+    fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tcga-cr's level 1 has downsample 2.0005. Its thumbnail is the level's own pixels box-averaged,
+    decoded whole or read in blocks through tiffslide (each block starting on its level pixel: it
+    once started on round(x * ds), which tiffslide truncates to the pixel before: seams)."""
+    from wsi_pipeline.io.resample import box_mean
+
+    reader = open_slide(shared("slides", "aperio", "tcga-cr-7395-01a-01-ts1.svs"), "tiffslide")
+    ds = reader.level_downsamples[1]
+    assert not float(ds).is_integer()
+    if not fast:
+        monkeypatch.setattr(tiff_level, "decode_level", lambda *a, **k: None)
+    (thumb,) = read_thumbnails(reader, 0.25, [0.25 * ds * 2], block_px=256)
+    assert thumb is not None and thumb.downsample == pytest.approx(2 * ds)
+    np.testing.assert_array_equal(thumb.image, box_mean(_whole_level(reader, 1), 2, pad=255))

@@ -683,12 +683,17 @@ def read_thumbnails(
     if whole is not None and keep:
         keep_level(reader.path, level, whole)
 
+    from wsi_pipeline.tiling.grid import level_to_l0
+
+    rule = read_rule(reader, level)[0]  # a level-0 location the reader maps back to level pixel (x, y)
+
     def read_block(r: SlideReader, x: int, y: int) -> None:
         bw, bh = min(block, w - x), min(block, h - y)
         if whole is not None:
             pixels = whole[y : y + bh, x : x + bw]
         else:
-            pixels = r.read_region((round(x * ds), round(y * ds)), level, (bw, bh))
+            lx, ly = (int(v) for v in level_to_l0(np.array([x, y]), ds, rule))
+            pixels = r.read_region((lx, ly), level, (bw, bh))
         for f, out in zip(factors, outs, strict=True):
             if out is not None:  # each block fills its own cells of every thumbnail
                 small = box_mean(pixels, f, pad=255)  # the slide's last partial block padded white
