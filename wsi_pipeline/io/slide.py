@@ -687,8 +687,8 @@ def read_thumbnails(
 
     rule = read_rule(reader, level)[0]  # a level-0 location the reader maps back to level pixel (x, y)
 
-    def read_block(r: SlideReader, x: int, y: int) -> None:
-        bw, bh = min(block, w - x), min(block, h - y)
+    def read_block(r: SlideReader, x: int, y: int, bw: int = block) -> None:
+        bw, bh = min(bw, w - x), min(block, h - y)
         if whole is not None:
             pixels = whole[y : y + bh, x : x + bw]
         else:
@@ -699,7 +699,10 @@ def read_thumbnails(
                 small = box_mean(pixels, f, pad=255)  # the slide's last partial block padded white
                 out[y // f : y // f + small.shape[0], x // f : x // f + small.shape[1]] = small
 
-    if workers <= 1 or len(corners) < 2 or whole is not None:
+    if whole is not None:  # rows of blocks across the whole width: a few large numpy calls, not many
+        for y in range(0, h, block):  # small ones (each waits for the GIL while scipy imports)
+            read_block(reader, 0, y, w)
+    elif workers <= 1 or len(corners) < 2:
         for x, y in corners:
             read_block(reader, x, y)
     else:
