@@ -12,7 +12,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -169,8 +169,8 @@ def run_slide(
     with remove_created_folders_on_failure(Path(heatmap).parent), _kept_level_released():
         t0 = time.perf_counter()
         opts = options or RunOptions()
-        # The model file is hashed while the slide is opened; a file that does not match its card is
-        # reported before the slide's errors, and before the session loads it.
+        # The model file is hashed while the slide is opened and planned; a file that does not match
+        # its card is reported before the slide's errors, and the session never loads it.
         card, verify_model = resolve_model_deferred(model)
         try:
             if (
@@ -209,12 +209,12 @@ def run_slide(
         except Exception:
             verify_model()
             raise
-        verify_model()
         phases: dict[str, float] = {**_startup_phases(t0), "setup_s": time.perf_counter() - t0}
         with ThreadPoolExecutor(1, thread_name_prefix="wsi-session") as ex:
-            # The model loads (on the device) while the slide is planned; a model that does not load is
-            # reported before any error of the slide's, and before a tile store is written.
-            job = ex.submit(cached_session, str(card.path), str(card.onnx_path), opts.device, threads)
+            # The model is verified and loads (on the device) while the slide is planned; a model that
+            # does not match its card or does not load is reported before any error of the slide's,
+            # and before a tile store is written.
+            job = ex.submit(_verified_session, verify_model, card, opts.device, threads)
             t = time.perf_counter()
             try:
                 if opts.tiles_out is not None and source.kind == "slide":
@@ -250,6 +250,12 @@ def run_slide(
         phases["scoring_s"] = result.seconds
         result.extra["phases"] = phases
         return _write_outputs(paths, card, opts, params, result, source, t0, picture=picture)
+
+
+def _verified_session(verify: Callable[[], None], card: ModelCard, device: str, threads: int | None) -> Any:
+    """The model's session once its file matches the card (``verify`` raises otherwise)."""
+    verify()
+    return cached_session(str(card.path), str(card.onnx_path), device, threads)
 
 
 @contextlib.contextmanager
