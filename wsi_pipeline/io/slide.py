@@ -17,12 +17,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from wsi_pipeline.errors import ResolutionError, SlideError
 from wsi_pipeline.io.resample import box_mean
+
+if TYPE_CHECKING:
+    from wsi_pipeline.io.tiff_region import TiffTiles
 
 Backend = Literal["auto", "openslide", "tiffslide"]
 BACKENDS: tuple[str, ...] = ("auto", "openslide", "tiffslide")
@@ -101,6 +104,8 @@ class _LibrarySlide:
         self.backend = backend
         self._h = handle
         self._prefix = prefix
+        self._tiles: TiffTiles | None = None  # set by use_tiff_tiles
+        self._ds: tuple[float, ...] = ()
 
     @property
     def vendor(self) -> str:
@@ -133,9 +138,36 @@ class _LibrarySlide:
             _as_float(props.get(f"{self._prefix}.mpp-y")),
         )
 
+    def use_tiff_tiles(self) -> None:
+        """Decode regions of a tiled TIFF's levels with tifffile where they are this library's pixels
+        by construction and probes agree (:mod:`wsi_pipeline.io.tiff_region`: 1.7-2.5x faster than
+        tiffslide). Only for tiffslide, which decodes with the same codecs: OpenSlide refuses a corrupt
+        JPEG tile that those codecs decode into noise, and its reads stay the reference for scoring."""
+        from wsi_pipeline.io.tiff_region import tiff_tiles_for
+
+        self._tiles = tiff_tiles_for(self, self._library_read)
+        self._ds = self.level_downsamples
+
     def read_region(self, location_l0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         x, y = (int(v) for v in location_l0)
         w, h = (int(v) for v in size)
+        tiles = self._tiles
+        if tiles is not None and 0 <= level < len(self._ds):
+            from wsi_pipeline.io.tiff_region import exact_level_xy
+
+            at = exact_level_xy((x, y), self._ds[level])
+            if at is not None:
+                try:
+                    region = tiles.region(level, at[0], at[1], w, h)
+                except Exception:  # a tile tifffile cannot decode: the library reads (or reports) it
+                    region = None
+                if region is not None:
+                    return region
+        return self._library_read((x, y), level, (w, h))
+
+    def _library_read(self, location_l0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        x, y = location_l0
+        w, h = size
         try:
             arr = np.asarray(self._h.read_region((x, y), level, (w, h)))
         except Exception as exc:  # the libraries raise many types (OpenSlideError, codec errors, ...)
@@ -151,6 +183,10 @@ class _LibrarySlide:
         return _rgba_to_rgb(arr)
 
     def close(self) -> None:
+        tiles = self._tiles
+        if tiles is not None:
+            tiles.close()
+            self._tiles = None
         self._h.close()
 
 
@@ -289,6 +325,8 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: b
                     # Decode one pixel now: an unknown compression or corrupt first tile is "unreadable"
                     # (exit 3) before any question about its resolution is asked.
                     reader.read_region((0, 0), 0, (1, 1))
+                if isinstance(reader, _LibrarySlide) and reader.backend == "tiffslide":
+                    reader.use_tiff_tiles()  # the same codecs as tiffslide's, without its zarr store
             except SlideError:
                 reader.close()
                 raise
