@@ -103,84 +103,6 @@ def test_large_levels_and_non_tiff_sources_are_read_through_the_reader(
     assert decode_level(ArraySlide(img, mpp=0.5, downsamples=(1,)), 0) is None
 
 
-def _all_tiles_read_on_a_new_thread(source: Any) -> np.ndarray:
-    """read_chunk over every tile, on a fresh thread (the per-thread handle cache starts empty)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from wsi_pipeline.tiling.source import read_chunk
-
-    task = source.task_source()
-    with ThreadPoolExecutor(1) as ex:
-        return ex.submit(read_chunk, task, source.layout.colrow, 0).result()
-
-
-@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
-def test_tiles_of_a_small_single_level_slide_are_cut_from_the_kept_level(
-    backend: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Planning keeps the sample's decoded level 0 (its tiles' level); the tiles cut from it are the
-    reader's own, bit for bit, and the reader decodes only regions over the slide's edge."""
-    from wsi_pipeline.tiling.plan import TileOptions
-    from wsi_pipeline.tiling.source import open_source
-
-    source = open_source(SAMPLE, TileOptions(), backend)
-    assert source.layout.n_tiles > 0
-    kept = tiff_level.with_kept_level(open_slide(SAMPLE, backend), source.layout.grid.level)
-    assert isinstance(kept, tiff_level.LevelInMemory)
-    reads: list[tuple[int, int]] = []
-    real = type(kept._r).read_region
-
-    def counting(self: Any, loc: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        reads.append(loc)
-        return real(self, loc, level, size)
-
-    with monkeypatch.context() as m:
-        m.setattr(type(kept._r), "read_region", counting)
-        from_memory = _all_tiles_read_on_a_new_thread(source)
-    w, h = open_slide(SAMPLE, backend).dimensions
-    assert all(x + 224 * 4 > w or y + 224 * 4 > h for x, y in reads)  # only edge blocks, if any
-    assert len(reads) < len(from_memory) / 4
-    tiff_level.forget_levels()
-    from_reader = _all_tiles_read_on_a_new_thread(source)
-    np.testing.assert_array_equal(from_memory, from_reader)
-
-
-def test_the_kept_level_is_for_that_file_only_and_let_go_after_a_run(
-    tmp_path: Path, test_model: Path
-) -> None:
-    import shutil
-
-    from wsi_pipeline.pipeline import run_slide
-
-    copy = tmp_path / "s.svs"
-    shutil.copy(SAMPLE, copy)
-    reader = open_slide(copy, "openslide")
-    pixels = decode_level(reader, 0)
-    assert pixels is not None
-    tiff_level.keep_level(copy, 0, pixels)
-    assert isinstance(tiff_level.with_kept_level(reader, 0), tiff_level.LevelInMemory)
-    assert not isinstance(
-        tiff_level.with_kept_level(open_slide(SAMPLE, "openslide"), 0), tiff_level.LevelInMemory
-    )
-    copy.touch()  # a changed file (mtime) is not served from the old pixels
-    assert not isinstance(tiff_level.with_kept_level(reader, 0), tiff_level.LevelInMemory)
-    run_slide(SAMPLE, tmp_path / "out" / "x.tif", model=test_model)
-    assert tiff_level._kept == {}  # the run's kept level is released with the run
-
-
-@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
-def test_regions_over_the_edge_are_the_backends_own(backend: str) -> None:
-    """OpenSlide fills beyond the level with white, tiffslide with black: those come from the reader."""
-    reader = open_slide(SAMPLE, backend)
-    pixels = decode_level(reader, 0)
-    assert pixels is not None
-    mem = tiff_level.LevelInMemory(reader, 0, pixels)
-    for loc in [(2100, 2900), (-10, -20), (2000, 100), (1000, 1000), (0, 0)]:
-        np.testing.assert_array_equal(
-            mem.read_region(loc, 0, (224, 224)), reader.read_region(loc, 0, (224, 224))
-        )
-
-
 @pytest.mark.parametrize("fast", [True, False])
 def test_thumbnails_of_a_fractional_downsample_level_are_its_exact_pixels(
     fast: bool, monkeypatch: pytest.MonkeyPatch
@@ -198,3 +120,30 @@ def test_thumbnails_of_a_fractional_downsample_level_are_its_exact_pixels(
     (thumb,) = read_thumbnails(reader, 0.25, [0.25 * ds * 2], block_px=256)
     assert thumb is not None and thumb.downsample == pytest.approx(2 * ds)
     np.testing.assert_array_equal(thumb.image, box_mean(_whole_level(reader, 1), 2, pad=255))
+
+
+def test_scored_tiles_come_from_openslide_which_refuses_a_corrupt_tile(
+    tmp_path: Path, test_model: Path
+) -> None:
+    """The thumbnail's fast path decodes a corrupt JPEG tile into noise without a word (tifffile's
+    codecs); the tiles under tissue are scored from OpenSlide's reads, which refuse it: the run stops
+    with an error naming the slide, and writes nothing."""
+    import shutil
+
+    import tifffile
+
+    from wsi_pipeline.errors import SlideError
+    from wsi_pipeline.pipeline import run_slide
+
+    bad = tmp_path / "corrupt.svs"
+    shutil.copy(SAMPLE, bad)
+    with tifffile.TiffFile(bad) as tf:
+        offset, count = tf.pages[0].dataoffsets[74], tf.pages[0].databytecounts[74]  # under tissue
+    with bad.open("r+b") as fh:
+        fh.seek(offset + count // 3)
+        fh.write(b"\xff\x00" * 200)
+    assert decode_level(open_slide(bad, "openslide"), 0) is not None  # the thumbnail took the fast path
+    out = tmp_path / "out" / "x.tif"
+    with pytest.raises(SlideError, match=r"corrupt\.svs: cannot read pixels.*Corrupt JPEG data"):
+        run_slide(bad, out, model=test_model)
+    assert not out.parent.exists()

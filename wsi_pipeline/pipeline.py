@@ -12,7 +12,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -165,8 +165,7 @@ def run_slide(
     Skips the slide when its manifest shows a finished run with the same parameters (unless
     ``overwrite``).
     """
-    # No empty folders after a failure; the slide level planning may keep for the tiles is let go.
-    with remove_created_folders_on_failure(Path(heatmap).parent), _kept_level_released():
+    with remove_created_folders_on_failure(Path(heatmap).parent):  # no empty folders after a failure
         t0 = time.perf_counter()
         opts = options or RunOptions()
         # The model file is hashed while the slide is opened and planned; a file that does not match
@@ -256,17 +255,6 @@ def _verified_session(verify: Callable[[], None], card: ModelCard, device: str, 
     """The model's session once its file matches the card (``verify`` raises otherwise)."""
     verify()
     return cached_session(str(card.path), str(card.onnx_path), device, threads)
-
-
-@contextlib.contextmanager
-def _kept_level_released() -> Iterator[None]:
-    """Forget the decoded level kept for this slide's tiles (io.tiff_level) when the run ends."""
-    from wsi_pipeline.io.tiff_level import forget_levels
-
-    try:
-        yield
-    finally:
-        forget_levels()
 
 
 _started = threading.Event()  # set by the first run_slide of this process

@@ -684,7 +684,6 @@ def read_thumbnails(
     *,
     block_px: int = 2048,
     workers: int = 1,
-    keep: bool = False,
 ) -> list[Thumbnail | None]:
     """Several thumbnails from one read of the slide: the first exactly as :func:`read_thumbnail`
     gives it at ``targets_mpp[0]`` um/px (its level and factor), each further one box-averaged from
@@ -695,8 +694,7 @@ def read_thumbnails(
     ``workers`` > 1 decode blocks of half that size on as many threads (:func:`thread_handles`; the
     decoders release the GIL): the same pixels, sooner, on a large single level. A TIFF level small
     enough to hold is decoded whole by tifffile instead when its pixels are the reader's
-    (:func:`~wsi_pipeline.io.tiff_level.decode_level`); with ``keep``, that decoded level is kept for
-    this process's tile readers (:func:`~wsi_pipeline.io.tiff_level.keep_level`).
+    (:func:`~wsi_pipeline.io.tiff_level.decode_level`).
     """
     downs = reader.level_downsamples
     wants = [max(t / mpp_l0, 1.0) for t in targets_mpp]
@@ -715,11 +713,9 @@ def read_thumbnails(
     outs = [np.empty((-(-h // f), -(-w // f), 3), np.uint8) if f else None for f in factors]
     corners = [(x, y) for y in range(0, h, block) for x in range(0, w, block)]
 
-    from wsi_pipeline.io.tiff_level import decode_level, keep_level
+    from wsi_pipeline.io.tiff_level import decode_level
 
     whole = decode_level(reader, level, workers=workers)  # a small TIFF level: decoded at once, 4x faster
-    if whole is not None and keep:
-        keep_level(reader.path, level, whole)
 
     from wsi_pipeline.tiling.grid import level_to_l0
 

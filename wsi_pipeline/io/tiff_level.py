@@ -7,17 +7,12 @@ itself: the bundled 6.6 MP sample's level 0 takes 87 ms through OpenSlide and 22
 region, and used only when the two agree; anything else (another format, a larger level, a page
 tifffile cannot map or decode, different pixels) returns None and the caller reads through the reader.
 
-When the tiles are read from that same level (a small single-level slide such as the sample), planning
-keeps the decoded level (:func:`keep_level`, one per process, at most 48 MB) and the tile readers of
-this process cut tiles from it (:func:`with_kept_level`) instead of decoding the JPEG tiles again;
-``run_slide`` forgets it at the end.
+These pixels only make the thumbnail (tissue mask, overlay picture). Tiles are scored from the reader's
+own reads: tifffile's codecs decode a corrupt JPEG tile into noise where OpenSlide refuses it.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,105 +74,4 @@ def _level_page(tf: Any, level: int, size: tuple[int, int]) -> Any:
     return lv.pages[0]
 
 
-_kept: dict[str, tuple[int, np.ndarray]] = {}  # file identity -> (level, its pixels); one entry
-_kept_lock = threading.Lock()
-
-
-def _identity(path: str | os.PathLike[str]) -> str | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return f"{os.path.abspath(path)}:{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
-
-
-def keep_level(path: str | os.PathLike[str], level: int, pixels: np.ndarray) -> None:
-    """Keep ``pixels`` (a whole level from :func:`decode_level`) for this process's tile readers of the
-    same file (same inode, mtime and size), replacing whatever was kept."""
-    key = _identity(path)
-    with _kept_lock:
-        _kept.clear()
-        if key is not None:
-            _kept[key] = (level, pixels)
-
-
-def forget_levels() -> None:
-    """Drop the kept level (end of a slide's run)."""
-    with _kept_lock:
-        _kept.clear()
-
-
-def with_kept_level(reader: SlideReader, level: int) -> SlideReader:
-    """``reader``, serving ``level`` from the kept pixels when they are this file's and the level's
-    downsample is whole (its regions are then exactly the reader's level pixels); else ``reader``."""
-    key = _identity(reader.path)
-    with _kept_lock:
-        kept = _kept.get(key) if key is not None else None
-    if kept is None or kept[0] != level or not float(reader.level_downsamples[level]).is_integer():
-        return reader
-    return LevelInMemory(reader, level, kept[1])
-
-
-class LevelInMemory:
-    """A slide reader with one level's pixels in memory: regions of that level inside its bounds are cut
-    from them; anything else (other levels, regions over the edge, whose fill is the backend's: white
-    from OpenSlide, black from tiffslide) is read by the wrapped reader."""
-
-    def __init__(self, reader: SlideReader, level: int, pixels: np.ndarray) -> None:
-        self._r = reader
-        self._level = level
-        self._pixels = pixels
-        self.path = reader.path
-        self.backend = reader.backend
-
-    @property
-    def vendor(self) -> str:
-        return self._r.vendor
-
-    @property
-    def properties(self) -> Mapping[str, str]:
-        return self._r.properties
-
-    @property
-    def level_count(self) -> int:
-        return self._r.level_count
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._r.level_dimensions
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._r.level_downsamples
-
-    @property
-    def dimensions(self) -> tuple[int, int]:
-        return self._r.dimensions
-
-    def metadata_mpp(self) -> tuple[float | None, float | None]:
-        return self._r.metadata_mpp()
-
-    def read_region(self, location_l0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        if level == self._level:
-            ds = int(self._r.level_downsamples[level])
-            x, y = location_l0[0] // ds, location_l0[1] // ds
-            w, h = size
-            exact = location_l0[0] % ds == 0 and location_l0[1] % ds == 0
-            inside = x >= 0 and y >= 0 and y + h <= self._pixels.shape[0] and x + w <= self._pixels.shape[1]
-            if exact and inside:
-                return self._pixels[y : y + h, x : x + w].copy()
-        return self._r.read_region(location_l0, level, size)
-
-    def close(self) -> None:
-        self._r.close()
-
-
-__all__ = [
-    "PROBE_PX",
-    "WHOLE_LEVEL_MAX_PX",
-    "LevelInMemory",
-    "decode_level",
-    "forget_levels",
-    "keep_level",
-    "with_kept_level",
-]
+__all__ = ["PROBE_PX", "WHOLE_LEVEL_MAX_PX", "decode_level"]

@@ -184,16 +184,13 @@ def plan_slide(reader: SlideReader, options: TileOptions, *, picture_px: int | N
         origin_rule=origin_rule,
         exact_blocks=exact_blocks,
     )
-    thumb_level = thumbnail_level(reader, res.mpp, options.mask_mpp)
-    w, h = reader.level_dimensions[thumb_level]
+    w, h = reader.level_dimensions[thumbnail_level(reader, res.mpp, options.mask_mpp)]
     if w * h >= PRELOAD_MIN_PIXELS:  # the decode releases the GIL: import the mask's libraries meanwhile
         threading.Thread(target=preload_libraries, name="wsi-preload", daemon=True).start()
     targets = [options.mask_mpp]
     if picture_px:
         targets.append(max(reader.dimensions) / picture_px * res.mpp)
-    # Tiles read from the thumbnail's level may be cut from its pixels when it is decoded whole.
-    same_level = thumb_level == choice.level
-    thumb, *rest = read_thumbnails(reader, res.mpp, targets, workers=options.workers, keep=same_level)
+    thumb, *rest = read_thumbnails(reader, res.mpp, targets, workers=options.workers)
     assert thumb is not None  # the first target always sets the level
     if not is_brightfield(thumb.image):
         raise SlideError(

@@ -31,7 +31,6 @@ import numpy as np
 from wsi_pipeline.errors import ModelError
 from wsi_pipeline.inference.card import ModelCard
 from wsi_pipeline.io.slide import SlideReader, Thumbnail, open_slide, slide_fingerprint
-from wsi_pipeline.io.tiff_level import with_kept_level
 from wsi_pipeline.stain.macenko import REFERENCE
 from wsi_pipeline.tiling.grid import TileGrid
 from wsi_pipeline.tiling.plan import TileOptions, plan_slide, require_tissue
@@ -344,10 +343,9 @@ def read_chunk(source: TaskSource, colrow: np.ndarray, start: int) -> np.ndarray
 
         store: TileStore = _cached(source.cache_key, lambda: open_tile_store(source.path))
         return np.asarray(store.tiles[start : start + len(colrow)])
-    reader: SlideReader = _cached(  # the client opened and checked the slide
-        source.cache_key,
-        lambda: with_kept_level(open_slide(source.path, source.backend, verify=False), source.grid.level),
-    )  # a level planning decoded whole in this process serves the tiles (io.tiff_level)
+    reader: SlideReader = _cached(
+        source.cache_key, lambda: open_slide(source.path, source.backend, verify=False)
+    )  # the client opened and checked the slide
     # The stain record names its reference; REFERENCE is only the fallback of records without one.
     transform = stain_transform(source.stain, REFERENCE) if source.stain else None
     parts = [t for _, t in iter_tiles(reader, (source.grid, colrow), workers=1, transform=transform)]
