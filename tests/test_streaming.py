@@ -171,7 +171,8 @@ def test_the_read_ahead_is_two_units_a_reader_or_one_for_a_float_input(
     monkeypatch.setattr(scoring, "read_chunk", counting)
 
     class Slow:
-        ahead: list[int] = []
+        def __init__(self) -> None:
+            self.ahead: list[int] = []
 
         def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> Any:
             x = next(iter(feeds.values()))
