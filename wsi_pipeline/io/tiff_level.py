@@ -14,19 +14,17 @@ own reads: tifffile's codecs decode a corrupt JPEG tile into noise where OpenSli
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from wsi_pipeline.io.tiff_region import PROBE_PX, TIFF_SUFFIXES, level_page
 
 if TYPE_CHECKING:
     from wsi_pipeline.io.slide import SlideReader
 
 #: levels up to this many pixels are decoded whole (48 MB of RGB); larger ones are read in blocks
 WHOLE_LEVEL_MAX_PX = 16 * 2**20
-#: TIFF containers whose pyramid tifffile and the slide readers lay out the same way
-TIFF_SUFFIXES = (".svs", ".tif", ".tiff")
-#: side of the region compared with the slide's reader (level pixels)
-PROBE_PX = 256
 
 
 def decode_level(reader: SlideReader, level: int, *, workers: int = 1) -> np.ndarray | None:
@@ -43,7 +41,7 @@ def decode_level(reader: SlideReader, level: int, *, workers: int = 1) -> np.nda
 
     try:
         with tifffile.TiffFile(path) as tf:
-            page = _level_page(tf, level, (w, h))
+            page = level_page(tf, level, (w, h))
             pixels = page.asarray(maxworkers=max(1, workers)) if page is not None else None
     except Exception:  # a file tifffile cannot parse or decode: the reader reports it, or reads it
         return None
@@ -61,17 +59,4 @@ def decode_level(reader: SlideReader, level: int, *, workers: int = 1) -> np.nda
     return pixels
 
 
-def _level_page(tf: Any, level: int, size: tuple[int, int]) -> Any:
-    """The single page of the first series' ``level`` when its shape is the reader's (h, w, 3)."""
-    series = tf.series[0]
-    levels = list(getattr(series, "levels", None) or [series])
-    if level >= len(levels):
-        return None
-    lv = levels[level]
-    w, h = size
-    if tuple(lv.shape) != (h, w, 3) or len(lv.pages) != 1:
-        return None
-    return lv.pages[0]
-
-
-__all__ = ["PROBE_PX", "WHOLE_LEVEL_MAX_PX", "decode_level"]
+__all__ = ["WHOLE_LEVEL_MAX_PX", "decode_level"]

@@ -28,12 +28,13 @@ import numpy as np
 if TYPE_CHECKING:
     from wsi_pipeline.io.slide import SlideReader
 
-#: containers and vendors (as the readers name them) whose pyramid is plain tiled pages
+#: TIFF containers, and vendors (as the readers name them), whose pyramid tifffile lays out as the
+#: slide readers do
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff")
 TIFF_VENDORS = ("aperio", "generic-tiff")
 #: decoded tiles kept per open slide (bytes): neighbouring regions share tiles
 CACHE_BYTES = 16 * 2**20
-#: side (level pixels) of the probe regions compared with the reader at open
+#: side (level pixels) of the probe regions compared with the slide's reader
 PROBE_PX = 256
 
 
@@ -73,12 +74,10 @@ class TiffTiles:
 
         levels: dict[int, _Level] = {}
         with tifffile.TiffFile(path) as tf:
-            series = tf.series[0]
-            pages = list(getattr(series, "levels", None) or [series])
             for i, (w, h) in enumerate(level_dimensions):
-                if i >= len(pages) or tuple(pages[i].shape) != (h, w, 3) or len(pages[i].pages) != 1:
+                p = level_page(tf, i, (w, h))
+                if p is None:
                     continue
-                p = pages[i].pages[0]
                 if not (
                     p.is_tiled and p.dtype == np.uint8 and p.samplesperpixel == 3 and p.planarconfig == 1
                 ):
@@ -147,6 +146,20 @@ class TiffTiles:
             self._fd = -1
 
 
+def level_page(tf: Any, level: int, size: tuple[int, int]) -> Any:
+    """The single page of ``tf``'s first series at pyramid ``level`` when its shape is the reader's
+    ``size`` (w, h) in RGB; None otherwise (no such level, another shape, several pages)."""
+    series = tf.series[0]
+    levels = list(getattr(series, "levels", None) or [series])
+    if level >= len(levels):
+        return None
+    lv = levels[level]
+    w, h = size
+    if tuple(lv.shape) != (h, w, 3) or len(lv.pages) != 1:
+        return None
+    return lv.pages[0]
+
+
 def exact_level_xy(location_l0: tuple[int, int], downsample: float) -> tuple[int, int] | None:
     """The level pixel tiffslide's ``read_region`` starts a region at: it truncates ``location /
     downsample`` (``TiffSlide._read_region_loc_transform``); None for a location left of or above the
@@ -192,4 +205,12 @@ def tiff_tiles_for(reader: SlideReader, library_read: Callable[..., np.ndarray])
     return tiles
 
 
-__all__ = ["CACHE_BYTES", "TiffTiles", "exact_level_xy", "tiff_tiles_for"]
+__all__ = [
+    "CACHE_BYTES",
+    "PROBE_PX",
+    "TIFF_SUFFIXES",
+    "TiffTiles",
+    "exact_level_xy",
+    "level_page",
+    "tiff_tiles_for",
+]
