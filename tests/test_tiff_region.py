@@ -111,3 +111,23 @@ def test_the_decoded_tile_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -
         for x in range(0, 2000, 224):
             reader.read_region((x, y), 0, (224, 224))
     assert 0 < tiles._cached_bytes <= tiff_region.CACHE_BYTES and len(tiles._cache) <= 5
+
+
+def test_readers_dropped_without_close_release_their_files() -> None:
+    """Reader threads' handles may be dropped with their thread, never closed: nothing stays open."""
+    import gc
+    import os
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc (Linux) to count open files")
+    before = open_fds()
+    for _ in range(30):
+        reader = open_slide(SAMPLE, "tiffslide")
+        assert reader._tiles is not None  # type: ignore[attr-defined]
+        reader.read_region((0, 0), 0, (300, 300))
+        del reader
+    gc.collect()
+    assert open_fds() <= before + 2

@@ -60,7 +60,8 @@ class TiffTiles:
     def __init__(self, path: str | os.PathLike[str], levels: dict[int, _Level]) -> None:
         self.path = str(path)
         self._levels = levels
-        self._fd = os.open(self.path, os.O_RDONLY)
+        # A file object, not a bare descriptor: a reader a thread drops without closing is closed with it.
+        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close() or collection
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
@@ -125,7 +126,7 @@ class TiffTiles:
                 return hit
         if index >= len(lv.counts) or lv.counts[index] <= 0:
             return None
-        data = os.pread(self._fd, int(lv.counts[index]), int(lv.offsets[index]))
+        data = os.pread(self._file.fileno(), int(lv.counts[index]), int(lv.offsets[index]))
         segment = lv.decode(data, index, jpegtables=lv.jpegtables)[0]
         if segment is None:
             return None
@@ -141,9 +142,7 @@ class TiffTiles:
         with self._lock:
             self._cache.clear()
             self._cached_bytes = 0
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
 
 
 def level_page(tf: Any, level: int, size: tuple[int, int]) -> Any:
