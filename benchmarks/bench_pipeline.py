@@ -13,8 +13,10 @@ it measures, on the same tiles with the same threads, best of ``--repeat``:
   of that process; the package's bytecode is compiled first, as an installed wheel has it;
 * **in process**: ``run_slide`` called in this (warm) process: the same work without interpreter
   start-up and imports, as a batch or a service sees each slide after the first;
+* **scoring phase**: the tiles over the scoring phase of the best end-to-end run (its manifest's
+  ``timings.scoring_s``): the streaming scorer alone, without planning and outputs;
 * the ratios end-to-end / raw and, for TileNet (where reading and the model share the CPUs),
-  end-to-end / the shared-CPU bound 1 / (1/raw + 1/decode).
+  end-to-end, in process and scoring phase / the shared-CPU bound 1 / (1/raw + 1/decode).
 
 Usage (from the repository root; ResNet-18 needs torch, the ``train`` extra)::
 
@@ -164,6 +166,7 @@ def main() -> None:
                        for _ in range(args.repeat))  # fmt: skip
             warm_rate = len(tiles) / warm
             bound = 1 / (1 / raw + 1 / decode)
+            scoring = len(tiles) / float(manifest["timings"]["scoring_s"])  # the best run's scoring phase
             row = {
                 "slide": slide_label, "model": name, "tiles": len(tiles), "cores": cores,
                 "raw_tiles_per_s": round(raw, 1), "raw_best_batch": batch,
@@ -173,6 +176,8 @@ def main() -> None:
                 "in_process_s": round(warm, 2), "in_process_tiles_per_s": round(warm_rate, 1),
                 "ratio_in_process_to_raw": round(warm_rate / raw, 3),
                 "ratio_in_process_to_shared_bound": round(warm_rate / bound, 3),
+                "scoring_tiles_per_s": round(scoring, 1),
+                "ratio_scoring_to_shared_bound": round(scoring / bound, 3),
                 "peak_rss_mib": round(max(r[1] for r in runs)),
                 "timings": manifest["timings"], "thread_plan": manifest.get("thread_plan"),
             }  # fmt: skip
@@ -181,8 +186,8 @@ def main() -> None:
                 f"{slide_label} | {name}: {len(tiles)} tiles; raw {raw:.1f}/s (batch {batch}), decode "
                 f"{decode:.0f}/s, end to end {e2e:.1f}/s ({wall:.2f} s wall) = {e2e / raw:.2f}x raw, "
                 f"{e2e / bound:.2f}x shared bound; in process {warm_rate:.1f}/s = "
-                f"{warm_rate / raw:.2f}x raw, {warm_rate / bound:.2f}x shared bound; "
-                f"peak RSS {row['peak_rss_mib']} MiB",
+                f"{warm_rate / raw:.2f}x raw, {warm_rate / bound:.2f}x shared bound; scoring phase "
+                f"{scoring:.1f}/s = {scoring / bound:.2f}x shared bound; peak RSS {row['peak_rss_mib']} MiB",
                 flush=True,
             )
     if args.json:
