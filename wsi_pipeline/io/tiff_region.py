@@ -132,8 +132,9 @@ class TiffTiles:
             return None
         tile = np.asarray(segment).reshape(lv.tile_h, lv.tile_w, 3)
         with self._lock:
-            self._cache[key] = tile
-            self._cached_bytes += tile.nbytes
+            if key not in self._cache:  # another thread may have decoded it meanwhile
+                self._cache[key] = tile
+                self._cached_bytes += tile.nbytes
             while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
                 self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
         return tile
