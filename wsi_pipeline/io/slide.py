@@ -17,15 +17,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from wsi_pipeline.errors import ResolutionError, SlideError
+from wsi_pipeline.io import tiff_level
 from wsi_pipeline.io.resample import box_mean
-
-if TYPE_CHECKING:
-    from wsi_pipeline.io.tiff_region import TiffTiles
+from wsi_pipeline.io.tiff_region import TiffTiles, exact_level_xy, tiff_tiles_for
 
 Backend = Literal["auto", "openslide", "tiffslide"]
 BACKENDS: tuple[str, ...] = ("auto", "openslide", "tiffslide")
@@ -143,8 +142,6 @@ class _LibrarySlide:
         by construction and probes agree (:mod:`wsi_pipeline.io.tiff_region`: 1.7-2.5x faster than
         tiffslide). Only for tiffslide, which decodes with the same codecs: OpenSlide refuses a corrupt
         JPEG tile that those codecs decode into noise, and its reads stay the reference for scoring."""
-        from wsi_pipeline.io.tiff_region import tiff_tiles_for
-
         self._tiles = tiff_tiles_for(self, self._library_read)
         self._ds = self.level_downsamples
 
@@ -153,8 +150,6 @@ class _LibrarySlide:
         w, h = (int(v) for v in size)
         tiles = self._tiles
         if tiles is not None and 0 <= level < len(self._ds):
-            from wsi_pipeline.io.tiff_region import exact_level_xy
-
             at = exact_level_xy((x, y), self._ds[level])
             if at is not None:
                 try:
@@ -715,12 +710,10 @@ def read_thumbnails(
     outs = [np.empty((-(-h // f), -(-w // f), 3), np.uint8) if f else None for f in factors]
     corners = [(x, y) for y in range(0, h, block) for x in range(0, w, block)]
 
-    from wsi_pipeline.io.tiff_level import decode_level
+    from wsi_pipeline.tiling.grid import level_to_l0  # tiling.grid imports this module
 
-    whole = decode_level(reader, level, workers=workers)  # a small TIFF level: decoded at once, 4x faster
-
-    from wsi_pipeline.tiling.grid import level_to_l0
-
+    # A small TIFF level decoded at once, 4x faster (through the module: tests switch it off there).
+    whole = tiff_level.decode_level(reader, level, workers=workers)
     rule = read_rule(reader, level)[0]  # a level-0 location the reader maps back to level pixel (x, y)
 
     def read_block(r: SlideReader, x: int, y: int, bw: int = block) -> None:
