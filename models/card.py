@@ -162,6 +162,25 @@ def render_markdown(card: dict[str, Any]) -> str:
             f"Shipped: {q['shipped']}. {q['method']}; worst drop {q.get('worst_drop')}.",
             "",
         ]
+    h = card.get("fp16")
+    if h:
+        lines += [
+            "## fp16 (GPU)",
+            "",
+            f"Allowed: {'yes' if h['allowed'] else 'no'} (`wsi-infer --device cuda` runs fp16 by default "
+            f"where allowed; `--precision fp32` turns it off). Rule: {h['rule']}. Measured on "
+            f"{h['n_tiles']} held-out tiles: largest |dP| {h['max_abs_dp']}, {h['label_flips']} label "
+            f"change(s) at the threshold. {h.get('measured_with', '')}. Reproduce: `{h.get('command', '')}`.",
+            "",
+            "| set | tiles | max abs dP | label changes | AUC fp32 | AUC fp16 |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *[
+                f"| {name} | {r['n']} | {r['max_abs_dp']} | {r['label_flips']} | {r['auc_fp32']} | "
+                f"{r['auc_fp16']} |"
+                for name, r in h.get("sets", {}).items()
+            ],
+            "",
+        ]
     glas = d.get("glas")
     lines += [
         "## Model",

@@ -1,0 +1,113 @@
+"""Half precision (fp16) on a GPU, where the model's card allows it.
+
+fp16 halves the bytes every layer moves and runs on a GPU's tensor cores; it also rounds weights and
+activations to 11 significant bits, so a model's probabilities move. A card allows fp16 only with a
+measurement: its ``fp16`` section (``python -m models.fp16_check --write``) records the largest
+change of P and the labels that flip at the card's threshold on the held-out real tiles, and
+``allowed`` by a rule written in the section.
+
+``--precision auto`` (the default) runs fp16 on ``cuda``/``tensorrt`` when the card allows it, fp32
+otherwise; ``fp16`` asked for where it cannot run (the CPU, or a card without the measurement) is
+an error, never a silent fp32 run. CUDA runs an fp16 copy of the graph (inputs and outputs keep
+their types: tiles go in and probabilities come out as before), converted once with onnxruntime's
+own converter and kept in :mod:`~wsi_pipeline.inference.model_cache`'s folder; TensorRT builds its
+engine in fp16 from the fp32 graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+from wsi_pipeline.errors import DeviceError, ModelError
+from wsi_pipeline.inference.card import ModelCard
+
+PRECISIONS = ("auto", "fp32", "fp16")
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def fp16_allowed(card: ModelCard) -> bool:
+    """Whether ``card`` records an fp16 measurement that allows it (``fp16.allowed``)."""
+    section = card.raw.get("fp16")
+    return bool(isinstance(section, dict) and section.get("allowed") is True)
+
+
+def resolve_precision(card: ModelCard, provider: str, precision: str) -> str:
+    """``fp32`` or ``fp16`` for a session of ``card`` on ``provider`` (an onnxruntime provider name).
+
+    ``auto``: fp16 on a GPU provider when the card allows it, else fp32. ``fp16`` on the CPU, or for
+    a card that does not allow it, raises (:class:`DeviceError`, :class:`ModelError`)."""
+    if precision not in PRECISIONS:
+        raise DeviceError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    on_gpu = provider in GPU_PROVIDERS
+    if precision == "auto":
+        return "fp16" if on_gpu and fp16_allowed(card) else "fp32"
+    if precision == "fp16":
+        if not on_gpu:
+            raise DeviceError(
+                f"--precision fp16 runs on a GPU (--device cuda or tensorrt), not on {provider}: "
+                "onnxruntime's CPU kernels gain nothing from it; use --precision fp32 or auto"
+            )
+        if not fp16_allowed(card):
+            raise ModelError(
+                f"{card.path}: the card does not allow fp16 (no fp16 section with allowed: true); measure "
+                "it with python -m models.fp16_check --model MODEL.onnx --write, or use --precision fp32"
+            )
+    return precision
+
+
+def fp16_model_path(card: ModelCard, ort_version: str, folder: Path) -> Path:
+    """Where the fp16 copy of ``card``'s model is kept in ``folder`` (a digest of the model's
+    sha256 and the onnxruntime version that converted it)."""
+    from wsi_pipeline.provenance import file_sha256
+
+    digest = card.sha256 or file_sha256(card.onnx_path)
+    key = hashlib.sha256(f"{digest}|{ort_version}|fp16".encode()).hexdigest()
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in card.onnx_path.stem)[:40]
+    return folder / f"{stem}-fp16-{key[:24]}.onnx"
+
+
+def convert_fp16(src: Path, dst: Path) -> Path:
+    """Write an fp16 copy of the ONNX model ``src`` to ``dst`` (under a temporary name, then renamed);
+    its inputs and outputs keep their types. Needs the ``onnx`` package (in the ``gpu`` extra)."""
+    try:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError as exc:
+        raise DeviceError(
+            f"{src}: fp16 needs the onnx package to convert the model ({exc}); pip install "
+            "'wsi-pipeline[gpu]' (or onnx), or use --precision fp32"
+        ) from exc
+    try:
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    except Exception as exc:
+        raise ModelError(f"{src}: cannot convert the model to fp16 ({exc}); use --precision fp32") from exc
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, dst)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return dst
+
+
+def fp16_model(card: ModelCard, ort_version: str) -> Path:
+    """The fp16 copy of ``card``'s model (whose file was checked against the card's sha256 before any
+    session), converted on first use and kept in the cache folder; with caching off, converted into
+    a new temporary folder of this process."""
+    from wsi_pipeline.cache import cache_dir
+
+    folder = cache_dir()
+    if folder is None:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="wsi-pipeline-fp16-"))
+    path = fp16_model_path(card, ort_version, folder / "onnxruntime")
+    if path.is_file():
+        return path
+    return convert_fp16(card.onnx_path, path)
