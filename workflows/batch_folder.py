@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None, help="ONNX model (card beside it); default: shipped")
     p.add_argument("--device", choices=["auto", "cpu", *GPU_DEVICES], default="auto")
     p.add_argument(
+        "--precision", choices=["auto", "fp32", "fp16"], default="auto",
+        help="auto: fp16 on GPU workers where the model card allows it, else fp32",
+    )  # fmt: skip
+    p.add_argument(
         "--resources",
         nargs="*",
         default=None,
@@ -143,15 +147,18 @@ def require_resources(client: Any, resources: dict[str, float], *, timeout_s: fl
     return ok
 
 
-def probe_model(client: Any, model: Path | None, device: str, resources: dict | None) -> str:
+def probe_model(
+    client: Any, model: Path | None, device: str, resources: dict | None, precision: str = "auto"
+) -> str:
     """Load the model on one worker (one that may run the tasks); returns the provider it uses."""
     from wsi_pipeline.inference.card import resolve_model
     from wsi_pipeline.inference.scoring import probe_session
 
     card = resolve_model(model)
     fut = client.submit(
-        probe_session, str(card.path), str(card.onnx_path), device, resources=resources, pure=False
-    )
+        probe_session, str(card.path), str(card.onnx_path), device, None, precision, resources=resources,
+        pure=False,
+    )  # fmt: skip
     return str(fut.result())
 
 
@@ -177,6 +184,7 @@ def make_options(args: argparse.Namespace, resources: dict | None) -> Any:
         tile=tile,
         label=label,
         device=args.device,
+        precision=args.precision,
         batch_size=args.batch_size,
         chunk_tiles=args.chunk_tiles,
         backend=args.backend,
@@ -216,7 +224,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
     client.wait_for_workers(max(1, args.wait_workers), timeout=args.wait_timeout)
     resources = task_resources(args.device, args.resources, args.gpu_resource)
     eligible = require_resources(client, resources, timeout_s=args.wait_timeout) if resources else []
-    provider = probe_model(client, model, args.device, resources)
+    provider = probe_model(client, model, args.device, resources, args.precision)
     opts = make_options(args, resources)
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
     say(
@@ -256,6 +264,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
                 for a, w in workers.items()
             },
             "device": args.device,
+            "precision": args.precision,
             "task_resources": resources,
             "probe_provider": provider,
             "slides": len(res.rows),

@@ -70,6 +70,7 @@ class RunOptions:
     tile: TileOptions = field(default_factory=TileOptions)
     label: LabelRule = field(default_factory=LabelRule)
     device: str = "auto"
+    precision: str = "auto"  # fp32, fp16 or auto: fp16 on a GPU where the card allows it
     batch_size: int = 64
     chunk_tiles: int = 256  # tiles per Dask task
     workers: int | None = None  # reader threads (local runs; default from inference.scoring.thread_plan)
@@ -213,7 +214,7 @@ def run_slide(
             # The model is verified and loads (on the device) while the slide is planned; a model that
             # does not match its card or does not load is reported before any error of the slide's,
             # and before a tile store is written.
-            job = ex.submit(_verified_session, verify_model, card, opts.device, threads)
+            job = ex.submit(_verified_session, verify_model, card, opts.device, threads, opts.precision)
             t = time.perf_counter()
             try:
                 if opts.tiles_out is not None and source.kind == "slide":
@@ -240,7 +241,7 @@ def run_slide(
         picture = _low_priority(slide_picture, source, opts.overlay_px)
         tasks = make_tasks(
             source, card, device=opts.device, batch_size=opts.batch_size, chunk_tiles=opts.chunk_tiles,
-            threads=threads,
+            threads=threads, precision=opts.precision,
         )  # fmt: skip
         result = run_tasks(
             tasks, len(card.classes), client=client, workers=opts.workers, progress=progress,
@@ -251,10 +252,12 @@ def run_slide(
         return _write_outputs(paths, card, opts, params, result, source, t0, picture=picture)
 
 
-def _verified_session(verify: Callable[[], None], card: ModelCard, device: str, threads: int | None) -> Any:
+def _verified_session(
+    verify: Callable[[], None], card: ModelCard, device: str, threads: int | None, precision: str
+) -> Any:
     """The model's session once its file matches the card (``verify`` raises otherwise)."""
     verify()
-    return cached_session(str(card.path), str(card.onnx_path), device, threads)
+    return cached_session(str(card.path), str(card.onnx_path), device, threads, precision)
 
 
 _started = threading.Event()  # set by the first run_slide of this process
@@ -352,6 +355,8 @@ def _write_outputs(
         "thread_plan": result.extra.get("thread_plan"),
         "scheduler": result.scheduler,
         "device_requested": opts.device,
+        "precision_requested": opts.precision,
+        "run": result.extra.get("run") or _run_details(card, result.provider, opts.precision),
         "batch_size": opts.batch_size,
         "model": {"name": card.name, "version": card.version, "sha256": card.sha256, "card": str(card.path),
                   "classes": list(card.classes), "positive_class": card.positive_class, "mpp": card.mpp,
@@ -372,6 +377,16 @@ def _write_outputs(
     _write_report(paths, manifest, top_tiles, pictures)
     write_json(paths["manifest"], manifest)  # last: its presence marks the slide finished
     return manifest
+
+
+def _run_details(card: ModelCard, provider: str, precision: str) -> dict[str, Any]:
+    """The precision of a run scored elsewhere (cluster workers), from the provider they used."""
+    from wsi_pipeline.inference.precision import resolve_precision
+
+    try:
+        return {"precision": resolve_precision(card, provider.split(",")[0], precision)}
+    except Exception:  # the workers ran it; this only describes it
+        return {"precision": precision}
 
 
 def _optimized_copy(card: ModelCard, provider: str) -> str | None:

@@ -44,6 +44,13 @@ from wsi_pipeline.errors import WsiError
     show_default=True,
     help="onnxruntime provider; cuda/tensorrt fail when unavailable.",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="auto: fp16 on cuda/tensorrt where the model card allows it, else fp32; fp16 elsewhere fails.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--scheduler", default=None, help="Address of a Dask distributed scheduler (default: local).")
 @click.option(
@@ -120,6 +127,7 @@ def run(slide: Path, out: Path, quiet: bool, overwrite: bool, skip_errors: bool,
             tile=_options_from(kw),
             label=label,
             device=kw["device"],
+            precision=kw["precision"],
             batch_size=kw["batch_size"],
             chunk_tiles=kw["chunk_tiles"],
             workers=kw["workers"],

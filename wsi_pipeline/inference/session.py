@@ -36,6 +36,7 @@ def create_session(
     threads: int | None = None,
     spinning: bool = True,
     cache: bool = False,
+    precision: str = "fp32",
 ) -> tuple[Any, str]:
     """An onnxruntime session for ``card`` on ``device``; returns (session, provider really used).
 
@@ -45,6 +46,9 @@ def create_session(
     saves it there while it is built), skipping the graph optimization of every later run.
     ``auto`` takes CUDA when onnxruntime offers it, else the CPU. ``cuda``/``tensorrt`` that are not
     available raise :class:`DeviceError`; so does a session that silently fell back to the CPU.
+    ``precision``: ``fp32``, ``fp16`` or ``auto`` (fp16 only on a GPU and where the card allows it:
+    :func:`~wsi_pipeline.inference.precision.resolve_precision`). TensorRT engines are kept in the
+    cache folder.
     """
     try:
         import onnxruntime as ort
@@ -64,7 +68,14 @@ def create_session(
             f"install the GPU build (pip install 'wsi-pipeline[gpu]') on a machine with CUDA, or use "
             f"--device cpu"
         )
-    providers = [provider] if wanted == "cpu" else [provider, PROVIDERS["cpu"]]
+    from wsi_pipeline.inference.precision import fp16_model, resolve_precision
+
+    half = resolve_precision(card, provider, precision) == "fp16"
+    first: Any = provider
+    if wanted == "tensorrt":  # TensorRT builds its own fp16 engine from the fp32 graph
+        first = (provider, _tensorrt_options(half))
+    providers = [first] if wanted == "cpu" else [first, PROVIDERS["cpu"]]
+    model_path = fp16_model(card, ort.__version__) if half and wanted == "cuda" else card.onnx_path
 
     def options() -> Any:
         opts = ort.SessionOptions()
@@ -80,7 +91,7 @@ def create_session(
     session = _load_optimized(ort, cached, options(), providers) if cached is not None else None
     try:
         if session is None:
-            session = _build_session(ort, card, cached, options, providers)
+            session = _build_session(ort, model_path, cached, options, providers)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         if wanted != "cpu" and "provider" in msg.lower():
@@ -96,7 +107,7 @@ def create_session(
     return session, used
 
 
-def _load_optimized(ort: Any, cached: Path, opts: Any, providers: list[str]) -> Any:
+def _load_optimized(ort: Any, cached: Path, opts: Any, providers: list[Any]) -> Any:
     """The session from the cached optimized model (optimization off: it is done), or None when
     there is none or it does not load (then it is removed and rebuilt)."""
     if not cached.is_file():
@@ -110,7 +121,19 @@ def _load_optimized(ort: Any, cached: Path, opts: Any, providers: list[str]) -> 
         return None
 
 
-def _build_session(ort: Any, card: ModelCard, cached: Path | None, options: Any, providers: list[str]) -> Any:
+def _tensorrt_options(half: bool) -> dict[str, Any]:
+    """TensorRT provider options: fp16 engines when ``half``; engines kept in the cache folder (the
+    first run of a model builds its engine, for minutes; later runs load it)."""
+    from wsi_pipeline.cache import cache_dir
+
+    opts: dict[str, Any] = {"trt_fp16_enable": half}
+    folder = cache_dir()
+    if folder is not None:
+        opts |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(folder / "tensorrt")}
+    return opts
+
+
+def _build_session(ort: Any, model: Path, cached: Path | None, options: Any, providers: list[Any]) -> Any:
     """The session from the model file; when ``cached`` is given, its optimized graph is saved there
     too (under a temporary name, then renamed). A cache that cannot be written only means no cache."""
     tmp: Path | None = None
@@ -124,14 +147,14 @@ def _build_session(ort: Any, card: ModelCard, cached: Path | None, options: Any,
     if tmp is not None:
         opts.optimized_model_filepath = str(tmp)
     try:
-        session = ort.InferenceSession(str(card.onnx_path), sess_options=opts, providers=providers)
+        session = ort.InferenceSession(str(model), sess_options=opts, providers=providers)
     except Exception:
         if tmp is None:
             raise
         with contextlib.suppress(OSError):
             tmp.unlink()
         # perhaps only the cache could not be written: the model's own error comes from a plain load
-        return ort.InferenceSession(str(card.onnx_path), sess_options=options(), providers=providers)
+        return ort.InferenceSession(str(model), sess_options=options(), providers=providers)
     if tmp is not None and cached is not None:
         try:
             os.replace(tmp, cached)
