@@ -6,9 +6,10 @@ wsi-pipeline (and their dependencies) pinned to the versions installed in this e
     .venv/bin/python docker/pin_requirements.py --check   # exit 1 if they differ from the environment
 
 Only what ``pip install 'wsi-pipeline[cpu]'`` needs is pinned (no test, lint or training tools), so
-the images run the library versions the test suite ran. The GPU file swaps onnxruntime for
-onnxruntime-gpu at ``--gpu-version`` (onnxruntime-gpu is published later than onnxruntime and not
-for every version; its wheels need CUDA and cuDNN of the base image, see docker/README.md).
+the images run the library versions the test suite ran. The GPU file adds the ``gpu`` extra's onnx
+(fp16 conversion) and swaps onnxruntime for onnxruntime-gpu at ``GPU_ONNXRUNTIME`` (onnxruntime-gpu
+is published later than onnxruntime and not for every version; its wheels need CUDA and cuDNN of the
+base image, see docker/README.md).
 """
 
 from __future__ import annotations
@@ -46,8 +47,20 @@ def project_requirements(extra: str = EXTRA) -> list[Requirement]:
 
 def runtime_closure(extra: str = EXTRA) -> dict[str, str]:
     """{canonical name: installed version} of every distribution the project[extra] needs here."""
+    return closure(project_requirements(extra), extra)
+
+
+def gpu_closure() -> dict[str, str]:
+    """What the GPU image pins: the CPU closure (onnxruntime becomes onnxruntime-gpu when rendered)
+    and the rest of the ``gpu`` extra (onnx, which converts models to fp16) with its dependencies."""
+    extra = [r for r in project_requirements("gpu") if canonicalize_name(r.name) != "onnxruntime-gpu"]
+    return dict(sorted((runtime_closure() | closure(extra, "gpu")).items()))
+
+
+def closure(requirements: list[Requirement], extra: str = EXTRA) -> dict[str, str]:
+    """{canonical name: installed version} of ``requirements`` and everything they need here."""
     env = {**_environment(), "extra": ""}
-    todo = project_requirements(extra)
+    todo = list(requirements)
     pins: dict[str, str] = {}
     while todo:
         req = todo.pop()
@@ -87,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="only compare; exit 1 when a file is stale")
     args = ap.parse_args(argv)
-    pins = runtime_closure()
     stale = []
     for gpu, name in ((False, "requirements-cpu.txt"), (True, "requirements-gpu.txt")):
         path = HERE / name
+        pins = gpu_closure() if gpu else runtime_closure()
         text = render(pins, gpu=gpu)
         if args.check:
             if not path.exists() or path.read_text() != text:

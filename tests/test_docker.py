@@ -199,13 +199,16 @@ def test_requirements_pin_every_runtime_dependency() -> None:
     finally:
         sys.path.remove(str(DOCKER))
     needed = set(pin_requirements.runtime_closure())
+    assert "onnx" in pin_requirements.gpu_closure() and "onnx" not in needed  # fp16 needs it on a GPU only
     for name, gpu in (("requirements-cpu.txt", False), ("requirements-gpu.txt", True)):
         pinned = {
             line.split("==")[0]
             for line in (DOCKER / name).read_text().splitlines()
             if line and not line.startswith("#")
         }
-        expected = (needed - {"onnxruntime"}) | {"onnxruntime-gpu"} if gpu else needed
+        expected = (
+            (set(pin_requirements.gpu_closure()) - {"onnxruntime"}) | {"onnxruntime-gpu"} if gpu else needed
+        )
         assert expected <= pinned, (name, sorted(expected - pinned))
 
 
