@@ -272,3 +272,24 @@ def test_gpu_benchmark_script_runs_through_on_the_cpu_and_refuses_a_missing_gpu(
     assert e2e["auto"]["run"] == {"precision": "fp32", "io_binding": False} and e2e["auto"]["tiles"] > 0
     if CUDA not in ort.get_available_providers():
         assert bench_gpu.main(["--device", "cuda", "--work", str(tmp_path)]) == 10
+
+
+def test_auto_precision_on_cuda_without_onnx_runs_fp32_and_says_why(
+    shipped: ModelCard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from wsi_pipeline.inference.precision import why_fp32
+    from wsi_pipeline.inference.scoring import run_details
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a)
+    )
+    assert resolve_precision(shipped, CUDA, "auto") == "fp32" and "onnx" in why_fp32(shipped, CUDA)
+    assert resolve_precision(shipped, TRT, "auto") == "fp16"  # TensorRT converts by itself
+    details = run_details(shipped, CUDA, "auto")
+    assert details["precision"] == "fp32" and "pip install onnx" in details["why_fp32"]
+    assert (
+        resolve_precision(shipped, CUDA, "fp16") == "fp16"
+    )  # asked for: converting then says what is missing

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import threading
 from pathlib import Path
@@ -38,13 +39,14 @@ def fp16_allowed(card: ModelCard) -> bool:
 def resolve_precision(card: ModelCard, provider: str, precision: str) -> str:
     """``fp32`` or ``fp16`` for a session of ``card`` on ``provider`` (an onnxruntime provider name).
 
-    ``auto``: fp16 on a GPU provider when the card allows it, else fp32. ``fp16`` on the CPU, or for
+    ``auto``: fp16 on a GPU provider when the card allows it (and, on CUDA, the ``onnx`` package is
+    there to convert the model), else fp32 (:func:`why_fp32` says why). ``fp16`` on the CPU, or for
     a card that does not allow it, raises (:class:`DeviceError`, :class:`ModelError`)."""
     if precision not in PRECISIONS:
         raise DeviceError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     on_gpu = provider in GPU_PROVIDERS
     if precision == "auto":
-        return "fp16" if on_gpu and fp16_allowed(card) else "fp32"
+        return "fp32" if why_fp32(card, provider) else "fp16"
     if precision == "fp16":
         if not on_gpu:
             raise DeviceError(
@@ -57,6 +59,17 @@ def resolve_precision(card: ModelCard, provider: str, precision: str) -> str:
                 "it with python -m models.fp16_check --model MODEL.onnx --write, or use --precision fp32"
             )
     return precision
+
+
+def why_fp32(card: ModelCard, provider: str) -> str:
+    """Why ``--precision auto`` runs ``card`` in fp32 on ``provider`` ("" when it runs fp16)."""
+    if provider not in GPU_PROVIDERS:
+        return f"{provider} runs fp32 (fp16 only on a GPU)"
+    if not fp16_allowed(card):
+        return "the model card does not allow fp16 (no measured fp16 section)"
+    if provider == "CUDAExecutionProvider" and importlib.util.find_spec("onnx") is None:
+        return "the onnx package, which converts the model to fp16, is not installed (pip install onnx)"
+    return ""
 
 
 def fp16_model_path(card: ModelCard, ort_version: str, folder: Path) -> Path:

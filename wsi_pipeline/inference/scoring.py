@@ -81,9 +81,11 @@ _bound_lock = threading.Lock()
 
 def run_details(card: ModelCard, provider: str, precision: str, run: RunFn | None = None) -> dict[str, Any]:
     """For the run manifest: the precision really used and how batches reach the device."""
-    from wsi_pipeline.inference.precision import resolve_precision
+    from wsi_pipeline.inference.precision import resolve_precision, why_fp32
 
     out: dict[str, Any] = {"precision": resolve_precision(card, provider, precision)}
+    if precision == "auto" and out["precision"] == "fp32" and provider != "CPUExecutionProvider":
+        out["why_fp32"] = why_fp32(card, provider)
     return out | (describe_runner(run) if run is not None else {})
 
 
