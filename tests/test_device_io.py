@@ -293,3 +293,14 @@ def test_auto_precision_on_cuda_without_onnx_runs_fp32_and_says_why(
     assert (
         resolve_precision(shipped, CUDA, "fp16") == "fp16"
     )  # asked for: converting then says what is missing
+
+
+def test_a_gpu_session_keeps_one_bound_runner_and_a_cpu_session_runs_plainly(
+    shipped: ModelCard, cpu_session: Any
+) -> None:
+    from wsi_pipeline.inference.scoring import session_runner
+
+    gpu = session_runner(cpu_session, shipped, CUDA)  # what a CUDA session gets (here on a CPU session)
+    assert isinstance(gpu, BoundRunner) and session_runner(cpu_session, shipped, CUDA) is gpu
+    assert gpu.describe()["pinned_input"] is False  # this onnxruntime has no CUDA device to pin for
+    assert not isinstance(session_runner(cpu_session, shipped, CPU), BoundRunner)

@@ -71,10 +71,11 @@ def create_session(
     from wsi_pipeline.inference.precision import fp16_model, resolve_precision
 
     half = resolve_precision(card, provider, precision) == "fp16"
-    first: Any = provider
-    if wanted == "tensorrt":  # TensorRT builds its own fp16 engine from the fp32 graph
-        first = (provider, _tensorrt_options(half))
-    providers = [first] if wanted == "cpu" else [first, PROVIDERS["cpu"]]
+    providers: list[Any] = [provider] if wanted == "cpu" else [provider, PROVIDERS["cpu"]]
+    if wanted == "tensorrt":  # TensorRT builds its own fp16 engine from the fp32 graph; what it
+        # cannot take runs on CUDA where onnxruntime has it, not on the CPU
+        cuda = [PROVIDERS["cuda"]] if PROVIDERS["cuda"] in available else []
+        providers = [(provider, _tensorrt_options(half)), *cuda, PROVIDERS["cpu"]]
     model_path = fp16_model(card, ort.__version__) if half and wanted == "cuda" else card.onnx_path
 
     def options() -> Any:
