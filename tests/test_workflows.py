@@ -102,8 +102,9 @@ def test_batch_folder_on_a_local_cluster_equals_a_local_run(
         ma, mb = json.loads(a["manifest"].read_text()), json.loads(b["manifest"].read_text())
         assert ma["label"] == mb["label"] and mb["scheduler"] == f"distributed {cluster.scheduler_address}"
         assert mb["timings"]["tasks"] >= 2
+    assert mb["precision_requested"] == "auto" and mb["run"] == {"precision": "fp32"}  # CPU workers
     job = json.loads((out / "batch-job.json").read_text())
-    assert len(job["workers"]) == 3 and job["task_resources"] is None
+    assert len(job["workers"]) == 3 and job["task_resources"] is None and job["precision"] == "auto"
     assert job["probe_provider"] == "CPUExecutionProvider"
     # Resume: a second run skips the finished slides.
     assert batch_folder.main([*argv, "-q"]) == 1
@@ -180,6 +181,18 @@ def test_gpu_worker_without_cuda_is_reported_once(
                               "--model", str(model), "--device", "cuda"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 10 and err.count("\n") == 1 and "CUDAExecutionProvider" in err
+    assert not out.exists()
+
+
+def test_fp16_on_cpu_workers_is_refused_by_the_probe_before_any_slide(
+    batch_folder: ModuleType, cluster: Any, folder: Path, model: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    out = tmp_path / "out"
+    code = batch_folder.main([str(folder), "--out", str(out), "--scheduler", cluster.scheduler_address,
+                              "--model", str(model), "--device", "cpu", "--precision", "fp16"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 10 and err.count("\n") == 1 and "--precision fp16" in err
     assert not out.exists()
 
 
