@@ -15,7 +15,10 @@ only checks the script itself), on real tiles (the bundled sample's tissue tiles
   utilisation that ``nvidia-smi`` samples every 100 ms during the run (mean, max).
 
 A device that onnxruntime cannot use stops the script at once with the reason (never a CPU run
-reported as the GPU's). Usage (from the repository root)::
+reported as the GPU's). The model-alone part needs only numpy, onnxruntime(-gpu), onnx and the
+model card's jsonschema: on a machine without the slide libraries, save the tiles where they are
+(``--save-tiles tiles.npy``) and measure there with ``--tiles-from tiles.npy --no-e2e``.
+Usage (from the repository root)::
 
     python -m benchmarks.bench_gpu --device cuda [--mosaic] [--tiles 2048] [--repeat 3] [--json out.json]
 """
@@ -40,17 +43,27 @@ from wsi_pipeline.inference.binding import BoundRunner
 from wsi_pipeline.inference.card import ModelCard, resolve_model
 from wsi_pipeline.inference.precision import convert_fp16
 from wsi_pipeline.inference.session import PROVIDERS, create_session, prepare_batch, run_prepared
-from wsi_pipeline.tiling.plan import TileOptions
-from wsi_pipeline.tiling.source import open_source, read_chunk
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "samples" / "CMU-1-Small-Region.svs"
 
 
-def real_tiles(card: ModelCard, n: int) -> np.ndarray:
-    """The bundled sample's tissue tiles at the model's size, repeated to ``n``."""
+def sample_tiles(card: ModelCard) -> np.ndarray:
+    """The bundled sample's tissue tiles at the model's size and um/px (needs the slide libraries)."""
+    from wsi_pipeline.tiling.plan import TileOptions
+    from wsi_pipeline.tiling.source import open_source, read_chunk
+
     source = open_source(SAMPLE, TileOptions(target_mpp=card.mpp, tile_px=card.input_size_px))
-    tiles = read_chunk(source.task_source(), source.layout.colrow, 0)
+    return read_chunk(source.task_source(), source.layout.colrow, 0)
+
+
+def real_tiles(card: ModelCard, n: int, tiles_from: Path | None = None) -> np.ndarray:
+    """Real tiles repeated to ``n``: the bundled sample's, or those saved in ``tiles_from``
+    (``--save-tiles``: for a machine without the slide libraries)."""
+    tiles = np.load(tiles_from) if tiles_from is not None else sample_tiles(card)
+    want = (card.input_size_px, card.input_size_px, 3)
+    if tiles.dtype != np.uint8 or tiles.shape[1:] != want:
+        raise SystemExit(f"{tiles_from}: tiles {tiles.dtype} {tiles.shape[1:]}, the model takes uint8 {want}")
     return np.resize(tiles, (n, *tiles.shape[1:]))
 
 
@@ -180,8 +193,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mosaic", action="store_true", help="end to end on bench_pipeline's 9,250 px mosaic")
     ap.add_argument("--batch", type=int, default=256, help="batch size of the end-to-end runs")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "wsi-bench-gpu")
+    ap.add_argument(
+        "--tiles-from", type=Path, help="real tiles saved by --save-tiles (.npy), instead of the sample"
+    )
+    ap.add_argument(
+        "--save-tiles", type=Path, help="save the sample's tiles for the shipped model here and stop"
+    )
+    ap.add_argument("--no-e2e", action="store_true", help="model alone only (no slide libraries needed)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    if args.save_tiles is not None:
+        np.save(args.save_tiles, sample_tiles(resolve_model(None)))
+        print(f"saved {args.save_tiles}")
+        return 0
     import onnxruntime as ort
 
     provider = PROVIDERS[args.device]
@@ -216,14 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         slide = mosaic(args.work, 9250)[1]
     try:
         for card in cards:
-            tiles = real_tiles(card, args.tiles)
+            tiles = real_tiles(card, args.tiles, args.tiles_from)
             for row in model_rates(card, args.device, tiles, args.repeat, args.work):
                 report["models"].append(row)
                 pinned = "" if row["pinned_input"] is None else f", pinned {row['pinned_input']}"
                 print(f"{row['model']:12s} {row['precision']} batch {row['batch']:4d} {row['io']:5s}: "
                       f"{row['tiles_per_s']:9.1f} tiles/s, "
                       f"|dP| vs CPU fp32 {row['max_abs_dp_vs_cpu_fp32']:.2e}{pinned}")  # fmt: skip
-            for precision in ("auto", "fp32"):
+            for precision in () if args.no_e2e else ("auto", "fp32"):
                 row = end_to_end(slide, card.onnx_path, args.device, precision, args.batch,
                                  args.work / f"{card.name}-{precision}.tif")  # fmt: skip
                 report["end_to_end"].append({"model": card.name, **row})

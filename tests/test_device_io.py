@@ -272,6 +272,14 @@ def test_gpu_benchmark_script_runs_through_on_the_cpu_and_refuses_a_missing_gpu(
     assert e2e["auto"]["run"] == {"precision": "fp32", "io_binding": False} and e2e["auto"]["tiles"] > 0
     if CUDA not in ort.get_available_providers():
         assert bench_gpu.main(["--device", "cuda", "--work", str(tmp_path)]) == 10
+    # where the slide libraries are missing: the sample's tiles saved here, measured there
+    saved = tmp_path / "tiles.npy"
+    assert bench_gpu.main(["--save-tiles", str(saved)]) == 0 and np.load(saved).shape[1:] == (224, 224, 3)
+    again = tmp_path / "again.json"
+    assert bench_gpu.main([*args, "--tiles-from", str(saved), "--no-e2e", "--json", str(again)]) == 0
+    r2 = json.loads(again.read_text())
+    assert r2["end_to_end"] == [] and len(r2["models"]) == 8
+    assert all(m["max_abs_dp_vs_cpu_fp32"] == 0 for m in r2["models"] if m["precision"] == "fp32")
 
 
 def test_auto_precision_on_cuda_without_onnx_runs_fp32_and_says_why(
