@@ -312,3 +312,14 @@ def test_a_gpu_session_keeps_one_bound_runner_and_a_cpu_session_runs_plainly(
     assert isinstance(gpu, BoundRunner) and session_runner(cpu_session, shipped, CUDA) is gpu
     assert gpu.describe()["pinned_input"] is False  # this onnxruntime has no CUDA device to pin for
     assert not isinstance(session_runner(cpu_session, shipped, CPU), BoundRunner)
+
+
+def test_the_report_says_how_a_gpu_run_went() -> None:
+    from wsi_pipeline.io.report import _precision
+
+    assert _precision({"precision": "fp16", "io_binding": True, "pinned_input": True}) == (
+        "fp16, I/O binding, pinned input"
+    )
+    why = {"precision": "fp32", "why_fp32": "no onnx", "io_binding": True, "pinned_input": False}
+    assert _precision(why) == "fp32 (no onnx), I/O binding, pageable input"
+    assert _precision({"precision": "fp32", "io_binding": False}) == "fp32" and _precision({}) is None

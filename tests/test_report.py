@@ -150,4 +150,5 @@ def test_pages_fetch_nothing_and_name_the_model(folder_run: Path, test_model: Pa
         assert "http://" not in text and "https://" not in text and "<link" not in text
         if page.name != "report.html":
             assert card.sha256 in text and card.name in text and "seconds" in text
+            assert "<th>precision</th><td>fp32</td>" in text  # the CPU runs fp32, said on the page
             assert all((folder_run / r).is_file() for r in refs if not r.startswith("data:"))

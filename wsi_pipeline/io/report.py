@@ -183,6 +183,7 @@ def slide_report_html(
                 ("read + normalize seconds (summed over workers)", t.get("read_normalize_s_summed")),
                 ("inference seconds (summed over workers)", t.get("inference_s_summed")),
                 ("provider", manifest.get("provider")),
+                ("precision", _precision(manifest.get("run") or {})),
                 ("scheduler", manifest.get("scheduler")),
                 ("slide um/px (source)", f"{res.get('mpp_x')} ({res.get('mpp_source')})"),
                 ("tiles at um/px", res.get("effective_mpp")),
@@ -206,6 +207,18 @@ def slide_report_html(
         f"{_e(manifest.get('package_version'))}. Research use only: not for diagnosis.</footer>",
     ]
     return _page(f"{name}: {lab['label']}", "\n".join(parts))
+
+
+def _precision(run: dict[str, Any]) -> str | None:
+    """``fp16``, or ``fp32`` with the reason a GPU ran fp32, and how batches reached the device."""
+    if not run:
+        return None
+    out = str(run.get("precision"))
+    if run.get("why_fp32"):
+        out += f" ({run['why_fp32']})"
+    if run.get("io_binding"):
+        out += ", I/O binding, " + ("pinned input" if run.get("pinned_input") else "pageable input")
+    return out
 
 
 def write_slide_report(
