@@ -109,6 +109,24 @@ def test_pinned_memory_that_cannot_be_had_is_recorded_and_batches_still_run(
     assert d["pinned_input"] is False and "pinned buffer failed" in d["pinned_input_why_not"]
 
 
+def test_a_pinned_buffer_that_cannot_be_filled_falls_back_to_pageable_input(
+    shipped: ModelCard, sample_tiles: np.ndarray, cpu_session: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Unfillable:
+        def update_inplace(self, x: np.ndarray) -> None:
+            raise RuntimeError("copy to this memory is not supported")
+
+    monkeypatch.setattr(binding, "host_memory_info", lambda provider: ("pinned-host", ""))
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_shape_and_type", lambda *a, **k: Unfillable())
+    run = BoundRunner(cpu_session, shipped, CUDA)
+    for n in (4, 4):
+        x = prepare_batch(sample_tiles[:n], shipped)
+        assert np.array_equal(run(x)[0], run_prepared(cpu_session, shipped, x)[0])
+    assert (
+        run.describe()["pinned_input"] is False and "not supported" in run.describe()["pinned_input_why_not"]
+    )
+
+
 def test_no_pinned_memory_on_a_provider_without_it_says_why() -> None:
     info, why = binding.host_memory_info(CUDA)  # this onnxruntime has no CUDA device
     assert info is None and CUDA in why

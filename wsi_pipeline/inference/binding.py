@@ -121,9 +121,13 @@ class BoundRunner:
         x = np.ascontiguousarray(x)
         value = self._host_buffer(buffers, x) if self.memory is not None else None
         if value is not None:
-            value.update_inplace(x)  # one copy into the pinned buffer; the device copy reads it at full rate
-            binding.bind_ortvalue_input(self.card.input_name, value)
-        else:
+            try:
+                value.update_inplace(x)  # one copy into the pinned buffer; the device reads it at full rate
+                binding.bind_ortvalue_input(self.card.input_name, value)
+            except Exception as exc:  # pinned memory is an optimisation, never an error: pageable from now
+                self.memory, self.why_not_pinned = None, f"pinned input failed: {type(exc).__name__}: {exc}"
+                value = None
+        if value is None:
             binding.bind_cpu_input(self.card.input_name, x)
         # outputs bound afresh each batch: a bound output keeps its shape, and batches differ in size
         binding.clear_binding_outputs()
