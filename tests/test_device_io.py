@@ -127,6 +127,47 @@ def test_a_pinned_buffer_that_cannot_be_filled_falls_back_to_pageable_input(
     )
 
 
+def test_a_binding_that_fails_where_session_run_works_is_recorded_and_batches_run_plainly(
+    shipped: ModelCard, sample_tiles: np.ndarray, cpu_session: Any
+) -> None:
+    class NoBinding:  # a session whose I/O binding is broken, its session.run fine
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def io_binding(self) -> Any:
+            return self.real.io_binding()
+
+        def run_with_iobinding(self, binding: Any) -> None:
+            raise RuntimeError("binding not supported here")
+
+        def run(self, *a: Any) -> Any:
+            return self.real.run(*a)
+
+    run = BoundRunner(NoBinding(cpu_session), shipped, CUDA)
+    for n in (5, 3):
+        x = prepare_batch(sample_tiles[:n], shipped)
+        assert np.array_equal(run(x)[0], run_prepared(cpu_session, shipped, x)[0])
+    d = run.describe()
+    assert d["io_binding"] is False and "binding not supported here" in d["io_binding_why_not"]
+
+
+def test_a_model_error_under_binding_is_still_the_models_error(
+    shipped: ModelCard, sample_tiles: np.ndarray, cpu_session: Any
+) -> None:
+    class Broken:  # both ways fail: the model's own error, not hidden by a fallback
+        def io_binding(self) -> Any:
+            return cpu_session.io_binding()
+
+        def run_with_iobinding(self, binding: Any) -> None:
+            raise RuntimeError("CUDA error: out of memory")
+
+        def run(self, *a: Any) -> Any:
+            raise RuntimeError("CUDA error: out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        BoundRunner(Broken(), shipped, CUDA)(prepare_batch(sample_tiles[:2], shipped))
+
+
 def test_no_pinned_memory_on_a_provider_without_it_says_why() -> None:
     info, why = binding.host_memory_info(CUDA)  # this onnxruntime has no CUDA device
     assert info is None and CUDA in why
@@ -341,3 +382,5 @@ def test_the_report_says_how_a_gpu_run_went() -> None:
     why = {"precision": "fp32", "why_fp32": "no onnx", "io_binding": True, "pinned_input": False}
     assert _precision(why) == "fp32 (no onnx), I/O binding, pageable input"
     assert _precision({"precision": "fp32", "io_binding": False}) == "fp32" and _precision({}) is None
+    plain = {"precision": "fp16", "io_binding": False, "io_binding_why_not": "I/O binding failed: X"}
+    assert _precision(plain) == "fp16, plain runs (I/O binding failed: X)"

@@ -10,7 +10,9 @@ Each thread that runs batches gets its own binding and buffers (a session is saf
 several threads, a binding is not).
 
 Whether the input was pinned, and why not, is recorded (:meth:`BoundRunner.describe`) in the run
-manifest: a pageable buffer is slower, never a different result.
+manifest: a pageable buffer is slower, never a different result. A binding whose first run fails
+where ``session.run`` of the same batch on the same device works is given up for plain runs, and
+that is recorded too; an error that ``session.run`` also raises is the run's error.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ class BoundRunner:
         self.memory: Any
         self.memory, why = host_memory_info(provider) if pinned else (None, "not asked for")
         self.why_not_pinned = why
+        self.why_not_bound = ""  # set when binding failed where session.run did not: plain runs since
+        self.proven = False  # a bound run has succeeded
         self._local = threading.local()
 
     @property
@@ -85,6 +89,8 @@ class BoundRunner:
 
     def describe(self) -> dict[str, Any]:
         """For the run manifest: how batches reach the device."""
+        if self.why_not_bound:
+            return {"io_binding": False, "io_binding_why_not": self.why_not_bound}
         out: dict[str, Any] = {"io_binding": True, "pinned_input": self.pinned}
         if not self.pinned:
             out["pinned_input_why_not"] = self.why_not_pinned
@@ -117,6 +123,23 @@ class BoundRunner:
         return buffers[key]
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.why_not_bound:
+            return run_prepared(self.session, self.card, x)
+        if self.proven:
+            return self._bound_run(x)
+        try:
+            out = self._bound_run(x)
+        except Exception as exc:
+            # The binding's first run failed: the same batch through session.run on the same device
+            # tells a binding problem (then every batch runs so, recorded) from the model's own error
+            # (which session.run raises again).
+            result = run_prepared(self.session, self.card, x)
+            self.why_not_bound = f"I/O binding failed: {type(exc).__name__}: {str(exc).strip()[:200]}"
+            return result
+        self.proven = True
+        return out
+
+    def _bound_run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         binding, buffers = self._state()
         x = np.ascontiguousarray(x)
         value = self._host_buffer(buffers, x) if self.memory is not None else None

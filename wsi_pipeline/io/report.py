@@ -218,6 +218,8 @@ def _precision(run: dict[str, Any]) -> str | None:
         out += f" ({run['why_fp32']})"
     if run.get("io_binding"):
         out += ", I/O binding, " + ("pinned input" if run.get("pinned_input") else "pageable input")
+    elif run.get("io_binding_why_not"):
+        out += f", plain runs ({run['io_binding_why_not']})"
     return out
 
 
