@@ -256,3 +256,30 @@ def test_slurm_job_scripts(
     else:
         assert "--gres" not in script and "--resources" not in script and "--device" not in batch_line
     assert not (tmp_path / "o").exists()
+
+
+def test_cluster_runs_check_the_model_on_the_cpu_and_leave_the_device_to_the_workers(
+    cluster: Any, tumour_slide: Fixture, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A head node without a GPU sends --device cuda work to GPU workers: it only checks the model, on
+    its CPU; the device is the workers' (here CPU-only workers refuse it, naming the provider)."""
+    import onnxruntime as ort
+
+    from wsi_pipeline import pipeline
+    from wsi_pipeline.errors import DeviceError
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    checked: list[tuple[str, str]] = []
+    real = pipeline._verified_session
+
+    def record(verify: Any, card: Any, device: str, threads: Any, precision: str) -> Any:
+        checked.append((device, precision))
+        return real(verify, card, device, threads, precision)
+
+    monkeypatch.setattr(pipeline, "_verified_session", record)
+    opts = pipeline.RunOptions(device="cuda", precision="fp16", chunk_tiles=64)
+    with distributed.Client(cluster) as client, pytest.raises(DeviceError, match="CUDAExecutionProvider"):
+        pipeline.run_slide(tumour_slide.path, tmp_path / "t.tif", model=model, options=opts, client=client)
+    assert checked == [("cpu", "fp32")]
+    assert not (tmp_path / "t.run.json").exists()

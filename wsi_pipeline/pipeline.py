@@ -214,7 +214,10 @@ def run_slide(
             # The model is verified and loads (on the device) while the slide is planned; a model that
             # does not match its card or does not load is reported before any error of the slide's,
             # and before a tile store is written.
-            job = ex.submit(_verified_session, verify_model, card, opts.device, threads, opts.precision)
+            # On a cluster this process only checks the model (the workers run it, on their GPUs if
+            # asked): checked on the CPU, so a head node without a GPU can send work to GPU workers.
+            device, precision = (opts.device, opts.precision) if local else ("cpu", "fp32")
+            job = ex.submit(_verified_session, verify_model, card, device, threads, precision)
             t = time.perf_counter()
             try:
                 if opts.tiles_out is not None and source.kind == "slide":
