@@ -384,3 +384,40 @@ def test_the_report_says_how_a_gpu_run_went() -> None:
     assert _precision({"precision": "fp32", "io_binding": False}) == "fp32" and _precision({}) is None
     plain = {"precision": "fp16", "io_binding": False, "io_binding_why_not": "I/O binding failed: X"}
     assert _precision(plain) == "fp16, plain runs (I/O binding failed: X)"
+
+
+def test_fp16_copy_goes_to_a_temporary_folder_when_the_cache_cannot_take_it(
+    shipped: ModelCard, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wsi_pipeline.errors import OutputError
+    from wsi_pipeline.inference import precision
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("WSI_PIPELINE_CACHE", str(blocker))
+    path = fp16_model(shipped, ort.__version__)
+    assert path.is_file() and blocker not in path.parents
+    assert ort.InferenceSession(str(path), providers=[CPU]).get_inputs()[0].type == "tensor(uint8)"
+
+    def full(src: Path, dst: Path) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(precision, "convert_fp16", full)
+    with pytest.raises(OutputError, match=r"tumour-cnn.onnx: cannot write its fp16 copy \(No space left"):
+        fp16_model(shipped, ort.__version__)
+
+
+def test_a_temporary_fp16_copy_is_removed_when_the_process_ends(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import onnxruntime as ort; from wsi_pipeline.inference.card import resolve_model; "
+        "from wsi_pipeline.inference.precision import fp16_model; "
+        "p = fp16_model(resolve_model(None), ort.__version__); assert p.is_file(); print(p)"
+    )
+    env = {**os.environ, "WSI_PIPELINE_CACHE": "off"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not Path(r.stdout.strip()).exists()

@@ -16,14 +16,16 @@ engine in fp16 from the fp32 graph.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import importlib.util
 import os
+import shutil
 import threading
 from pathlib import Path
 
-from wsi_pipeline.errors import DeviceError, ModelError
+from wsi_pipeline.errors import DeviceError, ModelError, OutputError
 from wsi_pipeline.inference.card import ModelCard
 
 PRECISIONS = ("auto", "fp32", "fp16")
@@ -111,16 +113,29 @@ def convert_fp16(src: Path, dst: Path) -> Path:
 
 def fp16_model(card: ModelCard, ort_version: str) -> Path:
     """The fp16 copy of ``card``'s model (whose file was checked against the card's sha256 before any
-    session), converted on first use and kept in the cache folder; with caching off, converted into
-    a new temporary folder of this process."""
+    session), converted on first use and kept in the cache folder; with caching off, or a cache
+    folder that cannot be written, converted into a new temporary folder of this process.
+
+    Raises :class:`OutputError` when no folder can take the copy (a full disk)."""
+    import tempfile
+
     from wsi_pipeline.cache import cache_dir
 
     folder = cache_dir()
-    if folder is None:
-        import tempfile
-
-        folder = Path(tempfile.mkdtemp(prefix="wsi-pipeline-fp16-"))
-    path = fp16_model_path(card, ort_version, folder / "onnxruntime")
-    if path.is_file():
-        return path
-    return convert_fp16(card.onnx_path, path)
+    if folder is not None:
+        path = fp16_model_path(card, ort_version, folder / "onnxruntime")
+        if path.is_file():
+            return path
+        try:
+            return convert_fp16(card.onnx_path, path)
+        except OSError:
+            pass  # a cache that cannot be written only means no cache
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix="wsi-pipeline-fp16-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # this process's copy only
+        return convert_fp16(card.onnx_path, fp16_model_path(card, ort_version, tmp))
+    except OSError as exc:
+        raise OutputError(
+            f"{card.onnx_path}: cannot write its fp16 copy ({exc.strerror or exc}); free disk space, set "
+            "WSI_PIPELINE_CACHE to a writable folder, or use --precision fp32"
+        ) from exc
