@@ -91,7 +91,8 @@ def measure(model: Path, card: dict[str, Any], threshold: float, index: Path, th
     )
     section["measured_with"] = (
         f"onnxruntime {ort.__version__} CPUExecutionProvider on the graph from "
-        "onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)"
+        "onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True), with the head's "
+        "softmax and distance ops kept fp32 (wsi_pipeline.inference.precision.FP32_OPS)"
     )
     shown = os.path.relpath(model) if model.resolve().is_relative_to(Path.cwd()) else str(model)
     section["command"] = f"python -m models.fp16_check --model {Path(shown).as_posix()} --write"

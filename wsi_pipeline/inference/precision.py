@@ -32,6 +32,12 @@ PRECISIONS = ("auto", "fp32", "fp16")
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
+#: ops kept in fp32 in the fp16 copy: the head's arithmetic, cheap and where fp16 hurts: a softmax's
+#: rows must sum to 1 within 1e-3 (rounding each value to fp16 moves a sum by up to ~7e-4), and
+#: squared distances (an OOD output) overflow fp16 at 65504, a distance of 256
+FP32_OPS = ("Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "ReduceSum", "ReduceSumSquare", "ReduceL2")
+
+
 def fp16_allowed(card: ModelCard) -> bool:
     """Whether ``card`` records an fp16 measurement that allows it (``fp16.allowed``)."""
     section = card.raw.get("fp16")
@@ -87,7 +93,8 @@ def fp16_model_path(card: ModelCard, ort_version: str, folder: Path) -> Path:
 
 def convert_fp16(src: Path, dst: Path) -> Path:
     """Write an fp16 copy of the ONNX model ``src`` to ``dst`` (under a temporary name, then renamed);
-    its inputs and outputs keep their types. Needs the ``onnx`` package (in the ``gpu`` extra)."""
+    its inputs and outputs keep their types and :data:`FP32_OPS` stay fp32. Needs the ``onnx``
+    package (in the ``gpu`` extra)."""
     try:
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -97,7 +104,10 @@ def convert_fp16(src: Path, dst: Path) -> Path:
             "'wsi-pipeline[gpu]' (or onnx), or use --precision fp32"
         ) from exc
     try:
-        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+
+        blocked = [*DEFAULT_OP_BLOCK_LIST, *FP32_OPS]
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=blocked)
     except Exception as exc:
         raise ModelError(f"{src}: cannot convert the model to fp16 ({exc}); use --precision fp32") from exc
     dst.parent.mkdir(parents=True, exist_ok=True)
