@@ -421,3 +421,19 @@ def test_a_temporary_fp16_copy_is_removed_when_the_process_ends(tmp_path: Path) 
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert not Path(r.stdout.strip()).exists()
+
+
+def test_fp16_copy_keeps_the_heads_softmax_and_distance_in_fp32(shipped: ModelCard, tmp_path: Path) -> None:
+    import onnx
+
+    from wsi_pipeline.inference.precision import FP32_OPS
+
+    model = onnx.shape_inference.infer_shapes(
+        onnx.load(str(convert_fp16(shipped.onnx_path, tmp_path / "h.onnx")))
+    )
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
+    head = [n for n in model.graph.node if n.op_type in FP32_OPS]
+    assert {n.op_type for n in head} >= {"Softmax", "Pow", "ReduceSum", "Sqrt"}
+    assert all(types[n.output[0]] == onnx.TensorProto.FLOAT for n in head)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert convs and all(types[n.output[0]] == onnx.TensorProto.FLOAT16 for n in convs)  # the bulk is fp16
