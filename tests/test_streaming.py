@@ -148,9 +148,16 @@ def test_readers_work_ahead_of_the_session(tumour_slide: Fixture, test_model: Pa
     assert stats.wait_s < 0.15 * 2
 
 
-@pytest.mark.parametrize(("dtype", "window"), [("uint8", 2), ("float32", 1)])
+@pytest.mark.parametrize(
+    ("dtype", "ahead", "window"), [("uint8", 2, 2), ("float32", 2, 1), ("uint8", 3, 3), ("float32", 4, 2)]
+)
 def test_the_read_ahead_is_two_units_a_reader_or_one_for_a_float_input(
-    tumour_slide: Fixture, test_model: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, window: int
+    tumour_slide: Fixture,
+    test_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dtype: str,
+    ahead: int,
+    window: int,
 ) -> None:
     """Readers prepare the model's input; a float unit is 4x its uint8 tiles, so it is read one unit
     ahead instead of two (ResNet-18 at batch 64: 38 MB a unit)."""
@@ -182,7 +189,7 @@ def test_the_read_ahead_is_two_units_a_reader_or_one_for_a_float_input(
             return [np.tile(np.float32([[0.3, 0.7]]), (len(x), 1))]
 
     session = Slow()
-    stream_score(units, session, card, batch_size=4, readers=1)
+    stream_score(units, session, card, batch_size=4, readers=1, ahead_per_reader=ahead)
     assert max(session.ahead) == window
 
 
@@ -205,8 +212,28 @@ def test_thread_plan_gives_one_session_the_cores(
     cores: int, device: str, session_threads: int, readers: int
 ) -> None:
     plan = thread_plan(cores, device=device)
-    assert (plan.session_threads, plan.readers) == (session_threads, readers)
+    assert (plan.session_threads, plan.readers, plan.queue_batches) == (session_threads, readers, 2)
     assert thread_plan(cores, device=device, readers=3).readers == 3
+
+
+def test_the_recorded_read_ahead_is_the_one_used(
+    tumour_slide: Fixture, test_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsi_pipeline.inference.scoring as scoring
+
+    seen: dict[str, Any] = {}
+    real = scoring.stream_score
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        seen.update(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(scoring, "stream_score", spy)
+    monkeypatch.setattr(scoring, "thread_plan", lambda **kw: scoring.ThreadPlan(2, 2, 1, 3))
+    card = resolve_model(test_model)
+    tasks = make_tasks(open_source(tumour_slide.path, TileOptions()), card, device="cpu")
+    result = scoring.run_tasks(tasks, 2)
+    assert seen["ahead_per_reader"] == 3 and result.extra["thread_plan"]["queue_batches"] == 3
 
 
 @pytest.mark.parametrize(

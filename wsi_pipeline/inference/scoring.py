@@ -103,8 +103,9 @@ def probe_session(
 @dataclass(frozen=True)
 class ThreadPlan:
     """How one process uses its cores: one onnxruntime session with ``session_threads`` intra-op
-    threads, fed by ``readers`` reader/decoder threads through a bounded queue of ``queue_batches``
-    batches. Recorded in the run manifest."""
+    threads, fed by ``readers`` reader/decoder threads, each keeping up to ``queue_batches`` read
+    units (one batch each) ready ahead of the session; half as many, at least one, for a float input
+    (4x the bytes of its uint8 tiles). Recorded in the run manifest."""
 
     cores: int
     session_threads: int
@@ -125,7 +126,7 @@ def thread_plan(cores: int | None = None, *, device: str = "cpu", readers: int |
     """
     n = max(1, cores or _usable_cores())
     if device in ("cuda", "tensorrt"):
-        return ThreadPlan(n, 1, readers or max(1, n - 1), 4)
+        return ThreadPlan(n, 1, readers or max(1, n - 1), 2)
     return ThreadPlan(n, n, readers or (1 if n < 8 else 2))
 
 
@@ -157,6 +158,7 @@ def stream_score(
     done_before: int = 0,
     total: int | None = None,
     runner: RunFn | None = None,
+    ahead_per_reader: int = 2,
 ) -> tuple[np.ndarray, np.ndarray | None, _Stream]:
     """Score ``units`` (read units of one source, in tile order) with one session.
 
@@ -166,7 +168,8 @@ def stream_score(
     waits on a partial batch and never competes with other sessions for the cores. The first unit
     is run as it comes (a short first unit starts the session early: :func:`first_batch_tiles`).
     ``runner`` runs each prepared batch (default: ``session.run``; on a GPU, I/O binding:
-    :func:`session_runner`).
+    :func:`session_runner`). Each reader keeps up to ``ahead_per_reader`` units ready (half as many,
+    at least one, for a float input: :class:`ThreadPlan`).
     """
     from wsi_pipeline.tiling.read import ordered_map
 
@@ -206,9 +209,8 @@ def stream_score(
     # Each reader keeps up to two units in flight: about two batches of tiles ahead per reader; one for
     # a float input, 4x the bytes of its uint8 tiles (ResNet-18 at batch 64: 38 MB a unit, read and
     # prepared in 0.04 s while the session runs the previous one for 0.5 s).
-    stream = ordered_map(
-        read, units, readers, readers * (2 if card.input_dtype == "uint8" else 1), ahead=True
-    )
+    per_reader = ahead_per_reader if card.input_dtype == "uint8" else max(1, ahead_per_reader // 2)
+    stream = ordered_map(read, units, readers, readers * per_reader, ahead=True)
     while True:
         t = time.perf_counter()
         x = next(stream, None)
@@ -381,7 +383,7 @@ def run_tasks(
             run = session_runner(session, card, provider)
             probs, ood, st = stream_score(
                 units, session, card, batch_size=t.batch_size, readers=plan.readers, progress=progress,
-                total=total, runner=run,
+                total=total, runner=run, ahead_per_reader=plan.queue_batches,
             )  # fmt: skip
             results = [(probs, provider, st.read_s, st.infer_s, ood)]
             extra = {"thread_plan": plan.to_dict(), "wait_s": round(st.wait_s, 3), "batches": st.batches,
