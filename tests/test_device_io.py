@@ -81,7 +81,7 @@ class _HostValues:
         return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype))
 
 
-def test_pinned_buffers_are_made_once_per_shape_and_filled_every_batch(
+def test_pinned_buffers_are_made_once_and_filled_every_batch(
     shipped: ModelCard, sample_tiles: np.ndarray, cpu_session: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     values = _HostValues()
@@ -93,7 +93,7 @@ def test_pinned_buffers_are_made_once_per_shape_and_filled_every_batch(
         x = prepare_batch(sample_tiles[start : start + n], shipped)
         p, _ = run(x)
         assert np.array_equal(p, run_prepared(cpu_session, shipped, x)[0])  # this batch's, not a stale one
-    assert values.made == [(8, 224, 224, 3), (3, 224, 224, 3)]
+    assert values.made == [(8, 224, 224, 3)]  # the short batch was padded into the same buffer
 
 
 def test_pinned_memory_that_cannot_be_had_is_recorded_and_batches_still_run(
@@ -437,3 +437,42 @@ def test_fp16_copy_keeps_the_heads_softmax_and_distance_in_fp32(shipped: ModelCa
     assert all(types[n.output[0]] == onnx.TensorProto.FLOAT for n in head)
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     assert convs and all(types[n.output[0]] == onnx.TensorProto.FLOAT16 for n in convs)  # the bulk is fp16
+
+
+def test_short_batches_are_padded_to_one_shape_and_give_their_own_rows(
+    shipped: ModelCard, sample_tiles: np.ndarray, cpu_session: Any
+) -> None:
+    shapes: list[int] = []
+
+    class Recording:  # the CPU session, recording the batch sizes the binding really runs
+        def io_binding(self) -> Any:
+            return cpu_session.io_binding()
+
+        def run_with_iobinding(self, binding: Any) -> None:
+            shapes.append(self.n)
+            cpu_session.run_with_iobinding(binding)
+
+    rec = Recording()
+    run = BoundRunner(rec, shipped, CUDA)
+    real_bind = run._state
+
+    def state() -> Any:
+        binding_, buffers = real_bind()
+        original = binding_.bind_cpu_input
+
+        def bind(name: str, x: np.ndarray) -> None:
+            rec.n = len(x)
+            original(name, x)
+
+        binding_.bind_cpu_input = bind
+        return binding_, buffers
+
+    run._state = state  # type: ignore[method-assign]
+    for start, n in ((0, 4), (4, 16), (20, 16), (36, 7)):
+        x = prepare_batch(sample_tiles[start : start + n], shipped)
+        p, d = run(x)
+        q, e = run_prepared(cpu_session, shipped, x)
+        assert p.shape == (n, 2) and d is not None and e is not None and d.shape == (n,)
+        np.testing.assert_allclose(p, q, atol=1e-6)
+        np.testing.assert_allclose(d, e, rtol=1e-5)
+    assert shapes == [4, 16, 16, 16]  # the last batch of 7 ran as 16

@@ -9,6 +9,11 @@ memory run at the bus's full rate, without a staging copy), and binds the output
 Each thread that runs batches gets its own binding and buffers (a session is safe to run from
 several threads, a binding is not).
 
+A batch shorter than the largest one run so far (a slide's last batch) is padded up to it with
+copies of its last tile, and only its own rows are returned: a GPU then sees one batch shape (two,
+with the short first batch of a stream), so cuDNN does not search its algorithms again and TensorRT
+does not rebuild its engine for every slide's last batch.
+
 Whether the input was pinned, and why not, is recorded (:meth:`BoundRunner.describe`) in the run
 manifest: a pageable buffer is slower, never a different result. A binding whose first run fails
 where ``session.run`` of the same batch on the same device works is given up for plain runs, and
@@ -81,6 +86,7 @@ class BoundRunner:
         self.why_not_pinned = why
         self.why_not_bound = ""  # set when binding failed where session.run did not: plain runs since
         self.proven = False  # a bound run has succeeded
+        self.largest = 0  # the largest batch run so far: shorter ones are padded up to it
         self._local = threading.local()
 
     @property
@@ -140,6 +146,11 @@ class BoundRunner:
         return out
 
     def _bound_run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        n = len(x)
+        if n < self.largest:  # one shape: no per-shape kernel search or TensorRT engine rebuild
+            probs, ood = self._bound_run(np.concatenate([x, np.repeat(x[-1:], self.largest - n, axis=0)]))
+            return probs[:n], None if ood is None else ood[:n]
+        self.largest = n
         binding, buffers = self._state()
         x = np.ascontiguousarray(x)
         value = self._host_buffer(buffers, x) if self.memory is not None else None
