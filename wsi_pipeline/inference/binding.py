@@ -34,7 +34,8 @@ from wsi_pipeline.inference.session import run_prepared, to_probabilities
 #: (probabilities (n, n_classes) float32, OOD distances (n,) or None) for one prepared batch
 RunFn = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray | None]"]
 
-#: host buffers kept per thread and input shape (the full batch, a short first and last batch)
+#: host buffers kept per thread and input shape (the full batch and a stream's short first batch;
+#: shorter last batches are padded to the full one)
 MAX_BUFFERS = 4
 
 
