@@ -61,6 +61,15 @@ GENERIC_SPEC = SyntheticSpec(
 )
 
 
+@pytest.fixture
+def unwritable_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``WSI_PIPELINE_CACHE`` pointing at a file: a cache folder that cannot be made."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("WSI_PIPELINE_CACHE", str(blocker))
+    return blocker
+
+
 @pytest.fixture(scope="session")
 def slide_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("slides")

@@ -387,16 +387,13 @@ def test_the_report_says_how_a_gpu_run_went() -> None:
 
 
 def test_fp16_copy_goes_to_a_temporary_folder_when_the_cache_cannot_take_it(
-    shipped: ModelCard, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shipped: ModelCard, unwritable_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from wsi_pipeline.errors import OutputError
     from wsi_pipeline.inference import precision
 
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("a file where the cache folder would be")
-    monkeypatch.setenv("WSI_PIPELINE_CACHE", str(blocker))
     path = fp16_model(shipped, ort.__version__)
-    assert path.is_file() and blocker not in path.parents
+    assert path.is_file() and unwritable_cache not in path.parents
     assert ort.InferenceSession(str(path), providers=[CPU]).get_inputs()[0].type == "tensor(uint8)"
 
     def full(src: Path, dst: Path) -> Path:

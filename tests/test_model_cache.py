@@ -54,12 +54,7 @@ def test_a_damaged_copy_is_rebuilt(test_model: Path, tmp_path: Path, monkeypatch
     assert saved.read_bytes() == good  # rebuilt in full
 
 
-def test_a_cache_that_cannot_be_written_only_means_no_cache(
-    test_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("a file where the cache folder would be")
-    monkeypatch.setenv("WSI_PIPELINE_CACHE", str(blocker))
+def test_a_cache_that_cannot_be_written_only_means_no_cache(test_model: Path, unwritable_cache: Path) -> None:
     card = resolve_model(test_model)
     session, provider = create_session(card, "cpu", cache=True)
     assert provider == "CPUExecutionProvider" and predict(session, card, TILES).shape == (6, 2)
