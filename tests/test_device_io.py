@@ -473,3 +473,31 @@ def test_short_batches_are_padded_to_one_shape_and_give_their_own_rows(
         np.testing.assert_allclose(p, q, atol=1e-6)
         np.testing.assert_allclose(d, e, rtol=1e-5)
     assert shapes == [4, 16, 16, 16]  # the last batch of 7 ran as 16
+
+
+def test_check_model_on_a_device_runs_tiles_as_a_run_would_and_compares_with_the_cpu(
+    shipped: ModelCard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wsi_pipeline.inference import session as session_module
+    from wsi_pipeline.inference.check import DEVICE_TILES, check_model
+
+    real = session_module.create_session
+
+    def as_if_cuda(card: ModelCard, device: str = "auto", **kw: Any) -> Any:
+        s, provider = real(card, "cpu", **{**kw, "precision": "fp32"})
+        return s, (CUDA if device == "cuda" else provider)  # a CPU session standing in for the GPU's
+
+    monkeypatch.setattr(session_module, "create_session", as_if_cuda)
+    report = check_model(shipped.onnx_path, device="cuda", precision="fp32")
+    assert report.device is not None and report.device.provider == CUDA
+    assert report.device.tiles == DEVICE_TILES and report.device.max_abs_dp == 0.0
+    assert report.device.run["io_binding"] is True and report.device.run["precision"] == "fp32"
+    assert "on CUDAExecutionProvider (precision fp32, io_binding True" in report.line()
+    assert check_model(shipped.onnx_path, device="auto").device is None  # no GPU here: the CPU check
+
+
+def test_cli_check_model_on_a_missing_gpu_fails_in_one_line(shipped: ModelCard) -> None:
+    if CUDA in ort.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    r = CliRunner().invoke(main, ["check-model", str(shipped.onnx_path), "--device", "cuda"])
+    assert r.exit_code == 10 and "CUDAExecutionProvider" in r.stderr and r.stderr.count("\n") == 1

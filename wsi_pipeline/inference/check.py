@@ -16,6 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,12 +87,28 @@ def sample_tiles(
 
 
 @dataclass(frozen=True)
+class DeviceCheck:
+    """The same tiles through the device's session as a run would use it, against the CPU."""
+
+    provider: str
+    run: dict[str, Any]  # precision, I/O binding, pinned input (as in the run manifest)
+    tiles: int
+    max_abs_dp: float  # largest |P - P(CPU fp32)| of the positive class over the tiles
+
+    def text(self) -> str:
+        how = ", ".join(f"{k} {v}" for k, v in self.run.items())
+        dp = f"{self.max_abs_dp:.2e}"
+        return f"; on {self.provider} ({how}): {self.tiles} tile(s), largest |P - P(CPU)| = {dp}"
+
+
+@dataclass(frozen=True)
 class CheckReport:
     card: ModelCard
     provider: str
     tiles: str  # where the tile came from
     probabilities: np.ndarray  # (n_classes,) of the tile
     note: str = ""
+    device: DeviceCheck | None = None
 
     def line(self) -> str:
         c = self.card
@@ -105,15 +122,24 @@ class CheckReport:
             f"{c.input_dtype} {c.input_layout} [N, {', '.join(map(str, shape))}], "
             f"output {c.output_name!r} = {c.output_kind} "
             f"of {len(c.classes)} classes {list(c.classes)}, {c.mpp:g} um/px); {self.tiles} scored: "
-            f"P({c.positive_class}) = {p:.4f}{note}"
+            f"P({c.positive_class}) = {p:.4f}{note}{self.device.text() if self.device else ''}"
         )
 
 
-def check_model(model: str | os.PathLike[str], *, slide: str | os.PathLike[str] | None = None) -> CheckReport:
+def check_model(
+    model: str | os.PathLike[str],
+    *,
+    slide: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    precision: str = "auto",
+) -> CheckReport:
     """Validate the card of ``model`` (schema, sha256), compare it with the graph, run one tile.
 
     The tile comes from ``slide`` (default: the bundled sample; synthetic when it is absent), cut at
-    the card's um/px and size. Raises :class:`ModelError` naming the field and the fix.
+    the card's um/px and size. Raises :class:`ModelError` naming the field and the fix. With a GPU
+    ``device`` (``cuda``, ``tensorrt``, or ``auto`` where CUDA is there), :data:`DEVICE_TILES` tiles
+    also run through that device's session and runner as a run would use them (``precision``, I/O
+    binding), compared with the CPU; a device onnxruntime cannot use raises :class:`DeviceError`.
     """
     from wsi_pipeline.inference.session import create_session, prepare_batch, to_probabilities
 
@@ -137,4 +163,28 @@ def check_model(model: str | os.PathLike[str], *, slide: str | os.PathLike[str] 
                 "the raw output already looks like probabilities; if it is, set output.kind to "
                 '"probabilities", else a softmax flattens it'
             )
-    return CheckReport(card, "CPUExecutionProvider", got.source, probs[0], note)
+    checked = _device_check(card, session, device, precision, slide) if device != "cpu" else None
+    return CheckReport(card, "CPUExecutionProvider", got.source, probs[0], note, checked)
+
+
+#: tiles run on the device and the CPU by ``check-model --device``
+DEVICE_TILES = 16
+
+
+def _device_check(
+    card: ModelCard, cpu: Any, device: str, precision: str, slide: str | os.PathLike[str] | None
+) -> DeviceCheck | None:
+    """The tiles through ``device`` as a run would run them, against the CPU session ``cpu``; None
+    when ``auto`` finds no GPU (then the CPU check is the device check)."""
+    from wsi_pipeline.inference.scoring import run_details, session_runner
+    from wsi_pipeline.inference.session import create_session, prepare_batch, run_prepared
+
+    session, provider = create_session(card, device, precision=precision)
+    if provider == "CPUExecutionProvider":
+        return None
+    tiles = sample_tiles(card.input_size_px, card.mpp, DEVICE_TILES, slide=slide).tiles
+    x = prepare_batch(tiles, card)
+    run = session_runner(session, card, provider)
+    got, want = run(x)[0], run_prepared(cpu, card, x)[0]
+    dp = float(np.abs(got[:, card.positive_index] - want[:, card.positive_index]).max())
+    return DeviceCheck(provider, run_details(card, provider, precision, run), len(tiles), dp)
