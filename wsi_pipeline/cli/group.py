@@ -135,6 +135,19 @@ def _slide_options(fn: F) -> F:
     return fn
 
 
+def _device_options(default: str, help_device: str, help_precision: str) -> Callable[[F], F]:
+    """``--device`` (default ``default``) and ``--precision``, for scoring and for ``check-model``."""
+
+    def add(fn: F) -> F:
+        devices = ["cpu", "auto"] if default == "cpu" else ["auto", "cpu"]
+        fn = click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto",
+                          show_default=True, help=help_precision)(fn)  # fmt: skip
+        return click.option("--device", type=click.Choice([*devices, "cuda", "tensorrt"]), default=default,
+                            show_default=True, help=help_device)(fn)  # fmt: skip
+
+    return add
+
+
 def _tile_options(fn: F) -> F:
     decorators = [
         click.option("--target-mpp", type=_POSITIVE, default=None,

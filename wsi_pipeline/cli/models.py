@@ -10,6 +10,7 @@ import click
 
 from wsi_pipeline.cli.group import (
     _POSITIVE,
+    _device_options,
     _run_guarded,
     main,
 )
@@ -92,17 +93,11 @@ def import_model(model_dir: Path, out: Path, **kw: Any) -> None:
     default=None,
     help="Slide the test tile is cut from [default: the bundled sample, else a synthetic tile].",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["cpu", "auto", "cuda", "tensorrt"]),
-    default="cpu",
-    show_default=True,
-    help="Also run tiles on this device as a run would (precision, I/O binding) and compare with the CPU.",
+@_device_options(
+    "cpu",
+    "Also run tiles on this device as a run would (precision, I/O binding) and compare with the CPU.",
+    "Precision for --device (auto: fp16 on a GPU where the card allows it).",
 )
-@click.option(
-    "--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto", show_default=True,
-    help="Precision for --device (auto: fp16 on a GPU where the card allows it).",
-)  # fmt: skip
 def check_model_cmd(model: Path, slide: Path | None, device: str, precision: str) -> None:
     """Check MODEL's card against its ONNX graph and run one tile through it (one-line verdict);
     with --device cuda, also check the GPU install against the CPU."""

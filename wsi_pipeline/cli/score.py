@@ -12,6 +12,7 @@ from wsi_pipeline.cli.group import (
     _Bars,
     _batch_callbacks,
     _batch_summary,
+    _device_options,
     _options_from,
     _run_guarded,
     _slide_options,
@@ -37,19 +38,10 @@ from wsi_pipeline.errors import WsiError
     default=None,
     help="ONNX model with its .json card beside it [default: the shipped tumour model].",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
-    default="auto",
-    show_default=True,
-    help="onnxruntime provider; cuda/tensorrt fail when unavailable.",
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "fp16"]),
-    default="auto",
-    show_default=True,
-    help="auto: fp16 on cuda/tensorrt where the model card allows it, else fp32; fp16 elsewhere fails.",
+@_device_options(
+    "auto",
+    "onnxruntime provider; cuda/tensorrt fail when unavailable.",
+    "auto: fp16 on cuda/tensorrt where the model card allows it, else fp32; fp16 elsewhere fails.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--scheduler", default=None, help="Address of a Dask distributed scheduler (default: local).")
