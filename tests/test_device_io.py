@@ -203,7 +203,7 @@ def test_streaming_through_the_binding_equals_plain_runs(shipped: ModelCard, cpu
         shipped,
         batch_size=8,
         readers=2,
-        runner=make_runner(cpu_session, shipped, CPU, bind=True),
+        runner=BoundRunner(cpu_session, shipped, CPU),
     )
     assert np.array_equal(plain[0], bound[0]) and np.array_equal(plain[1], bound[1])
     assert describe_runner(make_runner(cpu_session, shipped, CPU)) == {"io_binding": False}

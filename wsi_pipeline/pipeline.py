@@ -384,10 +384,10 @@ def _write_outputs(
 
 def _run_details(card: ModelCard, provider: str, precision: str) -> dict[str, Any]:
     """The precision of a run scored elsewhere (cluster workers), from the provider they used."""
-    from wsi_pipeline.inference.precision import resolve_precision
+    from wsi_pipeline.inference.scoring import run_details
 
     try:
-        return {"precision": resolve_precision(card, provider.split(",")[0], precision)}
+        return run_details(card, provider.split(",")[0], precision)
     except Exception:  # the workers ran it; this only describes it
         return {"precision": precision}
 

@@ -174,12 +174,10 @@ class BoundRunner:
         return to_probabilities(res[0], self.card), ood
 
 
-def make_runner(session: Any, card: ModelCard, provider: str, *, bind: bool | None = None) -> RunFn:
-    """How this process runs prepared batches on ``session``: I/O binding for a GPU provider (or
-    when ``bind`` says so; the CPU path can be bound too, for tests), else ``session.run``."""
-    if bind is None:
-        bind = provider != "CPUExecutionProvider"
-    if bind:
+def make_runner(session: Any, card: ModelCard, provider: str) -> RunFn:
+    """How this process runs prepared batches on ``session``: I/O binding for a GPU provider, else
+    ``session.run``."""
+    if provider != "CPUExecutionProvider":
         return BoundRunner(session, card, provider)
 
     def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

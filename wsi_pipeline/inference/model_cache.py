@@ -55,5 +55,9 @@ def optimized_model_path(card: ModelCard, provider: str, ort_version: str) -> Pa
     except OSError:
         return None
     key = hashlib.sha256(f"{card.sha256}|{ort_version}|{provider}|{cpu_identity()}".encode()).hexdigest()
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in card.onnx_path.stem)[:40]
-    return folder / "onnxruntime" / f"{stem}-{key[:24]}.onnx"
+    return folder / "onnxruntime" / f"{file_stem(card.onnx_path)}-{key[:24]}.onnx"
+
+
+def file_stem(path: Path) -> str:
+    """The start of a cache file's name for the model at ``path``: its stem, safe in a file name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)[:40]

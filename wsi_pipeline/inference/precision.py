@@ -17,16 +17,15 @@ engine in fp16 from the fp32 graph.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import hashlib
 import importlib.util
-import os
 import shutil
-import threading
 from pathlib import Path
 
 from wsi_pipeline.errors import DeviceError, ModelError, OutputError
 from wsi_pipeline.inference.card import ModelCard
+from wsi_pipeline.inference.model_cache import file_stem
+from wsi_pipeline.provenance import atomic_write_bytes, file_sha256
 
 PRECISIONS = ("auto", "fp32", "fp16")
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -83,42 +82,29 @@ def why_fp32(card: ModelCard, provider: str) -> str:
 def fp16_model_path(card: ModelCard, ort_version: str, folder: Path) -> Path:
     """Where the fp16 copy of ``card``'s model is kept in ``folder`` (a digest of the model's
     sha256 and the onnxruntime version that converted it)."""
-    from wsi_pipeline.provenance import file_sha256
-
     digest = card.sha256 or file_sha256(card.onnx_path)
     key = hashlib.sha256(f"{digest}|{ort_version}|fp16".encode()).hexdigest()
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in card.onnx_path.stem)[:40]
-    return folder / f"{stem}-fp16-{key[:24]}.onnx"
+    return folder / f"{file_stem(card.onnx_path)}-fp16-{key[:24]}.onnx"
 
 
 def convert_fp16(src: Path, dst: Path) -> Path:
-    """Write an fp16 copy of the ONNX model ``src`` to ``dst`` (under a temporary name, then renamed);
-    its inputs and outputs keep their types and :data:`FP32_OPS` stay fp32. Needs the ``onnx``
-    package (in the ``gpu`` extra)."""
+    """Write an fp16 copy of the ONNX model ``src`` to ``dst`` (atomically); its inputs and outputs
+    keep their types and :data:`FP32_OPS` stay fp32. Needs the ``onnx`` package (in the ``gpu``
+    extra). A folder that cannot take it raises :class:`OutputError` (an ``OSError``)."""
     try:
         import onnx
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     except ImportError as exc:
         raise DeviceError(
             f"{src}: fp16 needs the onnx package to convert the model ({exc}); pip install "
             "'wsi-pipeline[gpu]' (or onnx), or use --precision fp32"
         ) from exc
     try:
-        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
-
         blocked = [*DEFAULT_OP_BLOCK_LIST, *FP32_OPS]
         model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=blocked)
     except Exception as exc:
         raise ModelError(f"{src}: cannot convert the model to fp16 ({exc}); use --precision fp32") from exc
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    try:
-        onnx.save(model, str(tmp))
-        os.replace(tmp, dst)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-    return dst
+    return atomic_write_bytes(dst, model.SerializeToString())
 
 
 def fp16_model(card: ModelCard, ort_version: str) -> Path:

@@ -63,6 +63,7 @@ def cached_session(
 
 
 _bound: weakref.WeakKeyDictionary[Any, RunFn] = weakref.WeakKeyDictionary()
+_bound_lock = threading.Lock()
 
 
 def session_runner(session: Any, card: ModelCard, provider: str) -> RunFn:
@@ -74,9 +75,6 @@ def session_runner(session: Any, card: ModelCard, provider: str) -> RunFn:
         if session not in _bound:
             _bound[session] = make_runner(session, card, provider)
         return _bound[session]
-
-
-_bound_lock = threading.Lock()
 
 
 def run_details(card: ModelCard, provider: str, precision: str, run: RunFn | None = None) -> dict[str, Any]:
