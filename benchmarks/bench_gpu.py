@@ -49,12 +49,12 @@ SAMPLE = ROOT / "samples" / "CMU-1-Small-Region.svs"
 
 
 def sample_tiles(card: ModelCard) -> np.ndarray:
-    """The bundled sample's tissue tiles at the model's size and um/px (needs the slide libraries)."""
-    from wsi_pipeline.tiling.plan import TileOptions
-    from wsi_pipeline.tiling.source import open_source, read_chunk
+    """Every tissue tile of the bundled sample at the model's size and um/px (needs the slide
+    libraries), as ``check-model`` cuts them."""
+    from wsi_pipeline.inference.check import sample_tiles as cut
 
-    source = open_source(SAMPLE, TileOptions(target_mpp=card.mpp, tile_px=card.input_size_px))
-    return read_chunk(source.task_source(), source.layout.colrow, 0)
+    got = cut(card.input_size_px, card.mpp, 100_000, slide=SAMPLE)
+    return got.tiles
 
 
 def real_tiles(card: ModelCard, n: int, tiles_from: Path | None = None) -> np.ndarray:
