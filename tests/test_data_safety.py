@@ -47,8 +47,9 @@ def test_run_refuses_an_output_that_is_the_slide(
     slide = _copy(tumour_slide, tmp_path / name)
     before = _sha(slide)
     code, out = _invoke(str(slide), "--out", str(slide), "--model", str(test_model))
-    assert code != 0
-    assert "would overwrite the input" in out and str(slide) in out
+    assert code != 0 and str(slide) in out
+    # a .tif slide is caught by the input guard; any other name is not a heatmap name to begin with
+    assert ("would overwrite the input" if name.endswith(".tif") else "neither NAME.tif") in out
     assert _sha(slide) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing written beside it
 
@@ -56,12 +57,39 @@ def test_run_refuses_an_output_that_is_the_slide(
 def test_run_refuses_an_output_that_is_the_model(
     tumour_slide: Fixture, test_model: Path, tmp_path: Path
 ) -> None:
+    from wsi_pipeline.errors import OutputError
+    from wsi_pipeline.pipeline import run_slide
+
     model = tmp_path / "m" / test_model.name
     shutil.copytree(test_model.parent, model.parent)
     before = _sha(model)
     code, out = _invoke(str(tumour_slide.path), "--out", str(model), "--model", str(model))
-    assert code != 0 and "would overwrite the input" in out
+    assert code == 2 and "neither NAME.tif" in out and str(model) in out
+    with pytest.raises(OutputError, match="would overwrite the input"):  # the library's own guard
+        run_slide(tumour_slide.path, model, model=model)
     assert _sha(model) == before
+    assert sorted(p.name for p in model.parent.iterdir()) == sorted(
+        p.name for p in test_model.parent.iterdir()
+    )
+
+
+def test_run_out_names_a_heatmap_or_a_folder(tumour_slide: Fixture, test_model: Path, tmp_path: Path) -> None:
+    """`--out results` (no .tif, no such folder) used to write files named `results`,
+    `results.overlay.png`, ...; it is refused. `--out results/` makes the folder and writes NAME.tif in it."""
+    code, out = _invoke(
+        str(tumour_slide.path), "--out", str(tmp_path / "results"), "--model", str(test_model)
+    )
+    assert (
+        code == 2 and "neither NAME.tif nor an existing folder" in out and f"{tmp_path / 'results'}/" in out
+    )
+    assert list(tmp_path.iterdir()) == []
+    code, out = _invoke(
+        str(tumour_slide.path), "--out", f"{tmp_path / 'results'}/", "--model", str(test_model)
+    )
+    assert code == 0, out
+    stem = tumour_slide.path.stem
+    assert (tmp_path / "results" / f"{stem}.tif").is_file()
+    assert (tmp_path / "results" / f"{stem}.run.json").is_file()
 
 
 def test_tile_overwrite_never_deletes_an_ordinary_folder(tumour_slide: Fixture, tmp_path: Path) -> None:

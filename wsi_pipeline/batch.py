@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline.errors import WsiError
+from wsi_pipeline.io.dicom import DICOM_SUFFIX
 from wsi_pipeline.provenance import atomic_write_bytes, atomic_write_json, input_files, output_error
 
 SLIDE_SUFFIXES = (
@@ -44,13 +45,33 @@ def is_own_output(path: Path) -> bool:
 
 
 def find_slides(folder: Path) -> list[Path]:
-    """Slide files directly inside ``folder`` (sorted; hidden files and this package's own heatmap
-    TIFFs skipped, so a folder run whose --out is the input folder does not score its own outputs)."""
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith(".")
+    """The slides directly inside ``folder`` (sorted; hidden files and this package's own heatmap
+    TIFFs skipped, so a folder run whose --out is the input folder does not score its own outputs).
+
+    DICOM slides are series of several ``.dcm`` files (:mod:`wsi_pipeline.io.dicom`): each series in
+    ``folder`` is one slide, given as its main file, and so is each series in a subfolder, given as the
+    subfolder when it holds that one series (the usual export: a folder per slide) and as its main file
+    when it holds several."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    slides = [
+        p for p in entries
+        if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and p.suffix.lower() != DICOM_SUFFIX
         and not is_own_output(p)
-    )  # fmt: skip
+    ]  # fmt: skip
+    if any(p.suffix.lower() == DICOM_SUFFIX for p in entries) or any(p.is_dir() for p in entries):
+        slides += _dicom_slides(folder, [p for p in entries if p.is_dir()])
+    return sorted(slides)
+
+
+def _dicom_slides(folder: Path, subfolders: list[Path]) -> list[Path]:
+    """The DICOM slides of ``folder`` (main files) and of its ``subfolders`` (see :func:`find_slides`)."""
+    from wsi_pipeline.io.dicom import dicom_files, group_series
+
+    found = [s.main for s in group_series(dicom_files(folder))]
+    for sub in subfolders:
+        series = group_series(dicom_files(sub))
+        found += [sub] if len(series) == 1 else [s.main for s in series]
+    return found
 
 
 def output_stems(items: Sequence[BatchItem], out: Path | None = None) -> list[str]:
@@ -150,11 +171,18 @@ def read_manifest_csv(path: Path) -> list[BatchItem]:
 
 def batch_items(src: Path) -> list[BatchItem]:
     """The slides of a folder or a CSV manifest; an empty batch is an error naming the source."""
-    items = (
-        read_manifest_csv(src) if src.suffix.lower() == ".csv" else [BatchItem(p) for p in find_slides(src)]
-    )
+    from wsi_pipeline.io.dicom import is_dicom_slide_folder
+
+    if src.suffix.lower() == ".csv":
+        items = read_manifest_csv(src)
+    elif is_dicom_slide_folder(src):  # one DICOM slide: a batch of one
+        items = [BatchItem(src)]
+    else:
+        items = [BatchItem(p) for p in find_slides(src)]
     if not items:
-        raise WsiError(f"{src}: no slide files ({', '.join(SLIDE_SUFFIXES)}) found")
+        raise WsiError(
+            f"{src}: no slide files ({', '.join(SLIDE_SUFFIXES)}) found, nor DICOM slides in its subfolders"
+        )
     return items
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from wsi_pipeline.cli.group import (
     _tile_options,
     main,
 )
-from wsi_pipeline.errors import WsiError
+from wsi_pipeline.errors import UsageError, WsiError
 
 
 @main.command()
@@ -27,10 +28,11 @@ from wsi_pipeline.errors import WsiError
 @click.option(
     "--out",
     "-o",
-    type=click.Path(path_type=Path),
+    type=click.Path(),  # a str: a trailing "/" (a folder to make) must survive
     required=True,
-    help="Probability map NAME.tif to write (NAME.overlay.png, NAME.report.html, ... beside it); "
-    "a folder for folder/CSV input (NAME: each slide's file stem).",
+    help="Probability map NAME.tif to write (NAME.overlay.png, NAME.report.html, ... beside it), or a "
+    "folder (existing, or written with a trailing /) to write the slide's NAME.tif into; a folder for "
+    "folder/CSV input (NAME: each slide's file stem).",
 )
 @click.option(
     "--model",
@@ -98,7 +100,7 @@ from wsi_pipeline.errors import WsiError
 @_tile_options
 @click.option("--overwrite", is_flag=True, help="Recompute slides whose outputs already exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def run(slide: Path, out: Path, quiet: bool, overwrite: bool, skip_errors: bool, **kw: Any) -> None:
+def run(slide: Path, out: str, quiet: bool, overwrite: bool, skip_errors: bool, **kw: Any) -> None:
     """Score SLIDE (a slide, a finished .zarr tile store, a folder, or a CSV manifest).
 
     The CSV manifest has a `slide` column and an optional `mpp` column (per-slide override).
@@ -133,8 +135,8 @@ def run(slide: Path, out: Path, quiet: bool, overwrite: bool, skip_errors: bool,
         )
         client = _client(kw["scheduler"])
         try:
-            if (slide.is_dir() and slide.suffix != ".zarr") or slide.suffix.lower() == ".csv":
-                return _run_folder(slide, out, opts, kw["model"], client, overwrite, quiet, skip_errors)
+            if _is_batch(slide):
+                return _run_folder(slide, Path(out), opts, kw["model"], client, overwrite, quiet, skip_errors)
             with _Bars(enabled=not quiet) as bars:
                 target = _single_target(slide, out)
                 _run_one(slide, target, opts, kw["model"], client, overwrite, bars)
@@ -146,14 +148,32 @@ def run(slide: Path, out: Path, quiet: bool, overwrite: bool, skip_errors: bool,
     _run_guarded(body)
 
 
-def _single_target(slide: Path, out: Path) -> Path:
-    """``--out NAME.tif`` as given; ``--out FOLDER`` (an existing folder): the name a folder run would
-    give the slide (``FOLDER/STEM.tif``, or ``FOLDER/NAME.tif`` where that would be the slide)."""
-    if not out.is_dir():
-        return out
+def _is_batch(slide: Path) -> bool:
+    """A folder of slides or a CSV manifest; not a tile store or a DICOM slide's folder."""
+    from wsi_pipeline.io.dicom import is_dicom_slide_folder
+
+    if slide.suffix.lower() == ".csv":
+        return True
+    return slide.is_dir() and slide.suffix != ".zarr" and not is_dicom_slide_folder(slide)
+
+
+def _single_target(slide: Path, out: str) -> Path:
+    """``--out NAME.tif`` as given; ``--out FOLDER`` (an existing folder, or any path written with a
+    trailing ``/``): the name a folder run would give the slide (``FOLDER/STEM.tif``, or
+    ``FOLDER/NAME.tif`` where that would be the slide). Any other name without a .tif/.tiff suffix is
+    refused: it would make files named ``results``, ``results.overlay.png``, ... where a folder was
+    meant."""
+    folder = Path(out)
+    if not (out.endswith(("/", os.sep)) or folder.is_dir()):
+        if folder.suffix.lower() not in (".tif", ".tiff"):
+            raise UsageError(
+                f"--out {out}: neither NAME.tif nor an existing folder; give e.g. {folder}.tif, or "
+                f"{folder}/ to write the results into that folder"
+            )
+        return folder
     from wsi_pipeline.batch import BatchItem, heatmap_path, output_stems
 
-    return heatmap_path(out, output_stems([BatchItem(slide)], out)[0])
+    return heatmap_path(folder, output_stems([BatchItem(slide)], folder)[0])
 
 
 def _client(address: str | None) -> Any:

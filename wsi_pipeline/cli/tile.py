@@ -101,7 +101,9 @@ def tile(slide: Path, out: Path, overwrite: bool, quiet: bool, **kw: Any) -> Non
     def body() -> int:
         opts = _options_from(kw)
         backend = kw["backend"]
-        if slide.is_dir():
+        from wsi_pipeline.io.dicom import is_dicom_slide_folder
+
+        if slide.is_dir() and not is_dicom_slide_folder(slide):
             return _tile_folder(slide, out, opts, backend=backend, overwrite=overwrite, quiet=quiet)
         with _Bars(enabled=not quiet) as bars:
             _tile_one(slide, out, opts, backend=backend, overwrite=overwrite, bars=bars)

@@ -291,6 +291,7 @@ TIFFSLIDE_MIN_BYTES = 8 << 20
 def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: bool = True) -> SlideReader:
     """Open a slide lazily with ``backend`` ('auto': tiffslide first for Aperio .svs of at least
     :data:`TIFFSLIDE_MIN_BYTES`, else OpenSlide first; the other one when the first cannot open it).
+    A folder is a DICOM slide: the ``.dcm`` files of one series (:mod:`wsi_pipeline.io.dicom`).
 
     ``verify`` also checks a TIFF's structure against its size (truncation); handles opened again for
     reader threads or Dask workers of a slide the pipeline already opened skip that file scan.
@@ -302,10 +303,16 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: b
         raise SlideError(f"{p}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not p.exists():
         raise SlideError(f"{p}: no such file; check the path")
+    if p.is_dir():  # a DICOM slide: the folder of its series' .dcm files
+        from wsi_pipeline.io.dicom import series_file
+
+        p = series_file(p)
     if p.is_file() and p.stat().st_size == 0:
         raise SlideError(f"{p}: the file is empty (0 bytes); re-copy or re-export the slide")
     big_tiff = p.suffix.lower() in TIFFSLIDE_FIRST and p.is_file() and p.stat().st_size >= TIFFSLIDE_MIN_BYTES
     first = ["tiffslide", "openslide"] if big_tiff else ["openslide", "tiffslide"]
+    if p.suffix.lower() == ".dcm":  # tiffslide reads TIFF only
+        first = ["openslide"]
     order = first if backend == "auto" else [backend]
     failures: list[str] = []
     for name in order:
@@ -594,14 +601,16 @@ def slide_fingerprint(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 2
     """Cheap content fingerprint: sha256 over the size, the first and the last ``chunk_bytes``.
 
     Gigapixel slides are many GB, so hashing all of it on every run is too slow; this still changes
-    when a file is replaced, truncated or re-exported. Directories (e.g. DICOM series) hash their
-    file names and sizes.
+    when a file is replaced, truncated or re-exported. A folder (a DICOM slide) hashes the names and
+    fingerprints of its ``.dcm`` files, so results written into the folder do not change it.
     """
     p = Path(path)
     h = hashlib.sha256()
     if p.is_dir():
-        for f in sorted(q for q in p.rglob("*") if q.is_file()):
-            h.update(f"{f.relative_to(p)}:{f.stat().st_size}\n".encode())
+        from wsi_pipeline.io.dicom import dicom_files
+
+        for f in dicom_files(p):
+            h.update(f"{f.name}:{slide_fingerprint(f, chunk_bytes=chunk_bytes)}\n".encode())
         return "dir-sha256:" + h.hexdigest()
     size = p.stat().st_size
     h.update(str(size).encode())

@@ -1,0 +1,133 @@
+"""DICOM slides: a series of .dcm files is one slide, in folder runs, as a folder argument and on disk."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import shared
+from testkit.dicomslide import write_dicom_slide
+from wsi_pipeline.batch import batch_items, find_slides, output_stems
+from wsi_pipeline.cli import main
+from wsi_pipeline.errors import SlideError
+from wsi_pipeline.io.dicom import group_series, is_dicom_slide_folder, series_file
+from wsi_pipeline.io.slide import open_slide, slide_fingerprint
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "samples" / "CMU-1-Small-Region.svs"
+
+
+def _rgb(h: int = 300, w: int = 420, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _sample_rgb() -> np.ndarray:
+    import openslide
+
+    with openslide.OpenSlide(str(SAMPLE)) as s:
+        return np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
+
+
+def test_a_series_is_one_slide_opened_from_its_folder_with_its_pixels(tmp_path: Path) -> None:
+    rgb = _rgb()
+    files = write_dicom_slide(tmp_path / "case", rgb, mpp=0.5, tile=128, levels=2)
+    assert len(files) == 3  # two levels and a thumbnail
+    (series,) = group_series(files)
+    assert series.main == files[0] and series.files == tuple(files)
+    assert is_dicom_slide_folder(tmp_path / "case") and series_file(tmp_path / "case") == files[0]
+    reader = open_slide(tmp_path / "case")
+    try:
+        assert reader.level_count == 2 and reader.dimensions == (420, 300)
+        assert reader.metadata_mpp() == pytest.approx((0.5, 0.5))
+        np.testing.assert_array_equal(reader.read_region((0, 0), 0, (420, 300)), rgb)
+    finally:
+        reader.close()
+
+
+def test_folders_with_several_series_or_none_are_refused_naming_the_folder(tmp_path: Path) -> None:
+    write_dicom_slide(tmp_path / "two", _rgb(seed=1), mpp=0.5, prefix="a")
+    write_dicom_slide(tmp_path / "two", _rgb(seed=2), mpp=0.5, prefix="b")
+    assert not is_dicom_slide_folder(tmp_path / "two")
+    with pytest.raises(SlideError, match=r"two: holds 2 DICOM series \(slides\), not one.*a_0\.dcm"):
+        open_slide(tmp_path / "two")
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "notes.txt").write_text("x")
+    with pytest.raises(SlideError, match="none: a folder, not a slide file, and it holds no DICOM"):
+        open_slide(tmp_path / "none")
+
+
+def test_folder_runs_find_each_series_once(tmp_path: Path) -> None:
+    """Flat: one slide per series (its VOLUME file), an unreadable .dcm on its own; subfolders: the
+    folder of one series, the files of a folder holding several."""
+    src = tmp_path / "src"
+    a = write_dicom_slide(src, _rgb(seed=1), mpp=0.5, levels=2, prefix="a")
+    b = write_dicom_slide(src, _rgb(seed=2), mpp=0.5, prefix="b")
+    (src / "junk.dcm").write_bytes(b"not dicom at all")
+    shutil.copy(SAMPLE, src / "skin.svs")
+    write_dicom_slide(src / "caseA", _rgb(seed=3), mpp=0.5)
+    c = write_dicom_slide(src / "mixed", _rgb(seed=4), mpp=0.5, prefix="c")
+    d = write_dicom_slide(src / "mixed", _rgb(seed=5), mpp=0.5, prefix="d")
+    (src / "empty").mkdir()
+    found = find_slides(src)
+    assert found == sorted([a[0], b[0], src / "junk.dcm", src / "skin.svs", src / "caseA", c[0], d[0]])
+    items = batch_items(src)
+    names = dict(zip([i.slide for i in items], output_stems(items), strict=True))
+    assert names[src / "caseA"] == "caseA" and names[a[0]] == "a_0"
+    # a folder that is one slide is a batch of one
+    assert [i.slide for i in batch_items(src / "caseA")] == [src / "caseA"]
+
+
+def test_fingerprint_of_a_series_folder_ignores_results_written_into_it(tmp_path: Path) -> None:
+    files = write_dicom_slide(tmp_path / "case", _rgb(), mpp=0.5)
+    before = slide_fingerprint(tmp_path / "case")
+    (tmp_path / "case" / "case.tif").write_bytes(b"results beside the slide")
+    assert slide_fingerprint(tmp_path / "case") == before
+    data = bytearray(files[0].read_bytes())
+    data[-1] ^= 0xFF  # one pixel of the slide changed
+    files[0].write_bytes(bytes(data))
+    assert slide_fingerprint(tmp_path / "case") != before
+
+
+def _probabilities(tiles_csv: Path) -> list[float]:
+    with tiles_csv.open() as fh:
+        rows = list(csv.DictReader(fh))
+    col = next(c for c in rows[0] if c.startswith("p_"))
+    return [float(r[col]) for r in rows]
+
+
+def test_a_dicom_copy_of_the_sample_scores_like_the_svs_and_once_in_a_folder_run(tmp_path: Path) -> None:
+    """The bundled sample as a DICOM series (its decoded pixels, uncompressed, plus a thumbnail file):
+    scored from its folder it gives the .svs's tiles and probabilities; in a folder run beside the
+    .svs it is one slide, not one per file."""
+    src = tmp_path / "slides"
+    write_dicom_slide(src / "skin-dicom", _sample_rgb(), mpp=0.499)
+    shutil.copy(SAMPLE, src / "skin.svs")
+    runner = CliRunner()
+    r = runner.invoke(main, [str(src / "skin-dicom"), "--out", f"{tmp_path / 'one'}/", "-q"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, [str(src), "--out", str(tmp_path / "all"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "2 slides, 2 done" in r.output
+    one = _probabilities(tmp_path / "one" / "skin-dicom.tiles.csv")
+    assert len(one) == 56
+    assert one == _probabilities(tmp_path / "all" / "skin-dicom.tiles.csv")
+    np.testing.assert_allclose(one, _probabilities(tmp_path / "all" / "skin.tiles.csv"), atol=1e-6)
+
+
+@pytest.mark.realdata
+def test_openslide_fixture_pair_is_one_slide(tmp_path: Path) -> None:
+    """openslide-python's DICOM fixture: a VOLUME and a THUMBNAIL file of one 16 x 16 slide."""
+    pair = shared("slides", "tiny-fixtures", "dicom-boxes")
+    shutil.copytree(pair, tmp_path / "boxes")
+    assert find_slides(tmp_path) == [tmp_path / "boxes"]
+    assert find_slides(tmp_path / "boxes") == [tmp_path / "boxes" / "boxes_0.dcm"]
+    reader = open_slide(tmp_path / "boxes")
+    try:
+        assert reader.vendor == "dicom" and reader.dimensions == (16, 16)
+    finally:
+        reader.close()
