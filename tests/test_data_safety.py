@@ -619,3 +619,106 @@ def test_sigint_during_a_folder_run_stops_cleanly_and_resumes(
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert len(list(out.glob("*.run.json"))) == 4
+
+
+# --- files that share an output's name but are not ours ------------------------------------------
+
+
+def _folder_of_two(tumour_slide: Fixture, benign_slide: Fixture, root: Path) -> Path:
+    src = root / "slides"
+    _copy(tumour_slide, src / "case1.svs")
+    _copy(benign_slide, src / "case2.svs")
+    return src
+
+
+ANNOTATION = b'{"type":"FeatureCollection","features":[{"type":"Feature","properties":{"by":"pathologist"}}]}'
+
+
+def test_folder_run_into_the_slide_folder_never_replaces_a_pathologists_geojson(
+    tumour_slide: Fixture, benign_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """Case 24: with --out the slide folder (as the README allows), a QuPath export `case1.geojson`
+    beside `case1.svs` was silently replaced by the run's GeoJSON."""
+    src = _folder_of_two(tumour_slide, benign_slide, tmp_path)
+    (src / "case1.geojson").write_bytes(ANNOTATION)
+    code, out = _invoke(str(src), "--out", str(src), "--model", str(test_model))
+    assert code == 1  # case1 failed, case2 ran
+    assert f"{src / 'case1.geojson'}: already exists and was not written by wsi-pipeline" in out
+    assert (src / "case1.geojson").read_bytes() == ANNOTATION
+    assert not (src / "case1.tif").exists() and not (src / "case1.run.json").exists()
+    assert (src / "case2.run.json").is_file()
+
+
+def test_reruns_replace_their_own_outputs_but_not_ones_edited_since(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    from wsi_pipeline.io.ownership import has_mark
+
+    slide = _copy(tumour_slide, tmp_path / "case1.svs")
+    res = tmp_path / "res"
+    code, out = _invoke(str(slide), "--out", f"{res}/", "--model", str(test_model))
+    assert code == 0, out
+    written = sorted(res.iterdir())
+    assert len(written) == 7 and all(has_mark(p) for p in written), [
+        p.name for p in written if not has_mark(p)
+    ]
+    code, out = _invoke(str(slide), "--out", f"{res}/", "--model", str(test_model), "--overwrite")
+    assert code == 0, out  # its own files, unchanged: replaced
+    # QuPath opened the GeoJSON, the pathologist corrected it and saved it under the same name
+    edited = res / "case1.geojson"
+    edited.write_bytes(ANNOTATION)
+    code, out = _invoke(str(slide), "--out", f"{res}/", "--model", str(test_model), "--overwrite")
+    assert (
+        code == 6
+        and f"{edited}: already exists and was not written by wsi-pipeline (or was changed since)" in out
+    )
+    assert edited.read_bytes() == ANNOTATION
+
+
+def test_outputs_of_versions_before_the_marks_are_still_replaced(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """Older versions wrote no mark into the PNG, GeoJSON and HTML and no sha256 into the manifest:
+    the manifest that lists them is what makes them ours."""
+    from PIL import Image
+
+    slide = _copy(tumour_slide, tmp_path / "case1.svs")
+    res = tmp_path / "res"
+    assert _invoke(str(slide), "--out", f"{res}/", "--model", str(test_model))[0] == 0
+    geo = json.loads((res / "case1.geojson").read_text())
+    del geo["generator"]
+    (res / "case1.geojson").write_text(json.dumps(geo))
+    Image.open(res / "case1.overlay.png").save(res / "case1.overlay.png")  # without the text chunk
+    html = (res / "case1.report.html").read_text()
+    (res / "case1.report.html").write_text(html.replace('<meta name="generator"', '<meta name="x"'))
+    manifest = json.loads((res / "case1.run.json").read_text())
+    del manifest["output_sha256"]
+    (res / "case1.run.json").write_text(json.dumps(manifest))
+    code, out = _invoke(str(slide), "--out", f"{res}/", "--model", str(test_model), "--overwrite")
+    assert code == 0, out
+    assert "generator" in json.loads((res / "case1.geojson").read_text())
+
+
+def test_folder_run_stops_before_any_slide_on_a_report_html_of_the_labs(
+    tumour_slide: Fixture, benign_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    src = _folder_of_two(tumour_slide, benign_slide, tmp_path)
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "report.html").write_text("<html><title>Lab QA report, November</title></html>")
+    code, out = _invoke(str(src), "--out", str(res), "--model", str(test_model))
+    assert code == 6 and f"{res / 'report.html'}: already exists and was not written by wsi-pipeline" in out
+    assert sorted(p.name for p in res.iterdir()) == ["report.html"]
+    # the folder's own report and summaries are replaced by the next run
+    (res / "report.html").unlink()
+    assert _invoke(str(src), "--out", str(res), "--model", str(test_model))[0] == 0
+    assert _invoke(str(src), "--out", str(res), "--model", str(test_model), "--overwrite")[0] == 0
+
+
+def test_tile_never_replaces_a_tile_report_it_did_not_write(tumour_slide: Fixture, tmp_path: Path) -> None:
+    report = tmp_path / "case1.tile-report.json"
+    report.write_text('{"qa": "the lab\'s own notes"}')
+    code, out = _invoke("tile", str(tumour_slide.path), "--out", str(tmp_path / "case1.zarr"))
+    assert code == 6 and f"{report}: already exists and was not written by wsi-pipeline" in out
+    assert report.read_text() == '{"qa": "the lab\'s own notes"}'
+    assert not (tmp_path / "case1.zarr").exists()

@@ -635,3 +635,24 @@ def test_evaluate_cli_bad_annotation_exit_code(runs: Path, tmp_path: Path) -> No
         ["evaluate", str(runs / "tumour.heatmap.run.json"), "-a", str(bad), "-o", str(tmp_path / "m.json")],
     )
     assert r.exit_code == 1 and "malformed XML" in r.stderr
+
+
+def test_evaluate_out_never_replaces_an_annotation_it_did_not_write(tmp_path: Path) -> None:
+    """`--out ann/case1.json` (a NCRF/QuPath annotation file of that name) is refused and left as it
+    was; the metrics file it wrote itself is replaced on the next run."""
+    probs = np.full((8, 10), 0.1)
+    probs[2:6, 2:7] = 0.9
+    results = tmp_path / "results"
+    _fake_run(results, "case1", probs)
+    ann = tmp_path / "ann"
+    _asap_file(ann / "case1.xml", TRUTH)
+    theirs = ann / "case2.json"
+    theirs.write_text('{"positive": [{"name": "a pathologist\'s polygon", "vertices": [[0, 0], [1, 1]]}]}')
+    before = theirs.read_bytes()
+    code, out = _invoke(str(results), "--annotations", str(ann / "case1.xml"), "--out", str(theirs))
+    assert code == 6 and f"{theirs}: already exists and was not written by wsi-pipeline" in out
+    assert theirs.read_bytes() == before and not (ann / "case2.csv").exists()
+    mine = tmp_path / "m.json"
+    for _ in range(2):
+        code, out = _invoke(str(results), "--annotations", str(ann / "case1.xml"), "--out", str(mine))
+        assert code == 0, out

@@ -36,6 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from wsi_pipeline import __version__
 from wsi_pipeline.errors import DeviceError, WsiError
 
 GPU_DEVICES = ("cuda", "tensorrt")
@@ -251,12 +252,14 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
     res = run_batch(
         items, one, out=out, summary_name="summary", stop_on_error=args.stop_on_error, on_error=on_error,
         on_start=lambda i, n, item: say(f"[{i}/{n}] {item.slide.name}"),
+        also_writes=[out / "report.html", out / "batch-job.json"],
     )  # fmt: skip
     failed = res.failed
     write_folder_report(out, res.rows)
     atomic_write_json(
         out / "batch-job.json",
         {
+            "generator": f"wsi-pipeline {__version__}",
             "argv": sys.argv,
             "scheduler": client.scheduler.address,
             "workers": {

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wsi_pipeline import __version__
 from wsi_pipeline.errors import WsiError
 from wsi_pipeline.io.dicom import DICOM_SUFFIX
+from wsi_pipeline.io.ownership import GENERATOR, is_own_output, refuse_foreign_files
 from wsi_pipeline.provenance import atomic_write_bytes, atomic_write_json, input_files, output_error
 
 SLIDE_SUFFIXES = (
@@ -27,21 +29,6 @@ class BatchItem:
 
     slide: Path
     mpp: float | None = None
-
-
-def is_own_output(path: Path) -> bool:
-    """True for a heatmap TIFF this package wrote (probability or colour map, also those of older
-    versions, e.g. ``NAME.heatmap.tif``): its first page's description says so."""
-    if path.suffix.lower() not in (".tif", ".tiff"):
-        return False
-    try:
-        import tifffile
-
-        with tifffile.TiffFile(path) as tif:
-            desc = tif.pages.first.description if len(tif.pages) else ""
-    except Exception:  # not a readable TIFF: not ours; the slide reader reports it properly
-        return False
-    return "wsi_pipeline_heatmap" in (desc or "")
 
 
 def find_slides(folder: Path) -> list[Path]:
@@ -215,9 +202,14 @@ def run_batch(
     stop_on_error: bool = False,
     on_start: Callable[[int, int, BatchItem], None] | None = None,
     on_error: Callable[[BatchItem, WsiError], None] | None = None,
+    also_writes: Sequence[Path] = (),
 ) -> BatchResult:
     """Run ``process`` on every item; a :class:`WsiError` marks the item failed and the batch goes on
-    (unless ``stop_on_error``). Writes ``<summary_name>.csv`` and ``.json`` into ``out``."""
+    (unless ``stop_on_error``). Writes ``<summary_name>.csv`` and ``.json`` into ``out``; those and
+    ``also_writes`` (e.g. the folder's ``report.html``) are checked first: a file of the same name that
+    this package did not write stops the batch before any slide (:mod:`wsi_pipeline.io.ownership`)."""
+    summaries = [out / f"{summary_name}.csv", out / f"{summary_name}.json"]
+    refuse_foreign_files([*summaries, *also_writes])
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -236,6 +228,6 @@ def run_batch(
             if stop_on_error:
                 break
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    atomic_write_bytes(out / f"{summary_name}.csv", rows_to_csv(rows, columns))
-    atomic_write_json(out / f"{summary_name}.json", {"slides": rows})
+    atomic_write_bytes(summaries[0], rows_to_csv(rows, columns))
+    atomic_write_json(summaries[1], {"generator": f"{GENERATOR} {__version__}", "slides": rows})
     return BatchResult(rows, time.perf_counter() - t0)

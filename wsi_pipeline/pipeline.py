@@ -51,9 +51,11 @@ from wsi_pipeline.io.outputs import (
     write_probability_tiff,
     write_tiles_csv,
 )
+from wsi_pipeline.io.ownership import refuse_foreign_files
 from wsi_pipeline.provenance import (
     check_writable,
     environment_versions,
+    file_sha256,
     peak_rss_mib,
     process_age_s,
     refuse_overwriting_inputs,
@@ -191,6 +193,7 @@ def run_slide(
                         f"{out_p}: is a folder, not a file name for the output; give e.g. {out_p}/NAME.tif"
                     )
             refuse_overwriting_inputs(outputs, [slide_p, card.onnx_path, card.path])
+            refuse_foreign_files(paths.values(), manifest=paths["manifest"])  # a user's case1.geojson, ...
             source = open_source(slide_p, tile_opts, opts.backend, picture_px=opts.overlay_px)
             asked_by = "the model card asks for" if opts.normalize_from_card else "you asked for"
             source.check_model(card, normalize=opts.tile.normalize, asked_by=asked_by)
@@ -378,6 +381,8 @@ def _write_outputs(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
     _write_report(paths, manifest, top_tiles, pictures)
+    # What was written, so a later run replaces these files only while they are unchanged (io.ownership)
+    manifest["output_sha256"] = {k: file_sha256(p) for k, p in paths.items() if k != "manifest"}
     write_json(paths["manifest"], manifest)  # last: its presence marks the slide finished
     return manifest
 

@@ -66,19 +66,22 @@ def evaluate(
     """  # fmt: skip
 
     def body() -> int:
+        from wsi_pipeline import __version__
         from wsi_pipeline.batch import rows_to_csv
         from wsi_pipeline.evaluation.annotations import DEFAULT_EXCLUSION_GROUPS, GroupMapping
         from wsi_pipeline.evaluation.evaluate import CSV_COLUMNS, csv_rows, evaluate_runs, format_summary
+        from wsi_pipeline.io.ownership import GENERATOR, refuse_foreign_files
         from wsi_pipeline.provenance import atomic_write_bytes, atomic_write_json
 
+        csv_path = out.with_suffix(".csv")
+        refuse_foreign_files([out, csv_path])  # e.g. --out in the annotation folder: never an annotation
         mapping = GroupMapping(
             positive=frozenset(positive_group) if positive_group else None,
             exclusion=frozenset(exclusion_group) if exclusion_group else DEFAULT_EXCLUSION_GROUPS,
         )
         res = evaluate_runs(results, annotations, threshold=threshold, truth_min_fraction=truth_fraction,
                             mapping=mapping)  # fmt: skip
-        atomic_write_json(out, res)
-        csv_path = out.with_suffix(".csv")
+        atomic_write_json(out, {"generator": f"{GENERATOR} {__version__}", **res})
         atomic_write_bytes(csv_path, rows_to_csv(csv_rows(res["slides"]), CSV_COLUMNS))
         click.echo(f"{format_summary(res['summary'])} -> {out}, {csv_path}")
         for sl in res["unannotated"]:

@@ -243,6 +243,6 @@ def _run_folder(
             return result_row(m, out)
 
         res = run_batch(items, one, out=out, summary_name="summary", stop_on_error=not skip,
-                        **_batch_callbacks(bars))  # fmt: skip
+                        also_writes=[out / "report.html"], **_batch_callbacks(bars))  # fmt: skip
     report = write_folder_report(out, res.rows)
     return _batch_summary(res, out / "summary.csv", report)

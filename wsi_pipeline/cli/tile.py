@@ -119,9 +119,12 @@ def report_path(out: Path) -> Path:
 
 
 def _tile_one(slide: Path, out: Path, opts: Any, *, backend: str, overwrite: bool, bars: _Bars) -> Any:
+    from wsi_pipeline import __version__
+    from wsi_pipeline.io.ownership import GENERATOR, refuse_foreign_files
     from wsi_pipeline.provenance import atomic_write_json, environment_versions
     from wsi_pipeline.tiling.tiler import tile_slide
 
+    refuse_foreign_files([report_path(out)])
     with bars.slide(slide.name) as update:
         rep = tile_slide(slide, out, opts, backend=backend, overwrite=overwrite, progress=update)
     if rep.status == "already complete":
@@ -131,6 +134,7 @@ def _tile_one(slide: Path, out: Path, opts: Any, *, backend: str, overwrite: boo
     atomic_write_json(
         rpath,
         {
+            "generator": f"{GENERATOR} {__version__}",
             "command": "tile",
             "argv": sys.argv,
             **{k: v for k, v in asdict(rep).items() if k != "meta"},

@@ -22,12 +22,15 @@ from typing import Any
 
 import numpy as np
 
+from wsi_pipeline import __version__
+from wsi_pipeline.io.ownership import GENERATOR, HEATMAP_MARKER
 from wsi_pipeline.provenance import atomic_write_bytes
 
-#: Marker in the first page's description of every TIFF this package writes (``batch.is_own_output``
-#: skips such files, so a folder run never takes its own outputs for slides). 2: probability map.
-HEATMAP_MARKER = "wsi_pipeline_heatmap"
+# HEATMAP_MARKER: in the first page's description of every TIFF this package writes
+# (``ownership.is_own_output``: a folder run never takes its own outputs for slides). Format 2: the
+# probability map.
 HEATMAP_FORMAT = 2
+__all__ = ["HEATMAP_FORMAT", "HEATMAP_MARKER"]
 
 #: Colour ramp for probabilities 0 -> 1 (dark violet, blue, green, yellow, red); no tissue is white.
 _RAMP = np.array([[48, 18, 59], [40, 130, 230], [60, 200, 100], [250, 210, 40], [200, 20, 20]], np.float32)
@@ -380,12 +383,14 @@ def _legend_panel(
 
 
 def write_overlay_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
-    """``image`` ((h, w, 3) uint8, e.g. from :func:`render_overlay`) as a PNG."""
-    return atomic_write_bytes(path, encode_image(image, "PNG"))
+    """``image`` ((h, w, 3) uint8, e.g. from :func:`render_overlay`) as a PNG (Software: wsi-pipeline)."""
+    return atomic_write_bytes(path, encode_image(image, "PNG", software=f"{GENERATOR} {__version__}"))
 
 
-def encode_image(image: np.ndarray, fmt: str = "PNG", *, quality: int = 85) -> bytes:
-    """(h, w, 3) uint8 -> PNG or JPEG bytes."""
+def encode_image(
+    image: np.ndarray, fmt: str = "PNG", *, quality: int = 85, software: str | None = None
+) -> bytes:
+    """(h, w, 3) uint8 -> PNG or JPEG bytes; ``software``: a PNG's Software text chunk."""
     from PIL import Image
 
     buf = io.BytesIO()
@@ -394,6 +399,12 @@ def encode_image(image: np.ndarray, fmt: str = "PNG", *, quality: int = 85) -> b
     kwargs: dict[str, Any] = (
         {"quality": quality} if fmt.upper() == "JPEG" else {"compress_level": 3, "compress_type": zlib.Z_RLE}
     )
+    if software and fmt.upper() == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("Software", software)
+        kwargs["pnginfo"] = info
     Image.fromarray(np.ascontiguousarray(image)).save(buf, format=fmt, **kwargs)
     return buf.getvalue()
 
@@ -516,7 +527,9 @@ def geojson_features(
         if meas is not None:
             props["measurements"] = meas
         feats.append({"type": "Feature", "geometry": _rounded(mapping(g)), "properties": props})
-    return {"type": "FeatureCollection", "features": feats}
+    # "generator" (a foreign member, which GeoJSON readers ignore) marks the file as ours: a run may
+    # replace it, never a user's annotations of the same name (io.ownership)
+    return {"type": "FeatureCollection", "generator": f"{GENERATOR} {__version__}", "features": feats}
 
 
 def _rounded(geom: dict[str, Any], ndigits: int = 2) -> dict[str, Any]:

@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from wsi_pipeline import __version__
 from wsi_pipeline.io.outputs import encode_image
+from wsi_pipeline.io.ownership import GENERATOR
 from wsi_pipeline.provenance import atomic_write_bytes
 
 _CSS = """
@@ -78,6 +80,7 @@ def _page(title: str, body: str, script: str = "") -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<meta name="generator" content="{GENERATOR} {__version__}">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n"
         + (f"<script>{script}</script>\n" if script else "")
         + "</body></html>\n"
