@@ -97,6 +97,24 @@ def test_folder_continues_past_bad_slide(
     assert not (out / "notes.zarr").exists() and not partial_path(out / "notes.zarr").exists()
 
 
+def test_folder_reports_slides_of_formats_no_reader_opens(generic_slide: Fixture, tmp_path: Path) -> None:
+    """A Zeiss .czi or Philips .isyntax in the folder used to be passed over without a word: it is a
+    failed row naming the format and the way out (convert to OME-TIFF or DICOM)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(generic_slide.path, folder / generic_slide.path.name)
+    (folder / "case2.czi").write_bytes(b"ZISRAWFILE" + bytes(100))
+    (folder / "case3.isyntax").write_bytes(b"<?xml" + bytes(100))
+    (folder / "notes.txt").write_text("not a slide: still passed over")
+    out = tmp_path / "stores"
+    code, stdout, err = _run("tile", str(folder), "-o", str(out), "-q")
+    assert code == 1 and "3 slides, 1 done, 2 failed" in stdout
+    assert "case2.czi: Zeiss CZI slides cannot be read here" in err and "OME-TIFF or DICOM" in err
+    assert "case3.isyntax: Philips iSyntax slides cannot be read here" in err
+    code, _, err = _run("info", str(folder / "case2.czi"))
+    assert code == 3 and "Zeiss CZI slides cannot be read here" in err
+
+
 def test_version_and_help() -> None:
     code, out, _ = _run("--version")
     assert code == 0 and "wsi-infer" in out

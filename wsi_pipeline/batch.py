@@ -14,13 +14,9 @@ from typing import Any
 
 from wsi_pipeline import __version__
 from wsi_pipeline.errors import WsiError
-from wsi_pipeline.io.dicom import DICOM_SUFFIX
+from wsi_pipeline.io.formats import DICOM_SUFFIX, LISTED_SUFFIXES, SLIDE_SUFFIXES
 from wsi_pipeline.io.ownership import GENERATOR, is_own_output, refuse_foreign_files
 from wsi_pipeline.provenance import atomic_write_bytes, atomic_write_json, input_files, output_error
-
-SLIDE_SUFFIXES = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".dcm", ".scn", ".bif", ".vms", ".vmu", ".svslide",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -34,6 +30,8 @@ class BatchItem:
 def find_slides(folder: Path) -> list[Path]:
     """The slides directly inside ``folder`` (sorted; hidden files and this package's own heatmap
     TIFFs skipped, so a folder run whose --out is the input folder does not score its own outputs).
+    Files of whole-slide formats that no reader here opens are listed too, so that the run reports
+    each of them (``io.formats``) instead of passing over it.
 
     DICOM slides are series of several ``.dcm`` files (:mod:`wsi_pipeline.io.dicom`): each series in
     ``folder`` is one slide, given as its main file, and so is each series in a subfolder, given as the
@@ -42,7 +40,7 @@ def find_slides(folder: Path) -> list[Path]:
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     slides = [
         p for p in entries
-        if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES and p.suffix.lower() != DICOM_SUFFIX
+        if p.is_file() and p.suffix.lower() in LISTED_SUFFIXES and p.suffix.lower() != DICOM_SUFFIX
         and not is_own_output(p)
     ]  # fmt: skip
     if any(p.suffix.lower() == DICOM_SUFFIX for p in entries) or any(p.is_dir() for p in entries):

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wsi_pipeline.errors import SlideError
-
-DICOM_SUFFIX = ".dcm"
+from wsi_pipeline.io.formats import DICOM_SUFFIX, LISTED_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -93,12 +92,10 @@ def series_file(folder: Path) -> Path:
 def is_dicom_slide_folder(folder: Path) -> bool:
     """True when ``folder`` is one DICOM slide: ``.dcm`` files of a single series and no subfolder or
     other slide file that would make it a folder of slides."""
-    from wsi_pipeline.batch import SLIDE_SUFFIXES
-
     if not folder.is_dir():
         return False
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    if any(p.is_dir() or (p.suffix.lower() in SLIDE_SUFFIXES and p.suffix.lower() != DICOM_SUFFIX)
+    if any(p.is_dir() or (p.suffix.lower() in LISTED_SUFFIXES and p.suffix.lower() != DICOM_SUFFIX)
            for p in entries):  # fmt: skip
         return False
     files = [p for p in entries if p.suffix.lower() == DICOM_SUFFIX and p.is_file()]

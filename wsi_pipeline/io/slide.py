@@ -23,6 +23,7 @@ import numpy as np
 
 from wsi_pipeline.errors import ResolutionError, SlideError
 from wsi_pipeline.io import tiff_level
+from wsi_pipeline.io.formats import unsupported_message
 from wsi_pipeline.io.resample import box_mean
 from wsi_pipeline.io.tiff_region import TiffTiles, exact_level_xy, tiff_tiles_for
 
@@ -303,6 +304,9 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: b
         raise SlideError(f"{p}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not p.exists():
         raise SlideError(f"{p}: no such file; check the path")
+    unsupported = unsupported_message(str(p))
+    if unsupported:
+        raise SlideError(unsupported)
     if p.is_dir():  # a DICOM slide: the folder of its series' .dcm files
         from wsi_pipeline.io.dicom import series_file
 
