@@ -245,6 +245,7 @@ def run_slide(
         from wsi_pipeline.tiling.pictures import slide_picture
 
         picture = _low_priority(slide_picture, source, opts.overlay_px)
+        versions = _low_priority(environment_versions)  # looked up (once a process) while scoring
         tasks = make_tasks(
             source, card, device=opts.device, batch_size=opts.batch_size, chunk_tiles=opts.chunk_tiles,
             threads=threads, precision=opts.precision,
@@ -255,7 +256,9 @@ def run_slide(
         )  # fmt: skip
         phases["scoring_s"] = result.seconds
         result.extra["phases"] = phases
-        return _write_outputs(paths, card, opts, params, result, source, t0, picture=picture)
+        return _write_outputs(
+            paths, card, opts, params, result, source, t0, picture=picture, versions=versions
+        )
 
 
 def _verified_session(
@@ -310,6 +313,7 @@ def _write_outputs(
     t0: float,
     *,
     picture: Future[Any],
+    versions: Future[dict[str, str]],
 ) -> dict[str, Any]:
     t_outputs = time.perf_counter()
     layout = source.layout
@@ -333,7 +337,6 @@ def _write_outputs(
         _write_tiffs(paths, card, opts, source, canvas)
         _write_tables(paths, card, opts, result, layout, boxes, regions)
         top_tiles = _top_tile_pictures(source, p_pos, len(label["evidence"]["top_tiles"]))
-        versions = environment_versions()
         pictures = overlay.result()
     seconds = time.perf_counter() - t0
     n = len(p_pos)
@@ -377,7 +380,7 @@ def _write_outputs(
         "outputs": {k: str(v) for k, v in paths.items()}
         | ({"store": str(opts.tiles_out)} if opts.tiles_out is not None and source.kind == "store" else {}),
         "package_version": __version__,
-        "versions": versions,
+        "versions": versions.result(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
     _write_report(paths, manifest, top_tiles, pictures)
