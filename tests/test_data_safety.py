@@ -667,6 +667,8 @@ def test_reruns_replace_their_own_outputs_but_not_ones_edited_since(
     # QuPath opened the GeoJSON, the pathologist corrected it and saved it under the same name
     edited = res / "case1.geojson"
     edited.write_bytes(ANNOTATION)
+    code, out = _invoke(str(slide), "--out", f"{res}/", "--model", str(test_model))
+    assert code == 0 and "already done" in out  # resuming writes nothing: the slide is skipped as before
     code, out = _invoke(str(slide), "--out", f"{res}/", "--model", str(test_model), "--overwrite")
     assert (
         code == 6

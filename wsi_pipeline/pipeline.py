@@ -193,7 +193,6 @@ def run_slide(
                         f"{out_p}: is a folder, not a file name for the output; give e.g. {out_p}/NAME.tif"
                     )
             refuse_overwriting_inputs(outputs, [slide_p, card.onnx_path, card.path])
-            refuse_foreign_files(paths.values(), manifest=paths["manifest"])  # a user's case1.geojson, ...
             source = open_source(slide_p, tile_opts, opts.backend, picture_px=opts.overlay_px)
             asked_by = "the model card asks for" if opts.normalize_from_card else "you asked for"
             source.check_model(card, normalize=opts.tile.normalize, asked_by=asked_by)
@@ -205,6 +204,7 @@ def run_slide(
                 manifest["skipped"] = True
                 verify_model()
                 return manifest
+            refuse_foreign_files(paths.values(), manifest=paths["manifest"])  # a user's case1.geojson, ...
             local = client is None
             plan = thread_plan(readers=opts.workers, device=opts.device) if local else None
             threads = plan.session_threads if plan else None
