@@ -131,3 +131,51 @@ def test_openslide_fixture_pair_is_one_slide(tmp_path: Path) -> None:
         assert reader.vendor == "dicom" and reader.dimensions == (16, 16)
     finally:
         reader.close()
+
+
+def test_recursive_folder_runs_walk_case_folders_but_not_stores_mirax_data_or_hidden_ones(
+    tmp_path: Path,
+) -> None:
+    """`--recursive`: slides at any depth (a DICOM series folder is one slide), same stems in two case
+    folders get their paths as names; tile stores, MIRAX data folders, hidden folders and links back
+    up the tree are not entered. Without it, only the folder itself and DICOM one level down."""
+    src = tmp_path / "scans"
+    for sub in ("2026-11/case1", "2026-11/case2", "2026-12/case3"):
+        (src / sub).mkdir(parents=True)
+    shutil.copy(SAMPLE, src / "2026-11" / "case1" / "slide.svs")
+    shutil.copy(SAMPLE, src / "2026-11" / "case2" / "slide.svs")
+    shutil.copy(SAMPLE, src / "top.svs")
+    write_dicom_slide(src / "2026-12" / "case3" / "dicom", _rgb(), mpp=0.5)
+    (src / "old.zarr" / "c").mkdir(parents=True)
+    shutil.copy(SAMPLE, src / "old.zarr" / "c" / "x.svs")  # inside a tile store: never a slide
+    (src / "m.mrxs").write_bytes(b"mirax index")
+    (src / "m").mkdir()
+    (src / "m" / "Data0000.tif").write_bytes(b"mirax data")  # a MIRAX data folder's file
+    (src / ".trash").mkdir()
+    shutil.copy(SAMPLE, src / ".trash" / "deleted.svs")
+    (src / "2026-11" / "loop").symlink_to(src, target_is_directory=True)
+    found = find_slides(src, recursive=True)
+    assert found == sorted([
+        src / "top.svs", src / "m.mrxs",
+        src / "2026-11" / "case1" / "slide.svs", src / "2026-11" / "case2" / "slide.svs",
+        src / "2026-12" / "case3" / "dicom",
+    ])  # fmt: skip
+    assert find_slides(src) == [src / "m.mrxs", src / "top.svs"]
+    items = batch_items(src, recursive=True)
+    names = sorted(output_stems(items))
+    assert names == sorted(["top", "m", "2026-11__case1__slide.svs", "2026-11__case2__slide.svs", "dicom"])
+
+
+def test_recursive_cli_scores_the_case_folders(tmp_path: Path) -> None:
+    src = tmp_path / "scans"
+    (src / "a").mkdir(parents=True)
+    (src / "b" / "deeper").mkdir(parents=True)
+    shutil.copy(SAMPLE, src / "a" / "s1.svs")
+    shutil.copy(SAMPLE, src / "b" / "deeper" / "s2.svs")
+    runner = CliRunner()
+    r = runner.invoke(main, [str(src), "--out", str(tmp_path / "flat"), "-q"])
+    assert r.exit_code != 0 and "--recursive searches all" in r.output
+    r = runner.invoke(main, [str(src), "--out", str(tmp_path / "res"), "-q", "--recursive"])
+    assert r.exit_code == 0, r.output
+    assert "2 slides, 2 done" in r.output
+    assert (tmp_path / "res" / "s1.run.json").is_file() and (tmp_path / "res" / "s2.run.json").is_file()

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--overwrite", action="store_true", help="recompute slides that are already finished")
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first bad slide")
+    p.add_argument("--recursive", "-r", action="store_true",
+                   help="also the slides in the folder's subfolders, at any depth")  # fmt: skip
     p.add_argument("--quiet", "-q", action="store_true", help="only the closing line and errors")
     return p
 
@@ -194,7 +196,7 @@ def make_options(args: argparse.Namespace, resources: dict | None) -> Any:
     )
 
 
-def list_items(src: Path) -> list[Any]:
+def list_items(src: Path, *, recursive: bool = False) -> list[Any]:
     """The batch's slides with absolute paths (workers may run in another directory)."""
     from wsi_pipeline.batch import BatchItem, batch_items
 
@@ -202,7 +204,7 @@ def list_items(src: Path) -> list[Any]:
         raise WsiError(f"{src}: no such folder or manifest; pass a folder of slides or a CSV")
     if not (src.is_dir() or src.suffix.lower() == ".csv"):
         raise WsiError(f"{src}: not a folder or a .csv manifest; for one slide use `wsi-infer SLIDE`")
-    return [BatchItem(i.slide.resolve(), i.mpp) for i in batch_items(src.resolve())]
+    return [BatchItem(i.slide.resolve(), i.mpp) for i in batch_items(src.resolve(), recursive=recursive)]
 
 
 def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
@@ -313,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     client = cluster = None
     try:
-        items = list_items(args.slides)
+        items = list_items(args.slides, recursive=args.recursive)
         client, cluster = connect(args)
         return run_job(args, client, items)
     except WsiError as exc:

@@ -14,6 +14,7 @@ from typing import Any
 
 from wsi_pipeline import __version__
 from wsi_pipeline.errors import WsiError
+from wsi_pipeline.io.dicom import dicom_files, group_series, is_dicom_slide_folder
 from wsi_pipeline.io.formats import DICOM_SUFFIX, LISTED_SUFFIXES, SLIDE_SUFFIXES
 from wsi_pipeline.io.ownership import GENERATOR, is_own_output, refuse_foreign_files
 from wsi_pipeline.provenance import atomic_write_bytes, atomic_write_json, input_files, output_error
@@ -27,36 +28,51 @@ class BatchItem:
     mpp: float | None = None
 
 
-def find_slides(folder: Path) -> list[Path]:
-    """The slides directly inside ``folder`` (sorted; hidden files and this package's own heatmap
-    TIFFs skipped, so a folder run whose --out is the input folder does not score its own outputs).
-    Files of whole-slide formats that no reader here opens are listed too, so that the run reports
-    each of them (``io.formats``) instead of passing over it.
+def find_slides(folder: Path, *, recursive: bool = False) -> list[Path]:
+    """The slides inside ``folder`` (sorted; hidden files and this package's own heatmap TIFFs
+    skipped, so a folder run whose --out is the input folder does not score its own outputs). Files of
+    whole-slide formats that no reader here opens are listed too, so that the run reports each of them
+    (``io.formats``) instead of passing over it.
 
     DICOM slides are series of several ``.dcm`` files (:mod:`wsi_pipeline.io.dicom`): each series in
     ``folder`` is one slide, given as its main file, and so is each series in a subfolder, given as the
     subfolder when it holds that one series (the usual export: a folder per slide) and as its main file
-    when it holds several."""
+    when it holds several.
+
+    ``recursive``: every subfolder at any depth, as ``folder`` itself, except hidden ones, tile stores
+    (``*.zarr``), MIRAX data folders (``X/`` beside ``X.mrxs``) and folders that are one DICOM slide."""
+    slides, subfolders = _slides_in(folder)
+    seen = {folder.resolve()}
+    while subfolders:
+        sub = subfolders.pop(0)
+        if not recursive:
+            series = group_series(dicom_files(sub))
+            slides += [sub] if len(series) == 1 else [s.main for s in series]
+        elif is_dicom_slide_folder(sub):
+            slides.append(sub)
+        elif sub.resolve() not in seen:  # a link back up the tree is walked once
+            seen.add(sub.resolve())
+            found, deeper = _slides_in(sub)
+            slides += found
+            subfolders += deeper
+    return sorted(slides)
+
+
+def _slides_in(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The slide files (DICOM: each series' main file) directly in ``folder``, and its subfolders that
+    may hold slides (not hidden, not tile stores or MIRAX data folders)."""
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     slides = [
         p for p in entries
         if p.is_file() and p.suffix.lower() in LISTED_SUFFIXES and p.suffix.lower() != DICOM_SUFFIX
         and not is_own_output(p)
     ]  # fmt: skip
-    if any(p.suffix.lower() == DICOM_SUFFIX for p in entries) or any(p.is_dir() for p in entries):
-        slides += _dicom_slides(folder, [p for p in entries if p.is_dir()])
-    return sorted(slides)
-
-
-def _dicom_slides(folder: Path, subfolders: list[Path]) -> list[Path]:
-    """The DICOM slides of ``folder`` (main files) and of its ``subfolders`` (see :func:`find_slides`)."""
-    from wsi_pipeline.io.dicom import dicom_files, group_series
-
-    found = [s.main for s in group_series(dicom_files(folder))]
-    for sub in subfolders:
-        series = group_series(dicom_files(sub))
-        found += [sub] if len(series) == 1 else [s.main for s in series]
-    return found
+    slides += [
+        s.main for s in group_series([p for p in entries if p.suffix.lower() == DICOM_SUFFIX and p.is_file()])
+    ]
+    mirax = {p.with_suffix("") for p in entries if p.suffix.lower() == ".mrxs"}
+    subfolders = [p for p in entries if p.is_dir() and p.suffix.lower() != ".zarr" and p not in mirax]
+    return slides, subfolders
 
 
 def output_stems(items: Sequence[BatchItem], out: Path | None = None) -> list[str]:
@@ -154,20 +170,22 @@ def read_manifest_csv(path: Path) -> list[BatchItem]:
     return out
 
 
-def batch_items(src: Path) -> list[BatchItem]:
-    """The slides of a folder or a CSV manifest; an empty batch is an error naming the source."""
-    from wsi_pipeline.io.dicom import is_dicom_slide_folder
-
+def batch_items(src: Path, *, recursive: bool = False) -> list[BatchItem]:
+    """The slides of a folder (``recursive``: and of its subfolders, see :func:`find_slides`) or a CSV
+    manifest; an empty batch is an error naming the source."""
     if src.suffix.lower() == ".csv":
         items = read_manifest_csv(src)
     elif is_dicom_slide_folder(src):  # one DICOM slide: a batch of one
         items = [BatchItem(src)]
     else:
-        items = [BatchItem(p) for p in find_slides(src)]
+        items = [BatchItem(p) for p in find_slides(src, recursive=recursive)]
     if not items:
-        raise WsiError(
-            f"{src}: no slide files ({', '.join(SLIDE_SUFFIXES)}) found, nor DICOM slides in its subfolders"
+        where = (
+            "in it or its subfolders"
+            if recursive
+            else "in it (nor DICOM slides in its subfolders; --recursive searches all)"
         )
+        raise WsiError(f"{src}: no slide files ({', '.join(SLIDE_SUFFIXES)}) {where}")
     return items
 
 

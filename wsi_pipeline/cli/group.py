@@ -112,6 +112,13 @@ class _Bars:
                 self._bar.advance(self._overall)
 
 
+#: ``--recursive`` of the commands that take a folder of slides
+RECURSIVE_HELP = (
+    "Folder input: also the slides in its subfolders, at any depth (hidden folders, tile stores and "
+    "MIRAX data folders are not entered)."
+)
+
+
 def _slide_options(fn: F) -> F:
     """Options shared by every command that reads a slide."""
     decorators = [

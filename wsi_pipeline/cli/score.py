@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from wsi_pipeline.cli.group import (
+    RECURSIVE_HELP,
     _Bars,
     _batch_callbacks,
     _batch_summary,
@@ -99,8 +100,16 @@ from wsi_pipeline.errors import UsageError, WsiError
 @_slide_options
 @_tile_options
 @click.option("--overwrite", is_flag=True, help="Recompute slides whose outputs already exist.")
+@click.option(
+    "--recursive",
+    "-r",
+    is_flag=True,
+    help=RECURSIVE_HELP,
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def run(slide: Path, out: str, quiet: bool, overwrite: bool, skip_errors: bool, **kw: Any) -> None:
+def run(
+    slide: Path, out: str, quiet: bool, overwrite: bool, skip_errors: bool, recursive: bool, **kw: Any
+) -> None:
     """Score SLIDE (a slide, a finished .zarr tile store, a folder, or a CSV manifest).
 
     The CSV manifest has a `slide` column and an optional `mpp` column (per-slide override).
@@ -136,7 +145,9 @@ def run(slide: Path, out: str, quiet: bool, overwrite: bool, skip_errors: bool, 
         client = _client(kw["scheduler"])
         try:
             if _is_batch(slide):
-                return _run_folder(slide, Path(out), opts, kw["model"], client, overwrite, quiet, skip_errors)
+                return _run_folder(
+                    slide, Path(out), opts, kw["model"], client, overwrite, quiet, skip_errors, recursive
+                )
             with _Bars(enabled=not quiet) as bars:
                 target = _single_target(slide, out)
                 _run_one(slide, target, opts, kw["model"], client, overwrite, bars)
@@ -221,7 +232,15 @@ def _run_one(
 
 
 def _run_folder(
-    src: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, quiet: bool, skip: bool
+    src: Path,
+    out: Path,
+    opts: Any,
+    model: Path | None,
+    client: Any,
+    overwrite: bool,
+    quiet: bool,
+    skip: bool,
+    recursive: bool = False,
 ) -> int:
     from wsi_pipeline.batch import (
         BatchItem,
@@ -233,7 +252,7 @@ def _run_folder(
         write_folder_report,
     )
 
-    items = batch_items(src)
+    items = batch_items(src, recursive=recursive)
     names = dict(zip(items, output_stems(items, out), strict=True))
     with _Bars(enabled=not quiet, n_slides=len(items)) as bars:
 

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from wsi_pipeline.cli.group import (
+    RECURSIVE_HELP,
     _Bars,
     _batch_callbacks,
     _batch_summary,
@@ -90,8 +91,14 @@ def _print_info(data: dict[str, Any]) -> None:
 @_slide_options
 @_tile_options
 @click.option("--overwrite", is_flag=True, help="Replace a store made with other parameters.")
+@click.option(
+    "--recursive",
+    "-r",
+    is_flag=True,
+    help=RECURSIVE_HELP,
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def tile(slide: Path, out: Path, overwrite: bool, quiet: bool, **kw: Any) -> None:
+def tile(slide: Path, out: Path, overwrite: bool, quiet: bool, recursive: bool, **kw: Any) -> None:
     """Stream the tissue tiles of SLIDE into the Zarr store OUT (resumable).
 
     SLIDE may be a folder: every slide in it is tiled into OUT/<name>.zarr, bad slides are reported
@@ -104,7 +111,9 @@ def tile(slide: Path, out: Path, overwrite: bool, quiet: bool, **kw: Any) -> Non
         from wsi_pipeline.io.dicom import is_dicom_slide_folder
 
         if slide.is_dir() and not is_dicom_slide_folder(slide):
-            return _tile_folder(slide, out, opts, backend=backend, overwrite=overwrite, quiet=quiet)
+            return _tile_folder(
+                slide, out, opts, backend=backend, overwrite=overwrite, quiet=quiet, recursive=recursive
+            )
         with _Bars(enabled=not quiet) as bars:
             _tile_one(slide, out, opts, backend=backend, overwrite=overwrite, bars=bars)
         return 0
@@ -159,10 +168,12 @@ def _stain_note(meta: dict[str, Any]) -> str:
     return f", Macenko {'fitted' if stain['fit_status'] == 'fitted' else 'FELL BACK to the reference'}"
 
 
-def _tile_folder(folder: Path, out: Path, opts: Any, *, backend: str, overwrite: bool, quiet: bool) -> int:
+def _tile_folder(
+    folder: Path, out: Path, opts: Any, *, backend: str, overwrite: bool, quiet: bool, recursive: bool = False
+) -> int:
     from wsi_pipeline.batch import BatchItem, batch_items, output_stems, run_batch
 
-    items = batch_items(folder)
+    items = batch_items(folder, recursive=recursive)
     names = dict(zip(items, output_stems(items), strict=True))
     with _Bars(enabled=not quiet, n_slides=len(items)) as bars:
 
