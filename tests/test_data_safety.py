@@ -724,3 +724,15 @@ def test_tile_never_replaces_a_tile_report_it_did_not_write(tumour_slide: Fixtur
     assert code == 6 and f"{report}: already exists and was not written by wsi-pipeline" in out
     assert report.read_text() == '{"qa": "the lab\'s own notes"}'
     assert not (tmp_path / "case1.zarr").exists()
+
+
+def test_run_never_replaces_another_slide_named_as_the_output(
+    tumour_slide: Fixture, benign_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """`wsi-infer case1.svs --out case2.tif` where case2.tif is another (generic TIFF) slide of the lab:
+    not an input of this run, so the input guard let the heatmap replace it."""
+    other = _copy(benign_slide, tmp_path / "case2.tif")
+    before = _sha(other)
+    code, out = _invoke(str(tumour_slide.path), "--out", str(other), "--model", str(test_model))
+    assert code == 6 and f"{other}: already exists and was not written by wsi-pipeline" in out
+    assert _sha(other) == before and sorted(p.name for p in tmp_path.iterdir()) == ["case2.tif"]
