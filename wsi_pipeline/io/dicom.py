@@ -10,6 +10,7 @@ cannot be read stays a slide of its own, so the reader reports it like any other
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,17 @@ def dicom_files(folder: Path) -> list[Path]:
 def _header(path: Path) -> tuple[str | None, int]:
     """(SeriesInstanceUID, size rank) of a DICOM file: the rank is the total pixel matrix area for a
     VOLUME image (the pyramid's levels), -1 for label, overview and thumbnail images; the UID is None
-    when the header cannot be read."""
+    when the header cannot be read. Read once per file version in a process (a folder run asks for a
+    folder's series several times: is it one slide, which slides does it hold)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None, -1
+    return _read_header(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_header(path: str, mtime_ns: int, size: int) -> tuple[str | None, int]:
     import warnings
 
     import pydicom
