@@ -31,7 +31,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
         run_batch,
         write_folder_report,
     )
-    from wsi_pipeline.pipeline import run_slide
+    from wsi_pipeline.pipeline import score_slide
     from wsi_pipeline.provenance import atomic_write_json, environment_versions
 
     say = (lambda *a: None) if args.quiet else print
@@ -238,12 +239,8 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
 
     names = dict(zip(items, output_stems(items, out), strict=True))
 
-    def one(item: BatchItem) -> dict[str, Any]:
-        o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
-        m = run_slide(
-            item.slide, heatmap_path(out, names[item]), model=model, options=o, client=client,
-            overwrite=args.overwrite,
-        )  # fmt: skip
+    def finish(item: BatchItem, write: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        m = write()
         row = result_row(m, out)
         say(f"{item.slide.name}: {row['status']}, {row['label']}, {m['n_tiles']} tiles on {m['provider']}")
         return {**row, "provider": m["provider"]}
@@ -251,11 +248,22 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
     def on_error(item: BatchItem, exc: WsiError) -> None:
         print(f"error: {exc}", file=sys.stderr)
 
-    res = run_batch(
-        items, one, out=out, summary_name="summary", stop_on_error=args.stop_on_error, on_error=on_error,
-        on_start=lambda i, n, item: say(f"[{i}/{n}] {item.slide.name}"),
-        also_writes=[out / "report.html", out / "batch-job.json"],
-    )  # fmt: skip
+    # One writer thread: this process writes a slide's outputs while the workers score the next one.
+    with ThreadPoolExecutor(1, "wsi-writer") as writer:
+
+        def one(item: BatchItem) -> Future[dict[str, Any]]:
+            o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
+            write = score_slide(
+                item.slide, heatmap_path(out, names[item]), model=model, options=o, client=client,
+                overwrite=args.overwrite,
+            )  # fmt: skip
+            return writer.submit(finish, item, write)
+
+        res = run_batch(
+            items, one, out=out, summary_name="summary", stop_on_error=args.stop_on_error, on_error=on_error,
+            on_start=lambda i, n, item: say(f"[{i}/{n}] {item.slide.name}"),
+            also_writes=[out / "report.html", out / "batch-job.json"],
+        )  # fmt: skip
     failed = res.failed
     write_folder_report(out, res.rows)
     atomic_write_json(

@@ -8,6 +8,7 @@ import io
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,7 +212,7 @@ class BatchResult:
 
 def run_batch(
     items: Sequence[BatchItem],
-    process: Callable[[BatchItem], dict[str, Any]],
+    process: Callable[[BatchItem], dict[str, Any] | Future[dict[str, Any]]],
     *,
     out: Path,
     summary_name: str,
@@ -223,7 +224,11 @@ def run_batch(
     """Run ``process`` on every item; a :class:`WsiError` marks the item failed and the batch goes on
     (unless ``stop_on_error``). Writes ``<summary_name>.csv`` and ``.json`` into ``out``; those and
     ``also_writes`` (e.g. the folder's ``report.html``) are checked first: a file of the same name that
-    this package did not write stops the batch before any slide (:mod:`wsi_pipeline.io.ownership`)."""
+    this package did not write stops the batch before any slide (:mod:`wsi_pipeline.io.ownership`).
+
+    ``process`` may return a future of its row (a slide's outputs being written on another thread):
+    it is settled after the next item's ``process`` returns, so that work overlaps the next item, and
+    its error counts for its own item, in order."""
     summaries = [out / f"{summary_name}.csv", out / f"{summary_name}.json"]
     refuse_foreign_files([*summaries, *also_writes])
     try:
@@ -231,18 +236,53 @@ def run_batch(
     except OSError as exc:
         raise output_error(out, exc) from exc
     rows: list[dict[str, Any]] = []
+    pending: list[tuple[int, BatchItem, Future[dict[str, Any]]]] = []
     t0 = time.perf_counter()
-    for i, item in enumerate(items, 1):
-        if on_start:
-            on_start(i, len(items), item)
-        try:
-            rows.append({"slide": str(item.slide), **process(item), "error": ""})
-        except WsiError as exc:
-            if on_error:
-                on_error(item, exc)
-            rows.append({"slide": str(item.slide), "status": "failed", "n_tiles": 0, "error": str(exc)})
-            if stop_on_error:
+
+    def row(item: BatchItem, result: dict[str, Any]) -> dict[str, Any]:
+        return {"slide": str(item.slide), **result, "error": ""}
+
+    def fail(at: int, item: BatchItem, exc: WsiError) -> bool:
+        """Mark row ``at`` failed; True when the batch stops on it."""
+        if on_error:
+            on_error(item, exc)
+        rows[at] = {"slide": str(item.slide), "status": "failed", "n_tiles": 0, "error": str(exc)}
+        return stop_on_error
+
+    def settle() -> bool:
+        """Rows of the items whose outputs were being written; True when the batch stops."""
+        stop = False
+        while pending:
+            at, item, fut = pending.pop(0)
+            try:
+                rows[at] = row(item, fut.result())
+            except WsiError as exc:
+                stop = fail(at, item, exc) or stop
+        return stop
+
+    try:
+        for i, item in enumerate(items, 1):
+            if on_start:
+                on_start(i, len(items), item)
+            rows.append({})
+            at = len(rows) - 1
+            result: dict[str, Any] | Future[dict[str, Any]] | None = None
+            try:
+                result = process(item)
+                stop = False
+            except WsiError as exc:
+                stop = fail(at, item, exc)
+            stop = settle() or stop  # the previous item's outputs, written while this one ran
+            if isinstance(result, Future):
+                pending.append((at, item, result))
+            elif result is not None:
+                rows[at] = row(item, result)
+            if stop:
                 break
+        settle()
+    finally:
+        for _, _, fut in pending:  # interrupted: let the outputs being written finish (atomic files)
+            fut.exception()
     columns = list(dict.fromkeys(k for r in rows for k in r))
     atomic_write_bytes(summaries[0], rows_to_csv(rows, columns))
     atomic_write_json(summaries[1], {"generator": f"{GENERATOR} {__version__}", "slides": rows})

@@ -9,6 +9,7 @@ which also marks the slide as finished for resumed folder runs). See :func:`outp
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -169,96 +170,121 @@ def run_slide(
     ``overwrite``).
     """
     with remove_created_folders_on_failure(Path(heatmap).parent):  # no empty folders after a failure
-        t0 = time.perf_counter()
-        opts = options or RunOptions()
-        # The model file is hashed while the slide is opened and planned; a file that does not match
-        # its card is reported before the slide's errors, and the session never loads it.
-        card, verify_model = resolve_model_deferred(model)
-        try:
-            if (
-                opts.normalize_from_card
-                and card.stain_normalization == "macenko"
-                and opts.tile.normalize == "none"
-            ):
-                opts = replace(opts, tile=replace(opts.tile, normalize="macenko"))
-            tile_opts = check_model_fits(
-                card, opts.tile, target_mpp=opts.requested_target_mpp, tile_px=opts.requested_tile_px
-            )
-            opts = replace(opts, tile=tile_opts, label=opts.label.with_threshold(card.threshold))
-            slide_p, paths = Path(slide), output_paths(Path(heatmap))
-            outputs = list(paths.values()) + ([Path(opts.tiles_out)] if opts.tiles_out is not None else [])
-            for out_p in paths.values():  # checked now: otherwise the write would fail after all the scoring
-                if out_p.is_dir():
-                    raise OutputError(
-                        f"{out_p}: is a folder, not a file name for the output; give e.g. {out_p}/NAME.tif"
-                    )
-            refuse_overwriting_inputs(outputs, [slide_p, card.onnx_path, card.path])
-            source = open_source(slide_p, tile_opts, opts.backend, picture_px=opts.overlay_px)
-            asked_by = "the model card asks for" if opts.normalize_from_card else "you asked for"
-            source.check_model(card, normalize=opts.tile.normalize, asked_by=asked_by)
-            params = _params(card, opts, source)
-            if not overwrite and finished(paths["manifest"], params):
-                import json
+        return score_slide(
+            slide,
+            heatmap,
+            model=model,
+            options=options,
+            client=client,
+            progress=progress,
+            overwrite=overwrite,
+        )()
 
-                manifest: dict[str, Any] = json.loads(paths["manifest"].read_text())
-                manifest["skipped"] = True
-                verify_model()
-                return manifest
-            refuse_foreign_files(paths.values(), manifest=paths["manifest"])  # a user's case1.geojson, ...
-            local = client is None
-            plan = thread_plan(readers=opts.workers, device=opts.device) if local else None
-            threads = plan.session_threads if plan else None
-            check_writable(paths["heatmap"].parent)  # fail now, not after all the scoring
-        except Exception:
-            verify_model()
-            raise
-        phases: dict[str, float] = {**_startup_phases(t0), "setup_s": time.perf_counter() - t0}
-        with ThreadPoolExecutor(1, thread_name_prefix="wsi-session") as ex:
-            # The model is verified and loads (on the device) while the slide is planned; a model that
-            # does not match its card or does not load is reported before any error of the slide's,
-            # and before a tile store is written.
-            # On a cluster this process only checks the model (the workers run it, on their GPUs if
-            # asked): checked on the CPU, so a head node without a GPU can send work to GPU workers.
-            device, precision = (opts.device, opts.precision) if local else ("cpu", "fp32")
-            job = ex.submit(_verified_session, verify_model, card, device, threads, precision)
-            t = time.perf_counter()
-            try:
-                if opts.tiles_out is not None and source.kind == "slide":
-                    from wsi_pipeline.tiling.tiler import tile_slide
 
-                    job.result()
-                    tile_slide(slide_p, opts.tiles_out, tile_opts, backend=opts.backend)
-                    source = open_source(opts.tiles_out, tile_opts, opts.backend)
-                source.layout  # noqa: B018 - open, plan (thumbnail, tissue, grid), fit the stain
-            except Exception:
-                job.result()  # raises the model's error if it has one
-                raise
-            phases["plan_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            job.result()
-            phases["session_wait_s"] = time.perf_counter() - t
-        if not local:  # the workers build their own sessions; this one only checked the model
-            cached_session.cache_clear()
-
-        # The overlay's slide picture does not depend on the scores: made meanwhile by a low-priority
-        # thread from the cycles the scorer leaves idle.
-        from wsi_pipeline.tiling.pictures import slide_picture
-
-        picture = _low_priority(slide_picture, source, opts.overlay_px)
-        versions = _low_priority(environment_versions)  # looked up (once a process) while scoring
-        tasks = make_tasks(
-            source, card, device=opts.device, batch_size=opts.batch_size, chunk_tiles=opts.chunk_tiles,
-            threads=threads, precision=opts.precision,
-        )  # fmt: skip
-        result = run_tasks(
-            tasks, len(card.classes), client=client, workers=opts.workers, progress=progress,
-            resources=opts.resources,
-        )  # fmt: skip
-        phases["scoring_s"] = result.seconds
-        result.extra["phases"] = phases
-        return _write_outputs(
-            paths, card, opts, params, result, source, t0, picture=picture, versions=versions
+def score_slide(
+    slide: str | os.PathLike[str],
+    heatmap: str | os.PathLike[str],
+    *,
+    model: str | os.PathLike[str] | None = None,
+    options: RunOptions | None = None,
+    client: Any = None,
+    progress: ProgressFn | None = None,
+    overwrite: bool = False,
+) -> Callable[[], dict[str, Any]]:
+    """:func:`run_slide` up to its outputs: checks, plan and scoring; returns the function that writes
+    the outputs and returns the manifest (for a skipped slide, the finished run's manifest). A folder
+    run calls it on a writer thread, so one slide's outputs are written while the next slide is planned
+    and scored."""
+    t0 = time.perf_counter()
+    opts = options or RunOptions()
+    # The model file is hashed while the slide is opened and planned; a file that does not match
+    # its card is reported before the slide's errors, and the session never loads it.
+    card, verify_model = resolve_model_deferred(model)
+    try:
+        if (
+            opts.normalize_from_card
+            and card.stain_normalization == "macenko"
+            and opts.tile.normalize == "none"
+        ):
+            opts = replace(opts, tile=replace(opts.tile, normalize="macenko"))
+        tile_opts = check_model_fits(
+            card, opts.tile, target_mpp=opts.requested_target_mpp, tile_px=opts.requested_tile_px
         )
+        opts = replace(opts, tile=tile_opts, label=opts.label.with_threshold(card.threshold))
+        slide_p, paths = Path(slide), output_paths(Path(heatmap))
+        outputs = list(paths.values()) + ([Path(opts.tiles_out)] if opts.tiles_out is not None else [])
+        for out_p in paths.values():  # checked now: otherwise the write would fail after all the scoring
+            if out_p.is_dir():
+                raise OutputError(
+                    f"{out_p}: is a folder, not a file name for the output; give e.g. {out_p}/NAME.tif"
+                )
+        refuse_overwriting_inputs(outputs, [slide_p, card.onnx_path, card.path])
+        source = open_source(slide_p, tile_opts, opts.backend, picture_px=opts.overlay_px)
+        asked_by = "the model card asks for" if opts.normalize_from_card else "you asked for"
+        source.check_model(card, normalize=opts.tile.normalize, asked_by=asked_by)
+        params = _params(card, opts, source)
+        if not overwrite and finished(paths["manifest"], params):
+            import json
+
+            manifest: dict[str, Any] = json.loads(paths["manifest"].read_text())
+            manifest["skipped"] = True
+            verify_model()
+            return lambda: manifest
+        refuse_foreign_files(paths.values(), manifest=paths["manifest"])  # a user's case1.geojson, ...
+        local = client is None
+        plan = thread_plan(readers=opts.workers, device=opts.device) if local else None
+        threads = plan.session_threads if plan else None
+        check_writable(paths["heatmap"].parent)  # fail now, not after all the scoring
+    except Exception:
+        verify_model()
+        raise
+    phases: dict[str, float] = {**_startup_phases(t0), "setup_s": time.perf_counter() - t0}
+    with ThreadPoolExecutor(1, thread_name_prefix="wsi-session") as ex:
+        # The model is verified and loads (on the device) while the slide is planned; a model that
+        # does not match its card or does not load is reported before any error of the slide's,
+        # and before a tile store is written.
+        # On a cluster this process only checks the model (the workers run it, on their GPUs if
+        # asked): checked on the CPU, so a head node without a GPU can send work to GPU workers.
+        device, precision = (opts.device, opts.precision) if local else ("cpu", "fp32")
+        job = ex.submit(_verified_session, verify_model, card, device, threads, precision)
+        t = time.perf_counter()
+        try:
+            if opts.tiles_out is not None and source.kind == "slide":
+                from wsi_pipeline.tiling.tiler import tile_slide
+
+                job.result()
+                tile_slide(slide_p, opts.tiles_out, tile_opts, backend=opts.backend)
+                source = open_source(opts.tiles_out, tile_opts, opts.backend)
+            source.layout  # noqa: B018 - open, plan (thumbnail, tissue, grid), fit the stain
+        except Exception:
+            job.result()  # raises the model's error if it has one
+            raise
+        phases["plan_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        job.result()
+        phases["session_wait_s"] = time.perf_counter() - t
+    if not local:  # the workers build their own sessions; this one only checked the model
+        cached_session.cache_clear()
+
+    # The overlay's slide picture does not depend on the scores: made meanwhile by a low-priority
+    # thread from the cycles the scorer leaves idle.
+    from wsi_pipeline.tiling.pictures import slide_picture
+
+    picture = _low_priority(slide_picture, source, opts.overlay_px)
+    versions = _low_priority(environment_versions)  # looked up (once a process) while scoring
+    tasks = make_tasks(
+        source, card, device=opts.device, batch_size=opts.batch_size, chunk_tiles=opts.chunk_tiles,
+        threads=threads, precision=opts.precision,
+    )  # fmt: skip
+    result = run_tasks(
+        tasks, len(card.classes), client=client, workers=opts.workers, progress=progress,
+        resources=opts.resources,
+    )  # fmt: skip
+    phases["scoring_s"] = result.seconds
+    result.extra["phases"] = phases
+    return functools.partial(
+        _write_outputs, paths, card, opts, params, result, source, t0, picture=picture, versions=versions
+    )
 
 
 def _verified_session(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,6 +23,9 @@ from wsi_pipeline.cli.group import (
     main,
 )
 from wsi_pipeline.errors import UsageError, WsiError
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 
 @main.command()
@@ -206,12 +210,27 @@ def _ood_text(m: dict[str, Any]) -> str:
 def _run_one(
     slide: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, bars: _Bars
 ) -> Any:
-    from wsi_pipeline.pipeline import run_slide
+    from wsi_pipeline.provenance import remove_created_folders_on_failure
+
+    with remove_created_folders_on_failure(out.parent):  # as run_slide: no empty folders after a failure
+        return _finish_one(slide, out, _score_one(slide, out, opts, model, client, overwrite, bars), bars)
+
+
+def _score_one(
+    slide: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, bars: _Bars
+) -> Callable[[], dict[str, Any]]:
+    """Plan and score ``slide`` under its progress bar; the function that writes its outputs."""
+    from wsi_pipeline.pipeline import score_slide
 
     with bars.slide(slide.name) as update:
-        m = run_slide(
+        return score_slide(
             slide, out, model=model, options=opts, client=client, progress=update, overwrite=overwrite
         )
+
+
+def _finish_one(slide: Path, out: Path, finish: Callable[[], dict[str, Any]], bars: _Bars) -> dict[str, Any]:
+    """Write the outputs of a scored slide and print its result line; the manifest."""
+    m = finish()
     ev = m["label"]["evidence"]
     pos = m["model"]["positive_class"]
     if m.get("skipped"):
@@ -242,6 +261,8 @@ def _run_folder(
     skip: bool,
     recursive: bool = False,
 ) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
     from wsi_pipeline.batch import (
         BatchItem,
         batch_items,
@@ -254,12 +275,15 @@ def _run_folder(
 
     items = batch_items(src, recursive=recursive)
     names = dict(zip(items, output_stems(items, out), strict=True))
-    with _Bars(enabled=not quiet, n_slides=len(items)) as bars:
+    # One writer thread: a slide's outputs are written while the next slide is planned and scored
+    # (run_batch settles each in order, after the next slide's scoring).
+    with _Bars(enabled=not quiet, n_slides=len(items)) as bars, ThreadPoolExecutor(1, "wsi-writer") as writer:
 
-        def one(item: BatchItem) -> dict[str, Any]:
+        def one(item: BatchItem) -> Future[dict[str, Any]]:
             o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
-            m = _run_one(item.slide, heatmap_path(out, names[item]), o, model, client, overwrite, bars)
-            return result_row(m, out)
+            heatmap = heatmap_path(out, names[item])
+            finish = _score_one(item.slide, heatmap, o, model, client, overwrite, bars)
+            return writer.submit(lambda: result_row(_finish_one(item.slide, heatmap, finish, bars), out))
 
         res = run_batch(items, one, out=out, summary_name="summary", stop_on_error=not skip,
                         also_writes=[out / "report.html"], **_batch_callbacks(bars))  # fmt: skip

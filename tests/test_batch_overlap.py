@@ -1,0 +1,117 @@
+"""Folder runs write one slide's outputs while the next slide is planned and scored."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from wsi_pipeline.batch import BatchItem, run_batch
+from wsi_pipeline.cli import main
+from wsi_pipeline.errors import OutputError, SlideError
+
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "CMU-1-Small-Region.svs"
+
+
+def _items(n: int) -> list[BatchItem]:
+    return [BatchItem(Path(f"s{i}.svs")) for i in range(n)]
+
+
+def test_outputs_of_one_item_are_settled_after_the_next_item_ran_and_rows_keep_their_order(
+    tmp_path: Path,
+) -> None:
+    events: list[str] = []
+    lock = threading.Lock()
+    release = {i: threading.Event() for i in range(4)}
+
+    def log(msg: str) -> None:
+        with lock:
+            events.append(msg)
+
+    with ThreadPoolExecutor(1) as writer:
+
+        def write(i: int) -> dict[str, Any]:
+            release[i].wait(5)  # the writer of item i finishes only once item i + 1 has run
+            log(f"write {i}")
+            return {"status": "ok", "n_tiles": i}
+
+        def process(item: BatchItem) -> Future[dict[str, Any]]:
+            i = int(item.slide.stem[1:])
+            log(f"score {i}")
+            if i > 0:
+                release[i - 1].set()
+            if i == 3:
+                release[3].set()
+            return writer.submit(write, i)
+
+        res = run_batch(_items(4), process, out=tmp_path, summary_name="summary")
+    assert [r["n_tiles"] for r in res.rows] == [0, 1, 2, 3]
+    # item 1 was scored before item 0's outputs were finished: the two overlapped
+    assert events.index("score 1") < events.index("write 0")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["slide"] for r in summary["slides"]] == ["s0.svs", "s1.svs", "s2.svs", "s3.svs"]
+
+
+@pytest.mark.parametrize("stop_on_error", [False, True])
+def test_an_error_while_writing_counts_for_its_own_slide(tmp_path: Path, stop_on_error: bool) -> None:
+    """Disk full while slide 1's outputs are written: slide 1 failed; with --skip-errors slide 2
+    and 3 still run, with --stop-on-error the batch stops (slide 2, already scored, still gets its
+    outputs and its row)."""
+    errors: list[str] = []
+
+    with ThreadPoolExecutor(1) as writer:
+
+        def write(i: int) -> dict[str, Any]:
+            if i == 1:
+                raise OutputError(f"s{i}.tif: disk full")
+            return {"status": "ok", "n_tiles": 56}
+
+        def process(item: BatchItem) -> Future[dict[str, Any]]:
+            i = int(item.slide.stem[1:])
+            if i == 3:
+                raise SlideError("s3.svs: corrupt")
+            return writer.submit(write, i)
+
+        res = run_batch(
+            _items(4), process, out=tmp_path, summary_name="summary", stop_on_error=stop_on_error,
+            on_error=lambda item, exc: errors.append(str(exc)),
+        )  # fmt: skip
+    statuses = [r["status"] for r in res.rows]
+    if stop_on_error:
+        assert statuses == ["ok", "failed", "ok"] and errors == ["s1.tif: disk full"]
+    else:
+        assert statuses == ["ok", "failed", "ok", "failed"]
+        assert errors == ["s1.tif: disk full", "s3.svs: corrupt"]
+    assert res.rows[1]["error"] == "s1.tif: disk full"
+
+
+def test_folder_run_results_equal_single_runs(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.svs", "b.svs", "c.svs"):
+        shutil.copy(SAMPLE, src / name)
+    runner = CliRunner()
+    r = runner.invoke(main, [str(src), "--out", str(tmp_path / "folder"), "-q"])
+    assert r.exit_code == 0, r.output
+    # one result line per slide, printed once its outputs are written
+    assert sorted(ln.split(":")[0] for ln in r.output.splitlines() if " tiles in " in ln) == [
+        "a.svs", "b.svs", "c.svs",
+    ]  # fmt: skip
+    r = runner.invoke(main, [str(src / "b.svs"), "--out", str(tmp_path / "one" / "b.tif"), "-q"])
+    assert r.exit_code == 0, r.output
+
+    def table(p: Path) -> list[dict[str, str]]:
+        with p.open() as fh:
+            return list(csv.DictReader(fh))
+
+    single = table(tmp_path / "one" / "b.tiles.csv")
+    for name in ("a", "b", "c"):
+        assert table(tmp_path / "folder" / f"{name}.tiles.csv") == single
+        assert json.loads((tmp_path / "folder" / f"{name}.run.json").read_text())["status"] == "complete"
