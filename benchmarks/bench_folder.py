@@ -102,8 +102,8 @@ def main() -> None:
             rows.append(row)
             print(
                 f"{label} x{args.copies} | {name}: {tiles} tiles; "
-                f"one after another {best['sequential']:.2f} s, folder run {best['folder']:.2f} s ({row['folder_tiles_per_s']} tiles/s) = "
-                f"{row['ratio_folder_to_sequential']:.3f}x the time"
+                f"one after another {best['sequential']:.2f} s, folder run {best['folder']:.2f} s "
+                f"({row['folder_tiles_per_s']} tiles/s) = {row['ratio_folder_to_sequential']:.3f}x the time"
             )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
