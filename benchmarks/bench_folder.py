@@ -26,8 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_pipeline import ROOT, SAMPLE, mosaic
-from wsi_pipeline.inference.card import resolve_model
+from benchmarks.bench_pipeline import ROOT, SAMPLE, bench_models, mosaic
 
 SEQUENTIAL = """
 import sys
@@ -59,14 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     compileall.compile_dir(str(ROOT / "wsi_pipeline"), quiet=1)
-    models: dict[str, Path] = {}
-    for name in args.models.split(","):
-        if name == "tilenet":
-            models[name] = resolve_model(None).onnx_path
-        elif name == "resnet18":
-            from testkit.resnet import export_resnet18
-
-            models[name] = export_resnet18(args.work / "models")
+    models = bench_models(args.models, args.work)
     slides: list[tuple[str, Path]] = []
     for which in args.slides.split(","):
         if which == "sample":

@@ -72,6 +72,20 @@ def mosaic(work: Path, size: int) -> tuple[str, Path]:
     return f"synthetic {size} px (no ../shared/data: synthetic texture)", path
 
 
+def bench_models(names: str, work: Path) -> dict[str, Path]:
+    """The ONNX files of the comma-separated ``names``: ``tilenet`` (the shipped model) and
+    ``resnet18`` (random weights, exported into ``work/models`` now; needs torch)."""
+    models: dict[str, Path] = {}
+    for name in names.split(","):
+        if name == "tilenet":
+            models[name] = resolve_model(None).onnx_path
+        elif name == "resnet18":
+            from testkit.resnet import export_resnet18
+
+            models[name] = export_resnet18(work / "models")
+    return models
+
+
 def slide_tiles(slide: Path, cores: int) -> tuple[np.ndarray, float]:
     """The slide's tissue tiles (as the pipeline cuts them) and the read+decode+cut rate, tiles/s."""
     reader = open_slide(slide)
@@ -140,14 +154,7 @@ def main() -> None:
     # at install; an editable checkout under PYTHONDONTWRITEBYTECODE=1 would recompile every run).
     compileall.compile_dir(str(ROOT / "wsi_pipeline"), quiet=1)
     cores = thread_plan().cores
-    models: dict[str, Path] = {}
-    for name in args.models.split(","):
-        if name == "tilenet":
-            models[name] = resolve_model(None).onnx_path
-        elif name == "resnet18":
-            from testkit.resnet import export_resnet18
-
-            models[name] = export_resnet18(args.work / "models")
+    models = bench_models(args.models, args.work)
     wanted = args.slides.split(",")
     slides = ([mosaic(args.work, args.size)] if "mosaic" in wanted else []) + (
         [("bundled CMU-1-Small-Region", SAMPLE)] if "sample" in wanted else []
