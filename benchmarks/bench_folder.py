@@ -74,6 +74,8 @@ def main() -> None:
             shutil.copy(slide, src / f"s{i}{slide.suffix}")
         for name, model in models.items():
             outs = {k: args.work / f"out-{slide.stem}-{name}-{k}" for k in ("sequential", "folder")}
+            for folder in outs.values():  # results of another --copies would be counted
+                shutil.rmtree(folder, ignore_errors=True)
             cmds = {
                 "sequential": [sys.executable, "-c", SEQUENTIAL, str(src), str(outs["sequential"]),
                                str(model)],
