@@ -283,3 +283,27 @@ def test_cluster_runs_check_the_model_on_the_cpu_and_leave_the_device_to_the_wor
         pipeline.run_slide(tumour_slide.path, tmp_path / "t.tif", model=model, options=opts, client=client)
     assert checked == [("cpu", "fp32")]
     assert not (tmp_path / "t.run.json").exists()
+
+
+def test_recursive_reaches_case_folders_in_batch_folder_and_tile(
+    batch_folder: ModuleType, tmp_path: Path
+) -> None:
+    """`--recursive` is wired through the cluster workflow's item list and `wsi-infer tile`."""
+    sample = Path(__file__).resolve().parents[1] / "samples" / "CMU-1-Small-Region.svs"
+    src = tmp_path / "scans"
+    (src / "case1").mkdir(parents=True)
+    shutil.copy(sample, src / "case1" / "a.svs")
+    args = batch_folder.build_parser().parse_args(
+        [str(src), "--out", str(tmp_path / "o"), "--local", "1", "-r"]
+    )
+    assert args.recursive
+    assert [i.slide for i in batch_folder.list_items(src, recursive=True)] == [
+        (src / "case1" / "a.svs").resolve()
+    ]
+    with pytest.raises(Exception, match="--recursive searches all"):
+        batch_folder.list_items(src)
+    r = CliRunner().invoke(
+        cli_main, ["tile", str(src), "--out", str(tmp_path / "stores"), "-q", "--recursive"]
+    )
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "stores" / "a.zarr").is_dir()
