@@ -179,3 +179,27 @@ def test_recursive_cli_scores_the_case_folders(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "2 slides, 2 done" in r.output
     assert (tmp_path / "res" / "s1.run.json").is_file() and (tmp_path / "res" / "s2.run.json").is_file()
+
+
+def test_an_unreadable_subfolder_is_named_not_passed_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root ignores permissions, so the folder that cannot be listed is simulated."""
+    src = tmp_path / "scans"
+    (src / "locked").mkdir(parents=True)
+    shutil.copy(SAMPLE, src / "top.svs")
+    real_iterdir = Path.iterdir
+
+    def iterdir(self: Path):  # type: ignore[no-untyped-def]
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied")
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    for recursive in (False, True):  # the folder is an item of the batch, so the run reports it
+        assert find_slides(src, recursive=recursive) == [src / "locked", src / "top.svs"]
+    with pytest.raises(SlideError, match=r"locked: cannot list the folder \(Permission denied\)"):
+        open_slide(src / "locked")
+    r = CliRunner().invoke(main, [str(src), "--out", str(tmp_path / "res"), "-q", "-r"])
+    assert r.exit_code == 1 and "2 slides, 1 done, 1 failed" in r.output
+    assert "locked: cannot list the folder (Permission denied); check its permissions" in r.output

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline import __version__
-from wsi_pipeline.errors import WsiError
-from wsi_pipeline.io.dicom import dicom_files, group_series, is_dicom_slide_folder
+from wsi_pipeline.errors import SlideError, WsiError
+from wsi_pipeline.io.dicom import dicom_files, group_series, is_dicom_slide_folder, list_folder
 from wsi_pipeline.io.formats import DICOM_SUFFIX, LISTED_SUFFIXES, SLIDE_SUFFIXES
 from wsi_pipeline.io.ownership import GENERATOR, is_own_output, refuse_foreign_files
 from wsi_pipeline.provenance import atomic_write_bytes, atomic_write_json, input_files, output_error
@@ -46,23 +46,26 @@ def find_slides(folder: Path, *, recursive: bool = False) -> list[Path]:
     seen = {folder.resolve()}
     while subfolders:
         sub = subfolders.pop(0)
-        if not recursive:
-            series = group_series(dicom_files(sub))
-            slides += [sub] if len(series) == 1 else [s.main for s in series]
-        elif is_dicom_slide_folder(sub):
+        try:
+            if not recursive:
+                series = group_series(dicom_files(sub))
+                slides += [sub] if len(series) == 1 else [s.main for s in series]
+            elif is_dicom_slide_folder(sub):
+                slides.append(sub)
+            elif sub.resolve() not in seen:  # a link back up the tree is walked once
+                seen.add(sub.resolve())
+                found, deeper = _slides_in(sub)
+                slides += found
+                subfolders += deeper
+        except SlideError:  # cannot be listed: an item of its own, whose run fails naming it
             slides.append(sub)
-        elif sub.resolve() not in seen:  # a link back up the tree is walked once
-            seen.add(sub.resolve())
-            found, deeper = _slides_in(sub)
-            slides += found
-            subfolders += deeper
     return sorted(slides)
 
 
 def _slides_in(folder: Path) -> tuple[list[Path], list[Path]]:
     """The slide files (DICOM: each series' main file) directly in ``folder``, and its subfolders that
     may hold slides (not hidden, not tile stores or MIRAX data folders)."""
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    entries = sorted(list_folder(folder))
     slides = [
         p for p in entries
         if p.is_file() and p.suffix.lower() in LISTED_SUFFIXES and p.suffix.lower() != DICOM_SUFFIX

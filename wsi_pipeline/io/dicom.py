@@ -29,10 +29,18 @@ class DicomSeries:
 
 def dicom_files(folder: Path) -> list[Path]:
     """The ``.dcm`` files directly inside ``folder`` (sorted, hidden files skipped)."""
-    return sorted(
-        p for p in folder.iterdir()
-        if p.suffix.lower() == DICOM_SUFFIX and not p.name.startswith(".") and p.is_file()
-    )  # fmt: skip
+    return sorted(p for p in list_folder(folder) if p.suffix.lower() == DICOM_SUFFIX and p.is_file())
+
+
+def list_folder(folder: Path) -> list[Path]:
+    """The entries of ``folder`` (hidden ones skipped); one error naming the folder when it cannot be
+    listed (unreadable or vanished), so that its slides are never passed over in silence."""
+    try:
+        return [p for p in folder.iterdir() if not p.name.startswith(".")]
+    except OSError as exc:
+        raise SlideError(
+            f"{folder}: cannot list the folder ({exc.strerror or exc}); check its permissions"
+        ) from exc
 
 
 def _header(path: Path) -> tuple[str | None, int]:
@@ -105,7 +113,7 @@ def is_dicom_slide_folder(folder: Path) -> bool:
     other slide file that would make it a folder of slides."""
     if not folder.is_dir():
         return False
-    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    entries = list_folder(folder)
     if any(p.is_dir() or (p.suffix.lower() in LISTED_SUFFIXES and p.suffix.lower() != DICOM_SUFFIX)
            for p in entries):  # fmt: skip
         return False
