@@ -210,10 +210,13 @@ def _ood_text(m: dict[str, Any]) -> str:
 def _run_one(
     slide: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, bars: _Bars
 ) -> Any:
-    from wsi_pipeline.provenance import remove_created_folders_on_failure
+    from wsi_pipeline.pipeline import run_slide
 
-    with remove_created_folders_on_failure(out.parent):  # as run_slide: no empty folders after a failure
-        return _finish_one(slide, out, _score_one(slide, out, opts, model, client, overwrite, bars), bars)
+    with bars.slide(slide.name) as update:
+        m = run_slide(
+            slide, out, model=model, options=opts, client=client, progress=update, overwrite=overwrite
+        )
+    return _result_line(slide, out, m, bars)
 
 
 def _score_one(
@@ -228,9 +231,8 @@ def _score_one(
         )
 
 
-def _finish_one(slide: Path, out: Path, finish: Callable[[], dict[str, Any]], bars: _Bars) -> dict[str, Any]:
-    """Write the outputs of a scored slide and print its result line; the manifest."""
-    m = finish()
+def _result_line(slide: Path, out: Path, m: dict[str, Any], bars: _Bars) -> dict[str, Any]:
+    """Print a finished (or skipped) slide's result line; the manifest."""
     ev = m["label"]["evidence"]
     pos = m["model"]["positive_class"]
     if m.get("skipped"):
@@ -283,7 +285,7 @@ def _run_folder(
             o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
             heatmap = heatmap_path(out, names[item])
             finish = _score_one(item.slide, heatmap, o, model, client, overwrite, bars)
-            return writer.submit(lambda: result_row(_finish_one(item.slide, heatmap, finish, bars), out))
+            return writer.submit(lambda: result_row(_result_line(item.slide, heatmap, finish(), bars), out))
 
         res = run_batch(items, one, out=out, summary_name="summary", stop_on_error=not skip,
                         also_writes=[out / "report.html"], **_batch_callbacks(bars))  # fmt: skip

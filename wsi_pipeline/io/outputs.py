@@ -26,11 +26,9 @@ from wsi_pipeline import __version__
 from wsi_pipeline.io.ownership import GENERATOR, HEATMAP_MARKER
 from wsi_pipeline.provenance import atomic_write_bytes
 
-# HEATMAP_MARKER: in the first page's description of every TIFF this package writes
-# (``ownership.is_own_output``: a folder run never takes its own outputs for slides). Format 2: the
-# probability map.
+#: Format of the heatmap TIFFs, recorded under ``HEATMAP_MARKER`` in their first page's description
+#: (``ownership.is_own_output``: a folder run never takes its own outputs for slides). 2: probability map.
 HEATMAP_FORMAT = 2
-__all__ = ["HEATMAP_FORMAT", "HEATMAP_MARKER"]
 
 #: Colour ramp for probabilities 0 -> 1 (dark violet, blue, green, yellow, red); no tissue is white.
 _RAMP = np.array([[48, 18, 59], [40, 130, 230], [60, 200, 100], [250, 210, 40], [200, 20, 20]], np.float32)
