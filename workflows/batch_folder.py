@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline import __version__
-from wsi_pipeline.errors import DeviceError, WsiError
+from wsi_pipeline.errors import BusyError, DeviceError, WsiError
 
 GPU_DEVICES = ("cuda", "tensorrt")
 
@@ -251,17 +251,25 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
     # One writer thread: this process writes a slide's outputs while the workers score the next one.
     with ThreadPoolExecutor(1, "wsi-writer") as writer:
 
-        def one(item: BatchItem) -> Future[dict[str, Any]]:
+        def one(item: BatchItem, waiting_on: BusyError | None = None) -> Future[dict[str, Any]]:
             o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
             write = score_slide(
                 item.slide, heatmap_path(out, names[item]), model=model, options=o, client=client,
-                overwrite=args.overwrite,
+                overwrite=args.overwrite, waiting_on=waiting_on,
             )  # fmt: skip
             return writer.submit(finish, item, write)
+
+        def again(item: BatchItem, busy: BusyError) -> Future[dict[str, Any]]:
+            say(f"{item.slide.name}: waiting for the other run to finish it")
+            return one(item, waiting_on=busy)
 
         res = run_batch(
             items, one, out=out, summary_name="summary", stop_on_error=args.stop_on_error, on_error=on_error,
             on_start=lambda i, n, item: say(f"[{i}/{n}] {item.slide.name}"),
+            on_busy=lambda item, exc: say(
+                f"{item.slide.name}: another run ({exc.holder}) is working on it; back to it at the end"
+            ),
+            retry_busy=again,
             also_writes=[out / "report.html", out / "batch-job.json"],
         )  # fmt: skip
     failed = res.failed

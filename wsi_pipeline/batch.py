@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline import __version__
-from wsi_pipeline.errors import SlideError, WsiError
+from wsi_pipeline.errors import BusyError, SlideError, WsiError
 from wsi_pipeline.io.dicom import dicom_files, group_series, is_dicom_slide_folder, list_folder
 from wsi_pipeline.io.formats import DICOM_SUFFIX, LISTED_SUFFIXES, SLIDE_SUFFIXES
 from wsi_pipeline.io.ownership import GENERATOR, is_own_output, refuse_foreign_files
@@ -223,6 +223,8 @@ def run_batch(
     on_start: Callable[[int, int, BatchItem], None] | None = None,
     on_error: Callable[[BatchItem, WsiError], None] | None = None,
     also_writes: Sequence[Path] = (),
+    retry_busy: Callable[[BatchItem, BusyError], dict[str, Any] | Future[dict[str, Any]]] | None = None,
+    on_busy: Callable[[BatchItem, BusyError], None] | None = None,
 ) -> BatchResult:
     """Run ``process`` on every item; a :class:`WsiError` marks the item failed and the batch goes on
     (unless ``stop_on_error``). Writes ``<summary_name>.csv`` and ``.json`` into ``out``; those and
@@ -231,7 +233,12 @@ def run_batch(
 
     ``process`` may return a future of its row (a slide's outputs being written on another thread):
     it is settled after the next item's ``process`` returns, so that work overlaps the next item, and
-    its error counts for its own item, in order."""
+    its error counts for its own item, in order.
+
+    An item whose outputs another run holds (:class:`BusyError`: two runs into one folder) is passed
+    over (``on_busy``) and, once every other item is done, given to ``retry_busy`` with that error, which
+    waits for that run to end: so the two runs divide the items between them, and each run's summary ends
+    complete. Without ``retry_busy`` such an item counts as failed."""
     summaries = [out / f"{summary_name}.csv", out / f"{summary_name}.json"]
     refuse_foreign_files([*summaries, *also_writes])
     try:
@@ -240,6 +247,8 @@ def run_batch(
         raise output_error(out, exc) from exc
     rows: list[dict[str, Any]] = []
     pending: list[tuple[int, BatchItem, Future[dict[str, Any]]]] = []
+    busy: list[tuple[int, BatchItem, BusyError]] = []
+    stopped = False
     t0 = time.perf_counter()
 
     def row(item: BatchItem, result: dict[str, Any]) -> dict[str, Any]:
@@ -273,6 +282,15 @@ def run_batch(
             try:
                 result = process(item)
                 stop = False
+            except BusyError as exc:  # another run holds its outputs: come back to it at the end
+                if retry_busy is None:
+                    stop = fail(at, item, exc)
+                else:
+                    stop = False
+                    rows[at] = {"slide": str(item.slide), "status": "busy", "n_tiles": 0, "error": str(exc)}
+                    busy.append((at, item, exc))
+                    if on_busy:
+                        on_busy(item, exc)
             except WsiError as exc:
                 stop = fail(at, item, exc)
             stop = settle() or stop  # the previous item's outputs, written while this one ran
@@ -281,8 +299,17 @@ def run_batch(
             elif result is not None:
                 rows[at] = row(item, result)
             if stop:
+                stopped = True
                 break
-        settle()
+        stopped = settle() or stopped
+        for at, item, seen in busy if not stopped else []:  # busy is empty without retry_busy
+            assert retry_busy is not None
+            try:
+                again = retry_busy(item, seen)
+                rows[at] = row(item, again.result() if isinstance(again, Future) else again)
+            except WsiError as exc:
+                if fail(at, item, exc):
+                    break
     finally:
         for _, _, fut in pending:  # interrupted: let the outputs being written finish (atomic files)
             fut.exception()

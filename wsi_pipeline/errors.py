@@ -74,3 +74,12 @@ class DeviceError(WsiError, RuntimeError):
     """A requested execution provider (cuda, tensorrt) is not available."""
 
     exit_code = 10
+
+
+class BusyError(WsiError, RuntimeError):
+    """Another run is writing the same output (a slide's results, a tile store) now (exit 11): wait
+    for it, or choose another ``--out``. Folder runs come back to such a slide at their end."""
+
+    exit_code = 11
+    holder = "?"  # who holds the output, as its lock file says ("pid 123 on host, since ...")
+    seen: object = None  # what the holder had written when this was raised (see pipeline.score_slide)

@@ -30,7 +30,7 @@ from wsi_pipeline.aggregate import (
     tile_area_mm2,
     tumour_regions,
 )
-from wsi_pipeline.errors import ModelError, OutputError
+from wsi_pipeline.errors import BusyError, ModelError, OutputError
 from wsi_pipeline.inference.card import ModelCard, resolve_model_deferred
 from wsi_pipeline.inference.scoring import (
     ProgressFn,
@@ -40,6 +40,7 @@ from wsi_pipeline.inference.scoring import (
     run_tasks,
     thread_plan,
 )
+from wsi_pipeline.io.locks import Claim, claim
 from wsi_pipeline.io.outputs import (
     HEATMAP_FORMAT,
     geojson_features,
@@ -190,11 +191,18 @@ def score_slide(
     client: Any = None,
     progress: ProgressFn | None = None,
     overwrite: bool = False,
+    waiting_on: BusyError | None = None,
 ) -> Callable[[], dict[str, Any]]:
     """:func:`run_slide` up to its outputs: checks, plan and scoring; returns the function that writes
     the outputs and returns the manifest (for a skipped slide, the finished run's manifest). A folder
     run calls it on a writer thread, so one slide's outputs are written while the next slide is planned
-    and scored."""
+    and scored. Call that function once: it also releases the outputs' claim.
+
+    The outputs are claimed (``NAME.run.lock``, :mod:`wsi_pipeline.io.locks`) from before the slide
+    is opened until they are written: while another run holds them this raises :class:`BusyError`.
+    ``waiting_on``: that error, from an earlier call: wait for that run to end, then take the slide as
+    it left it: its finished result (even with ``overwrite``: it is not an earlier run's), or, if it
+    died first, score the slide here."""
     t0 = time.perf_counter()
     opts = options or RunOptions()
     # The model file is hashed while the slide is opened and planned; a file that does not match
@@ -219,11 +227,74 @@ def score_slide(
                     f"{out_p}: is a folder, not a file name for the output; give e.g. {out_p}/NAME.tif"
                 )
         refuse_overwriting_inputs(outputs, [slide_p, card.onnx_path, card.path])
+        try:
+            claimed = claim_outputs(paths, wait=waiting_on is not None)
+        except BusyError as exc:
+            exc.seen = _written(paths["manifest"])
+            raise
+    except Exception:
+        verify_model()
+        raise
+    try:
+        # A manifest that the run we waited on wrote is that run's result, not one to overwrite.
+        take_finished = not overwrite or (
+            waiting_on is not None and _written(paths["manifest"]) != waiting_on.seen
+        )
+        write = _score_claimed(slide_p, paths, card, verify_model, opts, client, progress, take_finished, t0)
+    except BaseException:
+        claimed.release()
+        raise
+
+    def write_and_release() -> dict[str, Any]:
+        try:
+            return write()
+        finally:
+            claimed.release()
+
+    return write_and_release
+
+
+def claim_outputs(paths: dict[str, Path], *, wait: bool = False) -> Claim:
+    """Claim the outputs :func:`output_paths` names (lock file ``NAME.run.lock`` beside them)."""
+
+    def busy(who: str) -> str:
+        return (
+            f"{paths['heatmap']}: another run ({who}) is scoring a slide into these outputs; wait for it "
+            "to finish (a re-run then finds the slide done), or choose another --out"
+        )
+
+    return claim(paths["manifest"].with_suffix(".lock"), busy, wait=wait)
+
+
+def _written(path: Path) -> tuple[int, int, int] | None:
+    """Which version of ``path`` is there (inode, mtime, size; atomic writes make a new inode), or None."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _score_claimed(
+    slide_p: Path,
+    paths: dict[str, Path],
+    card: ModelCard,
+    verify_model: Callable[[], None],
+    opts: RunOptions,
+    client: Any,
+    progress: ProgressFn | None,
+    take_finished: bool,
+    t0: float,
+) -> Callable[[], dict[str, Any]]:
+    """:func:`score_slide` once its outputs are claimed; ``take_finished``: skip the slide when its
+    manifest shows a finished run with the same parameters."""
+    tile_opts = opts.tile
+    try:
         source = open_source(slide_p, tile_opts, opts.backend, picture_px=opts.overlay_px)
         asked_by = "the model card asks for" if opts.normalize_from_card else "you asked for"
         source.check_model(card, normalize=opts.tile.normalize, asked_by=asked_by)
         params = _params(card, opts, source)
-        if not overwrite and finished(paths["manifest"], params):
+        if take_finished and finished(paths["manifest"], params):
             import json
 
             manifest: dict[str, Any] = json.loads(paths["manifest"].read_text())

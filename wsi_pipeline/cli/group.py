@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from wsi_pipeline import __version__
-from wsi_pipeline.errors import UsageError, WsiError
+from wsi_pipeline.errors import BusyError, UsageError, WsiError
 
 F = TypeVar("F", bound=Callable[..., Any])
 _POSITIVE = click.FloatRange(min=0.0, min_open=True)
@@ -104,12 +104,17 @@ class _Bars:
             rate = (done - first[0]) / elapsed if elapsed > 0 else 0.0
             self._bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} tiles/s")
 
+        done = True
         try:
             yield update
+        except BusyError:  # another run's slide: counted when the run comes back to it
+            done = False
+            raise
         finally:
             if self._overall is not None:
                 self._bar.remove_task(task)
-                self._bar.advance(self._overall)
+                if done:
+                    self._bar.advance(self._overall)
 
 
 #: ``--recursive`` of the commands that take a folder of slides
@@ -263,10 +268,21 @@ def _options_from(kw: dict[str, Any]) -> Any:
     )
 
 
-def _batch_callbacks(bars: _Bars) -> dict[str, Any]:
+def _batch_callbacks(bars: _Bars, one: Callable[..., Any]) -> dict[str, Any]:
+    """``run_batch``'s callbacks for a folder run whose items ``one(item, waiting_on=None)`` runs:
+    progress lines, errors, and slides that another run is working on (waited for at the end)."""
+
+    def again(item: Any, busy: BusyError) -> Any:
+        bars.echo(f"{item.slide.name}: waiting for the other run to finish it")
+        return one(item, waiting_on=busy)
+
     return {
         "on_start": lambda i, n, item: bars.echo(f"[{i}/{n}] {item.slide.name}"),
         "on_error": lambda item, exc: _err(str(exc)),
+        "on_busy": lambda item, exc: bars.echo(
+            f"{item.slide.name}: another run ({exc.holder}) is working on it; coming back to it at the end"
+        ),
+        "retry_busy": again,
     }
 
 

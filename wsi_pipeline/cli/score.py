@@ -22,7 +22,7 @@ from wsi_pipeline.cli.group import (
     _tile_options,
     main,
 )
-from wsi_pipeline.errors import UsageError, WsiError
+from wsi_pipeline.errors import BusyError, UsageError, WsiError
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -220,15 +220,23 @@ def _run_one(
 
 
 def _score_one(
-    slide: Path, out: Path, opts: Any, model: Path | None, client: Any, overwrite: bool, bars: _Bars
+    slide: Path,
+    out: Path,
+    opts: Any,
+    model: Path | None,
+    client: Any,
+    overwrite: bool,
+    bars: _Bars,
+    waiting_on: BusyError | None = None,
 ) -> Callable[[], dict[str, Any]]:
     """Plan and score ``slide`` under its progress bar; the function that writes its outputs."""
     from wsi_pipeline.pipeline import score_slide
 
     with bars.slide(slide.name) as update:
         return score_slide(
-            slide, out, model=model, options=opts, client=client, progress=update, overwrite=overwrite
-        )
+            slide, out, model=model, options=opts, client=client, progress=update, overwrite=overwrite,
+            waiting_on=waiting_on,
+        )  # fmt: skip
 
 
 def _result_line(slide: Path, out: Path, m: dict[str, Any], bars: _Bars) -> dict[str, Any]:
@@ -281,13 +289,13 @@ def _run_folder(
     # (run_batch settles each in order, after the next slide's scoring).
     with _Bars(enabled=not quiet, n_slides=len(items)) as bars, ThreadPoolExecutor(1, "wsi-writer") as writer:
 
-        def one(item: BatchItem) -> Future[dict[str, Any]]:
+        def one(item: BatchItem, waiting_on: BusyError | None = None) -> Future[dict[str, Any]]:
             o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
             heatmap = heatmap_path(out, names[item])
-            finish = _score_one(item.slide, heatmap, o, model, client, overwrite, bars)
+            finish = _score_one(item.slide, heatmap, o, model, client, overwrite, bars, waiting_on)
             return writer.submit(lambda: result_row(_result_line(item.slide, heatmap, finish(), bars), out))
 
         res = run_batch(items, one, out=out, summary_name="summary", stop_on_error=not skip,
-                        also_writes=[out / "report.html"], **_batch_callbacks(bars))  # fmt: skip
+                        also_writes=[out / "report.html"], **_batch_callbacks(bars, one))  # fmt: skip
     report = write_folder_report(out, res.rows)
     return _batch_summary(res, out / "summary.csv", report)

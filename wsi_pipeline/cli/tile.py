@@ -21,6 +21,7 @@ from wsi_pipeline.cli.group import (
     _tile_options,
     main,
 )
+from wsi_pipeline.errors import BusyError
 
 
 @main.command()
@@ -127,7 +128,9 @@ def report_path(out: Path) -> Path:
     return out.with_name(f"{stem}.tile-report.json")
 
 
-def _tile_one(slide: Path, out: Path, opts: Any, *, backend: str, overwrite: bool, bars: _Bars) -> Any:
+def _tile_one(
+    slide: Path, out: Path, opts: Any, *, backend: str, overwrite: bool, bars: _Bars, wait: bool = False
+) -> Any:
     from wsi_pipeline import __version__
     from wsi_pipeline.io.ownership import GENERATOR, refuse_foreign_files
     from wsi_pipeline.provenance import atomic_write_json, environment_versions
@@ -135,7 +138,7 @@ def _tile_one(slide: Path, out: Path, opts: Any, *, backend: str, overwrite: boo
 
     refuse_foreign_files([report_path(out)])
     with bars.slide(slide.name) as update:
-        rep = tile_slide(slide, out, opts, backend=backend, overwrite=overwrite, progress=update)
+        rep = tile_slide(slide, out, opts, backend=backend, overwrite=overwrite, progress=update, wait=wait)
     if rep.status == "already complete":
         bars.echo(f"{slide.name}: {out} is already complete ({rep.n_tiles} tiles); nothing to do")
         return rep
@@ -177,11 +180,11 @@ def _tile_folder(
     names = dict(zip(items, output_stems(items), strict=True))
     with _Bars(enabled=not quiet, n_slides=len(items)) as bars:
 
-        def one(item: BatchItem) -> dict[str, Any]:
+        def one(item: BatchItem, waiting_on: BusyError | None = None) -> dict[str, Any]:
             o = opts if item.mpp is None else replace(opts, mpp_override=item.mpp)
             rep = _tile_one(item.slide, out / f"{names[item]}.zarr", o, backend=backend,
-                            overwrite=overwrite, bars=bars)  # fmt: skip
+                            overwrite=overwrite, bars=bars, wait=waiting_on is not None)  # fmt: skip
             return {"status": rep.status, "n_tiles": rep.n_tiles}
 
-        res = run_batch(items, one, out=out, summary_name="tile-summary", **_batch_callbacks(bars))
+        res = run_batch(items, one, out=out, summary_name="tile-summary", **_batch_callbacks(bars, one))
     return _batch_summary(res, out / "tile-summary.csv")

@@ -39,7 +39,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from wsi_pipeline.errors import StoreError
-from wsi_pipeline.provenance import output_error, pid_alive
+from wsi_pipeline.provenance import pid_alive
 
 STORE_FORMAT = "wsi-pipeline.tilestore"
 FORMAT_VERSION = 1
@@ -76,47 +76,20 @@ def _param_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 @contextmanager
-def store_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the store ``out`` (file ``OUT.lock`` beside it) while writing it.
+def store_lock(out: Path, *, wait: bool = False) -> Iterator[None]:
+    """Hold the claim on the store ``out`` (lock file ``OUT.lock`` beside it, :mod:`.locks`) while
+    writing it: a second run writing the same store gets one :class:`BusyError` naming the holder (or,
+    with ``wait``, waits for it), instead of reading half-made arrays."""
+    from wsi_pipeline.io.locks import claim
 
-    A second process writing the same store gets one :class:`StoreError` naming the holder, instead of
-    reading half-made arrays; the lock file is removed when the writer is done (a killed writer's
-    kernel lock dies with it, so its leftover file does not block the next run).
-    """
-    import fcntl
+    def busy(who: str) -> str:
+        return (
+            f"{out}: another run ({who}) is writing this tile store; wait for it to finish or choose "
+            "another --out"
+        )
 
-    lock = out.with_name(out.name + ".lock")
-
-    for _ in range(3):
-        try:
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:  # read-only, no permission, disk full: the usual one-line output error
-            raise output_error(out, exc) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise StoreError(
-                f"{out}: another process (pid {holder}) is writing this store; wait for it to finish "
-                "or choose another --out"
-            ) from None
-        try:  # the file we locked must still be the one at that path (not unlinked by a finishing writer)
-            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    else:
-        raise StoreError(f"{out}: could not take its lock file {lock}; re-run the command")
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    with claim(out.with_name(out.name + ".lock"), busy, wait=wait):
         yield
-    finally:
-        lock.unlink(missing_ok=True)
-        os.close(fd)
 
 
 def _remove_stale_old_stores(out: Path) -> None:

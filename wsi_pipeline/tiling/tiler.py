@@ -102,12 +102,14 @@ def tile_slide(
     backend: str = "auto",
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    wait: bool = False,
 ) -> TileReport:
     """Tile one slide into the Zarr store ``out``: resumes a partial store, skips a complete one.
 
     Errors name the slide and the fix: :class:`SlideError` (cannot open/read; the partial store is
     removed), :class:`ResolutionError` (no mpp), :class:`TissueError` (no tissue tiles),
-    :class:`StoreError` (other parameters, disk full; a partial store is kept for resuming).
+    :class:`StoreError` (other parameters, disk full; a partial store is kept for resuming),
+    :class:`BusyError` (another run writes ``out``; with ``wait``, wait for it instead).
     """
     with remove_created_folders_on_failure(Path(out).parent):  # no empty folders after a failure
         opts = options or TileOptions()
@@ -116,7 +118,7 @@ def tile_slide(
         t0 = time.perf_counter()
         reader = open_slide(slide_path, backend)
         try:
-            with store_lock(out_p):  # one writer per store: a second process gets one clear error
+            with store_lock(out_p, wait=wait):  # one writer per store: a second process gets one clear error
                 params = {
                     **opts.store_params(),
                     "fingerprint": slide_fingerprint(reader.path),
