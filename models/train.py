@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import shlex
 import sys
@@ -48,6 +47,7 @@ from models.scanned import (
     macenko_groups,
 )
 from models.split import DEFAULT_FRACTIONS, DEFAULT_SEED, read_index, split_rows, split_summary
+from wsi_pipeline.cores import usable_cores
 from wsi_pipeline.evaluation.metrics import classification_metrics
 from wsi_pipeline.provenance import file_sha256
 
@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stem", type=int, nargs=2, default=[16, 32])
     p.add_argument("--stages", type=int, nargs="+", default=[48, 96, 160])
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all usable cores)")
     p.add_argument("--max-train-tiles", type=int, default=0, help="use at most this many (quick runs)")
     p.add_argument(
         "--epoch-tiles", type=int, default=0, help="train tiles drawn (without replacement) per epoch; 0: all"
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = "python -m models.train " + shlex.join(sys.argv[1:] if argv is None else argv)
     seed_everything(args.seed)
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or usable_cores())
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -350,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_train_tiles:
         train_idx = sorted(np.random.default_rng(args.seed).permutation(train_idx)[: args.max_train_tiles])
     t_load = time.perf_counter()
-    train = load_tiles([rows[i] for i in train_idx], TILE_PX, threads=args.threads or os.cpu_count() or 1)
-    val = load_tiles([rows[i] for i in split["val"]], TILE_PX, threads=args.threads or os.cpu_count() or 1)
+    train = load_tiles([rows[i] for i in train_idx], TILE_PX, threads=args.threads or usable_cores())
+    val = load_tiles([rows[i] for i in split["val"]], TILE_PX, threads=args.threads or usable_cores())
     source, val_sets, unlabelled, recipe = build_recipe(args, train, val)
     print(f"decoded {len(train)} train + {len(val)} val tiles in {time.perf_counter() - t_load:.1f} s")
 

@@ -12,7 +12,6 @@ Each worker process builds one onnxruntime session per (model, device) lazily an
 from __future__ import annotations
 
 import functools
-import os
 import threading
 import time
 import weakref
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_pipeline.cores import cpu_limit, usable_cores
 from wsi_pipeline.inference.binding import RunFn, describe_runner, make_runner
 from wsi_pipeline.inference.card import ModelCard, load_card
 from wsi_pipeline.inference.session import check_tiles, create_session, prepare_batch, run_prepared
@@ -109,30 +109,29 @@ class ThreadPlan:
     session_threads: int
     readers: int
     queue_batches: int = 2
+    cores_from: str = ""  # where ``cores`` comes from (affinity mask, container CPU quota)
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | str]:
         return {"cores": self.cores, "session_threads": self.session_threads, "readers": self.readers,
-                "queue_batches": self.queue_batches}  # fmt: skip
+                "queue_batches": self.queue_batches, "cores_from": self.cores_from}  # fmt: skip
 
 
 def thread_plan(cores: int | None = None, *, device: str = "cpu", readers: int | None = None) -> ThreadPlan:
-    """The thread plan for ``cores`` CPU cores (default: all this process may use).
+    """The thread plan for ``cores`` CPU cores (default: all this process may use, a container's CPU
+    quota included: :func:`wsi_pipeline.cores.cpu_limit`).
 
     On the CPU the model needs every core and reading a few percent of them: the session gets all
     cores and one reader thread decodes ahead (two from 8 cores), instead of several sessions that
     each spawn a thread per core. On a GPU the session needs one CPU thread and readers get the rest.
     """
-    n = max(1, cores or _usable_cores())
+    if cores:
+        n, source = max(1, cores), "given"
+    else:
+        limit = cpu_limit()
+        n, source = limit.cores, limit.describe()
     if device in ("cuda", "tensorrt"):
-        return ThreadPlan(n, 1, readers or max(1, n - 1), 2)
-    return ThreadPlan(n, n, readers or (1 if n < 8 else 2))
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+        return ThreadPlan(n, 1, readers or max(1, n - 1), 2, source)
+    return ThreadPlan(n, n, readers or (1 if n < 8 else 2), cores_from=source)
 
 
 @dataclass
@@ -267,7 +266,7 @@ def _worker_threads() -> int | None:
     try:
         from distributed import get_worker
 
-        return max(1, _usable_cores() // max(1, get_worker().state.nthreads))
+        return max(1, usable_cores() // max(1, get_worker().state.nthreads))
     except (ImportError, ValueError):
         return None
 

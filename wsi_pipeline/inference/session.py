@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_pipeline.cores import cpu_limit
 from wsi_pipeline.errors import DeviceError, ModelError
 from wsi_pipeline.inference.card import ModelCard
 from wsi_pipeline.inference.model_cache import optimized_model_path
@@ -40,7 +41,8 @@ def create_session(
 ) -> tuple[Any, str]:
     """An onnxruntime session for ``card`` on ``device``; returns (session, provider really used).
 
-    ``threads``: intra-op threads (default: onnxruntime's, one per core); ``spinning=False`` lets
+    ``threads``: intra-op threads (default: onnxruntime's, one per core of the host, or one per
+    whole CPU of a container's CPU quota where one limits this process); ``spinning=False`` lets
     them sleep between batches, which matters when reader threads share the cores. ``cache``: a CPU
     session loads the model's optimized copy from :mod:`~wsi_pipeline.inference.model_cache` (or
     saves it there while it is built), skipping the graph optimization of every later run.
@@ -77,6 +79,9 @@ def create_session(
         cuda = [PROVIDERS["cuda"]] if PROVIDERS["cuda"] in available else []
         providers = [(provider, _tensorrt_options(half)), *cuda, PROVIDERS["cpu"]]
     model_path = fp16_model(card, ort.__version__) if half and wanted == "cuda" else card.onnx_path
+
+    if not threads and cpu_limit().quota is not None:  # onnxruntime counts the host's cores
+        threads = cpu_limit().cores
 
     def options() -> Any:
         opts = ort.SessionOptions()

@@ -7,7 +7,6 @@ slides that cannot be planned (dark-field, grayscale, image data missing under t
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_pipeline.cores import usable_cores
 from wsi_pipeline.errors import SlideError, TissueError
 from wsi_pipeline.io.slide import (
     LevelChoice,
@@ -53,7 +53,7 @@ class TileOptions:
     tissue: TissueParams = field(default_factory=TissueParams)
     chunk_tiles: int = 64  # tiles per Zarr chunk (and per write)
     block_tiles: int = 4  # a read covers up to block_tiles x block_tiles grid positions
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # reader threads
+    workers: int = field(default_factory=lambda: min(4, usable_cores()))  # reader threads
     normalize: str = "none"  # "none" or "macenko" (one stain model fitted per slide)
     stain_reference: StainModel = REFERENCE  # target stain when normalizing
     stain_reference_name: str = "default H&E reference (HERef/maxCRef)"
