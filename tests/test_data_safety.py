@@ -7,6 +7,7 @@ non-zero exit.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import shutil
@@ -736,3 +737,35 @@ def test_run_never_replaces_another_slide_named_as_the_output(
     code, out = _invoke(str(tumour_slide.path), "--out", str(other), "--model", str(test_model))
     assert code == 6 and f"{other}: already exists and was not written by wsi-pipeline" in out
     assert _sha(other) == before and sorted(p.name for p in tmp_path.iterdir()) == ["case2.tif"]
+
+
+def test_a_moved_results_folder_links_its_own_reports_and_knows_its_own_outputs(
+    tumour_slide: Fixture, benign_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """Results copied to the lab's share and re-run there (to add new slides): the folder report
+    linked each skipped slide's page at the old location (`../res1/case1.report.html`)."""
+    from PIL import Image
+
+    from wsi_pipeline.errors import OutputError
+    from wsi_pipeline.io.ownership import refuse_foreign_files
+
+    src = _folder_of_two(tumour_slide, benign_slide, tmp_path)
+    assert _invoke(str(src), "--out", str(tmp_path / "res1"), "--model", str(test_model))[0] == 0
+    res = tmp_path / "res2"
+    shutil.move(tmp_path / "res1", res)
+    code, out = _invoke(str(src), "--out", str(res), "--model", str(test_model))
+    assert code == 0 and out.count("already done") == 2, out
+    rows = list(csv.DictReader((res / "summary.csv").open()))
+    assert [r["report"] for r in rows] == ["case1.report.html", "case2.report.html"]
+    html = (res / "report.html").read_text()
+    assert 'href="case1.report.html"' in html and "res1" not in html
+    # the manifest's checksums still prove its outputs in the new place (no mark needed)
+    png = res / "case1.overlay.png"
+    Image.open(png).save(png)  # the same picture without our Software chunk
+    manifest = json.loads((res / "case1.run.json").read_text())
+    manifest["output_sha256"]["overlay"] = hashlib.sha256(png.read_bytes()).hexdigest()
+    (res / "case1.run.json").write_text(json.dumps(manifest))
+    refuse_foreign_files([png], manifest=res / "case1.run.json")
+    png.write_bytes(png.read_bytes() + b"\0")  # changed since: not ours
+    with pytest.raises(OutputError, match="was not written by wsi-pipeline"):
+        refuse_foreign_files([png], manifest=res / "case1.run.json")

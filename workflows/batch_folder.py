@@ -241,7 +241,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
 
     def finish(item: BatchItem, write: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         m = write()
-        row = result_row(m, out)
+        row = result_row(m, out, heatmap_path(out, names[item]))
         say(f"{item.slide.name}: {row['status']}, {row['label']}, {m['n_tiles']} tiles on {m['provider']}")
         return {**row, "provider": m["provider"]}
 

@@ -117,13 +117,18 @@ def heatmap_path(out: Path, name: str) -> Path:
     return out / f"{name}.tif"
 
 
-def result_row(manifest: dict[str, Any], out: Path) -> dict[str, Any]:
-    """The summary row of one finished (or skipped) slide, with its report relative to ``out``."""
+def result_row(manifest: dict[str, Any], out: Path, heatmap: Path | None = None) -> dict[str, Any]:
+    """The summary row of one finished (or skipped) slide, with its report relative to ``out``.
+
+    ``heatmap``: the slide's probability map now; its report is beside it (the manifest's recorded
+    path is where the run wrote it, which a moved or copied results folder no longer is)."""
     m = manifest
     ev = m["label"]["evidence"]
     ood = m["label"].get("ood") or {}
     pos = m["model"]["positive_class"]
     report = m.get("outputs", {}).get("report")
+    if report and heatmap is not None:
+        report = str(heatmap.parent / Path(report).name)
     try:
         href = os.path.relpath(report, out) if report else None
     except ValueError:  # another drive (Windows)

@@ -293,7 +293,9 @@ def _run_folder(
             o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
             heatmap = heatmap_path(out, names[item])
             finish = _score_one(item.slide, heatmap, o, model, client, overwrite, bars, waiting_on)
-            return writer.submit(lambda: result_row(_result_line(item.slide, heatmap, finish(), bars), out))
+            return writer.submit(
+                lambda: result_row(_result_line(item.slide, heatmap, finish(), bars), out, heatmap)
+            )
 
         res = run_batch(items, one, out=out, summary_name="summary", stop_on_error=not skip,
                         also_writes=[out / "report.html"], **_batch_callbacks(bars, one))  # fmt: skip

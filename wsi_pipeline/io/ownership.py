@@ -100,14 +100,20 @@ def has_mark(path: Path) -> bool:
 
 def _recorded(manifest: Path | None) -> dict[Path, str | None]:
     """The outputs our run manifest lists, each with its recorded sha256 (None: an older manifest
-    recorded none); empty when ``manifest`` is missing or not ours."""
+    recorded none); empty when ``manifest`` is missing or not ours. An output with a checksum is
+    looked for beside the manifest, where the run wrote it, also after the results folder was moved
+    or copied (the checksum proves it); one without, only at the path recorded."""
     if manifest is None or not manifest.is_file():
         return {}
     doc = _json(manifest)
     if not _is_manifest(doc):
         return {}
     sums = doc.get("output_sha256") or {}
-    return {Path(v).resolve(): sums.get(k) for k, v in doc["outputs"].items() if k != "manifest"}
+    return {
+        (manifest.parent / Path(v).name if sums.get(k) else Path(v)).resolve(): sums.get(k)
+        for k, v in doc["outputs"].items()
+        if k != "manifest"
+    }
 
 
 def refuse_foreign_files(paths: Iterable[Path], *, manifest: Path | None = None) -> None:
