@@ -15,6 +15,7 @@ import json
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -129,8 +130,13 @@ def test_resume_with_another_plan_starts_over_instead_of_mixing_layouts(
     assert partial_path(out).exists()
 
     # Same parameters, another tissue mask (as another scikit-image version might compute).
-    real_mask = plan_module.tissue_mask
-    monkeypatch.setattr(plan_module, "tissue_mask", lambda *a, **k: np.roll(real_mask(*a, **k), 7, axis=1))
+    real_masks = plan_module.tissue_and_pen_masks
+
+    def shifted(*a: Any, **k: Any) -> tuple[np.ndarray, np.ndarray]:
+        mask, pen = real_masks(*a, **k)
+        return np.roll(mask, 7, axis=1), pen
+
+    monkeypatch.setattr(plan_module, "tissue_and_pen_masks", shifted)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tile_slide(tumour_slide.path, out, opts)

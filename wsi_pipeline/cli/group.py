@@ -177,6 +177,9 @@ def _tile_options(fn: F) -> F:
                      help="Resolution of the thumbnail used for tissue detection, microns per pixel."),
         click.option("--min-tissue-area", type=click.FloatRange(min=0.0), default=10_000.0, show_default=True,
                      help="Ignore tissue pieces smaller than this, um^2."),
+        click.option("--pen-min-area", type=click.FloatRange(min=0.0), default=20_000.0, show_default=True,
+                     help="Leave out blue or green marker-pen ink in pieces of at least this area, um^2 "
+                          "(0: keep it as tissue)."),
         click.option("--workers", type=click.IntRange(min=1), default=None,
                      help="Reader threads [default: tiling: CPUs, at most 4; scoring: 1, 2 from 8 cores]."),
         click.option("--normalize", type=click.Choice(["none", "macenko"]), default=None,
@@ -263,7 +266,7 @@ def _options_from(kw: dict[str, Any]) -> Any:
         level_tolerance=kw["level_tolerance"],
         min_tissue_fraction=kw["min_tissue"],
         mask_mpp=kw["mask_mpp"],
-        tissue=TissueParams(min_tissue_um2=kw["min_tissue_area"]),
+        tissue=TissueParams(min_tissue_um2=kw["min_tissue_area"], pen_min_area_um2=kw["pen_min_area"]),
         **({"workers": kw["workers"]} if kw["workers"] else {}),
     )
 

@@ -257,6 +257,12 @@ def _result_line(slide: Path, out: Path, m: dict[str, Any], bars: _Bars) -> dict
     ood = m["label"].get("ood")
     if ood and ood.get("warning"):
         bars.echo(f"{slide.name}: WARNING {ood['warning']}")
+    pen = (m.get("tissue") or {}).get("pen_marks_mm2")
+    if pen:
+        bars.echo(
+            f"{slide.name}: note: {pen:g} mm^2 of marker-pen ink was left out of the tissue; tissue under "
+            "ink is scored as it looks (check those tiles by eye)"
+        )
     return m
 
 

@@ -76,6 +76,8 @@ def _print_info(data: dict[str, Any]) -> None:
     else:
         warn = " [bold red]NO TISSUE FOUND[/bold red]" if t["fraction"] == 0 else ""
         console.print(f"  tissue {t['fraction']:.1%} of the slide{warn}{note}")
+        if t.get("pen_marks_mm2"):
+            console.print(f"  marker-pen ink: {t['pen_marks_mm2']:g} mm^2 left out of the tissue")
     if data.get("tiling"):
         g = data["tiling"]
         console.print(

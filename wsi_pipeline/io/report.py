@@ -146,6 +146,9 @@ def slide_report_html(
     ]
     if ood:
         evidence.append((f"OOD score (warns above {ood.get('warn_above', 1.0):g})", ood.get("score")))
+    pen = (manifest.get("tissue") or {}).get("pen_marks_mm2")
+    if pen:
+        evidence.append(("marker-pen ink left out of the tissue (mm^2)", pen))
     parts += ["<h2>Evidence</h2>", _rows(evidence)]
     res = manifest.get("resolution") or {}
     heat = manifest.get("heatmap") or {}

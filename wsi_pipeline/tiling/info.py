@@ -60,7 +60,11 @@ def slide_info(
         except SlideError as exc:  # readable, but not something the pipeline would score: say why
             data["tissue"] = {"fraction": None, "note": str(exc).split(": ", 1)[-1]}
             return data
-        data["tissue"] = {"fraction": plan.slide_tissue_fraction, "mask_mpp": plan.thumbnail.mpp}
+        data["tissue"] = {
+            "fraction": plan.slide_tissue_fraction,
+            "mask_mpp": plan.thumbnail.mpp,
+            "pen_marks_mm2": plan.pen_marks_mm2,
+        }
         choice = plan.choice
         data["tiling"] = {
             "target_mpp": opts.target_mpp,

@@ -30,7 +30,12 @@ from wsi_pipeline.io.slide import (
 )
 from wsi_pipeline.stain.macenko import REFERENCE, StainModel
 from wsi_pipeline.tiling.grid import TileGrid, block_order, make_grid
-from wsi_pipeline.tiling.tissue import TissueParams, preload_libraries, tissue_fraction_in_boxes, tissue_mask
+from wsi_pipeline.tiling.tissue import (
+    TissueParams,
+    preload_libraries,
+    tissue_and_pen_masks,
+    tissue_fraction_in_boxes,
+)
 
 #: level pixels of a thumbnail read from which the tissue mask's libraries (scipy.ndimage: 0.13 s of
 #: import) are imported on another thread during the decode: 4 MP take ~0.09 s to decode here (the
@@ -103,11 +108,17 @@ class SlidePlan:
     coords_l0: np.ndarray
     tissue_fraction: np.ndarray
     picture: Thumbnail | None = None  # the slide for people (``picture_px``), from the thumbnail's read
+    pen_px: int = 0  # thumbnail pixels of marker-pen ink left out of the mask (tissue.pen_mask)
 
     @property
     def slide_tissue_fraction(self) -> float:
         """Fraction of the thumbnail that is tissue."""
         return float(self.mask.mean()) if self.mask.size else 0.0
+
+    @property
+    def pen_marks_mm2(self) -> float:
+        """Area of the marker-pen ink left out of the tissue mask, mm^2."""
+        return round(self.pen_px * self.thumbnail.mpp**2 / 1e6, 4)
 
     @property
     def n_tiles(self) -> int:
@@ -202,7 +213,7 @@ def plan_slide(reader: SlideReader, options: TileOptions, *, picture_px: int | N
             f"{reader.path}: the image is grayscale (R = G = B everywhere), not RGB; only brightfield "
             f"RGB slides (H&E) are supported"
         )
-    mask = tissue_mask(thumb.image, mpp=thumb.mpp, params=options.tissue)
+    mask, pen = tissue_and_pen_masks(thumb.image, mpp=thumb.mpp, params=options.tissue)
     positions = grid.all_positions()
     fractions = tissue_fraction_in_boxes(mask, grid.boxes_l0(positions), thumb.downsample)
     keep = fractions >= options.min_tissue_fraction
@@ -211,7 +222,9 @@ def plan_slide(reader: SlideReader, options: TileOptions, *, picture_px: int | N
     order = block_order(colrow, options.block_tiles)
     colrow, fractions = colrow[order], fractions[order]
     picture = rest[0] if rest else None
-    return SlidePlan(res, choice, grid, thumb, mask, colrow, grid.origins_l0(colrow), fractions, picture)
+    return SlidePlan(
+        res, choice, grid, thumb, mask, colrow, grid.origins_l0(colrow), fractions, picture, int(pen.sum())
+    )
 
 
 def require_tissue(plan: SlidePlan, slide_path: str | Path, opts: TileOptions) -> None:

@@ -212,7 +212,10 @@ class SlideSource(TileSource):
                 "level": plan.choice.level,
                 "resize_scale": plan.choice.scale,
             },
-            "tissue": {"slide_tissue_fraction": plan.slide_tissue_fraction},
+            "tissue": {
+                "slide_tissue_fraction": plan.slide_tissue_fraction,
+                "pen_marks_mm2": plan.pen_marks_mm2,
+            },
         }
         return Layout(
             plan.grid, plan.colrow, plan.coords_l0, plan.tissue_fraction, plan.resolution.mpp, slide_wh,
@@ -270,7 +273,8 @@ class StoreSource(TileSource):
             "backend": self.backend,
             "resolution": {k: res.get(k) for k in
                            ("mpp_x", "mpp_y", "mpp_source", "effective_mpp", "level", "resize_scale")},
-            "tissue": {"slide_tissue_fraction": meta["tissue"]["slide_tissue_fraction"]},
+            "tissue": {"slide_tissue_fraction": meta["tissue"]["slide_tissue_fraction"],
+                       "pen_marks_mm2": meta["tissue"].get("pen_marks_mm2")},  # None: an older store
         }  # fmt: skip
         return Layout(
             TileGrid.from_dict(meta["grid"]), self.store.grid_colrow, self.store.coords_l0,

@@ -1,0 +1,168 @@
+"""Marker-pen ink is left out of the tissue: a pen ring on the glass is not scored (the shipped model
+called such ink tumour), while real H&E, including the bundled sample's own margin ink, is untouched."""
+
+from __future__ import annotations
+
+import colorsys
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import shared
+from testkit.ink import write_inked_sample
+from wsi_pipeline.cli import main
+from wsi_pipeline.io.slide import open_slide
+from wsi_pipeline.tiling.plan import SlidePlan, TileOptions, plan_slide
+from wsi_pipeline.tiling.tissue import (
+    PEN_HUES,
+    TissueParams,
+    hue_degrees,
+    pen_mask,
+    saturation,
+    tissue_and_pen_masks,
+)
+
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="module")
+def inked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, np.ndarray]]:
+    """The bundled real sample rewritten without ink, and with a blue and a green pen ring."""
+    d = tmp_path_factory.mktemp("inked")
+    return {c or "none": write_inked_sample(d / f"{c or 'none'}.svs", c) for c in (None, "blue", "green")}
+
+
+def _plan(path: Path, pen_min_area_um2: float = TissueParams().pen_min_area_um2) -> SlidePlan:
+    opts = TileOptions(tissue=TissueParams(pen_min_area_um2=pen_min_area_um2))
+    return plan_slide(open_slide(path, "openslide"), opts)
+
+
+def test_hue_degrees_is_the_hsv_hue() -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    ours = hue_degrees(rgb)
+    for y, x in [(0, 0), (5, 7), (31, 40), (63, 63), (20, 50)]:
+        h = colorsys.rgb_to_hsv(*(rgb[y, x] / 255.0))[0] * 360
+        assert ours[y, x] == pytest.approx(h, abs=1e-3) or (
+            h == 0 and ours[y, x] == pytest.approx(0, abs=1e-3)
+        )
+
+
+@pytest.mark.parametrize("colour", ["blue", "green"])
+def test_a_pen_ring_on_the_glass_is_not_tissue(
+    inked: dict[str, tuple[Path, np.ndarray]], colour: str
+) -> None:
+    clean = _plan(inked["none"][0])
+    path, cover = inked[colour]
+    with_filter, without = _plan(path), _plan(path, pen_min_area_um2=0)
+    ds = clean.thumbnail.downsample
+
+    def clean_tissue(plan: SlidePlan) -> np.ndarray:
+        """The clean slide's tissue fraction under each of ``plan``'s tiles."""
+        from wsi_pipeline.tiling.tissue import tissue_fraction_in_boxes
+
+        boxes = plan.grid.boxes_l0(plan.colrow)
+        return tissue_fraction_in_boxes(clean.mask, boxes, ds)
+
+    # without the filter the ring's glass is tiled and scored: tiles with (almost) no tissue beneath
+    assert (clean_tissue(without) < 0.05).sum() >= 10
+    # with it, every kept tile has tissue beneath, as on the clean slide
+    assert (clean_tissue(with_filter) < 0.05).sum() == 0
+    assert with_filter.n_tiles >= clean.n_tiles - 8  # tissue under the ring may be left out, little else
+    # the area reported is the ring where it lies on glass (and 24 um of its edge)
+    thumb_cover = cover[:: int(ds), :: int(ds)][: clean.mask.shape[0], : clean.mask.shape[1]]
+    on_glass_mm2 = ((thumb_cover > 0.5) & ~clean.mask).sum() * clean.thumbnail.mpp**2 / 1e6
+    assert 0.7 * on_glass_mm2 <= with_filter.pen_marks_mm2 <= 1.6 * on_glass_mm2
+    assert without.pen_marks_mm2 == 0.0
+
+
+def test_real_slides_without_pen_marks_lose_nothing(inked: dict[str, tuple[Path, np.ndarray]]) -> None:
+    """The bundled sample has real green margin ink along its edge, in threads thinner than a pen mark."""
+    for path in (SAMPLE, inked["none"][0]):
+        plan = _plan(path)
+        assert plan.pen_px == 0
+        assert plan.n_tiles == _plan(path, pen_min_area_um2=0).n_tiles
+
+
+def test_a_blue_stain_over_most_of_the_tissue_is_left_as_tissue() -> None:
+    """Blue or green over most of the tissue is a stain (not H&E), not pen: the filter stands back and
+    the stain and OOD checks speak."""
+    thumb = np.full((200, 200, 3), 245, np.uint8)
+    thumb[30:170, 30:170] = (60, 90, 170)  # all the tissue is blue
+    mask, pen = tissue_and_pen_masks(thumb, mpp=8.0)
+    assert mask[30:170, 30:170].mean() > 0.95 and not pen.any()
+
+
+def _thumb_8um(path: Path, mpp: float) -> np.ndarray:
+    rgb = np.asarray(Image.open(path).convert("RGB"), np.float32)
+    f = max(1, round(8.0 / mpp))
+    h, w = rgb.shape[0] // f * f, rgb.shape[1] // f * f
+    return rgb[:h, :w].reshape(h // f, f, w // f, f, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+
+
+@pytest.mark.realdata
+def test_real_scanned_h_and_e_is_never_pen_coloured() -> None:
+    """The pen hues (PEN_HUES) against every real scanned H&E source here, at the mask's 8 um/px:
+    tissue pixels of those hues and saturations are rarer than 1 in 10,000, and tiled edge to edge into
+    one picture (so pieces could join up) no piece reaches the pen filter's area."""
+    sources = {
+        "glas-colon": ("images/*/*.png", 0.62),
+        "kather2016-samples": ("**/*.tif", 0.495),
+        "monusac-lung": ("images/*", 0.25),
+        "monuseg-lung": ("images/*", 0.25),
+        "nct-crc-he-100k-samples": ("images/*", 0.5),
+    }
+    tissue_px = ink_px = 0
+    glas: list[np.ndarray] = []
+    for folder, (pattern, mpp) in sources.items():
+        files = sorted(shared("tiles", folder).glob(pattern))
+        assert files, folder
+        for f in files:
+            t = _thumb_8um(f, mpp)
+            if t.size == 0:
+                continue
+            hue, sat = hue_degrees(t), saturation(t)
+            tissue = (sat >= 0.07) & (t.max(axis=-1) >= 40)
+            ink = np.zeros(t.shape[:2], bool)
+            for lo, hi, min_sat in PEN_HUES:
+                ink |= (hue >= lo) & (hue < hi) & (sat >= min_sat)
+            tissue_px += int(tissue.sum())
+            ink_px += int((ink & tissue).sum())
+            if folder == "glas-colon":
+                glas.append(t)
+    assert tissue_px > 300_000
+    print(f"pen-coloured tissue pixels: {ink_px} of {tissue_px}")
+    assert ink_px / tissue_px < 1e-4, (ink_px, tissue_px)
+    side = max(max(t.shape[0], t.shape[1]) for t in glas)
+    cols = 13
+    mosaic = np.full((side * (len(glas) // cols + 1), side * cols, 3), 245, np.uint8)
+    for i, t in enumerate(glas):
+        y, x = (i // cols) * side, (i % cols) * side
+        mosaic[y : y + t.shape[0], x : x + t.shape[1]] = t
+    assert not pen_mask(mosaic, mpp=8.0).any()
+
+
+@pytest.mark.realdata
+def test_real_slides_of_other_scanners_have_no_pen_marks() -> None:
+    slide = shared("slides", "aperio", "tcga-cr-7395-01a-01-ts1.svs")  # no mpp in its metadata
+    plan = plan_slide(open_slide(slide, "openslide"), TileOptions(mpp_override=0.25))
+    assert plan.pen_px == 0
+
+
+def test_the_run_says_how_much_ink_it_left_out(
+    inked: dict[str, tuple[Path, np.ndarray]], tmp_path: Path
+) -> None:
+    res = CliRunner().invoke(main, [str(inked["blue"][0]), "--out", str(tmp_path / "b.tif"), "-q"])
+    assert res.exit_code == 0, res.output
+    tissue = json.loads((tmp_path / "b.run.json").read_text())["tissue"]
+    assert tissue["pen_marks_mm2"] > 0.05
+    assert (
+        f"note: {tissue['pen_marks_mm2']:g} mm^2 of marker-pen ink was left out of the tissue" in res.output
+    )
+    assert "marker-pen ink left out of the tissue" in (tmp_path / "b.report.html").read_text()
+    res = CliRunner().invoke(main, [str(inked["none"][0]), "--out", str(tmp_path / "n.tif"), "-q"])
+    assert res.exit_code == 0 and "marker-pen" not in res.output
+    assert json.loads((tmp_path / "n.run.json").read_text())["tissue"]["pen_marks_mm2"] == 0.0
