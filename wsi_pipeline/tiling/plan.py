@@ -32,6 +32,8 @@ from wsi_pipeline.stain.macenko import REFERENCE, StainModel
 from wsi_pipeline.tiling.grid import TileGrid, block_order, make_grid
 from wsi_pipeline.tiling.tissue import (
     TissueParams,
+    channel_max,
+    channel_min,
     preload_libraries,
     tissue_and_pen_masks,
     tissue_fraction_in_boxes,
@@ -127,7 +129,7 @@ class SlidePlan:
 
 def is_brightfield(thumb: np.ndarray) -> bool:
     """True when the brightest decile is bright: brightfield glass, not a dark fluorescence field."""
-    return bool(np.percentile(thumb.max(axis=-1), 90) >= 100) if thumb.size else False
+    return bool(np.percentile(channel_max(thumb), 90) >= 100) if thumb.size else False
 
 
 def is_grayscale(thumb: np.ndarray) -> bool:
@@ -136,7 +138,7 @@ def is_grayscale(thumb: np.ndarray) -> bool:
     tissue, which the tissue check reports."""
     if not thumb.size or int(np.ptp(thumb)) <= 10:
         return False
-    return not np.any(thumb.max(axis=-1) != thumb.min(axis=-1))
+    return not np.any(channel_max(thumb) != channel_min(thumb))
 
 
 #: A kept tile may lie on missing image tiles only where the mask says there is no tissue; this much
