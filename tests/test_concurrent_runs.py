@@ -162,10 +162,10 @@ def test_folder_run_passes_over_slides_another_run_holds_and_finishes_them_at_th
     # c1 and c4 were scored before this run came back to c2 and c3
     scored = [ln.split(":")[0] for ln in lines if ": TUMOUR" in ln or ": no tumour" in ln]
     assert scored == ["c1.svs", "c4.svs", "c3.svs"], res.output
-    assert "c2.svs: already done" in res.output
+    assert "c2.svs: done by the other run (tumour)" in res.output
     summary = json.loads((out / "summary.json").read_text())["slides"]
     assert [Path(r["slide"]).name for r in summary] == ["c1.svs", "c2.svs", "c3.svs", "c4.svs"]
-    assert [r["status"] for r in summary] == ["ok", "skipped (done)", "ok", "ok"]
+    assert [r["status"] for r in summary] == ["ok", "done by another run", "ok", "ok"]
     assert not list(out.glob("*.lock"))
 
 
@@ -191,7 +191,7 @@ def test_two_processes_on_one_folder_score_each_slide_once(tmp_path: Path, overw
     for log in logs:  # each run's summary lists every slide as done, by it or by the other run
         assert "4 slides, 4 done, 0 failed" in log
     rows = json.loads((out / "summary.json").read_text())["slides"]
-    assert {r["status"] for r in rows} <= {"ok", "skipped (done)"} and len(rows) == 4
+    assert {r["status"] for r in rows} <= {"ok", "skipped (done)", "done by another run"} and len(rows) == 4
     assert not list(out.glob("*.lock"))
     manifests = [json.loads((out / f"c{i}.run.json").read_text()) for i in range(1, 5)]
     assert len({json.dumps(m["label"], sort_keys=True) for m in manifests}) == 1  # same slide, same result

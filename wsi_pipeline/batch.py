@@ -134,13 +134,19 @@ def result_row(manifest: dict[str, Any], out: Path, heatmap: Path | None = None)
     except ValueError:  # another drive (Windows)
         href = Path(report).as_uri() if report else None
     return {
-        "status": "skipped (done)" if m.get("skipped") else "ok", "label": m["label"]["label"],
+        "status": _status(m), "label": m["label"]["label"],
         "positive": bool(m["label"]["positive"]), "positive_class": pos,
         "area_mm2": ev.get(f"{pos}_area_mm2"),
         "n_tiles": m["n_tiles"], "max_p": ev["max_p"], "ood_score": ood.get("score"),
         "ood_warning": bool(ood.get("warning")), "seconds": m["seconds"],
         "report": href.replace(os.sep, "/") if href else None,
     }  # fmt: skip
+
+
+def _status(manifest: dict[str, Any]) -> str:
+    if manifest.get("done_by_other_run"):
+        return "done by another run"
+    return "skipped (done)" if manifest.get("skipped") else "ok"
 
 
 def write_folder_report(out: Path, rows: Sequence[dict[str, Any]]) -> Path:

@@ -237,10 +237,9 @@ def score_slide(
         raise
     try:
         # A manifest that the run we waited on wrote is that run's result, not one to overwrite.
-        take_finished = not overwrite or (
-            waiting_on is not None and _written(paths["manifest"]) != waiting_on.seen
-        )
-        write = _score_claimed(slide_p, paths, card, verify_model, opts, client, progress, take_finished, t0)
+        by_other = waiting_on is not None and _written(paths["manifest"]) != waiting_on.seen
+        take = not overwrite or by_other
+        write = _score_claimed(slide_p, paths, card, verify_model, opts, client, progress, take, by_other, t0)
     except BaseException:
         claimed.release()
         raise
@@ -284,10 +283,12 @@ def _score_claimed(
     client: Any,
     progress: ProgressFn | None,
     take_finished: bool,
+    by_other: bool,
     t0: float,
 ) -> Callable[[], dict[str, Any]]:
     """:func:`score_slide` once its outputs are claimed; ``take_finished``: skip the slide when its
-    manifest shows a finished run with the same parameters."""
+    manifest shows a finished run with the same parameters (``by_other``: one that another run wrote
+    while this one waited: ``done_by_other_run`` in the manifest returned)."""
     tile_opts = opts.tile
     try:
         source = open_source(slide_p, tile_opts, opts.backend, picture_px=opts.overlay_px)
@@ -299,6 +300,8 @@ def _score_claimed(
 
             manifest: dict[str, Any] = json.loads(paths["manifest"].read_text())
             manifest["skipped"] = True
+            if by_other:
+                manifest["done_by_other_run"] = True
             verify_model()
             return lambda: manifest
         refuse_foreign_files(paths.values(), manifest=paths["manifest"])  # a user's case1.geojson, ...

@@ -243,6 +243,9 @@ def _result_line(slide: Path, out: Path, m: dict[str, Any], bars: _Bars) -> dict
     """Print a finished (or skipped) slide's result line; the manifest."""
     ev = m["label"]["evidence"]
     pos = m["model"]["positive_class"]
+    if m.get("done_by_other_run"):
+        bars.echo(f"{slide.name}: done by the other run ({m['label']['label']}); outputs in {out.parent}")
+        return m
     if m.get("skipped"):
         bars.echo(
             f"{slide.name}: already done ({m['label']['label']}); outputs in {out.parent} (use --overwrite)"
