@@ -307,3 +307,46 @@ def test_recursive_reaches_case_folders_in_batch_folder_and_tile(
     )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "stores" / "a.zarr").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("--batch-size", "0", "0 is out of range (must be >= 1)"),  # hung the job before
+        ("--chunk-tiles", "0", "0 is out of range (must be >= 1)"),  # a traceback before
+        ("--min-tissue", "2", "2 is out of range (must be >= 0 and <= 1)"),  # failed every slide
+        ("--tile-threshold", "1.5", "1.5 is out of range (must be >= 0 and <= 1)"),  # ran, nothing positive
+        ("--target-mpp", "0", "0 is out of range (must be > 0)"),  # ran, ignoring it
+        ("--top-k", "0", "0 is out of range (must be >= 1)"),
+        ("--batch-size", "x", "'x' is not an integer"),
+    ],
+)
+def test_batch_folder_refuses_impossible_options_before_any_cluster_starts(
+    batch_folder: ModuleType, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    option: str, value: str, says: str,
+) -> None:  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        batch_folder.main([str(folder), "--out", str(tmp_path / "out"), "--local", "1", option, value])
+    assert exit_.value.code == 2
+    assert f"argument {option}: {says}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_that_would_never_finish_are_refused_by_the_library_too() -> None:
+    """`run_slide` callers get the CLI's checks: a batch of 0 tiles made the scorer loop forever."""
+    from wsi_pipeline.aggregate import LabelRule
+    from wsi_pipeline.errors import UsageError
+    from wsi_pipeline.pipeline import RunOptions
+    from wsi_pipeline.tiling.plan import TileOptions
+
+    for make in (
+        lambda: RunOptions(batch_size=0),
+        lambda: RunOptions(chunk_tiles=0),
+        lambda: TileOptions(tile_px=0),
+        lambda: TileOptions(target_mpp=0.0),
+        lambda: TileOptions(min_tissue_fraction=1.5),
+        lambda: LabelRule(tile_threshold=1.5),
+        lambda: LabelRule(top_k=0),
+    ):
+        with pytest.raises(UsageError):
+            make()

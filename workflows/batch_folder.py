@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", type=Path, required=True, help="results folder")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler, e.g. tcp://head:8786")
-    where.add_argument("--local", type=int, metavar="N", help="start a LocalCluster of N worker processes")
-    p.add_argument("--local-threads", type=int, default=1, help="threads per LocalCluster worker")
+    where.add_argument(
+        "--local", type=ranged(int, 1), metavar="N", help="start a LocalCluster of N worker processes"
+    )
+    p.add_argument("--local-threads", type=ranged(int, 1), default=1, help="threads per LocalCluster worker")
     p.add_argument("--model", type=Path, default=None, help="ONNX model (card beside it); default: shipped")
     p.add_argument("--device", choices=["auto", "cpu", *GPU_DEVICES], default="auto")
     p.add_argument(
@@ -70,30 +72,63 @@ def build_parser() -> argparse.ArgumentParser:
         "none otherwise)",
     )
     p.add_argument("--gpu-resource", default="GPU", help="resource name GPU workers advertise")
-    p.add_argument("--wait-workers", type=int, default=1, help="workers to wait for before starting")
+    p.add_argument(
+        "--wait-workers", type=ranged(int, 1), default=1, help="workers to wait for before starting"
+    )
     p.add_argument(
         "--wait-timeout",
-        type=float,
+        type=ranged(float, 0.0, open_low=True),
         default=120.0,
         help="seconds to wait for workers (and for a worker with the required resources)",
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--chunk-tiles", type=int, default=256, help="tiles per Dask task")
+    p.add_argument("--batch-size", type=ranged(int, 1), default=64)
+    p.add_argument("--chunk-tiles", type=ranged(int, 1), default=256, help="tiles per Dask task")
     p.add_argument("--backend", choices=["auto", "openslide", "tiffslide"], default="auto")
-    p.add_argument("--mpp", type=float, default=None, help="level-0 um/px override for every slide")
-    p.add_argument("--target-mpp", type=float, default=None, help="tile resolution (default: the model's)")
-    p.add_argument("--min-tissue", type=float, default=0.25)
+    p.add_argument("--mpp", type=ranged(float, 0.0, open_low=True), default=None,
+                   help="level-0 um/px override for every slide")  # fmt: skip
+    p.add_argument("--target-mpp", type=ranged(float, 0.0, open_low=True), default=None,
+                   help="tile resolution (default: the model's)")  # fmt: skip
+    p.add_argument("--min-tissue", type=ranged(float, 0.0, 1.0), default=0.25)
     p.add_argument("--normalize", choices=["none", "macenko"], default=None, help="default: the model card's")
     p.add_argument("--label-rule", choices=["area", "topk"], default="area")
-    p.add_argument("--tile-threshold", type=float, default=None, help="default: the model card's threshold")
-    p.add_argument("--min-area", type=float, default=0.1, help="mm^2 of positive tissue (area rule)")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--tile-threshold", type=ranged(float, 0.0, 1.0), default=None,
+                   help="default: the model card's threshold")  # fmt: skip
+    p.add_argument(
+        "--min-area", type=ranged(float, 0.0), default=0.1, help="mm^2 of positive tissue (area rule)"
+    )
+    p.add_argument("--top-k", type=ranged(int, 1), default=5)
     p.add_argument("--overwrite", action="store_true", help="recompute slides that are already finished")
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first bad slide")
     p.add_argument("--recursive", "-r", action="store_true",
                    help="also the slides in the folder's subfolders, at any depth")  # fmt: skip
     p.add_argument("--quiet", "-q", action="store_true", help="only the closing line and errors")
     return p
+
+
+def ranged(
+    kind: type[int] | type[float],
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    open_low: bool = False,
+) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind`` within [low, high] (``open_low``: above ``low``). A value outside
+    is a usage error (exit 2) before any cluster starts, as ``wsi-infer``'s ranges are."""
+    bounds = [f"> {low:g}" if open_low else f">= {low:g}"] if low is not None else []
+    bounds += [f"<= {high:g}"] if high is not None else []
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        too_low = low is not None and (value <= low if open_low else value < low)
+        if too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range (must be {' and '.join(bounds)})")
+        return value
+
+    return parse
 
 
 def parse_resources(items: Sequence[str] | None) -> dict[str, float]:
@@ -309,8 +344,6 @@ def connect(args: argparse.Namespace) -> tuple[Any, Any]:
     from distributed import Client, LocalCluster
 
     if args.local is not None:
-        if args.local < 1:
-            raise WsiError(f"--local {args.local}: need at least one worker process")
         cluster = LocalCluster(
             n_workers=args.local,
             threads_per_worker=args.local_threads,

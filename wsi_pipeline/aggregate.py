@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from wsi_pipeline.errors import UsageError
+
 
 @dataclass(frozen=True)
 class LabelRule:
@@ -28,7 +30,14 @@ class LabelRule:
 
     def __post_init__(self) -> None:
         if self.rule not in ("area", "topk"):
-            raise ValueError(f"label rule must be 'area' or 'topk', not {self.rule!r}")
+            raise UsageError(f"label rule must be 'area' or 'topk', not {self.rule!r}")
+        for name, p in (("tile threshold", self.tile_threshold), ("top-k threshold", self.topk_threshold)):
+            if p is not None and not 0.0 <= p <= 1.0:
+                raise UsageError(f"{name} must be a probability within 0-1, not {p}")
+        if self.min_area_mm2 < 0 or self.top_k < 1:
+            raise UsageError(
+                f"min area must be >= 0 mm^2 and top-k >= 1, not {self.min_area_mm2}, {self.top_k}"
+            )
 
     def with_threshold(self, threshold: float) -> LabelRule:
         """This rule with unset thresholds taken from ``threshold`` (the model card's)."""

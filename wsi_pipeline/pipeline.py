@@ -30,7 +30,7 @@ from wsi_pipeline.aggregate import (
     tile_area_mm2,
     tumour_regions,
 )
-from wsi_pipeline.errors import BusyError, ModelError, OutputError
+from wsi_pipeline.errors import BusyError, ModelError, OutputError, UsageError
 from wsi_pipeline.inference.card import ModelCard, resolve_model_deferred
 from wsi_pipeline.inference.scoring import (
     ProgressFn,
@@ -88,6 +88,13 @@ class RunOptions:
     requested_tile_px: int | None = None
     geojson_tiles: bool = True  # one GeoJSON detection per tile (off for huge slides: regions only)
     overlay_px: int = 1000  # long side of the slide picture in NAME.overlay.png
+
+    def __post_init__(self) -> None:
+        # Checked here too (the CLI checks its options): a batch of 0 tiles would never finish
+        for name, count in (("batch_size", self.batch_size), ("chunk_tiles", self.chunk_tiles),
+                            ("workers", 1 if self.workers is None else self.workers)):  # fmt: skip
+            if count < 1:
+                raise UsageError(f"{name} must be at least 1, not {count}")
 
 
 def output_paths(heatmap: Path) -> dict[str, Path]:

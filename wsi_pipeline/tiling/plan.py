@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from wsi_pipeline.cores import usable_cores
-from wsi_pipeline.errors import SlideError, TissueError
+from wsi_pipeline.errors import SlideError, TissueError, UsageError
 from wsi_pipeline.io.slide import (
     LevelChoice,
     Resolution,
@@ -68,7 +68,17 @@ class TileOptions:
 
     def __post_init__(self) -> None:
         if self.normalize not in ("none", "macenko"):
-            raise ValueError(f"normalize must be 'none' or 'macenko', not {self.normalize!r}")
+            raise UsageError(f"normalize must be 'none' or 'macenko', not {self.normalize!r}")
+        # Checked here too (the CLI checks its options): a zero tile or chunk would never finish
+        for name, value in (("target_mpp", self.target_mpp), ("mask_mpp", self.mask_mpp)):
+            if not value > 0:
+                raise UsageError(f"{name} must be above 0 um/px, not {value}")
+        if not 0.0 <= self.min_tissue_fraction <= 1.0:
+            raise UsageError(f"min tissue fraction must be within 0-1, not {self.min_tissue_fraction}")
+        for name, count in (("tile_px", self.tile_px), ("chunk_tiles", self.chunk_tiles),
+                            ("block_tiles", self.block_tiles), ("workers", self.workers)):  # fmt: skip
+            if count < 1:
+                raise UsageError(f"{name} must be at least 1, not {count}")
 
     def store_params(self) -> dict[str, Any]:
         """The options a resumed or re-run store must share (reader threads do not matter)."""
