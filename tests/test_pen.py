@@ -182,3 +182,11 @@ def test_blue_shifted_photographs_tiled_together_are_not_pen() -> None:
             y, x = (i // cols) * side, (i % cols) * side
             mosaic[y : y + t.shape[0], x : x + t.shape[1]] = t
         assert not pen_mask(mosaic, mpp=8.0).any(), cls
+
+
+def test_tiling_a_pen_marked_slide_says_so(inked: dict[str, tuple[Path, np.ndarray]], tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["tile", str(inked["green"][0]), "--out", str(tmp_path / "g.zarr")])
+    assert res.exit_code == 0, res.output
+    assert "(marker-pen ink left out: " in res.output
+    res = CliRunner().invoke(main, ["info", str(inked["green"][0])])
+    assert "marker-pen ink: " in res.output and "mm^2 left out of the tissue" in res.output

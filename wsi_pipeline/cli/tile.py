@@ -161,9 +161,15 @@ def _tile_one(
         f"{slide.name}: {rep.n_tiles} tiles ({rep.tiles_written} written, {rep.status}) "
         f"in {rep.seconds:.1f} s, "
         f"{rep.tiles_per_s:,.1f} tiles/s, {rep.effective_mpp:.3g} um/px (mpp from {rep.mpp_source}), "
-        f"tissue {rep.slide_tissue_fraction:.1%}{_stain_note(rep.meta)} -> {out}, {rpath}"
+        f"tissue {rep.slide_tissue_fraction:.1%}{_pen_note(rep.meta)}{_stain_note(rep.meta)} "
+        f"-> {out}, {rpath}"
     )
     return rep
+
+
+def _pen_note(meta: dict[str, Any]) -> str:
+    pen = (meta.get("tissue") or {}).get("pen_marks_mm2")
+    return f" (marker-pen ink left out: {pen:g} mm^2)" if pen else ""
 
 
 def _stain_note(meta: dict[str, Any]) -> str:
