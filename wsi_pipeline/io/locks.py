@@ -72,8 +72,12 @@ def claim(
     ``busy(holder)``, or with ``wait`` poll until it is free (``on_wait(holder)`` is called once).
 
     The lock file is created if needed (its folder too); when it cannot be (read-only, no
-    permission) or the file system has no locks, the claim is not held and the run goes on."""
-    import fcntl
+    permission), the file system has no locks or the platform no ``flock`` (Windows), the claim is
+    not held and the run goes on."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return Claim(lock, None)
 
     waited = False
     while True:
