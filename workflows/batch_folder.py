@@ -295,7 +295,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
             return writer.submit(finish, item, write)
 
         def again(item: BatchItem, busy: BusyError) -> Future[dict[str, Any]]:
-            say(f"{item.slide.name}: waiting for the other run to finish it")
+            say(f"{item.slide.name}: waiting for the other run ({busy.holder}) to finish it")
             return one(item, waiting_on=busy)
 
         res = run_batch(

@@ -276,7 +276,7 @@ def _batch_callbacks(bars: _Bars, one: Callable[..., Any]) -> dict[str, Any]:
     progress lines, errors, and slides that another run is working on (waited for at the end)."""
 
     def again(item: Any, busy: BusyError) -> Any:
-        bars.echo(f"{item.slide.name}: waiting for the other run to finish it")
+        bars.echo(f"{item.slide.name}: waiting for the other run ({busy.holder}) to finish it")
         return one(item, waiting_on=busy)
 
     return {
