@@ -190,3 +190,58 @@ def test_tiling_a_pen_marked_slide_says_so(inked: dict[str, tuple[Path, np.ndarr
     assert "(marker-pen ink left out: " in res.output
     res = CliRunner().invoke(main, ["info", str(inked["green"][0])])
     assert "marker-pen ink: " in res.output and "mm^2 left out of the tissue" in res.output
+
+
+def test_tiles_beside_the_ink_are_counted_for_review(inked: dict[str, tuple[Path, np.ndarray]]) -> None:
+    """Ink over tissue is still scored (it looks like hematoxylin): the evidence counts the scored
+    tiles within 50 um of the ink left out, which are where the ring crosses the tissue."""
+    from wsi_pipeline.pipeline import PEN_REACH_UM, RunOptions, _near_pen
+    from wsi_pipeline.tiling.source import open_source
+
+    path, cover = inked["blue"]
+    opts = RunOptions()
+    source = open_source(path, opts.tile, "openslide")
+    layout = source.layout
+    boxes = layout.grid.boxes_l0(layout.colrow)
+    positive = np.zeros(len(boxes), bool)
+    positive[::2] = True
+    ev = _near_pen(layout, opts.tile.tissue, boxes, positive)
+    assert ev["reach_um"] == PEN_REACH_UM and ev["positive_tiles"] == positive.sum()
+    # the ring's own geometry (level 0) says which tiles it passes through or beside
+    ring = cover > 0.5
+    mpp = layout.mpp_l0
+
+    def ring_within(box: np.ndarray, um: float) -> bool:
+        g = round(um / mpp)
+        x0, y0, x1, y1 = (int(v) for v in box)
+        return bool(ring[max(0, y0 - g) : y1 + g, max(0, x0 - g) : x1 + g].any())
+
+    through = [ring_within(b, 0) for b in boxes]
+    far = [not ring_within(b, 200) for b in boxes]
+    assert sum(through) >= 5
+    assert ev["tiles_near_ink"] >= sum(through) * 0.8  # the tiles the ring crosses are counted
+    assert ev["tiles_near_ink"] <= len(boxes) - sum(far)  # tiles far from it are not
+    assert 0 < ev["positive_tiles_near_ink"] <= ev["tiles_near_ink"]
+
+
+def test_a_call_that_rests_only_on_tiles_beside_ink_is_flagged() -> None:
+    from wsi_pipeline.cli.group import _Bars
+    from wsi_pipeline.cli.score import _result_line
+
+    def manifest(near_pos: int, pos: int) -> dict[str, object]:
+        evidence = {"tumour_area_mm2": 0.05, "max_p": 0.99, "tiles": 40,
+                    "pen": {"reach_um": 50.0, "tiles_near_ink": 6, "positive_tiles_near_ink": near_pos,
+                            "positive_tiles": pos}}  # fmt: skip
+        return {"label": {"label": "tumour", "evidence": evidence}, "model": {"positive_class": "tumour"},
+                "n_tiles": 40, "seconds": 1.0, "tiles_per_s": 40.0, "provider": "CPUExecutionProvider",
+                "outputs": {}, "tissue": {"pen_marks_mm2": 0.2}}  # fmt: skip
+
+    lines: list[str] = []
+    bars = _Bars(enabled=False)
+    bars.echo = lines.append  # type: ignore[method-assign]
+    _result_line(Path("s.svs"), Path("r/s.tif"), manifest(3, 3), bars)
+    assert "6 scored tiles lie within 50 um of it, 3 of them tumour" in lines[1]
+    assert lines[2].startswith("s.svs: WARNING every tumour tile lies beside pen ink")
+    lines.clear()
+    _result_line(Path("s.svs"), Path("r/s.tif"), manifest(3, 5), bars)
+    assert len(lines) == 2 and "WARNING" not in " ".join(lines)

@@ -65,6 +65,7 @@ from wsi_pipeline.provenance import (
 )
 from wsi_pipeline.tiling.plan import TileOptions
 from wsi_pipeline.tiling.source import Layout, TileSource, open_source
+from wsi_pipeline.tiling.tissue import TissueParams
 
 
 @dataclass(frozen=True)
@@ -437,6 +438,8 @@ def _write_outputs(
     label["ood"] = ood_summary(result.ood, card.ood_d_ref, card.ood_warn_above)
     boxes = grid.boxes_l0(colrow)
     regions = tumour_regions(boxes, p_pos >= opts.label.tile_p)
+    if (layout.records.get("tissue") or {}).get("pen_marks_mm2"):
+        label["evidence"]["pen"] = _near_pen(layout, opts.tile.tissue, boxes, p_pos >= opts.label.tile_p)
     # The overlay (its PNG is the largest encode) is made on another core while this thread writes
     # the TIFFs and the tables and reads the report's top tiles. The manifest comes last.
     with ThreadPoolExecutor(1, thread_name_prefix="wsi-outputs") as ex:
@@ -495,6 +498,29 @@ def _write_outputs(
     manifest["output_sha256"] = {k: file_sha256(p) for k, p in paths.items() if k != "manifest"}
     write_json(paths["manifest"], manifest)  # last: its presence marks the slide finished
     return manifest
+
+
+#: Tiles within this distance of marker-pen ink (um) are counted as beside it in the label's evidence.
+PEN_REACH_UM = 50.0
+
+
+def _near_pen(
+    layout: Layout, params: TissueParams, boxes: np.ndarray, positive: np.ndarray
+) -> dict[str, Any]:
+    """How many scored tiles (and positive ones) lie within :data:`PEN_REACH_UM` of the pen ink left
+    out of the tissue: ink over tissue looks like hematoxylin and is scored, so these are the tiles
+    to check by eye."""
+    from wsi_pipeline.tiling.tissue import boxes_near, pen_mask
+
+    thumb_mpp = layout.mpp_l0 * layout.thumbnail_downsample
+    pen = pen_mask(layout.thumbnail, mpp=thumb_mpp, params=params)
+    near = boxes_near(pen, boxes, layout.thumbnail_downsample, reach_px=round(PEN_REACH_UM / thumb_mpp))
+    return {
+        "reach_um": PEN_REACH_UM,
+        "tiles_near_ink": int(near.sum()),
+        "positive_tiles_near_ink": int((near & positive).sum()),
+        "positive_tiles": int(positive.sum()),
+    }
 
 
 def _run_details(card: ModelCard, provider: str, precision: str) -> dict[str, Any]:

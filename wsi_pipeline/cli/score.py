@@ -262,10 +262,22 @@ def _result_line(slide: Path, out: Path, m: dict[str, Any], bars: _Bars) -> dict
         bars.echo(f"{slide.name}: WARNING {ood['warning']}")
     pen = (m.get("tissue") or {}).get("pen_marks_mm2")
     if pen:
-        bars.echo(
-            f"{slide.name}: note: {pen:g} mm^2 of marker-pen ink was left out of the tissue; tissue under "
-            "ink is scored as it looks (check those tiles by eye)"
+        near = ev.get("pen") or {}
+        beside = (
+            f"; {near['tiles_near_ink']} scored tiles lie within {near['reach_um']:g} um of it, "
+            f"{near['positive_tiles_near_ink']} of them {pos}"
+            if near
+            else ""
         )
+        bars.echo(
+            f"{slide.name}: note: {pen:g} mm^2 of marker-pen ink was left out of the tissue{beside}; tissue "
+            "under ink is scored as it looks (check those tiles by eye)"
+        )
+        if near and near["positive_tiles"] and near["positive_tiles_near_ink"] == near["positive_tiles"]:
+            bars.echo(
+                f"{slide.name}: WARNING every {pos} tile lies beside pen ink: the {pos} call may be the "
+                "ink's, not the tissue's; review those tiles by eye"
+            )
     return m
 
 

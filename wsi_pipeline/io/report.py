@@ -149,6 +149,11 @@ def slide_report_html(
     pen = (manifest.get("tissue") or {}).get("pen_marks_mm2")
     if pen:
         evidence.append(("marker-pen ink left out of the tissue (mm^2)", pen))
+        near = ev.get("pen") or {}
+        if near:
+            reach = f"{near['reach_um']:g} um"
+            evidence.append((f"scored tiles within {reach} of the ink", near["tiles_near_ink"]))
+            evidence.append((f"{pos} tiles within {reach} of the ink", near["positive_tiles_near_ink"]))
     parts += ["<h2>Evidence</h2>", _rows(evidence)]
     res = manifest.get("resolution") or {}
     heat = manifest.get("heatmap") or {}

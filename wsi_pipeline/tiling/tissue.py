@@ -226,6 +226,23 @@ def _fill_small_holes(mask: np.ndarray, *, max_px: int) -> np.ndarray:
     return mask | fill[labels]
 
 
+def boxes_near(mask: np.ndarray, boxes_l0: np.ndarray, downsample: float, *, reach_px: int) -> np.ndarray:
+    """Whether each box (level-0 x0, y0, x1, y1) comes within ``reach_px`` pixels of ``mask`` (a
+    thumbnail-sized bool mask, ``downsample`` level-0 pixels per pixel); bool (N,)."""
+    from scipy import ndimage
+
+    if not mask.any() or not len(boxes_l0):
+        return np.zeros(len(boxes_l0), bool)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    h, w = mask.shape[:2]
+    y0, y1 = max(0, rows[0] - reach_px), min(h, rows[-1] + 1 + reach_px)
+    x0, x1 = max(0, cols[0] - reach_px), min(w, cols[-1] + 1 + reach_px)
+    grown = np.zeros(mask.shape, bool)  # grown only around the mask's bounding box
+    part = mask[y0:y1, x0:x1]
+    grown[y0:y1, x0:x1] = ndimage.binary_dilation(part, structure=disk(reach_px)) if reach_px >= 1 else part
+    return tissue_fraction_in_boxes(grown, boxes_l0, downsample) > 0
+
+
 def tissue_fraction_in_boxes(mask: np.ndarray, boxes_l0: np.ndarray, downsample: float) -> np.ndarray:
     """Fraction of each box covered by tissue (float32, shape (N,)).
 
