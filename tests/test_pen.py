@@ -4,6 +4,7 @@ called such ink tumour), while real H&E, including the bundled sample's own marg
 from __future__ import annotations
 
 import colorsys
+import csv
 import json
 from pathlib import Path
 
@@ -163,9 +164,19 @@ def test_the_run_says_how_much_ink_it_left_out(
         f"note: {tissue['pen_marks_mm2']:g} mm^2 of marker-pen ink was left out of the tissue" in res.output
     )
     assert "marker-pen ink left out of the tissue" in (tmp_path / "b.report.html").read_text()
+    # for QuPath: the ink as locked annotations; for scripts: the tiles beside it
+    geo = json.loads((tmp_path / "b.geojson").read_text())
+    pens = [f for f in geo["features"] if f["properties"]["classification"]["name"] == "Pen ink"]
+    assert pens and all(f["properties"]["isLocked"] for f in pens)
+    assert sum(f["properties"]["measurements"]["Area mm^2"] for f in pens) >= tissue["pen_marks_mm2"]
+    rows = list(csv.DictReader((tmp_path / "b.tiles.csv").open()))
+    near = json.loads((tmp_path / "b.run.json").read_text())["label"]["evidence"]["pen"]
+    assert sum(int(r["near_pen_ink"]) for r in rows) == near["tiles_near_ink"] > 0
     res = CliRunner().invoke(main, [str(inked["none"][0]), "--out", str(tmp_path / "n.tif"), "-q"])
     assert res.exit_code == 0 and "marker-pen" not in res.output
     assert json.loads((tmp_path / "n.run.json").read_text())["tissue"]["pen_marks_mm2"] == 0.0
+    assert "near_pen_ink" not in (tmp_path / "n.tiles.csv").read_text().splitlines()[0]
+    assert "Pen ink" not in (tmp_path / "n.geojson").read_text()
 
 
 @pytest.mark.realdata
@@ -205,8 +216,9 @@ def test_tiles_beside_the_ink_are_counted_for_review(inked: dict[str, tuple[Path
     boxes = layout.grid.boxes_l0(layout.colrow)
     positive = np.zeros(len(boxes), bool)
     positive[::2] = True
-    ev = _near_pen(layout, opts.tile.tissue, boxes, positive)
-    assert ev["reach_um"] == PEN_REACH_UM and ev["positive_tiles"] == positive.sum()
+    pen = _near_pen(layout, opts.tile.tissue, boxes)
+    ev = {"tiles_near_ink": int(pen.near.sum()), "positive_tiles_near_ink": int((pen.near & positive).sum())}
+    assert PEN_REACH_UM == 50.0 and len(pen.near) == len(boxes)
     # the ring's own geometry (level 0) says which tiles it passes through or beside
     ring = cover > 0.5
     mpp = layout.mpp_l0

@@ -142,6 +142,22 @@ def ood_summary(distances: np.ndarray | None, d_ref: float, warn_above: float = 
     }
 
 
+def mask_regions(mask: np.ndarray, downsample: float) -> Any:
+    """A bool mask (pixels of ``downsample`` level-0 px) as a shapely (Multi)Polygon in level-0 px:
+    the union of its row runs, so its outline follows the pixel edges and holes are kept."""
+    from shapely import MultiPolygon, box, union_all
+
+    m = np.asarray(mask, bool)
+    if not m.any():
+        return MultiPolygon()
+    padded = np.zeros((m.shape[0], m.shape[1] + 2), np.int8)
+    padded[:, 1:-1] = m
+    edges = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(edges == 1)
+    _, ends = np.nonzero(edges == -1)  # same row order as the starts: one end per start
+    return union_all(box(starts * downsample, rows * downsample, ends * downsample, (rows + 1) * downsample))
+
+
 def tumour_regions(boxes_l0: np.ndarray, positive: np.ndarray) -> Any:
     """Union of the positive tiles' boxes (level-0 px) as a shapely (Multi)Polygon (holes kept)."""
     from shapely import box, union_all

@@ -438,14 +438,22 @@ def _write_outputs(
     label["ood"] = ood_summary(result.ood, card.ood_d_ref, card.ood_warn_above)
     boxes = grid.boxes_l0(colrow)
     regions = tumour_regions(boxes, p_pos >= opts.label.tile_p)
+    pen = None
     if (layout.records.get("tissue") or {}).get("pen_marks_mm2"):
-        label["evidence"]["pen"] = _near_pen(layout, opts.tile.tissue, boxes, p_pos >= opts.label.tile_p)
+        pen = _near_pen(layout, opts.tile.tissue, boxes)
+        positive = p_pos >= opts.label.tile_p
+        label["evidence"]["pen"] = {
+            "reach_um": PEN_REACH_UM,
+            "tiles_near_ink": int(pen.near.sum()),
+            "positive_tiles_near_ink": int((pen.near & positive).sum()),
+            "positive_tiles": int(positive.sum()),
+        }
     # The overlay (its PNG is the largest encode) is made on another core while this thread writes
     # the TIFFs and the tables and reads the report's top tiles. The manifest comes last.
     with ThreadPoolExecutor(1, thread_name_prefix="wsi-outputs") as ex:
         overlay = ex.submit(_write_overlay, paths, card, opts, source, canvas, regions, picture)
         _write_tiffs(paths, card, opts, source, canvas)
-        _write_tables(paths, card, opts, result, layout, boxes, regions)
+        _write_tables(paths, card, opts, result, layout, boxes, regions, pen)
         top_tiles = _top_tile_pictures(source, p_pos, len(label["evidence"]["top_tiles"]))
         pictures = overlay.result()
     seconds = time.perf_counter() - t0
@@ -504,23 +512,26 @@ def _write_outputs(
 PEN_REACH_UM = 50.0
 
 
-def _near_pen(
-    layout: Layout, params: TissueParams, boxes: np.ndarray, positive: np.ndarray
-) -> dict[str, Any]:
-    """How many scored tiles (and positive ones) lie within :data:`PEN_REACH_UM` of the pen ink left
-    out of the tissue: ink over tissue looks like hematoxylin and is scored, so these are the tiles
-    to check by eye."""
+@dataclass(frozen=True)
+class PenInk:
+    """The marker-pen ink left out of a slide's tissue: ``near`` (N,) the scored tiles within
+    :data:`PEN_REACH_UM` of it (ink over tissue looks like hematoxylin and is scored: the tiles to
+    check by eye); ``regions`` its outline, a shapely geometry in level-0 px."""
+
+    near: np.ndarray
+    regions: Any
+
+
+def _near_pen(layout: Layout, params: TissueParams, boxes: np.ndarray) -> PenInk:
+    """:class:`PenInk` of ``layout``'s slide (from its thumbnail, as the plan found it)."""
+    from wsi_pipeline.aggregate import mask_regions
     from wsi_pipeline.tiling.tissue import boxes_near, pen_mask
 
-    thumb_mpp = layout.mpp_l0 * layout.thumbnail_downsample
+    ds = layout.thumbnail_downsample
+    thumb_mpp = layout.mpp_l0 * ds
     pen = pen_mask(layout.thumbnail, mpp=thumb_mpp, params=params)
-    near = boxes_near(pen, boxes, layout.thumbnail_downsample, reach_px=round(PEN_REACH_UM / thumb_mpp))
-    return {
-        "reach_um": PEN_REACH_UM,
-        "tiles_near_ink": int(near.sum()),
-        "positive_tiles_near_ink": int((near & positive).sum()),
-        "positive_tiles": int(positive.sum()),
-    }
+    near = boxes_near(pen, boxes, ds, reach_px=round(PEN_REACH_UM / thumb_mpp))
+    return PenInk(near, mask_regions(pen, ds))
 
 
 def _run_details(card: ModelCard, provider: str, precision: str) -> dict[str, Any]:
@@ -598,14 +609,16 @@ def _write_tables(
     layout: Layout,
     boxes: np.ndarray,
     regions: Any,
+    pen: PenInk | None = None,
 ) -> None:
-    """``NAME.geojson`` (tiles and tumour regions, for QuPath) and ``NAME.tiles.csv`` (one row a tile)."""
+    """``NAME.geojson`` (tiles, tumour regions and pen ink left out, for QuPath) and ``NAME.tiles.csv``
+    (one row a tile; ``near_pen_ink`` where ink was found)."""
     grid, colrow, coords = layout.grid, layout.colrow, layout.coords_l0
     write_compact_json(
         paths["geojson"],
         geojson_features(boxes, result.probs, card.classes, card.positive_index,
                          tile_threshold=opts.label.tile_p, regions=regions, mpp_l0=layout.mpp_l0,
-                         tiles=opts.geojson_tiles),
+                         tiles=opts.geojson_tiles, pen_regions=pen.regions if pen else None),
     )  # fmt: skip
     columns: dict[str, np.ndarray] = {
         "x_l0": coords[:, 0], "y_l0": coords[:, 1],
@@ -617,6 +630,8 @@ def _write_tables(
         columns[f"p_{c}"] = result.probs[:, i]
     if result.ood is not None:
         columns["ood_distance"] = result.ood
+    if pen is not None:
+        columns["near_pen_ink"] = pen.near.astype(np.uint8)
     write_tiles_csv(paths["tiles_csv"], columns)
 
 

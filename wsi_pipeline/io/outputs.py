@@ -472,8 +472,11 @@ def geojson_features(
     regions: Any,
     mpp_l0: float | None = None,
     tiles: bool = True,
+    pen_regions: Any = None,
 ) -> dict[str, Any]:
-    """QuPath-compatible FeatureCollection (level-0 px): one detection per tile, tumour annotations.
+    """QuPath-compatible FeatureCollection (level-0 px): one detection per tile, tumour annotations,
+    and the marker-pen ink left out of the tissue (``pen_regions``, a shapely geometry) as locked
+    annotations of class ``Pen ink``.
 
     Tiles (``tiles=False`` leaves them out, for huge slides: the tile table has them) carry their
     class (positive when P >= ``tile_threshold``) and every class probability as measurements;
@@ -524,6 +527,17 @@ def geojson_features(
         }
         if meas is not None:
             props["measurements"] = meas
+        feats.append({"type": "Feature", "geometry": _rounded(mapping(g)), "properties": props})
+    pens = [] if pen_regions is None or pen_regions.is_empty else getattr(pen_regions, "geoms", [pen_regions])
+    for g in pens:
+        props = {
+            "objectType": "annotation",
+            "name": "pen ink (left out of the tissue)",
+            "classification": {"name": "Pen ink", "color": [40, 80, 200]},
+            "isLocked": True,
+        }
+        if mpp_l0 is not None:
+            props["measurements"] = {"Area mm^2": round(g.area * mpp_l0 * mpp_l0 / 1e6, 4)}
         feats.append({"type": "Feature", "geometry": _rounded(mapping(g)), "properties": props})
     # "generator" (a foreign member, which GeoJSON readers ignore) marks the file as ours: a run may
     # replace it, never a user's annotations of the same name (io.ownership)
