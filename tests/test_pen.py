@@ -206,7 +206,7 @@ def test_tiling_a_pen_marked_slide_says_so(inked: dict[str, tuple[Path, np.ndarr
 def test_tiles_beside_the_ink_are_counted_for_review(inked: dict[str, tuple[Path, np.ndarray]]) -> None:
     """Ink over tissue is still scored (it looks like hematoxylin): the evidence counts the scored
     tiles within 50 um of the ink left out, which are where the ring crosses the tissue."""
-    from wsi_pipeline.pipeline import PEN_REACH_UM, RunOptions, _near_pen
+    from wsi_pipeline.pipeline import PEN_REACH_UM, RunOptions, _pen_ink
     from wsi_pipeline.tiling.source import open_source
 
     path, cover = inked["blue"]
@@ -216,7 +216,7 @@ def test_tiles_beside_the_ink_are_counted_for_review(inked: dict[str, tuple[Path
     boxes = layout.grid.boxes_l0(layout.colrow)
     positive = np.zeros(len(boxes), bool)
     positive[::2] = True
-    pen = _near_pen(layout, opts.tile.tissue, boxes)
+    pen = _pen_ink(layout, opts.tile.tissue, boxes)
     ev = {"tiles_near_ink": int(pen.near.sum()), "positive_tiles_near_ink": int((pen.near & positive).sum())}
     assert PEN_REACH_UM == 50.0 and len(pen.near) == len(boxes)
     # the ring's own geometry (level 0) says which tiles it passes through or beside

@@ -440,7 +440,7 @@ def _write_outputs(
     regions = tumour_regions(boxes, p_pos >= opts.label.tile_p)
     pen = None
     if (layout.records.get("tissue") or {}).get("pen_marks_mm2"):
-        pen = _near_pen(layout, opts.tile.tissue, boxes)
+        pen = _pen_ink(layout, opts.tile.tissue, boxes)
         positive = p_pos >= opts.label.tile_p
         label["evidence"]["pen"] = {
             "reach_um": PEN_REACH_UM,
@@ -522,7 +522,7 @@ class PenInk:
     regions: Any
 
 
-def _near_pen(layout: Layout, params: TissueParams, boxes: np.ndarray) -> PenInk:
+def _pen_ink(layout: Layout, params: TissueParams, boxes: np.ndarray) -> PenInk:
     """:class:`PenInk` of ``layout``'s slide (from its thumbnail, as the plan found it)."""
     from wsi_pipeline.aggregate import mask_regions
     from wsi_pipeline.tiling.tissue import boxes_near, pen_mask
