@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -273,3 +275,25 @@ def test_real_plain_tiff_opens_with_tiffslide_fallback() -> None:
 def test_real_multiplex_qptiff_is_refused_as_not_rgb() -> None:
     with pytest.raises(SlideError, match="not RGB"):
         open_slide(shared("slides", "qptiff", "small_vectra.qptiff"), "tiffslide")
+
+
+def test_a_slide_that_cannot_be_opened_and_just_changed_may_still_be_copying(tmp_path: Path) -> None:
+    """A nightly run over a scanner's folder meets a slide still being written: its error says so
+    (a slide broken for good, changed long ago, gets the plain error)."""
+    import os
+    import time
+
+    from wsi_pipeline.io.slide import open_slide
+
+    sample = Path(__file__).resolve().parents[1] / "samples" / "CMU-1-Small-Region.svs"
+    part = tmp_path / "scan.svs"
+    part.write_bytes(sample.read_bytes()[:200_000])  # the first 10 % of the copy
+    with pytest.raises(
+        SlideError, match=r"\(scan\.svs changed \d+ s ago: if it is still being copied or scanned"
+    ):
+        open_slide(part)
+    hour_ago = time.time() - 3600
+    os.utime(part, (hour_ago, hour_ago))
+    with pytest.raises(SlideError) as err:
+        open_slide(part)
+    assert "changed" not in str(err.value) and "not truncated" in str(err.value)

@@ -289,7 +289,40 @@ TIFFSLIDE_FIRST = (".svs",)
 TIFFSLIDE_MIN_BYTES = 8 << 20
 
 
+#: A slide that cannot be opened and was modified less than this many seconds ago may still be being
+#: copied or scanned: its error says so.
+RECENT_S = 120.0
+
+
 def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: bool = True) -> SlideReader:
+    """:func:`_open_slide`; a slide that cannot be opened and changed in the last :data:`RECENT_S`
+    seconds (a scanner or a copy may still be writing it) gets that said in its error."""
+    try:
+        return _open_slide(path, backend, verify=verify)
+    except SlideError as exc:
+        age = _seconds_since_written(Path(path))
+        if age is None or not 0 <= age < RECENT_S:
+            raise
+        raise SlideError(
+            f"{exc} ({Path(path).name} changed {age:.0f} s ago: if it is still being copied or scanned, "
+            "run again once it is complete)"
+        ) from exc
+
+
+def _seconds_since_written(path: Path) -> float | None:
+    """Seconds since ``path`` (a folder: its newest file) was last modified; None when unknown."""
+    import time
+
+    try:
+        if path.is_dir():
+            mtimes = [p.stat().st_mtime for p in path.iterdir() if p.is_file()]
+            return time.time() - max(mtimes) if mtimes else None
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: bool = True) -> SlideReader:
     """Open a slide lazily with ``backend`` ('auto': tiffslide first for Aperio .svs of at least
     :data:`TIFFSLIDE_MIN_BYTES`, else OpenSlide first; the other one when the first cannot open it).
     A folder is a DICOM slide: the ``.dcm`` files of one series (:mod:`wsi_pipeline.io.dicom`).
