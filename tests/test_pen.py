@@ -257,3 +257,25 @@ def test_a_call_that_rests_only_on_tiles_beside_ink_is_flagged() -> None:
     lines.clear()
     _result_line(Path("s.svs"), Path("r/s.tif"), manifest(3, 5), bars)
     assert len(lines) == 2 and "WARNING" not in " ".join(lines)
+
+
+def test_the_folder_summary_shows_which_slides_had_pen_ink(
+    inked: dict[str, tuple[Path, np.ndarray]], tmp_path: Path
+) -> None:
+    import shutil
+
+    from wsi_pipeline.io.report import folder_report_html
+
+    src = tmp_path / "slides"
+    src.mkdir()
+    for name in ("blue", "none"):
+        shutil.copy(inked[name][0], src / f"{name}.svs")
+    res = CliRunner().invoke(main, [str(src), "--out", str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0, res.output
+    rows = {Path(r["slide"]).stem: r for r in csv.DictReader((tmp_path / "out" / "summary.csv").open())}
+    assert float(rows["blue"]["pen_mm2"]) > 0.05 and float(rows["none"]["pen_mm2"]) == 0.0
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "1 with marker-pen ink left out of the tissue (0 marked !" in page
+    # a slide whose every positive tile lies beside ink is marked in the table
+    row = {"slide": "s.svs", "label": "tumour", "positive": True, "pen_mm2": 0.3, "pen_warning": True}
+    assert "0.3 !</td>" in folder_report_html([row])

@@ -255,6 +255,7 @@ FOLDER_COLUMNS = (
     ("area_mm2", "{positive} area (mm^2)", True),
     ("max_p", "max P", True),
     ("ood_score", "OOD score", True),
+    ("pen_mm2", "pen ink (mm^2)", True),
     ("n_tiles", "tiles", True),
     ("seconds", "seconds", True),
     ("status", "status", False),
@@ -267,6 +268,8 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
     n_pos = sum(1 for r in rows if r.get("positive") is True)
     n_fail = sum(1 for r in rows if r.get("status") == "failed")
     n_warn = sum(1 for r in rows if r.get("ood_warning") is True)
+    n_pen = sum(1 for r in rows if r.get("pen_mm2"))
+    n_pen_warn = sum(1 for r in rows if r.get("pen_warning") is True)
     positive = next((str(r["positive_class"]) for r in rows if r.get("positive_class")), "tumour")
     headers = ("slide", *(c[1].format(positive=positive) for c in FOLDER_COLUMNS), "error")
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
@@ -283,7 +286,7 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
                 cls = "pos" if r.get("positive") else "neg"
                 span = f'<span class="label {cls}" style="font-size:.85em">{_e(v)}</span>'
                 tds.append(f'<td data-v="{_e(v)}">{span}</td>')
-            elif key == "ood_score" and r.get("ood_warning") is True:
+            elif (key, True) in (("ood_score", r.get("ood_warning")), ("pen_mm2", r.get("pen_warning"))):
                 tds.append(f'<td class="n" data-v="{_e(v)}" style="background:#fff4ce">{_e(v)} !</td>')
             else:
                 tds.append(f'<td{" class=n" if numeric else ""} data-v="{_e(v)}">{_e(v)}</td>')
@@ -293,7 +296,14 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
         f"<h1>{_e(title)}</h1>",
         f"<p>{len(rows)} slides: {n_pos} called positive, {len(rows) - n_pos - n_fail} negative, "
         f"{n_fail} failed; {n_warn} with an OOD warning (marked !: the model may not know this tissue, "
-        "stain or scanner; review by eye). Click a column header to sort.</p>",
+        "stain or scanner; review by eye)"
+        + (
+            f"; {n_pen} with marker-pen ink left out of the tissue ({n_pen_warn} marked !: every positive "
+            "tile lies beside the ink)"
+            if n_pen
+            else ""
+        )
+        + ". Click a column header to sort.</p>",
         f'<table class="sortable" id="slides"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>",
         "<footer>Research use only: not for diagnosis. summary.csv and summary.json hold the same rows."
