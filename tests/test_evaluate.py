@@ -656,3 +656,49 @@ def test_evaluate_out_never_replaces_an_annotation_it_did_not_write(tmp_path: Pa
     for _ in range(2):
         code, out = _invoke(str(results), "--annotations", str(ann / "case1.xml"), "--out", str(mine))
         assert code == 0, out
+
+
+def test_a_runs_own_geojson_is_never_taken_for_the_expert_annotation(tmp_path: Path) -> None:
+    """With --annotations the results folder, `case1.geojson` (the run's own predictions) was scored
+    as case1's truth: the predictions measured against themselves."""
+    from shapely.geometry import mapping
+
+    from wsi_pipeline.io.outputs import geojson_features, write_compact_json
+
+    probs = np.full((8, 10), 0.1)
+    probs[2:6, 2:7] = 0.9
+    res = tmp_path / "results"
+    for stem in ("case1", "case2"):
+        _fake_run(res, stem, probs)
+    boxes = np.array([[0.0, 0.0, 100.0, 100.0]])
+    ours = geojson_features(boxes, np.array([[0.1, 0.9]]), ("benign", "tumour"), 1, tile_threshold=0.5,
+                            regions=TRUTH)  # fmt: skip
+    write_compact_json(res / "case1.geojson", ours)  # as a run writes it
+    theirs = {"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": mapping(TRUTH),
+              "properties": {"classification": {"name": "Tumor"}}}]}  # fmt: skip
+    (res / "case2.geojson").write_text(json.dumps(theirs))  # e.g. ours, corrected in QuPath and saved
+    code, out = _invoke(str(res), "--annotations", str(res), "--out", str(tmp_path / "m.json"))
+    assert code == 0, out
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert [Path(s["slide"]).name for s in data["slides"]] == ["case2.svs"]
+    assert [Path(s).name for s in data["unannotated"]] == ["case1.svs"]
+    assert f"{res / 'case1.geojson'}: written by wsi-pipeline (a run's own predictions)" in out
+    # named explicitly, it is refused
+    code, out = _invoke(str(res / "case1.run.json"), "--annotations", str(res / "case1.geojson"), "--out",
+                        str(tmp_path / "m1.json"))  # fmt: skip
+    assert code == 9 and "not an expert annotation" in out
+
+
+def test_evaluate_out_is_a_json_file_or_a_folder(tmp_path: Path) -> None:
+    """`--out metrics/` wrote a file called `metrics` and one called `metrics.csv`."""
+    probs = np.full((8, 10), 0.1)
+    probs[2:6, 2:7] = 0.9
+    _fake_run(tmp_path / "results", "case1", probs)
+    _asap_file(tmp_path / "ann" / "case1.xml", TRUTH)
+    args = [str(tmp_path / "results"), "--annotations", str(tmp_path / "ann"), "--out"]
+    code, out = _invoke(*args, f"{tmp_path / 'metrics'}/")
+    assert code == 0, out
+    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["metrics.csv", "metrics.json"]
+    code, out = _invoke(*args, str(tmp_path / "results2"))
+    assert code == 2 and "neither NAME.json nor an existing folder" in out
+    assert not (tmp_path / "results2").exists() and not (tmp_path / "results2.csv").exists()

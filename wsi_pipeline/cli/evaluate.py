@@ -11,6 +11,7 @@ from wsi_pipeline.cli.group import (
     _run_guarded,
     main,
 )
+from wsi_pipeline.errors import UsageError
 
 
 @main.command()
@@ -25,9 +26,10 @@ from wsi_pipeline.cli.group import (
 @click.option(
     "--out",
     "-o",
-    type=click.Path(path_type=Path),
+    type=str,
     required=True,
-    help="metrics JSON to write (a CSV with one row per slide is written beside it).",
+    help="metrics JSON to write (a CSV with one row per slide is written beside it), or a folder "
+    "(existing, or written with a trailing /) to write metrics.json and metrics.csv into.",
 )
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="P(tumour) counted as tumour.")
 @click.option(
@@ -51,7 +53,7 @@ from wsi_pipeline.cli.group import (
 def evaluate(
     results: Path,
     annotations: Path,
-    out: Path,
+    out: str,
     threshold: float,
     truth_fraction: float,
     positive_group: tuple[str, ...],
@@ -73,21 +75,23 @@ def evaluate(
         from wsi_pipeline.io.ownership import GENERATOR, refuse_foreign_files
         from wsi_pipeline.provenance import atomic_write_bytes, atomic_write_json
 
-        csv_path = out.with_suffix(".csv")
-        refuse_foreign_files([out, csv_path])  # e.g. --out in the annotation folder: never an annotation
+        out_p = _metrics_path(out)
+        csv_path = out_p.with_suffix(".csv")
+        refuse_foreign_files([out_p, csv_path])  # e.g. --out in the annotation folder: never an annotation
         mapping = GroupMapping(
             positive=frozenset(positive_group) if positive_group else None,
             exclusion=frozenset(exclusion_group) if exclusion_group else DEFAULT_EXCLUSION_GROUPS,
         )
         res = evaluate_runs(results, annotations, threshold=threshold, truth_min_fraction=truth_fraction,
                             mapping=mapping)  # fmt: skip
-        atomic_write_json(out, {"generator": f"{GENERATOR} {__version__}", **res})
+        atomic_write_json(out_p, {"generator": f"{GENERATOR} {__version__}", **res})
         atomic_write_bytes(csv_path, rows_to_csv(csv_rows(res["slides"]), CSV_COLUMNS))
-        click.echo(f"{format_summary(res['summary'])} -> {out}, {csv_path}")
+        click.echo(f"{format_summary(res['summary'])} -> {out_p}, {csv_path}")
         for sl in res["unannotated"]:
             click.echo(f"  no annotation file for {sl} (not scored)", err=True)
         for ig in res["ignored"]:
-            click.echo(f"  {ig['reason']} (ignored)", err=True)
+            where = f"{ig['annotation']}: " if "annotation" in ig else ""
+            click.echo(f"  {where}{ig['reason']} (ignored)", err=True)
         for row in res["slides"]:
             for w in row.get("warnings", []):
                 click.echo(f"warning: {Path(row['slide']).name}: {w}", err=True)
@@ -96,3 +100,20 @@ def evaluate(
         return 1 if res["errors"] else 0
 
     _run_guarded(body)
+
+
+def _metrics_path(out: str) -> Path:
+    """``--out NAME.json`` as given; a folder (existing, or written with a trailing ``/``): its
+    ``metrics.json``. Any other name is refused: it would make a file called ``results`` and one
+    called ``results.csv`` where a folder was meant."""
+    import os
+
+    p = Path(out)
+    if out.endswith(("/", os.sep)) or p.is_dir():
+        return p / "metrics.json"
+    if p.suffix.lower() != ".json":
+        raise UsageError(
+            f"--out {out}: neither NAME.json nor an existing folder; give e.g. {p}.json, or {p}/ to "
+            "write metrics.json and metrics.csv into that folder"
+        )
+    return p

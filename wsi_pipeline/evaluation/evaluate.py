@@ -369,19 +369,32 @@ def _slide_stem(manifest: dict[str, Any]) -> str:
 
 
 def match_annotation(
-    manifest: dict[str, Any], annotations: Path, *, explicit_pair: bool = False
+    manifest: dict[str, Any],
+    annotations: Path,
+    *,
+    explicit_pair: bool = False,
+    passed_over: list[Path] | None = None,
 ) -> Path | None:
     """The annotation file for a run, matched by name: ``<slide stem>.<ext>`` in the ``annotations``
     folder, or ``annotations`` itself when it is a file of that stem. ``explicit_pair``: the user named
-    one run manifest and one annotation file, so the file is that run's whatever its name."""
+    one run manifest and one annotation file, so the file is that run's whatever its name.
+
+    A file of that name that this package wrote (``NAME.geojson``, a run's own predictions, when the
+    annotations folder is the results folder) is not an expert annotation: passed over (and added to
+    ``passed_over``); a pathologist's edit of it, saved from QuPath, has lost the mark and counts."""
+    from wsi_pipeline.io.ownership import has_mark
+
     stem = _slide_stem(manifest)
     if annotations.is_file():
         ann_stem = annotations.name[: -len(annotations.suffix)] if annotations.suffix else annotations.name
         return annotations if explicit_pair or ann_stem == stem else None
     for suffix in ANNOTATION_SUFFIXES:
         cand = annotations / f"{stem}{suffix}"
-        if cand.exists():
-            return cand
+        if cand.is_file():
+            if not has_mark(cand):
+                return cand
+            if passed_over is not None:
+                passed_over.append(cand)
     return None
 
 
@@ -410,6 +423,13 @@ def evaluate_runs(
     ann_p = Path(annotations)
     if not ann_p.exists():
         raise AnnotationError(f"{ann_p}: no such annotation file or folder")
+    from wsi_pipeline.io.ownership import has_mark
+
+    if ann_p.is_file() and has_mark(ann_p):
+        raise AnnotationError(
+            f"{ann_p}: written by wsi-pipeline (a run's own predictions), not an expert annotation; give "
+            "the pathologist's file (ASAP XML, QuPath GeoJSON, ...)"
+        )
     res_p = Path(results)
     search = find_runs(res_p)
     if not search.manifests:
@@ -439,9 +459,10 @@ def evaluate_runs(
     explicit_pair = res_p.is_file() and ann_p.is_file()
     per: list[dict[str, Any]] = []
     unannotated: list[str] = []
+    own: list[Path] = []  # our own outputs passed over as annotations
     matched = 0
     for run, m in runs:
-        a = match_annotation(m, ann_p, explicit_pair=explicit_pair)
+        a = match_annotation(m, ann_p, explicit_pair=explicit_pair, passed_over=own)
         if a is None:
             unannotated.append(m["slide"])
             continue
@@ -460,12 +481,15 @@ def evaluate_runs(
             where = (
                 f"no annotation named <slide stem>{'|'.join(ANNOTATION_SUFFIXES)} for any of them in "
                 f"{ann_p}, which holds {len(files)} annotation file(s){listed}"
+                + (f", of which {len(own)} are wsi-pipeline's own predictions, passed over" if own else "")
             )
         raise AnnotationError(
             f"{ann_p}: no annotation for any of the {len(runs)} finished run(s) (searched "
             f"{search.describe()}; {where}; slides: {_names(sorted(Path(s).name for s in unannotated))}); "
             f"name each file after its slide"
         )
+    ignored += [{"annotation": str(p), "reason": "written by wsi-pipeline (a run's own predictions), not an "
+                 "expert annotation"} for p in own]  # fmt: skip
     return {"summary": summarize(per), "slides": per, "unannotated": unannotated, "errors": errors,
             "ignored": ignored,
             "searched": {"results": str(res_p), "pattern": RUN_PATTERN, "recursive": True,
