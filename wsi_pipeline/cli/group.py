@@ -233,6 +233,7 @@ def main() -> None:
     wsi-infer SLIDES/ --out results/       every slide of a folder (or a CSV manifest)
     wsi-infer info SLIDE                  what a slide holds (levels, mpp, tissue)
     wsi-infer tile SLIDE --out SLIDE.zarr  tissue tiles into a Zarr store
+    wsi-infer evaluate RESULTS/ -a ANN/ -o metrics.json  Dice & co. against expert annotations
     wsi-infer import-model DIR --out M.onnx  a WSInfer model-zoo model as ONNX + card
     wsi-infer check-model M.onnx          does the card match the model? runs one tile
     wsi-infer model-schema                the model card's JSON Schema
