@@ -241,9 +241,10 @@ def test_a_call_that_rests_only_on_tiles_beside_ink_is_flagged() -> None:
     from wsi_pipeline.cli.score import _result_line
 
     def manifest(near_pos: int, pos: int) -> dict[str, object]:
+        warning = "every tumour tile lies beside pen ink: ..." if near_pos == pos else None
         evidence = {"tumour_area_mm2": 0.05, "max_p": 0.99, "tiles": 40,
                     "pen": {"reach_um": 50.0, "tiles_near_ink": 6, "positive_tiles_near_ink": near_pos,
-                            "positive_tiles": pos}}  # fmt: skip
+                            "positive_tiles": pos, "warning": warning}}  # fmt: skip
         return {"label": {"label": "tumour", "evidence": evidence}, "model": {"positive_class": "tumour"},
                 "n_tiles": 40, "seconds": 1.0, "tiles_per_s": 40.0, "provider": "CPUExecutionProvider",
                 "outputs": {}, "tissue": {"pen_marks_mm2": 0.2}}  # fmt: skip
@@ -279,3 +280,16 @@ def test_the_folder_summary_shows_which_slides_had_pen_ink(
     # a slide whose every positive tile lies beside ink is marked in the table
     row = {"slide": "s.svs", "label": "tumour", "positive": True, "pen_mm2": 0.3, "pen_warning": True}
     assert "0.3 !</td>" in folder_report_html([row])
+
+
+def test_the_pen_warning_needs_every_positive_tile_beside_ink() -> None:
+    from wsi_pipeline.aggregate import pen_evidence
+
+    near = np.array([True, True, False, False])
+    ev = pen_evidence(near, np.array([True, True, False, False]), positive_name="tumour", reach_um=50.0)
+    assert (ev["tiles_near_ink"], ev["positive_tiles_near_ink"], ev["positive_tiles"]) == (2, 2, 2)
+    assert ev["warning"].startswith("every tumour tile lies beside pen ink")
+    ev = pen_evidence(near, np.array([True, False, True, False]), positive_name="tumour", reach_um=50.0)
+    assert ev["warning"] is None and ev["positive_tiles_near_ink"] == 1
+    ev = pen_evidence(near, np.zeros(4, bool), positive_name="tumour", reach_um=50.0)
+    assert ev["warning"] is None  # nothing positive: nothing to blame on the ink

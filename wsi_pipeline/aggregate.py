@@ -142,6 +142,27 @@ def ood_summary(distances: np.ndarray | None, d_ref: float, warn_above: float = 
     }
 
 
+def pen_evidence(
+    near: np.ndarray, positive: np.ndarray, *, positive_name: str, reach_um: float
+) -> dict[str, Any]:
+    """The label's evidence about marker-pen ink: scored tiles within ``reach_um`` of it (``near``, bool
+    (N,)), how many of them are positive, and a warning when every positive tile is among them (the
+    call may then be the ink's: ink over tissue is scored as it looks)."""
+    near, positive = np.asarray(near, bool), np.asarray(positive, bool)
+    n_pos, n_pos_near = int(positive.sum()), int((near & positive).sum())
+    warning = (
+        f"every {positive_name} tile lies beside pen ink: the {positive_name} call may be the ink's, not "
+        "the tissue's; review those tiles by eye"
+    )
+    return {
+        "reach_um": reach_um,
+        "tiles_near_ink": int(near.sum()),
+        "positive_tiles_near_ink": n_pos_near,
+        "positive_tiles": n_pos,
+        "warning": warning if n_pos and n_pos_near == n_pos else None,
+    }
+
+
 def mask_regions(mask: np.ndarray, downsample: float) -> Any:
     """A bool mask (pixels of ``downsample`` level-0 px) as a shapely (Multi)Polygon in level-0 px:
     the union of its row runs, so its outline follows the pixel edges and holes are kept."""

@@ -126,9 +126,6 @@ def result_row(manifest: dict[str, Any], out: Path, heatmap: Path | None = None)
     ev = m["label"]["evidence"]
     ood = m["label"].get("ood") or {}
     pos = m["model"]["positive_class"]
-    pen = ev.get("pen") or {}
-    n_pos = pen.get("positive_tiles")
-    all_beside_ink = bool(n_pos) and pen["positive_tiles_near_ink"] == n_pos
     report = m.get("outputs", {}).get("report")
     if report and heatmap is not None:
         report = str(heatmap.parent / Path(report).name)
@@ -143,7 +140,7 @@ def result_row(manifest: dict[str, Any], out: Path, heatmap: Path | None = None)
         "n_tiles": m["n_tiles"], "max_p": ev["max_p"], "ood_score": ood.get("score"),
         "ood_warning": bool(ood.get("warning")),
         "pen_mm2": (m.get("tissue") or {}).get("pen_marks_mm2"),
-        "pen_warning": all_beside_ink,
+        "pen_warning": bool((ev.get("pen") or {}).get("warning")),
         "seconds": m["seconds"],
         "report": href.replace(os.sep, "/") if href else None,
     }  # fmt: skip

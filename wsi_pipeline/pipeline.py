@@ -26,6 +26,7 @@ from wsi_pipeline.aggregate import (
     LabelRule,
     heatmap_grid,
     ood_summary,
+    pen_evidence,
     slide_label,
     tile_area_mm2,
     tumour_regions,
@@ -441,13 +442,9 @@ def _write_outputs(
     pen = None
     if (layout.records.get("tissue") or {}).get("pen_marks_mm2"):
         pen = _pen_ink(layout, opts.tile.tissue, boxes)
-        positive = p_pos >= opts.label.tile_p
-        label["evidence"]["pen"] = {
-            "reach_um": PEN_REACH_UM,
-            "tiles_near_ink": int(pen.near.sum()),
-            "positive_tiles_near_ink": int((pen.near & positive).sum()),
-            "positive_tiles": int(positive.sum()),
-        }
+        label["evidence"]["pen"] = pen_evidence(
+            pen.near, p_pos >= opts.label.tile_p, positive_name=card.positive_class, reach_um=PEN_REACH_UM
+        )
     # The overlay (its PNG is the largest encode) is made on another core while this thread writes
     # the TIFFs and the tables and reads the report's top tiles. The manifest comes last.
     with ThreadPoolExecutor(1, thread_name_prefix="wsi-outputs") as ex:

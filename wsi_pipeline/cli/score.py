@@ -273,11 +273,8 @@ def _result_line(slide: Path, out: Path, m: dict[str, Any], bars: _Bars) -> dict
             f"{slide.name}: note: {pen:g} mm^2 of marker-pen ink was left out of the tissue{beside}; tissue "
             "under ink is scored as it looks (check those tiles by eye)"
         )
-        if near and near["positive_tiles"] and near["positive_tiles_near_ink"] == near["positive_tiles"]:
-            bars.echo(
-                f"{slide.name}: WARNING every {pos} tile lies beside pen ink: the {pos} call may be the "
-                "ink's, not the tissue's; review those tiles by eye"
-            )
+        if near.get("warning"):
+            bars.echo(f"{slide.name}: WARNING {near['warning']}")
     return m
 
 

@@ -166,21 +166,30 @@ def pen_mask(thumb: np.ndarray, *, mpp: float, params: TissueParams | None = Non
         for lo, hi, need in PEN_HUES:
             hit |= (hue >= lo) & (hue < hi) & (sat >= need)
         ink[y + idx[0][hit], idx[1][hit]] = True
-    rows = np.flatnonzero(ink.any(axis=1))
-    cols = np.flatnonzero(ink.any(axis=0))
-    if not len(rows):
-        return ink
     # Labelling and growing only where there is ink (pen marks cover little of a slide)
     radius = max(0, round(p.pen_margin_um / mpp))
-    h, w = thumb.shape[:2]
-    y0, y1 = max(0, rows[0] - radius), min(h, rows[-1] + 1 + radius)
-    x0, x1 = max(0, cols[0] - radius), min(w, cols[-1] + 1 + radius)
-    box = _remove_small_objects(ink[y0:y1, x0:x1], min_px=int(np.ceil(p.pen_min_area_um2 / (mpp * mpp))))
+    around = _around(ink, radius)
+    if around is None:
+        return ink
+    box = _remove_small_objects(ink[around], min_px=int(np.ceil(p.pen_min_area_um2 / (mpp * mpp))))
     if radius >= 1 and box.any():
         box = ndimage.binary_dilation(box, structure=disk(radius))
     ink[:] = False
-    ink[y0:y1, x0:x1] = box
+    ink[around] = box
     return ink
+
+
+def _around(mask: np.ndarray, margin: int) -> tuple[slice, slice] | None:
+    """The bounding box of ``mask``'s True pixels widened by ``margin`` pixels (clipped to the mask),
+    or None when it has none: where a grown copy of a sparse mask can differ from it."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return None
+    h, w = mask.shape[:2]
+    return (
+        slice(max(0, rows[0] - margin), min(h, rows[-1] + 1 + margin)),
+        slice(max(0, cols[0] - margin), min(w, cols[-1] + 1 + margin)),
+    )
 
 
 def disk(radius: int) -> np.ndarray:
@@ -231,15 +240,12 @@ def boxes_near(mask: np.ndarray, boxes_l0: np.ndarray, downsample: float, *, rea
     thumbnail-sized bool mask, ``downsample`` level-0 pixels per pixel); bool (N,)."""
     from scipy import ndimage
 
-    if not mask.any() or not len(boxes_l0):
+    around = _around(mask, reach_px)
+    if around is None or not len(boxes_l0):
         return np.zeros(len(boxes_l0), bool)
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    h, w = mask.shape[:2]
-    y0, y1 = max(0, rows[0] - reach_px), min(h, rows[-1] + 1 + reach_px)
-    x0, x1 = max(0, cols[0] - reach_px), min(w, cols[-1] + 1 + reach_px)
     grown = np.zeros(mask.shape, bool)  # grown only around the mask's bounding box
-    part = mask[y0:y1, x0:x1]
-    grown[y0:y1, x0:x1] = ndimage.binary_dilation(part, structure=disk(reach_px)) if reach_px >= 1 else part
+    part = mask[around]
+    grown[around] = ndimage.binary_dilation(part, structure=disk(reach_px)) if reach_px >= 1 else part
     return tissue_fraction_in_boxes(grown, boxes_l0, downsample) > 0
 
 
