@@ -1,7 +1,8 @@
 """Issue 14: the HTML reports, checked in a real browser.
 
 A folder run on the bundled sample slide plus a synthetic tumour slide writes ``report.html`` and
-one ``NAME.report.html`` per slide. One headless Chromium launch loads a harness page that holds
+one ``NAME.report.html`` per slide. The tumour slide's name holds characters that mean something in a
+URL (``#``, ``%``, a space), as lab file names do: its page, picture and links must still resolve. One headless Chromium launch loads a harness page that holds
 them in iframes; a script in the harness (the test's, not the product's) records, after the load
 event, whether every image of every page loaded, the table's order before and after a click on a
 header, and the links; the same launch takes a screenshot, which must not be blank.
@@ -9,11 +10,13 @@ header, and the links; the same launch takes a screenshot, which must not be bla
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
 
 import numpy as np
 import pytest
@@ -23,6 +26,7 @@ from conftest import Fixture
 from wsi_pipeline.cli import main
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "CMU-1-Small-Region.svs"
+TUMOUR = "tumour #2 (50%)"  # "#" starts a URL fragment, "%" an escape: both must be encoded
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 _HARNESS = """<!DOCTYPE html><html><head><meta charset="utf-8"></head><body style="margin:0">
@@ -58,6 +62,13 @@ window.addEventListener("load", function() {{
 """
 
 
+def _target(folder: Path, href: str) -> Path:
+    """The file a relative link on a page in ``folder`` opens, as a browser reads the link."""
+    url = urlsplit(href)
+    assert not (url.scheme or url.query or url.fragment), f"not a plain relative link: {href!r}"
+    return folder / unquote(url.path)
+
+
 def _browser() -> str:
     for name in BROWSERS:
         if path := shutil.which(name):
@@ -74,7 +85,7 @@ def folder_run(tumour_slide: Fixture, test_model: Path, tmp_path_factory: pytest
     src = root / "slides"
     src.mkdir()
     shutil.copy2(SAMPLE, src / SAMPLE.name)
-    shutil.copy2(tumour_slide.path, src / "tumour.svs")
+    shutil.copy2(tumour_slide.path, src / f"{TUMOUR}.svs")
     out = root / "out"
     r = CliRunner().invoke(main, [str(src), "--out", str(out), "--model", str(test_model), "-q"])
     assert r.exit_code == 0, r.output
@@ -87,9 +98,9 @@ def browsed(folder_run: Path) -> dict:
     """One Chromium launch: the harness's findings (JSON) and its screenshot."""
     chromium = _browser()
     root = folder_run.parent
-    pages = ["out/report.html", "out/CMU-1-Small-Region.report.html", "out/tumour.report.html"]
+    pages = ["out/report.html", "out/CMU-1-Small-Region.report.html", f"out/{TUMOUR}.report.html"]
     frames = "\n".join(
-        f'<iframe src="{p}" style="width:1260px;height:1100px;border:0"></iframe>' for p in pages
+        f'<iframe src="{quote(p)}" style="width:1260px;height:1100px;border:0"></iframe>' for p in pages
     )
     harness = root / "harness.html"
     harness.write_text(_HARNESS.format(frames=frames))
@@ -102,28 +113,28 @@ def browsed(folder_run: Path) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     m = re.search(r'<pre id="result">(.*?)</pre>', proc.stdout, re.S)
     assert m and m.group(1), f"no result from the harness (exit {proc.returncode}): {proc.stderr[-2000:]}"
-    import html
-
     return {"result": json.loads(html.unescape(m.group(1))), "screenshot": shot}
 
 
 def test_every_page_renders_with_every_image_loaded(browsed: dict) -> None:
     pages = browsed["result"]["pages"]
-    assert [p["src"] for p in pages] == [
-        "out/report.html", "out/CMU-1-Small-Region.report.html", "out/tumour.report.html",
+    assert [unquote(p["src"]) for p in pages] == [
+        "out/report.html", "out/CMU-1-Small-Region.report.html", f"out/{TUMOUR}.report.html",
     ]  # fmt: skip
     for page in pages[1:]:
         srcs = [i["src"] for i in page["images"]]
         # thumbnail (data: URI), overlay (the PNG beside the page), 10 top tiles (data: URIs)
         assert len(srcs) == 12 and srcs[1].endswith(".overlay.png"), srcs
         assert all(i["ok"] for i in page["images"]), page["images"]
-    assert pages[2]["title"] == "tumour.svs: tumour"
+    assert pages[2]["title"] == f"{TUMOUR}.svs: tumour"
 
 
 def test_folder_table_links_each_slide_and_sorts(browsed: dict, folder_run: Path) -> None:
     folder = browsed["result"]["pages"][0]
-    assert {"CMU-1-Small-Region.report.html", "tumour.report.html"} <= set(folder["links"])
-    assert folder["order"] == ["CMU-1-Small-Region.svs", "tumour.svs"]  # the batch's (sorted) order
+    targets = {_target(folder_run, h) for h in folder["links"]}
+    assert {folder_run / "CMU-1-Small-Region.report.html", folder_run / f"{TUMOUR}.report.html"} <= targets
+    assert all(t.is_file() for t in targets), folder["links"]
+    assert folder["order"] == ["CMU-1-Small-Region.svs", f"{TUMOUR}.svs"]  # the batch's (sorted) order
     rows = json.loads((folder_run / "summary.json").read_text())["slides"]
     by_p = [Path(r["slide"]).name for r in sorted(rows, key=lambda r: r["max_p"])]
     assert folder["asc"] == by_p and folder["desc"] == by_p[::-1]
@@ -151,4 +162,18 @@ def test_pages_fetch_nothing_and_name_the_model(folder_run: Path, test_model: Pa
         if page.name != "report.html":
             assert card.sha256 in text and card.name in text and "seconds" in text
             assert "<th>precision</th><td>fp32</td>" in text  # the CPU runs fp32, said on the page
-            assert all((folder_run / r).is_file() for r in refs if not r.startswith("data:"))
+            assert all(
+                _target(folder_run, html.unescape(r)).is_file() for r in refs if not r.startswith("data:")
+            )
+
+
+def test_links_are_encoded_paths_or_untouched_urls() -> None:
+    from wsi_pipeline.io.report import folder_report_html
+
+    rows = [
+        {"slide": "/s/a#1.svs", "report": "case 7/a#1 100%.report.html", "status": "done"},
+        {"slide": "/s/b.svs", "report": "file:///D:/res/b%231.report.html", "status": "done"},
+    ]
+    page = folder_report_html(rows)
+    assert 'href="case%207/a%231%20100%25.report.html"' in page  # a path: encoded once
+    assert 'href="file:///D:/res/b%231.report.html"' in page  # a URL (another drive): as it is

@@ -11,8 +11,9 @@ import base64
 import html
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 
@@ -68,6 +69,15 @@ document.querySelectorAll("table.sortable th").forEach(function(th, i) {
 
 def _e(v: Any) -> str:
     return html.escape("" if v is None else str(v), quote=True)
+
+
+def _url(ref: str) -> str:
+    """``ref``, a file path relative to the page (``/``-separated) or a URL, as an attribute value:
+    a path is percent-encoded, since lab file names hold ``#`` (which would start a fragment), ``%``,
+    ``?`` and spaces; a URL (``file:``, ``data:``) is already encoded."""
+    if urlsplit(ref).scheme and not PureWindowsPath(ref).drive:
+        return _e(ref)
+    return _e(quote(ref, safe="/"))
 
 
 def data_uri(image: np.ndarray, fmt: str = "JPEG") -> str:
@@ -159,7 +169,7 @@ def slide_report_html(
     heat = manifest.get("heatmap") or {}
     cell_um = round(float(heat.get("mpp") or 0.0), 1)
     th, tw = thumbnail.shape[:2]
-    href = _e(overlay_href)
+    href = _url(overlay_href)
     parts += [
         "<h2>Slide and heatmap</h2>",
         '<div class="pics">',
@@ -212,7 +222,7 @@ def slide_report_html(
             ]
         ),
         "<h2>Files</h2><ul>"
-        + "".join(f'<li><a href="{_e(href)}">{_e(label)}</a></li>' for label, href in links.items())
+        + "".join(f'<li><a href="{_url(href)}">{_e(label)}</a></li>' for label, href in links.items())
         + "</ul>",
         f"<footer>slide: <code>{_e(manifest.get('slide'))}</code><br>wsi-pipeline "
         f"{_e(manifest.get('package_version'))}. Research use only: not for diagnosis.</footer>",
@@ -277,7 +287,7 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
     for r in rows:
         name = Path(str(r.get("slide", ""))).name
         href = r.get("report")
-        cell = f'<a href="{_e(href)}">{_e(name)}</a>' if href else _e(name)
+        cell = f'<a href="{_url(str(href))}">{_e(name)}</a>' if href else _e(name)
         tds = [f'<td data-v="{_e(name.lower())}">{cell}</td>']
         for key, _, numeric in FOLDER_COLUMNS:
             v = r.get(key)
