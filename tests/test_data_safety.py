@@ -591,6 +591,26 @@ def test_symlink_loop_is_one_line_exit_3(test_model: Path, tmp_path: Path) -> No
     assert not (tmp_path / "o").exists()
 
 
+def test_link_to_a_moved_slide_fails_named_in_a_folder_run(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """A folder of links into slide storage where one slide moved (or its share is not mounted): that
+    slide is a failed row saying so, not silently absent from the run; the others are scored."""
+    src = tmp_path / "slides"
+    _copy(tumour_slide, tmp_path / "store" / "a.svs")
+    src.mkdir()
+    (src / "a.svs").symlink_to(tmp_path / "store" / "a.svs")
+    (src / "b.svs").symlink_to(tmp_path / "store" / "b.svs")  # b.svs was moved away
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, [str(src), "--out", str(out), "--model", str(test_model), "-q"])
+    assert res.exit_code == 1, res.output
+    rows = {Path(r["slide"]).name: r for r in csv.DictReader((out / "summary.csv").open())}
+    assert rows["a.svs"]["status"] == "ok"
+    assert rows["b.svs"]["status"] == "failed"
+    assert f"a link to {tmp_path / 'store' / 'b.svs'}, which does not exist" in rows["b.svs"]["error"]
+    assert "b.svs: a link to" in res.output and "Traceback" not in res.output
+
+
 def test_sigint_during_a_folder_run_stops_cleanly_and_resumes(
     tumour_slide: Fixture, test_model: Path, tmp_path: Path
 ) -> None:

@@ -66,10 +66,10 @@ def _slides_in(folder: Path) -> tuple[list[Path], list[Path]]:
     """The slide files (DICOM: each series' main file) directly in ``folder``, and its subfolders that
     may hold slides (not hidden, not tile stores or MIRAX data folders)."""
     entries = sorted(list_folder(folder))
-    slides = [
+    slides = [  # with links to slides that are gone: each fails, named, instead of vanishing from the run
         p for p in entries
-        if p.is_file() and p.suffix.lower() in LISTED_SUFFIXES and p.suffix.lower() != DICOM_SUFFIX
-        and not is_own_output(p)
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and p.suffix.lower() in LISTED_SUFFIXES and p.suffix.lower() != DICOM_SUFFIX and not is_own_output(p)
     ]  # fmt: skip
     slides += [
         s.main for s in group_series([p for p in entries if p.suffix.lower() == DICOM_SUFFIX and p.is_file()])

@@ -336,6 +336,11 @@ def _open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: 
     if backend not in BACKENDS:
         raise SlideError(f"{p}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not p.exists():
+        if p.is_symlink():  # a link left behind: the slide moved, or its share is not mounted
+            raise SlideError(
+                f"{p}: a link to {os.readlink(p)}, which does not exist (moved, or on a drive or share that "
+                "is not mounted); mount it or point the link at the slide"
+            )
         raise SlideError(f"{p}: no such file; check the path")
     unsupported = unsupported_message(str(p))
     if unsupported:
