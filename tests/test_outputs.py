@@ -344,6 +344,50 @@ def test_a_tif_slide_scored_into_its_own_folder_keeps_its_name_and_resumes(
     assert (src / "report.html").is_file()
 
 
+def test_names_near_the_file_system_limit_are_shortened_distinctly() -> None:
+    from wsi_pipeline.batch import MAX_STEM_BYTES, fit_name
+
+    assert fit_name("case 1") == "case 1"
+    long = ["S" * 250, "S" * 249 + "T", "ä" * 150]  # the last: 300 bytes, a 2-byte character at the cut
+    fitted = [fit_name(n) for n in long]
+    assert len(set(fitted)) == 3 and all(len(f.encode()) <= MAX_STEM_BYTES for f in fitted)
+    assert fitted[2].startswith("ää") and fitted[2].encode().decode() == fitted[2]
+    assert fit_name(long[0]) == fitted[0]  # the same name every run: resume finds its outputs
+
+
+def test_folder_run_scores_a_slide_whose_name_is_near_255_bytes(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """A 250-byte slide name (file systems allow 255): NAME.report.html could not be written, and the
+    run used to stop with a traceback. Its outputs now get a shortened name, and the re-run resumes."""
+    src = tmp_path / "slides"
+    src.mkdir()
+    name = "Biopsie " + "x" * 238  # + ".svs": 250 bytes
+    shutil.copy2(tumour_slide.path, src / f"{name}.svs")
+    out = tmp_path / "out"
+    args = [str(src), "--out", str(out), "--model", str(test_model), "-q"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    (row,) = json.loads((out / "summary.json").read_text())["slides"]
+    assert row["status"] == "ok" and row["report"].startswith("Biopsie xxx") and "~" in row["report"]
+    assert (out / row["report"]).is_file() and len(list(out.glob("Biopsie*"))) == 7
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "already done" in r.output, r.output
+
+
+def test_an_out_name_too_long_for_the_file_system_stops_before_any_work(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "res" / ("x" * 225 + ".tif")  # NAME.overlay.png: 237 bytes, 4 too many
+    for args in ([str(tumour_slide.path), "--out", str(out)], ["tile", str(tumour_slide.path), "--out",
+                                                               str(out.with_suffix(".zarr"))]):  # fmt: skip
+        r = CliRunner().invoke(main, [*args, "--model", str(test_model), "-q"] if args[0] != "tile" else args)
+        assert r.exit_code == 6, r.output
+        lines = [line for line in r.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].endswith("bytes shorter"), r.output
+    assert not (tmp_path / "res").exists()
+
+
 def test_old_heatmaps_are_still_recognised_as_outputs(tmp_path: Path) -> None:
     """Results folders of older versions hold NAME.heatmap.tif (RGB, format 1): never slides."""
     import tifffile

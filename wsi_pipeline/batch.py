@@ -4,6 +4,7 @@ ones, and write a summary (CSV + JSON) that says what happened to every slide.""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import time
@@ -18,7 +19,14 @@ from wsi_pipeline.errors import BusyError, SlideError, WsiError
 from wsi_pipeline.io.dicom import dicom_files, group_series, is_dicom_slide_folder, list_folder
 from wsi_pipeline.io.formats import DICOM_SUFFIX, LISTED_SUFFIXES, SLIDE_SUFFIXES
 from wsi_pipeline.io.ownership import GENERATOR, is_own_output, refuse_foreign_files
-from wsi_pipeline.provenance import atomic_write_bytes, atomic_write_json, input_files, output_error
+from wsi_pipeline.provenance import (
+    MAX_NAME_BYTES,
+    atomic_write_bytes,
+    atomic_write_json,
+    input_files,
+    name_bytes,
+    output_error,
+)
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,23 @@ def output_stems(items: Sequence[BatchItem], out: Path | None = None) -> list[st
     for stem, name, path_name in zip(stems, names, by_path, strict=True):
         unique = [c for c, n in ((stem, stems.count(stem)), (name, names.count(name))) if n == 1]
         chosen.append(next((c for c in unique if not collides(c)), path_name))
-    return [c if chosen.count(c) == 1 else p for c, p in zip(chosen, by_path, strict=True)]
+    return [fit_name(c if chosen.count(c) == 1 else p) for c, p in zip(chosen, by_path, strict=True)]
+
+
+#: Longest output name (bytes) a folder run gives a slide: room for the longest suffix put after it
+#: (``.tile-report.json``, ``.zarr.old-PID``) within :data:`~wsi_pipeline.provenance.MAX_NAME_BYTES`.
+MAX_STEM_BYTES = MAX_NAME_BYTES - 24
+
+
+def fit_name(name: str, limit: int = MAX_STEM_BYTES) -> str:
+    """``name``, or where it is longer than ``limit`` bytes its start and ``~`` and 8 hex digits of
+    its hash (distinct names stay distinct): a slide whose file name is near the file system's limit
+    of 255 bytes gets outputs that can be written (``NAME.report.html`` would not be)."""
+    if name_bytes(name) <= limit:
+        return name
+    tag = "~" + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    head = os.fsencode(name)[: limit - len(tag)]
+    return head.decode("utf-8", "ignore").rstrip() + tag  # a character cut in two is dropped
 
 
 def heatmap_path(out: Path, name: str) -> Path:

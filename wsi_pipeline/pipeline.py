@@ -56,6 +56,7 @@ from wsi_pipeline.io.outputs import (
 )
 from wsi_pipeline.io.ownership import refuse_foreign_files
 from wsi_pipeline.provenance import (
+    check_name_lengths,
     check_writable,
     environment_versions,
     file_sha256,
@@ -230,6 +231,7 @@ def score_slide(
         opts = replace(opts, tile=tile_opts, label=opts.label.with_threshold(card.threshold))
         slide_p, paths = Path(slide), output_paths(Path(heatmap))
         outputs = list(paths.values()) + ([Path(opts.tiles_out)] if opts.tiles_out is not None else [])
+        check_name_lengths(outputs, fix="choose an --out name at least {over} bytes shorter")
         for out_p in paths.values():  # checked now: otherwise the write would fail after all the scoring
             if out_p.is_dir():
                 raise OutputError(

@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,30 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
                 h.update(m)
     return h.hexdigest()
+
+
+#: Longest file name (bytes of UTF-8) an output may have: file systems allow 255, and each output is
+#: first written as ``.NAME.PID.XXXXXXXX.tmp`` (22 bytes more; PIDs have up to 7 digits).
+MAX_NAME_BYTES = 255 - 22
+
+
+def name_bytes(name: str) -> int:
+    """Length of a file name as the file system counts it (bytes)."""
+    return len(os.fsencode(name))
+
+
+def check_name_lengths(paths: Iterable[Path], *, fix: str) -> None:
+    """Raise :class:`OutputError` naming the longest of ``paths`` when its name is longer than
+    :data:`MAX_NAME_BYTES`, before any work: the write would fail (``ENAMETOOLONG``) at the end.
+    ``fix`` ends the message; it is told how many bytes shorter the names must be."""
+    longest = max(paths, key=lambda p: name_bytes(p.name), default=None)
+    n = name_bytes(longest.name) if longest is not None else 0
+    if n > MAX_NAME_BYTES:
+        raise OutputError(
+            f"{longest}: the file name is {n} bytes, {n - MAX_NAME_BYTES} over the {MAX_NAME_BYTES} an output "
+            f"may have (file systems allow 255, and each output is written under a longer temporary "
+            f"name first); {fix.format(over=n - MAX_NAME_BYTES)}"
+        )
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -219,6 +243,8 @@ def output_error(path: Path, exc: OSError) -> OutputError:
             f"{path}: disk full (or quota reached) while writing it; free space and re-run the same "
             f"command (finished results are kept and skipped)"
         )
+    elif exc.errno == errno.ENAMETOOLONG:
+        msg = f"{path}: the name is too long for this file system; choose a shorter --out"
     elif exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         msg = f"{path}: cannot write here ({exc.strerror}); choose a writable --out"
     else:

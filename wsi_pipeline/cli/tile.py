@@ -135,9 +135,10 @@ def _tile_one(
 ) -> Any:
     from wsi_pipeline import __version__
     from wsi_pipeline.io.ownership import GENERATOR, refuse_foreign_files
-    from wsi_pipeline.provenance import atomic_write_json, environment_versions
+    from wsi_pipeline.provenance import atomic_write_json, check_name_lengths, environment_versions
     from wsi_pipeline.tiling.tiler import tile_slide
 
+    check_name_lengths([out, report_path(out)], fix="choose an --out name at least {over} bytes shorter")
     refuse_foreign_files([report_path(out)])
     with bars.slide(slide.name) as update:
         rep = tile_slide(slide, out, opts, backend=backend, overwrite=overwrite, progress=update, wait=wait)
