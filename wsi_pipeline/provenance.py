@@ -113,11 +113,12 @@ def check_name_lengths(paths: Iterable[Path], *, fix: str) -> None:
     ``fix`` ends the message; it is told how many bytes shorter the names must be."""
     longest = max(paths, key=lambda p: name_bytes(p.name), default=None)
     n = name_bytes(longest.name) if longest is not None else 0
-    if n > MAX_NAME_BYTES:
+    over = n - MAX_NAME_BYTES
+    if over > 0:
         raise OutputError(
-            f"{longest}: the file name is {n} bytes, {n - MAX_NAME_BYTES} over the {MAX_NAME_BYTES} an output "
-            f"may have (file systems allow 255, and each output is written under a longer temporary "
-            f"name first); {fix.format(over=n - MAX_NAME_BYTES)}"
+            f"{longest}: the file name is {n} bytes, {over} over the {MAX_NAME_BYTES} an output may have "
+            f"(file systems allow 255, and each output is written under a longer temporary name first); "
+            f"{fix.format(over=over)}"
         )
 
 
