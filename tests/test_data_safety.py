@@ -390,6 +390,23 @@ def test_csv_with_excel_bom_and_blank_rows(tumour_slide: Fixture, test_model: Pa
     assert code != 0 and "line 3" in text and "empty 'slide' cell" in text
 
 
+def test_csv_as_a_spreadsheet_saves_it(tumour_slide: Fixture, test_model: Path, tmp_path: Path) -> None:
+    """Excel where the decimal mark is a comma saves "CSV" with semicolons (``0,499``), others with
+    tabs, headers as typed ("Slide", "MPP"): each used to fail with "needs a 'slide' column"."""
+    _copy(tumour_slide, tmp_path / "a.svs")
+    csv_path = tmp_path / "slides.csv"
+    out = tmp_path / "out"
+    for i, text in enumerate(["\ufeffSlide;MPP\r\na.svs;0,5\r\n", "slide\tmpp\na.svs\t0.5\n"]):
+        csv_path.write_bytes(text.encode())
+        code, log = _invoke(str(csv_path), "--out", str(out / str(i)), "--model", str(test_model))
+        assert code == 0, log
+        m = json.loads((out / str(i) / "a.run.json").read_text())
+        assert m["resolution"]["mpp_source"] == "override" and m["resolution"]["mpp_x"] == 0.5
+    csv_path.write_text("file;mpp\na.svs;0,5\n")
+    code, log = _invoke(str(csv_path), "--out", str(out / "x"), "--model", str(test_model))
+    assert code != 0 and "needs a header with a 'slide' column" in log and "'file', 'mpp'" in log
+
+
 def test_out_naming_an_existing_folder_for_one_slide(
     tumour_slide: Fixture, test_model: Path, tmp_path: Path
 ) -> None:

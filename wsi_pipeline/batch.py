@@ -186,25 +186,42 @@ def write_folder_report(out: Path, rows: Sequence[dict[str, Any]]) -> Path:
 
 def read_manifest_csv(path: Path) -> list[BatchItem]:
     """Rows of a CSV with a ``slide`` column (relative paths are relative to the CSV) and an
-    optional ``mpp`` column (per-slide override)."""
+    optional ``mpp`` column (per-slide override). As spreadsheets save it: a byte-order mark, headers
+    in any case, and separated by commas, semicolons (Excel where the decimal mark is a comma, whose
+    ``0,499`` is read as 0.499) or tabs."""
     try:  # utf-8-sig: Excel writes a byte-order mark before the header
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            rows = [(reader.line_num, r) for r in reader]
-            header = [h.strip() for h in reader.fieldnames or []]
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise WsiError(f"{path}: cannot read the manifest ({exc})") from exc
+    first = next((line for line in text.splitlines() if line.strip()), "")
+
+    def names(d: str) -> list[str]:
+        return [h.strip().lower() for h in next(csv.reader([first], delimiter=d), [])]
+
+    # the one that finds a 'slide' column, else (for the error) the one that splits the line most
+    delimiter = next((d for d in (",", ";", "\t") if "slide" in names(d)), None) or max(
+        (",", ";", "\t"), key=lambda d: len(names(d))
+    )
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows = [(reader.line_num, r) for r in reader]
+    header = [h.strip().lower() for h in reader.fieldnames or []]
     if "slide" not in header:
-        raise WsiError(f"{path}: the manifest needs a header with a 'slide' column (and optionally 'mpp')")
+        found = ", ".join(repr(h) for h in header) or "none"
+        raise WsiError(
+            f"{path}: the manifest needs a header with a 'slide' column (and optionally 'mpp'); "
+            f"its first line has the columns {found}"
+        )
     out: list[BatchItem] = []
     for i, raw in rows:
-        r = {(k or "").strip(): (v or "") for k, v in raw.items()}
+        r = {(k or "").strip().lower(): (v or "") for k, v in raw.items()}
         if not any(str(v).strip() for v in r.values()):
             continue  # blank or whitespace-only line
         if not r["slide"].strip():
             raise WsiError(f"{path}: line {i}: empty 'slide' cell; fill it in or delete the line")
         p = Path(r["slide"].strip())
         mpp = (r.get("mpp") or "").strip()
+        if delimiter != ",":
+            mpp = mpp.replace(",", ".")  # a decimal comma
         try:
             out.append(BatchItem(p if p.is_absolute() else path.parent / p, float(mpp) if mpp else None))
         except ValueError:
