@@ -402,6 +402,10 @@ def test_csv_as_a_spreadsheet_saves_it(tumour_slide: Fixture, test_model: Path, 
         assert code == 0, log
         m = json.loads((out / str(i) / "a.run.json").read_text())
         assert m["resolution"]["mpp_source"] == "override" and m["resolution"]["mpp_x"] == 0.5
+    _copy(tumour_slide, tmp_path / "Schnitt ä.svs")  # Excel's plain "CSV" on Windows: Windows-1252
+    csv_path.write_bytes("slide;mpp\r\nSchnitt ä.svs;0,5\r\n".encode("cp1252"))
+    code, log = _invoke(str(csv_path), "--out", str(out / "2"), "--model", str(test_model))
+    assert code == 0 and (out / "2" / "Schnitt ä.run.json").is_file(), log
     csv_path.write_text("file;mpp\na.svs;0,5\n")
     code, log = _invoke(str(csv_path), "--out", str(out / "x"), "--model", str(test_model))
     assert code != 0 and "needs a header with a 'slide' column" in log and "'file', 'mpp'" in log

@@ -188,11 +188,15 @@ def read_manifest_csv(path: Path) -> list[BatchItem]:
     """Rows of a CSV with a ``slide`` column (relative paths are relative to the CSV) and an
     optional ``mpp`` column (per-slide override). As spreadsheets save it: a byte-order mark, headers
     in any case, and separated by commas, semicolons (Excel where the decimal mark is a comma, whose
-    ``0,499`` is read as 0.499) or tabs."""
+    ``0,499`` is read as 0.499) or tabs, in UTF-8 or (Excel's plain "CSV" on Windows) Windows-1252."""
     try:  # utf-8-sig: Excel writes a byte-order mark before the header
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+        data = path.read_bytes()
+    except OSError as exc:
         raise WsiError(f"{path}: cannot read the manifest ({exc})") from exc
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:  # Excel's plain "CSV" on Windows: the ANSI code page, not UTF-8
+        text = data.decode("cp1252", errors="replace")
     first = next((line for line in text.splitlines() if line.strip()), "")
 
     def names(d: str) -> list[str]:
