@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -97,25 +98,32 @@ def output_stems(items: Sequence[BatchItem], out: Path | None = None) -> list[st
     and the files beside it) would be one of the batch's slides is passed over for the next one:
     ``case1.tif`` scored into its own folder is named ``case1.tif`` (``case1.tif.tif``, ...), never
     ``case1`` (whose ``case1.tif`` is the slide)."""
-    stems = [it.slide.stem for it in items]
-    names = [it.slide.name for it in items]
+    # Names near the file systems' limit shortened first (distinct names stay distinct, equal ones equal)
+    stems = [fit_name(it.slide.stem) for it in items]
+    names = [fit_name(it.slide.name) for it in items]
     resolved = [it.slide.resolve() for it in items]
     common = Path(os.path.commonpath([str(r.parent) for r in resolved])) if resolved else Path()
     inputs = {f.resolve() for it in items for f in input_files(it.slide)} if out is not None else set()
+    out_r = out.resolve() if out is not None else None
 
     def collides(name: str) -> bool:
-        if out is None:
+        if out is None or out_r is None:
             return False
         from wsi_pipeline.pipeline import output_paths
 
-        return any(p.resolve() in inputs for p in output_paths(heatmap_path(out, name)).values())
+        for p in output_paths(heatmap_path(out_r, name)).values():
+            if (p.resolve() if p.is_symlink() else p) in inputs:
+                return True
+        return False
 
-    by_path = ["__".join(r.relative_to(common).parts) for r in resolved]
+    by_path = [fit_name("__".join(r.relative_to(common).parts)) for r in resolved]
+    n_stems, n_names = Counter(stems), Counter(names)  # counted once: 20,000 slides took 12 s before
     chosen = []
     for stem, name, path_name in zip(stems, names, by_path, strict=True):
-        unique = [c for c, n in ((stem, stems.count(stem)), (name, names.count(name))) if n == 1]
+        unique = [c for c, n in ((stem, n_stems[stem]), (name, n_names[name])) if n == 1]
         chosen.append(next((c for c in unique if not collides(c)), path_name))
-    return [fit_name(c if chosen.count(c) == 1 else p) for c, p in zip(chosen, by_path, strict=True)]
+    n_chosen = Counter(chosen)
+    return [c if n_chosen[c] == 1 else p for c, p in zip(chosen, by_path, strict=True)]
 
 
 #: Longest output name (bytes) a folder run gives a slide: room for the longest suffix put after it
