@@ -632,10 +632,16 @@ def test_link_to_a_moved_slide_fails_named_in_a_folder_run(
     assert "b.svs: a link to" in res.output and "Traceback" not in res.output
 
 
-def test_sigint_during_a_folder_run_stops_cleanly_and_resumes(
-    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+@pytest.mark.parametrize(("signame", "code", "says"), [
+    ("SIGINT", 130, "interrupted; re-run the same command to resume"),
+    ("SIGTERM", 143, "terminated (SIGTERM: a time limit, docker stop, a shutdown); re-run the same command"),
+])  # fmt: skip
+def test_a_stopped_folder_run_says_so_keeps_its_record_and_resumes(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path, signame: str, code: int, says: str
 ) -> None:
-    """Ctrl-C: exit 130 with one line saying how to resume; nothing half-written; the re-run finishes."""
+    """Ctrl-C, and SIGTERM (a SLURM time limit, docker stop: the process used to die where it stood,
+    with no summary): one line saying how to resume; nothing half-written; summary.json and
+    report.html list the slides done and those not run; the re-run finishes the rest."""
     import signal
     import subprocess
     import sys
@@ -651,16 +657,24 @@ def test_sigint_during_a_folder_run_stops_cleanly_and_resumes(
     deadline = time.time() + 60
     while time.time() < deadline and not list(out.glob("*.run.json")):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
-        pytest.skip("the run finished before the interrupt arrived")
-    assert proc.returncode == 130, err
-    assert "interrupted; re-run the same command to resume" in err and "Traceback" not in err
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == code, err
+    assert says in err and "Traceback" not in err
     assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial"))]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and len(summary["slides"]) == 4
+    status = {Path(r["slide"]).name: r["status"] for r in summary["slides"]}
+    done = {p.name.removesuffix(".run.json") + ".svs" for p in out.glob("*.run.json")}
+    assert done and {k for k, v in status.items() if v == "ok"} == done, (status, done)
+    assert set(status.values()) == {"ok", "not run (interrupted)"}, status
+    assert "This run was interrupted before its end" in (out / "report.html").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
     assert len(list(out.glob("*.run.json"))) == 4
+    assert "interrupted" not in json.loads((out / "summary.json").read_text())
 
 
 # --- files that share an output's name but are not ours ------------------------------------------

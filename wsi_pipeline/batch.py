@@ -377,10 +377,35 @@ def run_batch(
             except WsiError as exc:
                 if fail(at, item, exc):
                     break
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (a time limit, docker stop) through the CLI
+        # The outputs being written finish (atomic files) and count; the summary then says which slides
+        # this run did and which it did not reach: a killed nightly run still leaves its record.
+        for at, item, fut in pending:
+            try:
+                rows[at] = row(item, fut.result())
+            except WsiError as err:
+                rows[at] = {"slide": str(item.slide), "status": "failed", "n_tiles": 0, "error": str(err)}
+        pending.clear()
+        rows += [{} for _ in items[len(rows) :]]
+        for at, r in enumerate(rows):
+            if not r:
+                rows[at] = {"slide": str(items[at].slide), "status": "not run (interrupted)", "n_tiles": 0,
+                            "error": ""}  # fmt: skip
+        _write_summaries(summaries, rows, interrupted=True)
+        exc.batch_rows = rows  # type: ignore[attr-defined]  # for the caller's own pages
+        raise
     finally:
         for _, _, fut in pending:  # interrupted: let the outputs being written finish (atomic files)
             fut.exception()
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    atomic_write_bytes(summaries[0], rows_to_csv(rows, columns))
-    atomic_write_json(summaries[1], {"generator": f"{GENERATOR} {__version__}", "slides": rows})
+    _write_summaries(summaries, rows)
     return BatchResult(rows, time.perf_counter() - t0)
+
+
+def _write_summaries(paths: Sequence[Path], rows: list[dict[str, Any]], *, interrupted: bool = False) -> None:
+    """``NAME.csv`` and ``NAME.json`` (``interrupted``: true when the run was stopped before its end)."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    atomic_write_bytes(paths[0], rows_to_csv(rows, columns))
+    doc: dict[str, Any] = {"generator": f"{GENERATOR} {__version__}", "slides": rows}
+    if interrupted:
+        doc["interrupted"] = True
+    atomic_write_json(paths[1], doc)

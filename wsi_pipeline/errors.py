@@ -83,3 +83,9 @@ class BusyError(WsiError, RuntimeError):
     exit_code = 11
     holder = "?"  # who holds the output, as its lock file says ("pid 123 on host, since ...")
     seen: object = None  # what the holder had written when this was raised (see pipeline.score_slide)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, ``docker stop``, a shutdown) raised in the main thread by the
+    ``wsi-infer`` program, so that it unwinds as Ctrl-C does: the outputs being written finish, a folder
+    run's summary records what was done, and the exit status is 143 (128 + 15)."""

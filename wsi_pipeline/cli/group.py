@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from wsi_pipeline import __version__
-from wsi_pipeline.errors import BusyError, UsageError, WsiError
+from wsi_pipeline.errors import BusyError, Terminated, UsageError, WsiError
 
 F = TypeVar("F", bound=Callable[..., Any])
 _POSITIVE = click.FloatRange(min=0.0, min_open=True)
@@ -37,6 +37,9 @@ def _run_guarded(fn: Callable[[], int | None]) -> None:
     except WsiError as exc:
         _err(str(exc))
         sys.exit(exc.exit_code)
+    except Terminated:
+        _err("terminated (SIGTERM: a time limit, docker stop, a shutdown); re-run the same command to resume")
+        sys.exit(143)
     except KeyboardInterrupt:
         _err("interrupted; re-run the same command to resume where it stopped")
         sys.exit(130)

@@ -315,7 +315,12 @@ def _run_folder(
                 lambda: result_row(_result_line(item.slide, heatmap, finish(), bars), out, heatmap)
             )
 
-        res = run_batch(items, one, out=out, summary_name="summary", stop_on_error=not skip,
-                        also_writes=[out / "report.html"], **_batch_callbacks(bars, one))  # fmt: skip
+        try:
+            res = run_batch(items, one, out=out, summary_name="summary", stop_on_error=not skip,
+                            also_writes=[out / "report.html"], **_batch_callbacks(bars, one))  # fmt: skip
+        except KeyboardInterrupt as exc:  # the summary lists what was done: so does the page
+            if rows := getattr(exc, "batch_rows", None):
+                write_folder_report(out, rows)
+            raise
     report = write_folder_report(out, res.rows)
     return _batch_summary(res, out / "summary.csv", report)

@@ -302,11 +302,20 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
                 tds.append(f'<td{" class=n" if numeric else ""} data-v="{_e(v)}">{_e(v)}</td>')
         tds.append(f"<td>{_e(r.get('error') or '')}</td>")
         body.append("<tr>" + "".join(tds) + "</tr>")
+    n_neg = sum(1 for r in rows if r.get("positive") is False)
+    n_not_run = sum(1 for r in rows if str(r.get("status", "")).startswith("not run"))
+    not_run = f", {n_not_run} not run" if n_not_run else ""
     parts = [
         f"<h1>{_e(title)}</h1>",
-        f"<p>{len(rows)} slides: {n_pos} called positive, {len(rows) - n_pos - n_fail} negative, "
-        f"{n_fail} failed; {n_warn} with an OOD warning (marked !: the model may not know this tissue, "
-        "stain or scanner; review by eye)"
+        (
+            f'<p class="warn">This run was interrupted before its end: {n_not_run} slides were not run. '
+            "Re-run the same command to finish them (the slides done are kept and skipped).</p>"
+            if n_not_run
+            else ""
+        ),
+        f"<p>{len(rows)} slides: {n_pos} called positive, {n_neg} negative, "
+        f"{n_fail} failed{not_run}; {n_warn} with an OOD warning (marked !: the model may not know this "
+        "tissue, stain or scanner; review by eye)"
         + (
             f"; {n_pen} with marker-pen ink left out of the tissue ({n_pen_warn} marked !: every positive "
             "tile lies beside the ink)"
