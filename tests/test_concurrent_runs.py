@@ -224,3 +224,42 @@ def test_tile_folder_run_comes_back_to_a_store_another_run_writes(tmp_path: Path
         ("c2.svs", "written"),
     ]
     assert not list(out.glob("*.lock"))
+
+
+def test_busy_leave_ends_without_waiting_for_slides_another_run_still_holds(tmp_path: Path) -> None:
+    """``--busy leave`` (a job-array task): c2, held by the other run to the end, is left to it and
+    the run ends at once, exit 0; c3, let go of by then (its run died), is scored here."""
+    _copies(tmp_path / "s", 4)
+    out = tmp_path / "res"
+    c2, c3 = claim(out / "c2.run.lock", str), claim(out / "c3.run.lock", str)
+
+    def other_run() -> None:  # c3's run dies once this run has passed it (is at c4); c2's run goes on
+        deadline = time.monotonic() + 120
+        while not (out / "c4.run.lock").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        c3.release()
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    try:
+        res = CliRunner().invoke(main, [str(tmp_path / "s"), "--out", str(out), "--busy", "leave"])
+    finally:
+        t.join()
+        c2.release()
+    assert res.exit_code == 0, res.output
+    assert f"c2.svs: left to the other run (pid {os.getpid()} on " in res.output
+    assert "waiting for the other run" not in res.output
+    assert "4 slides, 3 done, 0 failed, 1 left to other runs" in res.output
+    rows = json.loads((out / "summary.json").read_text())["slides"]
+    assert [r["status"] for r in rows] == ["ok", "left to another run", "ok", "ok"]
+    assert not (out / "c2.run.json").exists()
+
+    held = claim(tmp_path / "stores" / "c1.zarr.lock", str)  # the same for `tile`
+    try:
+        res = CliRunner().invoke(main, ["tile", str(tmp_path / "s"), "--out", str(tmp_path / "stores"),
+                                        "--busy", "leave"])  # fmt: skip
+    finally:
+        held.release()
+    assert res.exit_code == 0 and "c1.svs: left to the other run" in res.output, res.output
+    rows = json.loads((tmp_path / "stores" / "tile-summary.json").read_text())["slides"]
+    assert [r["status"] for r in rows] == ["left to another run", "written", "written", "written"]

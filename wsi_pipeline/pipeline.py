@@ -202,6 +202,7 @@ def score_slide(
     progress: ProgressFn | None = None,
     overwrite: bool = False,
     waiting_on: BusyError | None = None,
+    wait: bool = True,
 ) -> Callable[[], dict[str, Any]]:
     """:func:`run_slide` up to its outputs: checks, plan and scoring; returns the function that writes
     the outputs and returns the manifest (for a skipped slide, the finished run's manifest). A folder
@@ -212,7 +213,8 @@ def score_slide(
     is opened until they are written: while another run holds them this raises :class:`BusyError`.
     ``waiting_on``: that error, from an earlier call: wait for that run to end, then take the slide as
     it left it: its finished result (even with ``overwrite``: it is not an earlier run's), or, if it
-    died first, score the slide here."""
+    died first, score the slide here. ``wait`` False: do not wait; raise :class:`BusyError` again if
+    that run still holds the outputs."""
     t0 = time.perf_counter()
     opts = options or RunOptions()
     # The model file is hashed while the slide is opened and planned; a file that does not match
@@ -239,7 +241,7 @@ def score_slide(
                 )
         refuse_overwriting_inputs(outputs, [slide_p, card.onnx_path, card.path])
         try:
-            claimed = claim_outputs(paths, wait=waiting_on is not None)
+            claimed = claim_outputs(paths, wait=waiting_on is not None and wait)
         except BusyError as exc:
             exc.seen = _written(paths["manifest"])
             raise

@@ -127,6 +127,20 @@ RECURSIVE_HELP = (
 )
 
 
+def busy_option(fn: F) -> F:
+    """``--busy wait|leave``: what a folder run does with a slide another run is scoring into the same
+    results folder (a job array's other task, a second workstation)."""
+    return click.option(
+        "--busy",
+        type=click.Choice(["wait", "leave"]),
+        default="wait",
+        show_default=True,
+        help="Folder runs: a slide that another run is scoring into the same --out is passed over, then "
+        "at the end waited for (every run ends with the whole folder in its summary) or left to that "
+        "run (a job-array task ends as soon as no slide is left to take).",
+    )(fn)
+
+
 def _slide_options(fn: F) -> F:
     """Options shared by every command that reads a slide."""
     decorators = [
@@ -275,13 +289,20 @@ def _options_from(kw: dict[str, Any]) -> Any:
     )
 
 
-def _batch_callbacks(bars: _Bars, one: Callable[..., Any]) -> dict[str, Any]:
-    """``run_batch``'s callbacks for a folder run whose items ``one(item, waiting_on=None)`` runs:
-    progress lines, errors, and slides that another run is working on (waited for at the end)."""
+def _batch_callbacks(bars: _Bars, one: Callable[..., Any], *, leave_busy: bool = False) -> dict[str, Any]:
+    """``run_batch``'s callbacks for a folder run whose items ``one(item, waiting_on=None, wait=True)``
+    runs: progress lines, errors, and slides that another run is working on: at the end waited for, or
+    (``leave_busy``) taken only if that run has let go of them by then, else left to it."""
 
     def again(item: Any, busy: BusyError) -> Any:
-        bars.echo(f"{item.slide.name}: waiting for the other run ({busy.holder}) to finish it")
-        return one(item, waiting_on=busy)
+        if not leave_busy:
+            bars.echo(f"{item.slide.name}: waiting for the other run ({busy.holder}) to finish it")
+            return one(item, waiting_on=busy)
+        try:
+            return one(item, waiting_on=busy, wait=False)
+        except BusyError as exc:
+            bars.echo(f"{item.slide.name}: left to the other run ({exc.holder})")
+            return {"status": LEFT_TO_OTHER_RUN, "n_tiles": 0}
 
     return {
         "on_start": lambda i, n, item: bars.echo(f"[{i}/{n}] {item.slide.name}"),
@@ -293,13 +314,20 @@ def _batch_callbacks(bars: _Bars, one: Callable[..., Any]) -> dict[str, Any]:
     }
 
 
+#: summary status of a slide that ``--busy leave`` left to the run scoring it
+LEFT_TO_OTHER_RUN = "left to another run"
+
+
 def _batch_summary(res: Any, summary: Path, report: Path | None = None) -> int:
     """The closing line of a folder run, failures listed on stderr; exit code 1 if any failed."""
     failed = res.failed
+    left = sum(1 for r in res.rows if r.get("status") == LEFT_TO_OTHER_RUN)
     tiles = sum(int(r.get("n_tiles") or 0) for r in res.rows)
     click.echo(
-        f"{len(res.rows)} slides, {len(res.rows) - len(failed)} done, {len(failed)} failed, {tiles} tiles, "
-        f"{res.seconds:.1f} s -> {summary}" + (f", {report}" if report is not None else "")
+        f"{len(res.rows)} slides, {len(res.rows) - len(failed) - left} done, {len(failed)} failed, "
+        + (f"{left} left to other runs, " if left else "")
+        + f"{tiles} tiles, {res.seconds:.1f} s -> {summary}"
+        + (f", {report}" if report is not None else "")
     )
     for r in failed:
         click.echo(f"  failed: {r['error']}", err=True)

@@ -20,6 +20,7 @@ from wsi_pipeline.cli.group import (
     _run_guarded,
     _slide_options,
     _tile_options,
+    busy_option,
     main,
 )
 from wsi_pipeline.errors import BusyError, UsageError, WsiError
@@ -104,6 +105,7 @@ if TYPE_CHECKING:
 @_slide_options
 @_tile_options
 @click.option("--overwrite", is_flag=True, help="Recompute slides whose outputs already exist.")
+@busy_option
 @click.option(
     "--recursive",
     "-r",
@@ -112,7 +114,14 @@ if TYPE_CHECKING:
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def run(
-    slide: Path, out: str, quiet: bool, overwrite: bool, skip_errors: bool, recursive: bool, **kw: Any
+    slide: Path,
+    out: str,
+    quiet: bool,
+    overwrite: bool,
+    skip_errors: bool,
+    recursive: bool,
+    busy: str,
+    **kw: Any,
 ) -> None:
     """Score SLIDE (a slide, a finished .zarr tile store, a folder, or a CSV manifest).
 
@@ -150,8 +159,9 @@ def run(
         try:
             if _is_batch(slide):
                 return _run_folder(
-                    slide, Path(out), opts, kw["model"], client, overwrite, quiet, skip_errors, recursive
-                )
+                    slide, Path(out), opts, kw["model"], client, overwrite, quiet, skip_errors, recursive,
+                    leave_busy=busy == "leave",
+                )  # fmt: skip
             with _Bars(enabled=not quiet) as bars:
                 target = _single_target(slide, out)
                 _run_one(slide, target, opts, kw["model"], client, overwrite, bars)
@@ -228,6 +238,7 @@ def _score_one(
     overwrite: bool,
     bars: _Bars,
     waiting_on: BusyError | None = None,
+    wait: bool = True,
 ) -> Callable[[], dict[str, Any]]:
     """Plan and score ``slide`` under its progress bar; the function that writes its outputs."""
     from wsi_pipeline.pipeline import score_slide
@@ -235,7 +246,7 @@ def _score_one(
     with bars.slide(slide.name) as update:
         return score_slide(
             slide, out, model=model, options=opts, client=client, progress=update, overwrite=overwrite,
-            waiting_on=waiting_on,
+            waiting_on=waiting_on, wait=wait,
         )  # fmt: skip
 
 
@@ -288,6 +299,8 @@ def _run_folder(
     quiet: bool,
     skip: bool,
     recursive: bool = False,
+    *,
+    leave_busy: bool = False,
 ) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -307,17 +320,20 @@ def _run_folder(
     # (run_batch settles each in order, after the next slide's scoring).
     with _Bars(enabled=not quiet, n_slides=len(items)) as bars, ThreadPoolExecutor(1, "wsi-writer") as writer:
 
-        def one(item: BatchItem, waiting_on: BusyError | None = None) -> Future[dict[str, Any]]:
+        def one(
+            item: BatchItem, waiting_on: BusyError | None = None, wait: bool = True
+        ) -> Future[dict[str, Any]]:
             o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
             heatmap = heatmap_path(out, names[item])
-            finish = _score_one(item.slide, heatmap, o, model, client, overwrite, bars, waiting_on)
+            finish = _score_one(item.slide, heatmap, o, model, client, overwrite, bars, waiting_on, wait)
             return writer.submit(
                 lambda: result_row(_result_line(item.slide, heatmap, finish(), bars), out, heatmap)
             )
 
         try:
             res = run_batch(items, one, out=out, summary_name="summary", stop_on_error=not skip,
-                            also_writes=[out / "report.html"], **_batch_callbacks(bars, one))  # fmt: skip
+                            also_writes=[out / "report.html"],
+                            **_batch_callbacks(bars, one, leave_busy=leave_busy))  # fmt: skip
         except KeyboardInterrupt as exc:  # the summary lists what was done: so does the page
             if rows := getattr(exc, "batch_rows", None):
                 write_folder_report(out, rows)

@@ -19,6 +19,7 @@ from wsi_pipeline.cli.group import (
     _run_guarded,
     _slide_options,
     _tile_options,
+    busy_option,
     main,
 )
 from wsi_pipeline.errors import BusyError
@@ -94,6 +95,7 @@ def _print_info(data: dict[str, Any]) -> None:
 @_slide_options
 @_tile_options
 @click.option("--overwrite", is_flag=True, help="Replace a store made with other parameters.")
+@busy_option
 @click.option(
     "--recursive",
     "-r",
@@ -101,7 +103,7 @@ def _print_info(data: dict[str, Any]) -> None:
     help=RECURSIVE_HELP,
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def tile(slide: Path, out: Path, overwrite: bool, quiet: bool, recursive: bool, **kw: Any) -> None:
+def tile(slide: Path, out: Path, overwrite: bool, quiet: bool, recursive: bool, busy: str, **kw: Any) -> None:
     """Stream the tissue tiles of SLIDE into the Zarr store OUT (resumable).
 
     SLIDE may be a folder: every slide in it is tiled into OUT/<name>.zarr, bad slides are reported
@@ -115,8 +117,9 @@ def tile(slide: Path, out: Path, overwrite: bool, quiet: bool, recursive: bool, 
 
         if slide.is_dir() and not is_dicom_slide_folder(slide):
             return _tile_folder(
-                slide, out, opts, backend=backend, overwrite=overwrite, quiet=quiet, recursive=recursive
-            )
+                slide, out, opts, backend=backend, overwrite=overwrite, quiet=quiet, recursive=recursive,
+                leave_busy=busy == "leave",
+            )  # fmt: skip
         with _Bars(enabled=not quiet) as bars:
             _tile_one(slide, out, opts, backend=backend, overwrite=overwrite, bars=bars)
         return 0
@@ -181,7 +184,15 @@ def _stain_note(meta: dict[str, Any]) -> str:
 
 
 def _tile_folder(
-    folder: Path, out: Path, opts: Any, *, backend: str, overwrite: bool, quiet: bool, recursive: bool = False
+    folder: Path,
+    out: Path,
+    opts: Any,
+    *,
+    backend: str,
+    overwrite: bool,
+    quiet: bool,
+    recursive: bool = False,
+    leave_busy: bool = False,
 ) -> int:
     from wsi_pipeline.batch import BatchItem, batch_items, output_stems, run_batch
 
@@ -189,11 +200,12 @@ def _tile_folder(
     names = dict(zip(items, output_stems(items), strict=True))
     with _Bars(enabled=not quiet, n_slides=len(items)) as bars:
 
-        def one(item: BatchItem, waiting_on: BusyError | None = None) -> dict[str, Any]:
+        def one(item: BatchItem, waiting_on: BusyError | None = None, wait: bool = True) -> dict[str, Any]:
             o = opts if item.mpp is None else replace(opts, mpp_override=item.mpp)
             rep = _tile_one(item.slide, out / f"{names[item]}.zarr", o, backend=backend,
-                            overwrite=overwrite, bars=bars, wait=waiting_on is not None)  # fmt: skip
+                            overwrite=overwrite, bars=bars, wait=waiting_on is not None and wait)  # fmt: skip
             return {"status": rep.status, "n_tiles": rep.n_tiles}
 
-        res = run_batch(items, one, out=out, summary_name="tile-summary", **_batch_callbacks(bars, one))
+        res = run_batch(items, one, out=out, summary_name="tile-summary",
+                        **_batch_callbacks(bars, one, leave_busy=leave_busy))  # fmt: skip
     return _batch_summary(res, out / "tile-summary.csv")
