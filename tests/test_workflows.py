@@ -350,3 +350,36 @@ def test_options_that_would_never_finish_are_refused_by_the_library_too() -> Non
     ):
         with pytest.raises(UsageError):
             make()
+
+
+def test_sigterm_stops_the_script_cleanly_with_its_summary(
+    tumour_slide: Fixture, model: Path, tmp_path: Path
+) -> None:
+    """A SLURM time limit sends SIGTERM: the job used to die where it stood, with no summary. It now
+    exits 143 with one line, summary.json marked interrupted and listing what was done."""
+    import signal
+    import time
+
+    src = tmp_path / "slides"
+    src.mkdir()
+    for i in range(6):
+        shutil.copyfile(tumour_slide.path, src / f"s{i}.svs")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKFLOWS / "batch_folder.py"), str(src), "--out", str(out), "--local", "1",
+         "--model", str(model), "--chunk-tiles", "16", "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*.run.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the job finished before the signal arrived")
+    assert proc.returncode == 143, err
+    assert "error: terminated (SIGTERM); re-run the same command to resume" in err and "Traceback" not in err
+    rows = json.loads((out / "summary.json").read_text())
+    assert rows["interrupted"] is True and len(rows["slides"]) == 6
+    done = {p.name.removesuffix(".run.json") + ".svs" for p in out.glob("*.run.json")}
+    assert {Path(r["slide"]).name for r in rows["slides"] if r["status"] == "ok"} == done

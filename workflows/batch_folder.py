@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline import __version__
-from wsi_pipeline.errors import BusyError, DeviceError, WsiError
+from wsi_pipeline.errors import BusyError, DeviceError, Terminated, WsiError, stop_on_sigterm
 
 GPU_DEVICES = ("cuda", "tensorrt")
 
@@ -377,6 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    except Terminated:  # SIGTERM: a SLURM time limit, docker stop (the summary lists what was done)
+        print(
+            "error: terminated (SIGTERM); re-run the same command to resume where it stopped", file=sys.stderr
+        )
+        return 143
     except KeyboardInterrupt:
         print("error: interrupted; re-run the same command to resume where it stopped", file=sys.stderr)
         return 130
@@ -389,4 +394,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    stop_on_sigterm()
     sys.exit(main())

@@ -89,3 +89,16 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's time limit, ``docker stop``, a shutdown) raised in the main thread by the
     ``wsi-infer`` program, so that it unwinds as Ctrl-C does: the outputs being written finish, a folder
     run's summary records what was done, and the exit status is 143 (128 + 15)."""
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread (a program's entry point calls this;
+    from another thread it does nothing: only the main thread may set signal handlers)."""
+    import signal
+    import threading
+
+    def _raise(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
-from types import FrameType
 
 from wsi_pipeline.cli import evaluate, models, score, tile  # noqa: F401 - each registers its commands
 from wsi_pipeline.cli.group import main
-from wsi_pipeline.errors import Terminated
+from wsi_pipeline.errors import stop_on_sigterm
 
 __all__ = ["main", "run"]
 
@@ -26,8 +23,7 @@ def run() -> None:
     SIGTERM (a SLURM time limit, ``docker stop``, a Kubernetes eviction) stops the program as Ctrl-C
     does (:class:`~wsi_pipeline.errors.Terminated`) instead of killing it where it stands.
     """
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+    stop_on_sigterm()
     try:
         code = main()
     except SystemExit as exc:
@@ -40,7 +36,3 @@ def run() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
