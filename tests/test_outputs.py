@@ -322,6 +322,17 @@ def test_one_naming_rule_for_single_and_folder_runs(tmp_path: Path) -> None:
     assert output_stems(items, tmp_path / "results") == ["a", "b"]
 
 
+def test_names_that_differ_only_in_case_get_distinct_outputs(tmp_path: Path) -> None:
+    """Results on a Windows or macOS share (case-insensitive): Case1.* and case1.* would be one set of
+    files, and the second slide would take the first one's result as its own."""
+    for name in ("Case1.svs", "case1.svs", "b.svs", "sub/B.svs"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    stems = output_stems([BatchItem(tmp_path / n) for n in ("Case1.svs", "case1.svs", "b.svs", "sub/B.svs")])
+    assert len({s.casefold() for s in stems}) == 4, stems
+    assert stems[2:] == ["b.svs", "sub__B.svs"] and stems[0].startswith("Case1.svs~"), stems
+
+
 def test_a_tif_slide_scored_into_its_own_folder_keeps_its_name_and_resumes(
     tumour_slide: Fixture, test_model: Path, tmp_path: Path
 ) -> None:

@@ -117,13 +117,28 @@ def output_stems(items: Sequence[BatchItem], out: Path | None = None) -> list[st
         return False
 
     by_path = [fit_name("__".join(r.relative_to(common).parts)) for r in resolved]
-    n_stems, n_names = Counter(stems), Counter(names)  # counted once: 20,000 slides took 12 s before
+
+    def count(names: list[str]) -> Counter[str]:  # once, not per slide: 20,000 slides took 12 s before
+        return Counter(n.casefold() for n in names)
+
+    # Unique ignoring case: results folders on Windows and macOS shares are case-insensitive, where
+    # Case1.* and case1.* would be one set of files.
+    n_stems, n_names = count(stems), count(names)
     chosen = []
     for stem, name, path_name in zip(stems, names, by_path, strict=True):
-        unique = [c for c, n in ((stem, n_stems[stem]), (name, n_names[name])) if n == 1]
+        unique = [
+            c for c, n in ((stem, n_stems[stem.casefold()]), (name, n_names[name.casefold()])) if n == 1
+        ]
         chosen.append(next((c for c in unique if not collides(c)), path_name))
-    n_chosen = Counter(chosen)
-    return [c if n_chosen[c] == 1 else p for c, p in zip(chosen, by_path, strict=True)]
+    n_chosen = count(chosen)
+    final = [c if n_chosen[c.casefold()] == 1 else p for c, p in zip(chosen, by_path, strict=True)]
+    n_final = count(final)
+    return [  # paths that differ in case only: told apart by a hash of the path
+        f
+        if n_final[f.casefold()] == 1
+        else fit_name(f"{f}~{hashlib.sha256(str(r).encode()).hexdigest()[:8]}")
+        for f, r in zip(final, resolved, strict=True)
+    ]
 
 
 #: Longest output name (bytes) a folder run gives a slide: room for the longest suffix put after it
