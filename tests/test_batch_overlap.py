@@ -24,6 +24,41 @@ def _items(n: int) -> list[BatchItem]:
     return [BatchItem(Path(f"s{i}.svs")) for i in range(n)]
 
 
+class _InterruptedWait(Future):  # type: ignore[type-arg]
+    """A finished future whose first wait is cut by Ctrl-C (or SIGTERM), as a signal arriving while
+    the batch waits for a slide's outputs does."""
+
+    def __init__(self, value: dict[str, Any]) -> None:
+        super().__init__()
+        self.set_result(value)
+        self.cut = False
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self.cut:
+            self.cut = True
+            raise KeyboardInterrupt
+        return super().result(timeout)
+
+
+def test_an_interrupt_while_waiting_for_outputs_keeps_the_rows_of_the_slides_written(tmp_path: Path) -> None:
+    """s0's outputs were being written and s1's submitted when Ctrl-C cut the wait for s0: both are
+    written, so the summary must say so (it said 'not run' for both: their futures had left the list
+    that the interrupt path settles)."""
+    futures = {0: _InterruptedWait({"status": "ok", "n_tiles": 10}), 1: Future()}
+    futures[1].set_result({"status": "ok", "n_tiles": 11})
+
+    def process(item: BatchItem) -> Future[dict[str, Any]]:
+        return futures[int(item.slide.stem[1:])]
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(_items(3), process, out=tmp_path, summary_name="summary")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    assert [(r["status"], r["n_tiles"]) for r in summary["slides"]] == [
+        ("ok", 10), ("ok", 11), ("not run (interrupted)", 0)
+    ]  # fmt: skip
+
+
 def test_outputs_of_one_item_are_settled_after_the_next_item_ran_and_rows_keep_their_order(
     tmp_path: Path,
 ) -> None:

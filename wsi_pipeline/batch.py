@@ -343,15 +343,18 @@ def run_batch(
         rows[at] = {"slide": str(item.slide), "status": "failed", "n_tiles": 0, "error": str(exc)}
         return stop_on_error
 
-    def settle() -> bool:
-        """Rows of the items whose outputs were being written; True when the batch stops."""
+    def settle(keep: int = 0) -> bool:
+        """Rows of the items whose outputs were being written, but the last ``keep``; True when the
+        batch stops. A future leaves ``pending`` only once it has its row, so an interrupt while
+        waiting for it still finds it there."""
         stop = False
-        while pending:
-            at, item, fut = pending.pop(0)
+        while len(pending) > keep:
+            at, item, fut = pending[0]
             try:
                 rows[at] = row(item, fut.result())
             except WsiError as exc:
                 stop = fail(at, item, exc) or stop
+            pending.pop(0)
         return stop
 
     try:
@@ -363,6 +366,8 @@ def run_batch(
             result: dict[str, Any] | Future[dict[str, Any]] | None = None
             try:
                 result = process(item)
+                if isinstance(result, Future):  # at once: an interrupt below must find it
+                    pending.append((at, item, result))
                 stop = False
             except BusyError as exc:  # another run holds its outputs: come back to it at the end
                 if retry_busy is None:
@@ -375,10 +380,9 @@ def run_batch(
                         on_busy(item, exc)
             except WsiError as exc:
                 stop = fail(at, item, exc)
-            stop = settle() or stop  # the previous item's outputs, written while this one ran
-            if isinstance(result, Future):
-                pending.append((at, item, result))
-            elif result is not None:
+            # the previous item's outputs, written while this one ran (this one's are written meanwhile)
+            stop = settle(keep=1 if isinstance(result, Future) else 0) or stop
+            if result is not None and not isinstance(result, Future):
                 rows[at] = row(item, result)
             if stop:
                 stopped = True
@@ -388,10 +392,16 @@ def run_batch(
             assert retry_busy is not None
             try:
                 again = retry_busy(item, seen)
-                rows[at] = row(item, again.result() if isinstance(again, Future) else again)
             except WsiError as exc:
                 if fail(at, item, exc):
                     break
+                continue
+            if isinstance(again, Future):
+                pending.append((at, item, again))
+                if settle():
+                    break
+            else:
+                rows[at] = row(item, again)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (a time limit, docker stop) through the CLI
         # The outputs being written finish (atomic files) and count; the summary then says which slides
         # this run did and which it did not reach: a killed nightly run still leaves its record.
