@@ -196,3 +196,14 @@ def test_file_sha256_is_the_sha256_of_the_files_bytes(tmp_path: Path, size: int)
     p = tmp_path / "m.onnx"
     p.write_bytes(data)
     assert file_sha256(p) == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["best.pt", "model.pth", "weights.safetensors", "net.h5"])
+def test_a_training_checkpoint_given_as_the_model_is_named_as_such(tmp_path: Path, name: str) -> None:
+    """The file a lab has after training is a checkpoint; it used to get "model card not found"."""
+    from wsi_pipeline.inference.card import resolve_model
+
+    (tmp_path / name).write_bytes(b"\x80\x02weights")
+    with pytest.raises(ModelError, match=rf"{name}: a .*, not an ONNX model; export it to ONNX") as info:
+        resolve_model(tmp_path / name)
+    assert "import-model" in str(info.value) and "\n" not in str(info.value)

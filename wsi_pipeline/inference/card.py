@@ -303,6 +303,18 @@ def resolve_model(model: str | os.PathLike[str] | None = None) -> ModelCard:
     return card
 
 
+#: files that hold a network's weights for a training framework, which a run cannot score with
+WEIGHTS_SUFFIXES = {
+    ".pt": "a PyTorch checkpoint or TorchScript file",
+    ".pth": "a PyTorch checkpoint",
+    ".ckpt": "a training checkpoint",
+    ".safetensors": "a safetensors weights file",
+    ".h5": "a Keras/TensorFlow weights file",
+    ".keras": "a Keras model",
+    ".pb": "a TensorFlow graph",
+}
+
+
 def resolve_model_deferred(
     model: str | os.PathLike[str] | None = None,
 ) -> tuple[ModelCard, Callable[[], None]]:
@@ -323,6 +335,12 @@ def resolve_model_deferred(
         p = Path(model)
         if not p.exists():
             raise ModelError(f"{p}: no such model file; pass an .onnx file with its .json card beside it")
+        if p.suffix.lower() in WEIGHTS_SUFFIXES:
+            raise ModelError(
+                f"{p}: {WEIGHTS_SUFFIXES[p.suffix.lower()]}, not an ONNX model; export it to ONNX and "
+                "write its JSON card (README, 'Use your own model'; a WSInfer model-zoo folder: "
+                "wsi-infer import-model)"
+            )
         card_path = p if p.suffix == ".json" else p.with_suffix(".json")
     raw = _read_card_json(card_path)
     onnx_given = model is not None and Path(model).suffix != ".json"
