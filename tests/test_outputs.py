@@ -399,6 +399,39 @@ def test_an_out_name_too_long_for_the_file_system_stops_before_any_work(
     assert not (tmp_path / "res").exists()
 
 
+def test_folder_run_with_tiles_out_keeps_a_store_per_slide(
+    tumour_slide: Fixture, benign_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """--tiles-out in a folder run wrote every slide's tiles to the one path given: each slide replaced
+    the previous one's store (or, without --overwrite, failed on it)."""
+    src = tmp_path / "slides"
+    src.mkdir()
+    shutil.copy2(tumour_slide.path, src / "t.svs")
+    shutil.copy2(benign_slide.path, src / "b.svs")
+    stores = tmp_path / "stores"
+    args = [
+        str(src),
+        "--out",
+        str(tmp_path / "res"),
+        "--model",
+        str(test_model),
+        "--tiles-out",
+        str(stores),
+        "-q",
+    ]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in stores.glob("*.zarr")) == ["b.zarr", "t.zarr"]
+    for name in ("b", "t"):
+        m = json.loads((tmp_path / "res" / f"{name}.run.json").read_text())
+        assert Path(m["store"]) == stores / f"{name}.zarr", m["store"]
+    r = CliRunner().invoke(main, [str(stores / "t.zarr"), "--out", str(tmp_path / "again" / "t.tif"),
+                                  "--model", str(test_model), "-q"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    again = json.loads((tmp_path / "again" / "t.run.json").read_text())["label"]
+    assert again == json.loads((tmp_path / "res" / "t.run.json").read_text())["label"]
+
+
 def test_old_heatmaps_are_still_recognised_as_outputs(tmp_path: Path) -> None:
     """Results folders of older versions hold NAME.heatmap.tif (RGB, format 1): never slides."""
     import tifffile

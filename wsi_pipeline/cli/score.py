@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     "--tiles-out",
     type=click.Path(path_type=Path),
     default=None,
-    help="Also write the tile store here (single slide), then score from it.",
+    help="Also write the tile store here, then score from it (a folder run: a folder of NAME.zarr stores).",
 )
 @click.option("--label-rule", type=click.Choice(["area", "topk"]), default="area", show_default=True)
 @click.option(
@@ -324,6 +324,8 @@ def _run_folder(
             item: BatchItem, waiting_on: BusyError | None = None, wait: bool = True
         ) -> Future[dict[str, Any]]:
             o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
+            if opts.tiles_out is not None:  # a store per slide, named as its outputs
+                o = replace(o, tiles_out=Path(opts.tiles_out) / f"{names[item]}.zarr")
             heatmap = heatmap_path(out, names[item])
             finish = _score_one(item.slide, heatmap, o, model, client, overwrite, bars, waiting_on, wait)
             return writer.submit(
