@@ -297,3 +297,34 @@ def test_a_slide_that_cannot_be_opened_and_just_changed_may_still_be_copying(tmp
     with pytest.raises(SlideError) as err:
         open_slide(part)
     assert "changed" not in str(err.value) and "not truncated" in str(err.value)
+
+
+def test_our_own_heatmap_or_a_plain_folder_is_refused_as_what_it_is(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """A heatmap given back as the slide (tab completion picks results/case.tif) was opened as a
+    generic TIFF and asked for --mpp, advice that would have scored the heatmap; both it and a folder
+    of .svs files given to `info` got "changed N s ago: still being copied?" as well."""
+    from click.testing import CliRunner
+
+    from wsi_pipeline.cli import main
+
+    out = tmp_path / "res"
+    r = CliRunner().invoke(
+        main, [str(tumour_slide.path), "--out", str(out / "case.tif"), "--model", str(test_model), "-q"]
+    )
+    assert r.exit_code == 0, r.output
+    for name in ("case.tif", "case.colour.tif"):
+        for args in (["info", str(out / name)], [str(out / name), "--out", str(tmp_path / "x.tif"), "-q"]):
+            r = CliRunner().invoke(main, args)
+            assert r.exit_code == 3, r.output
+            assert (
+                f"wsi-pipeline wrote for {tumour_slide.path.name}, not a slide; score the scanned slide itself"
+                in r.output
+            )
+            assert "--mpp" not in r.output and "changed" not in r.output
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "a.svs").write_bytes(b"x")
+    r = CliRunner().invoke(main, ["info", str(folder)])
+    assert r.exit_code == 3 and "holds no DICOM" in r.output and "changed" not in r.output, r.output

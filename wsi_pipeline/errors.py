@@ -23,6 +23,7 @@ class SlideError(WsiError, OSError):
     """A slide cannot be opened or read (missing, not a slide, truncated, corrupt, unsupported)."""
 
     exit_code = 3
+    whole_file = False  # True where a file still being copied cannot be the cause (e.g. our own heatmap)
 
 
 class ResolutionError(WsiError, ValueError):

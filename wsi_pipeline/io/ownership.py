@@ -41,6 +41,25 @@ def is_own_output(path: Path) -> bool:
     return HEATMAP_MARKER in (desc or "")
 
 
+def own_output_of(path: Path) -> str | None:
+    """For a heatmap TIFF this package wrote (:func:`is_own_output`): what it is, naming its slide
+    (``the probability map of case1.svs``); else None."""
+    if not is_own_output(path):
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            meta = json.loads(tif.pages.first.description)
+    except Exception:  # an older version's description: ours, but not JSON
+        return "a heatmap that wsi-pipeline wrote"
+    kind = {"probability": "probability map", "colour": "colour heatmap"}.get(
+        str(meta.get("kind")), "heatmap"
+    )
+    slide = meta.get("slide")
+    return f"the {kind} that wsi-pipeline wrote for {slide}" if slide else f"a {kind} that wsi-pipeline wrote"
+
+
 def _head(path: Path) -> bytes:
     with path.open("rb") as fh:
         return fh.read(_HEAD_BYTES)

@@ -300,7 +300,12 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: b
     try:
         return _open_slide(path, backend, verify=verify)
     except SlideError as exc:
-        age = _seconds_since_written(Path(path))
+        p = Path(path)
+        if getattr(exc, "whole_file", False):
+            raise
+        if p.is_dir() and not any(f.suffix.lower() == ".dcm" for f in p.iterdir()):
+            raise  # a folder that is no DICOM export: no copy in progress would make it a slide
+        age = _seconds_since_written(p)
         if age is None or not 0 <= age < RECENT_S:
             raise
         raise SlideError(
@@ -351,6 +356,13 @@ def _open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: 
         p = series_file(p)
     if p.is_file() and p.stat().st_size == 0:
         raise SlideError(f"{p}: the file is empty (0 bytes); re-copy or re-export the slide")
+    if verify and p.suffix.lower() in (".tif", ".tiff"):
+        from wsi_pipeline.io.ownership import own_output_of
+
+        if ours := own_output_of(p):  # scored as a slide, it asked for --mpp: advice that would mislead
+            err = SlideError(f"{p}: {ours}, not a slide; score the scanned slide itself")
+            err.whole_file = True  # no copy in progress explains it
+            raise err
     big_tiff = p.suffix.lower() in TIFFSLIDE_FIRST and p.is_file() and p.stat().st_size >= TIFFSLIDE_MIN_BYTES
     first = ["tiffslide", "openslide"] if big_tiff else ["openslide", "tiffslide"]
     if p.suffix.lower() == ".dcm":  # tiffslide reads TIFF only
