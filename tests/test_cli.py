@@ -80,6 +80,44 @@ def test_info_reports_missing_mpp_without_failing(nompp_slide: Fixture) -> None:
     assert data["resolution"]["source"] == "missing" and "--mpp" in data["resolution"]["hint"]
 
 
+def test_info_on_a_folder_checks_every_slide_before_a_run(
+    aperio_slide: Fixture, nompp_slide: Fixture, not_a_slide: Path, tmp_path: Path
+) -> None:
+    """`info slides/`: one row per slide, then each problem with its fix; exit 1 when a slide cannot
+    be read (it used to say the folder was no DICOM slide, "changed N s ago")."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in (aperio_slide.path, nompp_slide.path, not_a_slide):
+        shutil.copy(p, folder / p.name)
+    code, out, _ = _run("info", str(folder), "--json")
+    assert code == 1
+    rows = {Path(r["path"]).name: r for r in json.loads(out)}
+    assert rows[aperio_slide.path.name]["tiling"]["tissue_tiles"] > 0
+    assert rows[nompp_slide.path.name]["resolution"]["source"] == "missing"
+    assert "cannot open" in rows[not_a_slide.name]["error"]
+    code, out, _ = _run("info", str(folder))
+    assert code == 1
+    assert (
+        f"{not_a_slide.name}: cannot open" in out and f"{nompp_slide.path.name}: " in out and "--mpp" in out
+    )
+    assert "3 slides, 1 ready to score, 2 with a problem" in out
+    csv_path = tmp_path / "list.csv"  # a CSV's per-slide mpp is the one checked
+    csv_path.write_text(f"slide,mpp\n{folder / nompp_slide.path.name},0.5\n")
+    code, out, _ = _run("info", str(csv_path), "--json")
+    assert code == 0 and json.loads(out)[0]["resolution"]["source"] == "override"
+
+
+def test_info_on_a_tile_store_says_what_it_holds(aperio_slide: Fixture, tmp_path: Path) -> None:
+    store = tmp_path / "a.zarr"
+    assert _run("tile", str(aperio_slide.path), "-o", str(store))[0] == 0
+    code, out, _ = _run("info", str(store), "--json")
+    data = json.loads(out)
+    assert code == 0 and data["kind"] == "tile store" and data["slide"] == str(aperio_slide.path)
+    assert data["tiles"] > 0 and data["tile_px"] == 224 and abs(data["effective_mpp"] - 0.5) < 0.01
+    code, out, _ = _run("info", str(store))
+    assert code == 0 and f"{data['tiles']} tiles of 224 px" in out
+
+
 def test_folder_continues_past_bad_slide(
     generic_slide: Fixture, aperio_slide: Fixture, not_a_slide: Path, tmp_path: Path
 ) -> None:

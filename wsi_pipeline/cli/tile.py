@@ -29,12 +29,28 @@ from wsi_pipeline.errors import BusyError
 @click.argument("slide", type=click.Path(path_type=Path))
 @_slide_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def info(slide: Path, backend: str, mpp: float | None, as_json: bool) -> None:
-    """Vendor, size, pyramid levels, mpp and its source, and tissue fraction of SLIDE."""
+@click.option("--recursive", "-r", is_flag=True, help=RECURSIVE_HELP)
+def info(slide: Path, backend: str, mpp: float | None, as_json: bool, recursive: bool) -> None:
+    """Vendor, size, pyramid levels, mpp and its source, and tissue fraction of SLIDE.
+
+    SLIDE may be a folder of slides (or a CSV manifest): one row per slide, to check a batch before
+    running it (exit 1 if any slide cannot be read); or a tile store (.zarr): what it holds.
+    """
 
     def body() -> int:
-        from wsi_pipeline.tiling.info import slide_info
+        from wsi_pipeline.tiling.info import batch_info, slide_info, store_info
+        from wsi_pipeline.tiling.source import is_store_path
 
+        if is_store_path(slide):
+            data = store_info(slide)
+            click.echo(json.dumps(data, indent=2)) if as_json else _print_store_info(data)
+            return 0
+        if _is_batch(slide):
+            from wsi_pipeline.batch import batch_items
+
+            rows = batch_info(batch_items(slide, recursive=recursive), backend=backend, mpp_override=mpp)
+            click.echo(json.dumps(rows, indent=2)) if as_json else _print_batch_info(rows)
+            return 1 if any("error" in r for r in rows) else 0
         data = slide_info(slide, backend=backend, mpp_override=mpp)
         if as_json:
             click.echo(json.dumps(data, indent=2))
@@ -43,6 +59,75 @@ def info(slide: Path, backend: str, mpp: float | None, as_json: bool) -> None:
         return 0
 
     _run_guarded(body)
+
+
+def _is_batch(slide: Path) -> bool:
+    """A folder of slides or a CSV manifest; not a tile store or a DICOM slide's folder."""
+    from wsi_pipeline.io.dicom import is_dicom_slide_folder
+
+    if slide.suffix.lower() == ".csv":
+        return True
+    return slide.is_dir() and slide.suffix != ".zarr" and not is_dicom_slide_folder(slide)
+
+
+def _print_store_info(d: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"[bold]{d['path']}[/bold]: tile store of {d['slide']} ({d['vendor']}, "
+                  f"{' x '.join(map(str, d['slide_size_px'] or []))} px)")  # fmt: skip
+    overlap = f", overlap {d['overlap_px']} px" if d.get("overlap_px") else ""
+    console.print(f"  {d['tiles']} tiles of {d['tile_px']} px at {d['effective_mpp']:.4g} um/px "
+                  f"(mpp from {d['mpp_source']}){overlap}; stain normalization {d['normalize']}")  # fmt: skip
+    pen = f", marker-pen ink left out {d['pen_marks_mm2']:g} mm^2" if d.get("pen_marks_mm2") else ""
+    tissue = d.get("tissue_fraction")
+    console.print(
+        f"  tissue {tissue:.1%} of the slide{pen}" if tissue is not None else "  tissue: not recorded"
+    )
+    console.print(f"  finished {d['finished_at']} (wsi-pipeline {d['package_version']})")
+
+
+def _print_batch_info(rows: list[dict[str, Any]]) -> None:
+    """One line per slide of a batch (what `info SLIDE` says, in brief), then one line per problem:
+    a slide that cannot be read, is not scorable, has no mpp or no tissue, with what to do."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("slide", "um/px (source)", "tissue", "tiles", "state")
+    for col in table.columns:  # one line per slide; the slide name gives way first
+        col.no_wrap, col.overflow, col.min_width = True, "ellipsis", len(str(col.header))
+    table.columns[0].max_width = 24
+    problems = []
+    for r in rows:
+        name = Path(r["path"]).name
+        if "error" in r:
+            table.add_row(name, "", "", "", "[red]unreadable[/red]")
+            problems.append(f"{name}: {r['error'].split(': ', 1)[-1]}")
+            continue
+        res, t, g = r["resolution"], r["tissue"], r.get("tiling") or {}
+        state = "ok"
+        if res["source"] == "missing":
+            state = "[red]no mpp[/red]"
+            problems.append(f"{name}: {str(res.get('detail') or res['hint']).split(': ', 1)[-1]}")
+            mpp = "[red]missing[/red]"
+        else:
+            mpp = f"{res['mpp_x']:.4g} ({res['source']})"
+        if t["fraction"] is None:
+            state = "[red]not scorable[/red]"
+            problems.append(f"{name}: {t['note']}")
+        elif g and not g.get("tissue_tiles"):
+            state = "[red]no tissue[/red]"
+            problems.append(f"{name}: no tissue tiles (tissue covers {t['fraction']:.1%} of the slide)")
+        tissue = "" if t["fraction"] is None else f"{t['fraction']:.1%}"
+        table.add_row(name, mpp, tissue, str(g.get("tissue_tiles", "")), state)
+    console = Console()
+    console.print(table)
+    for line in problems:
+        console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+    n_ok = sum(1 for r in rows if "error" not in r and (r.get("tiling") or {}).get("tissue_tiles"))
+    console.print(
+        f"{len(rows)} slides, {n_ok} ready to score, {len(rows) - n_ok} with a problem (listed above)"
+    )
 
 
 def _print_info(data: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from wsi_pipeline.errors import ResolutionError, SlideError
+from wsi_pipeline.errors import ResolutionError, SlideError, WsiError
 from wsi_pipeline.io.slide import MPP_OVERRIDE_HINT, open_slide, read_thumbnail, resolve_mpp
 from wsi_pipeline.tiling.plan import TileOptions, plan_slide
 from wsi_pipeline.tiling.tissue import tissue_mask
@@ -78,3 +78,51 @@ def slide_info(
         return data
     finally:
         reader.close()
+
+
+def store_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON-ready description of a finished tile store (:mod:`wsi_pipeline.io.tilestore`): the slide
+    it was cut from, its tiles (count, size in pixels, um/px), stain normalization and tissue."""
+    from wsi_pipeline.io.tilestore import open_tile_store
+
+    store = open_tile_store(path)
+    m = store.meta
+    res, grid, tissue, slide = (
+        m.get("resolution", {}),
+        m.get("grid", {}),
+        m.get("tissue", {}),
+        m.get("slide", {}),
+    )
+    return {
+        "path": str(path),
+        "kind": "tile store",
+        "slide": slide.get("path"),
+        "vendor": slide.get("vendor"),
+        "slide_size_px": slide.get("dimensions"),
+        "tiles": len(store),
+        "tile_px": grid.get("tile_px"),
+        "overlap_px": grid.get("overlap_px"),
+        "effective_mpp": res.get("effective_mpp"),
+        "mpp_source": res.get("mpp_source"),
+        "normalize": (m.get("params") or {}).get("normalize"),
+        "tissue_fraction": tissue.get("slide_tissue_fraction"),
+        "pen_marks_mm2": tissue.get("pen_marks_mm2"),
+        "finished_at": (m.get("run") or {}).get("finished_at"),
+        "package_version": m.get("package_version"),
+    }
+
+
+def batch_info(
+    paths: list[Any], *, backend: str = "auto", mpp_override: float | None = None
+) -> list[dict[str, Any]]:
+    """:func:`slide_info` of each slide of a batch (paths, or items with ``.slide`` and ``.mpp``: a
+    CSV's per-slide mpp), a slide that cannot be read described by its error (``error``), not raised."""
+    out = []
+    for item in paths:
+        path = getattr(item, "slide", item)
+        mpp = getattr(item, "mpp", None) or mpp_override
+        try:
+            out.append(slide_info(path, backend=backend, mpp_override=mpp))
+        except WsiError as exc:
+            out.append({"path": str(path), "error": str(exc)})
+    return out
