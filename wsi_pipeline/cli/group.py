@@ -127,6 +127,15 @@ RECURSIVE_HELP = (
 )
 
 
+def _is_batch(slide: Path) -> bool:
+    """A folder of slides or a CSV manifest; not a tile store or a DICOM slide's folder."""
+    from wsi_pipeline.io.dicom import is_dicom_slide_folder
+
+    if slide.suffix.lower() == ".csv":
+        return True
+    return slide.is_dir() and slide.suffix != ".zarr" and not is_dicom_slide_folder(slide)
+
+
 def busy_option(fn: F) -> F:
     """``--busy wait|leave``: what a folder run does with a slide another run is scoring into the same
     results folder (a job array's other task, a second workstation)."""

@@ -16,6 +16,7 @@ from wsi_pipeline.cli.group import (
     _batch_callbacks,
     _batch_summary,
     _device_options,
+    _is_batch,
     _options_from,
     _run_guarded,
     _slide_options,
@@ -171,15 +172,6 @@ def run(
                 client.close()
 
     _run_guarded(body)
-
-
-def _is_batch(slide: Path) -> bool:
-    """A folder of slides or a CSV manifest; not a tile store or a DICOM slide's folder."""
-    from wsi_pipeline.io.dicom import is_dicom_slide_folder
-
-    if slide.suffix.lower() == ".csv":
-        return True
-    return slide.is_dir() and slide.suffix != ".zarr" and not is_dicom_slide_folder(slide)
 
 
 def _single_target(slide: Path, out: str) -> Path:

@@ -15,6 +15,7 @@ from wsi_pipeline.cli.group import (
     _Bars,
     _batch_callbacks,
     _batch_summary,
+    _is_batch,
     _options_from,
     _run_guarded,
     _slide_options,
@@ -59,15 +60,6 @@ def info(slide: Path, backend: str, mpp: float | None, as_json: bool, recursive:
         return 0
 
     _run_guarded(body)
-
-
-def _is_batch(slide: Path) -> bool:
-    """A folder of slides or a CSV manifest; not a tile store or a DICOM slide's folder."""
-    from wsi_pipeline.io.dicom import is_dicom_slide_folder
-
-    if slide.suffix.lower() == ".csv":
-        return True
-    return slide.is_dir() and slide.suffix != ".zarr" and not is_dicom_slide_folder(slide)
 
 
 def _print_store_info(d: dict[str, Any]) -> None:
