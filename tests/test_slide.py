@@ -304,7 +304,7 @@ def test_our_own_heatmap_or_a_plain_folder_is_refused_as_what_it_is(
 ) -> None:
     """A heatmap given back as the slide (tab completion picks results/case.tif) was opened as a
     generic TIFF and asked for --mpp, advice that would have scored the heatmap; both it and a folder
-    of .svs files given to `info` got "changed N s ago: still being copied?" as well."""
+    of .svs files opened as a slide got "changed N s ago: still being copied?" as well."""
     from click.testing import CliRunner
 
     from wsi_pipeline.cli import main
@@ -323,8 +323,11 @@ def test_our_own_heatmap_or_a_plain_folder_is_refused_as_what_it_is(
                 in r.output
             )
             assert "--mpp" not in r.output and "changed" not in r.output
+    from wsi_pipeline.io.slide import open_slide
+
     folder = tmp_path / "slides"
     folder.mkdir()
     (folder / "a.svs").write_bytes(b"x")
-    r = CliRunner().invoke(main, ["info", str(folder)])
-    assert r.exit_code == 3 and "holds no DICOM" in r.output and "changed" not in r.output, r.output
+    with pytest.raises(SlideError) as err:
+        open_slide(folder)
+    assert "holds no DICOM" in str(err.value) and "changed" not in str(err.value)

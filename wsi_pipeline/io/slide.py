@@ -303,7 +303,7 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: b
         p = Path(path)
         if getattr(exc, "whole_file", False):
             raise
-        if p.is_dir() and not any(f.suffix.lower() == ".dcm" for f in p.iterdir()):
+        if p.is_dir() and not _holds_dicom(p):
             raise  # a folder that is no DICOM export: no copy in progress would make it a slide
         age = _seconds_since_written(p)
         if age is None or not 0 <= age < RECENT_S:
@@ -312,6 +312,13 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: b
             f"{exc} ({Path(path).name} changed {age:.0f} s ago: if it is still being copied or scanned, "
             "run again once it is complete)"
         ) from exc
+
+
+def _holds_dicom(folder: Path) -> bool:
+    try:
+        return any(f.suffix.lower() == ".dcm" for f in folder.iterdir())
+    except OSError:  # cannot be listed: its error says so
+        return False
 
 
 def _seconds_since_written(path: Path) -> float | None:
