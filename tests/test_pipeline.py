@@ -476,6 +476,31 @@ def test_cli_manifest_csv_with_per_slide_mpp(nompp_slide: Fixture, test_model: P
     assert m["resolution"]["mpp_source"] == "override" and m["resolution"]["mpp_x"] == 0.5
 
 
+def test_an_mpp_override_that_contradicts_the_slide_warns(
+    tumour_slide: Fixture, nompp_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """`--mpp` for a folder, meant for its slides without metadata, silently rescaled the others. It
+    still overrides (the user may know better), but where it differs from the slide's own mpp by more
+    than 10 % the result line, the manifest and the page say so; a slide without mpp takes it quietly."""
+    src = tmp_path / "slides"
+    src.mkdir()
+    shutil.copy2(tumour_slide.path, src / "own.svs")  # 0.5 um/px in its metadata
+    shutil.copy2(nompp_slide.path, src / "none.svs")
+    out = tmp_path / "res"
+    r = CliRunner().invoke(
+        main, [str(src), "--out", str(out), "--model", str(test_model), "--mpp", "0.25", "-q"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "own.svs: WARNING --mpp 0.25 overrides the slide's own 0.5 um/px (0.5x)" in r.output
+    assert "none.svs: WARNING --mpp" not in r.output
+    own = json.loads((out / "own.run.json").read_text())["resolution"]
+    assert (
+        own["metadata_mpp"] == 0.5 and own["mpp_source"] == "override" and "(0.5x)" in own["override_warning"]
+    )
+    assert "override_warning" not in json.loads((out / "none.run.json").read_text())["resolution"]
+    assert "overrides the slide&#x27;s own 0.5 um/px" in (out / "own.report.html").read_text()
+
+
 def test_bad_model_is_refused_before_any_slide_work(tumour_slide: Fixture, tmp_path: Path) -> None:
     onnx_path = write_test_model(tmp_path / "m", size_px=128, name="small")
     data = json.loads((tmp_path / "m" / "small.json").read_text())

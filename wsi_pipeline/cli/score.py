@@ -263,6 +263,8 @@ def _result_line(slide: Path, out: Path, m: dict[str, Any], bars: _Bars) -> dict
     ood = m["label"].get("ood")
     if ood and ood.get("warning"):
         bars.echo(f"{slide.name}: WARNING {ood['warning']}")
+    if mpp_warning := (m.get("resolution") or {}).get("override_warning"):
+        bars.echo(f"{slide.name}: WARNING {mpp_warning}")
     pen = (m.get("tissue") or {}).get("pen_marks_mm2")
     if pen:
         near = ev.get("pen") or {}

@@ -245,6 +245,8 @@ def _tile_one(
         f"tissue {rep.slide_tissue_fraction:.1%}{_pen_note(rep.meta)}{_stain_note(rep.meta)} "
         f"-> {out}, {rpath}"
     )
+    if mpp_warning := (rep.meta.get("resolution") or {}).get("override_warning"):
+        bars.echo(f"{slide.name}: WARNING {mpp_warning}")
     return rep
 
 

@@ -146,6 +146,8 @@ def slide_report_html(
     ood = lab.get("ood")
     if ood and ood.get("warning"):
         parts.append(f'<div class="warn"><b>Warning:</b> {_e(ood["warning"])}</div>')
+    if mpp_warning := (manifest.get("resolution") or {}).get("override_warning"):
+        parts.append(f'<div class="warn"><b>Warning:</b> {_e(mpp_warning)}</div>')
     evidence = [
         (f"{pos} area (mm^2)", ev.get(f"{pos}_area_mm2")),
         (f"{pos} tiles (P >= {lab['rule'].get('tile_threshold')})", ev.get(f"{pos}_tiles")),

@@ -593,11 +593,37 @@ class Resolution:
     mpp_x: float
     mpp_y: float
     source: str  # "override" | "metadata"
+    metadata_mpp: float | None = None  # with an override: the slide's own (plausible) mpp, if it has one
 
     @property
     def mpp(self) -> float:
         """Mean of x and y (what level choice and tile sizes use)."""
         return (self.mpp_x + self.mpp_y) / 2.0
+
+    @property
+    def override_conflict(self) -> str | None:
+        """A warning when an override differs from the slide's own metadata by more than 10 %: a
+        ``--mpp`` meant for the slides without metadata of a folder scales the others' tiles wrongly."""
+        if self.source != "override" or self.metadata_mpp is None:
+            return None
+        ratio = self.mpp / self.metadata_mpp
+        if abs(ratio - 1.0) <= OVERRIDE_CONFLICT:
+            return None
+        return (
+            f"--mpp {self.mpp:g} overrides the slide's own {self.metadata_mpp:.4g} um/px ({ratio:.2g}x): if "
+            "the metadata is right, its tiles are cut at the wrong scale (a folder's slides without mpp: "
+            "give theirs in a CSV manifest's mpp column instead)"
+        )
+
+    def conflict_record(self) -> dict[str, Any]:
+        """For a manifest's ``resolution``: the slide's own mpp and the warning, where
+        :attr:`override_conflict` has one; else nothing."""
+        warning = self.override_conflict
+        return {"metadata_mpp": self.metadata_mpp, "override_warning": warning} if warning else {}
+
+
+#: relative difference between ``--mpp`` and a slide's metadata above which the run warns
+OVERRIDE_CONFLICT = 0.1
 
 
 def resolve_mpp(reader: SlideReader, override: float | None = None) -> Resolution:
@@ -608,7 +634,10 @@ def resolve_mpp(reader: SlideReader, override: float | None = None) -> Resolutio
             raise ResolutionError(
                 f"{reader.path}: --mpp {override} is outside the plausible range {lo}-{hi} um/px"
             )
-        return Resolution(float(override), float(override), "override")
+        given = [v for v in reader.metadata_mpp() if v is not None]
+        own = sum(given) / len(given) if given else None
+        own = own if own is not None and lo <= own <= hi else None
+        return Resolution(float(override), float(override), "override", own)
     given = [v for v in reader.metadata_mpp() if v is not None]
     if not given:
         raise ResolutionError(f"{reader.path}: the slide has no resolution metadata; {MPP_OVERRIDE_HINT}")

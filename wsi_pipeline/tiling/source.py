@@ -211,6 +211,7 @@ class SlideSource(TileSource):
                 "effective_mpp": plan.choice.effective_mpp,
                 "level": plan.choice.level,
                 "resize_scale": plan.choice.scale,
+                **plan.resolution.conflict_record(),
             },
             "tissue": {
                 "slide_tissue_fraction": plan.slide_tissue_fraction,

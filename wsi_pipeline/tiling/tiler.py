@@ -79,6 +79,7 @@ def _slide_meta(
             "level": plan.choice.level,
             "level_mpp": plan.choice.level_mpp,
             "resize_scale": plan.choice.scale,
+            **plan.resolution.conflict_record(),
         },
         "grid": plan.grid.to_dict(),
         "tissue": {
