@@ -497,7 +497,7 @@ def test_evaluate_finds_runs_in_subfolders(tmp_path: Path) -> None:
     assert sorted(Path(s["slide"]).name for s in data["slides"]) == ["case1.svs", "case2.svs"]
     assert data["ignored"] and "not a wsi-pipeline run manifest" in out
     assert data["searched"]["recursive"] and data["searched"]["manifests"] == 3
-    assert "2 slides scored; 2 with tumour: Dice" in out and "(area-exact; cell Dice" in out
+    assert "2 slides scored at P >= 0.5; 2 with tumour: Dice" in out and "(area-exact; cell Dice" in out
     header = (tmp_path / "m.csv").read_text().splitlines()[0]
     assert header.startswith("slide,truth,dice,precision,recall,cell_dice,")
 
@@ -619,12 +619,42 @@ def test_evaluate_cli_folder_reports_unannotated(runs: Path, tmp_path: Path) -> 
     out = tmp_path / "metrics.json"
     r = CliRunner().invoke(main, ["evaluate", str(runs), "--annotations", str(ann), "--out", str(out)])
     assert r.exit_code == 0, r.stderr
-    assert "1 slides scored; 1 with tumour: Dice" in r.stdout
+    assert "1 slides scored at P >= 0.5; 1 with tumour: Dice" in r.stdout
     assert "no annotation file for" in r.stderr and "benign" in r.stderr
     data = json.loads(out.read_text())
     assert len(data["slides"]) == 1 and data["unannotated"] and data["summary"]["dice"]["mean"] > 0.85
     rows = out.with_suffix(".csv").read_text().splitlines()
     assert rows[0].startswith("slide,truth,dice") and len(rows) == 2
+
+
+def test_evaluate_scores_each_run_at_the_threshold_it_called_tumour_with(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """Evaluation counted P >= 0.5 as tumour while the run's outlines, GeoJSON regions and label used
+    its card's threshold (0.79 for the shipped model): the Dice was of a map nobody was shown. It now
+    takes each run's own tile threshold unless --threshold is given."""
+    from wsi_pipeline.aggregate import LabelRule
+
+    res = tmp_path / "res"
+    opts = RunOptions(chunk_tiles=64, label=LabelRule(tile_threshold=0.9))
+    run_slide(tumour_slide.path, res / "tumour.tif", model=test_model, options=opts)
+    ann = tmp_path / "tumour.xml"
+    write_asap_xml(ann, [("Tumor", e.polygon(96)) for e in tumour_slide.spec.tumour])
+    manifest = output_paths(res / "tumour.tif")["manifest"]
+    own = evaluate_slide(manifest, ann)
+    assert own["threshold"] == 0.9 and own["threshold_source"] == "run"
+    import csv
+
+    with (res / "tumour.tiles.csv").open() as fh:
+        p = [float(r["p_tumour"]) for r in csv.DictReader(fh)]
+    called = sum(v >= 0.9 for v in p)  # the tiles the run called tumour
+    assert 0 < called < sum(v >= 0.5 for v in p)
+    assert own["tile"]["tp"] + own["tile"]["fp"] == called
+    given = evaluate_slide(manifest, ann, threshold=0.5)
+    assert given["threshold"] == 0.5 and given["threshold_source"] == "given"
+    assert given["area_mm2"]["predicted"] > own["area_mm2"]["predicted"]
+    r = CliRunner().invoke(main, ["evaluate", str(res), "-a", str(ann), "-o", str(tmp_path / "m.json")])
+    assert r.exit_code == 0 and "1 slides scored at P >= 0.9;" in r.stdout, r.output
 
 
 def test_evaluate_cli_bad_annotation_exit_code(runs: Path, tmp_path: Path) -> None:

@@ -31,7 +31,13 @@ from wsi_pipeline.errors import UsageError
     help="metrics JSON to write (a CSV with one row per slide is written beside it), or a folder "
     "(existing, or written with a trailing /) to write metrics.json and metrics.csv into.",
 )
-@click.option("--threshold", type=float, default=0.5, show_default=True, help="P(tumour) counted as tumour.")
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="P(tumour) counted as tumour. Default: each run's own tile threshold (its model card's, or its "
+    "--tile-threshold), the one its outlines, GeoJSON and slide label used.",
+)
 @click.option(
     "--truth-fraction",
     type=float,
@@ -54,7 +60,7 @@ def evaluate(
     results: Path,
     annotations: Path,
     out: str,
-    threshold: float,
+    threshold: float | None,
     truth_fraction: float,
     positive_group: tuple[str, ...],
     exclusion_group: tuple[str, ...],

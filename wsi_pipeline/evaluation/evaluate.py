@@ -152,11 +152,14 @@ def evaluate_slide(
     manifest_path: str | os.PathLike[str],
     annotation_path: str | os.PathLike[str] | None,
     *,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     truth_min_fraction: float = 0.5,
     mapping: GroupMapping | None = None,
 ) -> dict[str, Any]:
     """Metrics of one finished run against its annotation file (None = annotated as no tumour).
+
+    ``threshold``: P counted as tumour; None: the run's own tile threshold (its card's, or its
+    ``--tile-threshold``), the one its outlines, GeoJSON regions and slide label used.
 
     ``dice``, ``precision``, ``recall``: area-exact (see the module docstring); ``cell_dice`` and
     ``cell``: on the heatmap grid with the truth rounded to cells; ``tile``/``auc``: over the scored
@@ -164,6 +167,9 @@ def evaluate_slide(
     """
     m = load_run(manifest_path)
     pos = m["model"]["positive_class"]
+    threshold_source = "given"
+    if threshold is None:
+        threshold, threshold_source = float(run_threshold(m)), "run"
     # Outputs lie beside the manifest that names them: resolve there, not where the run was made, so a
     # moved or copied results folder reads its own tile table.
     tiles = _read_tiles(Path(manifest_path).parent / Path(m["outputs"]["tiles_csv"]).name)
@@ -212,6 +218,7 @@ def evaluate_slide(
         "annotation_format": ann.format if ann else None,
         "truth": "tumour" if truth_positive else "benign",
         "threshold": threshold,
+        "threshold_source": threshold_source,
         "truth_min_fraction": truth_min_fraction,
         **exact,  # the headline: area-exact dice, precision, recall
         "cell_dice": cells["dice"],
@@ -266,6 +273,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for k in ("dice", "precision", "recall", "cell_dice"):
         out[k] = _stat([r.get(k) for r in tumour])
     out["auc"] = _stat([r.get("auc") for r in results])
+    out["thresholds"] = sorted({float(r["threshold"]) for r in results if r.get("threshold") is not None})
     correct = [bool(r["slide_label_correct"]) for r in results]
     out["slide_label_accuracy"] = round(sum(correct) / len(correct), 4) if correct else None
     fp = [float(r["false_positive_mm2"]) for r in benign if not is_undefined(r.get("false_positive_mm2"))]
@@ -299,8 +307,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         if b["n"] and fp["mean"] is not None
         else f"{b['n']} benign: {b['called_tumour']} called tumour"
     )
+    thresholds = s.get("thresholds") or []
+    at = " at P >= " + "/".join(f"{t:g}" for t in thresholds) if thresholds else ""
     return (
-        f"{s['n_slides']} slides scored; {s['n_tumour_slides']} with tumour: Dice {f(s['dice'])} "
+        f"{s['n_slides']} slides scored{at}; {s['n_tumour_slides']} with tumour: Dice {f(s['dice'])} "
         f"(area-exact; cell Dice {f(s['cell_dice'])}), precision {f(s['precision'])}, recall "
         f"{f(s['recall'])}, tile AUC {f(s['auc'])}; {benign}; slide labels "
         f"{s['slide_label_accuracy']} correct"
@@ -309,7 +319,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 CSV_COLUMNS = ("slide", "truth", "dice", "precision", "recall", "cell_dice", "truth_mm2", "predicted_mm2",
                "false_positive_mm2", "auc", "slide_label", "slide_truth_positive",
-               "slide_predicted_positive", "slide_label_correct", "annotation")  # fmt: skip
+               "slide_predicted_positive", "slide_label_correct", "annotation", "threshold")  # fmt: skip
 
 
 def csv_rows(slides: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -403,11 +413,18 @@ def _names(items: Sequence[str], n: int = 5) -> str:
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
+def run_threshold(manifest: dict[str, Any]) -> float:
+    """The tile threshold a finished run called tumour with (0.5 for runs that did not record it)."""
+    rule = (manifest.get("label") or {}).get("rule") or {}
+    value = rule.get("tile_threshold")
+    return float(value) if value is not None else 0.5
+
+
 def evaluate_runs(
     results: str | os.PathLike[str],
     annotations: str | os.PathLike[str],
     *,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     truth_min_fraction: float = 0.5,
     mapping: GroupMapping | None = None,
 ) -> dict[str, Any]:
