@@ -83,7 +83,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="slide i uses seed + i")
     ap.add_argument("--split", default="test", choices=["test", "val", "train"], help="source groups")
     ap.add_argument("--model", type=Path, default=None, help="ONNX model (default: the shipped one)")
-    ap.add_argument("--threshold", type=float, default=0.5, help="P(tumour) threshold for Dice etc.")
+    ap.add_argument(
+        "--threshold", type=float, default=None,
+        help="P(tumour) threshold for Dice etc. (default: the run's own, the model card's)",
+    )  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "wsi-bench-evaluate")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
@@ -177,7 +180,7 @@ def main() -> None:
         "source": {"index": str(args.index), "split": args.split, "groups": len(groups),
                    "benign_tiles": len(source.benign), "tumour_tiles": len(source.tumour)},
         "slides": {"n": args.slides, "size_px": args.size, "mpp": args.mpp, "seed": args.seed},
-        "threshold": args.threshold,
+        "threshold": args.threshold if args.threshold is not None else card.threshold,
         "summary": summary,
         "pooled_tile_auc": None if is_undefined(pooled_auc) else round(pooled_auc, 4),
         "pooled_tiles": len(p_all),
