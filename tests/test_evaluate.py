@@ -620,6 +620,7 @@ def test_evaluate_cli_folder_reports_unannotated(runs: Path, tmp_path: Path) -> 
     r = CliRunner().invoke(main, ["evaluate", str(runs), "--annotations", str(ann), "--out", str(out)])
     assert r.exit_code == 0, r.stderr
     assert "1 slides scored at P >= 0.5; 1 with tumour: Dice" in r.stdout
+    assert "slide labels correct: 1 of 1" in r.stdout  # a count, not "1.0 correct"
     assert "no annotation file for" in r.stderr and "benign" in r.stderr
     data = json.loads(out.read_text())
     assert len(data["slides"]) == 1 and data["unannotated"] and data["summary"]["dice"]["mean"] > 0.85

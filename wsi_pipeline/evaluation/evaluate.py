@@ -276,6 +276,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["thresholds"] = sorted({float(r["threshold"]) for r in results if r.get("threshold") is not None})
     correct = [bool(r["slide_label_correct"]) for r in results]
     out["slide_label_accuracy"] = round(sum(correct) / len(correct), 4) if correct else None
+    out["slide_labels_correct"] = sum(correct)
     fp = [float(r["false_positive_mm2"]) for r in benign if not is_undefined(r.get("false_positive_mm2"))]
     out["benign"] = {
         "n": len(benign),
@@ -312,8 +313,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     return (
         f"{s['n_slides']} slides scored{at}; {s['n_tumour_slides']} with tumour: Dice {f(s['dice'])} "
         f"(area-exact; cell Dice {f(s['cell_dice'])}), precision {f(s['precision'])}, recall "
-        f"{f(s['recall'])}, tile AUC {f(s['auc'])}; {benign}; slide labels "
-        f"{s['slide_label_accuracy']} correct"
+        f"{f(s['recall'])}, tile AUC {f(s['auc'])}; {benign}; slide labels correct: "
+        f"{s.get('slide_labels_correct', '?')} of {s['n_slides']}"
     )
 
 
