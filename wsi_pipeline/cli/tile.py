@@ -65,7 +65,7 @@ def info(slide: Path, backend: str, mpp: float | None, as_json: bool, recursive:
 def _print_store_info(d: dict[str, Any]) -> None:
     from rich.console import Console
 
-    console = Console()
+    console = Console(soft_wrap=True)  # whole lines, for logs and grep
     console.print(f"[bold]{d['path']}[/bold]: tile store of {d['slide']} ({d['vendor']}, "
                   f"{' x '.join(map(str, d['slide_size_px'] or []))} px)")  # fmt: skip
     overlap = f", overlap {d['overlap_px']} px" if d.get("overlap_px") else ""
@@ -112,7 +112,7 @@ def _print_batch_info(rows: list[dict[str, Any]]) -> None:
             problems.append(f"{name}: no tissue tiles (tissue covers {t['fraction']:.1%} of the slide)")
         tissue = "" if t["fraction"] is None else f"{t['fraction']:.1%}"
         table.add_row(name, mpp, tissue, str(g.get("tissue_tiles", "")), state)
-    console = Console()
+    console = Console(soft_wrap=True)  # whole lines, for logs and grep
     console.print(table)
     for line in problems:
         console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
