@@ -118,7 +118,8 @@ def _print_batch_info(rows: list[dict[str, Any]]) -> None:
         console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     n_ok = sum(1 for r in rows if "error" not in r and (r.get("tiling") or {}).get("tissue_tiles"))
     console.print(
-        f"{len(rows)} slides, {n_ok} ready to score, {len(rows) - n_ok} with a problem (listed above)"
+        f"{len(rows)} slides, {n_ok} ready to score, {len(rows) - n_ok} with a problem"
+        + (" (listed above)" if n_ok < len(rows) else "")
     )
 
 
