@@ -499,6 +499,11 @@ def test_an_mpp_override_that_contradicts_the_slide_warns(
     )
     assert "override_warning" not in json.loads((out / "none.run.json").read_text())["resolution"]
     assert "overrides the slide&#x27;s own 0.5 um/px" in (out / "own.report.html").read_text()
+    rows = {Path(r["slide"]).name: r for r in json.loads((out / "summary.json").read_text())["slides"]}
+    assert rows["own.svs"]["mpp_warning"] is True and rows["none.svs"]["mpp_warning"] is False
+    assert rows["own.svs"]["mpp"] == 0.25 and rows["own.svs"]["mpp_source"] == "override"
+    page = (out / "report.html").read_text()
+    assert "--mpp overrode the slide's own resolution by more than 10 % for 1 slides (own.svs)" in page
 
 
 def test_bad_model_is_refused_before_any_slide_work(tumour_slide: Fixture, tmp_path: Path) -> None:

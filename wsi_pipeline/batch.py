@@ -188,6 +188,9 @@ def result_row(manifest: dict[str, Any], out: Path, heatmap: Path | None = None)
         "ood_warning": bool(ood.get("warning")),
         "pen_mm2": (m.get("tissue") or {}).get("pen_marks_mm2"),
         "pen_warning": bool((ev.get("pen") or {}).get("warning")),
+        "mpp": (m.get("resolution") or {}).get("mpp_x"),
+        "mpp_source": (m.get("resolution") or {}).get("mpp_source"),
+        "mpp_warning": bool((m.get("resolution") or {}).get("override_warning")),
         "seconds": m["seconds"],
         "report": href.replace(os.sep, "/") if href else None,
     }  # fmt: skip

@@ -282,6 +282,8 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
     n_warn = sum(1 for r in rows if r.get("ood_warning") is True)
     n_pen = sum(1 for r in rows if r.get("pen_mm2"))
     n_pen_warn = sum(1 for r in rows if r.get("pen_warning") is True)
+    mpp_warned = [Path(str(r.get("slide", ""))).name for r in rows if r.get("mpp_warning") is True]
+    more = ", ..." if len(mpp_warned) > 10 else ""
     positive = next((str(r["positive_class"]) for r in rows if r.get("positive_class")), "tumour")
     headers = ("slide", *(c[1].format(positive=positive) for c in FOLDER_COLUMNS), "error")
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
@@ -313,6 +315,14 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
             f'<p class="warn">This run was interrupted before its end: {n_not_run} slides were not run. '
             "Re-run the same command to finish them (the slides done are kept and skipped).</p>"
             if n_not_run
+            else ""
+        ),
+        (
+            f'<p class="warn">--mpp overrode the slide\'s own resolution by more than 10 % for '
+            f"{len(mpp_warned)} slides ({_e(', '.join(mpp_warned[:10]))}{more}):"
+            " if their metadata is right, their tiles were cut at the wrong scale; give per-slide values "
+            "in a CSV manifest's mpp column.</p>"
+            if mpp_warned
             else ""
         ),
         f"<p>{len(rows)} slides: {n_pos} called positive, {n_neg} negative, "
