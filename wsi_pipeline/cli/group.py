@@ -127,7 +127,7 @@ RECURSIVE_HELP = (
 )
 
 
-def _is_batch(slide: Path) -> bool:
+def is_batch(slide: Path) -> bool:
     """A folder of slides or a CSV manifest; not a tile store or a DICOM slide's folder."""
     from wsi_pipeline.io.dicom import is_dicom_slide_folder
 

@@ -16,12 +16,12 @@ from wsi_pipeline.cli.group import (
     _batch_callbacks,
     _batch_summary,
     _device_options,
-    _is_batch,
     _options_from,
     _run_guarded,
     _slide_options,
     _tile_options,
     busy_option,
+    is_batch,
     main,
 )
 from wsi_pipeline.errors import BusyError, UsageError, WsiError
@@ -158,7 +158,7 @@ def run(
         )
         client = _client(kw["scheduler"])
         try:
-            if _is_batch(slide):
+            if is_batch(slide):
                 return _run_folder(
                     slide, Path(out), opts, kw["model"], client, overwrite, quiet, skip_errors, recursive,
                     leave_busy=busy == "leave",

@@ -15,12 +15,12 @@ from wsi_pipeline.cli.group import (
     _Bars,
     _batch_callbacks,
     _batch_summary,
-    _is_batch,
     _options_from,
     _run_guarded,
     _slide_options,
     _tile_options,
     busy_option,
+    is_batch,
     main,
 )
 from wsi_pipeline.errors import BusyError
@@ -46,7 +46,7 @@ def info(slide: Path, backend: str, mpp: float | None, as_json: bool, recursive:
             data = store_info(slide)
             click.echo(json.dumps(data, indent=2)) if as_json else _print_store_info(data)
             return 0
-        if _is_batch(slide):
+        if is_batch(slide):
             from wsi_pipeline.batch import batch_items
 
             rows = batch_info(batch_items(slide, recursive=recursive), backend=backend, mpp_override=mpp)
