@@ -105,6 +105,9 @@ def test_info_on_a_folder_checks_every_slide_before_a_run(
     csv_path.write_text(f"slide,mpp\n{folder / nompp_slide.path.name},0.5\n")
     code, out, _ = _run("info", str(csv_path), "--json")
     assert code == 0 and json.loads(out)[0]["resolution"]["source"] == "override"
+    code, out, _ = _run("info", str(folder), "--mpp", "0.5")  # 2x the aperio slide's own 0.25 um/px
+    assert f"{aperio_slide.path.name}: --mpp 0.5 overrides the slide's own 0.25 um/px (2x)" in out
+    assert "1 with an --mpp warning (listed above)" in out
 
 
 def test_info_on_a_tile_store_says_what_it_holds(aperio_slide: Fixture, tmp_path: Path) -> None:

@@ -104,6 +104,9 @@ def _print_batch_info(rows: list[dict[str, Any]]) -> None:
             mpp = "[red]missing[/red]"
         else:
             mpp = f"{res['mpp_x']:.4g} ({res['source']})"
+        if res.get("override_warning"):
+            state = "[yellow]--mpp differs[/yellow]"
+            problems.append(f"{name}: {res['override_warning']}")
         if t["fraction"] is None:
             state = "[red]not scorable[/red]"
             problems.append(f"{name}: {t['note']}")
@@ -117,9 +120,11 @@ def _print_batch_info(rows: list[dict[str, Any]]) -> None:
     for line in problems:
         console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     n_ok = sum(1 for r in rows if "error" not in r and (r.get("tiling") or {}).get("tissue_tiles"))
+    n_warn = sum(1 for r in rows if (r.get("resolution") or {}).get("override_warning"))
     console.print(
         f"{len(rows)} slides, {n_ok} ready to score, {len(rows) - n_ok} with a problem"
-        + (" (listed above)" if n_ok < len(rows) else "")
+        + (f", {n_warn} with an --mpp warning" if n_warn else "")
+        + (" (listed above)" if problems else "")
     )
 
 
@@ -139,6 +144,8 @@ def _print_info(data: dict[str, Any]) -> None:
         f"  backend {data['backend']}, vendor {data['vendor']}, {data['width']} x {data['height']} px"
     )
     console.print(f"  mpp {mpp}")
+    if res.get("override_warning"):
+        console.print(f"  [yellow]warning[/yellow]: {res['override_warning']}", soft_wrap=True)
     if data.get("objective_power"):
         console.print(f"  objective {data['objective_power']}x")
     table = Table("level", "width", "height", "downsample", "mpp")

@@ -23,7 +23,8 @@ def slide_info(
         props = reader.properties
         try:
             res = resolve_mpp(reader, mpp_override)
-            resolution: dict[str, Any] = {"mpp_x": res.mpp_x, "mpp_y": res.mpp_y, "source": res.source}
+            resolution: dict[str, Any] = {"mpp_x": res.mpp_x, "mpp_y": res.mpp_y, "source": res.source,
+                                          **res.conflict_record()}  # fmt: skip
             mpp0: float | None = res.mpp
         except ResolutionError as exc:
             resolution = {"mpp_x": None, "mpp_y": None, "source": "missing", "hint": MPP_OVERRIDE_HINT,
