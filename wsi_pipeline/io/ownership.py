@@ -29,29 +29,34 @@ _CSV_HEADERS = (b"x_l0,y_l0,width_l0,height_l0,", b"slide,status,", b"slide,trut
 def is_own_output(path: Path) -> bool:
     """True for a heatmap TIFF this package wrote (probability or colour map, also those of older
     versions, e.g. ``NAME.heatmap.tif``): its first page's description says so."""
+    return HEATMAP_MARKER in _tiff_description(path)
+
+
+def _tiff_description(path: Path) -> str:
+    """The first page's description of a TIFF (``""`` for another file, or one tifffile cannot read:
+    not ours; the slide reader reports it properly)."""
     if path.suffix.lower() not in (".tif", ".tiff"):
-        return False
+        return ""
     try:
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
-            desc = tif.pages.first.description if len(tif.pages) else ""
-    except Exception:  # not a readable TIFF: not ours; the slide reader reports it properly
-        return False
-    return HEATMAP_MARKER in (desc or "")
+            return (tif.pages.first.description if len(tif.pages) else "") or ""
+    except Exception:
+        return ""
 
 
 def own_output_of(path: Path) -> str | None:
     """For a heatmap TIFF this package wrote (:func:`is_own_output`): what it is, naming its slide
-    (``the probability map of case1.svs``); else None."""
-    if not is_own_output(path):
+    (``the probability map that wsi-pipeline wrote for case1.svs``); else None. One header read."""
+    desc = _tiff_description(path)
+    if HEATMAP_MARKER not in desc:
         return None
-    import tifffile
-
     try:
-        with tifffile.TiffFile(path) as tif:
-            meta = json.loads(tif.pages.first.description)
-    except Exception:  # an older version's description: ours, but not JSON
+        meta = json.loads(desc)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):  # an older version's description: ours, but not a JSON object
         return "a heatmap that wsi-pipeline wrote"
     kind = {"probability": "probability map", "colour": "colour heatmap"}.get(
         str(meta.get("kind")), "heatmap"

@@ -301,7 +301,7 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: b
         return _open_slide(path, backend, verify=verify)
     except SlideError as exc:
         p = Path(path)
-        if getattr(exc, "whole_file", False):
+        if exc.whole_file:
             raise
         if p.is_dir() and not _holds_dicom(p):
             raise  # a folder that is no DICOM export: no copy in progress would make it a slide
@@ -629,16 +629,16 @@ OVERRIDE_CONFLICT = 0.1
 def resolve_mpp(reader: SlideReader, override: float | None = None) -> Resolution:
     """Effective level-0 mpp: explicit ``override`` > slide metadata > :class:`ResolutionError`."""
     lo, hi = PLAUSIBLE_MPP
+    given = [v for v in reader.metadata_mpp() if v is not None]
     if override is not None:
         if not (math.isfinite(override) and lo <= override <= hi):
             raise ResolutionError(
                 f"{reader.path}: --mpp {override} is outside the plausible range {lo}-{hi} um/px"
             )
-        given = [v for v in reader.metadata_mpp() if v is not None]
-        own = sum(given) / len(given) if given else None
-        own = own if own is not None and lo <= own <= hi else None
-        return Resolution(float(override), float(override), "override", own)
-    given = [v for v in reader.metadata_mpp() if v is not None]
+        own = sum(given) / len(given) if given else None  # kept to warn where the override contradicts it
+        return Resolution(
+            float(override), float(override), "override", own if own and lo <= own <= hi else None
+        )
     if not given:
         raise ResolutionError(f"{reader.path}: the slide has no resolution metadata; {MPP_OVERRIDE_HINT}")
     mx, my = (given[0], given[-1])  # one axis given: use it for both
