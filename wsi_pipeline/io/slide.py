@@ -315,9 +315,11 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: b
 
 
 def _holds_dicom(folder: Path) -> bool:
+    from wsi_pipeline.io.dicom import dicom_files
+
     try:
-        return any(f.suffix.lower() == ".dcm" for f in folder.iterdir())
-    except OSError:  # cannot be listed: its error says so
+        return bool(dicom_files(folder))
+    except SlideError:  # cannot be listed: its error says so
         return False
 
 
