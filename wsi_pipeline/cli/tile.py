@@ -44,13 +44,19 @@ def info(slide: Path, backend: str, mpp: float | None, as_json: bool, recursive:
 
         if is_store_path(slide):
             data = store_info(slide)
-            click.echo(json.dumps(data, indent=2)) if as_json else _print_store_info(data)
+            if as_json:
+                click.echo(json.dumps(data, indent=2))
+            else:
+                _print_store_info(data)
             return 0
         if is_batch(slide):
             from wsi_pipeline.batch import batch_items
 
             rows = batch_info(batch_items(slide, recursive=recursive), backend=backend, mpp_override=mpp)
-            click.echo(json.dumps(rows, indent=2)) if as_json else _print_batch_info(rows)
+            if as_json:
+                click.echo(json.dumps(rows, indent=2))
+            else:
+                _print_batch_info(rows)
             return 1 if any("error" in r for r in rows) else 0
         data = slide_info(slide, backend=backend, mpp_override=mpp)
         if as_json:
@@ -118,7 +124,7 @@ def _print_batch_info(rows: list[dict[str, Any]]) -> None:
     console = Console(soft_wrap=True)  # whole lines, for logs and grep
     console.print(table)
     for line in problems:
-        console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"  {line}", markup=False, highlight=False)
     n_ok = sum(1 for r in rows if "error" not in r and (r.get("tiling") or {}).get("tissue_tiles"))
     n_warn = sum(1 for r in rows if (r.get("resolution") or {}).get("override_warning"))
     console.print(
