@@ -80,15 +80,18 @@ def summary(out: Path) -> dict[str, dict[str, Any]]:
 
 def test_batch_folder_on_a_local_cluster_equals_a_local_run(
     batch_folder: ModuleType, cluster: Any, folder: Path, model: Path, local_run: Path, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     out = tmp_path / "out"
     argv = [str(folder), "--out", str(out), "--scheduler", cluster.scheduler_address, "--model", str(model),
             "--chunk-tiles", "32"]  # fmt: skip
+    monkeypatch.setenv("WSI_PIPELINE_PROGRESS_SECONDS", "0")  # a progress line at every finished task
     code = batch_folder.main(argv)
     captured = capsys.readouterr()
     assert code == 1  # carried on past the bad slide, reported it
     assert "3 slides, 2 done, 1 failed" in captured.out
+    assert any(ln.startswith("tumour.svs: ") and "tiles/s, ETA" in ln for ln in captured.out.splitlines())
+    assert "[2/3] " in captured.out and "so far, ETA" in captured.out
     assert "notes.svs" in captured.err and captured.err.startswith("error: ")
     dist, local = summary(out), summary(local_run)
     assert dist["notes.svs"]["status"] == "failed" and not list(out.glob("notes*"))

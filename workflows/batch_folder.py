@@ -254,6 +254,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
         write_folder_report,
     )
     from wsi_pipeline.pipeline import score_slide
+    from wsi_pipeline.progress_lines import FolderClock, LineProgress
     from wsi_pipeline.provenance import atomic_write_json, environment_versions
 
     say = (lambda *a: None) if args.quiet else print
@@ -273,6 +274,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
     )
 
     names = dict(zip(items, output_stems(items, out), strict=True))
+    folder_clock = FolderClock()
 
     def finish(item: BatchItem, write: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         m = write()
@@ -291,6 +293,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
             write = score_slide(
                 item.slide, heatmap_path(out, names[item]), model=model, options=o, client=client,
                 overwrite=args.overwrite, waiting_on=waiting_on,
+                progress=None if args.quiet else LineProgress(item.slide.name, say),
             )  # fmt: skip
             return writer.submit(finish, item, write)
 
@@ -300,7 +303,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
 
         res = run_batch(
             items, one, out=out, summary_name="summary", stop_on_error=args.stop_on_error, on_error=on_error,
-            on_start=lambda i, n, item: say(f"[{i}/{n}] {item.slide.name}"),
+            on_start=lambda i, n, item: say(folder_clock.line(i, n, item.slide.name)),
             on_busy=lambda item, exc: say(
                 f"{item.slide.name}: another run ({exc.holder}) is working on it; back to it at the end"
             ),

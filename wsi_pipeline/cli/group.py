@@ -21,6 +21,7 @@ import click
 
 from wsi_pipeline import __version__
 from wsi_pipeline.errors import BusyError, Terminated, UsageError, WsiError
+from wsi_pipeline.progress_lines import FolderClock, LineProgress
 
 F = TypeVar("F", bound=Callable[..., Any])
 _POSITIVE = click.FloatRange(min=0.0, min_open=True)
@@ -50,14 +51,17 @@ class _Bars:
     """Progress bars of one command: one per slide (tiles done/total, tiles/s, ETA) and, for folders,
     an overall bar (slides done/total, ETA). Disabled bars cost nothing."""
 
-    def __init__(self, *, enabled: bool, n_slides: int | None = None) -> None:
+    def __init__(self, *, enabled: bool, n_slides: int | None = None, terminal: bool | None = None) -> None:
         self.enabled = enabled
         self.n_slides = n_slides
+        #: bars redrawn in place on a terminal; plain progress lines otherwise (a log file, a pipe)
+        self.terminal = sys.stdout.isatty() if terminal is None else terminal
         self._bar: Any = None
         self._overall: Any = None
+        self._folder = FolderClock()
 
     def __enter__(self) -> _Bars:
-        if not self.enabled:
+        if not (self.enabled and self.terminal):
             return self
         from rich.progress import (
             BarColumn,
@@ -90,11 +94,17 @@ class _Bars:
         else:
             click.echo(msg)
 
+    def start(self, i: int, n: int, name: str) -> None:
+        """The line that starts slide ``i`` of ``n`` of a folder run (in a log, with the folder's ETA)."""
+        in_log = self.enabled and self._bar is None
+        self.echo(self._folder.line(i, n, name) if in_log else f"[{i}/{n}] {name}")
+
     @contextmanager
     def slide(self, name: str) -> Iterator[Callable[[int, int], None]]:
-        """A bar for one slide, fed by ``update(done, total)``; advances the overall bar at the end."""
+        """A bar for one slide, fed by ``update(done, total)``; advances the overall bar at the end. Not
+        on a terminal: a progress line every ``$WSI_PIPELINE_PROGRESS_SECONDS`` (30 s)."""
         if self._bar is None:
-            yield lambda done, total: None
+            yield LineProgress(name, self.echo) if self.enabled else (lambda done, total: None)
             return
         task = self._bar.add_task(name, total=None, unit="tiles", rate="")
         start = time.perf_counter()
@@ -314,7 +324,7 @@ def _batch_callbacks(bars: _Bars, one: Callable[..., Any], *, leave_busy: bool =
             return {"status": LEFT_TO_OTHER_RUN, "n_tiles": 0}
 
     return {
-        "on_start": lambda i, n, item: bars.echo(f"[{i}/{n}] {item.slide.name}"),
+        "on_start": lambda i, n, item: bars.start(i, n, item.slide.name),
         "on_error": lambda item, exc: _err(str(exc)),
         "on_busy": lambda item, exc: bars.echo(
             f"{item.slide.name}: another run ({exc.holder}) is working on it; coming back to it at the end"

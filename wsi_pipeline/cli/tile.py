@@ -253,7 +253,8 @@ def _tile_one(
         },
     )
     bars.echo(
-        f"{slide.name}: {rep.n_tiles} tiles ({rep.tiles_written} written, {rep.status}) "
+        f"{slide.name}: {rep.n_tiles} tiles ({rep.tiles_written} written"
+        f"{', resumed' if rep.status == 'resumed' else ''}) "
         f"in {rep.seconds:.1f} s, "
         f"{rep.tiles_per_s:,.1f} tiles/s, {rep.effective_mpp:.3g} um/px (mpp from {rep.mpp_source}), "
         f"tissue {rep.slide_tissue_fraction:.1%}{_pen_note(rep.meta)}{_stain_note(rep.meta)} "
