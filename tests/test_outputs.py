@@ -386,6 +386,42 @@ def test_folder_run_scores_a_slide_whose_name_is_near_255_bytes(
     assert r.exit_code == 0 and "already done" in r.output, r.output
 
 
+def test_slides_whose_names_are_not_utf8_are_scored_named_and_resumed(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """A Latin-1 name (``caf\\xe9.svs`` from an old Windows share or a zip; Python keeps its byte as a
+    surrogate) crashed the folder run with a traceback while writing the slide's page, and a console
+    under ``en_US.UTF-8`` (strict, as ``CliRunner``'s is) could not print the name. Now the outputs
+    keep the name's bytes, pages and tables show it as ``caf\\xe9`` in valid UTF-8, and it resumes."""
+    import os
+
+    src = tmp_path / "slides"
+    src.mkdir()
+    name = os.fsdecode(b"caf\xe9")
+    shutil.copy2(tumour_slide.path, src / f"{name}.svs")
+    out = tmp_path / "out"
+    args = [str(src), "--out", str(out), "--model", str(test_model)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert "caf\\xe9.svs: TUMOUR" in r.stdout
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(name)) == [
+        f"{name}{suffix}" for suffix in sorted(
+            [".tif", ".colour.tif", ".overlay.png", ".geojson", ".tiles.csv", ".report.html", ".run.json"]
+        )
+    ]  # fmt: skip
+    summary = (out / "summary.csv").read_bytes().decode("utf-8")  # valid UTF-8, for pandas and Excel
+    assert "caf\\xe9.svs,ok,tumour" in summary
+    assert "caf\\xe9.svs" in (out / f"{name}.report.html").read_bytes().decode("utf-8")
+    assert 'href="caf%E9.report.html"' in (out / "report.html").read_text()  # the file's own bytes
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "caf\\xe9.svs: already done" in r.stdout, r.output
+    one = tmp_path / "one"
+    r = CliRunner().invoke(main, [str(src / f"{name}.svs"), "--out", f"{one}/", "--model", str(test_model)])
+    assert r.exit_code == 0 and (one / f"{name}.report.html").is_file(), r.output
+    r = CliRunner().invoke(main, ["tile", str(src / f"{name}.svs"), "--out", str(tmp_path / "t.zarr")])
+    assert r.exit_code == 0 and "caf\\xe9.svs: " in r.stdout, r.output
+
+
 def test_an_out_name_too_long_for_the_file_system_stops_before_any_work(
     tumour_slide: Fixture, test_model: Path, tmp_path: Path
 ) -> None:

@@ -2,7 +2,8 @@
 
 A folder run on the bundled sample slide plus a synthetic tumour slide writes ``report.html`` and
 one ``NAME.report.html`` per slide. The tumour slide's name holds characters that mean something in a
-URL (``#``, ``%``, a space), as lab file names do: its page, picture and links must still resolve. One headless Chromium launch loads a harness page that holds
+URL (``#``, ``%``, a space), as lab file names do, and a third's is Latin-1 bytes that are not UTF-8
+(an old Windows share): their pages, pictures and links must still resolve. One headless Chromium launch loads a harness page that holds
 them in iframes; a script in the harness (the test's, not the product's) records, after the load
 event, whether every image of every page loaded, the table's order before and after a click on a
 header, and the links; the same launch takes a screenshot, which must not be blank.
@@ -12,11 +13,12 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 import numpy as np
 import pytest
@@ -24,9 +26,12 @@ from click.testing import CliRunner
 
 from conftest import Fixture
 from wsi_pipeline.cli import main
+from wsi_pipeline.provenance import valid_text
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "CMU-1-Small-Region.svs"
 TUMOUR = "tumour #2 (50%)"  # "#" starts a URL fragment, "%" an escape: both must be encoded
+#: a Latin-1 name (an old Windows share, a zip): bytes that are not UTF-8, kept by Python as surrogates
+LATIN1 = os.fsdecode(b"caf\xe9")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 _HARNESS = """<!DOCTYPE html><html><head><meta charset="utf-8"></head><body style="margin:0">
@@ -66,7 +71,7 @@ def _target(folder: Path, href: str) -> Path:
     """The file a relative link on a page in ``folder`` opens, as a browser reads the link."""
     url = urlsplit(href)
     assert not (url.scheme or url.query or url.fragment), f"not a plain relative link: {href!r}"
-    return folder / unquote(url.path)
+    return folder / os.fsdecode(unquote_to_bytes(url.path))
 
 
 def _browser() -> str:
@@ -80,12 +85,15 @@ def _browser() -> str:
 
 
 @pytest.fixture(scope="module")
-def folder_run(tumour_slide: Fixture, test_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def folder_run(
+    tumour_slide: Fixture, benign_slide: Fixture, test_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     root = tmp_path_factory.mktemp("report")
     src = root / "slides"
     src.mkdir()
     shutil.copy2(SAMPLE, src / SAMPLE.name)
     shutil.copy2(tumour_slide.path, src / f"{TUMOUR}.svs")
+    shutil.copy2(benign_slide.path, src / f"{LATIN1}.svs")
     out = root / "out"
     r = CliRunner().invoke(main, [str(src), "--out", str(out), "--model", str(test_model), "-q"])
     assert r.exit_code == 0, r.output
@@ -98,12 +106,15 @@ def browsed(folder_run: Path) -> dict:
     """One Chromium launch: the harness's findings (JSON) and its screenshot."""
     chromium = _browser()
     root = folder_run.parent
-    pages = ["out/report.html", "out/CMU-1-Small-Region.report.html", f"out/{TUMOUR}.report.html"]
+    pages = ["out/report.html", "out/CMU-1-Small-Region.report.html", f"out/{LATIN1}.report.html",
+             f"out/{TUMOUR}.report.html"]  # fmt: skip
     frames = "\n".join(
-        f'<iframe src="{quote(p)}" style="width:1260px;height:1100px;border:0"></iframe>' for p in pages
+        f'<iframe src="{quote(os.fsencode(p))}" style="width:1260px;height:1100px;border:0"></iframe>'
+        for p in pages
     )
     harness = root / "harness.html"
     harness.write_text(_HARNESS.format(frames=frames))
+    assert (folder_run / f"{LATIN1}.report.html").is_file()
     shot = root / "screenshot.png"
     cmd = [
         chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
@@ -118,25 +129,30 @@ def browsed(folder_run: Path) -> dict:
 
 def test_every_page_renders_with_every_image_loaded(browsed: dict) -> None:
     pages = browsed["result"]["pages"]
-    assert [unquote(p["src"]) for p in pages] == [
-        "out/report.html", "out/CMU-1-Small-Region.report.html", f"out/{TUMOUR}.report.html",
+    assert [os.fsdecode(unquote_to_bytes(p["src"])) for p in pages] == [
+        "out/report.html", "out/CMU-1-Small-Region.report.html", f"out/{LATIN1}.report.html",
+        f"out/{TUMOUR}.report.html",
     ]  # fmt: skip
     for page in pages[1:]:
         srcs = [i["src"] for i in page["images"]]
         # thumbnail (data: URI), overlay (the PNG beside the page), 10 top tiles (data: URIs)
         assert len(srcs) == 12 and srcs[1].endswith(".overlay.png"), srcs
         assert all(i["ok"] for i in page["images"]), page["images"]
-    assert pages[2]["title"] == f"{TUMOUR}.svs: tumour"
+    assert pages[3]["title"] == f"{TUMOUR}.svs: tumour"
+    assert pages[2]["title"].startswith("caf\\xe9.svs: ")  # the byte shown, not a page that failed
 
 
 def test_folder_table_links_each_slide_and_sorts(browsed: dict, folder_run: Path) -> None:
     folder = browsed["result"]["pages"][0]
     targets = {_target(folder_run, h) for h in folder["links"]}
-    assert {folder_run / "CMU-1-Small-Region.report.html", folder_run / f"{TUMOUR}.report.html"} <= targets
+    assert {
+        folder_run / "CMU-1-Small-Region.report.html", folder_run / f"{LATIN1}.report.html",
+        folder_run / f"{TUMOUR}.report.html",
+    } <= targets  # fmt: skip
     assert all(t.is_file() for t in targets), folder["links"]
-    assert folder["order"] == ["CMU-1-Small-Region.svs", f"{TUMOUR}.svs"]  # the batch's (sorted) order
+    assert folder["order"] == ["CMU-1-Small-Region.svs", "caf\\xe9.svs", f"{TUMOUR}.svs"]  # sorted by name
     rows = json.loads((folder_run / "summary.json").read_text())["slides"]
-    by_p = [Path(r["slide"]).name for r in sorted(rows, key=lambda r: r["max_p"])]
+    by_p = [valid_text(Path(r["slide"]).name) for r in sorted(rows, key=lambda r: r["max_p"])]
     assert folder["asc"] == by_p and folder["desc"] == by_p[::-1]
 
 

@@ -364,6 +364,9 @@ def connect(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv``, connect (or start a LocalCluster), run the batch; the exit code."""
+    from wsi_pipeline.provenance import printable_console
+
+    printable_console()
     args = build_parser().parse_args(argv)
     client = cluster = None
     try:

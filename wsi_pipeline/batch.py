@@ -27,6 +27,7 @@ from wsi_pipeline.provenance import (
     input_files,
     name_bytes,
     output_error,
+    valid_text,
 )
 
 
@@ -134,9 +135,7 @@ def output_stems(items: Sequence[BatchItem], out: Path | None = None) -> list[st
     final = [c if n_chosen[c.casefold()] == 1 else p for c, p in zip(chosen, by_path, strict=True)]
     n_final = count(final)
     return [  # paths that differ in case only: told apart by a hash of the path
-        f
-        if n_final[f.casefold()] == 1
-        else fit_name(f"{f}~{hashlib.sha256(str(r).encode()).hexdigest()[:8]}")
+        f if n_final[f.casefold()] == 1 else fit_name(f"{f}~{hashlib.sha256(os.fsencode(r)).hexdigest()[:8]}")
         for f, r in zip(final, resolved, strict=True)
     ]
 
@@ -285,7 +284,7 @@ def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = 
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    return buf.getvalue().encode()
+    return valid_text(buf.getvalue()).encode()
 
 
 @dataclass(frozen=True)

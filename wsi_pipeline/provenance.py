@@ -122,6 +122,40 @@ def check_name_lengths(paths: Iterable[Path], *, fix: str) -> None:
         )
 
 
+def valid_text(text: str) -> str:
+    """``text`` that can be written as UTF-8: the bytes of a file name that are not UTF-8 (Python keeps
+    them as lone surrogates: a Latin-1 ``caf\\xe9.svs`` from an old Windows share or a zip) shown as
+    ``\\xe9``, so pages and tables name such a slide instead of failing to be written."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no file name gave
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _escaped(exc: UnicodeError) -> tuple[str, int]:
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    text = valid_text(exc.object[exc.start : exc.end])
+    return text.encode("ascii", "backslashreplace").decode("ascii"), exc.end
+
+
+#: the error handlers Python gives the console streams, replaced by :func:`printable_console`'s
+_CONSOLE_ERRORS = ("strict", "surrogateescape", "backslashreplace")
+
+
+def printable_console() -> None:
+    """Let stdout and stderr print what their encoding cannot (a file name's bytes that are not UTF-8)
+    as ``\\xe9``, as pages and tables show it, instead of raising ``UnicodeEncodeError`` in the middle
+    of a run (stdout under ``en_US.UTF-8``), writing the raw byte (the C locale) or ``\\udce9`` (stderr)."""
+    import codecs
+
+    codecs.register_error("wsi-pipeline.escape", _escaped)
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) in _CONSOLE_ERRORS and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="wsi-pipeline.escape")
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``.
 

@@ -22,6 +22,7 @@ import click
 from wsi_pipeline import __version__
 from wsi_pipeline.errors import BusyError, Terminated, UsageError, WsiError
 from wsi_pipeline.progress_lines import FolderClock, LineProgress
+from wsi_pipeline.provenance import printable_console
 
 F = TypeVar("F", bound=Callable[..., Any])
 _POSITIVE = click.FloatRange(min=0.0, min_open=True)
@@ -243,6 +244,7 @@ class _DefaultGroup(click.Group):
     def main(self, *args: Any, **kwargs: Any) -> Any:
         """As click's, but a malformed command line is one line (``error: ...``) and exit code 2."""
         kwargs.pop("standalone_mode", None)
+        printable_console()
         try:
             return super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
         except click.UsageError as exc:

@@ -20,7 +20,7 @@ import numpy as np
 from wsi_pipeline import __version__
 from wsi_pipeline.io.outputs import encode_image
 from wsi_pipeline.io.ownership import GENERATOR
-from wsi_pipeline.provenance import atomic_write_bytes
+from wsi_pipeline.provenance import atomic_write_bytes, valid_text
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5em auto;max-width:1200px;
@@ -77,7 +77,7 @@ def _url(ref: str) -> str:
     ``?`` and spaces; a URL (``file:``, ``data:``) is already encoded."""
     if urlsplit(ref).scheme and not PureWindowsPath(ref).drive:
         return _e(ref)
-    return _e(quote(ref, safe="/"))
+    return _e(quote(os.fsencode(ref), safe="/"))  # the name's own bytes, also where they are not UTF-8
 
 
 def data_uri(image: np.ndarray, fmt: str = "JPEG") -> str:
@@ -258,7 +258,7 @@ def write_slide_report(
     page = slide_report_html(
         manifest, overlay_href=overlay_href, thumbnail=thumbnail, top_tiles=top_tiles, links=links
     )
-    return atomic_write_bytes(path, page.encode())
+    return atomic_write_bytes(path, valid_text(page).encode())
 
 
 #: Columns of the folder table: (row key, header, numeric).
@@ -346,4 +346,4 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
 def write_folder_report(
     path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-pipeline results"
 ) -> Path:
-    return atomic_write_bytes(path, folder_report_html(rows, title=title).encode())
+    return atomic_write_bytes(path, valid_text(folder_report_html(rows, title=title)).encode())

@@ -702,7 +702,7 @@ def slide_fingerprint(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 2
         from wsi_pipeline.io.dicom import dicom_files
 
         for f in dicom_files(p):
-            h.update(f"{f.name}:{slide_fingerprint(f, chunk_bytes=chunk_bytes)}\n".encode())
+            h.update(os.fsencode(f"{f.name}:{slide_fingerprint(f, chunk_bytes=chunk_bytes)}\n"))
         return "dir-sha256:" + h.hexdigest()
     size = p.stat().st_size
     h.update(str(size).encode())
