@@ -411,6 +411,37 @@ def test_csv_as_a_spreadsheet_saves_it(tumour_slide: Fixture, test_model: Path, 
     assert code != 0 and "needs a header with a 'slide' column" in log and "'file', 'mpp'" in log
 
 
+def test_a_slide_listed_twice_in_a_csv_is_scored_once(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """A manifest that lists one slide on three lines (``a.svs``, again, ``./a.svs``) scored it three
+    times under a hashed name (``a.svs~cfee317d``), each copy taking the other for "another run"; with
+    two mpp values it would have kept whichever finished last. Now it is scored once, named ``a``, with
+    a note; different mpp for one slide stop the run before any work, naming both lines."""
+    _copy(tumour_slide, tmp_path / "a.svs")
+    csv_path = tmp_path / "slides.csv"
+    csv_path.write_text("slide,mpp\na.svs,\na.svs,\n./a.svs,\n")
+    out = tmp_path / "out"
+    code, text = _invoke(str(csv_path), "--out", str(out), "--model", str(test_model))
+    assert code == 0, text
+    assert "note: slides.csv: a.svs is listed on lines 2, 3, 4; taken once" in text
+    assert "another run" not in text
+    rows = json.loads((out / "summary.json").read_text())["slides"]
+    assert [(Path(r["slide"]).name, r["status"]) for r in rows] == [("a.svs", "ok")]
+    assert (out / "a.run.json").is_file() and not list(out.glob("*~*"))
+    csv_path.write_text("slide,mpp\na.svs,0.5\n./a.svs,0.25\n")
+    code, text = _invoke(str(csv_path), "--out", str(tmp_path / "out2"), "--model", str(test_model))
+    assert code != 0 and "lines 2 and 3 list a.svs with different mpp (0.5 and 0.25)" in text, text
+    assert not (tmp_path / "out2").exists()
+    code, text = _invoke("tile", str(csv_path), "--out", str(tmp_path / "stores"))
+    assert code != 0 and "different mpp" in text, text  # `tile` takes a manifest too (it said "not a slide")
+    csv_path.write_text("slide,mpp\na.svs,0.5\n./a.svs,0.5\n")
+    code, text = _invoke("tile", str(csv_path), "--out", str(tmp_path / "stores"))
+    assert code == 0 and "taken once" in text, text
+    report = json.loads((tmp_path / "stores" / "a.tile-report.json").read_text())
+    assert report["store"]["resolution"]["mpp_source"] == "override"
+
+
 def test_out_naming_an_existing_folder_for_one_slide(
     tumour_slide: Fixture, test_model: Path, tmp_path: Path
 ) -> None:

@@ -234,13 +234,16 @@ def make_options(args: argparse.Namespace, resources: dict | None) -> Any:
 
 def list_items(src: Path, *, recursive: bool = False) -> list[Any]:
     """The batch's slides with absolute paths (workers may run in another directory)."""
-    from wsi_pipeline.batch import BatchItem, batch_items
+    from wsi_pipeline.batch import BatchItem, batch_items, repeated_lines
 
     if not src.exists():
         raise WsiError(f"{src}: no such folder or manifest; pass a folder of slides or a CSV")
     if not (src.is_dir() or src.suffix.lower() == ".csv"):
         raise WsiError(f"{src}: not a folder or a .csv manifest; for one slide use `wsi-infer SLIDE`")
-    return [BatchItem(i.slide.resolve(), i.mpp) for i in batch_items(src.resolve(), recursive=recursive)]
+    items = batch_items(src.resolve(), recursive=recursive)
+    for line in repeated_lines(src, items):
+        print(f"note: {line}", file=sys.stderr)
+    return [BatchItem(i.slide.resolve(), i.mpp) for i in items]
 
 
 def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:

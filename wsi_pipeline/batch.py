@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class BatchItem:
 
     slide: Path
     mpp: float | None = None
+    #: the lines of a CSV manifest that list this slide (more than one: listed again, scored once)
+    lines: tuple[int, ...] = field(default=(), compare=False)
 
 
 def find_slides(folder: Path, *, recursive: bool = False) -> list[Path]:
@@ -240,7 +242,7 @@ def read_manifest_csv(path: Path) -> list[BatchItem]:
             f"{path}: the manifest needs a header with a 'slide' column (and optionally 'mpp'); "
             f"its first line has the columns {found}"
         )
-    out: list[BatchItem] = []
+    out: dict[Path, BatchItem] = {}  # by the file each line names: a slide listed twice is scored once
     for i, raw in rows:
         r = {(k or "").strip().lower(): (v or "") for k, v in raw.items()}
         if not any(str(v).strip() for v in r.values()):
@@ -252,10 +254,29 @@ def read_manifest_csv(path: Path) -> list[BatchItem]:
         if delimiter != ",":
             mpp = mpp.replace(",", ".")  # a decimal comma
         try:
-            out.append(BatchItem(p if p.is_absolute() else path.parent / p, float(mpp) if mpp else None))
+            item = BatchItem(p if p.is_absolute() else path.parent / p, float(mpp) if mpp else None, (i,))
         except ValueError:
             raise WsiError(f"{path}: line {i}: mpp {mpp!r} is not a number") from None
-    return out
+        key = item.slide.resolve()
+        if (seen := out.get(key)) is None:
+            out[key] = item
+        elif seen.mpp != item.mpp:
+            raise WsiError(
+                f"{path}: lines {seen.lines[0]} and {i} list {item.slide.name} with different mpp "
+                f"({seen.mpp or 'none'} and {item.mpp or 'none'}); keep the line with the right one"
+            )
+        else:
+            out[key] = replace(seen, lines=(*seen.lines, i))
+    return list(out.values())
+
+
+def repeated_lines(src: Path, items: Sequence[BatchItem]) -> list[str]:
+    """A line for each slide that a manifest ``src`` lists more than once (it is scored once)."""
+    return [
+        f"{src.name}: {it.slide.name} is listed on lines {', '.join(map(str, it.lines))}; taken once"
+        for it in items
+        if len(it.lines) > 1
+    ]
 
 
 def batch_items(src: Path, *, recursive: bool = False) -> list[BatchItem]:

@@ -147,6 +147,17 @@ def is_batch(slide: Path) -> bool:
     return slide.is_dir() and slide.suffix != ".zarr" and not is_dicom_slide_folder(slide)
 
 
+def list_batch(src: Path, *, recursive: bool = False) -> list[Any]:
+    """The slides of a folder or CSV (:func:`~wsi_pipeline.batch.batch_items`), with a note on stderr
+    for each slide a manifest lists more than once (scored once)."""
+    from wsi_pipeline.batch import batch_items, repeated_lines
+
+    items = batch_items(src, recursive=recursive)
+    for line in repeated_lines(src, items):
+        click.echo(f"note: {line}", err=True)
+    return items
+
+
 def busy_option(fn: F) -> F:
     """``--busy wait|leave``: what a folder run does with a slide another run is scoring into the same
     results folder (a job array's other task, a second workstation)."""

@@ -22,6 +22,7 @@ from wsi_pipeline.cli.group import (
     _tile_options,
     busy_option,
     is_batch,
+    list_batch,
     main,
 )
 from wsi_pipeline.errors import BusyError, UsageError, WsiError
@@ -300,7 +301,6 @@ def _run_folder(
 
     from wsi_pipeline.batch import (
         BatchItem,
-        batch_items,
         heatmap_path,
         output_stems,
         result_row,
@@ -308,7 +308,7 @@ def _run_folder(
         write_folder_report,
     )
 
-    items = batch_items(src, recursive=recursive)
+    items = list_batch(src, recursive=recursive)
     names = dict(zip(items, output_stems(items, out), strict=True))
     # One writer thread: a slide's outputs are written while the next slide is planned and scored
     # (run_batch settles each in order, after the next slide's scoring).

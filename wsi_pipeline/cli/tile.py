@@ -21,6 +21,7 @@ from wsi_pipeline.cli.group import (
     _tile_options,
     busy_option,
     is_batch,
+    list_batch,
     main,
 )
 from wsi_pipeline.errors import BusyError
@@ -50,9 +51,7 @@ def info(slide: Path, backend: str, mpp: float | None, as_json: bool, recursive:
                 _print_store_info(data)
             return 0
         if is_batch(slide):
-            from wsi_pipeline.batch import batch_items
-
-            rows = batch_info(batch_items(slide, recursive=recursive), backend=backend, mpp_override=mpp)
+            rows = batch_info(list_batch(slide, recursive=recursive), backend=backend, mpp_override=mpp)
             if as_json:
                 click.echo(json.dumps(rows, indent=2))
             else:
@@ -197,16 +196,15 @@ def _print_info(data: dict[str, Any]) -> None:
 def tile(slide: Path, out: Path, overwrite: bool, quiet: bool, recursive: bool, busy: str, **kw: Any) -> None:
     """Stream the tissue tiles of SLIDE into the Zarr store OUT (resumable).
 
-    SLIDE may be a folder: every slide in it is tiled into OUT/<name>.zarr, bad slides are reported
-    and skipped, and the exit code is non-zero if any failed.
+    SLIDE may be a folder, or a CSV with a 'slide' (and optional 'mpp') column: every slide is tiled
+    into OUT/<name>.zarr, bad slides are reported and skipped, and the exit code is non-zero if any
+    failed.
     """
 
     def body() -> int:
         opts = _options_from(kw)
         backend = kw["backend"]
-        from wsi_pipeline.io.dicom import is_dicom_slide_folder
-
-        if slide.is_dir() and not is_dicom_slide_folder(slide):
+        if is_batch(slide):  # a folder of slides or a CSV manifest
             return _tile_folder(
                 slide, out, opts, backend=backend, overwrite=overwrite, quiet=quiet, recursive=recursive,
                 leave_busy=busy == "leave",
@@ -288,9 +286,9 @@ def _tile_folder(
     recursive: bool = False,
     leave_busy: bool = False,
 ) -> int:
-    from wsi_pipeline.batch import BatchItem, batch_items, output_stems, run_batch
+    from wsi_pipeline.batch import BatchItem, output_stems, run_batch
 
-    items = batch_items(folder, recursive=recursive)
+    items = list_batch(folder, recursive=recursive)
     names = dict(zip(items, output_stems(items), strict=True))
     with _Bars(enabled=not quiet, n_slides=len(items)) as bars:
 
