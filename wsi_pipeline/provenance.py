@@ -176,7 +176,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     os.umask(umask)
     try:
         with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; results are shared files
+            if hasattr(os, "fchmod"):  # not on Windows before Python 3.13
+                os.fchmod(fh.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; results are shared files
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
