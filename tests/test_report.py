@@ -133,6 +133,11 @@ def test_every_page_renders_with_every_image_loaded(browsed: dict) -> None:
         "out/report.html", "out/CMU-1-Small-Region.report.html", f"out/{LATIN1}.report.html",
         f"out/{TUMOUR}.report.html",
     ]  # fmt: skip
+    folder = pages[0]  # a picture per slide: its overlay, beside the page
+    assert [os.fsdecode(unquote_to_bytes(i["src"])) for i in folder["images"]] == [
+        "CMU-1-Small-Region.overlay.png", f"{LATIN1}.overlay.png", f"{TUMOUR}.overlay.png",
+    ]  # fmt: skip
+    assert all(i["ok"] for i in folder["images"]), folder["images"]
     for page in pages[1:]:
         srcs = [i["src"] for i in page["images"]]
         # thumbnail (data: URI), overlay (the PNG beside the page), 10 top tiles (data: URIs)

@@ -166,7 +166,8 @@ def heatmap_path(out: Path, name: str) -> Path:
 
 
 def result_row(manifest: dict[str, Any], out: Path, heatmap: Path | None = None) -> dict[str, Any]:
-    """The summary row of one finished (or skipped) slide, with its report relative to ``out``.
+    """The summary row of one finished (or skipped) slide, with its report and overlay picture
+    relative to ``out``.
 
     ``heatmap``: the slide's probability map now; its report is beside it (the manifest's recorded
     path is where the run wrote it, which a moved or copied results folder no longer is)."""
@@ -174,13 +175,18 @@ def result_row(manifest: dict[str, Any], out: Path, heatmap: Path | None = None)
     ev = m["label"]["evidence"]
     ood = m["label"].get("ood") or {}
     pos = m["model"]["positive_class"]
-    report = m.get("outputs", {}).get("report")
-    if report and heatmap is not None:
-        report = str(heatmap.parent / Path(report).name)
-    try:
-        href = os.path.relpath(report, out) if report else None
-    except ValueError:  # another drive (Windows)
-        href = Path(report).as_uri() if report else None
+
+    def href(key: str) -> str | None:
+        path = m.get("outputs", {}).get(key)
+        if not path:
+            return None
+        if heatmap is not None:
+            path = str(heatmap.parent / Path(path).name)
+        try:
+            return os.path.relpath(path, out).replace(os.sep, "/")
+        except ValueError:  # another drive (Windows)
+            return Path(path).as_uri()
+
     return {
         "status": _status(m), "label": m["label"]["label"],
         "positive": bool(m["label"]["positive"]), "positive_class": pos,
@@ -193,7 +199,7 @@ def result_row(manifest: dict[str, Any], out: Path, heatmap: Path | None = None)
         "mpp_source": (m.get("resolution") or {}).get("mpp_source"),
         "mpp_warning": bool((m.get("resolution") or {}).get("override_warning")),
         "seconds": m["seconds"],
-        "report": href.replace(os.sep, "/") if href else None,
+        "report": href("report"), "overlay": href("overlay"),
     }  # fmt: skip
 
 

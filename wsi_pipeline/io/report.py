@@ -274,6 +274,18 @@ FOLDER_COLUMNS = (
 )
 
 
+def _map_cell(row: Mapping[str, Any]) -> str:
+    """The folder table's picture of a slide: its overlay PNG (the file beside the page, loaded as the
+    row scrolls into view) at 64 px high, linking to the slide's page; empty for a failed slide."""
+    overlay, report = row.get("overlay"), row.get("report")
+    if not overlay:
+        return '<td data-v=""></td>'
+    img = f'<img src="{_url(str(overlay))}" alt="" loading="lazy" style="height:64px;display:block">'
+    if report:
+        img = f'<a href="{_url(str(report))}">{img}</a>'
+    return f'<td data-v="">{img}</td>'
+
+
 def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-pipeline results") -> str:
     """The page of a folder run: one sortable row per slide, linking to its page (``row["report"]``,
     relative to the folder page). Failed slides show their error."""
@@ -285,14 +297,14 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
     mpp_warned = [Path(str(r.get("slide", ""))).name for r in rows if r.get("mpp_warning") is True]
     more = ", ..." if len(mpp_warned) > 10 else ""
     positive = next((str(r["positive_class"]) for r in rows if r.get("positive_class")), "tumour")
-    headers = ("slide", *(c[1].format(positive=positive) for c in FOLDER_COLUMNS), "error")
+    headers = ("slide", "map", *(c[1].format(positive=positive) for c in FOLDER_COLUMNS), "error")
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = []
     for r in rows:
         name = Path(str(r.get("slide", ""))).name
         href = r.get("report")
         cell = f'<a href="{_url(str(href))}">{_e(name)}</a>' if href else _e(name)
-        tds = [f'<td data-v="{_e(name.lower())}">{cell}</td>']
+        tds = [f'<td data-v="{_e(name.lower())}">{cell}</td>', _map_cell(r)]
         for key, _, numeric in FOLDER_COLUMNS:
             v = r.get(key)
             v = "" if v is None else v
