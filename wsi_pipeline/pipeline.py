@@ -490,6 +490,7 @@ def _write_outputs(
                   "classes": list(card.classes), "positive_class": card.positive_class, "mpp": card.mpp,
                   "optimized_copy": _optimized_copy(card, result.provider)},
         "resolution": layout.records.get("resolution"),
+        "qupath_origin_l0": list(qupath_origin(layout)),  # the GeoJSON's (0, 0), in level-0 px
         "tissue": layout.records.get("tissue"),
         "grid": grid.to_dict(),
         "stain": layout.stain,
@@ -619,7 +620,8 @@ def _write_tables(
         paths["geojson"],
         geojson_features(boxes, result.probs, card.classes, card.positive_index,
                          tile_threshold=opts.label.tile_p, regions=regions, mpp_l0=layout.mpp_l0,
-                         tiles=opts.geojson_tiles, pen_regions=pen.regions if pen else None),
+                         tiles=opts.geojson_tiles, pen_regions=pen.regions if pen else None,
+                         origin_l0=qupath_origin(layout)),
     )  # fmt: skip
     columns: dict[str, np.ndarray] = {
         "x_l0": coords[:, 0], "y_l0": coords[:, 1],
@@ -634,6 +636,13 @@ def _write_tables(
     if pen is not None:
         columns["near_pen_ink"] = pen.near.astype(np.uint8)
     write_tiles_csv(paths["tiles_csv"], columns)
+
+
+def qupath_origin(layout: Layout) -> tuple[int, int]:
+    """The level-0 pixel QuPath shows as (0, 0) for the layout's slide (``io.slide.qupath_origin_l0``;
+    (0, 0) for a store made before it was recorded)."""
+    x, y = layout.records.get("qupath_origin_l0") or (0, 0)
+    return int(x), int(y)
 
 
 def _top_tile_pictures(source: TileSource, p_pos: np.ndarray, n: int) -> list[np.ndarray]:

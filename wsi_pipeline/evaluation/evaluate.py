@@ -181,6 +181,15 @@ def evaluate_slide(
     origin = float(m["heatmap"].get("origin_l0", 0.0))  # the cell is centred on its tile (overlap)
     rows, cols = (int(v) for v in m["heatmap"]["shape"])
     annotated = ann.tumour if ann is not None else MultiPolygon()
+    # QuPath counts from the slide's scanned rectangle where it crops one (MIRAX, Leica): its GeoJSON
+    # is moved back to OpenSlide's level 0, where the tiles and ASAP's coordinates are.
+    ann_origin = (
+        [int(v) for v in m.get("qupath_origin_l0") or (0, 0)] if ann and ann.format == "geojson" else [0, 0]
+    )
+    if any(ann_origin):
+        from shapely import affinity
+
+        annotated = affinity.translate(annotated, xoff=ann_origin[0], yoff=ann_origin[1])
     # Truth is what lies on the slide (the heatmap canvas): the same clipped geometry decides every
     # metric and the slide-level truth, and what was cut off is reported.
     on_slide = _box(0, 0, origin + cols * cell, origin + rows * cell)
@@ -216,6 +225,7 @@ def evaluate_slide(
         "manifest": str(manifest_path),
         "annotation": str(annotation_path) if annotation_path else None,
         "annotation_format": ann.format if ann else None,
+        "annotation_origin_l0": ann_origin,
         "truth": "tumour" if truth_positive else "benign",
         "threshold": threshold,
         "threshold_source": threshold_source,

@@ -473,10 +473,13 @@ def geojson_features(
     mpp_l0: float | None = None,
     tiles: bool = True,
     pen_regions: Any = None,
+    origin_l0: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
-    """QuPath-compatible FeatureCollection (level-0 px): one detection per tile, tumour annotations,
-    and the marker-pen ink left out of the tissue (``pen_regions``, a shapely geometry) as locked
-    annotations of class ``Pen ink``.
+    """QuPath-compatible FeatureCollection: one detection per tile, tumour annotations, and the
+    marker-pen ink left out of the tissue (``pen_regions``, a shapely geometry) as locked
+    annotations of class ``Pen ink``. Inputs are level-0 px; the file's coordinates are level-0 px
+    minus ``origin_l0``, the level-0 pixel QuPath shows as (0, 0) (``io.slide.qupath_origin_l0``:
+    non-zero where QuPath crops a MIRAX or Leica slide to its scanned rectangle).
 
     Tiles (``tiles=False`` leaves them out, for huge slides: the tile table has them) carry their
     class (positive when P >= ``tile_threshold``) and every class probability as measurements;
@@ -491,9 +494,11 @@ def geojson_features(
     probs = np.asarray(probs)
     boxes = np.asarray(boxes_l0, float)
     positive = probs[:, positive_index] >= tile_threshold if len(probs) else np.zeros(0, bool)
+    shift = (float(origin_l0[0]), float(origin_l0[1]))
     feats: list[dict[str, Any]] = []
     if tiles:
-        for b, p, is_pos in zip(boxes, probs, positive, strict=True):
+        shifted = boxes - np.array([shift[0], shift[1], shift[0], shift[1]]) if len(boxes) else boxes
+        for b, p, is_pos in zip(shifted, probs, positive, strict=True):
             x0, y0, x1, y1 = (round(float(v), 2) for v in b)
             name = pos if is_pos else neg
             feats.append(
@@ -527,7 +532,7 @@ def geojson_features(
         }
         if meas is not None:
             props["measurements"] = meas
-        feats.append({"type": "Feature", "geometry": _rounded(mapping(g)), "properties": props})
+        feats.append({"type": "Feature", "geometry": _rounded(mapping(g), shift=shift), "properties": props})
     pens = [] if pen_regions is None or pen_regions.is_empty else getattr(pen_regions, "geoms", [pen_regions])
     for g in pens:
         props = {
@@ -538,18 +543,24 @@ def geojson_features(
         }
         if mpp_l0 is not None:
             props["measurements"] = {"Area mm^2": round(g.area * mpp_l0 * mpp_l0 / 1e6, 4)}
-        feats.append({"type": "Feature", "geometry": _rounded(mapping(g)), "properties": props})
+        feats.append({"type": "Feature", "geometry": _rounded(mapping(g), shift=shift), "properties": props})
     # "generator" (a foreign member, which GeoJSON readers ignore) marks the file as ours: a run may
     # replace it, never a user's annotations of the same name (io.ownership)
-    return {"type": "FeatureCollection", "generator": f"{GENERATOR} {__version__}", "features": feats}
+    # "origin_l0" (another foreign member) says which level-0 pixel the coordinates count from
+    doc: dict[str, Any] = {"type": "FeatureCollection", "generator": f"{GENERATOR} {__version__}"}
+    if shift != (0.0, 0.0):
+        doc["origin_l0"] = [int(origin_l0[0]), int(origin_l0[1])]
+    return {**doc, "features": feats}
 
 
-def _rounded(geom: dict[str, Any], ndigits: int = 2) -> dict[str, Any]:
-    """A GeoJSON geometry mapping with coordinates rounded (level-0 px: 0.01 px is plenty)."""
+def _rounded(
+    geom: dict[str, Any], ndigits: int = 2, shift: tuple[float, float] = (0.0, 0.0)
+) -> dict[str, Any]:
+    """A GeoJSON geometry mapping with coordinates less ``shift`` and rounded (0.01 px is plenty)."""
 
     def r(c: Any) -> Any:
         if isinstance(c, list | tuple) and c and isinstance(c[0], int | float):
-            return [round(float(v), ndigits) for v in c]
+            return [round(float(v) - s, ndigits) for v, s in zip(c, shift, strict=False)]
         return [r(x) for x in c]
 
     return {**geom, "coordinates": r(geom["coordinates"])}

@@ -200,6 +200,28 @@ def read_rule(reader: SlideReader, level: int) -> tuple[str, bool]:
     return "round", abs(ds - round(ds)) < 1e-9
 
 
+def qupath_origin_l0(reader: SlideReader) -> tuple[int, int]:
+    """The level-0 pixel that QuPath shows as (0, 0), so that GeoJSON for QuPath lands where it should.
+
+    OpenSlide's level 0 covers a scanner's whole coordinate plane; for some formats (3DHISTECH
+    MIRAX, Leica SCN, Ventana BIF) the tissue scan is a rectangle inside it, given by the
+    ``openslide.bounds-x/-y/-width/-height`` properties. QuPath's OpenSlide image server crops to that
+    rectangle when both its width and height differ from the slide's (its own rule), so its pixel
+    (0, 0) is level-0 pixel (bounds-x, bounds-y); ASAP and our tile table keep OpenSlide's plane.
+    (0, 0) for every other slide."""
+    props = reader.properties
+    for prefix in ("openslide", "tiffslide"):
+        raw = [props.get(f"{prefix}.bounds-{k}") for k in ("x", "y", "width", "height")]
+        if all(v is not None for v in raw):
+            try:
+                x, y, w, h = (int(float(str(v))) for v in raw)
+            except ValueError:
+                return (0, 0)
+            width, height = reader.dimensions
+            return (x, y) if w != width and h != height else (0, 0)
+    return (0, 0)
+
+
 def _as_float(value: object) -> float | None:
     try:
         f = float(value)  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ import numpy as np
 
 from wsi_pipeline.errors import ModelError
 from wsi_pipeline.inference.card import ModelCard
-from wsi_pipeline.io.slide import SlideReader, Thumbnail, open_slide, slide_fingerprint
+from wsi_pipeline.io.slide import SlideReader, Thumbnail, open_slide, qupath_origin_l0, slide_fingerprint
 from wsi_pipeline.stain.macenko import REFERENCE
 from wsi_pipeline.tiling.grid import TileGrid
 from wsi_pipeline.tiling.plan import TileOptions, plan_slide, require_tissue
@@ -199,11 +199,12 @@ class SlideSource(TileSource):
             plan = plan_slide(reader, opts, picture_px=self.picture_px)
             require_tissue(plan, self.path, opts)
             stain = fit_slide_stain(reader, plan, opts) if opts.normalize == "macenko" else None
-            backend, slide_wh = reader.backend, reader.dimensions
+            backend, slide_wh, qupath_origin = reader.backend, reader.dimensions, qupath_origin_l0(reader)
         finally:
             reader.close()
         records = {
             "backend": backend,
+            "qupath_origin_l0": list(qupath_origin),
             "resolution": {
                 "mpp_x": plan.resolution.mpp_x,
                 "mpp_y": plan.resolution.mpp_y,
@@ -272,6 +273,7 @@ class StoreSource(TileSource):
         res = meta["resolution"]
         records = {
             "backend": self.backend,
+            "qupath_origin_l0": meta["slide"].get("qupath_origin_l0") or [0, 0],  # absent: an older store
             "resolution": {k: res.get(k) for k in
                            ("mpp_x", "mpp_y", "mpp_source", "effective_mpp", "level", "resize_scale")},
             "tissue": {"slide_tissue_fraction": meta["tissue"]["slide_tissue_fraction"],

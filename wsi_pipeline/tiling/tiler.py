@@ -20,6 +20,7 @@ from wsi_pipeline.errors import SlideError
 from wsi_pipeline.io.slide import (
     SlideReader,
     open_slide,
+    qupath_origin_l0,
     slide_fingerprint,
 )
 from wsi_pipeline.io.tilestore import (
@@ -69,6 +70,7 @@ def _slide_meta(
             "dimensions": list(reader.dimensions),
             "level_dimensions": [list(d) for d in reader.level_dimensions],
             "level_downsamples": list(reader.level_downsamples),
+            "qupath_origin_l0": list(qupath_origin_l0(reader)),
         },
         "resolution": {
             "mpp_x": plan.resolution.mpp_x,
