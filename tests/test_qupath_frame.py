@@ -92,6 +92,13 @@ def test_the_synthetic_scn_has_bounds_and_qupaths_origin(scn: Path) -> None:
         reader.close()
 
 
+def test_info_says_where_qupath_counts_from(scn: Path) -> None:
+    r = CliRunner().invoke(main, ["info", str(scn)])
+    assert r.exit_code == 0 and f"scanned rectangle from level-0 ({ORIGIN[0]}, {ORIGIN[1]})" in r.output
+    r = CliRunner().invoke(main, ["info", str(scn), "--json"])
+    assert json.loads(r.output)["qupath_origin_l0"] == list(ORIGIN)
+
+
 def test_slides_without_bounds_keep_level_0(aperio_slide: object) -> None:
     reader = open_slide(aperio_slide.path, "openslide")  # type: ignore[attr-defined]
     try:

@@ -153,6 +153,9 @@ def _print_info(data: dict[str, Any]) -> None:
         console.print(f"  [yellow]warning[/yellow]: {res['override_warning']}", soft_wrap=True)
     if data.get("objective_power"):
         console.print(f"  objective {data['objective_power']}x")
+    if any(data.get("qupath_origin_l0") or ()):
+        x, y = data["qupath_origin_l0"]
+        console.print(f"  scanned rectangle from level-0 ({x}, {y}): QuPath and our GeoJSON count from there")
     table = Table("level", "width", "height", "downsample", "mpp")
     for lv in data["levels"]:
         table.add_row(

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from wsi_pipeline.errors import ResolutionError, SlideError, WsiError
-from wsi_pipeline.io.slide import MPP_OVERRIDE_HINT, open_slide, read_thumbnail, resolve_mpp
+from wsi_pipeline.io.slide import MPP_OVERRIDE_HINT, open_slide, qupath_origin_l0, read_thumbnail, resolve_mpp
 from wsi_pipeline.tiling.plan import TileOptions, plan_slide
 from wsi_pipeline.tiling.tissue import tissue_mask
 
@@ -44,6 +44,7 @@ def slide_info(
             "width": reader.dimensions[0],
             "height": reader.dimensions[1],
             "objective_power": objective,
+            "qupath_origin_l0": list(qupath_origin_l0(reader)),
             "resolution": resolution,
             "levels": levels,
         }
