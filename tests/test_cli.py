@@ -138,6 +138,27 @@ def test_folder_continues_past_bad_slide(
     assert not (out / "notes.zarr").exists() and not partial_path(out / "notes.zarr").exists()
 
 
+def test_folder_failures_carry_their_exit_code_and_missing_mpp_points_to_a_csv(
+    generic_slide: Fixture, nompp_slide: Fixture, not_a_slide: Path, tmp_path: Path
+) -> None:
+    """A folder run's failed rows say what kind of failure each was (the exit code a run of that slide
+    alone gives), and slides without an mpp get one hint towards a CSV: "pass --mpp" on a folder would
+    rescale every slide."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in (generic_slide.path, nompp_slide.path, not_a_slide):
+        shutil.copy(p, folder / p.name)
+    code, _, err = _run("tile", str(folder), "-o", str(tmp_path / "stores"), "-q")
+    assert code == 1
+    rows = {
+        Path(r["slide"]).name: r
+        for r in json.loads((tmp_path / "stores" / "tile-summary.json").read_text())["slides"]
+    }
+    assert rows[nompp_slide.path.name]["error_code"] == 4 and rows[not_a_slide.name]["error_code"] == 3
+    assert "error_code" not in rows[generic_slide.path.name]
+    assert "hint: 1 slides have no usable resolution (mpp)" in err and "CSV" in err
+
+
 def test_folder_reports_slides_of_formats_no_reader_opens(generic_slide: Fixture, tmp_path: Path) -> None:
     """A Zeiss .czi or Philips .isyntax in the folder used to be passed over without a word: it is a
     failed row naming the format and the way out (convert to OME-TIFF or DICOM)."""

@@ -369,7 +369,7 @@ def run_batch(
         """Mark row ``at`` failed; True when the batch stops on it."""
         if on_error:
             on_error(item, exc)
-        rows[at] = {"slide": str(item.slide), "status": "failed", "n_tiles": 0, "error": str(exc)}
+        rows[at] = failed_row(item, exc)
         return stop_on_error
 
     def settle(keep: int = 0) -> bool:
@@ -438,7 +438,7 @@ def run_batch(
             try:
                 rows[at] = row(item, fut.result())
             except WsiError as err:
-                rows[at] = {"slide": str(item.slide), "status": "failed", "n_tiles": 0, "error": str(err)}
+                rows[at] = failed_row(item, err)
         pending.clear()
         rows += [{} for _ in items[len(rows) :]]
         for at, r in enumerate(rows):
@@ -453,6 +453,14 @@ def run_batch(
             fut.exception()
     _write_summaries(summaries, rows)
     return BatchResult(rows, time.perf_counter() - t0)
+
+
+def failed_row(item: BatchItem, exc: WsiError) -> dict[str, Any]:
+    """The summary row of a slide that failed: its error and ``error_code``, the exit code a run of
+    that slide alone ends with (3 unreadable, 4 no usable mpp, 5 no tissue, 6 output, ...), so a
+    script can pick the slides to re-run with an mpp from the ones to re-scan."""
+    return {"slide": str(item.slide), "status": "failed", "n_tiles": 0, "error": str(exc),
+            "error_code": exc.exit_code}  # fmt: skip
 
 
 def _write_summaries(paths: Sequence[Path], rows: list[dict[str, Any]], *, interrupted: bool = False) -> None:

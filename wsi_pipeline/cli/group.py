@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from wsi_pipeline import __version__
-from wsi_pipeline.errors import BusyError, Terminated, UsageError, WsiError
+from wsi_pipeline.errors import BusyError, ResolutionError, Terminated, UsageError, WsiError
 from wsi_pipeline.progress_lines import FolderClock, LineProgress
 from wsi_pipeline.provenance import printable_console
 
@@ -363,4 +363,11 @@ def _batch_summary(res: Any, summary: Path, report: Path | None = None) -> int:
     )
     for r in failed:
         click.echo(f"  failed: {r['error']}", err=True)
+    no_mpp = sum(1 for r in failed if r.get("error_code") == ResolutionError.exit_code)
+    if no_mpp:
+        click.echo(
+            f"  hint: {no_mpp} slides have no usable resolution (mpp); list each with its own in a CSV "
+            "(columns slide,mpp) and run on the CSV: --mpp would apply to every slide of the folder",
+            err=True,
+        )
     return 1 if failed else 0
