@@ -265,6 +265,17 @@ def test_real_broken_slides_raise_slide_error(name: str, backend: str) -> None:
 
 
 @pytest.mark.realdata
+@pytest.mark.parametrize("backend", ["auto", "tiffslide"])
+def test_a_compression_no_reader_decodes_is_not_called_corruption(backend: str) -> None:
+    """unopenable.tiff is a whole file whose tiles use compression 52479: the fix is converting it, not
+    re-copying it."""
+    p = shared("slides", "broken", "unopenable.tiff")
+    with pytest.raises(SlideError, match="compression no reader here decodes") as info:
+        open_slide(p, backend)
+    assert "corrupt or truncated" not in str(info.value)
+
+
+@pytest.mark.realdata
 def test_real_plain_tiff_opens_with_tiffslide_fallback() -> None:
     r = open_slide(shared("slides", "plain-tiff", "kidney-48-5.tif"))
     assert r.backend == "tiffslide"

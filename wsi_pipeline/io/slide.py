@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import struct
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -167,9 +168,15 @@ class _LibrarySlide:
         try:
             arr = np.asarray(self._h.read_region((x, y), level, (w, h)))
         except Exception as exc:  # the libraries raise many types (OpenSlideError, codec errors, ...)
+            fix = (
+                "its tiles use a compression no reader here decodes (a vendor's own codec): convert the "
+                "slide with the scanner's software to a standard pyramidal TIFF (JPEG) or DICOM"
+                if _UNKNOWN_CODEC.search(str(exc))
+                else "the file is corrupt or truncated - re-export or re-scan it"
+            )
             raise SlideError(
                 f"{self.path}: cannot read pixels at level {level}, x={x}, y={y}, size {w}x{h} "
-                f"({type(exc).__name__}: {exc}); the file is corrupt or truncated - re-export or re-scan it"
+                f"({type(exc).__name__}: {exc}); {fix}"
             ) from exc
         if arr.ndim != 3 or arr.shape[2] not in (3, 4):
             raise SlideError(
@@ -198,6 +205,12 @@ def read_rule(reader: SlideReader, level: int) -> tuple[str, bool]:
         return "trunc", True
     ds = float(reader.level_downsamples[level])
     return "round", abs(ds - round(ds)) < 1e-9
+
+
+#: what tifffile and OpenSlide say of a TIFF compression they have no decoder for
+_UNKNOWN_CODEC = re.compile(
+    r"is not a known COMPRESSION|Unsupported TIFF compression|requires the 'imagecodecs'"
+)
 
 
 def qupath_origin_l0(reader: SlideReader) -> tuple[int, int]:
