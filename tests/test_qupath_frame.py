@@ -165,3 +165,28 @@ def test_a_store_of_the_slide_keeps_the_origin(
     from_store = json.loads((tmp_path / "case.geojson").read_text())
     assert from_store["origin_l0"] == list(ORIGIN)
     assert from_store["features"] == json.loads((scored / "case.geojson").read_text())["features"]
+
+
+def test_results_from_before_the_fix_are_redone_for_cropped_formats_only(
+    scn: Path, aperio_slide: object, test_model: Path, tmp_path: Path
+) -> None:
+    """A finished .scn run whose manifest lacks ``qupath_origin_l0`` (an older version's, GeoJSON in
+    OpenSlide's plane) is scored again; an .svs run of the same age is kept (its frame was right)."""
+    import shutil
+
+    src = tmp_path / "slides"
+    src.mkdir()
+    shutil.copy(scn, src / "case.scn")
+    shutil.copy(aperio_slide.path, src / "other.svs")  # type: ignore[attr-defined]
+    out = tmp_path / "out"
+    args = [str(src), "--out", str(out), "--model", str(test_model), "-q"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    for name in ("case", "other"):
+        m = out / f"{name}.run.json"
+        data = json.loads(m.read_text())
+        del data["qupath_origin_l0"]
+        m.write_text(json.dumps(data))
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "other.svs: already done" in r.output and "case.scn: already done" not in r.output
+    assert json.loads((out / "case.run.json").read_text())["qupath_origin_l0"] == list(ORIGIN)

@@ -154,13 +154,21 @@ def _params(card: ModelCard, opts: RunOptions, source: TileSource) -> dict[str, 
     }
 
 
-def finished(manifest: Path, params: dict[str, Any]) -> bool:
-    """True when ``manifest`` records a finished run with the same parameters."""
+#: slide formats whose scanned rectangle QuPath crops to (``io.slide.qupath_origin_l0``): their runs
+#: from before the GeoJSON counted from it are done again
+CROPPED_BY_QUPATH = (".mrxs", ".scn", ".bif")
+
+
+def finished(manifest: Path, params: dict[str, Any], slide: Path | None = None) -> bool:
+    """True when ``manifest`` records a finished run with the same parameters (and, for a slide of a
+    format QuPath crops, GeoJSON in QuPath's frame: ``qupath_origin_l0`` recorded)."""
     import json
 
     try:
         data = json.loads(manifest.read_text())
     except (OSError, ValueError):
+        return False
+    if slide is not None and slide.suffix.lower() in CROPPED_BY_QUPATH and "qupath_origin_l0" not in data:
         return False
     return bool(data.get("status") == "complete" and data.get("params") == params)
 
@@ -308,7 +316,7 @@ def _score_claimed(
         asked_by = "the model card asks for" if opts.normalize_from_card else "you asked for"
         source.check_model(card, normalize=opts.tile.normalize, asked_by=asked_by)
         params = _params(card, opts, source)
-        if take_finished and finished(paths["manifest"], params):
+        if take_finished and finished(paths["manifest"], params, slide_p):
             import json
 
             manifest: dict[str, Any] = json.loads(paths["manifest"].read_text())
@@ -490,7 +498,7 @@ def _write_outputs(
                   "classes": list(card.classes), "positive_class": card.positive_class, "mpp": card.mpp,
                   "optimized_copy": _optimized_copy(card, result.provider)},
         "resolution": layout.records.get("resolution"),
-        "qupath_origin_l0": list(qupath_origin(layout)),  # the GeoJSON's (0, 0), in level-0 px
+        "qupath_origin_l0": list(_qupath_origin(layout)),  # the GeoJSON's (0, 0), in level-0 px
         "tissue": layout.records.get("tissue"),
         "grid": grid.to_dict(),
         "stain": layout.stain,
@@ -621,7 +629,7 @@ def _write_tables(
         geojson_features(boxes, result.probs, card.classes, card.positive_index,
                          tile_threshold=opts.label.tile_p, regions=regions, mpp_l0=layout.mpp_l0,
                          tiles=opts.geojson_tiles, pen_regions=pen.regions if pen else None,
-                         origin_l0=qupath_origin(layout)),
+                         origin_l0=_qupath_origin(layout)),
     )  # fmt: skip
     columns: dict[str, np.ndarray] = {
         "x_l0": coords[:, 0], "y_l0": coords[:, 1],
@@ -638,7 +646,7 @@ def _write_tables(
     write_tiles_csv(paths["tiles_csv"], columns)
 
 
-def qupath_origin(layout: Layout) -> tuple[int, int]:
+def _qupath_origin(layout: Layout) -> tuple[int, int]:
     """The level-0 pixel QuPath shows as (0, 0) for the layout's slide (``io.slide.qupath_origin_l0``;
     (0, 0) for a store made before it was recorded)."""
     x, y = layout.records.get("qupath_origin_l0") or (0, 0)
