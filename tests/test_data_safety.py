@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import select
 import shutil
 from pathlib import Path
 
@@ -666,6 +668,7 @@ def test_link_to_a_moved_slide_fails_named_in_a_folder_run(
 @pytest.mark.parametrize(("signame", "code", "says"), [
     ("SIGINT", 130, "interrupted; re-run the same command to resume"),
     ("SIGTERM", 143, "terminated (SIGTERM: a time limit, docker stop, a shutdown); re-run the same command"),
+    ("SIGHUP", 129, "hung up (SIGHUP: the terminal or SSH session closed"),
 ])  # fmt: skip
 def test_a_stopped_folder_run_says_so_keeps_its_record_and_resumes(
     tumour_slide: Fixture, test_model: Path, tmp_path: Path, signame: str, code: int, says: str
@@ -706,6 +709,80 @@ def test_a_stopped_folder_run_says_so_keeps_its_record_and_resumes(
     assert again.returncode == 0, again.stderr
     assert len(list(out.glob("*.run.json"))) == 4
     assert "interrupted" not in json.loads((out / "summary.json").read_text())
+
+
+def _slides(tumour_slide: Fixture, root: Path, n: int) -> Path:
+    src = root / "slides"
+    for i in range(n):
+        _copy(tumour_slide, src / f"s{i}.svs")
+    return src
+
+
+def test_a_console_that_goes_away_does_not_stop_the_run(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """`wsi-infer slides/ --out res/ | head -1` (or a `tee` that dies): the next line raised
+    BrokenPipeError, and the run stopped after its first slide with no summary. The results are files:
+    the run now lets the console go and finishes every slide."""
+    import subprocess
+    import sys
+
+    src = _slides(tumour_slide, tmp_path, 3)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "wsi_pipeline.cli", str(src), "--out", str(out), "--model", str(test_model)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().startswith(b"[1/3]")
+    proc.stdout.close()  # as `head -1` does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    rows = json.loads((out / "summary.json").read_text())["slides"]
+    assert [r["status"] for r in rows] == ["ok"] * 3
+
+
+def test_a_hung_up_terminal_stops_the_run_in_order(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """The SSH session of an interactive run closes: its terminal hangs up (SIGHUP, and every write to
+    it fails with EIO). The run used to die where it stood, with no summary. It now stops as Ctrl-C
+    does: the slide being written is finished, the summary says which slides were not run, exit 129,
+    and the one line goes to stderr where that is a file."""
+    import fcntl
+    import pty
+    import subprocess
+    import sys
+    import termios
+    import time
+
+    src = _slides(tumour_slide, tmp_path, 6)
+    out = tmp_path / "out"
+    log = tmp_path / "stderr.txt"
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:  # the pty becomes the session's terminal, as sshd's is
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    cmd = [sys.executable, "-m", "wsi_pipeline.cli", str(src), "--out", str(out), "--model", str(test_model),
+           "--chunk-tiles", "8"]  # fmt: skip
+    with log.open("wb") as err:
+        proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=err, preexec_fn=controlling_terminal)
+    os.close(slave)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(out.glob("*.run.json")):
+        try:  # keep the terminal drained, as a terminal emulator does
+            os.read(master, 65536) if select.select([master], [], [], 0.05)[0] else None
+        except OSError:
+            break
+    os.close(master)  # hang up
+    proc.wait(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the hang-up")
+    assert proc.returncode == 129, log.read_text()
+    assert "hung up (SIGHUP" in log.read_text() and "Traceback" not in log.read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    assert "ok" in {r["status"] for r in summary["slides"]}
+    assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial"))]
 
 
 # --- files that share an output's name but are not ours ------------------------------------------

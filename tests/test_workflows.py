@@ -381,7 +381,11 @@ def test_sigterm_stops_the_script_cleanly_with_its_summary(
     if proc.returncode == 0:
         pytest.skip("the job finished before the signal arrived")
     assert proc.returncode == 143, err
-    assert "error: terminated (SIGTERM); re-run the same command to resume" in err and "Traceback" not in err
+    assert (
+        "error: terminated (SIGTERM: a time limit" in err
+        and "re-run the same command" in err
+        and "Traceback" not in err
+    )
     rows = json.loads((out / "summary.json").read_text())
     assert rows["interrupted"] is True and len(rows["slides"]) == 6
     done = {p.name.removesuffix(".run.json") + ".svs" for p in out.glob("*.run.json")}

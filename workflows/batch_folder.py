@@ -38,9 +38,18 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline import __version__
-from wsi_pipeline.errors import BusyError, DeviceError, Terminated, WsiError, stop_on_sigterm
+from wsi_pipeline.errors import BusyError, DeviceError, Terminated, WsiError, detach_console, stop_on_sigterm
 
 GPU_DEVICES = ("cuda", "tensorrt")
+
+
+def echo(*parts: Any, file: Any = None) -> None:
+    """``print``, but a console that is gone (a hung-up terminal, a closed pipe, a dead ``tee``) is let
+    go of instead of stopping the job whose results are files."""
+    try:
+        print(*parts, file=file)
+    except OSError:
+        detach_console(err=file is sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,7 +251,7 @@ def list_items(src: Path, *, recursive: bool = False) -> list[Any]:
         raise WsiError(f"{src}: not a folder or a .csv manifest; for one slide use `wsi-infer SLIDE`")
     items = batch_items(src.resolve(), recursive=recursive)
     for line in repeated_lines(src, items):
-        print(f"note: {line}", file=sys.stderr)
+        echo(f"note: {line}", file=sys.stderr)
     return [BatchItem(i.slide.resolve(), i.mpp) for i in items]
 
 
@@ -260,7 +269,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
     from wsi_pipeline.progress_lines import FolderClock, LineProgress
     from wsi_pipeline.provenance import atomic_write_json, environment_versions
 
-    say = (lambda *a: None) if args.quiet else print
+    say = (lambda *a: None) if args.quiet else echo
     model = args.model.resolve() if args.model else None
     out = args.out.resolve()
 
@@ -286,7 +295,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
         return {**row, "provider": m["provider"]}
 
     def on_error(item: BatchItem, exc: WsiError) -> None:
-        print(f"error: {exc}", file=sys.stderr)
+        echo(f"error: {exc}", file=sys.stderr)
 
     # One writer thread: this process writes a slide's outputs while the workers score the next one.
     with ThreadPoolExecutor(1, "wsi-writer") as writer:
@@ -335,13 +344,13 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
             "versions": environment_versions(),
         },
     )
-    print(
+    echo(
         f"{len(res.rows)} slides, {len(res.rows) - len(failed)} done, {len(failed)} failed, "
         f"{sum(int(r.get('n_tiles') or 0) for r in res.rows)} tiles, {res.seconds:.1f} s "
         f"-> {out / 'summary.csv'}"
     )
     for r in failed:
-        print(f"  failed: {r['error']}", file=sys.stderr)
+        echo(f"  failed: {r['error']}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -377,22 +386,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         client, cluster = connect(args)
         return run_job(args, client, items)
     except WsiError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        echo(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except TimeoutError as exc:  # wait_for_workers
-        print(
+        echo(
             f"error: {args.scheduler or 'local cluster'}: fewer than {args.wait_workers} workers after "
             f"{args.wait_timeout:g} s ({exc}); start workers or raise --wait-timeout",
             file=sys.stderr,
         )
         return 1
-    except Terminated:  # SIGTERM: a SLURM time limit, docker stop (the summary lists what was done)
-        print(
-            "error: terminated (SIGTERM); re-run the same command to resume where it stopped", file=sys.stderr
-        )
-        return 143
+    except (
+        Terminated
+    ) as exc:  # SIGTERM (a SLURM time limit, docker stop) or SIGHUP: the summary lists what was done
+        echo(f"error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted; re-run the same command to resume where it stopped", file=sys.stderr)
+        echo("error: interrupted; re-run the same command to resume where it stopped", file=sys.stderr)
         return 130
     finally:
         if client is not None:

@@ -87,19 +87,70 @@ class BusyError(WsiError, RuntimeError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's time limit, ``docker stop``, a shutdown) raised in the main thread by the
-    ``wsi-infer`` program, so that it unwinds as Ctrl-C does: the outputs being written finish, a folder
-    run's summary records what was done, and the exit status is 143 (128 + 15)."""
+    """SIGTERM (a scheduler's time limit, ``docker stop``, a shutdown) or SIGHUP (the terminal or SSH
+    session closed) raised in the main thread by the ``wsi-infer`` program, so that it unwinds as
+    Ctrl-C does: the outputs being written finish, a folder run's summary records what was done, and
+    the exit status is 128 + the signal (143, 129). ``message`` is the line that says so."""
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def message(self) -> str:
+        if self.signum == 1:
+            return (
+                "hung up (SIGHUP: the terminal or SSH session closed; start long runs under nohup, tmux or "
+                "screen); re-run the same command to resume"
+            )
+        return (
+            "terminated (SIGTERM: a time limit, docker stop, a shutdown); re-run the same command to resume"
+        )
 
 
 def stop_on_sigterm() -> None:
-    """Make SIGTERM raise :class:`Terminated` in the main thread (a program's entry point calls this;
-    from another thread it does nothing: only the main thread may set signal handlers)."""
+    """Make SIGTERM, and SIGHUP unless it is ignored (``nohup``), raise :class:`Terminated` in the main
+    thread (a program's entry point calls this; from another thread it does nothing: only the main
+    thread may set signal handlers). On SIGHUP the standard streams that were the closed terminal are
+    pointed at /dev/null first: writing to a hung-up terminal fails (EIO), which would break the
+    orderly stop; streams redirected to a file keep their log."""
     import signal
     import threading
 
     def _raise(signum: int, frame: object) -> None:
-        raise Terminated()
+        if signum == getattr(signal, "SIGHUP", None):
+            detach_console(only_terminals=True)
+        raise Terminated(signum)
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _raise)
+    hup = getattr(signal, "SIGHUP", None)  # not on Windows
+    if hup is not None and signal.getsignal(hup) is not signal.SIG_IGN:
+        signal.signal(hup, _raise)
+
+
+def detach_console(*, err: bool | None = None, only_terminals: bool = False) -> None:
+    """Point stdout (``err=False``), stderr (``err=True``) or both (None; ``only_terminals``: those that
+    are a terminal) at /dev/null: a console that is gone (a hung-up terminal fails writes with EIO, a
+    closed pipe with EPIPE) must not stop a run whose results are files."""
+    import os
+    import sys
+
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    streams = (sys.stdout, sys.stderr) if err is None else (sys.stderr if err else sys.stdout,)
+    for stream in streams:
+        try:
+            fd = stream.fileno()
+            if not only_terminals or os.isatty(fd):
+                os.dup2(null, fd)
+        except (OSError, ValueError, AttributeError):  # no real file behind it (a test's stream)
+            pass
+    os.close(null)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -20,8 +21,9 @@ def run() -> None:
     1.5 s run on the bundled sample; ``os._exit`` skips it. ``main`` itself stays an ordinary
     function for tests and for calling from Python.
 
-    SIGTERM (a SLURM time limit, ``docker stop``, a Kubernetes eviction) stops the program as Ctrl-C
-    does (:class:`~wsi_pipeline.errors.Terminated`) instead of killing it where it stands.
+    SIGTERM (a SLURM time limit, ``docker stop``, a Kubernetes eviction) and SIGHUP (the terminal or
+    SSH session closed) stop the program as Ctrl-C does (:class:`~wsi_pipeline.errors.Terminated`)
+    instead of killing it where it stands.
     """
     stop_on_sigterm()
     try:
@@ -33,6 +35,7 @@ def run() -> None:
     elif not isinstance(code, int):  # sys.exit("message") prints the message, exit status 1
         print(code, file=sys.stderr)
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # a console that is gone (hung-up terminal, closed pipe)
+            stream.flush()
     os._exit(code)

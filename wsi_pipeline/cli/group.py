@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from wsi_pipeline import __version__
-from wsi_pipeline.errors import BusyError, ResolutionError, Terminated, UsageError, WsiError
+from wsi_pipeline.errors import BusyError, ResolutionError, Terminated, UsageError, WsiError, detach_console
 from wsi_pipeline.progress_lines import FolderClock, LineProgress
 from wsi_pipeline.provenance import printable_console
 
@@ -29,7 +29,16 @@ _POSITIVE = click.FloatRange(min=0.0, min_open=True)
 
 
 def _err(msg: str) -> None:
-    click.echo(f"error: {msg}", err=True)
+    _say(f"error: {msg}", err=True)
+
+
+def _say(msg: str, *, err: bool = False) -> None:
+    """``click.echo``, but a console that is gone (a hung-up terminal, a closed pipe) is let go of
+    (:func:`~wsi_pipeline.errors.detach_console`) instead of failing the run that writes the results."""
+    try:
+        click.echo(msg, err=err)
+    except OSError:
+        detach_console(err=err)
 
 
 def _run_guarded(fn: Callable[[], int | None]) -> None:
@@ -39,9 +48,9 @@ def _run_guarded(fn: Callable[[], int | None]) -> None:
     except WsiError as exc:
         _err(str(exc))
         sys.exit(exc.exit_code)
-    except Terminated:
-        _err("terminated (SIGTERM: a time limit, docker stop, a shutdown); re-run the same command to resume")
-        sys.exit(143)
+    except Terminated as exc:
+        _err(exc.message)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _err("interrupted; re-run the same command to resume where it stopped")
         sys.exit(130)
@@ -86,14 +95,20 @@ class _Bars:
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
-            self._bar.__exit__(*exc)
+            try:
+                self._bar.__exit__(*exc)
+            except OSError:  # the terminal went away (see _say)
+                detach_console(err=False)
 
     def echo(self, msg: str) -> None:
         """A line above the bars (plain echo when they are off)."""
-        if self._bar is not None:
+        if self._bar is None:
+            _say(msg)
+            return
+        try:
             self._bar.console.print(msg, markup=False, highlight=False, soft_wrap=True)
-        else:
-            click.echo(msg)
+        except OSError:
+            detach_console(err=False)
 
     def start(self, i: int, n: int, name: str) -> None:
         """The line that starts slide ``i`` of ``n`` of a folder run (in a log, with the folder's ETA)."""
@@ -154,7 +169,7 @@ def list_batch(src: Path, *, recursive: bool = False) -> list[Any]:
 
     items = batch_items(src, recursive=recursive)
     for line in repeated_lines(src, items):
-        click.echo(f"note: {line}", err=True)
+        _say(f"note: {line}", err=True)
     return items
 
 
@@ -355,17 +370,17 @@ def _batch_summary(res: Any, summary: Path, report: Path | None = None) -> int:
     failed = res.failed
     left = sum(1 for r in res.rows if r.get("status") == LEFT_TO_OTHER_RUN)
     tiles = sum(int(r.get("n_tiles") or 0) for r in res.rows)
-    click.echo(
+    _say(
         f"{len(res.rows)} slides, {len(res.rows) - len(failed) - left} done, {len(failed)} failed, "
         + (f"{left} left to other runs, " if left else "")
         + f"{tiles} tiles, {res.seconds:.1f} s -> {summary}"
         + (f", {report}" if report is not None else "")
     )
     for r in failed:
-        click.echo(f"  failed: {r['error']}", err=True)
+        _say(f"  failed: {r['error']}", err=True)
     no_mpp = sum(1 for r in failed if r.get("error_code") == ResolutionError.exit_code)
     if no_mpp:
-        click.echo(
+        _say(
             f"  hint: {no_mpp} slides have no usable resolution (mpp); list each with its own in a CSV "
             "(columns slide,mpp) and run on the CSV: --mpp would apply to every slide of the folder",
             err=True,
