@@ -823,7 +823,7 @@ def test_reruns_replace_their_own_outputs_but_not_ones_edited_since(
     code, out = _invoke(str(slide), "--out", f"{res}/", "--model", str(test_model))
     assert code == 0, out
     written = sorted(res.iterdir())
-    assert len(written) == 7 and all(has_mark(p) for p in written), [
+    assert len(written) == 8 and all(has_mark(p) for p in written), [
         p.name for p in written if not has_mark(p)
     ]
     code, out = _invoke(str(slide), "--out", f"{res}/", "--model", str(test_model), "--overwrite")

@@ -733,3 +733,37 @@ def test_evaluate_out_is_a_json_file_or_a_folder(tmp_path: Path) -> None:
     code, out = _invoke(*args, str(tmp_path / "results2"))
     assert code == 2 and "neither NAME.json nor an existing folder" in out
     assert not (tmp_path / "results2").exists() and not (tmp_path / "results2.csv").exists()
+
+
+def test_the_runs_asap_xml_holds_its_tumour_regions_exactly(runs: Path, tmp_path: Path) -> None:
+    """`NAME.asap.xml` (to open the predictions in ASAP beside a pathologist's annotations): scored as
+    if it were the truth, after ASAP saved it (which drops our mark), it matches the run's own tumour
+    area exactly; the file as written is refused as truth, as the run's GeoJSON is."""
+    own = output_paths(runs / "tumour.heatmap.tif")["asap_xml"]
+    text = own.read_text()
+    assert text.splitlines()[1].startswith("<!-- generator: wsi-pipeline")
+    saved = tmp_path / "tumour.xml"
+    saved.write_text("\n".join(line for line in text.splitlines() if "generator" not in line))
+    r = evaluate_slide(output_paths(runs / "tumour.heatmap.tif")["manifest"], saved)
+    assert r["dice"] == pytest.approx(1.0) and r["precision"] == pytest.approx(1.0)
+    assert r["recall"] == pytest.approx(1.0) and r["annotation_format"] == "asap"
+    code, out = _invoke(str(output_paths(runs / "tumour.heatmap.tif")["manifest"]), "--annotations", str(own),
+                        "--out", str(tmp_path / "m.json"))  # fmt: skip
+    assert code == 9 and "not an expert annotation" in out
+
+
+def test_asap_output_keeps_holes_as_exclusions(tmp_path: Path) -> None:
+    """A tumour ring around stroma: the hole is written in group Exclusion, which readers cut out."""
+    from shapely.geometry import Polygon
+
+    from wsi_pipeline.pipeline import _write_asap
+
+    ring = Polygon(
+        [(0, 0), (900, 0), (900, 900), (0, 900)], [[(300, 300), (600, 300), (600, 600), (300, 600)]]
+    )
+    _write_asap(tmp_path / "r.asap.xml", ring, "tumour")
+    ann = read_asap_xml(tmp_path / "r.asap.xml")
+    assert ann.groups == {"tumour": 1, "Exclusion": 1}
+    assert ann.tumour.area == pytest.approx(ring.area) and ann.tumour.symmetric_difference(ring).area < 1e-6
+    _write_asap(tmp_path / "none.asap.xml", Polygon(), "tumour")  # no tumour: a file with no regions
+    assert read_asap_xml(tmp_path / "none.asap.xml").tumour.is_empty

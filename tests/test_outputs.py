@@ -308,7 +308,7 @@ def test_one_naming_rule_for_single_and_folder_runs(tmp_path: Path) -> None:
     paths = output_paths(tmp_path / "case1.tif")
     assert {k: v.name for k, v in paths.items()} == {
         "heatmap": "case1.tif", "colour": "case1.colour.tif", "overlay": "case1.overlay.png",
-        "geojson": "case1.geojson", "tiles_csv": "case1.tiles.csv", "report": "case1.report.html",
+        "geojson": "case1.geojson", "asap_xml": "case1.asap.xml", "tiles_csv": "case1.tiles.csv", "report": "case1.report.html",
         "manifest": "case1.run.json",
     }  # fmt: skip
     assert list(paths)[-1] == "manifest"  # written last
@@ -381,7 +381,7 @@ def test_folder_run_scores_a_slide_whose_name_is_near_255_bytes(
     assert r.exit_code == 0 and "Traceback" not in r.output, r.output
     (row,) = json.loads((out / "summary.json").read_text())["slides"]
     assert row["status"] == "ok" and row["report"].startswith("Biopsie xxx") and "~" in row["report"]
-    assert (out / row["report"]).is_file() and len(list(out.glob("Biopsie*"))) == 7
+    assert (out / row["report"]).is_file() and len(list(out.glob("Biopsie*"))) == 8
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0 and "already done" in r.output, r.output
 
@@ -406,7 +406,8 @@ def test_slides_whose_names_are_not_utf8_are_scored_named_and_resumed(
     assert "caf\\xe9.svs: TUMOUR" in r.stdout
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(name)) == [
         f"{name}{suffix}" for suffix in sorted(
-            [".tif", ".colour.tif", ".overlay.png", ".geojson", ".tiles.csv", ".report.html", ".run.json"]
+            [".tif", ".colour.tif", ".overlay.png", ".geojson", ".asap.xml", ".tiles.csv", ".report.html",
+             ".run.json"]
         )
     ]  # fmt: skip
     summary = (out / "summary.csv").read_bytes().decode("utf-8")  # valid UTF-8, for pandas and Excel

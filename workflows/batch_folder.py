@@ -9,7 +9,7 @@ The job connects a ``distributed.Client`` and runs :func:`wsi_pipeline.pipeline.
 slide after another: this machine plans each slide (thumbnail, tissue mask, grid) and the workers
 read and score its tiles in tasks of ``--chunk-tiles`` tile coordinates (with retries, so a lost
 worker costs only its tasks). Outputs are those of ``wsi-infer SLIDES/ --out RESULTS/``:
-``<stem>.tif`` (probability map) with its ``.colour.tif``, ``.overlay.png``, ``.geojson``,
+``<stem>.tif`` (probability map) with its ``.colour.tif``, ``.overlay.png``, ``.geojson``, ``.asap.xml``,
 ``.tiles.csv``, ``.report.html`` and, last, the ``.run.json`` manifest, plus ``summary.csv`` /
 ``summary.json``, ``report.html`` and ``batch-job.json`` (cluster, workers, provider). Finished
 slides are skipped on a re-run, so an interrupted job resumes.

@@ -54,7 +54,7 @@ from wsi_pipeline.io.outputs import (
     write_probability_tiff,
     write_tiles_csv,
 )
-from wsi_pipeline.io.ownership import refuse_foreign_files
+from wsi_pipeline.io.ownership import GENERATOR, refuse_foreign_files
 from wsi_pipeline.provenance import (
     check_name_lengths,
     check_writable,
@@ -102,7 +102,7 @@ class RunOptions:
 
 def output_paths(heatmap: Path) -> dict[str, Path]:
     """All outputs of one slide: ``NAME.tif`` (the probability map, the path given) and, beside it,
-    ``NAME.colour.tif``, ``NAME.overlay.png``, ``NAME.geojson``, ``NAME.tiles.csv``,
+    ``NAME.colour.tif``, ``NAME.overlay.png``, ``NAME.geojson``, ``NAME.asap.xml``, ``NAME.tiles.csv``,
     ``NAME.report.html`` and, written last, ``NAME.run.json``. ``NAME`` is the heatmap path without
     its ``.tif``/``.tiff`` suffix."""
     base = heatmap.with_suffix("") if heatmap.suffix.lower() in (".tif", ".tiff") else heatmap
@@ -115,6 +115,7 @@ def output_paths(heatmap: Path) -> dict[str, Path]:
         "colour": beside(".colour.tif"),
         "overlay": beside(".overlay.png"),
         "geojson": beside(".geojson"),
+        "asap_xml": beside(".asap.xml"),
         "tiles_csv": beside(".tiles.csv"),
         "report": beside(".report.html"),
         "manifest": beside(".run.json"),
@@ -644,6 +645,21 @@ def _write_tables(
     if pen is not None:
         columns["near_pen_ink"] = pen.near.astype(np.uint8)
     write_tiles_csv(paths["tiles_csv"], columns)
+    _write_asap(paths["asap_xml"], regions, card.positive_class)
+
+
+def _write_asap(path: Path, regions: Any, positive_name: str) -> None:
+    """``NAME.asap.xml``: the tumour regions as ASAP XML (level-0 px, OpenSlide's plane, as ASAP and the
+    ACDC@LUNGHP annotations count), to open beside a pathologist's annotations in ASAP and to score with
+    ``evaluate``: each region's outline in the group named after the positive class, its holes (stroma
+    inside a tumour ring) in ``Exclusion``, which the annotation readers cut out again."""
+    from wsi_pipeline.evaluation.annotations import write_asap_xml
+
+    polygons: list[tuple[str, list[tuple[float, float]]]] = []
+    for g in [] if regions is None or regions.is_empty else getattr(regions, "geoms", [regions]):
+        polygons.append((positive_name, [(float(x), float(y)) for x, y in g.exterior.coords[:-1]]))
+        polygons += [("Exclusion", [(float(x), float(y)) for x, y in r.coords[:-1]]) for r in g.interiors]
+    write_asap_xml(path, polygons, generator=f"{GENERATOR} {__version__}")
 
 
 def _qupath_origin(layout: Layout) -> tuple[int, int]:
@@ -678,6 +694,7 @@ def _write_report(
     thumb.thumbnail((480, 480), Image.Resampling.LANCZOS)
     links = {"probability map (TIFF)": paths["heatmap"], "colour heatmap (TIFF)": paths["colour"],
              "overlay (PNG)": paths["overlay"], "QuPath GeoJSON": paths["geojson"],
+             "ASAP XML (tumour regions)": paths["asap_xml"],
              "tile table (CSV)": paths["tiles_csv"], "run manifest (JSON)": paths["manifest"]}  # fmt: skip
     write_slide_report(
         paths["report"], manifest, overlay_href=paths["overlay"].name, thumbnail=np.asarray(thumb),

@@ -367,15 +367,22 @@ def read_annotations(path: str | os.PathLike[str], mapping: GroupMapping | None 
 
 
 def write_asap_xml(
-    path: str | os.PathLike[str], polygons: Sequence[tuple[str, Sequence[tuple[float, float]]]]
+    path: str | os.PathLike[str],
+    polygons: Sequence[tuple[str, Sequence[tuple[float, float]]]],
+    *,
+    generator: str | None = None,
 ) -> Path:
-    """Write ``(group, [(x, y), ...])`` polygons (level-0 px) as ASAP XML, with the groups declared."""
+    """Write ``(group, [(x, y), ...])`` polygons (level-0 px) as ASAP XML, with the groups declared;
+    ``generator`` goes in a comment after the declaration (the mark of a file this package wrote)."""
     from xml.sax.saxutils import quoteattr
 
     from wsi_pipeline.provenance import atomic_write_bytes
 
-    lines = ['<?xml version="1.0"?>', "<ASAP_Annotations>", "\t<Annotations>"]
-    colours = {"_2": "#64FE2E"}
+    lines = ['<?xml version="1.0"?>']
+    if generator:
+        lines.append(f"<!-- generator: {generator.replace('--', '- -')} -->")
+    lines += ["<ASAP_Annotations>", "\t<Annotations>"]
+    colours = {"_2": "#64FE2E", "Exclusion": "#64FE2E"}
     for i, (group, pts) in enumerate(polygons):
         lines.append(
             f'\t\t<Annotation Name="Annotation {i}" Type="Polygon" PartOfGroup={quoteattr(group)} '

@@ -110,6 +110,8 @@ def has_mark(path: Path) -> bool:
         head = _head(path)
         if suffix == ".geojson":
             return b'"generator":"' + GENERATOR.encode() in head
+        if suffix == ".xml":  # the predicted regions as ASAP XML
+            return b"<!-- generator: " + GENERATOR.encode() in head
         if suffix == ".csv":
             return head.startswith(_CSV_HEADERS)
         if suffix in (".html", ".htm"):
