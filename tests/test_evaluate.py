@@ -729,7 +729,11 @@ def test_evaluate_out_is_a_json_file_or_a_folder(tmp_path: Path) -> None:
     args = [str(tmp_path / "results"), "--annotations", str(tmp_path / "ann"), "--out"]
     code, out = _invoke(*args, f"{tmp_path / 'metrics'}/")
     assert code == 0, out
-    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["metrics.csv", "metrics.json"]
+    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == [
+        "metrics.csv",
+        "metrics.html",
+        "metrics.json",
+    ]
     code, out = _invoke(*args, str(tmp_path / "results2"))
     assert code == 2 and "neither NAME.json nor an existing folder" in out
     assert not (tmp_path / "results2").exists() and not (tmp_path / "results2.csv").exists()
@@ -767,3 +771,26 @@ def test_asap_output_keeps_holes_as_exclusions(tmp_path: Path) -> None:
     assert ann.tumour.area == pytest.approx(ring.area) and ann.tumour.symmetric_difference(ring).area < 1e-6
     _write_asap(tmp_path / "none.asap.xml", Polygon(), "tumour")  # no tumour: a file with no regions
     assert read_asap_xml(tmp_path / "none.asap.xml").tumour.is_empty
+
+
+def test_truth_picture_outlines_the_annotation_in_cyan_on_the_overlay(
+    runs: Path, tumour_slide: Fixture
+) -> None:
+    from wsi_pipeline.evaluation.evaluate import truth_picture
+
+    manifest = output_paths(runs / "tumour.heatmap.tif")["manifest"]
+    pic = truth_picture(manifest, runs / "annotations" / "tumour.xml", long_side_px=2000)
+    assert pic is not None
+    m = json.loads(manifest.read_text())
+    l0_per_px = m["heatmap"]["overlay"]["l0_per_px"]
+    cyan = (pic[..., 0] < 40) & (pic[..., 1] > 200) & (pic[..., 2] > 230)
+    ys, xs = np.nonzero(cyan)
+    assert len(xs) > 100
+    # every cyan pixel lies on an annotated ellipse's outline (in overlay pixels), none elsewhere
+    from shapely.geometry import Point, Polygon
+
+    rings = [Polygon(e.polygon(96)).exterior for e in tumour_slide.spec.tumour]
+    far = [(x, y) for x, y in zip(xs, ys, strict=True)
+           if min(r.distance(Point(x * l0_per_px, y * l0_per_px)) for r in rings) > 6 * l0_per_px]  # fmt: skip
+    assert not far, far[:5]
+    assert truth_picture(output_paths(runs / "benign.heatmap.tif")["manifest"], None) is not None

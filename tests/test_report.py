@@ -54,10 +54,12 @@ window.addEventListener("load", function() {{
       }};
       var th = Array.from(table.querySelectorAll("th")).find(function(t) {{ return t.textContent === "max P"; }});
       page.order = names();
-      th.click();
-      page.asc = names();
-      th.click();
-      page.desc = names();
+      if (th) {{
+        th.click();
+        page.asc = names();
+        th.click();
+        page.desc = names();
+      }}
     }}
     out.pages.push(page);
   }});
@@ -198,3 +200,38 @@ def test_links_are_encoded_paths_or_untouched_urls() -> None:
     page = folder_report_html(rows)
     assert 'href="case%207/a%231%20100%25.report.html"' in page  # a path: encoded once
     assert 'href="file:///D:/res/b%231.report.html"' in page  # a URL (another drive): as it is
+
+
+def test_the_evaluation_page_shows_each_slide_with_its_truth_outlined(
+    folder_run: Path, tumour_slide: Fixture, tmp_path: Path
+) -> None:
+    """`evaluate` writes metrics.html beside metrics.json: the summary, and per slide its metrics and
+    its overlay with the expert's annotation outlined (inline, one file); checked in Chromium."""
+    from wsi_pipeline.evaluation.annotations import write_asap_xml
+
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    write_asap_xml(ann / f"{TUMOUR}.xml", [("Tumor", e.polygon(96)) for e in tumour_slide.spec.tumour])
+    r = CliRunner().invoke(main, ["evaluate", str(folder_run), "-a", str(ann), "-o", f"{tmp_path}/m/"])
+    assert r.exit_code == 0, r.output
+    page = tmp_path / "m" / "metrics.html"
+    assert str(page) in r.output
+    text = page.read_text()
+    assert "Dice" in text and f"{TUMOUR}.svs" in html.unescape(text) and "no annotation file" in text
+    chromium = _browser()
+    harness = tmp_path / "harness.html"
+    harness.write_text(_HARNESS.format(frames=f'<iframe src="{quote("m/metrics.html")}" '
+                                              'style="width:1260px;height:900px;border:0"></iframe>'))  # fmt: skip
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+           "--allow-file-access-from-files", "--virtual-time-budget=10000", "--dump-dom", harness.as_uri()]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    m = re.search(r'<pre id="result">(.*?)</pre>', proc.stdout, re.S)
+    assert m and m.group(1), proc.stderr[-2000:]
+    (got,) = json.loads(html.unescape(m.group(1)))["pages"]
+    assert got["title"] == "wsi-pipeline evaluation"
+    assert (
+        len(got["images"]) == 1
+        and got["images"][0]["ok"]
+        and got["images"][0]["src"].startswith("data:image/")
+    )
+    assert got["order"] == [f"{TUMOUR}.svs"]

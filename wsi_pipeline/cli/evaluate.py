@@ -77,13 +77,20 @@ def evaluate(
         from wsi_pipeline import __version__
         from wsi_pipeline.batch import rows_to_csv
         from wsi_pipeline.evaluation.annotations import DEFAULT_EXCLUSION_GROUPS, GroupMapping
-        from wsi_pipeline.evaluation.evaluate import CSV_COLUMNS, csv_rows, evaluate_runs, format_summary
+        from wsi_pipeline.evaluation.evaluate import (
+            CSV_COLUMNS,
+            csv_rows,
+            evaluate_runs,
+            format_summary,
+            truth_picture,
+        )
         from wsi_pipeline.io.ownership import GENERATOR, refuse_foreign_files
+        from wsi_pipeline.io.report import write_evaluation_report
         from wsi_pipeline.provenance import atomic_write_bytes, atomic_write_json
 
         out_p = _metrics_path(out)
-        csv_path = out_p.with_suffix(".csv")
-        refuse_foreign_files([out_p, csv_path])  # e.g. --out in the annotation folder: never an annotation
+        csv_path, page_path = out_p.with_suffix(".csv"), out_p.with_suffix(".html")
+        refuse_foreign_files([out_p, csv_path, page_path])  # e.g. --out in the annotation folder
         mapping = GroupMapping(
             positive=frozenset(positive_group) if positive_group else None,
             exclusion=frozenset(exclusion_group) if exclusion_group else DEFAULT_EXCLUSION_GROUPS,
@@ -92,7 +99,15 @@ def evaluate(
                             mapping=mapping)  # fmt: skip
         atomic_write_json(out_p, {"generator": f"{GENERATOR} {__version__}", **res})
         atomic_write_bytes(csv_path, rows_to_csv(csv_rows(res["slides"]), CSV_COLUMNS))
-        click.echo(f"{format_summary(res['summary'])} -> {out_p}, {csv_path}")
+        pictures = {
+            row["manifest"]: truth_picture(row["manifest"], row["annotation"], mapping=mapping)
+            for row in res["slides"]
+        }
+        notes = [f"{Path(s).name}: no annotation file (not scored)" for s in res["unannotated"]]
+        notes += [e["error"] for e in res["errors"]]
+        write_evaluation_report(page_path, res["slides"], pictures, summary=format_summary(res["summary"]),
+                                notes=notes)  # fmt: skip
+        click.echo(f"{format_summary(res['summary'])} -> {out_p}, {csv_path}, {page_path}")
         for sl in res["unannotated"]:
             click.echo(f"  no annotation file for {sl} (not scored)", err=True)
         for ig in res["ignored"]:

@@ -148,6 +148,59 @@ def _mm2(area_l0_px2: float, mpp: tuple[float, float] | None) -> float | None:
     return round(area_l0_px2 * mpp[0] * mpp[1] / 1e6, 6) if mpp else None
 
 
+def _annotated_l0(m: dict[str, Any], ann: Annotations | None) -> tuple[Any, list[int]]:
+    """The annotated tumour in OpenSlide's level-0 pixels, and the offset that took it there: QuPath
+    counts from the slide's scanned rectangle where it crops one (MIRAX, Leica), so its GeoJSON is moved
+    back by the run's ``qupath_origin_l0``; ASAP and ImageScope XML are level 0 already."""
+    from shapely import MultiPolygon
+
+    if ann is None:
+        return MultiPolygon(), [0, 0]
+    origin = [int(v) for v in m.get("qupath_origin_l0") or (0, 0)] if ann.format == "geojson" else [0, 0]
+    if not any(origin):
+        return ann.tumour, origin
+    from shapely import affinity
+
+    return affinity.translate(ann.tumour, xoff=origin[0], yoff=origin[1]), origin
+
+
+#: colour of the expert's outlines on the evaluation pictures: cyan, which neither H&E nor the P(tumour)
+#: ramp has (the model's regions are black)
+TRUTH_RGB = (0, 230, 255)
+
+
+def truth_picture(
+    manifest_path: str | os.PathLike[str],
+    annotation_path: str | os.PathLike[str] | None,
+    *,
+    mapping: GroupMapping | None = None,
+    long_side_px: int = 800,
+) -> np.ndarray | None:
+    """The run's overlay (P(tumour) over the slide, the model's regions outlined in black, its legend)
+    with the annotated tumour outlined in cyan (:data:`TRUTH_RGB`), at most ``long_side_px`` on its
+    long side; None when the overlay or its geometry is missing (a run of an older version)."""
+    from PIL import Image, ImageDraw
+
+    m = load_run(manifest_path)
+    geometry = (m.get("heatmap") or {}).get("overlay") or {}
+    png = Path(manifest_path).parent / Path(m["outputs"].get("overlay", "")).name
+    if not geometry.get("l0_per_px") or not png.is_file():
+        return None
+    ann = read_annotations(annotation_path, mapping) if annotation_path else None
+    annotated, _ = _annotated_l0(m, ann)
+    with Image.open(png) as im:
+        img = im.convert("RGB")
+    l0_per_px = float(geometry["l0_per_px"])
+    w, h = (int(v) for v in geometry.get("slide_px") or img.size)
+    draw = ImageDraw.Draw(img)
+    line_w = max(3, round(max(w, h) / 250))  # still visible once the picture is shrunk for the page
+    for g in getattr(annotated, "geoms", [annotated]) if not annotated.is_empty else []:
+        for ring in [g.exterior, *g.interiors]:
+            draw.line([(x / l0_per_px, y / l0_per_px) for x, y in ring.coords], fill=TRUTH_RGB, width=line_w)
+    img.thumbnail((long_side_px, long_side_px), Image.Resampling.LANCZOS)
+    return np.asarray(img)
+
+
 def evaluate_slide(
     manifest_path: str | os.PathLike[str],
     annotation_path: str | os.PathLike[str] | None,
@@ -174,22 +227,12 @@ def evaluate_slide(
     # moved or copied results folder reads its own tile table.
     tiles = _read_tiles(Path(manifest_path).parent / Path(m["outputs"]["tiles_csv"]).name)
     ann: Annotations | None = read_annotations(annotation_path, mapping) if annotation_path else None
-    from shapely import MultiPolygon
     from shapely.geometry import box as _box
 
     cell = float(m["heatmap"]["cell_l0_px"])
     origin = float(m["heatmap"].get("origin_l0", 0.0))  # the cell is centred on its tile (overlap)
     rows, cols = (int(v) for v in m["heatmap"]["shape"])
-    annotated = ann.tumour if ann is not None else MultiPolygon()
-    # QuPath counts from the slide's scanned rectangle where it crops one (MIRAX, Leica): its GeoJSON
-    # is moved back to OpenSlide's level 0, where the tiles and ASAP's coordinates are.
-    ann_origin = (
-        [int(v) for v in m.get("qupath_origin_l0") or (0, 0)] if ann and ann.format == "geojson" else [0, 0]
-    )
-    if any(ann_origin):
-        from shapely import affinity
-
-        annotated = affinity.translate(annotated, xoff=ann_origin[0], yoff=ann_origin[1])
+    annotated, ann_origin = _annotated_l0(m, ann)
     # Truth is what lies on the slide (the heatmap canvas): the same clipped geometry decides every
     # metric and the slide-level truth, and what was cut off is reported.
     on_slide = _box(0, 0, origin + cols * cell, origin + rows * cell)

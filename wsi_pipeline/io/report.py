@@ -359,3 +359,72 @@ def write_folder_report(
     path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-pipeline results"
 ) -> Path:
     return atomic_write_bytes(path, valid_text(folder_report_html(rows, title=title)).encode())
+
+
+#: Columns of the evaluation table: (row key, header, numeric).
+EVALUATION_COLUMNS = (
+    ("truth", "truth", False),
+    ("dice", "Dice", True),
+    ("precision", "precision", True),
+    ("recall", "recall", True),
+    ("cell_dice", "cell Dice", True),
+    ("truth_area_mm2", "truth (mm^2)", True),
+    ("false_positive_mm2", "false positive (mm^2)", True),
+    ("auc", "tile AUC", True),
+    ("slide_label", "slide label", False),
+    ("slide_label_correct", "label correct", False),
+)
+
+
+def evaluation_report_html(
+    slides: Sequence[Mapping[str, Any]],
+    pictures: Mapping[str, np.ndarray | None],
+    *,
+    summary: str,
+    notes: Sequence[str] = (),
+    title: str = "wsi-pipeline evaluation",
+) -> str:
+    """The page of ``evaluate``: ``summary`` (its closing line), then one sortable row per slide with
+    its metrics and its picture (``pictures[row["manifest"]]``: the overlay with the truth outlined, a
+    JPEG inline, so the page is one file); ``notes``: slides not scored and errors."""
+    headers = ("slide", "prediction (black) vs truth (cyan)", *(c[1] for c in EVALUATION_COLUMNS))
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = []
+    for r in slides:
+        name = Path(str(r.get("slide", ""))).name
+        pic = pictures.get(str(r.get("manifest")))
+        img = f'<img src="{data_uri(pic)}" alt="" style="max-height:360px">' if pic is not None else ""
+        tds = [f'<td data-v="{_e(name.lower())}">{_e(name)}</td>', f'<td data-v="">{img}</td>']
+        for key, _, numeric in EVALUATION_COLUMNS:
+            v = r.get(key)
+            text = "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+            tds.append(
+                f'<td{" class=n" if numeric else ""} data-v="{_e("" if v is None else v)}">{_e(text)}</td>'
+            )
+        body.append("<tr>" + "".join(tds) + "</tr>")
+    parts = [
+        f"<h1>{_e(title)}</h1>",
+        f"<p>{_e(summary)}</p>",
+        "<p>Pictures: the run's overlay (colour: P(tumour); black outlines: the model's tumour regions at "
+        "the run's threshold) with the expert's annotated tumour outlined in cyan. Dice, precision and "
+        "recall are area-exact (the ACDC@LUNGHP metric); empty where undefined (no tumour in truth nor "
+        "prediction). Click a column header to sort.</p>",
+        f'<table class="sortable" id="slides"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>",
+        *(f'<p class="warn">{_e(n)}</p>' for n in notes),
+        "<footer>Research use only: not for diagnosis. metrics.json and metrics.csv hold the same rows."
+        "</footer>",
+    ]
+    return _page(title, "\n".join(parts), _SORT_JS)
+
+
+def write_evaluation_report(
+    path: str | os.PathLike[str],
+    slides: Sequence[Mapping[str, Any]],
+    pictures: Mapping[str, np.ndarray | None],
+    *,
+    summary: str,
+    notes: Sequence[str] = (),
+) -> Path:
+    page = evaluation_report_html(slides, pictures, summary=summary, notes=notes)
+    return atomic_write_bytes(path, valid_text(page).encode())
