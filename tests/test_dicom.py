@@ -133,6 +133,15 @@ def test_openslide_fixture_pair_is_one_slide(tmp_path: Path) -> None:
         reader.close()
 
 
+@pytest.mark.realdata
+def test_a_dicom_instance_openslide_cannot_place_is_refused_with_what_to_export() -> None:
+    """The quirky single-level TCGA instance (no ImageType, frames column-major, its levels absent): it
+    said "check it is a complete .svs/.tif/... slide"; the fix is a complete, conforming series."""
+    with pytest.raises(SlideError, match="cannot open as a DICOM whole-slide image") as info:
+        open_slide(shared("slides", "dicom-quirky", "tcga-xk-aaju-single-level.dcm"))
+    assert "as a complete series" in str(info.value) and ".svs/.tif" not in str(info.value)
+
+
 def test_recursive_folder_runs_walk_case_folders_but_not_stores_mirax_data_or_hidden_ones(
     tmp_path: Path,
 ) -> None:

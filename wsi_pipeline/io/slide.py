@@ -440,6 +440,13 @@ def _open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: 
                 ) from exc
         return reader
     detail = "; ".join(failures)
+    if p.suffix.lower() == ".dcm":  # a DICOM file OpenSlide detects but cannot place in a slide's pyramid
+        raise SlideError(
+            f"{p}: cannot open as a DICOM whole-slide image ({detail}); OpenSlide reads a slide from a "
+            "conforming VL Whole Slide Microscopy series (ImageType, TILED_FULL or per-frame positions, "
+            "its levels beside it): export the slide again from the scanner or PACS as a complete series, or "
+            "re-copy it if the copy was cut short"
+        )
     other = " or try --backend tiffslide" if backend == "openslide" else ""
     raise SlideError(
         f"{p}: cannot open as a whole-slide image ({detail}); check it is a complete .svs/.tif/.ndpi/"
