@@ -682,7 +682,7 @@ def test_a_stopped_folder_run_says_so_keeps_its_record_and_resumes(
     import time
 
     src = tmp_path / "slides"
-    for i in range(4):
+    for i in range(8):
         _copy(tumour_slide, src / f"s{i}.svs")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "wsi_pipeline.cli", str(src), "--out", str(out), "--model", str(test_model),
@@ -699,7 +699,7 @@ def test_a_stopped_folder_run_says_so_keeps_its_record_and_resumes(
     assert says in err and "Traceback" not in err
     assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial"))]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["interrupted"] is True and len(summary["slides"]) == 4
+    assert summary["interrupted"] is True and len(summary["slides"]) == 8
     status = {Path(r["slide"]).name: r["status"] for r in summary["slides"]}
     done = {p.name.removesuffix(".run.json") + ".svs" for p in out.glob("*.run.json")}
     assert done and {k for k, v in status.items() if v == "ok"} == done, (status, done)
@@ -707,7 +707,7 @@ def test_a_stopped_folder_run_says_so_keeps_its_record_and_resumes(
     assert "This run was interrupted before its end" in (out / "report.html").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
-    assert len(list(out.glob("*.run.json"))) == 4
+    assert len(list(out.glob("*.run.json"))) == 8
     assert "interrupted" not in json.loads((out / "summary.json").read_text())
 
 
