@@ -794,3 +794,17 @@ def test_truth_picture_outlines_the_annotation_in_cyan_on_the_overlay(
            if min(r.distance(Point(x * l0_per_px, y * l0_per_px)) for r in rings) > 6 * l0_per_px]  # fmt: skip
     assert not far, far[:5]
     assert truth_picture(output_paths(runs / "benign.heatmap.tif")["manifest"], None) is not None
+
+
+def test_a_damaged_overlay_leaves_the_evaluation_page_without_its_picture(runs: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from wsi_pipeline.evaluation.evaluate import truth_picture
+
+    copy = tmp_path / "res"
+    shutil.copytree(runs, copy)
+    (copy / "tumour.heatmap.overlay.png").write_bytes(b"not a png")
+    assert truth_picture(output_paths(copy / "tumour.heatmap.tif")["manifest"], None) is None
+    code, out = _invoke(str(copy / "tumour.heatmap.run.json"), "--annotations",
+                        str(copy / "annotations" / "tumour.xml"), "--out", f"{tmp_path}/m/")  # fmt: skip
+    assert code == 0 and (tmp_path / "m" / "metrics.html").is_file(), out

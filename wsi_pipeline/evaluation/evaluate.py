@@ -178,7 +178,8 @@ def truth_picture(
 ) -> np.ndarray | None:
     """The run's overlay (P(tumour) over the slide, the model's regions outlined in black, its legend)
     with the annotated tumour outlined in cyan (:data:`TRUTH_RGB`), at most ``long_side_px`` on its
-    long side; None when the overlay or its geometry is missing (a run of an older version)."""
+    long side; None when the overlay or its geometry is missing (a run of an older version) or the
+    overlay cannot be read."""
     from PIL import Image, ImageDraw
 
     m = load_run(manifest_path)
@@ -188,8 +189,11 @@ def truth_picture(
         return None
     ann = read_annotations(annotation_path, mapping) if annotation_path else None
     annotated, _ = _annotated_l0(m, ann)
-    with Image.open(png) as im:
-        img = im.convert("RGB")
+    try:
+        with Image.open(png) as im:
+            img = im.convert("RGB")
+    except (OSError, ValueError):  # a damaged overlay: the page shows the metrics without it
+        return None
     l0_per_px = float(geometry["l0_per_px"])
     w, h = (int(v) for v in geometry.get("slide_px") or img.size)
     draw = ImageDraw.Draw(img)
