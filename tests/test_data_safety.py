@@ -413,6 +413,25 @@ def test_csv_as_a_spreadsheet_saves_it(tumour_slide: Fixture, test_model: Path, 
     assert code != 0 and "needs a header with a 'slide' column" in log and "'file', 'mpp'" in log
 
 
+def test_a_csv_written_on_windows_is_read_with_its_paths(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """`sub\\a.svs` (a relative path written on Windows) was "no such file" here: its backslashes are
+    folder separators. `C:\\slides\\b.svs` and a share path cannot be opened on this machine, and
+    the error now says that, not "check the path" beside the CSV's folder."""
+    _copy(tumour_slide, tmp_path / "sub" / "a.svs")
+    csv_path = tmp_path / "slides.csv"
+    csv_path.write_text("slide\r\nsub\\a.svs\r\nC:\\slides\\b.svs\r\n\\\\server\\share\\c.svs\r\n")
+    out = tmp_path / "out"
+    code, text = _invoke(str(csv_path), "--out", str(out), "--model", str(test_model))
+    assert code == 1, text
+    rows = json.loads((out / "summary.json").read_text())["slides"]
+    assert [r["status"] for r in rows] == ["ok", "failed", "failed"]
+    assert rows[0]["slide"] == str(tmp_path / "sub" / "a.svs")
+    assert rows[1]["error"].startswith("C:\\slides\\b.svs: a Windows path, which this machine cannot open")
+    assert "a Windows path" in rows[2]["error"] and rows[2]["error_code"] == 3
+
+
 def test_a_slide_listed_twice_in_a_csv_is_scored_once(
     tumour_slide: Fixture, test_model: Path, tmp_path: Path
 ) -> None:

@@ -255,12 +255,12 @@ def read_manifest_csv(path: Path) -> list[BatchItem]:
             continue  # blank or whitespace-only line
         if not r["slide"].strip():
             raise WsiError(f"{path}: line {i}: empty 'slide' cell; fill it in or delete the line")
-        p = Path(r["slide"].strip())
+        p = _manifest_path(path.parent, r["slide"].strip())
         mpp = (r.get("mpp") or "").strip()
         if delimiter != ",":
             mpp = mpp.replace(",", ".")  # a decimal comma
         try:
-            item = BatchItem(p if p.is_absolute() else path.parent / p, float(mpp) if mpp else None, (i,))
+            item = BatchItem(p, float(mpp) if mpp else None, (i,))
         except ValueError:
             raise WsiError(f"{path}: line {i}: mpp {mpp!r} is not a number") from None
         key = item.slide.resolve()
@@ -274,6 +274,23 @@ def read_manifest_csv(path: Path) -> list[BatchItem]:
         else:
             out[key] = replace(seen, lines=(*seen.lines, i))
     return list(out.values())
+
+
+def _manifest_path(folder: Path, cell: str) -> Path:
+    """A manifest's ``slide`` cell as a path: relative ones are relative to the CSV's ``folder``. Written
+    on Windows (``sub\\a.svs``) and read here, the backslashes are folder separators where the file
+    exists that way; a Windows drive or share path (``C:\\...``, ``\\\\server\\...``) is kept as it
+    is, for the slide's error to say so (:func:`~wsi_pipeline.io.slide.open_slide`)."""
+    from pathlib import PureWindowsPath
+
+    if os.name != "nt" and "\\" in cell:
+        if PureWindowsPath(cell).drive:
+            return Path(cell)
+        literal, slashed = folder / cell, folder / cell.replace("\\", "/")
+        if not literal.exists() and slashed.exists():
+            return slashed
+    p = Path(cell)
+    return p if p.is_absolute() else folder / p
 
 
 def repeated_lines(src: Path, items: Sequence[BatchItem]) -> list[str]:

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -389,6 +389,11 @@ def _open_slide(path: str | os.PathLike[str], backend: str = "auto", *, verify: 
             raise SlideError(
                 f"{p}: a link to {os.readlink(p)}, which does not exist (moved, or on a drive or share that "
                 "is not mounted); mount it or point the link at the slide"
+            )
+        if os.name != "nt" and PureWindowsPath(p.name).drive:  # C:\slides\a.svs, \\server\share\a.svs
+            raise SlideError(
+                f"{p.name}: a Windows path, which this machine cannot open; give the slide's path here "
+                "(where that drive or share is mounted, e.g. /mnt/slides/a.svs) or a path relative to the CSV"
             )
         raise SlideError(f"{p}: no such file; check the path")
     unsupported = unsupported_message(str(p))
