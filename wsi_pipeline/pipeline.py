@@ -601,14 +601,15 @@ def _write_overlay(
     overlay = render_overlay(
         pic.image, canvas, l0_per_px=pic.l0_per_px, cell_l0_px=float(grid.stride_l0_px), mpp_l0=layout.mpp_l0,
         threshold=opts.label.tile_p, origin_l0=float(grid.cell_origin_l0), regions=regions,
-        positive_name=card.positive_class,
+        positive_name=card.positive_class, picture_origin_l0=pic.origin_l0,
     )  # fmt: skip
     write_overlay_png(paths["overlay"], overlay)
     return {
         "picture": pic,
         "overlay": {"background": pic.origin, "size_px": [int(overlay.shape[1]), int(overlay.shape[0])],
                     "slide_px": [int(pic.image.shape[1]), int(pic.image.shape[0])],
-                    "l0_per_px": round(pic.l0_per_px, 4)},
+                    "l0_per_px": round(pic.l0_per_px, 4),
+                    "origin_l0": [round(v, 3) for v in pic.origin_l0]},
     }  # fmt: skip
 
 

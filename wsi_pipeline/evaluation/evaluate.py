@@ -195,12 +195,14 @@ def truth_picture(
     except (OSError, ValueError):  # a damaged overlay: the page shows the metrics without it
         return None
     l0_per_px = float(geometry["l0_per_px"])
+    x0, y0 = (float(v) for v in geometry.get("origin_l0") or (0.0, 0.0))  # a picture of the tissue only
     w, h = (int(v) for v in geometry.get("slide_px") or img.size)
     draw = ImageDraw.Draw(img)
     line_w = max(3, round(max(w, h) / 250))  # still visible once the picture is shrunk for the page
     for g in getattr(annotated, "geoms", [annotated]) if not annotated.is_empty else []:
         for ring in [g.exterior, *g.interiors]:
-            draw.line([(x / l0_per_px, y / l0_per_px) for x, y in ring.coords], fill=TRUTH_RGB, width=line_w)
+            xy = [((x - x0) / l0_per_px, (y - y0) / l0_per_px) for x, y in ring.coords]
+            draw.line(xy, fill=TRUTH_RGB, width=line_w)
     img.thumbnail((long_side_px, long_side_px), Image.Resampling.LANCZOS)
     return np.asarray(img)
 

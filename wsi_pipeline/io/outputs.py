@@ -270,11 +270,14 @@ def render_overlay(
     origin_l0: float = 0.0,
     regions: Any = None,
     positive_name: str = "tumour",
+    picture_origin_l0: tuple[float, float] = (0.0, 0.0),
 ) -> np.ndarray:
     """The heatmap over a picture of the slide, with a colour bar, the threshold and a scale bar.
 
-    ``background``: (h, w, 3) uint8 picture of the whole slide, ``l0_per_px`` level-0 pixels per
-    picture pixel. Cells with P below :func:`visible_floor` (and unscored ones) leave the slide as it
+    ``background``: (h, w, 3) uint8 picture of the slide, or of the part of it whose top-left corner
+    is level-0 ``picture_origin_l0``; ``l0_per_px`` level-0 pixels per picture pixel; ``origin_l0``
+    the level-0 position of the canvas's first cell (x and y alike). Cells with P below
+    :func:`visible_floor` (and unscored ones) leave the slide as it
     looks; above it the ramp colour is blended with an opacity rising with P (:func:`overlay_alpha`).
     ``regions`` (a shapely geometry in level-0 pixels) are outlined. A legend panel is added on the
     right. Returns (H, w + panel, 3) uint8 RGB.
@@ -282,8 +285,9 @@ def render_overlay(
     from PIL import Image, ImageDraw
 
     h, w = background.shape[:2]
-    rows = _cell_index(h, l0_per_px, origin_l0, cell_l0_px, canvas.shape[0])
-    cols = _cell_index(w, l0_per_px, origin_l0, cell_l0_px, canvas.shape[1])
+    px0, py0 = picture_origin_l0
+    rows = _cell_index(h, l0_per_px, origin_l0 - py0, cell_l0_px, canvas.shape[0])
+    cols = _cell_index(w, l0_per_px, origin_l0 - px0, cell_l0_px, canvas.shape[1])
     padded = np.pad(np.asarray(canvas, np.float32), ((0, 1), (0, 1)), constant_values=np.nan)
     floor = visible_floor(threshold)
     # Opacity and colour per cell, then spread to the picture's pixels (the same values as computing
@@ -298,7 +302,7 @@ def render_overlay(
     geoms = getattr(regions, "geoms", [regions]) if regions is not None and not regions.is_empty else []
     for g in geoms:
         for ring in [g.exterior, *g.interiors]:
-            xy = [(x / l0_per_px, y / l0_per_px) for x, y in ring.coords]
+            xy = [((x - px0) / l0_per_px, (y - py0) / l0_per_px) for x, y in ring.coords]
             draw.line(xy, fill=(0, 0, 0), width=line_w, joint="curve")
     _scale_bar(draw, w, h, um_per_px=l0_per_px * mpp_l0, fs=fs)
     panel = _legend_panel(max(h, 22 * fs), fs, threshold=threshold, floor=floor, line_w=line_w,

@@ -172,11 +172,17 @@ def slide_report_html(
     cell_um = round(float(heat.get("mpp") or 0.0), 1)
     th, tw = thumbnail.shape[:2]
     href = _url(overlay_href)
+    cropped = str((heat.get("overlay") or {}).get("background", "")).endswith("(tissue)")
+    caption = (
+        "The tissue: the slide cut to it and a margin (it is small on the glass)."
+        if cropped
+        else "The slide."
+    )
     parts += [
         "<h2>Slide and heatmap</h2>",
         '<div class="pics">',
         f'<figure class="thumb"><img src="{data_uri(thumbnail)}" alt="slide thumbnail" width="{tw}" '
-        f'height="{th}"><figcaption>The slide.</figcaption></figure>',
+        f'height="{th}"><figcaption>{caption}</figcaption></figure>',
         f'<figure class="ovl"><a href="{href}"><img src="{href}" alt="heatmap overlay"></a>'
         f"<figcaption>P({_e(pos)}) over the slide: colour only where P is above the floor shown on the bar, "
         f"stronger with P; black outlines: {_e(pos)} regions (tiles with P >= "
