@@ -706,7 +706,14 @@ def test_a_stopped_folder_run_says_so_keeps_its_record_and_resumes(
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "wsi_pipeline.cli", str(src), "--out", str(out), "--model", str(test_model),
            "--chunk-tiles", "8", "-q"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def default_signals() -> None:  # a test run in the background (`pytest &`) has SIGINT ignored, and
+        for sig in (signal.SIGINT, signal.SIGHUP):  # under nohup SIGHUP: its children would inherit that
+            signal.signal(sig, signal.SIG_DFL)
+
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not list(out.glob("*.run.json")):
         time.sleep(0.05)
@@ -767,6 +774,7 @@ def test_a_hung_up_terminal_stops_the_run_in_order(
     and the one line goes to stderr where that is a file."""
     import fcntl
     import pty
+    import signal
     import subprocess
     import sys
     import termios
@@ -778,6 +786,7 @@ def test_a_hung_up_terminal_stops_the_run_in_order(
     master, slave = pty.openpty()
 
     def controlling_terminal() -> None:  # the pty becomes the session's terminal, as sshd's is
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # not ignored, even when the tests run under nohup
         os.setsid()
         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
 
