@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline import __version__
-from wsi_pipeline.errors import BusyError, DeviceError, Terminated, WsiError, detach_console, stop_on_sigterm
+from wsi_pipeline.console import detach_console
+from wsi_pipeline.errors import BusyError, DeviceError, Terminated, WsiError, stop_on_sigterm
 
 GPU_DEVICES = ("cuda", "tensorrt")
 
@@ -376,7 +377,7 @@ def connect(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv``, connect (or start a LocalCluster), run the batch; the exit code."""
-    from wsi_pipeline.provenance import printable_console
+    from wsi_pipeline.console import printable_console
 
     printable_console()
     args = build_parser().parse_args(argv)

@@ -123,6 +123,8 @@ def stop_on_sigterm() -> None:
 
     def _raise(signum: int, frame: object) -> None:
         if signum == getattr(signal, "SIGHUP", None):
+            from wsi_pipeline.console import detach_console
+
             detach_console(only_terminals=True)
         raise Terminated(signum)
 
@@ -132,25 +134,3 @@ def stop_on_sigterm() -> None:
     hup = getattr(signal, "SIGHUP", None)  # not on Windows
     if hup is not None and signal.getsignal(hup) is not signal.SIG_IGN:
         signal.signal(hup, _raise)
-
-
-def detach_console(*, err: bool | None = None, only_terminals: bool = False) -> None:
-    """Point stdout (``err=False``), stderr (``err=True``) or both (None; ``only_terminals``: those that
-    are a terminal) at /dev/null: a console that is gone (a hung-up terminal fails writes with EIO, a
-    closed pipe with EPIPE) must not stop a run whose results are files."""
-    import os
-    import sys
-
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        return
-    streams = (sys.stdout, sys.stderr) if err is None else (sys.stderr if err else sys.stdout,)
-    for stream in streams:
-        try:
-            fd = stream.fileno()
-            if not only_terminals or os.isatty(fd):
-                os.dup2(null, fd)
-        except (OSError, ValueError, AttributeError):  # no real file behind it (a test's stream)
-            pass
-    os.close(null)

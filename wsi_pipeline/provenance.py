@@ -133,29 +133,6 @@ def valid_text(text: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def _escaped(exc: UnicodeError) -> tuple[str, int]:
-    if not isinstance(exc, UnicodeEncodeError):
-        raise exc
-    text = valid_text(exc.object[exc.start : exc.end])
-    return text.encode("ascii", "backslashreplace").decode("ascii"), exc.end
-
-
-#: the error handlers Python gives the console streams, replaced by :func:`printable_console`'s
-_CONSOLE_ERRORS = ("strict", "surrogateescape", "backslashreplace")
-
-
-def printable_console() -> None:
-    """Let stdout and stderr print what their encoding cannot (a file name's bytes that are not UTF-8)
-    as ``\\xe9``, as pages and tables show it, instead of raising ``UnicodeEncodeError`` in the middle
-    of a run (stdout under ``en_US.UTF-8``), writing the raw byte (the C locale) or ``\\udce9`` (stderr)."""
-    import codecs
-
-    codecs.register_error("wsi-pipeline.escape", _escaped)
-    for stream in (sys.stdout, sys.stderr):
-        if getattr(stream, "errors", None) in _CONSOLE_ERRORS and hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="wsi-pipeline.escape")
-
-
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``.
 

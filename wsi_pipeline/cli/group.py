@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 import click
 
 from wsi_pipeline import __version__
-from wsi_pipeline.errors import BusyError, ResolutionError, Terminated, UsageError, WsiError, detach_console
+from wsi_pipeline.console import detach_console, printable_console
+from wsi_pipeline.errors import BusyError, ResolutionError, Terminated, UsageError, WsiError
 from wsi_pipeline.progress_lines import FolderClock, LineProgress
-from wsi_pipeline.provenance import printable_console
 
 F = TypeVar("F", bound=Callable[..., Any])
 _POSITIVE = click.FloatRange(min=0.0, min_open=True)
@@ -34,7 +34,7 @@ def _err(msg: str) -> None:
 
 def _say(msg: str, *, err: bool = False) -> None:
     """``click.echo``, but a console that is gone (a hung-up terminal, a closed pipe) is let go of
-    (:func:`~wsi_pipeline.errors.detach_console`) instead of failing the run that writes the results."""
+    (:func:`~wsi_pipeline.console.detach_console`) instead of failing the run that writes the results."""
     try:
         click.echo(msg, err=err)
     except OSError:
