@@ -527,3 +527,32 @@ def test_png_encoding_is_lossless_and_no_larger_than_zlib_defaults() -> None:
         default, format="PNG", compress_level=3, compress_type=zlib.Z_DEFAULT_STRATEGY
     )
     assert len(data) < len(default.getvalue())
+
+
+def test_the_manifest_records_the_command_line_as_typed(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """A result is made again from its manifest: the command (as typed, with the folder it was typed in)
+    is recorded beside the parameters, outside the resume key."""
+    import os
+
+    args = [
+        str(tumour_slide.path),
+        "--out",
+        f"{tmp_path}/",
+        "--model",
+        str(test_model),
+        "--min-area",
+        "0.2",
+        "-q",
+    ]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "tumour.run.json").read_text())
+    assert m["command"] == {"argv": ["wsi-infer", *args], "cwd": os.getcwd()}
+    assert (
+        f"<th>command</th><td>wsi-infer {tumour_slide.path} --out"
+        in (tmp_path / "tumour.report.html").read_text()
+    )
+    again = CliRunner().invoke(main, [*args[:-1]])  # the same run without -q: still done, not re-scored
+    assert again.exit_code == 0 and "already done" in again.output

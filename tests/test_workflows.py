@@ -105,6 +105,7 @@ def test_batch_folder_on_a_local_cluster_equals_a_local_run(
         ma, mb = json.loads(a["manifest"].read_text()), json.loads(b["manifest"].read_text())
         assert ma["label"] == mb["label"] and mb["scheduler"] == f"distributed {cluster.scheduler_address}"
         assert mb["timings"]["tasks"] >= 2
+        assert mb["command"]["argv"] == ["workflows/batch_folder.py", *argv]  # the job, as it was started
     assert mb["precision_requested"] == "auto" and mb["run"] == {"precision": "fp32"}  # CPU workers
     job = json.loads((out / "batch-job.json").read_text())
     assert len(job["workers"]) == 3 and job["task_resources"] is None and job["precision"] == "auto"

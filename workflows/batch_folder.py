@@ -230,6 +230,7 @@ def make_options(args: argparse.Namespace, resources: dict | None) -> Any:
         topk_threshold=args.tile_threshold,
     )
     return RunOptions(
+        command=("workflows/batch_folder.py", *getattr(args, "argv", [])),
         tile=tile,
         label=label,
         device=args.device,
@@ -381,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     printable_console()
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in each slide's manifest
     client = cluster = None
     try:
         items = list_items(args.slides, recursive=args.recursive)

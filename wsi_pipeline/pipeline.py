@@ -91,6 +91,9 @@ class RunOptions:
     requested_tile_px: int | None = None
     geojson_tiles: bool = True  # one GeoJSON detection per tile (off for huge slides: regions only)
     overlay_px: int = 1000  # long side of the slide picture in NAME.overlay.png
+    # The command line that asked for the run, recorded in the manifest as it was typed (with the folder
+    # it was typed in) so that any result can be made again; not part of the resume key.
+    command: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Checked here too (the CLI checks its options): a batch of 0 tiles would never finish
@@ -508,6 +511,7 @@ def _write_outputs(
                     "overlay": pictures["overlay"], "geojson_tiles": opts.geojson_tiles},
         "outputs": {k: str(v) for k, v in paths.items()}
         | ({"store": str(opts.tiles_out)} if opts.tiles_out is not None and source.kind == "store" else {}),
+        "command": {"argv": list(opts.command), "cwd": os.getcwd()} if opts.command else None,
         "package_version": __version__,
         "versions": versions.result(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

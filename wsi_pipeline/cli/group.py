@@ -153,6 +153,13 @@ RECURSIVE_HELP = (
 )
 
 
+def command_line() -> tuple[str, ...] | None:
+    """The command line of this ``wsi-infer`` invocation as typed (None outside one)."""
+    ctx = click.get_current_context(silent=True)
+    argv = ctx.meta.get("argv") if ctx is not None else None
+    return tuple(argv) if argv else None
+
+
 def is_batch(slide: Path) -> bool:
     """A folder of slides or a CSV manifest; not a tile store or a DICOM slide's folder."""
     from wsi_pipeline.io.dicom import is_dicom_slide_folder
@@ -262,6 +269,7 @@ class _DefaultGroup(click.Group):
     default_command = "run"
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["argv"] = ("wsi-infer", *args)  # as typed: recorded in each run's manifest (command_line)
         first_is_path = bool(args) and args[0] not in self.commands and not args[0].startswith("-")
         if first_is_path and self.default_command in self.commands:
             args = [self.default_command, *args]

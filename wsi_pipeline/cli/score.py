@@ -21,6 +21,7 @@ from wsi_pipeline.cli.group import (
     _slide_options,
     _tile_options,
     busy_option,
+    command_line,
     is_batch,
     list_batch,
     main,
@@ -142,6 +143,7 @@ def run(
             topk_threshold=kw["tile_threshold"],
         )
         opts = RunOptions(
+            command=command_line(),
             tile=_options_from(kw),
             label=label,
             device=kw["device"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PureWindowsPath
 from typing import Any
@@ -217,6 +218,11 @@ def slide_report_html(
                 ("slide um/px (source)", f"{res.get('mpp_x')} ({res.get('mpp_source')})"),
                 ("tiles at um/px", res.get("effective_mpp")),
                 ("finished", manifest.get("finished_at")),
+                *(
+                    [("command", " ".join(shlex.quote(a) for a in command["argv"]))]
+                    if (command := manifest.get("command"))
+                    else []
+                ),
             ]
         ),
         "<h2>Model</h2>",
