@@ -29,6 +29,7 @@ def test_tile_writes_store_report_and_summary(generic_slide: Fixture, tmp_path: 
     assert report["n_tiles"] == len(store) and report["status"] == "written"
     assert report["versions"]["zarr"] and report["store"]["resolution"]["mpp_source"] == "metadata"
     assert report["options"]["tile_px"] == 224
+    assert report["argv"] == ["wsi-infer", "tile", str(generic_slide.path), "--out", str(out), "-q"]
     code, stdout, _ = _run("tile", str(generic_slide.path), "--out", str(out), "-q")
     assert code == 0 and "already complete" in stdout
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from wsi_pipeline.cli.group import (
     _slide_options,
     _tile_options,
     busy_option,
+    command_line,
     is_batch,
     list_batch,
     main,
@@ -246,7 +248,8 @@ def _tile_one(
         {
             "generator": f"{GENERATOR} {__version__}",
             "command": "tile",
-            "argv": sys.argv,
+            "argv": list(command_line() or sys.argv),
+            "cwd": os.getcwd(),
             **{k: v for k, v in asdict(rep).items() if k != "meta"},
             "options": {**opts.store_params(), "workers": opts.workers, "backend": backend},
             "store": rep.meta,
