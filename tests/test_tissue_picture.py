@@ -98,3 +98,18 @@ def test_a_slide_whose_tissue_fills_it_is_pictured_whole(
     assert r.exit_code == 0, r.output
     ov = json.loads((tmp_path / "tumour.run.json").read_text())["heatmap"]["overlay"]
     assert ov["background"] == "slide" and ov["origin_l0"] == [0.0, 0.0]
+
+
+def test_scoring_the_slides_tile_store_pictures_the_same_tissue(
+    biopsy_run: Path, test_model: Path, tmp_path: Path
+) -> None:
+    slide = biopsy_run.parent / "biopsy.svs"
+    store = tmp_path / "biopsy.zarr"
+    assert CliRunner().invoke(main, ["tile", str(slide), "--out", str(store), "-q"]).exit_code == 0
+    r = CliRunner().invoke(
+        main, [str(store), "--out", str(tmp_path / "b.tif"), "--model", str(test_model), "-q"]
+    )
+    assert r.exit_code == 0, r.output
+    from_store = json.loads((tmp_path / "b.run.json").read_text())["heatmap"]["overlay"]
+    from_slide = json.loads((biopsy_run / "biopsy.run.json").read_text())["heatmap"]["overlay"]
+    assert from_store == from_slide
