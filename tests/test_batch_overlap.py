@@ -150,3 +150,67 @@ def test_folder_run_results_equal_single_runs(tmp_path: Path) -> None:
     for name in ("a", "b", "c"):
         assert table(tmp_path / "folder" / f"{name}.tiles.csv") == single
         assert json.loads((tmp_path / "folder" / f"{name}.run.json").read_text())["status"] == "complete"
+
+
+def test_a_running_batch_keeps_a_summary_of_what_it_finished(tmp_path: Path) -> None:
+    """A batch killed where it cannot clean up (out of memory, kill -9) left no summary at all. While it
+    runs, the summary is rewritten (here at every item) marked in progress, finished items as they
+    are, the others `not run yet`; the end writes the complete one."""
+    seen: list[dict[str, Any]] = []
+
+    def process(item: BatchItem) -> dict[str, Any]:
+        doc = tmp_path / "summary.json"
+        if doc.exists():
+            seen.append(json.loads(doc.read_text()))
+        return {"status": "ok", "n_tiles": 1}
+
+    res = run_batch(_items(4), process, out=tmp_path, summary_name="summary", summary_every_s=0)
+    assert [r["status"] for r in res.rows] == ["ok"] * 4
+    # the summary the third item found: two done, two not yet, in progress
+    third = seen[1]
+    assert third["in_progress"] is True
+    not_yet = "not run yet (run in progress)"
+    assert [r["status"] for r in third["slides"]] == ["ok", "ok", not_yet, not_yet]
+    final = json.loads((tmp_path / "summary.json").read_text())
+    assert "in_progress" not in final and [r["status"] for r in final["slides"]] == ["ok"] * 4
+
+
+def test_a_killed_folder_run_leaves_its_summary_so_far(
+    tumour_slide: Any, test_model: Path, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "slides"
+    src.mkdir()
+    for i in range(8):
+        shutil.copy(tumour_slide.path, src / f"s{i}.svs")
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsi_pipeline.cli",
+        str(src),
+        "--out",
+        str(out),
+        "--model",
+        str(test_model),
+        "-q",
+    ]
+    env = {**os.environ, "WSI_PIPELINE_SUMMARY_SECONDS": "0"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(out.glob("*.run.json"))) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    doc = json.loads((out / "summary.json").read_text())
+    if "in_progress" not in doc:
+        pytest.skip("the run finished before it was killed")
+    done = {p.name.removesuffix(".run.json") + ".svs" for p in out.glob("*.run.json")}
+    ok = {Path(r["slide"]).name for r in doc["slides"] if r["status"] == "ok"}
+    assert ok and ok <= done and len(doc["slides"]) == 8  # what it says is done is done
+    assert {r["status"] for r in doc["slides"]} <= {"ok", "not run yet (run in progress)"}

@@ -353,6 +353,7 @@ def run_batch(
     also_writes: Sequence[Path] = (),
     retry_busy: Callable[[BatchItem, BusyError], dict[str, Any] | Future[dict[str, Any]]] | None = None,
     on_busy: Callable[[BatchItem, BusyError], None] | None = None,
+    summary_every_s: float | None = None,
 ) -> BatchResult:
     """Run ``process`` on every item; a :class:`WsiError` marks the item failed and the batch goes on
     (unless ``stop_on_error``). Writes ``<summary_name>.csv`` and ``.json`` into ``out``; those and
@@ -366,7 +367,12 @@ def run_batch(
     An item whose outputs another run holds (:class:`BusyError`: two runs into one folder) is passed
     over (``on_busy``) and, once every other item is done, given to ``retry_busy`` with that error, which
     waits for that run to end: so the two runs divide the items between them, and each run's summary ends
-    complete. Without ``retry_busy`` such an item counts as failed."""
+    complete. Without ``retry_busy`` such an item counts as failed.
+
+    While the batch runs, the summaries are rewritten every ``summary_every_s`` seconds (default
+    ``$WSI_PIPELINE_SUMMARY_SECONDS``, else 60) with ``"in_progress": true`` and the items not done
+    yet as ``not run yet``: a run killed where it cannot clean up (out of memory, ``kill -9``, a
+    power cut) still leaves a record of the slides it finished."""
     summaries = [out / f"{summary_name}.csv", out / f"{summary_name}.json"]
     refuse_foreign_files([*summaries, *also_writes])
     try:
@@ -378,6 +384,23 @@ def run_batch(
     busy: list[tuple[int, BatchItem, BusyError]] = []
     stopped = False
     t0 = time.perf_counter()
+    every = summary_interval_s() if summary_every_s is None else summary_every_s
+    last_summary = t0
+
+    def summary_so_far() -> None:
+        nonlocal last_summary
+        now = time.perf_counter()
+        if now - last_summary < every:
+            return
+        last_summary = now
+        writing = {at for at, _, _ in pending}
+
+        def not_yet(at: int) -> dict[str, Any]:
+            return {"slide": str(items[at].slide), "status": NOT_RUN_YET, "n_tiles": 0, "error": ""}
+
+        padded = [*rows, *({} for _ in items[len(rows) :])]
+        so_far = [r if r and at not in writing else not_yet(at) for at, r in enumerate(padded)]
+        _write_summaries(summaries, so_far, in_progress=True)
 
     def row(item: BatchItem, result: dict[str, Any]) -> dict[str, Any]:
         return {"slide": str(item.slide), **result, "error": ""}
@@ -433,6 +456,7 @@ def run_batch(
             if stop:
                 stopped = True
                 break
+            summary_so_far()
         stopped = settle() or stopped
         for at, item, seen in busy if not stopped else []:  # busy is empty without retry_busy
             assert retry_busy is not None
@@ -480,11 +504,31 @@ def failed_row(item: BatchItem, exc: WsiError) -> dict[str, Any]:
             "error_code": exc.exit_code}  # fmt: skip
 
 
-def _write_summaries(paths: Sequence[Path], rows: list[dict[str, Any]], *, interrupted: bool = False) -> None:
-    """``NAME.csv`` and ``NAME.json`` (``interrupted``: true when the run was stopped before its end)."""
+#: summary status of a slide a running batch has not finished yet (summaries written while it runs)
+NOT_RUN_YET = "not run yet (run in progress)"
+SUMMARY_INTERVAL_ENV = "WSI_PIPELINE_SUMMARY_SECONDS"
+
+
+def summary_interval_s() -> float:
+    """Seconds between the summaries a running batch writes: ``$WSI_PIPELINE_SUMMARY_SECONDS`` when it
+    is a number >= 0, else 60."""
+    try:
+        value = float(os.environ.get(SUMMARY_INTERVAL_ENV, ""))
+    except ValueError:
+        return 60.0
+    return value if value >= 0 else 60.0
+
+
+def _write_summaries(
+    paths: Sequence[Path], rows: list[dict[str, Any]], *, interrupted: bool = False, in_progress: bool = False
+) -> None:
+    """``NAME.csv`` and ``NAME.json`` (``interrupted``: true when the run was stopped before its end;
+    ``in_progress``: true while it runs)."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
     atomic_write_bytes(paths[0], rows_to_csv(rows, columns))
     doc: dict[str, Any] = {"generator": f"{GENERATOR} {__version__}", "slides": rows}
     if interrupted:
         doc["interrupted"] = True
+    if in_progress:
+        doc["in_progress"] = True
     atomic_write_json(paths[1], doc)
