@@ -214,3 +214,5 @@ def test_a_killed_folder_run_leaves_its_summary_so_far(
     ok = {Path(r["slide"]).name for r in doc["slides"] if r["status"] == "ok"}
     assert ok and ok <= done and len(doc["slides"]) == 8  # what it says is done is done
     assert {r["status"] for r in doc["slides"]} <= {"ok", "not run yet (run in progress)"}
+    page = (out / "report.html").read_text()  # the folder page, written with it
+    assert "This run is still going" in page and "interrupted" not in page

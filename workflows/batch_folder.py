@@ -323,6 +323,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
             ),
             retry_busy=again,
             also_writes=[out / "report.html", out / "batch-job.json"],
+            on_summary=lambda rows: write_folder_report(out, rows),
         )  # fmt: skip
     failed = res.failed
     write_folder_report(out, res.rows)

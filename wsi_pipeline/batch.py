@@ -354,6 +354,7 @@ def run_batch(
     retry_busy: Callable[[BatchItem, BusyError], dict[str, Any] | Future[dict[str, Any]]] | None = None,
     on_busy: Callable[[BatchItem, BusyError], None] | None = None,
     summary_every_s: float | None = None,
+    on_summary: Callable[[list[dict[str, Any]]], object] | None = None,
 ) -> BatchResult:
     """Run ``process`` on every item; a :class:`WsiError` marks the item failed and the batch goes on
     (unless ``stop_on_error``). Writes ``<summary_name>.csv`` and ``.json`` into ``out``; those and
@@ -372,7 +373,8 @@ def run_batch(
     While the batch runs, the summaries are rewritten every ``summary_every_s`` seconds (default
     ``$WSI_PIPELINE_SUMMARY_SECONDS``, else 60) with ``"in_progress": true`` and the items not done
     yet as ``not run yet``: a run killed where it cannot clean up (out of memory, ``kill -9``, a
-    power cut) still leaves a record of the slides it finished."""
+    power cut) still leaves a record of the slides it finished; ``on_summary`` gets those rows too (the
+    CLI's folder page)."""
     summaries = [out / f"{summary_name}.csv", out / f"{summary_name}.json"]
     refuse_foreign_files([*summaries, *also_writes])
     try:
@@ -401,6 +403,8 @@ def run_batch(
         padded = [*rows, *({} for _ in items[len(rows) :])]
         so_far = [r if r and at not in writing else not_yet(at) for at, r in enumerate(padded)]
         _write_summaries(summaries, so_far, in_progress=True)
+        if on_summary:
+            on_summary(so_far)
 
     def row(item: BatchItem, result: dict[str, Any]) -> dict[str, Any]:
         return {"slide": str(item.slide), **result, "error": ""}

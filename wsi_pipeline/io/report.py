@@ -11,6 +11,7 @@ import base64
 import html
 import os
 import shlex
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PureWindowsPath
 from typing import Any
@@ -332,11 +333,15 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
         body.append("<tr>" + "".join(tds) + "</tr>")
     n_neg = sum(1 for r in rows if r.get("positive") is False)
     n_not_run = sum(1 for r in rows if str(r.get("status", "")).startswith("not run"))
+    running = any(str(r.get("status", "")).startswith("not run yet") for r in rows)
     not_run = f", {n_not_run} not run" if n_not_run else ""
     parts = [
         f"<h1>{_e(title)}</h1>",
         (
-            f'<p class="warn">This run was interrupted before its end: {n_not_run} slides were not run. '
+            f'<p class="warn">This run is still going: {n_not_run} slides are not done yet (page written '
+            f"{time.strftime('%Y-%m-%d %H:%M')}; reload it later for more).</p>"
+            if running
+            else f'<p class="warn">This run was interrupted before its end: {n_not_run} slides were not run. '
             "Re-run the same command to finish them (the slides done are kept and skipped).</p>"
             if n_not_run
             else ""
