@@ -216,3 +216,24 @@ def test_a_killed_folder_run_leaves_its_summary_so_far(
     assert {r["status"] for r in doc["slides"]} <= {"ok", "not run yet (run in progress)"}
     page = (out / "report.html").read_text()  # the folder page, written with it
     assert "This run is still going" in page and "interrupted" not in page
+
+
+def test_a_summary_that_cannot_be_written_while_running_does_not_stop_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fills up between two slides: the running summary fails to be written, the batch goes
+    on (each slide reports its own write errors) and the final summary is written once it can be."""
+    import wsi_pipeline.batch as batch
+
+    real = batch._write_summaries
+
+    def full_while_running(paths: Any, rows: Any, **kw: Any) -> None:
+        if kw.get("in_progress"):
+            raise OutputError(f"{paths[0]}: no space left on device")
+        real(paths, rows, **kw)
+
+    monkeypatch.setattr(batch, "_write_summaries", full_while_running)
+    res = run_batch(_items(3), lambda item: {"status": "ok", "n_tiles": 1}, out=tmp_path, summary_name="summary",
+                    summary_every_s=0)  # fmt: skip
+    assert [r["status"] for r in res.rows] == ["ok"] * 3
+    assert "in_progress" not in json.loads((tmp_path / "summary.json").read_text())

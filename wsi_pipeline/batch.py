@@ -402,9 +402,12 @@ def run_batch(
 
         padded = [*rows, *({} for _ in items[len(rows) :])]
         so_far = [r if r and at not in writing else not_yet(at) for at, r in enumerate(padded)]
-        _write_summaries(summaries, so_far, in_progress=True)
-        if on_summary:
-            on_summary(so_far)
+        try:
+            _write_summaries(summaries, so_far, in_progress=True)
+            if on_summary:
+                on_summary(so_far)
+        except OSError:  # a full disk now: the slides say so for themselves, and the end tries again
+            pass
 
     def row(item: BatchItem, result: dict[str, Any]) -> dict[str, Any]:
         return {"slide": str(item.slide), **result, "error": ""}
