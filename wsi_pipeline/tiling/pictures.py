@@ -112,6 +112,8 @@ def slide_picture(source: TileSource, long_side_px: int) -> SlidePicture:
         if reader is not None:
             try:
                 cropped = _tissue_picture(reader, box, long_side_px)
+            except WsiError:  # e.g. a damaged tile in the region: the whole slide's picture, as before
+                cropped = None
             finally:
                 reader.close()
             if cropped is not None:
