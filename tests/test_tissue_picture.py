@@ -113,3 +113,22 @@ def test_scoring_the_slides_tile_store_pictures_the_same_tissue(
     from_store = json.loads((tmp_path / "b.run.json").read_text())["heatmap"]["overlay"]
     from_slide = json.loads((biopsy_run / "biopsy.run.json").read_text())["heatmap"]["overlay"]
     assert from_store == from_slide
+
+
+def test_a_crop_that_cannot_be_read_falls_back_to_the_whole_slide(
+    biopsy_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsi_pipeline.tiling.pictures as pictures
+    from wsi_pipeline.errors import SlideError
+    from wsi_pipeline.tiling.plan import TileOptions
+    from wsi_pipeline.tiling.source import open_source
+
+    source = open_source(biopsy_run.parent / "biopsy.svs", TileOptions(), picture_px=1000)
+    assert pictures.slide_picture(source, 1000).origin == "slide (tissue)"
+
+    def damaged(*a: object, **k: object) -> None:
+        raise SlideError("biopsy.svs: cannot read pixels (Corrupt JPEG data)")
+
+    monkeypatch.setattr(pictures, "_tissue_picture", damaged)
+    whole = pictures.slide_picture(source, 1000)
+    assert whole.origin == "slide" and whole.origin_l0 == (0.0, 0.0)
