@@ -517,13 +517,10 @@ SUMMARY_INTERVAL_ENV = "WSI_PIPELINE_SUMMARY_SECONDS"
 
 
 def summary_interval_s() -> float:
-    """Seconds between the summaries a running batch writes: ``$WSI_PIPELINE_SUMMARY_SECONDS`` when it
-    is a number >= 0, else 60."""
-    try:
-        value = float(os.environ.get(SUMMARY_INTERVAL_ENV, ""))
-    except ValueError:
-        return 60.0
-    return value if value >= 0 else 60.0
+    """Seconds between the summaries a running batch writes: ``$WSI_PIPELINE_SUMMARY_SECONDS``, else 60."""
+    from wsi_pipeline.progress_lines import env_seconds
+
+    return env_seconds(SUMMARY_INTERVAL_ENV, 60.0)
 
 
 def _write_summaries(

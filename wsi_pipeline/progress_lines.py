@@ -20,15 +20,18 @@ DEFAULT_INTERVAL_S = 30.0
 INTERVAL_ENV = "WSI_PIPELINE_PROGRESS_SECONDS"
 
 
-def interval_s() -> float:
-    """Seconds between progress lines: ``$WSI_PIPELINE_PROGRESS_SECONDS`` when it is a number >= 0,
-    else :data:`DEFAULT_INTERVAL_S`."""
-    raw = os.environ.get(INTERVAL_ENV, "").strip()
+def env_seconds(name: str, default: float) -> float:
+    """Seconds from the environment variable ``name`` when it is a finite number >= 0, else ``default``."""
     try:
-        value = float(raw)
+        value = float(os.environ.get(name, "").strip())
     except ValueError:
-        return DEFAULT_INTERVAL_S
-    return value if math.isfinite(value) and value >= 0 else DEFAULT_INTERVAL_S
+        return default
+    return value if math.isfinite(value) and value >= 0 else default
+
+
+def interval_s() -> float:
+    """Seconds between progress lines: ``$WSI_PIPELINE_PROGRESS_SECONDS``, else :data:`DEFAULT_INTERVAL_S`."""
+    return env_seconds(INTERVAL_ENV, DEFAULT_INTERVAL_S)
 
 
 def clock_text(seconds: float) -> str:
