@@ -396,12 +396,10 @@ def run_batch(
             return
         last_summary = now
         writing = {at for at, _, _ in pending}
-
-        def not_yet(at: int) -> dict[str, Any]:
-            return {"slide": str(items[at].slide), "status": NOT_RUN_YET, "n_tiles": 0, "error": ""}
-
         padded = [*rows, *({} for _ in items[len(rows) :])]
-        so_far = [r if r and at not in writing else not_yet(at) for at, r in enumerate(padded)]
+        so_far = [
+            r if r and at not in writing else _not_run(items[at], NOT_RUN_YET) for at, r in enumerate(padded)
+        ]
         try:
             _write_summaries(summaries, so_far, in_progress=True)
             if on_summary:
@@ -491,8 +489,7 @@ def run_batch(
         rows += [{} for _ in items[len(rows) :]]
         for at, r in enumerate(rows):
             if not r:
-                rows[at] = {"slide": str(items[at].slide), "status": "not run (interrupted)", "n_tiles": 0,
-                            "error": ""}  # fmt: skip
+                rows[at] = _not_run(items[at], "not run (interrupted)")
         _write_summaries(summaries, rows, interrupted=True)
         exc.batch_rows = rows  # type: ignore[attr-defined]  # for the caller's own pages
         raise
@@ -501,6 +498,10 @@ def run_batch(
             fut.exception()
     _write_summaries(summaries, rows)
     return BatchResult(rows, time.perf_counter() - t0)
+
+
+def _not_run(item: BatchItem, status: str) -> dict[str, Any]:
+    return {"slide": str(item.slide), "status": status, "n_tiles": 0, "error": ""}
 
 
 def failed_row(item: BatchItem, exc: WsiError) -> dict[str, Any]:
