@@ -182,6 +182,8 @@ def truth_picture(
     overlay cannot be read."""
     from PIL import Image, ImageDraw
 
+    from wsi_pipeline.io.outputs import draw_outlines
+
     m = load_run(manifest_path)
     geometry = (m.get("heatmap") or {}).get("overlay") or {}
     png = Path(manifest_path).parent / Path(m["outputs"].get("overlay", "")).name
@@ -199,10 +201,7 @@ def truth_picture(
     w, h = (int(v) for v in geometry.get("slide_px") or img.size)
     draw = ImageDraw.Draw(img)
     line_w = max(3, round(max(w, h) / 250))  # still visible once the picture is shrunk for the page
-    for g in getattr(annotated, "geoms", [annotated]) if not annotated.is_empty else []:
-        for ring in [g.exterior, *g.interiors]:
-            xy = [((x - x0) / l0_per_px, (y - y0) / l0_per_px) for x, y in ring.coords]
-            draw.line(xy, fill=TRUTH_RGB, width=line_w)
+    draw_outlines(draw, annotated, l0_per_px=l0_per_px, origin_l0=(x0, y0), fill=TRUTH_RGB, width=line_w)
     img.thumbnail((long_side_px, long_side_px), Image.Resampling.LANCZOS)
     return np.asarray(img)
 

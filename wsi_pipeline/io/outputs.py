@@ -299,11 +299,7 @@ def render_overlay(
     draw = ImageDraw.Draw(img)
     fs = max(12, round(max(h, w) / 70))
     line_w = max(2, round(max(h, w) / 500))
-    geoms = getattr(regions, "geoms", [regions]) if regions is not None and not regions.is_empty else []
-    for g in geoms:
-        for ring in [g.exterior, *g.interiors]:
-            xy = [((x - px0) / l0_per_px, (y - py0) / l0_per_px) for x, y in ring.coords]
-            draw.line(xy, fill=(0, 0, 0), width=line_w, joint="curve")
+    draw_outlines(draw, regions, l0_per_px=l0_per_px, origin_l0=(px0, py0), fill=(0, 0, 0), width=line_w)
     _scale_bar(draw, w, h, um_per_px=l0_per_px * mpp_l0, fs=fs)
     panel = _legend_panel(max(h, 22 * fs), fs, threshold=threshold, floor=floor, line_w=line_w,
                           positive_name=positive_name)  # fmt: skip
@@ -311,6 +307,26 @@ def render_overlay(
     full.paste(img, (0, 0))
     full.paste(panel, (w, 0))
     return np.asarray(full)
+
+
+def draw_outlines(
+    draw: Any,
+    geometry: Any,
+    *,
+    l0_per_px: float,
+    origin_l0: tuple[float, float] = (0.0, 0.0),
+    fill: tuple[int, int, int],
+    width: int,
+) -> None:
+    """Outline every ring of a shapely (Multi)Polygon in level-0 pixels on a PIL ``ImageDraw`` of a
+    picture whose pixel (0, 0) is level-0 ``origin_l0``, ``l0_per_px`` level-0 pixels per pixel."""
+    if geometry is None or geometry.is_empty:
+        return
+    x0, y0 = origin_l0
+    for g in getattr(geometry, "geoms", [geometry]):
+        for ring in [g.exterior, *g.interiors]:
+            xy = [((x - x0) / l0_per_px, (y - y0) / l0_per_px) for x, y in ring.coords]
+            draw.line(xy, fill=fill, width=width, joint="curve")
 
 
 def _scale_bar(draw: Any, w: int, h: int, *, um_per_px: float, fs: int) -> None:
