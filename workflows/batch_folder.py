@@ -399,9 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    except (
-        Terminated
-    ) as exc:  # SIGTERM (a SLURM time limit, docker stop) or SIGHUP: the summary lists what was done
+    except Terminated as exc:  # SIGTERM (a time limit, docker stop), SIGHUP: the summary lists what was done
         echo(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
