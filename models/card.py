@@ -214,6 +214,12 @@ def render_markdown(card: dict[str, Any]) -> str:
                 if glas.get("lung")
                 else ""
             )
+            + (
+                f"; inflammation: {glas['immune']['windows']} {glas['immune']['sources']}, "
+                f"{glas['immune']['fraction_of_scanned_non_tumour_draws']} of the scanned non-tumour draws"
+                if glas.get("immune")
+                else ""
+            )
             + ".",
         ]
     if d.get("organs"):

@@ -364,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
 
         lung_dir = Path(recipe["lung"])
         fit_tiles.append(glas_tiles(load_monusac(lung_dir, MONUSAC_SPLIT["train"], stain=stain), rule)[0])
+        if recipe.get("immune_fraction"):
+            from models.scanned import immune_windows, load_immune
+
+            immune = load_immune(lung_dir.parent, MONUSAC_SPLIT["train"], "train", stain=stain)
+            windows = immune_windows(immune)
+            fit_tiles.append(np.stack([immune[i].crop(x0, y0, side) for i, x0, y0, side in windows]))
         imgs, lab, _, groups = glas_tiles(load_monusac(lung_dir, MONUSAC_SPLIT["val"], stain=stain), rule)
         calibration.append(EvalSet("lung-val", imgs, lab, ("monusac",) * len(lab), tuple(groups)))
     ood_info = fit_ood(
@@ -553,6 +559,18 @@ def main(argv: list[str] | None = None) -> int:
                             "label_rule": "models.scanned.consep_label on MoNuSAC nucleus types",
                         }
                         if lung
+                        else None
+                    ),
+                    "immune": (
+                        {
+                            "fraction_of_scanned_non_tumour_draws": recipe["immune_fraction"],
+                            "windows": recipe["sampler"].get("immune_windows"),
+                            "sources": "inflamed windows (models.scanned.immune_windows: immune nuclei "
+                            ">= 80 % of the typed-nucleus pixels of MoNuSAC lung regions of the training "
+                            "patients, >= 40 % in CoNSeP official train tiles; nuclei >= 5 % of the window) "
+                            "as non-tumour",
+                        }
+                        if recipe.get("immune_fraction")
                         else None
                     ),
                 }

@@ -7,8 +7,9 @@ scale (``scale_jitter``: the tile's content at 0.5 x logU(0.8, 1.25) um/px) and 
 scale is unknown, about 0.4-0.6 um/px). Malignant stroma windows make up ``stroma_fraction`` of the
 GlaS non-tumour draws when a region has any. With ``lung_regions`` (MoNuSAC scanned lung), epithelium-
 rich lung windows make up ``lung_fraction`` of the scanned tumour draws, and ``crypt_fraction`` of
-the GlaS non-tumour draws are gland-rich windows of healthy regions (normal crypts).
-Augmentation happens afterwards (``models.augment``).
+the GlaS non-tumour draws are gland-rich windows of healthy regions (normal crypts). With
+``immune_regions`` (``models.scanned.load_immune``), inflamed windows make up ``immune_fraction`` of the
+scanned non-tumour draws. Augmentation happens afterwards (``models.augment``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from models import TILE_PX
-from models.scanned import LabelRule, Region
+from models.scanned import LabelRule, Region, immune_windows, is_inflamed
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class MixedSampler:
         lung_regions: Sequence[Region] = (),
         lung_fraction: float = 0.0,
         crypt_fraction: float = 0.0,
+        immune_regions: Sequence[Region] = (),
+        immune_fraction: float = 0.0,
     ) -> None:
         self.lc_images, self.lc_labels = lc_images, lc_labels
         self.lc_by_label = {k: np.flatnonzero(lc_labels == k) for k in (0, 1)}
@@ -87,6 +90,11 @@ class MixedSampler:
         self.regions += list(lung_regions)
         self.lung_pos = [Candidate(c.region + offset, c.x0, c.y0) for c in lung]
         self.lung_fraction = lung_fraction if self.lung_pos else 0.0
+        # Inflammation (lymphocytes, macrophages, neutrophils): non-tumour however crowded its nuclei
+        offset = len(self.regions)
+        self.regions += list(immune_regions)
+        self.immune = [(i + offset, x0, y0, side) for i, x0, y0, side in immune_windows(immune_regions)]
+        self.immune_fraction = immune_fraction if self.immune else 0.0
         if self.regions and (not self.pos or not self.neg_benign):
             raise ValueError(
                 f"GlaS regions give {len(self.pos)} tumour and {len(self.neg_benign)} benign windows"
@@ -101,6 +109,7 @@ class MixedSampler:
             "glas_benign_windows": len(self.neg_benign),
             "lung_tumour_windows": len(self.lung_pos),
             "glas_crypt_windows": len(self.neg_crypt),
+            **({"immune_windows": len(self.immune)} if self.immune else {}),
         }
 
     def _lc(self, label: int, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
@@ -118,6 +127,9 @@ class MixedSampler:
             # (no draw without lung windows: the recipes before --lung keep their random stream)
             pool = self.lung_pos if self.lung_fraction and rng.random() < self.lung_fraction else self.pos
         else:
+            # (no draw without immune windows: the recipes before them keep their random stream)
+            if self.immune_fraction and rng.random() < self.immune_fraction:
+                return self._immune(rng)
             u = rng.random()
             if u < self.crypt_fraction:
                 pool = self.neg_crypt
@@ -140,6 +152,19 @@ class MixedSampler:
             if reg.window_label(x0, y0, side, self.rule) == label:
                 return reg.crop(x0, y0, side)
         return reg.crop(c.x0, c.y0, nominal)  # the grid window itself has this label
+
+    def _immune(self, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
+        """An inflamed window, jittered in scale and position as the GlaS windows are."""
+        for _ in range(8):
+            i, x0, y0, nominal = self.immune[int(rng.integers(len(self.immune)))]
+            reg = self.regions[i]
+            h, w = reg.image.shape[:2]
+            side = min(nominal * float(np.exp(rng.uniform(*np.log(self.scale_jitter)))), h, w)
+            x = float(np.clip(x0 + (nominal - side) / 2 + rng.uniform(-0.125, 0.125) * nominal, 0, w - side))
+            y = float(np.clip(y0 + (nominal - side) / 2 + rng.uniform(-0.125, 0.125) * nominal, 0, h - side))
+            if is_inflamed(reg, x, y, side):
+                return reg.crop(x, y, side)
+        return reg.crop(x0, y0, nominal)  # the grid window itself is inflamed
 
     def sample(self, n: int, rng: np.random.Generator) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
         """``n`` tiles and their labels (0/1)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -265,13 +265,15 @@ def glas_tiles(
 CONSEP_MPP = 0.25
 
 
-def load_consep(root: Path | None = None, split: str = "train", stain: str = "none") -> list[Region]:
+def load_consep(
+    root: Path | None = None, split: str = "train", stain: str = "none", mask_type: int = 3
+) -> list[Region]:
     """CoNSeP source tiles of ``split`` (``train``/``test``, the official split) as regions.
 
     Each 1000 px tile was re-cut into 16 patches of 256 px; patches 0-8 are its top-left 3 x 3 block,
     contiguous (checked: adjacent edges match to JPEG noise), so a region is that 768 x 768 px mosaic
     at 0.25 um/px (192 um square) with its nucleus-type mosaic: mask = epithelial nuclei (type 3),
-    nuclei = any typed nucleus (types 1-4).
+    nuclei = any typed nucleus (types 1-4). ``mask_type`` 2 masks inflammatory nuclei instead.
     """
     root = root or shared_tiles_dir() / "consep-patches"
     with (root / "index.csv").open(newline="", encoding="utf-8") as fh:
@@ -288,11 +290,8 @@ def load_consep(root: Path | None = None, split: str = "train", stain: str = "no
             )
             with Image.open(root / "seg_mask" / split / f"{name}_{k:03d}.png") as im:
                 types[y * 256 : (y + 1) * 256, x * 256 : (x + 1) * 256] = np.asarray(im)
-        out.append(
-            _normalized(
-                Region(name, img, CONSEP_MPP, "consep/adenocarcinoma", g, types == 3, types > 0), stain
-            )
-        )
+        reg = Region(name, img, CONSEP_MPP, "consep/adenocarcinoma", g, types == mask_type, types > 0)
+        out.append(_normalized(reg, stain))
     return out
 
 
@@ -391,3 +390,129 @@ def load_unlabelled_regions(
                 reg = Region(Path(r["path"]).stem, _read_rgb(folder / r["path"]), mpp, "", r["group"])
                 out.append(_normalized(reg, stain))
     return out
+
+
+IMMUNE_MIN_SHARE = {"monusac": 0.8, "consep": 0.4}
+"""Least share of a window's typed-nucleus pixels that immune nuclei must hold for it to count as
+inflammation. MoNuSAC types every immune nucleus (lymphocyte, macrophage, neutrophil) but no stroma,
+so an immune region is almost all immune (lymphocyte images: 0.96-0.97); CoNSeP also types stroma
+(spindle) nuclei, so an inflamed stroma window holds 40 % or more."""
+IMMUNE_VAL_MONUSAC = ("TCGA-50-6591", "TCGA-73-4662", "TCGA-55-7570", "TCGA-78-7152", "TCGA-MP-A4T7")
+"""MoNuSAC patients whose inflamed regions validate (all but ``MONUSAC_SPLIT["train"]``: the immune
+regions of the patients without a region as large as a tile are still wide enough, once padded)."""
+IMMUNE_MIN_NUCLEI = 0.05
+"""Least share of a window's pixels that are typed nuclei (an inflamed window is crowded)."""
+
+
+def _monusac_masks(path: Path) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """(epithelial, any typed nucleus) from a MoNuSAC lossy JPEG colour mask."""
+    colours = _read_rgb(path).astype(np.int16)
+    red, green, blue = colours[..., 0], colours[..., 1], colours[..., 2]
+    epithelial = (green > 128) & (red < 100) & (blue < 100)
+    typed = (red > 128) | (green > 128) | (blue > 128)
+    return epithelial, typed
+
+
+def load_immune(
+    tiles_dir: Path | None = None,
+    monusac_patients: Sequence[str] | None = None,
+    consep_split: str | None = None,
+    stain: str = "none",
+) -> list[Region]:
+    """Scanned regions with immune-nucleus masks, for inflammation as non-tumour.
+
+    MoNuSAC lung regions of ``monusac_patients`` (mask = lymphocyte, macrophage and neutrophil nuclei,
+    i.e. typed but not epithelial; label ``monusac/immune``) and the CoNSeP tiles of ``consep_split``
+    (mask = inflammatory nuclei, type 2; label ``consep/immune``); ``nuclei`` = any typed nucleus.
+    Which windows count is ``immune_windows``'s business.
+    """
+    tiles_dir = tiles_dir or shared_tiles_dir()
+    out = []
+    if monusac_patients:
+        root = tiles_dir / "monusac-lung"
+        with (root / "index.csv").open(newline="", encoding="utf-8") as fh:
+            rows = [r for r in csv.DictReader(fh) if "he-image" in r["label"]]
+        for r in rows:
+            if r["group"] not in set(monusac_patients):
+                continue
+            epithelial, typed = _monusac_masks(root / r["path"].replace("images/", "masks/", 1))
+            reg = Region(
+                Path(r["path"]).stem, _read_rgb(root / r["path"]), float(r["mpp"]), "monusac/immune",
+                r["group"], typed & ~epithelial, typed,
+            )  # fmt: skip
+            out.append(_normalized(reg, stain))
+    if consep_split:
+        for reg in load_consep(tiles_dir / "consep-patches", consep_split, stain=stain, mask_type=2):
+            out.append(replace(reg, label="consep/immune"))
+    return out
+
+
+def immune_windows(
+    regions: Sequence[Region], stride_tiles: float = 0.25, max_zoom: float = 1.25
+) -> list[tuple[int, float, float, float]]:
+    """Inflamed windows of ``regions`` (from ``load_immune``): ``(region index, x0, y0, side)``.
+
+    A window is the model's tile (``window_px`` source pixels) or, in a region narrower than that, a
+    square as wide as the region where that zooms in by at most ``max_zoom`` (the scale jitter that
+    training applies anyway); immune nuclei must hold ``IMMUNE_MIN_SHARE`` of its typed-nucleus pixels
+    and nuclei ``IMMUNE_MIN_NUCLEI`` of its pixels.
+    """
+    out = []
+    for i, reg in enumerate(regions):
+        h, w = reg.image.shape[:2]
+        nominal = reg.window_px()
+        side = min(nominal, h, w)
+        if side < nominal / max_zoom:
+            continue
+        for x0, y0 in reg.grid(side, nominal * stride_tiles):
+            if is_inflamed(reg, x0, y0, side):
+                out.append((i, x0, y0, side))
+    return out
+
+
+def is_inflamed(reg: Region, x0: float, y0: float, side: float) -> bool:
+    """Whether the window (source pixels) of an immune region is inflamed (see ``immune_windows``)."""
+    nuclei = reg.nuclei_fraction(x0, y0, side)
+    share = IMMUNE_MIN_SHARE[reg.label.split("/")[0]]
+    return nuclei >= IMMUNE_MIN_NUCLEI and reg.mask_fraction(x0, y0, side) >= share * nuclei
+
+
+def immune_tiles(
+    regions: Sequence[Region], stride_tiles: float = 0.5
+) -> tuple[npt.NDArray[np.uint8], list[str]]:
+    """Deterministic evaluation tiles of inflamed windows (all non-tumour) and their groups.
+
+    Windows are at the model's scale; a region narrower than a tile but at least half a tile wide
+    gives windows as wide as it is, mirror-padded to the tile (as Kather tiles are), not zoomed.
+    """
+    tiles, groups = [], []
+    for reg in regions:
+        h, w = reg.image.shape[:2]
+        nominal = reg.window_px()
+        if min(h, w) < nominal / 2:
+            continue
+        sw, sh = min(nominal, w), min(nominal, h)
+        xs = np.arange(0.0, w - sw + 1e-6, nominal * stride_tiles)
+        ys = np.arange(0.0, h - sh + 1e-6, nominal * stride_tiles)
+        for y0 in ys:
+            for x0 in xs:
+                nuclei = _window_mean_rect(reg.nuclei, x0, y0, sw, sh)
+                immune = _window_mean_rect(reg.mask, x0, y0, sw, sh)
+                share = IMMUNE_MIN_SHARE[reg.label.split("/")[0]]
+                if nuclei < IMMUNE_MIN_NUCLEI or immune < share * nuclei:
+                    continue
+                size = (round(sw * TILE_PX / nominal), round(sh * TILE_PX / nominal))
+                box = (float(x0), float(y0), float(x0 + sw), float(y0 + sh))
+                crop = np.asarray(reg.pil.resize(size, Image.Resampling.BILINEAR, box=box))
+                tiles.append(pad_reflect(crop))
+                groups.append(reg.group)
+    images = np.stack(tiles) if tiles else np.zeros((0, TILE_PX, TILE_PX, 3), np.uint8)
+    return images, groups
+
+
+def _window_mean_rect(mask: npt.NDArray[np.bool_] | None, x0: float, y0: float, w: float, h: float) -> float:
+    if mask is None:
+        return 0.0
+    a, b = round(y0), round(y0 + h)
+    c, d = round(x0), round(x0 + w)
+    return float(mask[a:b, c:d].mean()) if b > a and d > c else 0.0

@@ -42,6 +42,7 @@ from models.scanned import (
     glas_tiles,
     load_consep,
     load_glas,
+    load_immune,
     load_monusac,
     load_unlabelled_regions,
     macenko_groups,
@@ -101,6 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--stroma-fraction", type=float, default=0.25,
         help="share of the other GlaS non-tumour draws (not crypts) taken from tumour stroma",
+    )  # fmt: skip
+    p.add_argument(
+        "--immune-fraction", type=float, default=0.0,
+        help="share of scanned non-tumour draws taken from inflamed windows (MoNuSAC training patients of "
+        "--lung, CoNSeP official train tiles beside it)",
     )  # fmt: skip
     p.add_argument("--adenoma", choices=["negative", "exclude"], default="negative", help="GlaS adenomas")
     p.add_argument("--lc-fraction", type=float, default=0.35, help="share of LC25000 tiles with --glas")
@@ -276,14 +282,24 @@ def build_recipe(
             raise ValueError(
                 "--ssl needs --glas (its regions and the shared lung tiles are the unlabelled pool)"
             )
-        if args.lung is not None or args.crypt_fraction:
-            raise ValueError("--lung and --crypt-fraction need --glas (they shape its scanned-tissue draws)")
+        if args.lung is not None or args.crypt_fraction or args.immune_fraction:
+            raise ValueError(
+                "--lung, --crypt-fraction and --immune-fraction need --glas "
+                "(they shape its scanned-tissue draws)"
+            )
         return BatchSource(train, None, args.batch_size), val_sets, [], {"name": "index", "stain": args.stain}
     rule = LabelRule(adenoma=args.adenoma)
     glas_train = load_glas(args.glas, GLAS_SPLIT["train"], stain=args.stain)
     glas_val = load_glas(args.glas, GLAS_SPLIT["val"], stain=args.stain)
     consep = load_consep(args.consep, "train", stain=args.stain) if args.consep is not None else []
     lung = load_monusac(args.lung, MONUSAC_SPLIT["train"], stain=args.stain) if args.lung is not None else []
+    if args.immune_fraction and args.lung is None:
+        raise ValueError("--immune-fraction needs --lung (its folder's parent holds MoNuSAC and CoNSeP)")
+    immune = (
+        load_immune(args.lung.parent, MONUSAC_SPLIT["train"], "train", stain=args.stain)
+        if args.immune_fraction
+        else []
+    )
     sampler = MixedSampler(
         train.images,
         train.tumour,
@@ -294,6 +310,8 @@ def build_recipe(
         lung_fraction=args.lung_fraction,
         crypt_fraction=args.crypt_fraction,
         stroma_fraction=args.stroma_fraction,
+        immune_regions=immune,
+        immune_fraction=args.immune_fraction,
     )
     v_images, v_labels, _, _ = glas_tiles(glas_val, rule)
     val_sets.append(ValSet("glas-val", v_images, v_labels))
@@ -315,6 +333,7 @@ def build_recipe(
         "lc_fraction": args.lc_fraction,
         "crypt_fraction": args.crypt_fraction,
         "stroma_fraction": args.stroma_fraction,
+        **({"immune_fraction": args.immune_fraction} if immune else {}),
         "sampler": sampler.counts(),
         "glas_val_tiles": {"tiles": len(v_labels), "tumour": int(v_labels.sum())},
         "unlabelled_regions": [len(p) for p in unlabelled],

@@ -146,6 +146,58 @@ def test_mixed_sampler_crypt_fraction_draws_normal_crypts_as_negatives() -> None
     assert (purple[labels == 0] < 0.15).any()  # without it, stroma and bare windows are negatives too
 
 
+def _immune_region(width_px: int, height_px: int = 1000, immune_part: float = 0.6) -> Region:
+    """A MoNuSAC-like lymphocyte strip at 0.25 um/px: its left ``immune_part`` (dark blue) is crowded
+    with immune nuclei, the rest (pale pink) holds epithelial ones, half as crowded."""
+    img = np.empty((height_px, width_px, 3), np.uint8)
+    cut = int(width_px * immune_part)
+    img[:, :cut] = (40, 30, 120)
+    img[:, cut:] = (240, 200, 220)
+    immune = np.zeros((height_px, width_px), bool)
+    immune[:, :cut:2] = True  # half the pixels of the left part
+    typed = immune.copy()
+    typed[::2, cut::2] = True  # epithelial nuclei on the right (a quarter of its pixels)
+    return Region("lym", img, 0.25, "monusac/immune", "TCGA-XX-0001", immune, typed)
+
+
+def test_immune_windows_need_crowded_immune_nuclei_and_fit_narrow_regions() -> None:
+    """A window counts when immune nuclei hold >= 80 % of its nuclear pixels; a strip 400 px wide
+    (narrower than the 448 px of a tile) gives windows as wide as it is, one 300 px wide none."""
+    from models.scanned import immune_tiles, immune_windows, is_inflamed
+
+    windows = immune_windows([_immune_region(400, immune_part=1.0)])
+    assert windows and all(side == 400 for _, _, _, side in windows)
+    assert not immune_windows([_immune_region(300, immune_part=1.0)])  # 448 / 300 > 1.25: too much zoom
+    wide = _immune_region(2000, 448)
+    xs = [x0 for _, x0, _, _ in immune_windows([wide])]
+    # windows reach into the epithelial part only while immune nuclei keep 80 % of the nuclear pixels
+    assert xs and max(xs) + 448 <= 0.6 * 2000 + 0.35 * 448
+    assert not is_inflamed(wide, 1500.0, 0.0, 448.0)
+    tiles, groups = immune_tiles([_immune_region(300, immune_part=1.0)])  # validation pads, not zooms
+    assert tiles.shape[1:] == (224, 224, 3) and groups == ["TCGA-XX-0001"] * len(tiles) and len(tiles) > 0
+
+
+def test_mixed_sampler_immune_fraction_draws_inflamed_windows_as_negatives() -> None:
+    lc = np.stack([np.full((224, 224, 3), v, np.uint8) for v in (10, 250)])
+    regions = [_region("malignant/m"), _region("benign/healthy")]
+    sampler = MixedSampler(
+        lc, np.array([0, 1]), regions, LabelRule(), lc_fraction=0.0,
+        immune_regions=[_immune_region(2000, 448)], immune_fraction=0.5,
+    )  # fmt: skip
+    assert sampler.counts()["immune_windows"] > 0
+    tiles, labels = sampler.sample(400, np.random.default_rng(0))
+    blue = (np.abs(tiles.astype(int) - (40, 30, 120)).sum(-1) < 30).mean(axis=(1, 2))
+    assert not (blue[labels == 1] > 0.5).any()  # inflamed windows are never tumour draws
+    assert 0.35 < (blue[labels == 0] > 0.5).mean() < 0.65  # immune_fraction of the negatives
+    plain = MixedSampler(lc, np.array([0, 1]), regions, LabelRule(), lc_fraction=0.0)
+    assert "immune_windows" not in plain.counts()
+    again = MixedSampler(
+        lc, np.array([0, 1]), regions, LabelRule(), lc_fraction=0.0, immune_regions=[], immune_fraction=0.5
+    )
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    assert (plain.sample(50, rng_a)[0] == again.sample(50, rng_b)[0]).all()  # no pool: the same stream
+
+
 def test_sample_unlabelled_draws_from_every_pool() -> None:
     a, b = _region("benign/healthy"), _region("", mpp=0.25)
     b.image[:] = 0
@@ -318,3 +370,30 @@ def test_monusac_lung_regions_give_epithelium_rich_tumour_windows() -> None:
     images, labels, _, groups = glas_tiles(regions, LabelRule())
     assert len(images) >= 20 and set(groups) == set(MONUSAC_SPLIT["val"])
     assert labels.all()  # these primary-tumour crops are epithelium-rich: weak tumour labels only
+
+
+@pytest.mark.realdata
+def test_immune_regions_split_by_patient_and_are_non_tumour_crowds() -> None:
+    """Training inflamed windows come from the MoNuSAC training patients and CoNSeP's train tiles,
+    validation ones from every other MoNuSAC patient and CoNSeP's test tiles; none is shared."""
+    for name in ("monusac-lung", "consep-patches"):
+        if not (SHARED_TILES / name / "index.csv").exists():
+            pytest.skip(f"real data not available: {SHARED_TILES / name} (the shared data folder is absent)")
+    from models.scanned import IMMUNE_VAL_MONUSAC, MONUSAC_SPLIT, immune_tiles, immune_windows, load_immune
+
+    assert not set(IMMUNE_VAL_MONUSAC) & set(MONUSAC_SPLIT["train"])
+    assert set(MONUSAC_SPLIT["val"]) <= set(IMMUNE_VAL_MONUSAC)
+    train = load_immune(SHARED_TILES, MONUSAC_SPLIT["train"], "train")
+    windows = immune_windows(train)
+    groups = {train[i].group for i, *_ in windows}
+    assert len(windows) >= 20 and set(MONUSAC_SPLIT["train"]) <= groups
+    assert any(g.startswith("consep-train") for g in groups)
+    for i, x0, y0, side in windows:  # crowded with immune nuclei, hardly any epithelium
+        reg = train[i]
+        assert reg.nuclei_fraction(x0, y0, side) >= 0.05
+        assert reg.mask_fraction(x0, y0, side) >= 0.4 * reg.nuclei_fraction(x0, y0, side)
+    val = load_immune(SHARED_TILES, IMMUNE_VAL_MONUSAC, "test")
+    tiles, val_groups = immune_tiles(val)
+    assert len(tiles) >= 10 and not set(val_groups) & groups
+    assert any(g.startswith("consep-test") for g in val_groups)
+    assert any(g in MONUSAC_SPLIT["val"] for g in val_groups)
