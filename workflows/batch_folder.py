@@ -293,7 +293,9 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
     def finish(item: BatchItem, write: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         m = write()
         row = result_row(m, out, heatmap_path(out, names[item]))
-        say(f"{item.slide.name}: {row['status']}, {row['label']}, {m['n_tiles']} tiles on {m['provider']}")
+        reused = " (scores reused: only the label rule changed)" if m.get("scores_reused") else ""
+        tiles = f"{m['n_tiles']} tiles on {m['provider']}{reused}"
+        say(f"{item.slide.name}: {row['status']}, {row['label']}, {tiles}")
         return {**row, "provider": m["provider"]}
 
     def on_error(item: BatchItem, exc: WsiError) -> None:

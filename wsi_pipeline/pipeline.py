@@ -65,6 +65,7 @@ from wsi_pipeline.provenance import (
     refuse_overwriting_inputs,
     remove_created_folders_on_failure,
 )
+from wsi_pipeline.reuse import EXACT, prior_scores, scores_from_table
 from wsi_pipeline.tiling.plan import TileOptions
 from wsi_pipeline.tiling.source import Layout, TileSource, open_source
 from wsi_pipeline.tiling.tissue import TissueParams
@@ -330,6 +331,8 @@ def _score_claimed(
             verify_model()
             return lambda: manifest
         refuse_foreign_files(paths.values(), manifest=paths["manifest"])  # a user's case1.geojson, ...
+        # Only the label rule changed since the finished run: its tile table holds every score
+        prior = prior_scores(paths, params) if take_finished and opts.tiles_out is None else None
         local = client is None
         plan = thread_plan(readers=opts.workers, device=opts.device) if local else None
         threads = plan.session_threads if plan else None
@@ -345,7 +348,10 @@ def _score_claimed(
         # On a cluster this process only checks the model (the workers run it, on their GPUs if
         # asked): checked on the CPU, so a head node without a GPU can send work to GPU workers.
         device, precision = (opts.device, opts.precision) if local else ("cpu", "fp32")
-        job = ex.submit(_verified_session, verify_model, card, device, threads, precision)
+        if prior is None:
+            job = ex.submit(_verified_session, verify_model, card, device, threads, precision)
+        else:  # no session unless the table turns out not to fit the plan (then scoring makes one)
+            job = ex.submit(verify_model)
         t = time.perf_counter()
         try:
             if opts.tiles_out is not None and source.kind == "slide":
@@ -371,14 +377,23 @@ def _score_claimed(
 
     picture = _low_priority(slide_picture, source, opts.overlay_px)
     versions = _low_priority(environment_versions)  # looked up (once a process) while scoring
-    tasks = make_tasks(
-        source, card, device=opts.device, batch_size=opts.batch_size, chunk_tiles=opts.chunk_tiles,
-        threads=threads, precision=opts.precision,
-    )  # fmt: skip
-    result = run_tasks(
-        tasks, len(card.classes), client=client, workers=opts.workers, progress=progress,
-        resources=opts.resources,
-    )  # fmt: skip
+    reused = None
+    if prior is not None:
+        sha = prior["output_sha256"]["tiles_csv"]
+        reused = scores_from_table(paths["tiles_csv"], source.layout, card, prior, sha)
+    if reused is not None:
+        result = reused
+        if progress is not None:
+            progress(len(result.probs), len(result.probs))
+    else:
+        tasks = make_tasks(
+            source, card, device=opts.device, batch_size=opts.batch_size, chunk_tiles=opts.chunk_tiles,
+            threads=threads, precision=opts.precision,
+        )  # fmt: skip
+        result = run_tasks(
+            tasks, len(card.classes), client=client, workers=opts.workers, progress=progress,
+            resources=opts.resources,
+        )  # fmt: skip
     phases["scoring_s"] = result.seconds
     result.extra["phases"] = phases
     return functools.partial(
@@ -492,6 +507,8 @@ def _write_outputs(
             "peak_rss_mib": peak_rss_mib(),
         },
         "provider": result.provider,
+        **({"scores_reused": result.extra["reused"]} if "reused" in result.extra else {}),
+        "scores_in_tiles_csv": EXACT,  # the table holds them exactly: a label-rule change can take them
         "thread_plan": result.extra.get("thread_plan"),
         "scheduler": result.scheduler,
         "device_requested": opts.device,

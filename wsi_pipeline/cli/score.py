@@ -257,11 +257,17 @@ def _result_line(slide: Path, out: Path, m: dict[str, Any], bars: _Bars) -> dict
             f"{slide.name}: already done ({m['label']['label']}); outputs in {out.parent} (use --overwrite)"
         )
         return m
+    reused = m.get("scores_reused")
+    how = (
+        f"scores of the run finished {reused.get('finished_at')} reused (only the label rule changed; "
+        "--overwrite scores again)"
+        if reused
+        else f"{m['tiles_per_s']:,.1f} tiles/s on {m['provider']}"
+    )
     bars.echo(
         f"{slide.name}: {m['label']['label'].upper()} ({pos} area {ev[f'{pos}_area_mm2']} mm^2, max p "
-        f"{ev['max_p']}{_ood_text(m)}), {m['n_tiles']} tiles in {m['seconds']:.1f} s, "
-        f"{m['tiles_per_s']:,.1f} tiles/s on "
-        f"{m['provider']} -> {', '.join(Path(v).name for v in m['outputs'].values())}"
+        f"{ev['max_p']}{_ood_text(m)}), {m['n_tiles']} tiles in {m['seconds']:.1f} s, {how} -> "
+        f"{', '.join(Path(v).name for v in m['outputs'].values())}"
     )
     ood = m["label"].get("ood")
     if ood and ood.get("warning"):

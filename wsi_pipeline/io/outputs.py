@@ -440,14 +440,25 @@ def write_compact_json(path: str | os.PathLike[str], obj: Any) -> Path:
 
 
 def write_tiles_csv(path: str | os.PathLike[str], columns: dict[str, np.ndarray]) -> Path:
-    """One row per tile; ``columns`` maps header -> (N,) values."""
+    """One row per tile; ``columns`` maps header -> (N,) values.
+
+    float32 columns (the model's probabilities and OOD distances) are written in the shortest form
+    that reads back as the same float32, so a later run can take the scores from the table exactly;
+    other floats to 6 significant digits."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     names = list(columns)
     w.writerow(names)
-    cols = [np.asarray(columns[n]) for n in names]
-    for row in zip(*cols, strict=True):
-        w.writerow([f"{v:.6g}" if isinstance(v, np.floating | float) else v for v in row])
+    cols: list[Any] = []
+    for n in names:
+        col = np.asarray(columns[n])
+        if col.dtype == np.float32:
+            cols.append(col.astype(str))  # numpy's shortest round-trip repr of each float32
+        elif col.dtype.kind == "f":
+            cols.append([f"{v:.6g}" for v in col.tolist()])
+        else:
+            cols.append(col.tolist())
+    w.writerows(zip(*cols, strict=True))
     return atomic_write_bytes(path, buf.getvalue().encode())
 
 

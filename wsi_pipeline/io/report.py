@@ -214,6 +214,7 @@ def slide_report_html(
                 ("read + normalize seconds (summed over workers)", t.get("read_normalize_s_summed")),
                 ("inference seconds (summed over workers)", t.get("inference_s_summed")),
                 ("provider", manifest.get("provider")),
+                *([("scores", _reused_text(reused))] if (reused := manifest.get("scores_reused")) else []),
                 ("precision", _precision(manifest.get("run") or {})),
                 ("scheduler", manifest.get("scheduler")),
                 ("slide um/px (source)", f"{res.get('mpp_x')} ({res.get('mpp_source')})"),
@@ -243,6 +244,19 @@ def slide_report_html(
         f"{_e(manifest.get('package_version'))}. Research use only: not for diagnosis.</footer>",
     ]
     return _page(f"{name}: {lab['label']}", "\n".join(parts))
+
+
+def _reused_text(reused: dict[str, Any]) -> str:
+    rule = _label_rule_text(reused.get("label") or {})
+    when = reused.get("finished_at")
+    return f"reused from the run finished {when} (only the label rule changed; it was {rule})"
+
+
+def _label_rule_text(rule: dict[str, Any]) -> str:
+    """``area, tile P >= 0.79, >= 0.1 mm^2`` / ``topk, mean of top 5 >= 0.79``: a label rule in words."""
+    if rule.get("rule") == "topk":
+        return f"topk, mean of top {rule.get('top_k')} >= {rule.get('topk_threshold')}"
+    return f"area, tile P >= {rule.get('tile_threshold')}, >= {rule.get('min_area_mm2')} mm^2"
 
 
 def _precision(run: dict[str, Any]) -> str | None:
