@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/wsi-infer info $(SAMPLE)
-	$(BIN)/wsi-infer $(SAMPLE) --out $(OUT)/CMU-1-Small-Region.tif --tiles-out $(OUT)/CMU-1-Small-Region.zarr
+	$(BIN)/wsi-infer $(SAMPLE) --out $(OUT)/CMU-1-Small-Region.tif --tiles-out $(OUT)/CMU-1-Small-Region.zarr --overwrite
 
 test: $(STAMP)
 	$(BIN)/pytest -q

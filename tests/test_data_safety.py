@@ -960,3 +960,36 @@ def test_a_moved_results_folder_links_its_own_reports_and_knows_its_own_outputs(
     png.write_bytes(png.read_bytes() + b"\0")  # changed since: not ours
     with pytest.raises(OutputError, match="was not written by wsi-pipeline"):
         refuse_foreign_files([png], manifest=res / "case1.run.json")
+
+
+def test_another_models_results_are_kept_unless_overwrite(
+    tumour_slide: Fixture, benign_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """Results of one model are not replaced by another model's run into the same folder (a model
+    upgrade, a lab's own model tried on the archive): that slide fails naming both models and the way
+    out, the folder run goes on; --overwrite replaces them."""
+    from conftest import write_test_model
+
+    other = write_test_model(tmp_path / "other", name="other-model", ood_d_ref=50.0)
+    src = tmp_path / "slides"
+    slide = _copy(tumour_slide, src / "case1.svs")
+    res = tmp_path / "res"
+    code, out = _invoke(str(slide), "--out", f"{res}/", "--model", str(test_model))
+    assert code == 0, out
+    before = {p.name: _sha(p) for p in res.iterdir()}
+    code, out = _invoke(str(slide), "--out", f"{res}/", "--model", str(other))
+    assert code == 6, out
+    assert f"{res / 'case1.run.json'}: holds the results of model colour-model test" in out
+    assert "not of other-model test" in out and "give another --out to keep both, or --overwrite" in out
+    assert {p.name: _sha(p) for p in res.iterdir()} == before  # nothing of them changed
+    # a folder run: that slide is reported, the new one is scored
+    _copy(benign_slide, src / "case2.svs")
+    code, out = _invoke(str(src), "--out", f"{res}/", "--model", str(other))
+    assert code == 1, out
+    rows = {Path(r["slide"]).name: r for r in csv.DictReader((res / "summary.csv").open())}
+    assert rows["case1.svs"]["status"] == "failed" and rows["case1.svs"]["error_code"] == "6"
+    assert rows["case2.svs"]["status"] == "ok"
+    assert all(_sha(res / name) == sha for name, sha in before.items())
+    code, out = _invoke(str(src), "--out", f"{res}/", "--model", str(other), "--overwrite")
+    assert code == 0, out
+    assert json.loads((res / "case1.run.json").read_text())["model"]["name"] == "other-model"

@@ -317,6 +317,8 @@ def _score_claimed(
     while this one waited: ``done_by_other_run`` in the manifest returned)."""
     tile_opts = opts.tile
     try:
+        if take_finished:
+            refuse_other_models_results(paths["manifest"], card)
         source = open_source(slide_p, tile_opts, opts.backend, picture_px=opts.overlay_px)
         asked_by = "the model card asks for" if opts.normalize_from_card else "you asked for"
         source.check_model(card, normalize=opts.tile.normalize, asked_by=asked_by)
@@ -398,6 +400,27 @@ def _score_claimed(
     result.extra["phases"] = phases
     return functools.partial(
         _write_outputs, paths, card, opts, params, result, source, t0, picture=picture, versions=versions
+    )
+
+
+def refuse_other_models_results(manifest: Path, card: ModelCard) -> None:
+    """Raise :class:`OutputError` when ``manifest`` records a finished run of another model than
+    ``card``'s: another model's results are another experiment (a pathologist may have reviewed them),
+    so they are replaced only on ``--overwrite``."""
+    import json
+
+    try:
+        data = json.loads(manifest.read_text())
+        sha = data["params"]["model_sha256"]
+        model = data.get("model") or {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if data.get("status") != "complete" or sha == card.sha256:
+        return
+    raise OutputError(
+        f"{manifest}: holds the results of model {model.get('name')} {model.get('version')} (sha256 "
+        f"{str(sha)[:12]}), not of {card.name} {card.version} ({card.sha256[:12]}) that this run uses; "
+        "they are kept: give another --out to keep both, or --overwrite to replace them"
     )
 
 
