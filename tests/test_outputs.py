@@ -273,9 +273,11 @@ def test_geojson_regions_are_measured_and_tiles_can_be_left_out() -> None:
         (f["properties"]["measurements"] for f in fc["features"] if f["properties"]["objectType"] == "annotation"),
         key=lambda m: -m["Tiles"],
     )  # fmt: skip
-    assert ann[0] == {"Area um^2": 5000.0, "Area mm^2": 0.005, "Mean P(tumour)": 0.75, "Max P(tumour)": 0.9,
-                      "Tiles": 2}  # fmt: skip
+    # Length: the greatest dimension, here the diagonal of the 200 x 100 px (100 x 50 um) outline
+    assert ann[0] == {"Area um^2": 5000.0, "Area mm^2": 0.005, "Length um": 111.8, "Mean P(tumour)": 0.75,
+                      "Max P(tumour)": 0.9, "Tiles": 2}  # fmt: skip
     assert ann[1]["Tiles"] == 1 and ann[1]["Max P(tumour)"] == 0.8 and ann[1]["Area um^2"] == 2500.0
+    assert ann[1]["Length um"] == 70.7
     assert sum(f["properties"]["objectType"] == "detection" for f in fc["features"]) == 4
     fc2 = geojson_features(
         boxes, probs, ("non-tumour", "tumour"), 1, tile_threshold=0.5, regions=regions, mpp_l0=0.5, tiles=False

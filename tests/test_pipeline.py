@@ -454,6 +454,12 @@ def test_cli_folder_with_corrupt_slide(
     assert "3 slides, 2 done, 1 failed" in r.stdout and "notes.svs" in r.stderr
     summary = {Path(row["slide"]).name: row for row in _tiles(out / "summary.csv")}
     assert summary["tumour.svs"]["label"] == "tumour" and summary["benign.svs"]["label"] == "no tumour"
+    assert (
+        int(summary["tumour.svs"]["regions"]) >= 1
+        and float(summary["tumour.svs"]["greatest_dimension_mm"]) > 0.6
+    )
+    assert summary["benign.svs"]["regions"] == "0"
+    assert "greatest dimension (mm)" in (out / "report.html").read_text()
     assert summary["notes.svs"]["status"] == "failed" and "cannot open" in summary["notes.svs"]["error"]
     assert not list(out.glob("notes*"))
     # Resume: finished slides are skipped, the bad one is reported again.
@@ -626,3 +632,29 @@ def test_the_first_slide_of_a_process_records_its_start_up(
     parts = ("process_start_to_imports_s", "imports_to_run_s", "setup_s", "plan_s", "scoring_s", "outputs_s")
     assert all(timings[k] >= 0 for k in parts)
     assert 0.5 * wall < sum(timings[k] for k in parts) <= wall + 0.02  # the phases account for the command
+
+
+def test_tumour_regions_are_measured_where_the_tumour_is(scored: dict, tumour_slide: Fixture) -> None:
+    """The label's evidence lists the tumour regions: the synthetic tumour ellipse (centre 2400, 1400;
+    semi-axes 700 x 550 px at 0.5 um/px, so 0.7 mm across) is the largest, found at its centre, with
+    its greatest dimension; the GeoJSON carries the same regions and lengths, the page a table."""
+    spec: SyntheticSpec = tumour_slide.spec
+    ellipse = spec.tumour[0]
+    regions = scored["manifest"]["label"]["evidence"]["regions"]
+    largest = regions["largest"][0]
+    tile_um = 224 * 0.5
+    cx, cy = largest["centre_l0"]
+    assert abs(cx - ellipse.cx) < tile_um and abs(cy - ellipse.cy) < tile_um  # level-0 px = um / 0.5
+    true_mm = 2 * ellipse.rx * spec.mpp / 1000
+    assert true_mm - 0.12 < largest["length_mm"] < true_mm + 2 * tile_um / 1000
+    assert regions["greatest_dimension_mm"] == max(r["length_mm"] for r in regions["largest"])
+    x0, y0, x1, y1 = largest["bbox_l0"]
+    assert x0 <= cx <= x1 and y0 <= cy <= y1
+    assert largest["tiles"] > 20 and largest["max_p"] >= largest["mean_p"] >= 0.5
+    gj = json.loads(scored["paths"]["geojson"].read_text())
+    outlines = [f for f in gj["features"] if f["properties"]["objectType"] == "annotation"]
+    assert len(outlines) == regions["count"] >= 1
+    lengths = sorted(f["properties"]["measurements"]["Length um"] for f in outlines)
+    assert lengths[-1] == pytest.approx(regions["greatest_dimension_mm"] * 1000, abs=1.0)
+    page = scored["paths"]["report"].read_text()
+    assert "<h2>Tumour regions</h2>" in page and f">{largest['length_mm']}<" in page

@@ -115,6 +115,71 @@ def slide_label(
     }
 
 
+def region_stats(
+    regions: Any, boxes_l0: np.ndarray, p_pos: np.ndarray, positive: np.ndarray
+) -> list[dict[str, Any]]:
+    """Per polygon of ``regions`` (level-0 px, in its order): ``area_px2``, the positive tiles whose
+    centre lies in it (``tiles``, ``mean_p``, ``max_p``; None without any), ``centre_l0`` (centroid),
+    ``bbox_l0`` (x0, y0, x1, y1) and ``length_px``, its longest dimension (the largest distance between
+    two points of its outline: the maximum Feret diameter)."""
+    import shapely
+
+    geoms = list(getattr(regions, "geoms", [regions])) if regions is not None and not regions.is_empty else []
+    if not geoms:
+        return []
+    b = np.asarray(boxes_l0, float)[np.asarray(positive, bool)]
+    p = np.asarray(p_pos, float)[np.asarray(positive, bool)]
+    owner = np.full(len(b), -1, np.int64)
+    if len(b):
+        pts = shapely.points((b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2)
+        pt_idx, geom_idx = shapely.STRtree(geoms).query(pts, predicate="within")
+        owner[pt_idx] = geom_idx
+    out = []
+    for i, g in enumerate(geoms):
+        sel = p[owner == i]
+        hull = np.asarray(shapely.get_coordinates(g.convex_hull), float)
+        d2 = ((hull[:, None, :] - hull[None, :, :]) ** 2).sum(-1) if len(hull) else np.zeros(1)
+        length = float(np.sqrt(d2.max()))
+        c = g.centroid
+        out.append({
+            "area_px2": float(g.area),
+            "tiles": len(sel),
+            "mean_p": float(sel.mean()) if len(sel) else None,
+            "max_p": float(sel.max()) if len(sel) else None,
+            "centre_l0": [float(c.x), float(c.y)],
+            "bbox_l0": [float(v) for v in g.bounds],
+            "length_px": length,
+        })  # fmt: skip
+    return out
+
+
+def region_evidence(stats: list[dict[str, Any]], mpp_l0: float, n_max: int = 20) -> dict[str, Any]:
+    """The tumour regions for the label's evidence (JSON-ready): their count, the largest one's area
+    (mm^2, the outline of its tiles), the greatest dimension of any (mm), and the ``n_max`` largest,
+    biggest first, with level-0 centre and bounding box to find them in a viewer."""
+    mm = mpp_l0 / 1000.0
+    ranked = sorted(stats, key=lambda r: (-r["area_px2"], -r["length_px"]))
+    rows = [
+        {
+            "rank": i + 1,
+            "area_mm2": round(r["area_px2"] * mm * mm, 4),
+            "length_mm": round(r["length_px"] * mm, 3),
+            "tiles": r["tiles"],
+            "mean_p": None if r["mean_p"] is None else round(r["mean_p"], 4),
+            "max_p": None if r["max_p"] is None else round(r["max_p"], 4),
+            "centre_l0": [round(v) for v in r["centre_l0"]],
+            "bbox_l0": [round(v) for v in r["bbox_l0"]],
+        }
+        for i, r in enumerate(ranked[:n_max])
+    ]
+    return {
+        "count": len(stats),
+        "largest_area_mm2": rows[0]["area_mm2"] if rows else 0.0,
+        "greatest_dimension_mm": round(max((r["length_px"] for r in stats), default=0.0) * mm, 3),
+        "largest": rows,
+    }
+
+
 def ood_summary(distances: np.ndarray | None, d_ref: float, warn_above: float = 1.0) -> dict[str, Any] | None:
     """Slide out-of-distribution score: median tile distance / ``d_ref`` (see ``models/ood.py``).
 

@@ -191,6 +191,8 @@ def result_row(manifest: dict[str, Any], out: Path, heatmap: Path | None = None)
         "status": _status(m), "label": m["label"]["label"],
         "positive": bool(m["label"]["positive"]), "positive_class": pos,
         "area_mm2": ev.get(f"{pos}_area_mm2"),
+        "regions": (ev.get("regions") or {}).get("count"),
+        "greatest_dimension_mm": (ev.get("regions") or {}).get("greatest_dimension_mm"),
         "n_tiles": m["n_tiles"], "max_p": ev["max_p"], "ood_score": ood.get("score"),
         "ood_warning": bool(ood.get("warning")),
         "pen_mm2": (m.get("tissue") or {}).get("pen_marks_mm2"),

@@ -27,6 +27,8 @@ from wsi_pipeline.aggregate import (
     heatmap_grid,
     ood_summary,
     pen_evidence,
+    region_evidence,
+    region_stats,
     slide_label,
     tile_area_mm2,
     tumour_regions,
@@ -493,6 +495,8 @@ def _write_outputs(
     label["ood"] = ood_summary(result.ood, card.ood_d_ref, card.ood_warn_above)
     boxes = grid.boxes_l0(colrow)
     regions = tumour_regions(boxes, p_pos >= opts.label.tile_p)
+    stats = region_stats(regions, boxes, p_pos, p_pos >= opts.label.tile_p)
+    label["evidence"]["regions"] = region_evidence(stats, mpp0)
     pen = None
     if (layout.records.get("tissue") or {}).get("pen_marks_mm2"):
         pen = _pen_ink(layout, opts.tile.tissue, boxes)

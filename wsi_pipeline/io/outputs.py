@@ -465,30 +465,20 @@ def write_tiles_csv(path: str | os.PathLike[str], columns: dict[str, np.ndarray]
 def region_measurements(
     regions: Any, boxes_l0: np.ndarray, p_pos: np.ndarray, positive: np.ndarray, *, mpp_l0: float, name: str
 ) -> list[dict[str, Any]]:
-    """Measurements of each region polygon (level-0 px): its area (um^2 and mm^2), and the number,
-    mean and max P of the positive tiles whose centre lies in it."""
-    import shapely
+    """QuPath measurements of each region polygon (level-0 px): its area (um^2 and mm^2), longest
+    dimension (um), and the number, mean and max P of the positive tiles whose centre lies in it."""
+    from wsi_pipeline.aggregate import region_stats
 
-    geoms = list(getattr(regions, "geoms", [regions])) if regions is not None and not regions.is_empty else []
-    if not geoms:
-        return []
-    b = np.asarray(boxes_l0, float)[np.asarray(positive, bool)]
-    p = np.asarray(p_pos, float)[np.asarray(positive, bool)]
-    owner = np.full(len(b), -1, np.int64)
-    if len(b):
-        pts = shapely.points((b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2)
-        pt_idx, geom_idx = shapely.STRtree(geoms).query(pts, predicate="within")
-        owner[pt_idx] = geom_idx
     out = []
-    for i, g in enumerate(geoms):
-        sel = p[owner == i]
-        um2 = float(g.area) * mpp_l0 * mpp_l0
+    for r in region_stats(regions, boxes_l0, p_pos, positive):
+        um2 = r["area_px2"] * mpp_l0 * mpp_l0
         out.append({
             "Area um^2": round(um2, 1),
             "Area mm^2": round(um2 / 1e6, 6),
-            f"Mean P({name})": round(float(sel.mean()), 5) if len(sel) else None,
-            f"Max P({name})": round(float(sel.max()), 5) if len(sel) else None,
-            "Tiles": len(sel),
+            "Length um": round(r["length_px"] * mpp_l0, 1),
+            f"Mean P({name})": None if r["mean_p"] is None else round(r["mean_p"], 5),
+            f"Max P({name})": None if r["max_p"] is None else round(r["max_p"], 5),
+            "Tiles": r["tiles"],
         })  # fmt: skip
     return out
 

@@ -158,6 +158,12 @@ def slide_report_html(
         ("max P", ev.get("max_p")),
         (f"mean P of the top {lab['rule'].get('top_k')}", ev.get("topk_mean_p")),
     ]
+    regions = ev.get("regions") or {}
+    if regions:
+        evidence.append((f"{pos} regions", regions.get("count")))
+        if regions.get("count"):
+            greatest = regions.get("greatest_dimension_mm")
+            evidence.append((f"greatest dimension of a {pos} region (mm)", greatest))
     if ood:
         evidence.append((f"OOD score (warns above {ood.get('warn_above', 1.0):g})", ood.get("score")))
     pen = (manifest.get("tissue") or {}).get("pen_marks_mm2")
@@ -191,6 +197,7 @@ def slide_report_html(
         f"{_e(lab['rule'].get('tile_threshold'))}). One heatmap cell = {cell_um} um.</figcaption></figure>",
         "</div>",
     ]
+    parts += _regions_table(regions, pos)
     tiles_html = []
     for img, info in top_tiles:
         tiles_html.append(
@@ -214,7 +221,7 @@ def slide_report_html(
                 ("read + normalize seconds (summed over workers)", t.get("read_normalize_s_summed")),
                 ("inference seconds (summed over workers)", t.get("inference_s_summed")),
                 ("provider", manifest.get("provider")),
-                *([("scores", _reused_text(reused))] if (reused := manifest.get("scores_reused")) else []),
+                *_reused_rows(manifest, pos),
                 ("precision", _precision(manifest.get("run") or {})),
                 ("scheduler", manifest.get("scheduler")),
                 ("slide um/px (source)", f"{res.get('mpp_x')} ({res.get('mpp_source')})"),
@@ -246,17 +253,43 @@ def slide_report_html(
     return _page(f"{name}: {lab['label']}", "\n".join(parts))
 
 
-def _reused_text(reused: dict[str, Any]) -> str:
-    rule = _label_rule_text(reused.get("label") or {})
+def _regions_table(regions: Mapping[str, Any], pos: str) -> list[str]:
+    """The slide page's table of its largest regions (none: nothing)."""
+    rows = regions.get("largest") or []
+    if not rows:
+        return []
+    more = regions.get("count", 0) - len(rows)
+    head = "".join(
+        f"<th>{_e(h)}</th>"
+        for h in ("#", "area (mm^2)", "greatest dimension (mm)", "tiles", "mean P", "max P", "centre x, y")
+    )
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td class=n>{_e(v)}</td>"
+            for v in (r["rank"], r["area_mm2"], r["length_mm"], r["tiles"], r["mean_p"], r["max_p"])
+        )
+        + f"<td>{_e(r['centre_l0'][0])}, {_e(r['centre_l0'][1])}</td></tr>"
+        for r in rows
+    )
+    note = f" The other {more} are in the GeoJSON and the ASAP XML." if more > 0 else ""
+    return [
+        f"<h2>{_e(pos.capitalize())} regions</h2><p>Largest first: each region is the outline of touching "
+        f"{_e(pos)} tiles (its area includes the tiles' whole squares); centre in level-0 slide pixels, "
+        f"to find it in a viewer.{note}</p>",
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+    ]
+
+
+def _reused_rows(manifest: Mapping[str, Any], positive: str) -> list[tuple[str, Any]]:
+    """The Run table's row saying the scores came from an earlier run (none when they did not)."""
+    reused = manifest.get("scores_reused")
+    if not reused:
+        return []
+    rule = _rule_text(reused.get("label") or {}, positive)
     when = reused.get("finished_at")
-    return f"reused from the run finished {when} (only the label rule changed; it was {rule})"
-
-
-def _label_rule_text(rule: dict[str, Any]) -> str:
-    """``area, tile P >= 0.79, >= 0.1 mm^2`` / ``topk, mean of top 5 >= 0.79``: a label rule in words."""
-    if rule.get("rule") == "topk":
-        return f"topk, mean of top {rule.get('top_k')} >= {rule.get('topk_threshold')}"
-    return f"area, tile P >= {rule.get('tile_threshold')}, >= {rule.get('min_area_mm2')} mm^2"
+    text = f"reused from the run finished {when} (only the label rule changed: it was the {rule})"
+    return [("scores", text)]
 
 
 def _precision(run: dict[str, Any]) -> str | None:
@@ -292,6 +325,8 @@ def write_slide_report(
 FOLDER_COLUMNS = (
     ("label", "label", False),
     ("area_mm2", "{positive} area (mm^2)", True),
+    ("regions", "{positive} regions", True),
+    ("greatest_dimension_mm", "greatest dimension (mm)", True),
     ("max_p", "max P", True),
     ("ood_score", "OOD score", True),
     ("pen_mm2", "pen ink (mm^2)", True),
