@@ -153,6 +153,7 @@ def main() -> None:
             "false_positive_mm2": res["false_positive_mm2"],
             "tile_auc": res["auc"],
             "tile_dice": res["tile"]["dice"],
+            "lesions": res["lesions"],
             "label_truth": res["slide_truth_positive"],
             "label_pred": res["slide_predicted_positive"],
             "label_correct": res["slide_label_correct"],
@@ -167,7 +168,9 @@ def main() -> None:
             f"{row['exclusions']} excl; {row['tiles']} tiles, truth {row['truth_tiles']} pred "
             f"{row['pred_tiles']}; Dice {fmt(row['dice'])} (cell {fmt(row['cell_dice'])}) prec "
             f"{fmt(row['precision'])} rec {fmt(row['recall'])} FP {fmt(row['false_positive_mm2'], 4)} mm^2 "
-            f"cell spec {fmt(row['cell_specificity'])} tileAUC {fmt(row['tile_auc'])}; "
+            f"cell spec {fmt(row['cell_specificity'])} tileAUC {fmt(row['tile_auc'])}; foci found "
+            f"{row['lesions']['found']}/{row['lesions']['lesions']}, FP regions "
+            f"{row['lesions']['false_positive_regions']}; "
             f"label {row['label_pred']} (truth {row['label_truth']}); write {row['write_s']} s, "
             f"run {row['run_s']} s, eval {row['eval_s']} s",
             flush=True,
@@ -189,12 +192,15 @@ def main() -> None:
         "cpus": os.cpu_count(),
     }  # fmt: skip
     d, c, a, b = summary["dice"], summary["cell_dice"], summary["auc"], summary["benign"]
+    les = summary["lesions"]
     print(
         f"mean Dice (area-exact) {fmt(d['mean'], 4)} (sd {fmt(d['sd'], 4)}, n {d['n']} slides with tumour); "
         f"cell Dice {fmt(c['mean'], 4)} (sd {fmt(c['sd'], 4)}); benign slides {b['n']}: "
         f"{b['called_tumour']} called tumour, FP area max {fmt(b['false_positive_mm2']['max'], 4)} mm^2; "
         f"tile AUC mean {fmt(a['mean'], 4)} (sd {fmt(a['sd'], 4)}, n {a['n']}), pooled "
-        f"{fmt(out['pooled_tile_auc'], 4)} over {out['pooled_tiles']} tiles; slide labels "
+        f"{fmt(out['pooled_tile_auc'], 4)} over {out['pooled_tiles']} tiles; tumour foci found "
+        f"{les['found']} of {les['n']}, false-positive regions {les['false_positive_regions_per_slide']} per "
+        f"slide; slide labels "
         f"{summary['slide_label_accuracy']}; total {out['seconds_total']} s"
     )
     (args.work / "bench_evaluate.json").write_text(json.dumps(out, indent=2))

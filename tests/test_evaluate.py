@@ -808,3 +808,32 @@ def test_a_damaged_overlay_leaves_the_evaluation_page_without_its_picture(runs: 
     code, out = _invoke(str(copy / "tumour.heatmap.run.json"), "--annotations",
                         str(copy / "annotations" / "tumour.xml"), "--out", f"{tmp_path}/m/")  # fmt: skip
     assert code == 0 and (tmp_path / "m" / "metrics.html").is_file(), out
+
+
+def test_lesion_level_detection_counts_found_missed_and_false_positive_regions(tmp_path: Path) -> None:
+    """Three annotated foci: one overlapped by a predicted region (found), one with no prediction and
+    one a predicted cell only touches along an edge (both missed: a shared edge has no area); two
+    predicted regions overlap no focus (false-positive regions)."""
+    probs = np.full((10, 12), 0.1)
+    probs[1:3, 1:3] = 0.9  # region A over focus 1
+    probs[6, 8:10] = 0.9  # region B: nothing annotated there
+    probs[8, 1] = 0.9  # region C: x 100-200, touching focus 3 (x 200-300) along x = 200
+    run = _fake_run(tmp_path / "results", "case1", probs)
+    foci = [box(120, 120, 280, 280), box(500, 100, 600, 200), box(200, 800, 300, 900)]
+    ann = write_asap_xml(
+        tmp_path / "ann" / "case1.xml", [("Tumor", list(f.exterior.coords)[:-1]) for f in foci]
+    )
+    r = evaluate_slide(run, ann)
+    assert r["lesions"] == {"lesions": 3, "found": 1, "sensitivity": pytest.approx(1 / 3),
+                            "predicted_regions": 3, "false_positive_regions": 2}  # fmt: skip
+    s = summarize([r, evaluate_slide(_fake_run(tmp_path / "results", "case2", np.full((4, 4), 0.1)), None)])
+    assert s["lesions"] == {"n": 3, "found": 1, "sensitivity": 0.3333, "false_positive_regions": 2,
+                            "false_positive_regions_per_slide": 1.0, "n_slides": 2}  # fmt: skip
+    code, out = _invoke(str(tmp_path / "results" / "case1.run.json"), "-a", str(ann),
+                        "-o", str(tmp_path / "m" / "metrics.json"))  # fmt: skip
+    assert code == 0, out
+    assert "tumour foci found 1 of 3, false-positive regions 2 per slide" in out
+    row = next(csv.DictReader((tmp_path / "m" / "metrics.csv").open()))
+    assert (row["lesions"], row["lesions_found"], row["false_positive_regions"]) == ("3", "1", "2")
+    page = (tmp_path / "m" / "metrics.html").read_text()
+    assert "foci found" in page and "false-positive regions" in page

@@ -105,8 +105,8 @@ def evaluate(
         }
         notes = [f"{Path(s).name}: no annotation file (not scored)" for s in res["unannotated"]]
         notes += [e["error"] for e in res["errors"]]
-        write_evaluation_report(page_path, res["slides"], pictures, summary=format_summary(res["summary"]),
-                                notes=notes)  # fmt: skip
+        write_evaluation_report(page_path, csv_rows(res["slides"]), pictures,
+                                summary=format_summary(res["summary"]), notes=notes)  # fmt: skip
         click.echo(f"{format_summary(res['summary'])} -> {out_p}, {csv_path}, {page_path}")
         for sl in res["unannotated"]:
             click.echo(f"  no annotation file for {sl} (not scored)", err=True)

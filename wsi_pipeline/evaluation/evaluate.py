@@ -38,7 +38,13 @@ import numpy as np
 
 from wsi_pipeline.errors import AnnotationError, WsiError
 from wsi_pipeline.evaluation.annotations import Annotations, GroupMapping, read_annotations
-from wsi_pipeline.evaluation.metrics import binary_metrics, is_undefined, overlap_ratios, roc_auc
+from wsi_pipeline.evaluation.metrics import (
+    binary_metrics,
+    is_undefined,
+    lesion_detection,
+    overlap_ratios,
+    roc_auc,
+)
 from wsi_pipeline.provenance import strict_json
 
 ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
@@ -206,6 +212,17 @@ def truth_picture(
     return np.asarray(img)
 
 
+def predicted_regions(pred: np.ndarray, cell_l0_px: float, origin_l0: float) -> Any:
+    """The union of the heatmap cells called tumour (``pred`` (rows, cols) bool) as shapely polygons in
+    level-0 px: the regions whose outlines the run drew, at this threshold."""
+    from wsi_pipeline.aggregate import tumour_regions
+
+    rows, cols = np.nonzero(np.asarray(pred, bool))
+    x0, y0 = origin_l0 + cols * cell_l0_px, origin_l0 + rows * cell_l0_px
+    boxes = np.stack([x0, y0, x0 + cell_l0_px, y0 + cell_l0_px], axis=1)
+    return tumour_regions(boxes, np.ones(len(boxes), bool))
+
+
 def evaluate_slide(
     manifest_path: str | os.PathLike[str],
     annotation_path: str | os.PathLike[str] | None,
@@ -254,6 +271,7 @@ def evaluate_slide(
     area = area_overlap(pred, truth_frac, float(tumour.area), cell)
     exact = overlap_ratios(area["tp"], area["fp"], area["fn"])
     cells = evaluate_grid(canvas, truth_frac, threshold=threshold, truth_min_fraction=truth_min_fraction)
+    lesions = lesion_detection(tumour, predicted_regions(pred, cell, origin))
     # Tile level: the scored tiles only.
     if len(p):
         w = tiles["width_l0"]
@@ -280,6 +298,7 @@ def evaluate_slide(
         "truth_min_fraction": truth_min_fraction,
         **exact,  # the headline: area-exact dice, precision, recall
         "cell_dice": cells["dice"],
+        "lesions": lesions,
         "area_mm2": area_mm2,
         "area_l0_px2": {k: round(v, 3) for k, v in area.items()},
         "false_positive_mm2": area_mm2["fp"],
@@ -331,6 +350,18 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for k in ("dice", "precision", "recall", "cell_dice"):
         out[k] = _stat([r.get(k) for r in tumour])
     out["auc"] = _stat([r.get("auc") for r in results])
+    les = [r["lesions"] for r in results if isinstance(r.get("lesions"), dict)]
+    n_les, found = sum(x["lesions"] for x in les), sum(x["found"] for x in les)
+    out["lesions"] = {
+        "n": n_les,
+        "found": found,
+        "sensitivity": round(found / n_les, 4) if n_les else None,  # pooled over the slides' lesions
+        "false_positive_regions": sum(x["false_positive_regions"] for x in les),
+        "false_positive_regions_per_slide": (
+            round(sum(x["false_positive_regions"] for x in les) / len(les), 4) if les else None
+        ),
+        "n_slides": len(les),
+    }
     out["thresholds"] = sorted({float(r["threshold"]) for r in results if r.get("threshold") is not None})
     correct = [bool(r["slide_label_correct"]) for r in results]
     out["slide_label_accuracy"] = round(sum(correct) / len(correct), 4) if correct else None
@@ -366,18 +397,26 @@ def format_summary(summary: dict[str, Any]) -> str:
         if b["n"] and fp["mean"] is not None
         else f"{b['n']} benign: {b['called_tumour']} called tumour"
     )
+    les = s.get("lesions") or {}
+    lesions = (
+        f"tumour foci found {les['found']} of {les['n']}, false-positive regions "
+        f"{les['false_positive_regions_per_slide']:g} per slide; "
+        if les.get("n_slides")
+        else ""
+    )
     thresholds = s.get("thresholds") or []
     at = " at P >= " + "/".join(f"{t:g}" for t in thresholds) if thresholds else ""
     return (
         f"{s['n_slides']} slides scored{at}; {s['n_tumour_slides']} with tumour: Dice {f(s['dice'])} "
         f"(area-exact; cell Dice {f(s['cell_dice'])}), precision {f(s['precision'])}, recall "
-        f"{f(s['recall'])}, tile AUC {f(s['auc'])}; {benign}; slide labels correct: "
+        f"{f(s['recall'])}, tile AUC {f(s['auc'])}; {lesions}{benign}; slide labels correct: "
         f"{s.get('slide_labels_correct', '?')} of {s['n_slides']}"
     )
 
 
 CSV_COLUMNS = ("slide", "truth", "dice", "precision", "recall", "cell_dice", "truth_mm2", "predicted_mm2",
-               "false_positive_mm2", "auc", "slide_label", "slide_truth_positive",
+               "false_positive_mm2", "auc", "lesions", "lesions_found", "false_positive_regions",
+               "slide_label", "slide_truth_positive",
                "slide_predicted_positive", "slide_label_correct", "annotation", "threshold")  # fmt: skip
 
 
@@ -385,7 +424,10 @@ def csv_rows(slides: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One flat row per slide for ``metrics.csv`` (columns :data:`CSV_COLUMNS`)."""
     return [
         {**r, "truth_mm2": (r.get("area_mm2") or {}).get("truth"),
-         "predicted_mm2": (r.get("area_mm2") or {}).get("predicted")}
+         "predicted_mm2": (r.get("area_mm2") or {}).get("predicted"),
+         "lesions": (r.get("lesions") or {}).get("lesions"),
+         "lesions_found": (r.get("lesions") or {}).get("found"),
+         "false_positive_regions": (r.get("lesions") or {}).get("false_positive_regions")}
         for r in slides
     ]  # fmt: skip
 

@@ -149,6 +149,40 @@ def classification_metrics(
     }
 
 
+def lesion_detection(truth: Any, predicted: Any) -> dict[str, Any]:
+    """Lesion-level detection between two shapely geometries in one frame (level-0 px).
+
+    Each polygon of ``truth`` (an annotated tumour focus) is *found* when a polygon of ``predicted``
+    (a predicted tumour region) overlaps it with a positive area; each predicted polygon that overlaps
+    no truth polygon is a *false-positive region*. Returns ``lesions``, ``found``, ``sensitivity``
+    (found / lesions; undefined, nan, without lesions), ``predicted_regions`` and
+    ``false_positive_regions``.
+    """
+    import shapely
+
+    def parts(g: Any) -> list[Any]:
+        if g is None or g.is_empty:
+            return []
+        return [p for p in getattr(g, "geoms", [g]) if p.area > 0]
+
+    lesions, regions = parts(truth), parts(predicted)
+    found = np.zeros(len(lesions), bool)
+    matched = np.zeros(len(regions), bool)
+    if lesions and regions:
+        li, ri = shapely.STRtree(regions).query(lesions, predicate="intersects")
+        for a, b in zip(li.tolist(), ri.tolist(), strict=True):
+            if lesions[a].intersection(regions[b]).area > 0:
+                found[a] = matched[b] = True
+    n = len(lesions)
+    return {
+        "lesions": n,
+        "found": int(found.sum()),
+        "sensitivity": ratio(float(found.sum()), float(n)),
+        "predicted_regions": len(regions),
+        "false_positive_regions": int((~matched).sum()),
+    }
+
+
 def is_undefined(value: Any) -> bool:
     """True for ``None`` (an undefined value read back from JSON) and for ``nan``."""
     return value is None or (isinstance(value, float) and math.isnan(value))

@@ -437,6 +437,9 @@ EVALUATION_COLUMNS = (
     ("truth_area_mm2", "truth (mm^2)", True),
     ("false_positive_mm2", "false positive (mm^2)", True),
     ("auc", "tile AUC", True),
+    ("lesions", "tumour foci", True),
+    ("lesions_found", "foci found", True),
+    ("false_positive_regions", "false-positive regions", True),
     ("slide_label", "slide label", False),
     ("slide_label_correct", "label correct", False),
 )
@@ -474,7 +477,9 @@ def evaluation_report_html(
         "<p>Pictures: the run's overlay (colour: P(tumour); black outlines: the model's tumour regions at "
         "the run's threshold) with the expert's annotated tumour outlined in cyan. Dice, precision and "
         "recall are area-exact (the ACDC@LUNGHP metric); empty where undefined (no tumour in truth nor "
-        "prediction). Click a column header to sort.</p>",
+        "prediction). A tumour focus (an annotated polygon) is found when a predicted region overlaps it; "
+        "a predicted region that overlaps none is a false-positive region. Click a column header to "
+        "sort.</p>",
         f'<table class="sortable" id="slides"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>",
         *(f'<p class="warn">{_e(n)}</p>' for n in notes),
