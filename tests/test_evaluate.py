@@ -35,6 +35,7 @@ from wsi_pipeline.evaluation.evaluate import (
     evaluate_runs,
     evaluate_slide,
     find_runs,
+    format_summary,
     rasterize_fraction,
     summarize,
 )
@@ -828,7 +829,8 @@ def test_lesion_level_detection_counts_found_missed_and_false_positive_regions(t
                             "predicted_regions": 3, "false_positive_regions": 2}  # fmt: skip
     s = summarize([r, evaluate_slide(_fake_run(tmp_path / "results", "case2", np.full((4, 4), 0.1)), None)])
     assert s["lesions"] == {"n": 3, "found": 1, "sensitivity": 0.3333, "false_positive_regions": 2,
-                            "false_positive_regions_per_slide": 1.0, "n_slides": 2}  # fmt: skip
+                            "false_positive_regions_per_slide": 1.0, "n_slides": 2,
+                            "sensitivity_ci95": [0.3333, 0.3333]}  # fmt: skip
     code, out = _invoke(str(tmp_path / "results" / "case1.run.json"), "-a", str(ann),
                         "-o", str(tmp_path / "m" / "metrics.json"))  # fmt: skip
     assert code == 0, out
@@ -837,3 +839,28 @@ def test_lesion_level_detection_counts_found_missed_and_false_positive_regions(t
     assert (row["lesions"], row["lesions_found"], row["false_positive_regions"]) == ("3", "1", "2")
     page = (tmp_path / "m" / "metrics.html").read_text()
     assert "foci found" in page and "false-positive regions" in page
+
+
+def test_summary_gives_slide_level_sensitivity_and_specificity_with_intervals() -> None:
+    """A validation's figures: tumour slides called tumour and benign slides called benign, each with
+    its Wilson 95 % interval, and the mean Dice with a bootstrap interval over slides."""
+    rows = [
+        {"slide_truth_positive": True, "slide_predicted_positive": i < 9, "slide_label_correct": i < 9,
+         "dice": 0.8 + 0.01 * i, "threshold": 0.5}
+        for i in range(10)
+    ] + [
+        {"slide_truth_positive": False, "slide_predicted_positive": i == 0, "slide_label_correct": i != 0,
+         "false_positive_mm2": 0.0, "threshold": 0.5}
+        for i in range(5)
+    ]  # fmt: skip
+    s = summarize(rows)
+    sens, spec = s["slide_level"]["sensitivity"], s["slide_level"]["specificity"]
+    assert (sens["k"], sens["n"], sens["value"]) == (9, 10, 0.9)
+    assert sens["ci95"] == [pytest.approx(0.5958, abs=1e-4), pytest.approx(0.9821, abs=1e-4)]
+    assert (spec["k"], spec["n"]) == (4, 5) and spec["ci95"][0] == pytest.approx(0.3755, abs=1e-4)
+    lo, hi = s["dice"]["ci95"]
+    assert lo < s["dice"]["mean"] < hi and lo >= 0.8 and hi <= 0.89
+    line = format_summary(s)
+    assert "tumour slides called tumour 9 of 10, 95% CI 0.60-0.98" in line
+    assert "benign slides called no tumour 4 of 5, 95% CI 0.38-0.96" in line
+    assert "(95% CI " in line.split("Dice", 1)[1].split("cell")[0]

@@ -90,3 +90,23 @@ def test_undefined_values_are_null_when_written_and_skipped_by_summaries() -> No
     assert s["dice"]["mean"] == 0.6 and s["dice"]["n"] == 2
     assert s["auc"]["mean"] == 0.9 and s["auc"]["n"] == 1 and s["auc"]["sd"] is None
     assert s["precision"] == {"mean": None, "sd": None, "n": 0}
+
+
+def test_wilson_interval_matches_published_values_and_stays_in_range() -> None:
+    from wsi_pipeline.evaluation.metrics import wilson_interval
+
+    assert wilson_interval(5, 10) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    lo, hi = wilson_interval(10, 10)  # every slide right: the interval is not [1, 1]
+    assert lo == pytest.approx(0.7225, abs=1e-4) and hi == pytest.approx(1.0)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_bootstrap_interval_is_reproducible_and_covers_the_mean() -> None:
+    from wsi_pipeline.evaluation.metrics import bootstrap_interval
+
+    v = np.random.default_rng(1).normal(0.8, 0.05, 40)
+    a, b = bootstrap_interval(v), bootstrap_interval(v)
+    assert a == b and a[0] < v.mean() < a[1]
+    assert a[1] - a[0] == pytest.approx(2 * 1.96 * v.std() / np.sqrt(40), rel=0.25)
+    assert all(math.isnan(x) for x in bootstrap_interval([0.5]))

@@ -40,10 +40,12 @@ from wsi_pipeline.errors import AnnotationError, WsiError
 from wsi_pipeline.evaluation.annotations import Annotations, GroupMapping, read_annotations
 from wsi_pipeline.evaluation.metrics import (
     binary_metrics,
+    bootstrap_interval,
     is_undefined,
     lesion_detection,
     overlap_ratios,
     roc_auc,
+    wilson_interval,
 )
 from wsi_pipeline.provenance import strict_json
 
@@ -334,6 +336,14 @@ def _stat(values: Sequence[Any]) -> dict[str, Any]:
     }
 
 
+def _rounded(interval: tuple[float, float]) -> list[float | None]:
+    return [None if is_undefined(v) else round(v, 4) for v in interval]
+
+
+def _proportion(k: int, n: int) -> dict[str, Any]:
+    return {"k": k, "n": n, "value": round(k / n, 4) if n else None, "ci95": _rounded(wilson_interval(k, n))}
+
+
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Summary across slides: tumour slides and benign slides apart.
 
@@ -349,6 +359,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
                            "n_benign_slides": len(benign)}  # fmt: skip
     for k in ("dice", "precision", "recall", "cell_dice"):
         out[k] = _stat([r.get(k) for r in tumour])
+    dice = [float(r["dice"]) for r in tumour if not is_undefined(r.get("dice"))]
+    out["dice"]["ci95"] = _rounded(bootstrap_interval(dice))  # over slides: a validation's spread
     out["auc"] = _stat([r.get("auc") for r in results])
     les = [r["lesions"] for r in results if isinstance(r.get("lesions"), dict)]
     n_les, found = sum(x["lesions"] for x in les), sum(x["found"] for x in les)
@@ -361,11 +373,25 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
             round(sum(x["false_positive_regions"] for x in les) / len(les), 4) if les else None
         ),
         "n_slides": len(les),
+        # resampling slides, not foci: foci of one slide are not independent
+        "sensitivity_ci95": _rounded(
+            bootstrap_interval(
+                [(x["found"], x["lesions"]) for x in les],
+                lambda a: a[:, 0].sum() / a[:, 1].sum() if a[:, 1].sum() else math.nan,
+            )
+        ),
     }
     out["thresholds"] = sorted({float(r["threshold"]) for r in results if r.get("threshold") is not None})
     correct = [bool(r["slide_label_correct"]) for r in results]
     out["slide_label_accuracy"] = round(sum(correct) / len(correct), 4) if correct else None
     out["slide_labels_correct"] = sum(correct)
+    called = [bool(r.get("slide_predicted_positive")) for r in tumour]
+    cleared = [not r.get("slide_predicted_positive") for r in benign]
+    out["slide_level"] = {  # the figures a lab's validation reports, with Wilson 95 % intervals
+        "sensitivity": _proportion(sum(called), len(called)),  # tumour slides called tumour
+        "specificity": _proportion(sum(cleared), len(cleared)),  # benign slides called no tumour
+        "accuracy": _proportion(sum(correct), len(correct)),
+    }
     fp = [float(r["false_positive_mm2"]) for r in benign if not is_undefined(r.get("false_positive_mm2"))]
     out["benign"] = {
         "n": len(benign),
@@ -387,7 +413,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     def f(v: dict[str, Any]) -> str:
         if v["mean"] is None:
             return "n/a"
-        return f"{v['mean']:.3f}" + (f" +/- {v['sd']:.3f}" if v["sd"] else "")
+        ci = v.get("ci95") or [None, None]
+        return (
+            f"{v['mean']:.3f}"
+            + (f" +/- {v['sd']:.3f}" if v["sd"] else "")
+            + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci[0] is not None else "")
+        )
 
     s, b = summary, summary["benign"]
     fp = b["false_positive_mm2"]
@@ -410,8 +441,30 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{s['n_slides']} slides scored{at}; {s['n_tumour_slides']} with tumour: Dice {f(s['dice'])} "
         f"(area-exact; cell Dice {f(s['cell_dice'])}), precision {f(s['precision'])}, recall "
         f"{f(s['recall'])}, tile AUC {f(s['auc'])}; {lesions}{benign}; slide labels correct: "
-        f"{s.get('slide_labels_correct', '?')} of {s['n_slides']}"
+        f"{s.get('slide_labels_correct', '?')} of {s['n_slides']}{_slide_level_text(s)}"
     )
+
+
+def _slide_level_text(summary: dict[str, Any]) -> str:
+    """`` (tumour slides called tumour 9 of 10, 95% CI 0.60-0.98; ...)`` from the summary's
+    ``slide_level`` (nothing for a summary without it)."""
+
+    def one(what: str, p: dict[str, Any] | None) -> str | None:
+        if not p or not p.get("n"):
+            return None
+        lo, hi = p["ci95"]
+        return f"{what} {p['k']} of {p['n']}, 95% CI {lo:.2f}-{hi:.2f}"
+
+    sl = summary.get("slide_level") or {}
+    parts = [
+        x
+        for x in (
+            one("tumour slides called tumour", sl.get("sensitivity")),
+            one("benign slides called no tumour", sl.get("specificity")),
+        )
+        if x
+    ]
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 CSV_COLUMNS = ("slide", "truth", "dice", "precision", "recall", "cell_dice", "truth_mm2", "predicted_mm2",

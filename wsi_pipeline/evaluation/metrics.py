@@ -183,6 +183,35 @@ def lesion_detection(truth: Any, predicted: Any) -> dict[str, Any]:
     }
 
 
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval (95 % by default) of the proportion ``k`` of ``n``; undefined (nan) for
+    ``n`` 0. Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or n of n,
+    which small validation sets (every slide called right) hit."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap_interval(
+    values: npt.ArrayLike, stat: Any = np.mean, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of ``stat`` over the rows of ``values`` (resampled with
+    replacement, ``seed`` fixed so a report is reproducible); undefined (nan) for fewer than 2 rows.
+    ``stat`` takes the resampled array (rows in its first axis) and returns a number."""
+    v = np.asarray(values, np.float64)
+    if len(v) < 2:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    draws = np.array([stat(v[rng.integers(0, len(v), len(v))]) for _ in range(n_boot)], np.float64)
+    draws = draws[~np.isnan(draws)]
+    if not len(draws):
+        return (math.nan, math.nan)
+    return (float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)))
+
+
 def is_undefined(value: Any) -> bool:
     """True for ``None`` (an undefined value read back from JSON) and for ``nan``."""
     return value is None or (isinstance(value, float) and math.isnan(value))
