@@ -79,12 +79,17 @@ def test_label_rule_change_reuses_scores_and_equals_a_scoring_run(
         assert run_slide(tumour_slide.path, out, model=test_model, options=_threshold(t))["skipped"]
 
 
+def _finished(tumour_slide: Fixture, test_model: Path, tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    """A finished run of the tumour slide at the card's threshold: its heatmap path and outputs."""
+    out = tmp_path / "s.tif"
+    run_slide(tumour_slide.path, out, model=test_model, options=OPTS)
+    return out, output_paths(out)
+
+
 def test_scores_are_not_reused_when_more_than_the_label_changed_or_the_table_did(
     tumour_slide: Fixture, test_model: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "s.tif"
-    paths = output_paths(out)
-    run_slide(tumour_slide.path, out, model=test_model, options=OPTS)
+    out, paths = _finished(tumour_slide, test_model, tmp_path)
     # the tiling changed too (tissue threshold): scored again
     tissue = replace(OPTS.tile, tissue=replace(OPTS.tile.tissue, min_tissue_um2=20_000.0))
     m = run_slide(tumour_slide.path, out, model=test_model, options=replace(_threshold(0.6), tile=tissue))
@@ -109,9 +114,7 @@ def test_scores_are_not_reused_when_more_than_the_label_changed_or_the_table_did
 def test_a_table_that_does_not_hold_the_plans_tiles_is_scored_again(
     tumour_slide: Fixture, test_model: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "s.tif"
-    paths = output_paths(out)
-    run_slide(tumour_slide.path, out, model=test_model, options=OPTS)
+    out, paths = _finished(tumour_slide, test_model, tmp_path)
     rows = list(csv.reader(paths["tiles_csv"].open()))
     rows[1][0] = str(float(rows[1][0]) + 100)  # one tile moved: not this plan's table
     with paths["tiles_csv"].open("w", newline="") as fh:
@@ -150,8 +153,7 @@ def test_folder_rerun_with_a_new_threshold_relabels_every_slide_without_scoring(
 
 def test_store_scoring_is_unchanged_by_reuse(tumour_slide: Fixture, test_model: Path, tmp_path: Path) -> None:
     """--tiles-out writes its store: a label change with it scores again rather than skip the store."""
-    out = tmp_path / "s.tif"
-    run_slide(tumour_slide.path, out, model=test_model, options=OPTS)
+    out, _ = _finished(tumour_slide, test_model, tmp_path)
     store = tmp_path / "s.zarr"
     opts = replace(_threshold(0.6), tiles_out=store, tile=TileOptions())
     m = run_slide(tumour_slide.path, out, model=test_model, options=opts)
