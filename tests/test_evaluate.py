@@ -864,3 +864,55 @@ def test_summary_gives_slide_level_sensitivity_and_specificity_with_intervals() 
     assert "tumour slides called tumour 9 of 10, 95% CI 0.60-0.98" in line
     assert "benign slides called no tumour 4 of 5, 95% CI 0.38-0.96" in line
     assert "(95% CI " in line.split("Dice", 1)[1].split("cell")[0]
+
+
+def test_sweep_gives_operating_points_consistent_with_the_runs(runs: Path, tmp_path: Path) -> None:
+    """--sweep scores every run at thresholds 0.05-0.95 and its own: the row at the runs' own
+    threshold equals the plain summary, each slide label recomputed there is the one the run recorded,
+    and slide sensitivity falls / specificity rises with the threshold."""
+    from wsi_pipeline.evaluation.evaluate import label_at, load_case
+
+    for stem in ("tumour", "benign"):
+        case = load_case(
+            output_paths(runs / f"{stem}.heatmap.tif")["manifest"], runs / "annotations" / f"{stem}.xml"
+        )
+        assert label_at(case, 0.5) == case.m["label"]["positive"]  # the run's own threshold and rule
+    out = tmp_path / "m" / "metrics.json"
+    r = CliRunner().invoke(
+        main, ["evaluate", str(runs), "-a", str(runs / "annotations"), "-o", str(out), "--sweep"]
+    )
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(out.read_text())
+    points = {p["threshold"]: p for p in data["sweep"]}
+    assert set(points) == {round(0.05 * i, 2) for i in range(1, 20)}  # 0.5, the runs' own, is one of them
+    own = points[0.5]
+    assert own["dice"] == data["summary"]["dice"]["mean"]
+    assert own["slide_sensitivity"] == data["summary"]["slide_level"]["sensitivity"]["value"] == 1.0
+    assert own["slide_specificity"] == 1.0 and own["foci_found"] == own["foci"] == 1
+    ordered = [points[t] for t in sorted(points)]
+    sens = [p["slide_sensitivity"] for p in ordered]
+    spec = [p["slide_specificity"] for p in ordered]
+    assert sens == sorted(sens, reverse=True) and spec == sorted(spec)
+    assert points[0.05]["false_positive_regions_per_slide"] >= own["false_positive_regions_per_slide"]
+    rows = list(csv.DictReader(out.with_suffix(".sweep.csv").open()))
+    assert len(rows) == 19 and float(rows[9]["threshold"]) == 0.5
+    assert "Operating points" in out.with_suffix(".html").read_text()
+
+
+def test_a_given_threshold_recomputes_the_slide_label(tmp_path: Path) -> None:
+    """--threshold P scores the slide label by the run's rule at P, not the label the run recorded at
+    its own threshold."""
+    probs = np.full((10, 10), 0.1)
+    probs[2:6, 2:6] = 0.6  # 16 cells of 100 px at 0.5 um/px: 0.04 mm^2
+    probs[2:4, 2:4] = 0.95  # 0.01 mm^2
+    run = _fake_run(tmp_path / "results", "case1", probs)
+    manifest = json.loads(run.read_text())
+    manifest["label"]["rule"] = {"rule": "area", "tile_threshold": 0.5, "min_area_mm2": 0.02, "top_k": 5,
+                                 "topk_threshold": 0.5}  # fmt: skip
+    run.write_text(json.dumps(manifest))
+    ann = _asap_file(tmp_path / "ann" / "case1.xml", box(200, 200, 600, 600))
+    assert evaluate_slide(run, ann)["slide_predicted_positive"]  # the run's own: 0.04 mm^2 >= 0.02
+    r = evaluate_slide(run, ann, threshold=0.9)  # only 0.01 mm^2 at 0.9
+    assert (
+        not r["slide_predicted_positive"] and r["slide_label"] == "no tumour" and not r["slide_label_correct"]
+    )

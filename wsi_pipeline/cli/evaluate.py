@@ -56,6 +56,12 @@ from wsi_pipeline.errors import UsageError
     multiple=True,
     help="Groups cut out as non-tumour [default: _2, Exclusion, normal, ...].",
 )
+@click.option(
+    "--sweep",
+    is_flag=True,
+    help="Also score every run at thresholds 0.05-0.95 (and its own): operating points (mean Dice, foci "
+    "found, false-positive regions, slide-level sensitivity/specificity) in NAME.sweep.csv and the page.",
+)
 def evaluate(
     results: Path,
     annotations: Path,
@@ -64,6 +70,7 @@ def evaluate(
     truth_fraction: float,
     positive_group: tuple[str, ...],
     exclusion_group: tuple[str, ...],
+    sweep: bool,
 ) -> None:
     """Score finished runs (a .run.json, or a results folder searched recursively) against expert
     annotations.
@@ -79,6 +86,7 @@ def evaluate(
         from wsi_pipeline.evaluation.annotations import DEFAULT_EXCLUSION_GROUPS, GroupMapping
         from wsi_pipeline.evaluation.evaluate import (
             CSV_COLUMNS,
+            SWEEP_THRESHOLDS,
             csv_rows,
             evaluate_runs,
             format_summary,
@@ -90,15 +98,18 @@ def evaluate(
 
         out_p = _metrics_path(out)
         csv_path, page_path = out_p.with_suffix(".csv"), out_p.with_suffix(".html")
-        refuse_foreign_files([out_p, csv_path, page_path])  # e.g. --out in the annotation folder
+        sweep_path = out_p.with_suffix(".sweep.csv")
+        refuse_foreign_files([out_p, csv_path, page_path, *([sweep_path] if sweep else [])])
         mapping = GroupMapping(
             positive=frozenset(positive_group) if positive_group else None,
             exclusion=frozenset(exclusion_group) if exclusion_group else DEFAULT_EXCLUSION_GROUPS,
         )
         res = evaluate_runs(results, annotations, threshold=threshold, truth_min_fraction=truth_fraction,
-                            mapping=mapping)  # fmt: skip
+                            mapping=mapping, sweep_thresholds=SWEEP_THRESHOLDS if sweep else ())  # fmt: skip
         atomic_write_json(out_p, {"generator": f"{GENERATOR} {__version__}", **res})
         atomic_write_bytes(csv_path, rows_to_csv(csv_rows(res["slides"]), CSV_COLUMNS))
+        if sweep:
+            atomic_write_bytes(sweep_path, rows_to_csv(res["sweep"]))
         pictures = {
             row["manifest"]: truth_picture(row["manifest"], row["annotation"], mapping=mapping)
             for row in res["slides"]
@@ -106,8 +117,10 @@ def evaluate(
         notes = [f"{Path(s).name}: no annotation file (not scored)" for s in res["unannotated"]]
         notes += [e["error"] for e in res["errors"]]
         write_evaluation_report(page_path, csv_rows(res["slides"]), pictures,
-                                summary=format_summary(res["summary"]), notes=notes)  # fmt: skip
-        click.echo(f"{format_summary(res['summary'])} -> {out_p}, {csv_path}, {page_path}")
+                                summary=format_summary(res["summary"]), notes=notes,
+                                sweep=res.get("sweep") or ())  # fmt: skip
+        written = ", ".join(str(p) for p in (out_p, csv_path, *([sweep_path] if sweep else []), page_path))
+        click.echo(f"{format_summary(res['summary'])} -> {written}")
         for sl in res["unannotated"]:
             click.echo(f"  no annotation file for {sl} (not scored)", err=True)
         for ig in res["ignored"]:

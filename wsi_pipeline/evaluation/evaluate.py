@@ -225,28 +225,33 @@ def predicted_regions(pred: np.ndarray, cell_l0_px: float, origin_l0: float) -> 
     return tumour_regions(boxes, np.ones(len(boxes), bool))
 
 
-def evaluate_slide(
+@dataclass
+class SlideCase:
+    """One finished run and its annotation, read once: what every threshold is scored on."""
+
+    manifest_path: Path
+    annotation_path: Path | None
+    m: dict[str, Any]
+    ann: Annotations | None
+    ann_origin: list[int]
+    tiles: dict[str, np.ndarray]
+    canvas: np.ndarray  # (rows, cols) P(positive) per heatmap cell, NaN where no tile was scored
+    tumour: Any  # the annotated tumour on the slide, level-0 px
+    outside: float  # share of the annotated tumour off the slide
+    truth_frac: np.ndarray  # (rows, cols) exact share of each cell annotated
+    cell: float
+    origin: float
+
+
+def load_case(
     manifest_path: str | os.PathLike[str],
     annotation_path: str | os.PathLike[str] | None,
     *,
-    threshold: float | None = None,
-    truth_min_fraction: float = 0.5,
     mapping: GroupMapping | None = None,
-) -> dict[str, Any]:
-    """Metrics of one finished run against its annotation file (None = annotated as no tumour).
-
-    ``threshold``: P counted as tumour; None: the run's own tile threshold (its card's, or its
-    ``--tile-threshold``), the one its outlines, GeoJSON regions and slide label used.
-
-    ``dice``, ``precision``, ``recall``: area-exact (see the module docstring); ``cell_dice`` and
-    ``cell``: on the heatmap grid with the truth rounded to cells; ``tile``/``auc``: over the scored
-    tiles; areas in ``area_l0_px2`` and ``area_mm2``; ``truth`` is "tumour" or "benign".
-    """
+) -> SlideCase:
+    """Read a finished run (manifest and tile table) and its annotation file (None: no tumour)."""
     m = load_run(manifest_path)
     pos = m["model"]["positive_class"]
-    threshold_source = "given"
-    if threshold is None:
-        threshold, threshold_source = float(run_threshold(m)), "run"
     # Outputs lie beside the manifest that names them: resolve there, not where the run was made, so a
     # moved or copied results folder reads its own tile table.
     tiles = _read_tiles(Path(manifest_path).parent / Path(m["outputs"]["tiles_csv"]).name)
@@ -262,13 +267,70 @@ def evaluate_slide(
     on_slide = _box(0, 0, origin + cols * cell, origin + rows * cell)
     tumour = annotated.intersection(on_slide) if not annotated.is_empty else annotated
     outside = float(annotated.area - tumour.area) / annotated.area if annotated.area > 0 else 0.0
-    grid_cols, grid_rows = int(m["grid"]["cols"]), int(m["grid"]["rows"])
     canvas = np.full((rows, cols), np.nan)
     p = tiles.get(f"p_{pos}", np.zeros(0))
     if len(p):
         cr = np.stack([tiles["col"], tiles["row"]], axis=1).astype(np.int64)
         canvas[cr[:, 1], cr[:, 0]] = p
     truth_frac = rasterize_fraction(tumour, (rows, cols), cell, origin)
+    return SlideCase(Path(manifest_path), Path(annotation_path) if annotation_path else None, m, ann,
+                     ann_origin, tiles, canvas, tumour, outside, truth_frac, cell, origin)  # fmt: skip
+
+
+def label_at(case: SlideCase, threshold: float) -> bool:
+    """The slide label the run's own rule (area or top-k) gives at tile threshold ``threshold``,
+    recomputed from its tile table (at the run's own threshold: the label it recorded)."""
+    from wsi_pipeline.aggregate import LabelRule, slide_label, tile_area_mm2
+
+    m, tiles = case.m, case.tiles
+    rule = dict((m.get("label") or {}).get("rule") or {})
+    rule.update(tile_threshold=threshold, topk_threshold=threshold)
+    p = tiles.get(f"p_{m['model']['positive_class']}", np.zeros(0))
+    if not len(p):
+        return False
+    coords = np.stack([tiles["x_l0"], tiles["y_l0"]], axis=1)
+    mpp0 = float((m.get("resolution") or {}).get("mpp_x") or 0.0)
+    res = slide_label(p, coords, tiles["tissue_fraction"], cell_area_mm2=tile_area_mm2(case.cell, mpp0),
+                      rule=LabelRule(**rule))  # fmt: skip
+    return bool(res["positive"])
+
+
+def evaluate_slide(
+    manifest_path: str | os.PathLike[str],
+    annotation_path: str | os.PathLike[str] | None,
+    *,
+    threshold: float | None = None,
+    truth_min_fraction: float = 0.5,
+    mapping: GroupMapping | None = None,
+) -> dict[str, Any]:
+    """Metrics of one finished run against its annotation file (None = annotated as no tumour).
+
+    ``threshold``: P counted as tumour; None: the run's own tile threshold (its card's, or its
+    ``--tile-threshold``), the one its outlines, GeoJSON regions and slide label used.
+
+    ``dice``, ``precision``, ``recall``: area-exact (see the module docstring); ``cell_dice`` and
+    ``cell``: on the heatmap grid with the truth rounded to cells; ``tile``/``auc``: over the scored
+    tiles; areas in ``area_l0_px2`` and ``area_mm2``; ``truth`` is "tumour" or "benign"; the slide
+    label is the run's own, or at a given threshold the one its rule gives there.
+    """
+    case = load_case(manifest_path, annotation_path, mapping=mapping)
+    return case_metrics(case, threshold, truth_min_fraction=truth_min_fraction)
+
+
+def case_metrics(
+    case: SlideCase, threshold: float | None, *, truth_min_fraction: float = 0.5
+) -> dict[str, Any]:
+    """:func:`evaluate_slide`'s record of a loaded case at ``threshold`` (None: the run's own)."""
+    m, tiles, tumour, ann, cell, origin = case.m, case.tiles, case.tumour, case.ann, case.cell, case.origin
+    pos = m["model"]["positive_class"]
+    if threshold is None:
+        threshold, threshold_source = float(run_threshold(m)), "run"
+    else:
+        threshold, threshold_source = float(threshold), "given"
+    rows, cols = case.canvas.shape
+    grid_cols, grid_rows = int(m["grid"]["cols"]), int(m["grid"]["rows"])
+    canvas, truth_frac, outside = case.canvas, case.truth_frac, case.outside
+    p = tiles.get(f"p_{pos}", np.zeros(0))
     pred = np.nan_to_num(canvas, nan=0.0) >= threshold
     area = area_overlap(pred, truth_frac, float(tumour.area), cell)
     exact = overlap_ratios(area["tp"], area["fp"], area["fn"])
@@ -284,16 +346,17 @@ def evaluate_slide(
     else:
         tile, tile_auc, tile_truth = binary_metrics(np.zeros(0), np.zeros(0)), math.nan, np.zeros(0, bool)
     truth_positive = bool(tumour.area > 0)
-    predicted_positive = bool(m["label"]["positive"])
+    own = threshold == float(run_threshold(m))
+    predicted_positive = bool(m["label"]["positive"]) if own else label_at(case, threshold)
     res = m.get("resolution") or {}
     mpp = (float(res["mpp_x"]), float(res.get("mpp_y") or res["mpp_x"])) if res.get("mpp_x") else None
     area_mm2 = {k: _mm2(v, mpp) for k, v in area.items()}
     return strict_json({  # undefined metrics (nan) are null, as they are written
         "slide": m["slide"],
-        "manifest": str(manifest_path),
-        "annotation": str(annotation_path) if annotation_path else None,
+        "manifest": str(case.manifest_path),
+        "annotation": str(case.annotation_path) if case.annotation_path else None,
         "annotation_format": ann.format if ann else None,
-        "annotation_origin_l0": ann_origin,
+        "annotation_origin_l0": case.ann_origin,
         "truth": "tumour" if truth_positive else "benign",
         "threshold": threshold,
         "threshold_source": threshold_source,
@@ -322,9 +385,34 @@ def evaluate_slide(
         ),
         "slide_truth_positive": truth_positive,
         "slide_predicted_positive": predicted_positive,
-        "slide_label": m["label"].get("label"),
+        "slide_label": m["label"].get("label") if own else (f"{pos}" if predicted_positive else f"no {pos}"),
         "slide_label_correct": truth_positive == predicted_positive,
     })  # fmt: skip
+
+
+#: Thresholds of ``evaluate --sweep`` (each run's own is added)
+SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def sweep(cases: Sequence[SlideCase], thresholds: Sequence[float], *, truth_min_fraction: float = 0.5
+          ) -> list[dict[str, Any]]:  # fmt: skip
+    """Operating points: for each threshold, every case scored at it and summarized (mean Dice,
+    recall, precision; foci found; false-positive regions per slide; slide-level sensitivity and
+    specificity by the runs' own label rules at that threshold)."""
+    out = []
+    for t in sorted(set(thresholds)):
+        s = summarize([case_metrics(c, t, truth_min_fraction=truth_min_fraction) for c in cases])
+        sl, les = s["slide_level"], s["lesions"]
+        out.append({
+            "threshold": t,
+            "dice": s["dice"]["mean"], "recall": s["recall"]["mean"], "precision": s["precision"]["mean"],
+            "foci_found": les["found"], "foci": les["n"],
+            "false_positive_regions_per_slide": les["false_positive_regions_per_slide"],
+            "slide_sensitivity": sl["sensitivity"]["value"], "slide_specificity": sl["specificity"]["value"],
+            "slide_accuracy": sl["accuracy"]["value"],
+            "benign_false_positive_mm2_mean": s["benign"]["false_positive_mm2"]["mean"],
+        })  # fmt: skip
+    return out
 
 
 def _stat(values: Sequence[Any]) -> dict[str, Any]:
@@ -581,9 +669,11 @@ def evaluate_runs(
     threshold: float | None = None,
     truth_min_fraction: float = 0.5,
     mapping: GroupMapping | None = None,
+    sweep_thresholds: Sequence[float] = (),
 ) -> dict[str, Any]:
     """Evaluate every run found in ``results`` (searched recursively) against the matching file in
-    ``annotations``.
+    ``annotations``; with ``sweep_thresholds`` also the operating points there (:func:`sweep`; each
+    run's own threshold is added), under ``sweep``.
 
     Runs without an annotation file are listed under ``unannotated`` (not scored, not dropped
     silently); unreadable annotation files and unfinished or unreadable manifests under ``errors``;
@@ -629,6 +719,7 @@ def evaluate_runs(
         )
     explicit_pair = res_p.is_file() and ann_p.is_file()
     per: list[dict[str, Any]] = []
+    cases: list[SlideCase] = []
     unannotated: list[str] = []
     own: list[Path] = []  # our own outputs passed over as annotations
     matched = 0
@@ -639,8 +730,10 @@ def evaluate_runs(
             continue
         matched += 1
         try:
-            per.append(evaluate_slide(run, a, threshold=threshold, truth_min_fraction=truth_min_fraction,
-                                      mapping=mapping))  # fmt: skip
+            case = load_case(run, a, mapping=mapping)
+            per.append(case_metrics(case, threshold, truth_min_fraction=truth_min_fraction))
+            if sweep_thresholds:
+                cases.append(case)
         except AnnotationError as exc:
             errors.append({"slide": m["slide"], "manifest": str(run), "error": str(exc)})
     if not matched:
@@ -661,8 +754,12 @@ def evaluate_runs(
         )
     ignored += [{"annotation": str(p), "reason": "written by wsi-pipeline (a run's own predictions), not an "
                  "expert annotation"} for p in own]  # fmt: skip
+    points = None
+    if sweep_thresholds:
+        runs_own = [run_threshold(c.m) for c in cases]
+        points = sweep(cases, [*sweep_thresholds, *runs_own], truth_min_fraction=truth_min_fraction)
     return {"summary": summarize(per), "slides": per, "unannotated": unannotated, "errors": errors,
-            "ignored": ignored,
+            "ignored": ignored, **({"sweep": points} if points is not None else {}),
             "searched": {"results": str(res_p), "pattern": RUN_PATTERN, "recursive": True,
                          "folders": search.folders, "manifests": len(search.manifests),
                          "annotations": str(ann_p)}}  # fmt: skip

@@ -452,6 +452,7 @@ def evaluation_report_html(
     summary: str,
     notes: Sequence[str] = (),
     title: str = "wsi-pipeline evaluation",
+    sweep: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """The page of ``evaluate``: ``summary`` (its closing line), then one sortable row per slide with
     its metrics and its picture (``pictures[row["manifest"]]``: the overlay with the truth outlined, a
@@ -483,10 +484,46 @@ def evaluation_report_html(
         f'<table class="sortable" id="slides"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>",
         *(f'<p class="warn">{_e(n)}</p>' for n in notes),
+        *_sweep_table(sweep),
         "<footer>Research use only: not for diagnosis. metrics.json and metrics.csv hold the same rows."
         "</footer>",
     ]
     return _page(title, "\n".join(parts), _SORT_JS)
+
+
+#: Columns of the operating-points table: (key, header)
+SWEEP_COLUMNS = (
+    ("threshold", "threshold"),
+    ("dice", "mean Dice"),
+    ("recall", "mean recall"),
+    ("precision", "mean precision"),
+    ("foci_found", "foci found"),
+    ("false_positive_regions_per_slide", "false-positive regions per slide"),
+    ("slide_sensitivity", "tumour slides called tumour"),
+    ("slide_specificity", "benign slides called no tumour"),
+)
+
+
+def _sweep_table(points: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The evaluation page's operating points (none: nothing)."""
+    if not points:
+        return []
+    head = "".join(f"<th>{_e(h)}</th>" for _, h in SWEEP_COLUMNS)
+
+    def cell(key: str, r: Mapping[str, Any]) -> str:
+        v = r.get(key)
+        if key == "foci_found" and v is not None:
+            return f"{v} of {r.get('foci')}"
+        return "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    rows = ("".join(f"<td class=n>{_e(cell(k, r))}</td>" for k, _ in SWEEP_COLUMNS) for r in points)
+    body = "".join(f"<tr>{tds}</tr>" for tds in rows)
+    return [
+        "<h2>Operating points</h2><p>Every run scored again at each tile threshold (the slide label by each "
+        "run's own rule at that threshold). Choose a threshold on slides you will not also use to report "
+        "its figures; then re-run the folder with <code>--tile-threshold</code> (the scores are reused).</p>",
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+    ]
 
 
 def write_evaluation_report(
@@ -496,6 +533,7 @@ def write_evaluation_report(
     *,
     summary: str,
     notes: Sequence[str] = (),
+    sweep: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
-    page = evaluation_report_html(slides, pictures, summary=summary, notes=notes)
+    page = evaluation_report_html(slides, pictures, summary=summary, notes=notes, sweep=sweep)
     return atomic_write_bytes(path, valid_text(page).encode())
