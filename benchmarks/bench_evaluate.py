@@ -98,7 +98,7 @@ def main() -> None:
         return
 
     from testkit.benchslides import PhotoPool, random_spec, write_bench_slide
-    from wsi_pipeline.evaluation.evaluate import evaluate_slide, summarize
+    from wsi_pipeline.evaluation.evaluate import SWEEP_THRESHOLDS, evaluate_slide, load_case, summarize, sweep
     from wsi_pipeline.evaluation.metrics import is_undefined, roc_auc
     from wsi_pipeline.inference.card import resolve_model
     from wsi_pipeline.pipeline import RunOptions, run_slide
@@ -113,6 +113,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
+    cases: list[Any] = []
     pooled_p: list[np.ndarray] = []
     pooled_t: list[np.ndarray] = []
     t_all = time.perf_counter()
@@ -138,6 +139,7 @@ def main() -> None:
         pooled_p.append(p)
         pooled_t.append(truth)
         results.append(res)
+        cases.append(load_case(manifest_path, xml))
         area_um2 = spec.tumour_geometry().area * args.mpp**2 if spec.tumour else 0.0
         row = {
             "slide": slide.name,
@@ -176,6 +178,9 @@ def main() -> None:
             flush=True,
         )
     summary = summarize(results)
+    t = time.perf_counter()
+    points = sweep(cases, SWEEP_THRESHOLDS)
+    sweep_s = time.perf_counter() - t
     p_all, t_all_truth = np.concatenate(pooled_p), np.concatenate(pooled_t)
     pooled_auc = roc_auc(t_all_truth, p_all)
     out = {
@@ -188,6 +193,8 @@ def main() -> None:
         "pooled_tile_auc": None if is_undefined(pooled_auc) else round(pooled_auc, 4),
         "pooled_tiles": len(p_all),
         "per_slide": rows,
+        "sweep": points,
+        "sweep_s": round(sweep_s, 3),
         "seconds_total": round(time.perf_counter() - t_all, 1),
         "cpus": os.cpu_count(),
     }  # fmt: skip
@@ -200,7 +207,8 @@ def main() -> None:
         f"tile AUC mean {fmt(a['mean'], 4)} (sd {fmt(a['sd'], 4)}, n {a['n']}), pooled "
         f"{fmt(out['pooled_tile_auc'], 4)} over {out['pooled_tiles']} tiles; tumour foci found "
         f"{les['found']} of {les['n']}, false-positive regions {les['false_positive_regions_per_slide']} per "
-        f"slide; slide labels "
+        f"slide; --sweep ({len(SWEEP_THRESHOLDS)} thresholds, {len(cases)} slides) {sweep_s:.2f} s; "
+        f"slide labels "
         f"{summary['slide_label_accuracy']}; total {out['seconds_total']} s"
     )
     (args.work / "bench_evaluate.json").write_text(json.dumps(out, indent=2))

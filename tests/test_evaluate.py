@@ -916,3 +916,31 @@ def test_a_given_threshold_recomputes_the_slide_label(tmp_path: Path) -> None:
     assert (
         not r["slide_predicted_positive"] and r["slide_label"] == "no tumour" and not r["slide_label_correct"]
     )
+
+
+def test_lesion_detection_on_the_grid_equals_the_polygon_outlines() -> None:
+    """Regions counted on the cell grid (edge-joined cells) and foci found through cells give what
+    the drawn outlines give: shapely's union of the predicted cells' squares, intersected with each
+    annotated focus by area (random grids, random foci, corner-touching cells included)."""
+    from wsi_pipeline.aggregate import tumour_regions
+    from wsi_pipeline.evaluation.metrics import lesion_detection
+
+    rng = np.random.default_rng(5)
+    cell = 10.0
+    for _ in range(25):
+        pred = rng.random((12, 14)) < rng.uniform(0.05, 0.4)
+        foci = shapely.unary_union([
+            Point(rng.uniform(0, 140), rng.uniform(0, 120)).buffer(rng.uniform(2, 15)) for _ in range(4)
+        ])  # fmt: skip
+        parts = list(getattr(foci, "geoms", [foci]))
+        masks = [rasterize_fraction(g, pred.shape, cell) > 0 for g in parts]
+        got = lesion_detection(pred, masks)
+        rr, cc = np.nonzero(pred)
+        boxes = np.stack([cc * cell, rr * cell, (cc + 1) * cell, (rr + 1) * cell], axis=1)
+        union = tumour_regions(boxes, np.ones(len(boxes), bool))
+        regions = [g for g in getattr(union, "geoms", [union]) if not g.is_empty]
+        found = sum(any(g.intersection(r).area > 0 for r in regions) for g in parts)
+        false_pos = sum(not any(r.intersection(g).area > 0 for g in parts) for r in regions)
+        assert (got["lesions"], got["found"], got["predicted_regions"], got["false_positive_regions"]) == (
+            len(parts), found, len(regions), false_pos,
+        )  # fmt: skip

@@ -214,17 +214,6 @@ def truth_picture(
     return np.asarray(img)
 
 
-def predicted_regions(pred: np.ndarray, cell_l0_px: float, origin_l0: float) -> Any:
-    """The union of the heatmap cells called tumour (``pred`` (rows, cols) bool) as shapely polygons in
-    level-0 px: the regions whose outlines the run drew, at this threshold."""
-    from wsi_pipeline.aggregate import tumour_regions
-
-    rows, cols = np.nonzero(np.asarray(pred, bool))
-    x0, y0 = origin_l0 + cols * cell_l0_px, origin_l0 + rows * cell_l0_px
-    boxes = np.stack([x0, y0, x0 + cell_l0_px, y0 + cell_l0_px], axis=1)
-    return tumour_regions(boxes, np.ones(len(boxes), bool))
-
-
 @dataclass
 class SlideCase:
     """One finished run and its annotation, read once: what every threshold is scored on."""
@@ -239,6 +228,8 @@ class SlideCase:
     tumour: Any  # the annotated tumour on the slide, level-0 px
     outside: float  # share of the annotated tumour off the slide
     truth_frac: np.ndarray  # (rows, cols) exact share of each cell annotated
+    lesion_cells: list[np.ndarray]  # per annotated focus, the cells it overlaps (positive area)
+    tile_cover: np.ndarray  # (N,) share of each scored tile annotated
     cell: float
     origin: float
 
@@ -273,8 +264,16 @@ def load_case(
         cr = np.stack([tiles["col"], tiles["row"]], axis=1).astype(np.int64)
         canvas[cr[:, 1], cr[:, 0]] = p
     truth_frac = rasterize_fraction(tumour, (rows, cols), cell, origin)
+    foci = [g for g in getattr(tumour, "geoms", [tumour]) if not g.is_empty and g.area > 0]
+    lesion_cells = [rasterize_fraction(g, (rows, cols), cell, origin) > 0 for g in foci]
+    tile_cover = np.zeros(len(p))
+    if len(p):
+        w = tiles["width_l0"]
+        boxes = np.stack([tiles["x_l0"], tiles["y_l0"], tiles["x_l0"] + w, tiles["y_l0"] + w], axis=1)
+        tile_cover = box_coverage(tumour, boxes)
     return SlideCase(Path(manifest_path), Path(annotation_path) if annotation_path else None, m, ann,
-                     ann_origin, tiles, canvas, tumour, outside, truth_frac, cell, origin)  # fmt: skip
+                     ann_origin, tiles, canvas, tumour, outside, truth_frac, lesion_cells, tile_cover,
+                     cell, origin)  # fmt: skip
 
 
 def label_at(case: SlideCase, threshold: float) -> bool:
@@ -335,12 +334,10 @@ def case_metrics(
     area = area_overlap(pred, truth_frac, float(tumour.area), cell)
     exact = overlap_ratios(area["tp"], area["fp"], area["fn"])
     cells = evaluate_grid(canvas, truth_frac, threshold=threshold, truth_min_fraction=truth_min_fraction)
-    lesions = lesion_detection(tumour, predicted_regions(pred, cell, origin))
+    lesions = lesion_detection(pred, case.lesion_cells)
     # Tile level: the scored tiles only.
     if len(p):
-        w = tiles["width_l0"]
-        boxes = np.stack([tiles["x_l0"], tiles["y_l0"], tiles["x_l0"] + w, tiles["y_l0"] + w], axis=1)
-        tile_truth = box_coverage(tumour, boxes) >= truth_min_fraction
+        tile_truth = case.tile_cover >= truth_min_fraction
         tile = binary_metrics(p >= threshold, tile_truth)
         tile_auc = roc_auc(tile_truth, p)
     else:

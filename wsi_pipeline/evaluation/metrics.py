@@ -149,37 +149,34 @@ def classification_metrics(
     }
 
 
-def lesion_detection(truth: Any, predicted: Any) -> dict[str, Any]:
-    """Lesion-level detection between two shapely geometries in one frame (level-0 px).
+def lesion_detection(pred: npt.ArrayLike, lesion_cells: Any) -> dict[str, Any]:
+    """Lesion-level detection on a grid of cells.
 
-    Each polygon of ``truth`` (an annotated tumour focus) is *found* when a polygon of ``predicted``
-    (a predicted tumour region) overlaps it with a positive area; each predicted polygon that overlaps
-    no truth polygon is a *false-positive region*. Returns ``lesions``, ``found``, ``sensitivity``
-    (found / lesions; undefined, nan, without lesions), ``predicted_regions`` and
+    ``pred`` (rows, cols) bool: the cells called tumour; ``lesion_cells``: per annotated tumour focus,
+    a (rows, cols) bool mask of the cells it overlaps with a positive area. A predicted region is a
+    group of predicted cells joined by shared edges (the outline a run draws around touching cells;
+    cells meeting only at a corner are two regions). A focus is *found* when a predicted region
+    overlaps it with a positive area, i.e. when one of its cells is predicted; a predicted region
+    that overlaps no focus is a *false-positive region*. Returns ``lesions``, ``found``,
+    ``sensitivity`` (found / lesions; undefined, nan, without lesions), ``predicted_regions`` and
     ``false_positive_regions``.
     """
-    import shapely
+    from scipy import ndimage
 
-    def parts(g: Any) -> list[Any]:
-        if g is None or g.is_empty:
-            return []
-        return [p for p in getattr(g, "geoms", [g]) if p.area > 0]
-
-    lesions, regions = parts(truth), parts(predicted)
-    found = np.zeros(len(lesions), bool)
-    matched = np.zeros(len(regions), bool)
-    if lesions and regions:
-        li, ri = shapely.STRtree(regions).query(lesions, predicate="intersects")
-        for a, b in zip(li.tolist(), ri.tolist(), strict=True):
-            if lesions[a].intersection(regions[b]).area > 0:
-                found[a] = matched[b] = True
-    n = len(lesions)
+    p = np.asarray(pred, bool)
+    masks = [np.asarray(m, bool) for m in lesion_cells]
+    labels, n_regions = ndimage.label(p)  # 4-connected: edges, not corners
+    found = sum(bool((p & m).any()) for m in masks)
+    covered = np.zeros_like(p)
+    for m in masks:
+        covered |= m
+    hit = np.unique(labels[p & covered])
     return {
-        "lesions": n,
-        "found": int(found.sum()),
-        "sensitivity": ratio(float(found.sum()), float(n)),
-        "predicted_regions": len(regions),
-        "false_positive_regions": int((~matched).sum()),
+        "lesions": len(masks),
+        "found": found,
+        "sensitivity": ratio(float(found), float(len(masks))),
+        "predicted_regions": int(n_regions),
+        "false_positive_regions": int(n_regions - np.count_nonzero(hit)),
     }
 
 
