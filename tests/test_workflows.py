@@ -89,7 +89,7 @@ def test_batch_folder_on_a_local_cluster_equals_a_local_run(
     code = batch_folder.main(argv)
     captured = capsys.readouterr()
     assert code == 1  # carried on past the bad slide, reported it
-    assert "3 slides, 2 done, 1 failed" in captured.out
+    assert "3 slides, 2 done, 1 failed" in captured.out and "; 1 tumour, 1 no tumour -> " in captured.out
     assert any(ln.startswith("tumour.svs: ") and "tiles/s, ETA" in ln for ln in captured.out.splitlines())
     assert "[2/3] " in captured.out and "so far, ETA" in captured.out
     assert "notes.svs" in captured.err and captured.err.startswith("error: ")

@@ -262,6 +262,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
     from wsi_pipeline.batch import (
         BatchItem,
         heatmap_path,
+        labels_text,
         output_stems,
         result_row,
         run_batch,
@@ -351,8 +352,8 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
     )
     echo(
         f"{len(res.rows)} slides, {len(res.rows) - len(failed)} done, {len(failed)} failed, "
-        f"{sum(int(r.get('n_tiles') or 0) for r in res.rows)} tiles, {res.seconds:.1f} s "
-        f"-> {out / 'summary.csv'}"
+        f"{sum(int(r.get('n_tiles') or 0) for r in res.rows)} tiles, {res.seconds:.1f} s"
+        f"{labels_text(res.rows)} -> {out / 'summary.csv'}"
     )
     for r in failed:
         echo(f"  failed: {r['error']}", file=sys.stderr)

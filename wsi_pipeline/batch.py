@@ -211,6 +211,19 @@ def _status(manifest: dict[str, Any]) -> str:
     return "skipped (done)" if manifest.get("skipped") else "ok"
 
 
+def labels_text(rows: Sequence[dict[str, Any]]) -> str:
+    """``; 2 tumour, 5 no tumour (3 with an OOD warning)`` over the rows with a slide label (scored
+    now or done before); nothing for rows without (tiling)."""
+    labelled = [r for r in rows if isinstance(r.get("positive"), bool)]
+    if not labelled:
+        return ""
+    pos = next((r["positive_class"] for r in labelled if r.get("positive_class")), "positive")
+    n_pos = sum(r["positive"] for r in labelled)
+    warned = sum(bool(r.get("ood_warning")) for r in labelled)
+    ood = f" ({warned} with an OOD warning: review by eye)" if warned else ""
+    return f"; {n_pos} {pos}, {len(labelled) - n_pos} no {pos}{ood}"
+
+
 def write_folder_report(out: Path, rows: Sequence[dict[str, Any]]) -> Path:
     """``out/report.html``: one sortable row per slide (label, area, max P, OOD, ...) linking to each
     slide's ``NAME.report.html``; failed slides with their error."""

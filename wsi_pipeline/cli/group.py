@@ -375,13 +375,15 @@ LEFT_TO_OTHER_RUN = "left to another run"
 
 def _batch_summary(res: Any, summary: Path, report: Path | None = None) -> int:
     """The closing line of a folder run, failures listed on stderr; exit code 1 if any failed."""
+    from wsi_pipeline.batch import labels_text
+
     failed = res.failed
     left = sum(1 for r in res.rows if r.get("status") == LEFT_TO_OTHER_RUN)
     tiles = sum(int(r.get("n_tiles") or 0) for r in res.rows)
     _say(
         f"{len(res.rows)} slides, {len(res.rows) - len(failed) - left} done, {len(failed)} failed, "
         + (f"{left} left to other runs, " if left else "")
-        + f"{tiles} tiles, {res.seconds:.1f} s -> {summary}"
+        + f"{tiles} tiles, {res.seconds:.1f} s{labels_text(res.rows)} -> {summary}"
         + (f", {report}" if report is not None else "")
     )
     for r in failed:
