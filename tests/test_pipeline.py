@@ -453,6 +453,7 @@ def test_cli_folder_with_corrupt_slide(
     assert r.exit_code == 1
     assert "3 slides, 2 done, 1 failed" in r.stdout and "notes.svs" in r.stderr
     assert "; 1 tumour, 1 no tumour -> " in r.stdout  # the closing line counts the labels
+    assert " tiles/s; " in r.stdout  # and the rate of the slides scored now
     summary = {Path(row["slide"]).name: row for row in _tiles(out / "summary.csv")}
     assert summary["tumour.svs"]["label"] == "tumour" and summary["benign.svs"]["label"] == "no tumour"
     assert (

@@ -380,10 +380,14 @@ def _batch_summary(res: Any, summary: Path, report: Path | None = None) -> int:
     failed = res.failed
     left = sum(1 for r in res.rows if r.get("status") == LEFT_TO_OTHER_RUN)
     tiles = sum(int(r.get("n_tiles") or 0) for r in res.rows)
+    # tiles/s over the slides done now (scored, or tiled), not those found done
+    now = ("ok", "written", "resumed")
+    scored = sum(int(r.get("n_tiles") or 0) for r in res.rows if r.get("status") in now)
+    rate = f", {scored / res.seconds:,.1f} tiles/s" if scored and res.seconds > 0 else ""
     _say(
         f"{len(res.rows)} slides, {len(res.rows) - len(failed) - left} done, {len(failed)} failed, "
         + (f"{left} left to other runs, " if left else "")
-        + f"{tiles} tiles, {res.seconds:.1f} s{labels_text(res.rows)} -> {summary}"
+        + f"{tiles} tiles, {res.seconds:.1f} s{rate}{labels_text(res.rows)} -> {summary}"
         + (f", {report}" if report is not None else "")
     )
     for r in failed:
