@@ -29,6 +29,7 @@ Slides, the model and --out must be at the same paths on this machine and on eve
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -327,6 +328,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
             retry_busy=again,
             also_writes=[out / "report.html", out / "batch-job.json"],
             on_summary=lambda rows: write_folder_report(out, rows),
+            meta={"command": {"argv": sys.argv, "cwd": os.getcwd()}, "package_version": __version__},
         )  # fmt: skip
     failed = res.failed
     write_folder_report(out, res.rows)

@@ -370,6 +370,7 @@ def run_batch(
     on_busy: Callable[[BatchItem, BusyError], None] | None = None,
     summary_every_s: float | None = None,
     on_summary: Callable[[list[dict[str, Any]]], object] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> BatchResult:
     """Run ``process`` on every item; a :class:`WsiError` marks the item failed and the batch goes on
     (unless ``stop_on_error``). Writes ``<summary_name>.csv`` and ``.json`` into ``out``; those and
@@ -416,7 +417,7 @@ def run_batch(
             r if r and at not in writing else _not_run(items[at], NOT_RUN_YET) for at, r in enumerate(padded)
         ]
         try:
-            _write_summaries(summaries, so_far, in_progress=True)
+            _write_summaries(summaries, so_far, in_progress=True, meta=meta, seconds=now - t0)
             if on_summary:
                 on_summary(so_far)
         except OSError:  # a full disk now: the slides say so for themselves, and the end tries again
@@ -505,14 +506,15 @@ def run_batch(
         for at, r in enumerate(rows):
             if not r:
                 rows[at] = _not_run(items[at], "not run (interrupted)")
-        _write_summaries(summaries, rows, interrupted=True)
+        _write_summaries(summaries, rows, interrupted=True, meta=meta, seconds=time.perf_counter() - t0)
         exc.batch_rows = rows  # type: ignore[attr-defined]  # for the caller's own pages
         raise
     finally:
         for _, _, fut in pending:  # interrupted: let the outputs being written finish (atomic files)
             fut.exception()
-    _write_summaries(summaries, rows)
-    return BatchResult(rows, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    _write_summaries(summaries, rows, meta=meta, seconds=seconds)
+    return BatchResult(rows, seconds)
 
 
 def _not_run(item: BatchItem, status: str) -> dict[str, Any]:
@@ -539,14 +541,50 @@ def summary_interval_s() -> float:
     return env_seconds(SUMMARY_INTERVAL_ENV, 60.0)
 
 
+#: Statuses of the slides a folder run did work on now (scored; tiled, or resumed), not found done
+DONE_NOW = ("ok", "written", "resumed")
+
+
+def totals(rows: Sequence[dict[str, Any]], seconds: float | None = None) -> dict[str, Any]:
+    """The figures of a folder run's closing line: slides done and failed, tiles, seconds, tiles/s
+    of the slides done now, and the labels (scored now or found done)."""
+    status = [str(r.get("status", "")) for r in rows]
+    failed = status.count("failed")
+    waiting = sum(1 for x in status if x in ("busy", "left to another run") or x.startswith("not run"))
+    now = sum(int(r.get("n_tiles") or 0) for r in rows if r.get("status") in DONE_NOW)
+    labelled = [r for r in rows if isinstance(r.get("positive"), bool)]
+    out: dict[str, Any] = {
+        "slides": len(rows), "done": len(rows) - failed - waiting, "failed": failed,
+        "tiles": sum(int(r.get("n_tiles") or 0) for r in rows), "tiles_done_now": now,
+    }  # fmt: skip
+    if seconds is not None:
+        out["seconds"] = round(seconds, 3)
+        out["tiles_per_s"] = round(now / seconds, 2) if seconds > 0 and now else None
+    if labelled:
+        out["labels"] = {
+            "positive": sum(r["positive"] for r in labelled),
+            "negative": sum(not r["positive"] for r in labelled),
+            "ood_warning": sum(bool(r.get("ood_warning")) for r in labelled),
+        }
+    return out
+
+
 def _write_summaries(
-    paths: Sequence[Path], rows: list[dict[str, Any]], *, interrupted: bool = False, in_progress: bool = False
+    paths: Sequence[Path],
+    rows: list[dict[str, Any]],
+    *,
+    interrupted: bool = False,
+    in_progress: bool = False,
+    meta: dict[str, Any] | None = None,
+    seconds: float | None = None,
 ) -> None:
     """``NAME.csv`` and ``NAME.json`` (``interrupted``: true when the run was stopped before its end;
-    ``in_progress``: true while it runs)."""
+    ``in_progress``: true while it runs); the JSON also holds the run's ``totals`` and ``meta`` (the
+    command line, the package version)."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
     atomic_write_bytes(paths[0], rows_to_csv(rows, columns))
-    doc: dict[str, Any] = {"generator": f"{GENERATOR} {__version__}", "slides": rows}
+    doc: dict[str, Any] = {"generator": f"{GENERATOR} {__version__}", **(meta or {})}
+    doc.update(totals=totals(rows, seconds), slides=rows)
     if interrupted:
         doc["interrupted"] = True
     if in_progress:

@@ -160,6 +160,18 @@ def command_line() -> tuple[str, ...] | None:
     return tuple(argv) if argv else None
 
 
+def folder_meta() -> dict[str, Any]:
+    """What a folder run's ``summary.json`` records of the run itself: the command line as typed and
+    its folder, and the package version (each slide's manifest has the rest)."""
+    import os
+    import sys
+
+    from wsi_pipeline import __version__
+
+    return {"command": {"argv": list(command_line() or sys.argv), "cwd": os.getcwd()},
+            "package_version": __version__}  # fmt: skip
+
+
 def is_batch(slide: Path) -> bool:
     """A folder of slides or a CSV manifest; not a tile store or a DICOM slide's folder."""
     from wsi_pipeline.io.dicom import is_dicom_slide_folder
@@ -375,15 +387,13 @@ LEFT_TO_OTHER_RUN = "left to another run"
 
 def _batch_summary(res: Any, summary: Path, report: Path | None = None) -> int:
     """The closing line of a folder run, failures listed on stderr; exit code 1 if any failed."""
-    from wsi_pipeline.batch import labels_text
+    from wsi_pipeline.batch import labels_text, totals
 
     failed = res.failed
     left = sum(1 for r in res.rows if r.get("status") == LEFT_TO_OTHER_RUN)
-    tiles = sum(int(r.get("n_tiles") or 0) for r in res.rows)
-    # tiles/s over the slides done now (scored, or tiled), not those found done
-    now = ("ok", "written", "resumed")
-    scored = sum(int(r.get("n_tiles") or 0) for r in res.rows if r.get("status") in now)
-    rate = f", {scored / res.seconds:,.1f} tiles/s" if scored and res.seconds > 0 else ""
+    t = totals(res.rows, res.seconds)
+    tiles = t["tiles"]
+    rate = f", {t['tiles_per_s']:,.1f} tiles/s" if t.get("tiles_per_s") else ""  # of the slides done now
     _say(
         f"{len(res.rows)} slides, {len(res.rows) - len(failed) - left} done, {len(failed)} failed, "
         + (f"{left} left to other runs, " if left else "")

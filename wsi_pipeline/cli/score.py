@@ -22,6 +22,7 @@ from wsi_pipeline.cli.group import (
     _tile_options,
     busy_option,
     command_line,
+    folder_meta,
     is_batch,
     list_batch,
     main,
@@ -338,6 +339,7 @@ def _run_folder(
             res = run_batch(items, one, out=out, summary_name="summary", stop_on_error=not skip,
                             also_writes=[out / "report.html"],
                             on_summary=lambda rows: write_folder_report(out, rows),  # a page to follow it by
+                            meta=folder_meta(),
                             **_batch_callbacks(bars, one, leave_busy=leave_busy))  # fmt: skip
         except KeyboardInterrupt as exc:  # the summary lists what was done: so does the page
             if rows := getattr(exc, "batch_rows", None):

@@ -22,6 +22,7 @@ from wsi_pipeline.cli.group import (
     _tile_options,
     busy_option,
     command_line,
+    folder_meta,
     is_batch,
     list_batch,
     main,
@@ -304,6 +305,6 @@ def _tile_folder(
                             overwrite=overwrite, bars=bars, wait=waiting_on is not None and wait)  # fmt: skip
             return {"status": rep.status, "n_tiles": rep.n_tiles}
 
-        res = run_batch(items, one, out=out, summary_name="tile-summary",
+        res = run_batch(items, one, out=out, summary_name="tile-summary", meta=folder_meta(),
                         **_batch_callbacks(bars, one, leave_busy=leave_busy))  # fmt: skip
     return _batch_summary(res, out / "tile-summary.csv")
