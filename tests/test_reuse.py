@@ -77,6 +77,11 @@ def test_label_rule_change_reuses_scores_and_equals_a_scoring_run(
     with monkeypatch.context() as m:
         _no_scoring(m)
         assert run_slide(tumour_slide.path, out, model=test_model, options=_threshold(t))["skipped"]
+        # a third rule: reused from the relabelled run, still naming the run that scored them
+        third = run_slide(tumour_slide.path, out, model=test_model, options=_threshold(t / 2))
+    assert third["scores_reused"]["finished_at"] == again["finished_at"]
+    assert third["scores_reused"]["scored_at"] == first["finished_at"]
+    assert third["scores_reused"]["scoring_s"] == first["timings"]["scoring_s"]
 
 
 def _finished(tumour_slide: Fixture, test_model: Path, tmp_path: Path) -> tuple[Path, dict[str, Path]]:

@@ -69,6 +69,8 @@ def scores_from_table(
     if coords.shape != expected.shape or not np.allclose(coords, expected, rtol=1e-6, atol=0.5):
         return None
     n_classes = len(card.classes)
+    # Scores reused again (a second new rule) still come from the run that scored them
+    origin = prior.get("scores_reused") or {}
     return ScoreResult(
         probs=np.ascontiguousarray(values[:, :n_classes]),
         provider=str(prior.get("provider", "")),
@@ -86,7 +88,8 @@ def scores_from_table(
                 "finished_at": prior.get("finished_at"),
                 "label": (prior.get("params") or {}).get("label"),
                 "provider": prior.get("provider"),
-                "scoring_s": (prior.get("timings") or {}).get("scoring_s"),
+                "scored_at": origin.get("scored_at") or prior.get("finished_at"),
+                "scoring_s": origin.get("scoring_s") or (prior.get("timings") or {}).get("scoring_s"),
             },
         },
     )

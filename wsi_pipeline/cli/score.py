@@ -260,8 +260,8 @@ def _result_line(slide: Path, out: Path, m: dict[str, Any], bars: _Bars) -> dict
         return m
     reused = m.get("scores_reused")
     how = (
-        f"scores of the run finished {reused.get('finished_at')} reused (only the label rule changed; "
-        "--overwrite scores again)"
+        f"scores of the run finished {reused.get('scored_at') or reused.get('finished_at')} reused "
+        "(only the label rule changed; --overwrite scores again)"
         if reused
         else f"{m['tiles_per_s']:,.1f} tiles/s on {m['provider']}"
     )

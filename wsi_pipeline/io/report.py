@@ -287,7 +287,7 @@ def _reused_rows(manifest: Mapping[str, Any], positive: str) -> list[tuple[str, 
     if not reused:
         return []
     rule = _rule_text(reused.get("label") or {}, positive)
-    when = reused.get("finished_at")
+    when = reused.get("scored_at") or reused.get("finished_at")  # the run that scored them
     text = f"reused from the run finished {when} (only the label rule changed: it was the {rule})"
     return [("scores", text)]
 
