@@ -214,14 +214,13 @@ def _status(manifest: dict[str, Any]) -> str:
 def labels_text(rows: Sequence[dict[str, Any]]) -> str:
     """``; 2 tumour, 5 no tumour (3 with an OOD warning)`` over the rows with a slide label (scored
     now or done before); nothing for rows without (tiling)."""
-    labelled = [r for r in rows if isinstance(r.get("positive"), bool)]
-    if not labelled:
+    labels = totals(rows).get("labels")
+    if not labels:
         return ""
-    pos = next((r["positive_class"] for r in labelled if r.get("positive_class")), "positive")
-    n_pos = sum(r["positive"] for r in labelled)
-    warned = sum(bool(r.get("ood_warning")) for r in labelled)
+    pos = next((r["positive_class"] for r in rows if r.get("positive_class")), "positive")
+    warned = labels["ood_warning"]
     ood = f" ({warned} with an OOD warning: review by eye)" if warned else ""
-    return f"; {n_pos} {pos}, {len(labelled) - n_pos} no {pos}{ood}"
+    return f"; {labels['positive']} {pos}, {labels['negative']} no {pos}{ood}"
 
 
 def write_folder_report(out: Path, rows: Sequence[dict[str, Any]]) -> Path:
