@@ -508,7 +508,7 @@ def _write_outputs(
     with ThreadPoolExecutor(1, thread_name_prefix="wsi-outputs") as ex:
         overlay = ex.submit(_write_overlay, paths, card, opts, source, canvas, regions, picture)
         _write_tiffs(paths, card, opts, source, canvas)
-        _write_tables(paths, card, opts, result, layout, boxes, regions, pen)
+        _write_tables(paths, card, opts, result, layout, boxes, regions, pen, stats)
         top_tiles = _top_tile_pictures(source, p_pos, len(label["evidence"]["top_tiles"]))
         pictures = overlay.result()
     seconds = time.perf_counter() - t0
@@ -670,6 +670,7 @@ def _write_tables(
     boxes: np.ndarray,
     regions: Any,
     pen: PenInk | None = None,
+    stats: list[dict[str, Any]] | None = None,
 ) -> None:
     """``NAME.geojson`` (tiles, tumour regions and pen ink left out, for QuPath) and ``NAME.tiles.csv``
     (one row a tile; ``near_pen_ink`` where ink was found)."""
@@ -679,7 +680,7 @@ def _write_tables(
         geojson_features(boxes, result.probs, card.classes, card.positive_index,
                          tile_threshold=opts.label.tile_p, regions=regions, mpp_l0=layout.mpp_l0,
                          tiles=opts.geojson_tiles, pen_regions=pen.regions if pen else None,
-                         origin_l0=_qupath_origin(layout)),
+                         origin_l0=_qupath_origin(layout), region_stats=stats),
     )  # fmt: skip
     columns: dict[str, np.ndarray] = {
         "x_l0": coords[:, 0], "y_l0": coords[:, 1],

@@ -463,14 +463,22 @@ def write_tiles_csv(path: str | os.PathLike[str], columns: dict[str, np.ndarray]
 
 
 def region_measurements(
-    regions: Any, boxes_l0: np.ndarray, p_pos: np.ndarray, positive: np.ndarray, *, mpp_l0: float, name: str
+    regions: Any,
+    boxes_l0: np.ndarray,
+    p_pos: np.ndarray,
+    positive: np.ndarray,
+    *,
+    mpp_l0: float,
+    name: str,
+    stats: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """QuPath measurements of each region polygon (level-0 px): its area (um^2 and mm^2), longest
-    dimension (um), and the number, mean and max P of the positive tiles whose centre lies in it."""
+    dimension (um), and the number, mean and max P of the positive tiles whose centre lies in it;
+    ``stats``: ``aggregate.region_stats`` of these regions when the caller has them already."""
     from wsi_pipeline.aggregate import region_stats
 
     out = []
-    for r in region_stats(regions, boxes_l0, p_pos, positive):
+    for r in stats if stats is not None else region_stats(regions, boxes_l0, p_pos, positive):
         um2 = r["area_px2"] * mpp_l0 * mpp_l0
         out.append({
             "Area um^2": round(um2, 1),
@@ -495,6 +503,7 @@ def geojson_features(
     tiles: bool = True,
     pen_regions: Any = None,
     origin_l0: tuple[int, int] = (0, 0),
+    region_stats: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """QuPath-compatible FeatureCollection: one detection per tile, tumour annotations, and the
     marker-pen ink left out of the tissue (``pen_regions``, a shapely geometry) as locked
@@ -541,7 +550,7 @@ def geojson_features(
     geoms = getattr(regions, "geoms", [regions]) if regions is not None and not regions.is_empty else []
     measures = (
         region_measurements(regions, boxes, probs[:, positive_index] if len(probs) else probs, positive,
-                            mpp_l0=mpp_l0, name=pos)
+                            mpp_l0=mpp_l0, name=pos, stats=region_stats)
         if mpp_l0 is not None else [None] * len(geoms)
     )  # fmt: skip
     for g, meas in zip(geoms, measures, strict=True):
