@@ -323,10 +323,7 @@ def load_monusac(
     for r in rows:
         if keep is not None and r["group"] not in keep:
             continue
-        colours = _read_rgb(root / r["path"].replace("images/", "masks/", 1)).astype(np.int16)
-        red, green, blue = colours[..., 0], colours[..., 1], colours[..., 2]
-        epithelial = (green > 128) & (red < 100) & (blue < 100)
-        typed = (red > 128) | (green > 128) | (blue > 128)
+        epithelial, typed = _monusac_masks(root / r["path"].replace("images/", "masks/", 1))
         image = _read_rgb(root / r["path"])
         name = Path(r["path"]).stem
         reg = Region(name, image, float(r["mpp"]), "monusac/lung", r["group"], epithelial, typed)
@@ -472,9 +469,12 @@ def immune_windows(
 
 def is_inflamed(reg: Region, x0: float, y0: float, side: float) -> bool:
     """Whether the window (source pixels) of an immune region is inflamed (see ``immune_windows``)."""
-    nuclei = reg.nuclei_fraction(x0, y0, side)
-    share = IMMUNE_MIN_SHARE[reg.label.split("/")[0]]
-    return nuclei >= IMMUNE_MIN_NUCLEI and reg.mask_fraction(x0, y0, side) >= share * nuclei
+    return _inflamed(reg, reg.nuclei_fraction(x0, y0, side), reg.mask_fraction(x0, y0, side))
+
+
+def _inflamed(reg: Region, nuclei: float, immune: float) -> bool:
+    """The rule, on a window's shares of typed-nucleus and immune-nucleus pixels."""
+    return nuclei >= IMMUNE_MIN_NUCLEI and immune >= IMMUNE_MIN_SHARE[reg.label.split("/")[0]] * nuclei
 
 
 def immune_tiles(
@@ -497,9 +497,7 @@ def immune_tiles(
         for y0 in ys:
             for x0 in xs:
                 nuclei = _window_mean_rect(reg.nuclei, x0, y0, sw, sh)
-                immune = _window_mean_rect(reg.mask, x0, y0, sw, sh)
-                share = IMMUNE_MIN_SHARE[reg.label.split("/")[0]]
-                if nuclei < IMMUNE_MIN_NUCLEI or immune < share * nuclei:
+                if not _inflamed(reg, nuclei, _window_mean_rect(reg.mask, x0, y0, sw, sh)):
                     continue
                 size = (round(sw * TILE_PX / nominal), round(sh * TILE_PX / nominal))
                 box = (float(x0), float(y0), float(x0 + sw), float(y0 + sh))
