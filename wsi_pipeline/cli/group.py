@@ -391,13 +391,12 @@ def _batch_summary(res: Any, summary: Path, report: Path | None = None) -> int:
 
     failed = res.failed
     left = sum(1 for r in res.rows if r.get("status") == LEFT_TO_OTHER_RUN)
-    t = totals(res.rows, res.seconds)
-    tiles = t["tiles"]
+    t = totals(res.rows, res.seconds)  # the same figures summary.json records
     rate = f", {t['tiles_per_s']:,.1f} tiles/s" if t.get("tiles_per_s") else ""  # of the slides done now
     _say(
-        f"{len(res.rows)} slides, {len(res.rows) - len(failed) - left} done, {len(failed)} failed, "
+        f"{t['slides']} slides, {t['done']} done, {t['failed']} failed, "
         + (f"{left} left to other runs, " if left else "")
-        + f"{tiles} tiles, {res.seconds:.1f} s{rate}{labels_text(res.rows)} -> {summary}"
+        + f"{t['tiles']} tiles, {res.seconds:.1f} s{rate}{labels_text(res.rows)} -> {summary}"
         + (f", {report}" if report is not None else "")
     )
     for r in failed:
