@@ -228,10 +228,25 @@ def render_markdown(card: dict[str, Any]) -> str:
         "",
         "## Training",
         "",
-        f"- Command: `{tr['command']}`",
-        f"- {tr['summary']}",
-        f"- Best epoch {tr['best_epoch']} of {tr['epochs_run']}; {tr['train_time_s']:.0f} s on "
-        f"{tr['device']} ({tr.get('threads') or 'all'} threads, torch {tr['torch']}).",
+        *(
+            [
+                f"- Members (one recipe, different seeds; {tr['train_time_s']:.0f} s in all on "
+                f"{tr['device']}, torch {tr['torch']}):",
+                *[
+                    f"  - seed {m['seed']}: best epoch {m['best_epoch']} of {m['epochs_run']}, "
+                    f"{m['train_time_s']:.0f} s: `{m['command']}`"
+                    for m in tr["members"]
+                ],
+                f"- {tr['summary']}",
+            ]
+            if tr.get("members")
+            else [
+                f"- Command: `{tr['command']}`",
+                f"- {tr['summary']}",
+                f"- Best epoch {tr['best_epoch']} of {tr['epochs_run']}; {tr['train_time_s']:.0f} s on "
+                f"{tr['device']} ({tr.get('threads') or 'all'} threads, torch {tr['torch']}).",
+            ]
+        ),
         *(
             [
                 f"- Choices ({tr['choices']['compared_on']}): {tr['choices']['decision']}",

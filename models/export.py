@@ -34,7 +34,7 @@ from models import CLASSES, POSITIVE_CLASS, TILE_PX, ood
 from models.card import write_markdown
 from models.data import load_tiles
 from models.evaluate import build_sets, choose_threshold, make_session, score_sets, set_metrics
-from models.net import TumourTileModel, build_net
+from models.net import SeedEnsemble, TumourTileModel, build_net
 from models.scanned import macenko_groups
 from models.split import read_index, sample_rows, split_rows
 from wsi_pipeline.inference.card import write_card
@@ -121,6 +121,41 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> TumourTileModel:
     net = build_net(ckpt["net_config"]["stem"], ckpt["net_config"]["stages"])
     net.load_state_dict(ckpt["state_dict"])
     return TumourTileModel(net, ckpt["mean"], ckpt["std"]).eval()
+
+
+# Training options that may differ between the members of a seed ensemble.
+MEMBER_ARGS = ("seed", "out", "threads", "device", "time_limit_min")
+
+
+def check_members(paths: Sequence[Path], ckpts: Sequence[dict[str, Any]]) -> None:
+    """Raise ``ValueError`` unless the checkpoints are one recipe with different seeds: the same split,
+    network, recipe and training options (those both record; newer options default when absent)."""
+    first, a0 = ckpts[0], ckpts[0]["training"]["args"]
+    seeds = [c["training"]["args"]["seed"] for c in ckpts]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"ensemble members share a seed ({seeds}): {', '.join(map(str, paths))}")
+    for path, c in zip(paths[1:], ckpts[1:], strict=True):
+        a = c["training"]["args"]
+        for what, x, y in (
+            ("split", c["split"], first["split"]),
+            ("net_config", c["net_config"], first["net_config"]),
+            *[(f"recipe {k}", v, first["recipe"][k]) for k, v in c["recipe"].items() if k in first["recipe"]],
+            *[(f"option --{k}", a[k], a0[k]) for k in a if k in a0 and k not in MEMBER_ARGS],
+        ):
+            if x != y:
+                raise ValueError(
+                    f"{path}: its {what} ({x!r}) differs from {paths[0]}'s ({y!r}); the members of an "
+                    "ensemble must be one recipe trained with different seeds"
+                )
+
+
+def model_from_checkpoints(ckpts: Sequence[dict[str, Any]]) -> TumourTileModel:
+    """One checkpoint's model, or the seed ensemble of several (see ``SeedEnsemble``)."""
+    if len(ckpts) == 1:
+        return model_from_checkpoint(ckpts[0])
+    nets = [model_from_checkpoint(c).net for c in ckpts]
+    ensemble = SeedEnsemble(nets, [c["mean"] for c in ckpts], [c["std"] for c in ckpts])
+    return TumourTileModel(ensemble, ckpts[0]["mean"], ckpts[0]["std"]).eval()
 
 
 def export_onnx(
@@ -300,9 +335,42 @@ def evaluated_on() -> dict[str, Any]:
     }
 
 
+def architecture(ckpts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The card's ``architecture`` section for one checkpoint or the seed ensemble of several."""
+    net = ckpts[0]["net_config"]
+    arch: dict[str, Any] = {
+        "name": "TileNet",
+        "description": "compact ResNet-like CNN: two stride-2 3x3 conv stems, three stride-2 basic "
+        "residual blocks, BatchNorm, global average pooling, linear head.",
+        "stem": net["stem"],
+        "stages": net["stages"],
+        "params": sum(c["params"] for c in ckpts),
+        "macs": sum(c["macs"] for c in ckpts),
+        "flops": sum(c["flops"] for c in ckpts),
+        "flops_note": "2 x multiply-accumulates of Conv2d and Linear layers per 224 px tile",
+    }
+    if len(ckpts) > 1:
+        seeds = [c["training"]["args"]["seed"] for c in ckpts]
+        arch["name"] = f"TileNet seed ensemble ({len(ckpts)})"
+        arch["description"] = (
+            f"{len(ckpts)} TileNets of one recipe trained with seeds {seeds}; P(tumour) is the mean of "
+            "their softmaxes, logits are log(mean probability), the OOD features are theirs side by side. "
+            "Each: " + arch["description"]
+        )
+        arch["members"] = len(ckpts)
+        arch["flops_note"] += " (all members)"
+    return arch
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.split("\n")[1])
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="best.pt of a models.train run; several (one recipe, different seeds): their seed ensemble",
+    )
     p.add_argument("--out", type=Path, default=Path("models/tumour-cnn.onnx"))
     p.add_argument("--index", type=Path, help="index CSV (default: the one recorded in the checkpoint)")
     p.add_argument("--opset", type=int, default=17)
@@ -324,8 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.opset < 17:
         p.error("--opset must be >= 17")
 
-    ckpt = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(ckpt)
+    ckpts = [load_checkpoint(path) for path in args.checkpoint]
+    try:
+        check_members(args.checkpoint, ckpts)
+    except ValueError as exc:
+        p.error(str(exc))
+    ckpt = ckpts[0]
+    model = model_from_checkpoints(ckpts)
     split_info = ckpt["split"]
     recipe = ckpt.get("recipe") or {"name": "index"}
     index = args.index or Path(split_info["index"])
@@ -466,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         "name": args.name,
         "version": args.version,
         "description": "Tumour vs non-tumour classifier for 224 px H&E tiles at 0.5 um/px "
-        "(compact CNN, ONNX).",
+        + (f"(seed ensemble of {len(ckpts)} compact CNNs, ONNX)." if len(ckpts) > 1 else "(compact CNN, ONNX)."),
         "classes": list(CLASSES),
         "positive_class": POSITIVE_CLASS,
         "input": {
@@ -514,17 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": baseline,
         "evaluate_command": f"python -m models.evaluate --model {args.out.as_posix()} --check",
         "int8": int8,
-        "architecture": {
-            "name": "TileNet",
-            "description": "compact ResNet-like CNN: two stride-2 3x3 conv stems, three stride-2 basic "
-            "residual blocks, BatchNorm, global average pooling, linear head.",
-            "stem": ckpt["net_config"]["stem"],
-            "stages": ckpt["net_config"]["stages"],
-            "params": ckpt["params"],
-            "macs": ckpt["macs"],
-            "flops": ckpt["flops"],
-            "flops_note": "2 x multiply-accumulates of Conv2d and Linear layers per 224 px tile",
-        },
+        "architecture": architecture(ckpts),
         "data": {
             **(DATA_LUNG if lung else DATA_GLAS if glas else {}),
             "dataset": "LC25000 lung (Borkowski et al. 2019), shared copy tiles/lc25000-lung"
@@ -597,11 +660,32 @@ def main(argv: list[str] | None = None) -> int:
                 f"(patience {targs['patience']}); cross-entropy weights "
                 f"{[round(w, 4) for w in tr['class_weights']]}; "
                 f"augmentation {targs.get('augment', 'basic')}; semi-supervised {targs.get('ssl', 'none')}; "
-                f"seed {targs['seed']}."
+                + (
+                    f"seeds {[c['training']['args']['seed'] for c in ckpts]}, one network each, "
+                    "probabilities averaged."
+                    if len(ckpts) > 1
+                    else f"seed {targs['seed']}."
+                )
             ),
             "best_epoch": tr["best_epoch"],
             "epochs_run": tr.get("epochs_run", tr["best_epoch"]),
-            "train_time_s": tr.get("train_time_s", 0.0),
+            "train_time_s": round(sum(c["training"].get("train_time_s", 0.0) for c in ckpts), 1),
+            "members": (
+                [
+                    {
+                        "checkpoint": path.as_posix(),
+                        "command": c["training"]["command"],
+                        "seed": c["training"]["args"]["seed"],
+                        "best_epoch": c["training"]["best_epoch"],
+                        "epochs_run": c["training"].get("epochs_run", c["training"]["best_epoch"]),
+                        "train_time_s": c["training"].get("train_time_s", 0.0),
+                        "val_metrics": _round(c["training"]["val_metrics"]),
+                    }
+                    for path, c in zip(args.checkpoint, ckpts, strict=True)
+                ]
+                if len(ckpts) > 1
+                else None
+            ),
             "device": tr["device"],
             "threads": targs.get("threads"),
             "torch": tr["torch"],

@@ -92,8 +92,61 @@ class TileNet(nn.Module):
         """Pooled features ``[N, stages[-1]]`` (the input of the linear head)."""
         return self.pool(self.features(x)).flatten(1)
 
+    def head(self, emb: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, num_classes]`` from pooled features ``emb`` (``embed``'s output)."""
+        return self.fc(self.dropout(emb))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(self.embed(x)))
+        return self.head(self.embed(x))
+
+
+class SeedEnsemble(nn.Module):
+    """TileNets of one recipe trained with different seeds: P(class) is the mean of their softmaxes.
+
+    Each member was trained on tiles normalised with its own ``mean``/``std`` (measured on its own
+    sample of training tiles); the ensemble takes tiles normalised with the first member's and maps them
+    to each member's per RGB channel. ``embed`` concatenates the members' pooled features (the OOD
+    reference is fitted on them); ``head`` returns ``log(mean probability)``, so a softmax of it gives
+    the mean probability back. Averaging seeds removes the part of a model's errors that is the luck
+    of its seed.
+    """
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def __init__(
+        self,
+        members: Sequence[TileNet],
+        means: Sequence[Sequence[float]],
+        stds: Sequence[Sequence[float]],
+    ) -> None:
+        super().__init__()
+        if len(members) < 2 or len(means) != len(members) or len(stds) != len(members):
+            raise ValueError(f"an ensemble needs >= 2 members, each with a mean and std, got {len(members)}")
+        self.members = nn.ModuleList(members)
+        self.widths = [m.fc.in_features for m in members]
+        mean, std = torch.tensor(means, dtype=torch.float64), torch.tensor(stds, dtype=torch.float64)
+        # x_i = (t - mean_i) / std_i = x_0 * std_0 / std_i + (mean_0 - mean_i) / std_i, with t = tiles / 255
+        self.register_buffer("scale", (std[0] / std).float().view(len(members), 1, 3, 1, 1))
+        self.register_buffer("shift", ((mean[0] - mean) / std).float().view(len(members), 1, 3, 1, 1))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Members' pooled features side by side ``[N, sum of stages[-1]]``; ``x`` normalised with the
+        first member's mean and std, NCHW."""
+        return torch.cat(
+            [m.embed(x * self.scale[i] + self.shift[i]) for i, m in enumerate(self.members)], dim=1
+        )
+
+    def head(self, emb: torch.Tensor) -> torch.Tensor:
+        """``log`` of the members' mean softmax ``[N, num_classes]`` from ``embed``'s output."""
+        parts = torch.split(emb, self.widths, dim=1)
+        probs = torch.stack(
+            [torch.softmax(m.head(e), dim=1) for m, e in zip(self.members, parts, strict=True)]
+        )
+        return torch.log(probs.mean(0).clamp_min(1e-12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
 
 
 def build_net(stem: Sequence[int] = (16, 32), stages: Sequence[int] = (48, 96, 160)) -> TileNet:
@@ -174,7 +227,7 @@ class TumourTileModel(nn.Module):
     ood_mean: torch.Tensor
     ood_whiten: torch.Tensor
 
-    def __init__(self, net: TileNet, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, net: TileNet | SeedEnsemble, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.preprocess = Preprocess(mean, std)
         self.net = net
@@ -194,7 +247,7 @@ class TumourTileModel(nn.Module):
 
     def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, ...]:
         emb = self.net.embed(self.preprocess(tiles))
-        logits = self.net.fc(self.net.dropout(emb))
+        logits = self.net.head(emb)
         if not self.has_ood:
             return torch.softmax(logits, dim=1), logits
         dist = ((emb - self.ood_mean) @ self.ood_whiten).pow(2).sum(1).sqrt()

@@ -226,6 +226,68 @@ def test_export_round_trip_parity(tmp_path: Path) -> None:
     np.testing.assert_allclose(prob.sum(1), 1.0, atol=1e-5)
 
 
+def test_seed_ensemble_averages_its_members_probabilities(tmp_path: Path) -> None:
+    """The exported ensemble's P(tumour) is the mean of its members' own models' (each with its own
+    mean/std), its logits give that mean back through a softmax, and its OOD features are theirs."""
+    torch = _torch()
+    from models.evaluate import make_session
+    from models.export import export_onnx, parity
+    from models.net import SeedEnsemble, TumourTileModel, build_net
+
+    norms = [([0.66, 0.53, 0.85], [0.17, 0.2, 0.11]), ([0.70, 0.49, 0.80], [0.15, 0.22, 0.12])]
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = build_net((8, 16), (16, 32, 32))
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.weight.data.uniform_(0.5, 1.5)
+        members.append(net.eval())
+    singles = [TumourTileModel(n, *norm).eval() for n, norm in zip(members, norms, strict=True)]
+    ensemble = TumourTileModel(SeedEnsemble(members, *zip(*norms, strict=True)), *norms[0]).eval()
+    tiles = np.random.default_rng(1).integers(0, 256, size=(6, 224, 224, 3), dtype=np.uint8)
+    with torch.no_grad():
+        t = torch.from_numpy(tiles)
+        own = torch.stack([m(t)[0] for m in singles]).mean(0)
+        probs, logits = ensemble(t)
+        feats = ensemble.net.embed(ensemble.preprocess(t))
+        own_feats = torch.cat([m.net.embed(m.preprocess(t)) for m in singles], 1)
+        first = singles[0](t)[0]
+    assert float((own[:, 1] - first[:, 1]).abs().max()) > 1e-3  # the members differ
+    torch.testing.assert_close(probs, own, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.softmax(logits, 1), own, atol=1e-6, rtol=0)
+    torch.testing.assert_close(feats, own_feats, atol=1e-4, rtol=1e-4)
+    path = tmp_path / "ens.onnx"
+    export_onnx(ensemble, path)
+    assert parity(ensemble, path, tiles, batch_sizes=(1, 4)) <= 1e-4
+    onnx_probs = make_session(path).run(["probabilities"], {"tiles": tiles})[0]
+    np.testing.assert_allclose(onnx_probs, own.numpy(), atol=1e-5)
+
+
+def test_export_refuses_members_of_different_recipes(tmp_path: Path) -> None:
+    """An ensemble is one recipe with different seeds: another option or a repeated seed is refused."""
+    _torch()
+    from models.export import check_members
+
+    def ckpt(seed: int, **args: object) -> dict:
+        return {
+            "split": {"seed": 1}, "net_config": {"stem": [8, 8]}, "recipe": {"crypt_fraction": 0.3},
+            "training": {"args": {"seed": seed, "out": f"r{seed}", "lr": 0.002, **args}},
+        }  # fmt: skip
+
+    paths = [Path("a/best.pt"), Path("b/best.pt")]
+    check_members(paths, [ckpt(0), ckpt(1, threads=1)])
+    with pytest.raises(ValueError, match="share a seed"):
+        check_members(paths, [ckpt(0), ckpt(0)])
+    with pytest.raises(ValueError, match=r"b/best.pt: its option --lr"):
+        check_members(paths, [ckpt(0), ckpt(1, lr=0.001)])
+    other = ckpt(1)
+    other["recipe"]["crypt_fraction"] = 0.0
+    with pytest.raises(ValueError, match="recipe crypt_fraction"):
+        check_members(paths, [ckpt(0), other])
+
+
 def _write_synthetic_index(root: Path) -> Path:
     from PIL import Image
 
@@ -262,6 +324,21 @@ def test_train_export_evaluate_cli_end_to_end(tmp_path: Path) -> None:
     assert card["data"]["split"]["groups"] == {"train": 6, "val": 3, "test": 3}
     assert (out.parent / "MODEL_CARD.md").read_text().startswith("# Model card")
     assert evaluate.main(["--model", str(out), "--index", str(index), "--check", "--tolerance", "0"]) == 0
+
+    # a second seed of the same recipe: the two export as one seed ensemble
+    run1 = tmp_path / "run1"
+    assert (
+        train.main(["--index", str(index), "--out", str(run1), "--epochs", "2", "--seed", "1", *small]) == 0
+    )
+    ens = tmp_path / "ens" / "tumour-cnn.onnx"
+    members = [str(run / "best.pt"), str(run1 / "best.pt")]
+    assert export.main(["--checkpoint", *members, "--out", str(ens), "--parity-tiles", "8"]) == 0
+    ens_card = load_card(ens.with_suffix(".json")).raw
+    assert ens_card["architecture"]["members"] == 2
+    assert ens_card["architecture"]["flops"] == 2 * card["architecture"]["flops"]
+    assert [m["seed"] for m in ens_card["training"]["members"]] == [0, 1]
+    assert "seed 1: best epoch" in (ens.parent / "MODEL_CARD.md").read_text()
+    assert evaluate.main(["--model", str(ens), "--index", str(index), "--check", "--tolerance", "0"]) == 0
 
 
 def test_train_with_ema_checkpoints_the_averaged_weights(tmp_path: Path) -> None:
