@@ -539,7 +539,11 @@ def main(argv: list[str] | None = None) -> int:
         "name": args.name,
         "version": args.version,
         "description": "Tumour vs non-tumour classifier for 224 px H&E tiles at 0.5 um/px "
-        + (f"(seed ensemble of {len(ckpts)} compact CNNs, ONNX)." if len(ckpts) > 1 else "(compact CNN, ONNX)."),
+        + (
+            f"(seed ensemble of {len(ckpts)} compact CNNs, ONNX)."
+            if len(ckpts) > 1
+            else "(compact CNN, ONNX)."
+        ),
         "classes": list(CLASSES),
         "positive_class": POSITIVE_CLASS,
         "input": {
