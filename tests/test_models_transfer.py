@@ -397,3 +397,40 @@ def test_immune_regions_split_by_patient_and_are_non_tumour_crowds() -> None:
     assert len(tiles) >= 10 and not set(val_groups) & groups
     assert any(g.startswith("consep-test") for g in val_groups)
     assert any(g in MONUSAC_SPLIT["val"] for g in val_groups)
+
+
+def test_blur_tiles_is_a_gaussian_of_the_given_sigma() -> None:
+    """Sigma 0 gives the tiles back; a blur keeps the mean colour and flattens a checkerboard."""
+    from models.blur_check import blur_tiles
+
+    tiles = np.zeros((2, 32, 32, 3), np.uint8)
+    tiles[:, ::2, ::2] = 200
+    tiles[:, 1::2, 1::2] = 200
+    assert blur_tiles(tiles, 0.0) is tiles
+    soft = blur_tiles(tiles, 2.0)
+    assert soft.dtype == np.uint8 and soft.shape == tiles.shape
+    assert abs(float(soft.mean()) - float(tiles.mean())) < 1.0
+    assert soft.std() < 0.05 * tiles.std()
+
+
+@pytest.mark.realdata
+def test_blur_check_starts_at_the_validation_auc_and_loses_tumour_with_defocus() -> None:
+    """Unblurred, the table's AUC is models.compare's GlaS validation AUC (adenomas as negatives, the
+    card's rule); 1.5 um of defocus costs the shipped model AUC and tumour calls (the README's figures)."""
+    if not (SHARED_TILES / "glas-colon" / "index.csv").exists():
+        pytest.skip(
+            f"real data not available: {SHARED_TILES / 'glas-colon'} (the shared data folder is absent)"
+        )
+    from models.blur_check import blur_table
+    from models.evaluate import build_sets, score_sets
+    from wsi_pipeline.evaluation.metrics import roc_auc
+    from wsi_pipeline.inference.card import load_card
+
+    model = Path(__file__).resolve().parents[1] / "models" / "tumour-cnn.onnx"
+    sharp, blurred = blur_table(model, (0.0, 1.5))
+    (glas,) = [s for s in build_sets(load_card(model.with_suffix(".json")).raw, None, ("val",))]
+    (p,) = score_sets(model, [glas])
+    assert sharp["tiles"] == blurred["tiles"] == len(glas.tumour)
+    assert sharp["auc"] == round(float(roc_auc(glas.tumour, p)), 4)
+    assert blurred["auc"] < sharp["auc"] - 0.05
+    assert blurred["called"] < sharp["called"]
