@@ -412,6 +412,7 @@ def _fake_run(
     cell: float = 100.0,
     origin: float = 0.0,
     status: str = "complete",
+    model: tuple[str, str, str] = ("tumour-cnn", "0.3.0", "ab" * 32),
 ) -> Path:
     """A finished run as the pipeline writes it (manifest + tile table), without scoring a slide:
     ``probs`` (rows, cols) P(tumour) per heatmap cell, NaN where no tile was scored."""
@@ -429,7 +430,8 @@ def _fake_run(
     positive = bool(np.nansum(probs >= 0.5) > 0)
     manifest = {
         "status": status, "slide": f"/scanner/{stem}.svs", "label": {"label": "tumour" if positive else
-        "benign", "positive": positive}, "model": {"positive_class": "tumour"},
+        "benign", "positive": positive}, "model": {"positive_class": "tumour", "name": model[0],
+        "version": model[1], "sha256": model[2]},
         "resolution": {"mpp_x": MPP, "mpp_y": MPP},
         "grid": {"cols": cols, "rows": rows}, "heatmap": {"cell_l0_px": cell, "origin_l0": origin,
         "shape": [rows, cols]}, "outputs": {"tiles_csv": f"/elsewhere/{stem}.tiles.csv"},
@@ -575,6 +577,43 @@ def test_benign_slides_are_reported_apart_and_not_in_the_mean_dice(tmp_path: Pat
     assert (
         code == 0 and "2 benign: 1 called tumour, false-positive area mean 0.0075 mm^2 (max 0.0150)" in out
     ), out
+
+
+def test_metrics_record_the_models_parameters_and_command_behind_them(tmp_path: Path) -> None:
+    """A validation record must say which model made the figures and how: metrics.json's ``run``, the
+    CSV's model columns and the page's Run table. Runs of two models are flagged, as their means mix."""
+    results, ann = tmp_path / "results", tmp_path / "ann"
+    probs = np.full((8, 10), 0.1)
+    probs[1:6, 2:8] = 0.8
+    for stem in ("a", "b"):
+        _fake_run(results, stem, probs)
+        _asap_file(ann / f"{stem}.xml", TRUTH)
+    code, out = _invoke(
+        str(results), "-a", str(ann), "-o", str(tmp_path / "m.json"), "--truth-fraction", "0.4"
+    )
+    assert code == 0, out
+    data = json.loads((tmp_path / "m.json").read_text())
+    run = data["run"]
+    assert run["models"] == [{"model": "tumour-cnn 0.3.0", "sha256": "ab" * 32, "slides": 2}]
+    assert run["parameters"]["truth_fraction"] == 0.4 and run["parameters"]["threshold"] is None
+    assert run["command"][:2] == ["wsi-infer", "evaluate"] and "--truth-fraction" in run["command"]
+    assert run["versions"]["numpy"] and run["results"] == str(results)
+    rows = list(csv.DictReader((tmp_path / "m.csv").open()))
+    assert {r["model"] for r in rows} == {"tumour-cnn 0.3.0"} and rows[0]["model_sha256"] == "ab" * 32
+    page = (tmp_path / "m.html").read_text()
+    assert "<h2>Run</h2>" in page and "tumour-cnn 0.3.0 (sha256 abababababab): 2 slide(s)" in page
+    assert "different models" not in out + page
+
+    _fake_run(results, "c", probs, model=("tumour-cnn", "0.4.0", "cd" * 32))
+    _asap_file(ann / "c.xml", TRUTH)
+    code, out = _invoke(str(results), "-a", str(ann), "-o", str(tmp_path / "m2.json"))
+    assert code == 0, out
+    assert (
+        "warning: the runs were scored by 2 different models (tumour-cnn 0.3.0 (sha256 abababababab): " in out
+    )
+    assert "tumour-cnn 0.4.0 (sha256 cdcdcdcdcdcd): 1 slide(s))" in out
+    assert "the runs were scored by 2 different models" in (tmp_path / "m2.html").read_text()
+    assert [m["slides"] for m in json.loads((tmp_path / "m2.json").read_text())["run"]["models"]] == [2, 1]
 
 
 # --- end to end: slide -> heatmap -> Dice ---------------------------------------------------------

@@ -81,6 +81,8 @@ def evaluate(
     """  # fmt: skip
 
     def body() -> int:
+        import time
+
         from wsi_pipeline import __version__
         from wsi_pipeline.batch import rows_to_csv
         from wsi_pipeline.evaluation.annotations import DEFAULT_EXCLUSION_GROUPS, GroupMapping
@@ -90,11 +92,16 @@ def evaluate(
             csv_rows,
             evaluate_runs,
             format_summary,
+            mixed_models_warning,
             truth_picture,
         )
         from wsi_pipeline.io.ownership import GENERATOR, refuse_foreign_files
         from wsi_pipeline.io.report import write_evaluation_report
-        from wsi_pipeline.provenance import atomic_write_bytes, atomic_write_json
+        from wsi_pipeline.provenance import atomic_write_bytes, atomic_write_json, environment_versions
+
+        from .group import command_line
+
+        started = time.perf_counter()
 
         out_p = _metrics_path(out)
         csv_path, page_path = out_p.with_suffix(".csv"), out_p.with_suffix(".html")
@@ -106,7 +113,28 @@ def evaluate(
         )
         res = evaluate_runs(results, annotations, threshold=threshold, truth_min_fraction=truth_fraction,
                             mapping=mapping, sweep_thresholds=SWEEP_THRESHOLDS if sweep else ())  # fmt: skip
-        atomic_write_json(out_p, {"generator": f"{GENERATOR} {__version__}", **res})
+        mixed = mixed_models_warning(res["summary"]["models"])
+        run = {  # what a lab's validation record needs to reproduce these figures
+            "command": list(command_line() or ()),
+            "results": str(results),
+            "annotations": str(annotations),
+            "parameters": {
+                "threshold": threshold,
+                "threshold_note": "each run's own (its model card's or --tile-threshold)"
+                if threshold is None
+                else "given with --threshold",
+                "truth_fraction": truth_fraction,
+                "positive_groups": sorted(mapping.positive) if mapping.positive else None,
+                "exclusion_groups": sorted(mapping.exclusion),
+                "sweep": sweep,
+            },
+            "models": res["summary"]["models"],
+            "package_version": __version__,
+            "versions": environment_versions(),
+            "seconds": round(time.perf_counter() - started, 3),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        atomic_write_json(out_p, {"generator": f"{GENERATOR} {__version__}", **res, "run": run})
         atomic_write_bytes(csv_path, rows_to_csv(csv_rows(res["slides"]), CSV_COLUMNS))
         if sweep:
             atomic_write_bytes(sweep_path, rows_to_csv(res["sweep"]))
@@ -114,11 +142,12 @@ def evaluate(
             row["manifest"]: truth_picture(row["manifest"], row["annotation"], mapping=mapping)
             for row in res["slides"]
         }
-        notes = [f"{Path(s).name}: no annotation file (not scored)" for s in res["unannotated"]]
+        notes = [f"warning: {mixed}"] if mixed else []
+        notes += [f"{Path(s).name}: no annotation file (not scored)" for s in res["unannotated"]]
         notes += [e["error"] for e in res["errors"]]
         write_evaluation_report(page_path, csv_rows(res["slides"]), pictures,
                                 summary=format_summary(res["summary"]), notes=notes,
-                                sweep=res.get("sweep") or ())  # fmt: skip
+                                sweep=res.get("sweep") or (), run=run)  # fmt: skip
         written = ", ".join(str(p) for p in (out_p, csv_path, *([sweep_path] if sweep else []), page_path))
         click.echo(f"{format_summary(res['summary'])} -> {written}")
         for sl in res["unannotated"]:
@@ -129,6 +158,8 @@ def evaluate(
         for row in res["slides"]:
             for w in row.get("warnings", []):
                 click.echo(f"warning: {Path(row['slide']).name}: {w}", err=True)
+        if mixed:
+            click.echo(f"warning: {mixed}", err=True)
         for e in res["errors"]:
             _err(e["error"])
         return 1 if res["errors"] else 0

@@ -350,6 +350,8 @@ def case_metrics(
     area_mm2 = {k: _mm2(v, mpp) for k, v in area.items()}
     return strict_json({  # undefined metrics (nan) are null, as they are written
         "slide": m["slide"],
+        "model": model_name(m),
+        "model_sha256": (m.get("model") or {}).get("sha256"),
         "manifest": str(case.manifest_path),
         "annotation": str(case.annotation_path) if case.annotation_path else None,
         "annotation_format": ann.format if ann else None,
@@ -385,6 +387,40 @@ def case_metrics(
         "slide_label": m["label"].get("label") if own else (f"{pos}" if predicted_positive else f"no {pos}"),
         "slide_label_correct": truth_positive == predicted_positive,
     })  # fmt: skip
+
+
+def model_name(manifest: dict[str, Any]) -> str | None:
+    """``name version`` of the model a run's manifest records (None when it records neither)."""
+    m = manifest.get("model") or {}
+    text = " ".join(str(m[k]) for k in ("name", "version") if m.get(k))
+    return text or None
+
+
+def models_of(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The models behind ``results`` (per-slide rows): name and version, sha256 and how many slides,
+    most slides first; runs that record no model count under ``None``."""
+    counts: dict[tuple[Any, Any], int] = {}
+    for r in results:
+        key = (r.get("model"), r.get("model_sha256"))
+        counts[key] = counts.get(key, 0) + 1
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
+    return [{"model": name, "sha256": sha, "slides": n} for (name, sha), n in ordered]
+
+
+def mixed_models_warning(models: Sequence[dict[str, Any]]) -> str | None:
+    """One line when the slides were scored by more than one model (their means mix the models)."""
+    if len(models) < 2:
+        return None
+    named = "; ".join(
+        f"{m['model'] or 'unrecorded'}"
+        + (f" (sha256 {m['sha256'][:12]})" if m["sha256"] else "")
+        + f": {m['slides']} slide(s)"
+        for m in models
+    )
+    return (
+        f"the runs were scored by {len(models)} different models ({named}): the means mix them; "
+        "evaluate each model's results folder on its own"
+    )
 
 
 #: Thresholds of ``evaluate --sweep`` (each run's own is added)
@@ -467,6 +503,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ),
     }
     out["thresholds"] = sorted({float(r["threshold"]) for r in results if r.get("threshold") is not None})
+    out["models"] = models_of(results)
     correct = [bool(r["slide_label_correct"]) for r in results]
     out["slide_label_accuracy"] = round(sum(correct) / len(correct), 4) if correct else None
     out["slide_labels_correct"] = sum(correct)
@@ -555,7 +592,8 @@ def _slide_level_text(summary: dict[str, Any]) -> str:
 CSV_COLUMNS = ("slide", "truth", "dice", "precision", "recall", "cell_dice", "truth_mm2", "predicted_mm2",
                "false_positive_mm2", "auc", "lesions", "lesions_found", "false_positive_regions",
                "slide_label", "slide_truth_positive",
-               "slide_predicted_positive", "slide_label_correct", "annotation", "threshold")  # fmt: skip
+               "slide_predicted_positive", "slide_label_correct", "annotation", "threshold", "model",
+               "model_sha256")  # fmt: skip
 
 
 def csv_rows(slides: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -453,10 +453,12 @@ def evaluation_report_html(
     notes: Sequence[str] = (),
     title: str = "wsi-pipeline evaluation",
     sweep: Sequence[Mapping[str, Any]] = (),
+    run: Mapping[str, Any] | None = None,
 ) -> str:
     """The page of ``evaluate``: ``summary`` (its closing line), then one sortable row per slide with
     its metrics and its picture (``pictures[row["manifest"]]``: the overlay with the truth outlined, a
-    JPEG inline, so the page is one file); ``notes``: slides not scored and errors."""
+    JPEG inline, so the page is one file); ``notes``: slides not scored and errors; ``run``: the
+    models, parameters and command behind the figures (metrics.json's ``run``)."""
     headers = ("slide", "prediction (black) vs truth (cyan)", *(c[1] for c in EVALUATION_COLUMNS))
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = []
@@ -485,10 +487,38 @@ def evaluation_report_html(
         f"<tbody>{''.join(body)}</tbody></table>",
         *(f'<p class="warn">{_e(n)}</p>' for n in notes),
         *_sweep_table(sweep),
+        *_evaluation_run(run),
         "<footer>Research use only: not for diagnosis. metrics.json and metrics.csv hold the same rows."
         "</footer>",
     ]
     return _page(title, "\n".join(parts), _SORT_JS)
+
+
+def _evaluation_run(run: Mapping[str, Any] | None) -> list[str]:
+    """The evaluation page's record of how its figures were made (none: nothing)."""
+    if not run:
+        return []
+    par = run.get("parameters") or {}
+    models = [
+        f"{m.get('model') or 'not recorded'}"
+        + (f" (sha256 {str(m['sha256'])[:12]})" if m.get("sha256") else "")
+        + f": {m.get('slides')} slide(s)"
+        for m in run.get("models") or []
+    ]
+    threshold = par.get("threshold")
+    pairs = [
+        ("model(s)", "; ".join(models) or "none"),
+        ("tile threshold", par.get("threshold_note") if threshold is None else threshold),
+        ("truth fraction of a cell", par.get("truth_fraction")),
+        ("positive groups", ", ".join(par.get("positive_groups") or []) or "every group not excluded"),
+        ("exclusion groups", ", ".join(par.get("exclusion_groups") or [])),
+        ("results", run.get("results")),
+        ("annotations", run.get("annotations")),
+        ("command", " ".join(run.get("command") or []) or "(from Python)"),
+        ("wsi-pipeline", run.get("package_version")),
+        ("finished", run.get("finished_at")),
+    ]
+    return ["<h2>Run</h2>", _rows(pairs)]
 
 
 #: Columns of the operating-points table: (key, header)
@@ -534,6 +564,7 @@ def write_evaluation_report(
     summary: str,
     notes: Sequence[str] = (),
     sweep: Sequence[Mapping[str, Any]] = (),
+    run: Mapping[str, Any] | None = None,
 ) -> Path:
-    page = evaluation_report_html(slides, pictures, summary=summary, notes=notes, sweep=sweep)
+    page = evaluation_report_html(slides, pictures, summary=summary, notes=notes, sweep=sweep, run=run)
     return atomic_write_bytes(path, valid_text(page).encode())
