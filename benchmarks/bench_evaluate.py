@@ -98,8 +98,9 @@ def main() -> None:
         return
 
     from testkit.benchslides import PhotoPool, random_spec, write_bench_slide
-    from wsi_pipeline.evaluation.evaluate import SWEEP_THRESHOLDS, evaluate_slide, load_case, summarize, sweep
+    from wsi_pipeline.evaluation.evaluate import SWEEP_THRESHOLDS, evaluate_slide, load_case, sweep
     from wsi_pipeline.evaluation.metrics import is_undefined, roc_auc
+    from wsi_pipeline.evaluation.summary import summarize
     from wsi_pipeline.inference.card import resolve_model
     from wsi_pipeline.pipeline import RunOptions, run_slide
 

@@ -35,11 +35,10 @@ from wsi_pipeline.evaluation.evaluate import (
     evaluate_runs,
     evaluate_slide,
     find_runs,
-    format_summary,
     rasterize_fraction,
-    summarize,
 )
 from wsi_pipeline.evaluation.metrics import binary_metrics
+from wsi_pipeline.evaluation.summary import format_summary, summarize
 from wsi_pipeline.pipeline import RunOptions, output_paths, run_slide
 
 SQUARE = [(0, 0), (100, 0), (100, 100), (0, 100)]

@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 
-from wsi_pipeline.evaluation.evaluate import summarize
 from wsi_pipeline.evaluation.metrics import (
     binary_metrics,
     classification_metrics,
@@ -18,6 +17,7 @@ from wsi_pipeline.evaluation.metrics import (
     ratio,
     roc_auc,
 )
+from wsi_pipeline.evaluation.summary import summarize
 from wsi_pipeline.provenance import strict_json
 
 

@@ -86,14 +86,12 @@ def evaluate(
         from wsi_pipeline import __version__
         from wsi_pipeline.batch import rows_to_csv
         from wsi_pipeline.evaluation.annotations import DEFAULT_EXCLUSION_GROUPS, GroupMapping
-        from wsi_pipeline.evaluation.evaluate import (
+        from wsi_pipeline.evaluation.evaluate import SWEEP_THRESHOLDS, evaluate_runs, truth_picture
+        from wsi_pipeline.evaluation.summary import (
             CSV_COLUMNS,
-            SWEEP_THRESHOLDS,
             csv_rows,
-            evaluate_runs,
             format_summary,
             mixed_models_warning,
-            truth_picture,
         )
         from wsi_pipeline.io.ownership import GENERATOR, refuse_foreign_files
         from wsi_pipeline.io.report import write_evaluation_report
