@@ -465,6 +465,12 @@ def test_cli_folder_with_corrupt_slide(
         and float(summary["tumour.svs"]["greatest_dimension_mm"]) > 0.6
     )
     assert summary["benign.svs"]["regions"] == "0"
+    card = json.loads(test_model.with_suffix(".json").read_text())  # which model labelled each slide
+    assert summary["tumour.svs"]["model"] == f"{card['name']} {card['version']}"
+    assert summary["tumour.svs"]["model_sha256"] == card["sha256"] and not summary["notes.svs"]["model"]
+    assert doc["totals"]["models"] == [
+        {"model": f"{card['name']} {card['version']}", "sha256": card["sha256"]}
+    ]
     assert "greatest dimension (mm)" in (out / "report.html").read_text()
     assert summary["notes.svs"]["status"] == "failed" and "cannot open" in summary["notes.svs"]["error"]
     assert not list(out.glob("notes*"))

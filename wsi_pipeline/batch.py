@@ -201,6 +201,8 @@ def result_row(manifest: dict[str, Any], out: Path, heatmap: Path | None = None)
         "mpp_source": (m.get("resolution") or {}).get("mpp_source"),
         "mpp_warning": bool((m.get("resolution") or {}).get("override_warning")),
         "seconds": m["seconds"],
+        "model": " ".join(str(m["model"][k]) for k in ("name", "version") if m["model"].get(k)) or None,
+        "model_sha256": m["model"].get("sha256"),
         "report": href("report"), "overlay": href("overlay"),
     }  # fmt: skip
 
@@ -565,6 +567,9 @@ def totals(rows: Sequence[dict[str, Any]], seconds: float | None = None) -> dict
             "negative": sum(not r["positive"] for r in labelled),
             "ood_warning": sum(bool(r.get("ood_warning")) for r in labelled),
         }
+    models = sorted({(r.get("model"), r.get("model_sha256")) for r in labelled}, key=str)
+    if models:  # the model(s) behind the labels: one, unless results of another were kept
+        out["models"] = [{"model": name, "sha256": sha} for name, sha in models]
     return out
 
 
