@@ -181,6 +181,17 @@ def render_markdown(card: dict[str, Any]) -> str:
             ],
             "",
         ]
+    kd = card.get("known_defects")
+    if kd:
+        lines += [
+            "## Known defects",
+            "",
+            f"Measured on tissue the model never trained on (at threshold {kd.get('threshold')}). "
+            f"Reproduce: `{kd.get('command', '')}`.",
+            "",
+            *[f"- **{f['name']}**: {f['finding']}. What to do: {f['advice']}." for f in kd["findings"]],
+            "",
+        ]
     glas = d.get("glas")
     lines += [
         "## Model",

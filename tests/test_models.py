@@ -529,3 +529,37 @@ def test_shipped_model_warns_on_the_stain_shifted_tcga_section(tmp_path: Path) -
     assert m["label"]["ood"]["warning"]
     if m["label"]["label"] != "tumour":
         pytest.xfail("known defect (issue 12): the shipped model misses this section's carcinoma nests")
+
+
+def test_shipped_model_card_is_its_markdown() -> None:
+    """MODEL_CARD.md is generated from the JSON card: edited by hand, or left behind by a --write, it
+    would tell a lab something the card does not."""
+    from models.card import render_markdown
+
+    card = json.loads(SHIPPED_CARD.read_text())
+    assert (SHIPPED_ONNX.parent / "MODEL_CARD.md").read_text() == render_markdown(card)
+
+
+@pytest.mark.realdata
+def test_shipped_card_known_defects_are_what_the_model_does_now() -> None:
+    """The card's known defects are measurements: measured again, the shipped model gives the same
+    labels and figures (within onnxruntime's differences between CPUs), and each says what to do."""
+    if not LC25000_INDEX.exists() or not (SHARED_DATA / "tiles" / "glas-colon").exists():
+        pytest.skip(f"real data not available: {SHARED_DATA} (the shared data folder is absent)")
+    from models.defects_check import measure
+
+    card = load_card(SHIPPED_CARD).raw["known_defects"]
+    now, missing = measure(SHIPPED_ONNX)
+    assert not missing and [f["name"] for f in now["findings"]] == [f["name"] for f in card["findings"]]
+    assert {f["name"] for f in card["findings"]} >= {"inflammation", "defocus", "benign squamous epithelium"}
+    for then, f in zip(card["findings"], now["findings"], strict=True):
+        assert f["advice"] and then["advice"] == f["advice"]
+        for key, value in f["figures"].items():
+            if key == "blur":
+                for a, b in zip(then["figures"]["blur"], value, strict=True):
+                    assert a["auc"] == pytest.approx(b["auc"], abs=0.002)
+                    assert a["called"] == pytest.approx(b["called"], abs=0.01)
+            elif isinstance(value, float):
+                assert then["figures"][key] == pytest.approx(value, abs=0.005), (f["name"], key)
+            else:
+                assert then["figures"][key] == value, (f["name"], key)

@@ -1,0 +1,150 @@
+"""Measure a model's known weaknesses on scanned tissue it was not trained on; record them on its card.
+
+Example (from the repository root)::
+
+    python -m models.defects_check --model models/tumour-cnn.onnx [--write]
+
+Each finding is measured here, on data the model never trained on, and says what a lab should do:
+
+* **inflammation**: the inflamed windows of ``models.compare`` (immune nuclei dominate; MoNuSAC
+  patients and CoNSeP test tiles not trained on, all non-tumour): mean P(tumour), share called;
+* **defocus**: ``models.blur_check`` on the GlaS validation tiles: AUC and share called at 0, 1 and
+  1.5 um of Gaussian blur;
+* **benign squamous epithelium**: the bundled sample (benign skin, CC0) run through the pipeline:
+  its label, max P and OOD score;
+* **stain far from training**: the TCGA-CR head-and-neck carcinoma section of the shared data (no mpp
+  in the file; 1.0 um/px assumed): its label, max P and OOD score.
+
+A finding whose data is absent is left out (the output says so). ``--write`` stores the findings as
+the card's ``known_defects`` section and re-renders ``MODEL_CARD.md``, as ``models.fp16_check`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.blur_check import blur_table
+from models.card import write_markdown
+from models.compare import compare
+from models.evaluate import default_index
+from models.scanned import shared_tiles_dir
+from wsi_pipeline.inference.card import load_card, write_card
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "samples" / "CMU-1-Small-Region.svs"
+TCGA = shared_tiles_dir().parent / "slides" / "aperio" / "tcga-cr-7395-01a-01-ts1.svs"
+
+
+def _slide_result(model: Path, slide: Path, mpp: float | None) -> dict[str, Any]:
+    """Label, max P, tumour area and OOD score of ``slide`` run through the pipeline with ``model``."""
+    from wsi_pipeline.pipeline import RunOptions, run_slide
+    from wsi_pipeline.tiling.plan import TileOptions
+
+    opts = RunOptions(tile=replace(TileOptions(), mpp_override=mpp), workers=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        m = run_slide(slide, Path(tmp) / "out.tif", model=model, options=opts)
+    label, ood = m["label"], m["label"].get("ood") or {}
+    pos = m["model"]["positive_class"]
+    return {
+        "label": label["label"],
+        "max_p": round(float(label["evidence"]["max_p"]), 3),
+        "area_mm2": label["evidence"].get(f"{pos}_area_mm2"),
+        "ood_score": ood.get("score"),
+        "ood_warning": bool(ood.get("warning")),
+    }
+
+
+def measure(model: Path) -> tuple[dict[str, Any], list[str]]:
+    """The ``known_defects`` section of ``model``'s card, and the findings left out (no data)."""
+    card = load_card(model.with_suffix(".json"))
+    thr = card.threshold
+    findings: list[dict[str, Any]] = []
+    missing: list[str] = []
+    rows = compare([model], "val", default_index()) if default_index().exists() else []
+    row = rows[0] if rows else {}
+    if row.get("immune_val_tiles"):
+        n, mean_p, called = row["immune_val_tiles"], row["immune_val_mean_p"], row["immune_val_called"]
+        findings.append({
+            "name": "inflammation",
+            "finding": f"{n} held-out windows crowded with lymphocytes and other immune cells (MoNuSAC and "
+            f"CoNSeP, not trained on; all non-tumour) score mean P {mean_p}; {called:.0%} are called tumour",
+            "advice": "check lymphoid aggregates and inflamed regions by eye",
+            "figures": {k: row[k] for k in ("immune_val_tiles", "immune_val_mean_p", "immune_val_called")},
+        })  # fmt: skip
+    else:
+        missing.append("inflammation (MoNuSAC / CoNSeP tiles absent)")
+    glas = shared_tiles_dir() / "glas-colon"
+    if glas.exists() and (card.raw.get("data") or {}).get("glas"):
+        table = blur_table(model, (0.0, 1.0, 1.5))
+        sharp, one, worst = table
+        findings.append({
+            "name": "defocus",
+            "finding": f"GlaS validation AUC {sharp['auc']} sharp, {one['auc']} at 1 um of Gaussian blur, "
+            f"{worst['auc']} at 1.5 um; share called tumour {sharp['called']} sharp, {one['called']} at "
+            "1 um; the pipeline does not detect blur",
+            "advice": "re-scan slides with focus problems before trusting a 'no tumour'",
+            "figures": {"blur": table},
+        })  # fmt: skip
+    else:
+        missing.append(f"defocus ({glas} absent)")
+    if not SAMPLE.exists():
+        missing.append(f"benign squamous epithelium ({SAMPLE} absent)")
+    else:
+        r = _slide_result(model, SAMPLE, None)
+        findings.append({
+            "name": "benign squamous epithelium",
+            "finding": f"the bundled sample (benign skin) is labelled {r['label']}: max P {r['max_p']}, OOD "
+            f"score {r['ood_score']} ({'' if r['ood_warning'] else 'not '}warned); no benign squamous "
+            "epithelium was in training",
+            "advice": "skin, oesophagus, cervix and other squamous epithelium: do not use",
+            "figures": r,
+        })  # fmt: skip
+    if TCGA.exists():
+        r = _slide_result(model, TCGA, 1.0)
+        findings.append({
+            "name": "stain far from training",
+            "finding": f"a very pink TCGA head-and-neck squamous carcinoma section is labelled {r['label']}: "
+            f"max P {r['max_p']}, OOD score {r['ood_score']} ({'' if r['ood_warning'] else 'not '}warned)",
+            "advice": "a slide with an OOD warning has no negative result: review it by eye",
+            "figures": r,
+        })  # fmt: skip
+    else:
+        missing.append(f"stain far from training ({TCGA} absent)")
+    shown = model.relative_to(ROOT) if model.is_relative_to(ROOT) else model
+    section = {
+        "findings": findings,
+        "command": f"python -m models.defects_check --model {Path(shown).as_posix()} --write",
+        "threshold": thr,
+    }
+    return section, missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.defects_check", description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, default=ROOT / "models" / "tumour-cnn.onnx")
+    p.add_argument("--write", action="store_true", help="store the findings as the card's known_defects")
+    args = p.parse_args(argv)
+    model = args.model.resolve()
+    section, missing = measure(model)
+    print(json.dumps(section, indent=1, default=lambda o: float(o) if isinstance(o, np.floating) else str(o)))
+    for m in missing:
+        print(f"left out: {m}")
+    if args.write:
+        card_path = model.with_suffix(".json")
+        raw = dict(load_card(card_path).raw)
+        raw["known_defects"] = section
+        write_card(raw, card_path)
+        write_markdown(raw, model.parent / "MODEL_CARD.md")
+        print(f"wrote the known_defects section of {card_path} ({len(section['findings'])} findings)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
