@@ -563,3 +563,21 @@ def test_shipped_card_known_defects_are_what_the_model_does_now() -> None:
                 assert then["figures"][key] == pytest.approx(value, abs=0.005), (f["name"], key)
             else:
                 assert then["figures"][key] == value, (f["name"], key)
+
+
+def test_every_run_of_the_shipped_model_carries_its_known_defects(cmu_run: dict) -> None:
+    """A pathologist reads the slide page, not the model card: each run's manifest and page carry what
+    the card says the model gets wrong and what to do about it; a model whose card records none gets
+    no such section (the page of a test model, made with the same code)."""
+    from wsi_pipeline.io.report import slide_report_html
+
+    card = load_card(SHIPPED_CARD)
+    assert cmu_run["model"]["known_defects"] == card.known_defects != []
+    page = Path(cmu_run["outputs"]["report"]).read_text()
+    assert 'id="known-defects"' in page
+    for d in card.known_defects:
+        assert d["advice"].replace("'", "&#x27;") in page
+    plain = {**cmu_run, "model": {**cmu_run["model"], "known_defects": []}}
+    html = slide_report_html(plain, overlay_href="x.png", thumbnail=np.zeros((4, 4, 3), np.uint8),
+                             top_tiles=[], links={})  # fmt: skip
+    assert "known-defects" not in html

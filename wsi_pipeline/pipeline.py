@@ -544,7 +544,8 @@ def _write_outputs(
         "batch_size": opts.batch_size,
         "model": {"name": card.name, "version": card.version, "sha256": card.sha256, "card": str(card.path),
                   "classes": list(card.classes), "positive_class": card.positive_class, "mpp": card.mpp,
-                  "optimized_copy": _optimized_copy(card, result.provider)},
+                  "optimized_copy": _optimized_copy(card, result.provider),
+                  "known_defects": card.known_defects},
         "resolution": layout.records.get("resolution"),
         "qupath_origin_l0": list(_qupath_origin(layout)),  # the GeoJSON's (0, 0), in level-0 px
         "tissue": layout.records.get("tissue"),

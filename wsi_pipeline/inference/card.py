@@ -70,6 +70,13 @@ class ModelCard:
     def positive_index(self) -> int:
         return self.classes.index(self.positive_class)
 
+    @property
+    def known_defects(self) -> list[dict[str, str]]:
+        """The card's measured weaknesses (``known_defects.findings``: name, finding, advice), for
+        every run's manifest and page; empty when the card records none."""
+        section = self.raw.get("known_defects") or {}
+        return [{k: str(f[k]) for k in ("name", "finding", "advice")} for f in section.get("findings", [])]
+
 
 def _bad(path: Path, what: str) -> ModelError:
     return ModelError(

@@ -244,6 +244,7 @@ def slide_report_html(
                 ("trained at um/px", model.get("mpp")),
             ]
         ),
+        *_known_defects(model),
         "<h2>Files</h2><ul>"
         + "".join(f'<li><a href="{_url(href)}">{_e(label)}</a></li>' for label, href in links.items())
         + "</ul>",
@@ -278,6 +279,22 @@ def _regions_table(regions: Mapping[str, Any], pos: str) -> list[str]:
         f"{_e(pos)} tiles (its area includes the tiles' whole squares); centre in level-0 slide pixels, "
         f"to find it in a viewer.{note}</p>",
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+    ]
+
+
+def _known_defects(model: Mapping[str, Any]) -> list[str]:
+    """The slide page's list of what its model is known to get wrong (from its card; none: nothing)."""
+    defects = model.get("known_defects") or []
+    if not defects:
+        return []
+    items = "".join(
+        f"<li><b>{_e(d.get('name'))}</b>: {_e(d.get('advice'))}. <small>{_e(d.get('finding'))}.</small></li>"
+        for d in defects
+    )
+    return [
+        '<h2 id="known-defects">What this model is known to get wrong</h2>'
+        "<p>Measured on tissue it never trained on (its model card has the figures and how to reproduce "
+        f"them). Read this slide's result with them in mind.</p><ul>{items}</ul>"
     ]
 
 
