@@ -263,3 +263,24 @@ def test_busy_leave_ends_without_waiting_for_slides_another_run_still_holds(tmp_
     assert res.exit_code == 0 and "c1.svs: left to the other run" in res.output, res.output
     rows = json.loads((tmp_path / "stores" / "tile-summary.json").read_text())["slides"]
     assert [r["status"] for r in rows] == ["left to another run", "written", "written", "written"]
+
+
+def test_overwrite_takes_a_result_another_run_finished_since_it_began(tmp_path: Path) -> None:
+    """Two folder runs with --overwrite: when one reaches a slide the other finished after it began (never
+    seeing it busy), it takes that fresh result instead of scoring the slide again (a flaky failure of
+    the test above: c4 scored by both). Its own results, and results from before it began, are replaced."""
+    from wsi_pipeline.pipeline import RunOptions, run_slide, score_slide
+
+    out = tmp_path / "res" / "c.tif"
+    manifest = out.with_suffix(".run.json")
+    this_run = RunOptions(workers=1)  # began now
+    run_slide(SAMPLE, out, options=RunOptions(workers=1))  # another run finishes the slide meanwhile
+    ino = manifest.stat().st_ino
+    m = score_slide(SAMPLE, out, options=this_run, overwrite=True)()
+    assert m.get("done_by_other_run") and m.get("skipped") and manifest.stat().st_ino == ino
+    later = RunOptions(workers=1)  # a run that began after that result: an earlier result, replaced
+    m = score_slide(SAMPLE, out, options=later, overwrite=True)()
+    assert not m.get("skipped") and m["run_id"] == later.run_id and manifest.stat().st_ino != ino
+    ino = manifest.stat().st_ino
+    m = score_slide(SAMPLE, out, options=later, overwrite=True)()  # its own result: replaced again
+    assert not m.get("skipped") and manifest.stat().st_ino != ino

@@ -13,6 +13,7 @@ import functools
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -97,6 +98,12 @@ class RunOptions:
     # The command line that asked for the run, recorded in the manifest as it was typed (with the folder
     # it was typed in) so that any result can be made again; not part of the resume key.
     command: tuple[str, ...] | None = None
+    # When the run began (wall clock, s since the epoch): with --overwrite, a finished result that
+    # another run wrote since then is that run's fresh result, taken as it is, not an earlier one to
+    # replace (two folder runs with --overwrite score each slide once). Not part of the resume key.
+    started_at: float = field(default_factory=time.time, compare=False)
+    # This run's identity, recorded in each manifest it writes: its own results are never "another run's".
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
 
     def __post_init__(self) -> None:
         # Checked here too (the CLI checks its options): a batch of 0 tiles would never finish
@@ -264,8 +271,11 @@ def score_slide(
         verify_model()
         raise
     try:
-        # A manifest that the run we waited on wrote is that run's result, not one to overwrite.
-        by_other = waiting_on is not None and _written(paths["manifest"]) != waiting_on.seen
+        # A manifest that the run we waited on wrote is that run's result, not one to overwrite; so is
+        # one another run finished since this run began (it held the slide before this run got to it).
+        by_other = (waiting_on is not None and _written(paths["manifest"]) != waiting_on.seen) or (
+            overwrite and _by_other_run_since(paths["manifest"], opts)
+        )
         take = not overwrite or by_other
         write = _score_claimed(slide_p, paths, card, verify_model, opts, client, progress, take, by_other, t0)
     except BaseException:
@@ -300,6 +310,18 @@ def _written(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _by_other_run_since(manifest: Path, opts: RunOptions) -> bool:
+    """True when ``manifest`` was written since ``opts.started_at`` by a run other than this one."""
+    import json
+
+    try:
+        if manifest.stat().st_mtime < opts.started_at:
+            return False
+        return bool(json.loads(manifest.read_text()).get("run_id") != opts.run_id)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _score_claimed(
@@ -557,6 +579,7 @@ def _write_outputs(
         "outputs": {k: str(v) for k, v in paths.items()}
         | ({"store": str(opts.tiles_out)} if opts.tiles_out is not None and source.kind == "store" else {}),
         "command": {"argv": list(opts.command), "cwd": os.getcwd()} if opts.command else None,
+        "run_id": opts.run_id,
         "package_version": __version__,
         "versions": versions.result(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
