@@ -269,6 +269,11 @@ def _tile_options(fn: F) -> F:
                           "[default: what the model card asks for when scoring, else none]."),
         click.option("--stain-reference", type=click.Path(path_type=Path), default=None,
                      help="Reference H&E image (PNG/JPEG) to normalize to [default: standard reference]."),
+        click.option("--regions", type=click.Path(path_type=Path), default=None,
+                     help="Only the tissue inside these polygons: an ASAP/ImageScope XML or QuPath GeoJSON "
+                          "file; for a folder or CSV of slides, a folder of files named after the slides "
+                          "(STEM.geojson, .json or .xml). Exclusion groups (_2, Exclusion, Ignore*) are cut "
+                          "out."),
     ]  # fmt: skip
     for d in reversed(decorators):
         fn = d(fn)
@@ -354,6 +359,37 @@ def _options_from(kw: dict[str, Any]) -> Any:
         tissue=TissueParams(min_tissue_um2=kw["min_tissue_area"], pen_min_area_um2=kw["pen_min_area"]),
         **({"workers": kw["workers"]} if kw["workers"] else {}),
     )
+
+
+def check_batch_regions(where: Path | None) -> None:
+    """Raise :class:`UsageError` unless ``--regions`` of a folder run is absent or a folder (each slide
+    needs its own file)."""
+    if where is not None and not where.is_dir():
+        raise UsageError(
+            f"--regions {where}: a folder run needs a folder of region files named after its slides "
+            "(STEM.geojson, .json or .xml), not one file"
+        )
+
+
+def with_regions(tile: Any, slide: Path, where: Path | None, *, batch: bool = False) -> Any:
+    """``tile`` (TileOptions) limited to ``slide``'s regions from ``--regions where`` (unchanged
+    without it). Raises :class:`UsageError` for a region file given to a folder run (whose slides each
+    need their own) or to a finished tile store (tiled already), and :class:`AnnotationError` for a
+    missing or unreadable file (that slide fails; a folder run goes on)."""
+    from dataclasses import replace
+
+    from wsi_pipeline.tiling.regions import regions_for
+
+    if where is None:
+        return tile
+    if batch:
+        check_batch_regions(where)
+    if slide.suffix == ".zarr":
+        raise UsageError(
+            f"--regions: {slide} is a finished tile store, its tiles chosen when it was made; give the "
+            "slide itself, or make the store with `wsi-infer tile --regions`"
+        )
+    return replace(tile, regions=regions_for(slide, where))
 
 
 def _batch_callbacks(bars: _Bars, one: Callable[..., Any], *, leave_busy: bool = False) -> dict[str, Any]:

@@ -21,11 +21,13 @@ from wsi_pipeline.cli.group import (
     _slide_options,
     _tile_options,
     busy_option,
+    check_batch_regions,
     command_line,
     folder_meta,
     is_batch,
     list_batch,
     main,
+    with_regions,
 )
 from wsi_pipeline.errors import BusyError, UsageError, WsiError
 
@@ -163,12 +165,14 @@ def run(
         client = _client(kw["scheduler"])
         try:
             if is_batch(slide):
+                check_batch_regions(kw["regions"])  # a folder of files, or refused
                 return _run_folder(
                     slide, Path(out), opts, kw["model"], client, overwrite, quiet, skip_errors, recursive,
-                    leave_busy=busy == "leave",
+                    leave_busy=busy == "leave", regions=kw["regions"],
                 )  # fmt: skip
             with _Bars(enabled=not quiet) as bars:
                 target = _single_target(slide, out)
+                opts = replace(opts, tile=with_regions(opts.tile, slide, kw["regions"]))
                 _run_one(slide, target, opts, kw["model"], client, overwrite, bars)
             return 0
         finally:
@@ -265,9 +269,11 @@ def _result_line(slide: Path, out: Path, m: dict[str, Any], bars: _Bars) -> dict
         if reused
         else f"{m['tiles_per_s']:,.1f} tiles/s on {m['provider']}"
     )
+    roi = (m.get("tissue") or {}).get("regions")
+    inside = f" inside the {roi['polygons']} region(s) of {Path(roi['file']).name}" if roi else ""
     bars.echo(
         f"{slide.name}: {m['label']['label'].upper()} ({pos} area {ev[f'{pos}_area_mm2']} mm^2, max p "
-        f"{ev['max_p']}{_ood_text(m)}), {m['n_tiles']} tiles in {m['seconds']:.1f} s, {how} -> "
+        f"{ev['max_p']}{_ood_text(m)}), {m['n_tiles']} tiles{inside} in {m['seconds']:.1f} s, {how} -> "
         f"{', '.join(Path(v).name for v in m['outputs'].values())}"
     )
     ood = m["label"].get("ood")
@@ -305,6 +311,7 @@ def _run_folder(
     recursive: bool = False,
     *,
     leave_busy: bool = False,
+    regions: Path | None = None,
 ) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -327,6 +334,7 @@ def _run_folder(
             item: BatchItem, waiting_on: BusyError | None = None, wait: bool = True
         ) -> Future[dict[str, Any]]:
             o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
+            o = replace(o, tile=with_regions(o.tile, item.slide, regions, batch=True))
             if opts.tiles_out is not None:  # a store per slide, named as its outputs
                 o = replace(o, tiles_out=Path(opts.tiles_out) / f"{names[item]}.zarr")
             heatmap = heatmap_path(out, names[item])

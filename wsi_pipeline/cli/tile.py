@@ -21,11 +21,13 @@ from wsi_pipeline.cli.group import (
     _slide_options,
     _tile_options,
     busy_option,
+    check_batch_regions,
     command_line,
     folder_meta,
     is_batch,
     list_batch,
     main,
+    with_regions,
 )
 from wsi_pipeline.errors import BusyError
 
@@ -211,11 +213,13 @@ def tile(slide: Path, out: Path, overwrite: bool, quiet: bool, recursive: bool, 
         opts = _options_from(kw)
         backend = kw["backend"]
         if is_batch(slide):  # a folder of slides or a CSV manifest
+            check_batch_regions(kw["regions"])  # a folder of files, or refused
             return _tile_folder(
                 slide, out, opts, backend=backend, overwrite=overwrite, quiet=quiet, recursive=recursive,
-                leave_busy=busy == "leave",
+                leave_busy=busy == "leave", regions=kw["regions"],
             )  # fmt: skip
         with _Bars(enabled=not quiet) as bars:
+            opts = with_regions(opts, slide, kw["regions"])
             _tile_one(slide, out, opts, backend=backend, overwrite=overwrite, bars=bars)
         return 0
 
@@ -292,6 +296,7 @@ def _tile_folder(
     quiet: bool,
     recursive: bool = False,
     leave_busy: bool = False,
+    regions: Path | None = None,
 ) -> int:
     from wsi_pipeline.batch import BatchItem, output_stems, run_batch
 
@@ -301,6 +306,7 @@ def _tile_folder(
 
         def one(item: BatchItem, waiting_on: BusyError | None = None, wait: bool = True) -> dict[str, Any]:
             o = opts if item.mpp is None else replace(opts, mpp_override=item.mpp)
+            o = with_regions(o, item.slide, regions, batch=True)
             rep = _tile_one(item.slide, out / f"{names[item]}.zarr", o, backend=backend,
                             overwrite=overwrite, bars=bars, wait=waiting_on is not None and wait)  # fmt: skip
             return {"status": rep.status, "n_tiles": rep.n_tiles}

@@ -166,6 +166,10 @@ def slide_report_html(
             evidence.append((f"greatest dimension of a {pos} region (mm)", greatest))
     if ood:
         evidence.append((f"OOD score (warns above {ood.get('warn_above', 1.0):g})", ood.get("score")))
+    roi = (manifest.get("tissue") or {}).get("regions")
+    if roi:
+        evidence.append(("scored only inside the regions of", f"{Path(roi['file']).name} ({roi['polygons']} "
+                         f"polygon(s), {roi['area_mm2']} mm^2 on the slide)"))  # fmt: skip
     pen = (manifest.get("tissue") or {}).get("pen_marks_mm2")
     if pen:
         evidence.append(("marker-pen ink left out of the tissue (mm^2)", pen))

@@ -23,6 +23,7 @@ from wsi_pipeline.io.slide import (
     Thumbnail,
     choose_level,
     missing_tiles_l0,
+    qupath_origin_l0,
     read_rule,
     read_thumbnails,
     resolve_mpp,
@@ -30,6 +31,7 @@ from wsi_pipeline.io.slide import (
 )
 from wsi_pipeline.stain.macenko import REFERENCE, StainModel
 from wsi_pipeline.tiling.grid import TileGrid, block_order, make_grid
+from wsi_pipeline.tiling.regions import RegionLimit, region_mask, require_tissue_in_regions, slide_geometry
 from wsi_pipeline.tiling.tissue import (
     TissueParams,
     channel_max,
@@ -65,6 +67,7 @@ class TileOptions:
     stain_reference: StainModel = REFERENCE  # target stain when normalizing
     stain_reference_name: str = "default H&E reference (HERef/maxCRef)"
     stain_fit_tiles: int = 64  # tiles spread across the slide pooled for the slide's stain fit
+    regions: RegionLimit | None = None  # score only inside these polygons (``--regions``)
 
     def __post_init__(self) -> None:
         if self.normalize not in ("none", "macenko"):
@@ -100,6 +103,7 @@ class TileOptions:
             "tissue": self.tissue.to_dict(),
             "chunk_tiles": self.chunk_tiles,
             "block_tiles": self.block_tiles,
+            **(self.regions.params() if self.regions is not None else {}),
         }
 
 
@@ -121,6 +125,7 @@ class SlidePlan:
     tissue_fraction: np.ndarray
     picture: Thumbnail | None = None  # the slide for people (``picture_px``), from the thumbnail's read
     pen_px: int = 0  # thumbnail pixels of marker-pen ink left out of the mask (tissue.pen_mask)
+    regions: dict[str, Any] | None = None  # the regions the mask was limited to (``--regions``)
 
     @property
     def slide_tissue_fraction(self) -> float:
@@ -226,6 +231,13 @@ def plan_slide(reader: SlideReader, options: TileOptions, *, picture_px: int | N
             f"RGB slides (H&E) are supported"
         )
     mask, pen = tissue_and_pen_masks(thumb.image, mpp=thumb.mpp, params=options.tissue)
+    regions = None
+    if options.regions is not None:  # the tissue inside the pathologist's regions only
+        geom = slide_geometry(options.regions, qupath_origin_l0(reader), reader.dimensions)
+        mask = mask & region_mask(geom, mask.shape[:2], thumb.downsample)
+        lim = options.regions
+        regions = {"file": str(lim.path), "sha256": lim.sha256, "format": lim.format,
+                   "polygons": lim.polygons, "area_mm2": round(geom.area * res.mpp**2 / 1e6, 4)}  # fmt: skip
     positions = grid.all_positions()
     fractions = tissue_fraction_in_boxes(mask, grid.boxes_l0(positions), thumb.downsample)
     keep = fractions >= options.min_tissue_fraction
@@ -235,12 +247,15 @@ def plan_slide(reader: SlideReader, options: TileOptions, *, picture_px: int | N
     colrow, fractions = colrow[order], fractions[order]
     picture = rest[0] if rest else None
     return SlidePlan(
-        res, choice, grid, thumb, mask, colrow, grid.origins_l0(colrow), fractions, picture, int(pen.sum())
-    )
+        res, choice, grid, thumb, mask, colrow, grid.origins_l0(colrow), fractions, picture, int(pen.sum()),
+        regions,
+    )  # fmt: skip
 
 
 def require_tissue(plan: SlidePlan, slide_path: str | Path, opts: TileOptions) -> None:
     """Raise :class:`TissueError` (naming the slide and the fix) when the plan has no tile."""
+    if opts.regions is not None:
+        require_tissue_in_regions(plan.n_tiles, opts.regions, slide_path)
     if plan.n_tiles == 0:
         raise TissueError(
             f"{slide_path}: no tissue tiles (tissue covers {plan.slide_tissue_fraction:.1%} of the "

@@ -217,6 +217,7 @@ class SlideSource(TileSource):
             "tissue": {
                 "slide_tissue_fraction": plan.slide_tissue_fraction,
                 "pen_marks_mm2": plan.pen_marks_mm2,
+                "regions": plan.regions,
             },
         }
         return Layout(
@@ -277,7 +278,8 @@ class StoreSource(TileSource):
             "resolution": {k: res.get(k) for k in
                            ("mpp_x", "mpp_y", "mpp_source", "effective_mpp", "level", "resize_scale")},
             "tissue": {"slide_tissue_fraction": meta["tissue"]["slide_tissue_fraction"],
-                       "pen_marks_mm2": meta["tissue"].get("pen_marks_mm2")},  # None: an older store
+                       "pen_marks_mm2": meta["tissue"].get("pen_marks_mm2"),  # None: an older store
+                       "regions": meta["tissue"].get("regions")},
         }  # fmt: skip
         return Layout(
             TileGrid.from_dict(meta["grid"]), self.store.grid_colrow, self.store.coords_l0,

@@ -92,6 +92,7 @@ def _slide_meta(
             "mask_downsample": plan.thumbnail.downsample,
             "slide_tissue_fraction": plan.slide_tissue_fraction,
             "pen_marks_mm2": plan.pen_marks_mm2,
+            "regions": plan.regions,
         },
         "tile_order": f"blocks of {options.block_tiles}x{options.block_tiles} grid positions, row-major",
         "coords": "level-0 pixels, tile origin (x, y)",
