@@ -391,3 +391,28 @@ def test_sigterm_stops_the_script_cleanly_with_its_summary(
     assert rows["interrupted"] is True and len(rows["slides"]) == 6
     done = {p.name.removesuffix(".run.json") + ".svs" for p in out.glob("*.run.json")}
     assert {Path(r["slide"]).name for r in rows["slides"] if r["status"] == "ok"} == done
+
+
+def test_batch_folder_scores_only_each_slides_regions(
+    batch_folder: ModuleType, cluster: Any, folder: Path, model: Path, local_run: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """--regions as in wsi-infer: each slide's file from the folder; a slide without one fails (exit 9 in
+    its row) and the others run; a single file for a folder job is refused before any cluster starts."""
+    from wsi_pipeline.evaluation.annotations import write_asap_xml
+
+    regions = tmp_path / "regions"
+    regions.mkdir()
+    write_asap_xml(regions / "tumour.xml", [("ROI", [(300, 200), (2000, 200), (2000, 2800), (300, 2800)])])
+    out = tmp_path / "out"
+    argv = [str(folder), "--out", str(out), "--scheduler", cluster.scheduler_address, "--model", str(model),
+            "--regions", str(regions), "-q"]  # fmt: skip
+    assert batch_folder.main(argv) == 1
+    rows, local = summary(out), summary(local_run)
+    assert rows["benign.svs"]["status"] == "failed" and rows["benign.svs"]["error_code"] == 9
+    assert 0 < rows["tumour.svs"]["n_tiles"] < local["tumour.svs"]["n_tiles"]
+    assert "benign.svs: no region file for it in" in capsys.readouterr().err
+    code = batch_folder.main([argv[0], "--out", str(tmp_path / "o2"), "--local", "1",
+                              "--regions", str(regions / "tumour.xml")])  # fmt: skip
+    assert code == 2 and "a folder run needs a folder of region files" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()

@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-mpp", type=ranged(float, 0.0, open_low=True), default=None,
                    help="tile resolution (default: the model's)")  # fmt: skip
     p.add_argument("--min-tissue", type=ranged(float, 0.0, 1.0), default=0.25)
+    p.add_argument(
+        "--regions",
+        type=Path,
+        default=None,
+        help="folder of region files named after the slides (STEM.geojson, .json or .xml): only "
+        "the tissue inside their polygons is scored (see wsi-infer --regions)",
+    )
     p.add_argument("--normalize", choices=["none", "macenko"], default=None, help="default: the model card's")
     p.add_argument("--label-rule", choices=["area", "topk"], default="area")
     p.add_argument("--tile-threshold", type=ranged(float, 0.0, 1.0), default=None,
@@ -272,6 +279,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
     from wsi_pipeline.pipeline import score_slide
     from wsi_pipeline.progress_lines import FolderClock, LineProgress
     from wsi_pipeline.provenance import atomic_write_json, environment_versions
+    from wsi_pipeline.tiling.regions import with_regions
 
     say = (lambda *a: None) if args.quiet else echo
     model = args.model.resolve() if args.model else None
@@ -308,6 +316,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
 
         def one(item: BatchItem, waiting_on: BusyError | None = None) -> Future[dict[str, Any]]:
             o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
+            o = replace(o, tile=with_regions(o.tile, item.slide, args.regions, batch=True))
             write = score_slide(
                 item.slide, heatmap_path(out, names[item]), model=model, options=o, client=client,
                 overwrite=args.overwrite, waiting_on=waiting_on,
@@ -392,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     client = cluster = None
     try:
         items = list_items(args.slides, recursive=args.recursive)
+        from wsi_pipeline.tiling.regions import check_batch_regions
+
+        check_batch_regions(args.regions)  # before any cluster starts
         client, cluster = connect(args)
         return run_job(args, client, items)
     except WsiError as exc:

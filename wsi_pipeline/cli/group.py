@@ -361,37 +361,6 @@ def _options_from(kw: dict[str, Any]) -> Any:
     )
 
 
-def check_batch_regions(where: Path | None) -> None:
-    """Raise :class:`UsageError` unless ``--regions`` of a folder run is absent or a folder (each slide
-    needs its own file)."""
-    if where is not None and not where.is_dir():
-        raise UsageError(
-            f"--regions {where}: a folder run needs a folder of region files named after its slides "
-            "(STEM.geojson, .json or .xml), not one file"
-        )
-
-
-def with_regions(tile: Any, slide: Path, where: Path | None, *, batch: bool = False) -> Any:
-    """``tile`` (TileOptions) limited to ``slide``'s regions from ``--regions where`` (unchanged
-    without it). Raises :class:`UsageError` for a region file given to a folder run (whose slides each
-    need their own) or to a finished tile store (tiled already), and :class:`AnnotationError` for a
-    missing or unreadable file (that slide fails; a folder run goes on)."""
-    from dataclasses import replace
-
-    from wsi_pipeline.tiling.regions import regions_for
-
-    if where is None:
-        return tile
-    if batch:
-        check_batch_regions(where)
-    if slide.suffix == ".zarr":
-        raise UsageError(
-            f"--regions: {slide} is a finished tile store, its tiles chosen when it was made; give the "
-            "slide itself, or make the store with `wsi-infer tile --regions`"
-        )
-    return replace(tile, regions=regions_for(slide, where))
-
-
 def _batch_callbacks(bars: _Bars, one: Callable[..., Any], *, leave_busy: bool = False) -> dict[str, Any]:
     """``run_batch``'s callbacks for a folder run whose items ``one(item, waiting_on=None, wait=True)``
     runs: progress lines, errors, and slides that another run is working on: at the end waited for, or

@@ -21,15 +21,14 @@ from wsi_pipeline.cli.group import (
     _slide_options,
     _tile_options,
     busy_option,
-    check_batch_regions,
     command_line,
     folder_meta,
     is_batch,
     list_batch,
     main,
-    with_regions,
 )
 from wsi_pipeline.errors import BusyError, UsageError, WsiError
+from wsi_pipeline.tiling.regions import check_batch_regions, with_regions
 
 if TYPE_CHECKING:
     from concurrent.futures import Future

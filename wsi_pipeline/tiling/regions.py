@@ -12,13 +12,13 @@ inside them (``--min-tissue``).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from wsi_pipeline.errors import AnnotationError, TissueError
+from wsi_pipeline.errors import AnnotationError, TissueError, UsageError
 
 #: groups cut out of a region (case-insensitive): ASAP's ``_2``, QuPath's ``Ignore*``, and the plain words
 ROI_EXCLUSION_GROUPS: frozenset[str] = frozenset(
@@ -129,3 +129,30 @@ def require_tissue_in_regions(n_tiles: int, limit: RegionLimit, slide: str | Pat
             f"{slide}: no tissue tiles inside the regions of {limit.path} ({limit.polygons} polygon(s)); "
             "check the file is this slide's, or lower --min-tissue"
         )
+
+
+def check_batch_regions(where: Path | None) -> None:
+    """Raise :class:`UsageError` unless ``--regions`` of a folder run is absent or a folder (each slide
+    needs its own file)."""
+    if where is not None and not where.is_dir():
+        raise UsageError(
+            f"--regions {where}: a folder run needs a folder of region files named after its slides "
+            "(STEM.geojson, .json or .xml), not one file"
+        )
+
+
+def with_regions(tile: Any, slide: Path, where: Path | None, *, batch: bool = False) -> Any:
+    """``tile`` (TileOptions) limited to ``slide``'s regions from ``--regions where`` (unchanged
+    without it). Raises :class:`UsageError` for a region file given to a folder run (whose slides each
+    need their own) or to a finished tile store (tiled already), and :class:`AnnotationError` for a
+    missing or unreadable file (that slide fails; a folder run goes on)."""
+    if where is None:
+        return tile
+    if batch:
+        check_batch_regions(where)
+    if slide.suffix == ".zarr":
+        raise UsageError(
+            f"--regions: {slide} is a finished tile store, its tiles chosen when it was made; give the "
+            "slide itself, or make the store with `wsi-infer tile --regions`"
+        )
+    return replace(tile, regions=regions_for(slide, where))
