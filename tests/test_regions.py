@@ -97,6 +97,16 @@ def test_bad_region_files_are_refused_naming_the_file_and_the_fix(tmp_path: Path
         regions_for(Path("/scans/s1.svs"), tmp_path / "folder")
 
 
+def _magenta(heatmap: Path) -> int:
+    """Pixels of the regions' colour on a run's overlay."""
+    from PIL import Image
+
+    from wsi_pipeline.io.outputs import ROI_RGB
+
+    img = np.asarray(Image.open(heatmap.with_suffix(".overlay.png")).convert("RGB"))
+    return int((img == np.array(ROI_RGB, np.uint8)).all(axis=2).sum())
+
+
 def test_cli_scores_only_the_regions_and_a_new_file_means_a_new_run(
     tumour_slide: Fixture, test_model: Path, tmp_path: Path
 ) -> None:
@@ -105,6 +115,7 @@ def test_cli_scores_only_the_regions_and_a_new_file_means_a_new_run(
     r = CliRunner().invoke(main, base)
     assert r.exit_code == 0, r.output
     whole = json.loads(out.with_suffix(".run.json").read_text())["n_tiles"]
+    assert _magenta(out) == 0
     ann = write_asap_xml(tmp_path / "roi.xml", [("ROI", _rect(300, 200, 2000, 2800))])
     r = CliRunner().invoke(main, [*base, "--regions", str(ann)])
     assert r.exit_code == 0, r.output  # other parameters: scored again, not "already done"
@@ -113,6 +124,7 @@ def test_cli_scores_only_the_regions_and_a_new_file_means_a_new_run(
     assert 0 < m["n_tiles"] < whole and m["tissue"]["regions"]["file"] == str(ann)
     page = Path(m["outputs"]["report"]).read_text()
     assert "scored only inside the regions of" in page and "roi.xml" in page
+    assert _magenta(out) > 100  # the overlay outlines the regions (and its legend says so)
     r = CliRunner().invoke(main, [*base, "--regions", str(ann)])
     assert r.exit_code == 0 and "already done" in r.output  # the same file: nothing to do
     off = write_asap_xml(tmp_path / "off.xml", [("ROI", _rect(5, 5, 60, 60))])  # glass, no tissue

@@ -259,6 +259,11 @@ def _um_text(um: float) -> str:
     return f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} um"
 
 
+#: colour of the regions of interest on the overlay: magenta, which neither H&E's pink-purple at full
+#: saturation nor the P ramp (blue-green-yellow-red) nor the black tumour outlines have
+ROI_RGB = (230, 0, 230)
+
+
 def render_overlay(
     background: np.ndarray,
     canvas: np.ndarray,
@@ -271,6 +276,7 @@ def render_overlay(
     regions: Any = None,
     positive_name: str = "tumour",
     picture_origin_l0: tuple[float, float] = (0.0, 0.0),
+    roi: Any = None,
 ) -> np.ndarray:
     """The heatmap over a picture of the slide, with a colour bar, the threshold and a scale bar.
 
@@ -279,8 +285,9 @@ def render_overlay(
     the level-0 position of the canvas's first cell (x and y alike). Cells with P below
     :func:`visible_floor` (and unscored ones) leave the slide as it
     looks; above it the ramp colour is blended with an opacity rising with P (:func:`overlay_alpha`).
-    ``regions`` (a shapely geometry in level-0 pixels) are outlined. A legend panel is added on the
-    right. Returns (H, w + panel, 3) uint8 RGB.
+    ``regions`` (a shapely geometry in level-0 pixels) are outlined in black, ``roi`` (the regions
+    of interest the run was limited to, ``--regions``) in :data:`ROI_RGB`. A legend panel is added
+    on the right. Returns (H, w + panel, 3) uint8 RGB.
     """
     from PIL import Image, ImageDraw
 
@@ -299,10 +306,11 @@ def render_overlay(
     draw = ImageDraw.Draw(img)
     fs = max(12, round(max(h, w) / 70))
     line_w = max(2, round(max(h, w) / 500))
+    draw_outlines(draw, roi, l0_per_px=l0_per_px, origin_l0=(px0, py0), fill=ROI_RGB, width=line_w)
     draw_outlines(draw, regions, l0_per_px=l0_per_px, origin_l0=(px0, py0), fill=(0, 0, 0), width=line_w)
     _scale_bar(draw, w, h, um_per_px=l0_per_px * mpp_l0, fs=fs)
     panel = _legend_panel(max(h, 22 * fs), fs, threshold=threshold, floor=floor, line_w=line_w,
-                          positive_name=positive_name)  # fmt: skip
+                          positive_name=positive_name, roi=roi is not None)  # fmt: skip
     full = Image.new("RGB", (w + panel.width, max(h, panel.height)), (255, 255, 255))
     full.paste(img, (0, 0))
     full.paste(panel, (w, 0))
@@ -350,7 +358,14 @@ def _scale_bar(draw: Any, w: int, h: int, *, um_per_px: float, fs: int) -> None:
 
 
 def _legend_panel(
-    height: int, fs: int, *, threshold: float, floor: float, line_w: int, positive_name: str
+    height: int,
+    fs: int,
+    *,
+    threshold: float,
+    floor: float,
+    line_w: int,
+    positive_name: str,
+    roi: bool = False,
 ) -> Any:
     """Colour bar (P 0..1 bottom to top, grey below the visible floor), ticks, threshold, legend."""
     from PIL import Image, ImageDraw
@@ -389,10 +404,12 @@ def _legend_panel(
         ("text", "colour (slide as it looks)"),
         ("line", f"{positive_name} region"),
         ("text", f"(tiles with P >= {threshold:.2f})"),
+        *([("roi", "regions scored"), ("text", "(--regions)")] if roi else []),
     ]
     for kind, text in lines:
-        if kind == "line":
-            draw.line([(fs // 2, y + fs / 2), (fs // 2 + 2 * fs, y + fs / 2)], fill=(0, 0, 0), width=line_w)
+        if kind in ("line", "roi"):
+            colour = ROI_RGB if kind == "roi" else (0, 0, 0)
+            draw.line([(fs // 2, y + fs / 2), (fs // 2 + 2 * fs, y + fs / 2)], fill=colour, width=line_w)
             draw.text((3 * fs, y), text, fill=(0, 0, 0), font=small)
         else:
             draw.text((fs // 2, y), text, fill=(0, 0, 0), font=small)
