@@ -165,3 +165,16 @@ def test_a_finished_tile_store_cannot_take_regions(aperio_slide: Fixture, tmp_pa
     r = CliRunner().invoke(main, [str(store), "--out", str(tmp_path / "s.tif"), "--regions", str(ann)])
     assert r.exit_code == 2 and "is a finished tile store" in r.output
     assert replace(TileOptions(), regions=None) == TileOptions()
+
+
+def test_python_api_takes_regions_as_tile_options(
+    tumour_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """From Python: ``TileOptions(regions=read_regions(path))``, as the README shows."""
+    from wsi_pipeline import RunOptions, TileOptions, read_regions, run_slide
+
+    ann = write_asap_xml(tmp_path / "roi.xml", [("ROI", _rect(300, 200, 2000, 2800))])
+    opts = RunOptions(tile=TileOptions(regions=read_regions(ann)), workers=1)
+    m = run_slide(tumour_slide.path, tmp_path / "t.tif", model=test_model, options=opts)
+    assert m["tissue"]["regions"]["sha256"] == read_regions(ann).sha256 and m["n_tiles"] > 0
+    assert m["params"]["tile"]["regions_sha256"] == read_regions(ann).sha256

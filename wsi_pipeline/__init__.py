@@ -6,7 +6,8 @@ writers), ``tiling`` (tissue, grid, plan, tiler, ``TileSource``), ``stain`` (Mac
 ``cli``; ``pipeline`` runs one slide end to end.
 
 The public API, importable from here (loaded on first use, so ``import wsi_pipeline`` stays light):
-``run_slide``, ``RunOptions``, ``TileOptions``, ``tile_slide``, ``open_tile_store``, ``open_source``.
+``run_slide``, ``RunOptions``, ``TileOptions``, ``tile_slide``, ``open_tile_store``, ``open_source``,
+``read_regions`` (``TileOptions(regions=read_regions("slide.geojson"))``: only the tissue inside them).
 """
 
 import time as _time
@@ -27,6 +28,7 @@ _API = {
     "tile_slide": "wsi_pipeline.tiling.tiler",
     "open_tile_store": "wsi_pipeline.io.tilestore",
     "open_source": "wsi_pipeline.tiling.source",
+    "read_regions": "wsi_pipeline.tiling.regions",
 }
 
 __all__ = ["__version__", *_API]
