@@ -178,3 +178,25 @@ def test_python_api_takes_regions_as_tile_options(
     m = run_slide(tumour_slide.path, tmp_path / "t.tif", model=test_model, options=opts)
     assert m["tissue"]["regions"]["sha256"] == read_regions(ann).sha256 and m["n_tiles"] > 0
     assert m["params"]["tile"]["regions_sha256"] == read_regions(ann).sha256
+
+
+def test_a_csv_manifest_gives_each_slide_its_own_region_file(
+    tumour_slide: Fixture, benign_slide: Fixture, test_model: Path, tmp_path: Path
+) -> None:
+    """A CSV's ``regions`` column (relative to the CSV, like ``slide``): that slide is limited to its
+    file, a slide with an empty cell is scored whole; one slide listed with two files is refused."""
+    from wsi_pipeline.batch import read_manifest_csv
+
+    write_asap_xml(tmp_path / "t-roi.xml", [("ROI", _rect(300, 200, 2000, 2800))])
+    csv_path = tmp_path / "slides.csv"
+    csv_path.write_text(f"slide,regions\n{tumour_slide.path},t-roi.xml\n{benign_slide.path},\n")
+    items = read_manifest_csv(csv_path)
+    assert [i.regions for i in items] == [tmp_path / "t-roi.xml", None]
+    out = tmp_path / "res"
+    r = CliRunner().invoke(main, [str(csv_path), "--out", str(out), "--model", str(test_model), "-q"])
+    assert r.exit_code == 0, r.output
+    t, b = (json.loads((out / f"{n}.run.json").read_text()) for n in ("tumour", "benign"))
+    assert t["tissue"]["regions"]["file"] == str(tmp_path / "t-roi.xml") and b["tissue"]["regions"] is None
+    csv_path.write_text(f"slide,regions\n{tumour_slide.path},t-roi.xml\n{tumour_slide.path},other.xml\n")
+    with pytest.raises(Exception, match=r"lines 2 and 3 list tumour.svs with different regions"):
+        read_manifest_csv(csv_path)

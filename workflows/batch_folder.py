@@ -253,7 +253,7 @@ def make_options(args: argparse.Namespace, resources: dict | None) -> Any:
 
 def list_items(src: Path, *, recursive: bool = False) -> list[Any]:
     """The batch's slides with absolute paths (workers may run in another directory)."""
-    from wsi_pipeline.batch import BatchItem, batch_items, repeated_lines
+    from wsi_pipeline.batch import batch_items, repeated_lines
 
     if not src.exists():
         raise WsiError(f"{src}: no such folder or manifest; pass a folder of slides or a CSV")
@@ -262,7 +262,9 @@ def list_items(src: Path, *, recursive: bool = False) -> list[Any]:
     items = batch_items(src.resolve(), recursive=recursive)
     for line in repeated_lines(src, items):
         echo(f"note: {line}", file=sys.stderr)
-    return [BatchItem(i.slide.resolve(), i.mpp) for i in items]
+    return [
+        replace(i, slide=i.slide.resolve(), regions=i.regions.resolve() if i.regions else None) for i in items
+    ]
 
 
 def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
@@ -316,7 +318,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
 
         def one(item: BatchItem, waiting_on: BusyError | None = None) -> Future[dict[str, Any]]:
             o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
-            o = replace(o, tile=with_regions(o.tile, item.slide, args.regions, batch=True))
+            o = replace(o, tile=with_regions(o.tile, item.slide, args.regions, batch=True, own=item.regions))
             write = score_slide(
                 item.slide, heatmap_path(out, names[item]), model=model, options=o, client=client,
                 overwrite=args.overwrite, waiting_on=waiting_on,

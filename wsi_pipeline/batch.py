@@ -33,12 +33,14 @@ from wsi_pipeline.provenance import (
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One slide of a batch, with its per-slide level-0 mpp override (micrometres per pixel) if any."""
+    """One slide of a batch, with its per-slide level-0 mpp override (micrometres per pixel) and its
+    region file (a CSV manifest's ``regions`` column: only the tissue inside it is scored) if any."""
 
     slide: Path
     mpp: float | None = None
     #: the lines of a CSV manifest that list this slide (more than one: listed again, scored once)
     lines: tuple[int, ...] = field(default=(), compare=False)
+    regions: Path | None = None
 
 
 def find_slides(folder: Path, *, recursive: bool = False) -> list[Path]:
@@ -234,10 +236,11 @@ def write_folder_report(out: Path, rows: Sequence[dict[str, Any]]) -> Path:
 
 
 def read_manifest_csv(path: Path) -> list[BatchItem]:
-    """Rows of a CSV with a ``slide`` column (relative paths are relative to the CSV) and an
-    optional ``mpp`` column (per-slide override). As spreadsheets save it: a byte-order mark, headers
-    in any case, and separated by commas, semicolons (Excel where the decimal mark is a comma, whose
-    ``0,499`` is read as 0.499) or tabs, in UTF-8 or (Excel's plain "CSV" on Windows) Windows-1252."""
+    """Rows of a CSV with a ``slide`` column (relative paths are relative to the CSV) and optional
+    ``mpp`` (per-slide override) and ``regions`` (the slide's region file, ``--regions``) columns. As
+    spreadsheets save it: a byte-order mark, headers in any case, and separated by commas, semicolons
+    (Excel where the decimal mark is a comma, whose ``0,499`` is read as 0.499) or tabs, in UTF-8 or
+    (Excel's plain "CSV" on Windows) Windows-1252."""
     try:  # utf-8-sig: Excel writes a byte-order mark before the header
         data = path.read_bytes()
     except OSError as exc:
@@ -275,17 +278,24 @@ def read_manifest_csv(path: Path) -> list[BatchItem]:
         mpp = (r.get("mpp") or "").strip()
         if delimiter != ",":
             mpp = mpp.replace(",", ".")  # a decimal comma
+        cell = (r.get("regions") or "").strip()
+        regions = _manifest_path(path.parent, cell) if cell else None
         try:
-            item = BatchItem(p, float(mpp) if mpp else None, (i,))
+            item = BatchItem(p, float(mpp) if mpp else None, (i,), regions)
         except ValueError:
             raise WsiError(f"{path}: line {i}: mpp {mpp!r} is not a number") from None
         key = item.slide.resolve()
         if (seen := out.get(key)) is None:
             out[key] = item
-        elif seen.mpp != item.mpp:
+        elif seen.mpp != item.mpp or seen.regions != item.regions:
+            what, a, b = (
+                ("mpp", seen.mpp, item.mpp)
+                if seen.mpp != item.mpp
+                else ("regions", seen.regions, item.regions)
+            )
             raise WsiError(
-                f"{path}: lines {seen.lines[0]} and {i} list {item.slide.name} with different mpp "
-                f"({seen.mpp or 'none'} and {item.mpp or 'none'}); keep the line with the right one"
+                f"{path}: lines {seen.lines[0]} and {i} list {item.slide.name} with different {what} "
+                f"({a or 'none'} and {b or 'none'}); keep the line with the right one"
             )
         else:
             out[key] = replace(seen, lines=(*seen.lines, i))

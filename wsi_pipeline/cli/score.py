@@ -333,7 +333,7 @@ def _run_folder(
             item: BatchItem, waiting_on: BusyError | None = None, wait: bool = True
         ) -> Future[dict[str, Any]]:
             o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
-            o = replace(o, tile=with_regions(o.tile, item.slide, regions, batch=True))
+            o = replace(o, tile=with_regions(o.tile, item.slide, regions, batch=True, own=item.regions))
             if opts.tiles_out is not None:  # a store per slide, named as its outputs
                 o = replace(o, tiles_out=Path(opts.tiles_out) / f"{names[item]}.zarr")
             heatmap = heatmap_path(out, names[item])

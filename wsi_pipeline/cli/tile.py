@@ -305,7 +305,7 @@ def _tile_folder(
 
         def one(item: BatchItem, waiting_on: BusyError | None = None, wait: bool = True) -> dict[str, Any]:
             o = opts if item.mpp is None else replace(opts, mpp_override=item.mpp)
-            o = with_regions(o, item.slide, regions, batch=True)
+            o = with_regions(o, item.slide, regions, batch=True, own=item.regions)
             rep = _tile_one(item.slide, out / f"{names[item]}.zarr", o, backend=backend,
                             overwrite=overwrite, bars=bars, wait=waiting_on is not None and wait)  # fmt: skip
             return {"status": rep.status, "n_tiles": rep.n_tiles}

@@ -141,11 +141,16 @@ def check_batch_regions(where: Path | None) -> None:
         )
 
 
-def with_regions(tile: Any, slide: Path, where: Path | None, *, batch: bool = False) -> Any:
-    """``tile`` (TileOptions) limited to ``slide``'s regions from ``--regions where`` (unchanged
-    without it). Raises :class:`UsageError` for a region file given to a folder run (whose slides each
-    need their own) or to a finished tile store (tiled already), and :class:`AnnotationError` for a
-    missing or unreadable file (that slide fails; a folder run goes on)."""
+def with_regions(
+    tile: Any, slide: Path, where: Path | None, *, batch: bool = False, own: Path | None = None
+) -> Any:
+    """``tile`` (TileOptions) limited to ``slide``'s regions: its ``own`` file (a CSV manifest's
+    ``regions`` cell) if given, else from ``--regions where`` (unchanged without either). Raises
+    :class:`UsageError` for a region file given to a folder run (whose slides each need their own)
+    or to a finished tile store (tiled already), and :class:`AnnotationError` for a missing or
+    unreadable file (that slide fails; a folder run goes on)."""
+    if own is not None:  # the slide's own file, from a CSV manifest's regions column
+        where, batch = own, False
     if where is None:
         return tile
     if batch:
