@@ -164,6 +164,14 @@ def test_a_finished_tile_store_cannot_take_regions(aperio_slide: Fixture, tmp_pa
     assert report["options"]["regions_sha256"] == read_regions(ann).sha256
     r = CliRunner().invoke(main, [str(store), "--out", str(tmp_path / "s.tif"), "--regions", str(ann)])
     assert r.exit_code == 2 and "is a finished tile store" in r.output
+    r = CliRunner().invoke(
+        main, [str(store), "--out", str(tmp_path / "s.tif")]
+    )  # the store keeps its regions
+    assert r.exit_code == 0 and "inside the 1 region(s) of aperio.xml" in r.output, r.output
+    m = json.loads((tmp_path / "s.run.json").read_text())
+    assert (
+        m["tissue"]["regions"]["sha256"] == m["params"]["tile"]["regions_sha256"] == read_regions(ann).sha256
+    )
     assert replace(TileOptions(), regions=None) == TileOptions()
 
 
