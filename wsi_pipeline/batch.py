@@ -25,6 +25,7 @@ from wsi_pipeline.provenance import (
     atomic_write_bytes,
     atomic_write_json,
     input_files,
+    model_name,
     name_bytes,
     output_error,
     valid_text,
@@ -203,7 +204,7 @@ def result_row(manifest: dict[str, Any], out: Path, heatmap: Path | None = None)
         "mpp_source": (m.get("resolution") or {}).get("mpp_source"),
         "mpp_warning": bool((m.get("resolution") or {}).get("override_warning")),
         "seconds": m["seconds"],
-        "model": " ".join(str(m["model"][k]) for k in ("name", "version") if m["model"].get(k)) or None,
+        "model": model_name(m),
         "model_sha256": m["model"].get("sha256"),
         "report": href("report"), "overlay": href("overlay"),
     }  # fmt: skip

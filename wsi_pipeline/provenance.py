@@ -284,3 +284,10 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     :func:`atomic_write_bytes`)."""
     text = json.dumps(strict_json(obj), indent=2, sort_keys=False, default=str, allow_nan=False)
     return atomic_write_bytes(path, (text + "\n").encode())
+
+
+def model_name(manifest: dict[str, Any]) -> str | None:
+    """``name version`` of the model a run's manifest records (None when it records neither)."""
+    m = manifest.get("model") or {}
+    text = " ".join(str(m[k]) for k in ("name", "version") if m.get(k))
+    return text or None

@@ -45,7 +45,7 @@ from wsi_pipeline.evaluation.metrics import (
     roc_auc,
 )
 from wsi_pipeline.evaluation.summary import summarize
-from wsi_pipeline.provenance import strict_json
+from wsi_pipeline.provenance import model_name, strict_json
 
 ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
 
@@ -385,13 +385,6 @@ def case_metrics(
         "slide_label": m["label"].get("label") if own else (f"{pos}" if predicted_positive else f"no {pos}"),
         "slide_label_correct": truth_positive == predicted_positive,
     })  # fmt: skip
-
-
-def model_name(manifest: dict[str, Any]) -> str | None:
-    """``name version`` of the model a run's manifest records (None when it records neither)."""
-    m = manifest.get("model") or {}
-    text = " ".join(str(m[k]) for k in ("name", "version") if m.get(k))
-    return text or None
 
 
 #: Thresholds of ``evaluate --sweep`` (each run's own is added)
