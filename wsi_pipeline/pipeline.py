@@ -670,16 +670,10 @@ def _write_overlay(
     layout = source.layout
     grid = layout.grid
     pic = picture.result()  # the slide picture, made while the tiles were scored
-    roi = None
-    if opts.tile.regions is not None:  # the regions of interest the run was limited to
-        from wsi_pipeline.tiling.regions import slide_geometry
-
-        origin = layout.records.get("qupath_origin_l0") or (0, 0)
-        roi = slide_geometry(opts.tile.regions, (int(origin[0]), int(origin[1])), layout.slide_wh)
     overlay = render_overlay(
         pic.image, canvas, l0_per_px=pic.l0_per_px, cell_l0_px=float(grid.stride_l0_px), mpp_l0=layout.mpp_l0,
         threshold=opts.label.tile_p, origin_l0=float(grid.cell_origin_l0), regions=regions,
-        positive_name=card.positive_class, picture_origin_l0=pic.origin_l0, roi=roi,
+        positive_name=card.positive_class, picture_origin_l0=pic.origin_l0, roi=layout.regions_l0,
     )  # fmt: skip
     write_overlay_png(paths["overlay"], overlay)
     return {

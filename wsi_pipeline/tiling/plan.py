@@ -126,6 +126,7 @@ class SlidePlan:
     picture: Thumbnail | None = None  # the slide for people (``picture_px``), from the thumbnail's read
     pen_px: int = 0  # thumbnail pixels of marker-pen ink left out of the mask (tissue.pen_mask)
     regions: dict[str, Any] | None = None  # the regions the mask was limited to (``--regions``)
+    regions_l0: Any = None  # those regions in OpenSlide's level-0 px, cut to the slide (shapely)
 
     @property
     def slide_tissue_fraction(self) -> float:
@@ -231,7 +232,7 @@ def plan_slide(reader: SlideReader, options: TileOptions, *, picture_px: int | N
             f"RGB slides (H&E) are supported"
         )
     mask, pen = tissue_and_pen_masks(thumb.image, mpp=thumb.mpp, params=options.tissue)
-    regions = None
+    regions, geom = None, None
     if options.regions is not None:  # the tissue inside the pathologist's regions only
         geom = slide_geometry(options.regions, qupath_origin_l0(reader), reader.dimensions)
         mask = mask & region_mask(geom, mask.shape[:2], thumb.downsample)
@@ -248,7 +249,7 @@ def plan_slide(reader: SlideReader, options: TileOptions, *, picture_px: int | N
     picture = rest[0] if rest else None
     return SlidePlan(
         res, choice, grid, thumb, mask, colrow, grid.origins_l0(colrow), fractions, picture, int(pen.sum()),
-        regions,
+        regions, geom,
     )  # fmt: skip
 
 

@@ -65,6 +65,7 @@ class Layout:
     records: dict[str, Any]
     picture: Thumbnail | None = None
     picture_px: int | None = None  # the long side (pixels) ``picture`` was read for
+    regions_l0: Any = None  # the regions of interest (``--regions``) in level-0 px, shapely; None: none
 
     @property
     def n_tiles(self) -> int:
@@ -223,7 +224,7 @@ class SlideSource(TileSource):
         return Layout(
             plan.grid, plan.colrow, plan.coords_l0, plan.tissue_fraction, plan.resolution.mpp, slide_wh,
             plan.thumbnail.image, plan.thumbnail.downsample, stain, records,
-            plan.picture, self.picture_px if plan.picture is not None else None,
+            plan.picture, self.picture_px if plan.picture is not None else None, plan.regions_l0,
         )  # fmt: skip
 
 
