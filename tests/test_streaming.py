@@ -59,7 +59,7 @@ def test_batches_are_full_across_read_units_and_tiles_stay_in_order(
 ) -> None:
     units, card = _units(tumour_slide, test_model, [5, 7, 3, 11, 2, 9, 6])
     session = RecordingSession(cached_session(str(card.path), str(card.onnx_path), "cpu", 1)[0])
-    probs, ood, stats = stream_score(units, session, card, batch_size=8, readers=2)
+    probs, ood, _, stats = stream_score(units, session, card, batch_size=8, readers=2)
     # 43 tiles: the first unit as it comes (the session starts early), then full batches across unit
     # boundaries, one remainder at the end.
     assert session.batches == [5, 8, 8, 8, 8, 6]
@@ -88,7 +88,7 @@ def test_the_model_input_is_prepared_on_the_reader_threads(
     monkeypatch.setattr(scoring, "prepare_batch", recording)
     units, card = _units(tumour_slide, test_model, [4, 8, 8, 8])
     session = RecordingSession(cached_session(str(card.path), str(card.onnx_path), "cpu", 1)[0])
-    probs, _, _ = stream_score(units, session, card, batch_size=8, readers=2)
+    probs, _, _, _ = stream_score(units, session, card, batch_size=8, readers=2)
     assert session.batches == [4, 8, 8, 8]
     assert len(prepared_on) == 4 and threading.get_ident() not in prepared_on
     tiles = np.concatenate([read_chunk(u.source, u.colrow, u.start) for u in units])
@@ -142,7 +142,7 @@ def test_readers_work_ahead_of_the_session(tumour_slide: Fixture, test_model: Pa
             time.sleep(0.15)
             return super().run(names, feeds)
 
-    _, _, stats = stream_score(units, Slow(real), card, batch_size=8, readers=1)
+    _, _, _, stats = stream_score(units, Slow(real), card, batch_size=8, readers=1)
     # Only the first unit is waited for; the others were read during the previous batch's 0.15 s.
     assert stats.wait_s < stats.read_s / 2 + 0.1
     assert stats.wait_s < 0.15 * 2

@@ -177,6 +177,7 @@ def result_row(manifest: dict[str, Any], out: Path, heatmap: Path | None = None)
     m = manifest
     ev = m["label"]["evidence"]
     ood = m["label"].get("ood") or {}
+    focus = m["label"].get("focus") or {}
     pos = m["model"]["positive_class"]
 
     def href(key: str) -> str | None:
@@ -198,6 +199,7 @@ def result_row(manifest: dict[str, Any], out: Path, heatmap: Path | None = None)
         "greatest_dimension_mm": (ev.get("regions") or {}).get("greatest_dimension_mm"),
         "n_tiles": m["n_tiles"], "max_p": ev["max_p"], "ood_score": ood.get("score"),
         "ood_warning": bool(ood.get("warning")),
+        "out_of_focus": focus.get("share_out_of_focus"), "focus_warning": bool(focus.get("warning")),
         "pen_mm2": (m.get("tissue") or {}).get("pen_marks_mm2"),
         "pen_warning": bool((ev.get("pen") or {}).get("warning")),
         "mpp": (m.get("resolution") or {}).get("mpp_x"),
@@ -223,9 +225,10 @@ def labels_text(rows: Sequence[dict[str, Any]]) -> str:
     if not labels:
         return ""
     pos = next((r["positive_class"] for r in rows if r.get("positive_class")), "positive")
-    warned = labels["ood_warning"]
-    ood = f" ({warned} with an OOD warning: review by eye)" if warned else ""
-    return f"; {labels['positive']} {pos}, {labels['negative']} no {pos}{ood}"
+    notes = [f"{n} with an OOD warning" if k == "ood_warning" else f"{n} out of focus"
+             for k in ("ood_warning", "focus_warning") if (n := labels.get(k))]  # fmt: skip
+    warned = f" ({', '.join(notes)}: review by eye)" if notes else ""
+    return f"; {labels['positive']} {pos}, {labels['negative']} no {pos}{warned}"
 
 
 def write_folder_report(out: Path, rows: Sequence[dict[str, Any]]) -> Path:
@@ -577,6 +580,7 @@ def totals(rows: Sequence[dict[str, Any]], seconds: float | None = None) -> dict
             "positive": sum(r["positive"] for r in labelled),
             "negative": sum(not r["positive"] for r in labelled),
             "ood_warning": sum(bool(r.get("ood_warning")) for r in labelled),
+            "focus_warning": sum(bool(r.get("focus_warning")) for r in labelled),
         }
     models = sorted({(r.get("model"), r.get("model_sha256")) for r in labelled}, key=str)
     if models:  # the model(s) behind the labels: one, unless results of another were kept

@@ -69,6 +69,7 @@ from wsi_pipeline.provenance import (
     remove_created_folders_on_failure,
 )
 from wsi_pipeline.reuse import EXACT, prior_scores, scores_from_table
+from wsi_pipeline.tiling.focus import focus_summary
 from wsi_pipeline.tiling.plan import TileOptions
 from wsi_pipeline.tiling.source import Layout, TileSource, open_source
 from wsi_pipeline.tiling.tissue import TissueParams
@@ -515,6 +516,8 @@ def _write_outputs(
         positive_name=card.positive_class,
     )  # fmt: skip
     label["ood"] = ood_summary(result.ood, card.ood_d_ref, card.ood_warn_above)
+    coarse = mpp0 if mpp0 > card.mpp * (1 + opts.tile.level_tolerance) else None  # tiles upsampled
+    label["focus"] = focus_summary(result.focus, coarse_scan_mpp=coarse)
     boxes = grid.boxes_l0(colrow)
     regions = tumour_regions(boxes, p_pos >= opts.label.tile_p)
     stats = region_stats(regions, boxes, p_pos, p_pos >= opts.label.tile_p)
@@ -530,7 +533,7 @@ def _write_outputs(
     with ThreadPoolExecutor(1, thread_name_prefix="wsi-outputs") as ex:
         overlay = ex.submit(_write_overlay, paths, card, opts, source, canvas, regions, picture)
         _write_tiffs(paths, card, opts, source, canvas)
-        _write_tables(paths, card, opts, result, layout, boxes, regions, pen, stats)
+        _write_tables(paths, card, opts, result, layout, boxes, regions, pen, stats, label["focus"])
         top_tiles = _top_tile_pictures(source, p_pos, len(label["evidence"]["top_tiles"]))
         pictures = overlay.result()
     seconds = time.perf_counter() - t0
@@ -695,16 +698,22 @@ def _write_tables(
     regions: Any,
     pen: PenInk | None = None,
     stats: list[dict[str, Any]] | None = None,
+    focus: dict[str, Any] | None = None,
 ) -> None:
-    """``NAME.geojson`` (tiles, tumour regions and pen ink left out, for QuPath) and ``NAME.tiles.csv``
-    (one row a tile; ``near_pen_ink`` where ink was found)."""
+    """``NAME.geojson`` (tiles, tumour regions, pen ink left out and, on a slide warned about its
+    focus, the out-of-focus tissue, for QuPath) and ``NAME.tiles.csv`` (one row a tile; ``focus``
+    where it was measured, ``near_pen_ink`` where ink was found)."""
     grid, colrow, coords = layout.grid, layout.colrow, layout.coords_l0
+    blurred = None
+    if focus and focus.get("warning") and result.focus is not None:
+        blurred = tumour_regions(boxes, result.focus < focus["sharp_at_least"])
     write_compact_json(
         paths["geojson"],
         geojson_features(boxes, result.probs, card.classes, card.positive_index,
                          tile_threshold=opts.label.tile_p, regions=regions, mpp_l0=layout.mpp_l0,
                          tiles=opts.geojson_tiles, pen_regions=pen.regions if pen else None,
-                         origin_l0=_qupath_origin(layout), region_stats=stats),
+                         origin_l0=_qupath_origin(layout), region_stats=stats, focus=result.focus,
+                         blurred_regions=blurred),
     )  # fmt: skip
     columns: dict[str, np.ndarray] = {
         "x_l0": coords[:, 0], "y_l0": coords[:, 1],
@@ -716,6 +725,8 @@ def _write_tables(
         columns[f"p_{c}"] = result.probs[:, i]
     if result.ood is not None:
         columns["ood_distance"] = result.ood
+    if result.focus is not None:
+        columns["focus"] = result.focus
     if pen is not None:
         columns["near_pen_ink"] = pen.near.astype(np.uint8)
     write_tiles_csv(paths["tiles_csv"], columns)

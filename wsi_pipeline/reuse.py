@@ -3,7 +3,7 @@
 A run's resume key (``pipeline._params``) holds the source, the model, the tiling, the backend and
 the label rule. When a finished run of the same outputs differs only in the label rule (a new
 ``--tile-threshold``, ``--min-area``, ``--label-rule``), its tile table holds every score the new run
-needs: the probabilities and OOD distances, written exactly (float32 round-trip, see
+needs: the probabilities, OOD distances and focus scores, written exactly (float32 round-trip, see
 ``io.outputs.write_tiles_csv``). The new run plans the slide as before (tissue, grid: the tile
 coordinates are checked against the table) and writes all outputs again from those scores, in
 seconds instead of a scoring pass. ``--overwrite`` scores again.
@@ -63,6 +63,8 @@ def scores_from_table(
             rows = list(csv.DictReader(fh))
         coords = np.array([(float(r["x_l0"]), float(r["y_l0"])) for r in rows], np.float64).reshape(-1, 2)
         values = np.array([[r[n] for n in names] for r in rows], np.float32).reshape(-1, len(names))
+        # Tables of runs before the focus check have no focus column: their slides get no focus record
+        focus = np.array([r["focus"] for r in rows], np.float32) if rows and "focus" in rows[0] else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     expected = np.asarray(layout.coords_l0, np.float64)
@@ -80,6 +82,7 @@ def scores_from_table(
         n_tasks=0,
         scheduler="none (scores reused)",
         ood=np.ascontiguousarray(values[:, n_classes]) if card.ood_output else None,
+        focus=focus,
         extra={
             "run": prior.get("run"),
             "reused": {

@@ -275,9 +275,9 @@ def _result_line(slide: Path, out: Path, m: dict[str, Any], bars: _Bars) -> dict
         f"{ev['max_p']}{_ood_text(m)}), {m['n_tiles']} tiles{inside} in {m['seconds']:.1f} s, {how} -> "
         f"{', '.join(Path(v).name for v in m['outputs'].values())}"
     )
-    ood = m["label"].get("ood")
-    if ood and ood.get("warning"):
-        bars.echo(f"{slide.name}: WARNING {ood['warning']}")
+    for check in ("ood", "focus"):
+        if warning := (m["label"].get(check) or {}).get("warning"):
+            bars.echo(f"{slide.name}: WARNING {warning}")
     if mpp_warning := (m.get("resolution") or {}).get("override_warning"):
         bars.echo(f"{slide.name}: WARNING {mpp_warning}")
     pen = (m.get("tissue") or {}).get("pen_marks_mm2")

@@ -26,6 +26,7 @@ from wsi_pipeline.cores import cpu_limit, usable_cores
 from wsi_pipeline.inference.binding import RunFn, describe_runner, make_runner
 from wsi_pipeline.inference.card import ModelCard, load_card
 from wsi_pipeline.inference.session import check_tiles, create_session, prepare_batch, run_prepared
+from wsi_pipeline.tiling.focus import focus_measurable, focus_scores
 from wsi_pipeline.tiling.source import TaskSource, TileSource, read_chunk
 
 ProgressFn = Callable[[int, int], None]
@@ -156,11 +157,13 @@ def stream_score(
     total: int | None = None,
     runner: RunFn | None = None,
     ahead_per_reader: int = 2,
-) -> tuple[np.ndarray, np.ndarray | None, _Stream]:
-    """Score ``units`` (read units of one source, in tile order) with one session.
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, _Stream]:
+    """Score ``units`` (read units of one source, in tile order) with one session: (probabilities,
+    OOD distances or None, focus scores or None, what was measured).
 
     ``readers`` threads read, decode and prepare units ahead (uint8 tiles to the model's input,
-    :func:`prepare_batch`) into a bounded window; this thread cuts the stream
+    :func:`prepare_batch`; each tile's focus score, :func:`~wsi_pipeline.tiling.focus.focus_scores`,
+    where the model's um/px allows it) into a bounded window; this thread cuts the stream
     into full batches of ``batch_size`` across unit boundaries and runs them, so the session never
     waits on a partial batch and never competes with other sessions for the cores. The first unit
     is run as it comes (a short first unit starts the session early: :func:`first_batch_tiles`).
@@ -174,6 +177,8 @@ def stream_score(
     total = n if total is None else total
     probs = np.empty((n, len(card.classes)), np.float32)
     ood = np.empty(n, np.float32) if card.ood_output else None
+    focus = np.empty(n, np.float32) if focus_measurable(card.input_size_px, card.mpp) else None
+    first = units[0].start if units else 0
     stats = _Stream()
     lock = threading.Lock()
 
@@ -181,6 +186,9 @@ def stream_score(
         t = time.perf_counter()
         tiles = read_chunk(unit.source, unit.colrow, unit.start)
         check_tiles(tiles, card)
+        if focus is not None:  # each unit its own slice: readers never write the same elements
+            at = unit.start - first
+            focus[at : at + len(tiles)] = focus_scores(tiles, card.mpp)
         x = prepare_batch(tiles, card)  # the model's input, made here so the session never waits on it
         with lock:
             stats.read_s += time.perf_counter() - t
@@ -234,7 +242,7 @@ def stream_score(
     if filled:
         assert batch is not None
         run(batch[:filled])
-    return probs, ood, stats
+    return probs, ood, focus, stats
 
 
 def first_batch_tiles(batch_size: int) -> int:
@@ -258,7 +266,7 @@ def read_units(tasks: list[ChunkTask], tiles: int, *, first: int | None = None) 
     return units
 
 
-ChunkResult = tuple[np.ndarray, str, float, float, "np.ndarray | None"]
+ChunkResult = tuple[np.ndarray, str, float, float, "np.ndarray | None", "np.ndarray | None"]
 
 
 def _worker_threads() -> int | None:
@@ -272,7 +280,8 @@ def _worker_threads() -> int | None:
 
 
 def score_chunk(task: ChunkTask) -> ChunkResult:
-    """Run one task: (probabilities (n, classes) float32, provider, read s, infer s, OOD distances (n,)).
+    """Run one task: (probabilities (n, classes) float32, provider, read s, infer s, OOD distances (n,),
+    focus scores (n,)); the last two None where the model has no OOD output or focus is not measured.
 
     On a cluster worker the session gets the worker's cores over its task slots (start workers with
     ``--nthreads 1`` to give one task all of them) and one reader decodes ahead within the task.
@@ -283,8 +292,10 @@ def score_chunk(task: ChunkTask) -> ChunkResult:
     )
     units = read_units([task], task.batch_size, first=first_batch_tiles(task.batch_size))
     run = session_runner(session, card, provider)
-    probs, ood, st = stream_score(units, session, card, batch_size=task.batch_size, readers=1, runner=run)
-    return probs, provider, st.read_s, st.infer_s, ood
+    probs, ood, focus, st = stream_score(
+        units, session, card, batch_size=task.batch_size, readers=1, runner=run
+    )
+    return probs, provider, st.read_s, st.infer_s, ood, focus
 
 
 @dataclass
@@ -299,6 +310,7 @@ class ScoreResult:
     n_tasks: int
     scheduler: str
     ood: np.ndarray | None = None  # (N,) per-tile OOD distance, when the model has that output
+    focus: np.ndarray | None = None  # (N,) per-tile focus score (tiling.focus), where it is measured
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -378,11 +390,11 @@ def run_tasks(
             )
             units = read_units(tasks, t.batch_size, first=first_batch_tiles(t.batch_size))
             run = session_runner(session, card, provider)
-            probs, ood, st = stream_score(
+            probs, ood, focus, st = stream_score(
                 units, session, card, batch_size=t.batch_size, readers=plan.readers, progress=progress,
                 total=total, runner=run, ahead_per_reader=plan.queue_batches,
             )  # fmt: skip
-            results = [(probs, provider, st.read_s, st.infer_s, ood)]
+            results = [(probs, provider, st.read_s, st.infer_s, ood, focus)]
             extra = {"thread_plan": plan.to_dict(), "wait_s": round(st.wait_s, 3), "batches": st.batches,
                      "run": run_details(card, provider, t.precision, run)}  # fmt: skip
         scheduler = f"stream: 1 session x {plan.session_threads} threads, {plan.readers} reader(s)"
@@ -391,8 +403,11 @@ def run_tasks(
     providers = sorted({p[1] for p in parts})
     has_ood = bool(parts) and all(p[4] is not None for p in parts)
     ood = np.concatenate([np.asarray(p[4]) for p in parts]) if has_ood else None
+    has_focus = bool(parts) and all(p[5] is not None for p in parts)
+    focus = np.concatenate([np.asarray(p[5]) for p in parts]) if has_focus else None
     return ScoreResult(
         ood=ood,
+        focus=focus,
         probs=probs,
         provider=",".join(providers) if providers else "none",
         seconds=time.perf_counter() - t0,

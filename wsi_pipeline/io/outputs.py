@@ -521,15 +521,19 @@ def geojson_features(
     pen_regions: Any = None,
     origin_l0: tuple[int, int] = (0, 0),
     region_stats: list[dict[str, Any]] | None = None,
+    focus: np.ndarray | None = None,
+    blurred_regions: Any = None,
 ) -> dict[str, Any]:
-    """QuPath-compatible FeatureCollection: one detection per tile, tumour annotations, and the
+    """QuPath-compatible FeatureCollection: one detection per tile, tumour annotations, the
     marker-pen ink left out of the tissue (``pen_regions``, a shapely geometry) as locked
-    annotations of class ``Pen ink``. Inputs are level-0 px; the file's coordinates are level-0 px
+    annotations of class ``Pen ink`` and out-of-focus tissue (``blurred_regions``) as locked
+    annotations of class ``Out of focus``. Inputs are level-0 px; the file's coordinates are level-0 px
     minus ``origin_l0``, the level-0 pixel QuPath shows as (0, 0) (``io.slide.qupath_origin_l0``:
     non-zero where QuPath crops a MIRAX or Leica slide to its scanned rectangle).
 
     Tiles (``tiles=False`` leaves them out, for huge slides: the tile table has them) carry their
-    class (positive when P >= ``tile_threshold``) and every class probability as measurements;
+    class (positive when P >= ``tile_threshold``) and every class probability (and ``focus``, the
+    tile's focus score, :mod:`wsi_pipeline.tiling.focus`) as measurements;
     ``regions`` (a shapely geometry) becomes annotation objects of the positive class, each with
     its area (um^2, mm^2; needs ``mpp_l0``), tile count and mean and max P.
     """
@@ -545,9 +549,13 @@ def geojson_features(
     feats: list[dict[str, Any]] = []
     if tiles:
         shifted = boxes - np.array([shift[0], shift[1], shift[0], shift[1]]) if len(boxes) else boxes
-        for b, p, is_pos in zip(shifted, probs, positive, strict=True):
+        sharpness = [None] * len(probs) if focus is None else [round(float(v), 4) for v in focus]
+        for b, p, is_pos, f in zip(shifted, probs, positive, sharpness, strict=True):
             x0, y0, x1, y1 = (round(float(v), 2) for v in b)
             name = pos if is_pos else neg
+            meas = {f"P({c})": round(float(v), 5) for c, v in zip(classes, p, strict=True)}
+            if f is not None:
+                meas["Focus score"] = f
             feats.append(
                 {
                     "type": "Feature",
@@ -558,9 +566,7 @@ def geojson_features(
                     "properties": {
                         "objectType": "detection",
                         "classification": {"name": name, "color": colour[name]},
-                        "measurements": {
-                            f"P({c})": round(float(v), 5) for c, v in zip(classes, p, strict=True)
-                        },
+                        "measurements": meas,
                     },
                 }
             )
@@ -570,15 +576,15 @@ def geojson_features(
                             mpp_l0=mpp_l0, name=pos, stats=region_stats)
         if mpp_l0 is not None else [None] * len(geoms)
     )  # fmt: skip
-    for g, meas in zip(geoms, measures, strict=True):
+    for g, region_meas in zip(geoms, measures, strict=True):
         props: dict[str, Any] = {
             "objectType": "annotation",
             "name": f"{pos} region",
             "classification": {"name": pos, "color": colour[pos]},
             "isLocked": False,
         }
-        if meas is not None:
-            props["measurements"] = meas
+        if region_meas is not None:
+            props["measurements"] = region_meas
         feats.append({"type": "Feature", "geometry": _rounded(mapping(g), shift=shift), "properties": props})
     pens = [] if pen_regions is None or pen_regions.is_empty else getattr(pen_regions, "geoms", [pen_regions])
     for g in pens:
@@ -586,6 +592,21 @@ def geojson_features(
             "objectType": "annotation",
             "name": "pen ink (left out of the tissue)",
             "classification": {"name": "Pen ink", "color": [40, 80, 200]},
+            "isLocked": True,
+        }
+        if mpp_l0 is not None:
+            props["measurements"] = {"Area mm^2": round(g.area * mpp_l0 * mpp_l0 / 1e6, 4)}
+        feats.append({"type": "Feature", "geometry": _rounded(mapping(g), shift=shift), "properties": props})
+    blurs = (
+        []
+        if blurred_regions is None or blurred_regions.is_empty
+        else getattr(blurred_regions, "geoms", [blurred_regions])
+    )
+    for g in blurs:
+        props = {
+            "objectType": "annotation",
+            "name": "out of focus (scores there are unreliable)",
+            "classification": {"name": "Out of focus", "color": [150, 150, 150]},
             "isLocked": True,
         }
         if mpp_l0 is not None:

@@ -145,9 +145,10 @@ def slide_report_html(
         f'<p><span class="label {label_cls}" id="label">{_e(str(lab["label"]).upper())}</span> '
         f"&nbsp;{_e(_rule_text(lab['rule'], pos))}</p>",
     ]
-    ood = lab.get("ood")
-    if ood and ood.get("warning"):
-        parts.append(f'<div class="warn"><b>Warning:</b> {_e(ood["warning"])}</div>')
+    ood, focus = lab.get("ood"), lab.get("focus")
+    for check in (ood, focus):
+        if check and check.get("warning"):
+            parts.append(f'<div class="warn"><b>Warning:</b> {_e(check["warning"])}</div>')
     if mpp_warning := (manifest.get("resolution") or {}).get("override_warning"):
         parts.append(f'<div class="warn"><b>Warning:</b> {_e(mpp_warning)}</div>')
     evidence = [
@@ -166,6 +167,12 @@ def slide_report_html(
             evidence.append((f"greatest dimension of a {pos} region (mm)", greatest))
     if ood:
         evidence.append((f"OOD score (warns above {ood.get('warn_above', 1.0):g})", ood.get("score")))
+    if focus:
+        evidence.append((
+            f"tiles out of focus (focus score < {focus['sharp_at_least']:g}; warns from "
+            f"{focus['warn_share']:.0%})",
+            f"{focus['tiles_out_of_focus']} ({focus['share_out_of_focus']:.1%})",
+        ))  # fmt: skip
     roi = (manifest.get("tissue") or {}).get("regions")
     if roi:
         evidence.append(("scored only inside the regions of", f"{Path(roi['file']).name} ({roi['polygons']} "
@@ -350,6 +357,7 @@ FOLDER_COLUMNS = (
     ("greatest_dimension_mm", "greatest dimension (mm)", True),
     ("max_p", "max P", True),
     ("ood_score", "OOD score", True),
+    ("out_of_focus", "out of focus (share)", True),
     ("pen_mm2", "pen ink (mm^2)", True),
     ("n_tiles", "tiles", True),
     ("seconds", "seconds", True),
@@ -375,6 +383,7 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
     n_pos = sum(1 for r in rows if r.get("positive") is True)
     n_fail = sum(1 for r in rows if r.get("status") == "failed")
     n_warn = sum(1 for r in rows if r.get("ood_warning") is True)
+    n_blur = sum(1 for r in rows if r.get("focus_warning") is True)
     n_pen = sum(1 for r in rows if r.get("pen_mm2"))
     n_pen_warn = sum(1 for r in rows if r.get("pen_warning") is True)
     mpp_warned = [Path(str(r.get("slide", ""))).name for r in rows if r.get("mpp_warning") is True]
@@ -395,7 +404,8 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
                 cls = "pos" if r.get("positive") else "neg"
                 span = f'<span class="label {cls}" style="font-size:.85em">{_e(v)}</span>'
                 tds.append(f'<td data-v="{_e(v)}">{span}</td>')
-            elif (key, True) in (("ood_score", r.get("ood_warning")), ("pen_mm2", r.get("pen_warning"))):
+            elif (key, True) in (("ood_score", r.get("ood_warning")), ("pen_mm2", r.get("pen_warning")),
+                                 ("out_of_focus", r.get("focus_warning"))):  # fmt: skip
                 tds.append(f'<td class="n" data-v="{_e(v)}" style="background:#fff4ce">{_e(v)} !</td>')
             else:
                 tds.append(f'<td{" class=n" if numeric else ""} data-v="{_e(v)}">{_e(v)}</td>')
@@ -427,6 +437,12 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
         f"<p>{len(rows)} slides: {n_pos} called positive, {n_neg} negative, "
         f"{n_fail} failed{not_run}; {n_warn} with an OOD warning (marked !: the model may not know this "
         "tissue, stain or scanner; review by eye)"
+        + (
+            f"; {n_blur} with much tissue out of focus (marked !: a 'no {_e(positive)}' there is not a "
+            "negative result; re-scan or review by eye)"
+            if n_blur
+            else ""
+        )
         + (
             f"; {n_pen} with marker-pen ink left out of the tissue ({n_pen_warn} marked !: every positive "
             "tile lies beside the ink)"
