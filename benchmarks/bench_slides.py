@@ -1,4 +1,5 @@
-"""Whole-slide sanity on every real slide in ../shared/data/slides: label, tumour area, max P, OOD score.
+"""Whole-slide sanity on every real slide in ../shared/data/slides: label, tumour area, max P, OOD score,
+share of tiles out of focus (none of these real scans should be warned about its focus).
 
 Runs the full pipeline (``run_slide``) with the shipped model and, for comparison, the LC25000-only
 baseline (``models/baselines/``), in the same process. Slides without mpp metadata get a stated
@@ -70,26 +71,30 @@ def main() -> None:
                 row["error"] = str(exc).splitlines()[0][:160]
             else:
                 ev, ood = m["label"]["evidence"], m["label"].get("ood") or {}
+                focus = m["label"].get("focus") or {}
                 row.update(label=m["label"]["label"], tiles=m["n_tiles"], max_p=ev["max_p"],
                            tumour_area_mm2=ev["tumour_area_mm2"], tissue_area_mm2=ev["tissue_area_mm2"],
                            ood_score=ood.get("score"), ood_warning=bool(ood.get("warning")),
+                           out_of_focus=focus.get("share_out_of_focus"),
+                           focus_warning=bool(focus.get("warning")),
                            overlay=str(out.with_suffix("").with_name(out.stem + ".overlay.png")))  # fmt: skip
             row["seconds"] = round(time.perf_counter() - t0, 1)
             results.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print("| slide | model | mpp assumed | label | tiles | tumour mm^2 / tissue mm^2 | max P | OOD score |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| slide | model | mpp assumed | label | tiles | tumour mm^2 / tissue mm^2 | max P | OOD score "
+          "| out of focus (warned) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         if "error" in r:
             print(
-                f"| {r['slide']} | {r['model']} | {r['mpp_assumed']} | refused: {r['error'][:70]} | | | | |"
+                f"| {r['slide']} | {r['model']} | {r['mpp_assumed']} | refused: {r['error'][:70]} | | | | | |"
             )
         else:
             area = f"{r['tumour_area_mm2']} / {r['tissue_area_mm2']}"
             print(
                 f"| {r['slide']} | {r['model']} | {r['mpp_assumed']} | {r['label']} | {r['tiles']} | "
-                f"{area} | {r['max_p']} | {r['ood_score']} |"
+                f"{area} | {r['max_p']} | {r['ood_score']} | {r['out_of_focus']} ({r['focus_warning']}) |"
             )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
