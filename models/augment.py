@@ -180,14 +180,17 @@ def degrade(
 
 
 def scanner_shift(
-    tiles: npt.NDArray[np.uint8], rng: np.random.Generator, strength: float = 1.0
+    tiles: npt.NDArray[np.uint8],
+    rng: np.random.Generator,
+    strength: float = 1.0,
+    blur_radius: tuple[float, float] = (0.3, 1.5),
 ) -> npt.NDArray[np.uint8]:
     """Training augmentation that models scanner shift, for a batch ``(N, H, W, 3)``.
 
     Dihedral transform, per-tile degradations (``degrade``), HED stain jitter (sigma 0.2, bias 0.07),
     colour jitter, and 10 % of tiles turned grey (so that morphology, not one centre's stain, decides).
     ``strength`` scales every probability and magnitude (0 = geometry only; 1 = the default;
-    FixMatch's strong view uses more).
+    FixMatch's strong view uses more); ``blur_radius``: the defocus's Gaussian sigma range, pixels.
     """
     out = random_dihedral(tiles, rng)
     if strength <= 0:
@@ -196,7 +199,12 @@ def scanner_shift(
     out = np.stack(
         [
             degrade(
-                t, rng, p_resolution=min(1.0, 0.3 * k), p_blur=min(1.0, 0.2 * k), p_jpeg=min(1.0, 0.3 * k)
+                t,
+                rng,
+                p_resolution=min(1.0, 0.3 * k),
+                p_blur=min(1.0, 0.2 * k),
+                p_jpeg=min(1.0, 0.3 * k),
+                blur_radius=blur_radius,
             )
             for t in out
         ]
