@@ -20,6 +20,7 @@ from wsi_pipeline.cli import main
 from wsi_pipeline.inference.card import resolve_model
 from wsi_pipeline.inference.scoring import make_tasks, read_units, score_chunk, stream_score
 from wsi_pipeline.inference.session import create_session
+from wsi_pipeline.io.outputs import HATCH_RGB
 from wsi_pipeline.io.slide import open_slide
 from wsi_pipeline.tiling.focus import (
     SHARP_AT_LEAST,
@@ -132,6 +133,11 @@ def test_the_streaming_scorer_keeps_each_tiles_focus_in_its_place() -> None:
     )
 
 
+def _hatch_share(overlay: Path) -> float:
+    """Share of an overlay's pixels in the out-of-focus stripes' grey."""
+    return float((np.asarray(Image.open(overlay).convert("RGB")) == HATCH_RGB).all(axis=-1).mean())
+
+
 def _run(slide: Path, out: Path, *extra: str) -> tuple[int, str, dict]:
     r = CliRunner().invoke(main, [str(slide), "--out", str(out / f"{slide.stem}.tif"), *extra])
     manifest = out / f"{slide.stem}.run.json"
@@ -167,6 +173,9 @@ def test_a_sharp_scan_gets_no_warning_and_a_blurred_one_does(
     geo = json.loads((tmp_path / "blurred" / "blurred.geojson").read_text())
     blur = [g for g in geo["features"] if g["properties"]["classification"]["name"] == "Out of focus"]
     assert blur and all(g["properties"]["isLocked"] for g in blur)
+    # hatched on the overlay (the stripes' grey also occurs in anti-aliased text: count, not presence)
+    sharp_hatch = _hatch_share(tmp_path / "sharp" / "sharp.overlay.png")
+    assert sharp_hatch < 0.001 and _hatch_share(tmp_path / "blurred" / "blurred.overlay.png") > 0.02
     tiles = [g for g in geo["features"] if g["properties"]["objectType"] == "detection"]
     assert all(g["properties"]["measurements"]["Focus score"] < SHARP_AT_LEAST for g in tiles)
 
@@ -186,11 +195,20 @@ def test_the_blurred_half_of_a_slide_is_where_the_tiles_score_low(
     assert all(v >= SHARP_AT_LEAST for v in left) and all(v < SHARP_AT_LEAST for v in right)
     f = m["label"]["focus"]
     assert f["tiles_out_of_focus"] == sum(float(r["focus"]) < SHARP_AT_LEAST for r in rows)
-    if f["warning"]:  # the blurred half is outlined for QuPath, the sharp half is not
-        geo = json.loads((tmp_path / "right-half.geojson").read_text())
-        blur = [g for g in geo["features"] if g["properties"]["classification"]["name"] == "Out of focus"]
-        xs = [x for g in blur for ring in g["geometry"]["coordinates"] for x, _ in ring]
-        assert min(xs) >= width / 2 - 224
+    assert f["warning"]  # more than half the tissue is blurred
+    # the blurred half is outlined for QuPath and hatched on the overlay, the sharp half is not
+    geo = json.loads((tmp_path / "right-half.geojson").read_text())
+    blur = [g for g in geo["features"] if g["properties"]["classification"]["name"] == "Out of focus"]
+    xs = [x for g in blur for ring in g["geometry"]["coordinates"] for x, _ in ring]
+    assert xs and min(xs) >= width / 2 - 224
+    ov = m["heatmap"]["overlay"]
+    picture = np.asarray(Image.open(tmp_path / "right-half.overlay.png").convert("RGB"))[
+        :, : ov["size_px"][0]
+    ]
+    picture = picture[: ov["slide_px"][1], : ov["slide_px"][0]]  # the slide picture, not the legend
+    _, hx = np.nonzero((picture == HATCH_RGB).all(axis=-1))
+    x_l0 = ov["origin_l0"][0] + hx * ov["l0_per_px"]
+    assert hx.size > 1000 and (x_l0 < width / 2 - 224).mean() < 0.01
 
 
 def test_a_scan_coarser_than_the_tiles_is_named_as_the_cause(

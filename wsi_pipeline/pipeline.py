@@ -531,9 +531,10 @@ def _write_outputs(
     # The overlay (its PNG is the largest encode) is made on another core while this thread writes
     # the TIFFs and the tables and reads the report's top tiles. The manifest comes last.
     with ThreadPoolExecutor(1, thread_name_prefix="wsi-outputs") as ex:
-        overlay = ex.submit(_write_overlay, paths, card, opts, source, canvas, regions, picture)
+        blurred = _out_of_focus(label, result)
+        overlay = ex.submit(_write_overlay, paths, card, opts, source, canvas, regions, picture, blurred)
         _write_tiffs(paths, card, opts, source, canvas)
-        _write_tables(paths, card, opts, result, layout, boxes, regions, pen, stats, label["focus"])
+        _write_tables(paths, card, opts, result, layout, boxes, regions, pen, stats, blurred)
         top_tiles = _top_tile_pictures(source, p_pos, len(label["evidence"]["top_tiles"]))
         pictures = overlay.result()
     seconds = time.perf_counter() - t0
@@ -668,15 +669,24 @@ def _write_overlay(
     canvas: np.ndarray,
     regions: Any,
     picture: Future[Any],
+    out_of_focus: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """The overlay PNG; returns the slide picture (for the report) and how the overlay was made."""
+    """The overlay PNG; returns the slide picture (for the report) and how the overlay was made.
+    ``out_of_focus``: bool per tile, hatched on the overlay (slides warned about their focus)."""
     layout = source.layout
     grid = layout.grid
     pic = picture.result()  # the slide picture, made while the tiles were scored
+    hatch = None
+    if out_of_focus is not None:
+        cells = heatmap_grid(layout.colrow, out_of_focus.astype(np.float32), grid.cols, grid.rows)
+        hatch = (
+            heatmap_canvas(cells, layout.slide_wh, float(grid.stride_l0_px), float(grid.cell_origin_l0)) > 0.5
+        )
     overlay = render_overlay(
         pic.image, canvas, l0_per_px=pic.l0_per_px, cell_l0_px=float(grid.stride_l0_px), mpp_l0=layout.mpp_l0,
         threshold=opts.label.tile_p, origin_l0=float(grid.cell_origin_l0), regions=regions,
         positive_name=card.positive_class, picture_origin_l0=pic.origin_l0, roi=layout.regions_l0,
+        hatch=hatch,
     )  # fmt: skip
     write_overlay_png(paths["overlay"], overlay)
     return {
@@ -686,6 +696,14 @@ def _write_overlay(
                     "l0_per_px": round(pic.l0_per_px, 4),
                     "origin_l0": [round(v, 3) for v in pic.origin_l0]},
     }  # fmt: skip
+
+
+def _out_of_focus(label: dict[str, Any], result: ScoreResult) -> np.ndarray | None:
+    """Tiles out of focus (bool per tile) where the slide is warned about its focus, else None."""
+    focus = label.get("focus") or {}
+    if not focus.get("warning") or result.focus is None:
+        return None
+    return np.asarray(result.focus < focus["sharp_at_least"])
 
 
 def _write_tables(
@@ -698,15 +716,13 @@ def _write_tables(
     regions: Any,
     pen: PenInk | None = None,
     stats: list[dict[str, Any]] | None = None,
-    focus: dict[str, Any] | None = None,
+    out_of_focus: np.ndarray | None = None,
 ) -> None:
     """``NAME.geojson`` (tiles, tumour regions, pen ink left out and, on a slide warned about its
     focus, the out-of-focus tissue, for QuPath) and ``NAME.tiles.csv`` (one row a tile; ``focus``
     where it was measured, ``near_pen_ink`` where ink was found)."""
     grid, colrow, coords = layout.grid, layout.colrow, layout.coords_l0
-    blurred = None
-    if focus and focus.get("warning") and result.focus is not None:
-        blurred = tumour_regions(boxes, result.focus < focus["sharp_at_least"])
+    blurred = None if out_of_focus is None else tumour_regions(boxes, out_of_focus)
     write_compact_json(
         paths["geojson"],
         geojson_features(boxes, result.probs, card.classes, card.positive_index,

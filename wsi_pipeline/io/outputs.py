@@ -25,6 +25,7 @@ import numpy as np
 from wsi_pipeline import __version__
 from wsi_pipeline.io.ownership import GENERATOR, HEATMAP_MARKER
 from wsi_pipeline.provenance import atomic_write_bytes
+from wsi_pipeline.tiling.focus import SHARP_AT_LEAST
 
 #: Format of the heatmap TIFFs, recorded under ``HEATMAP_MARKER`` in their first page's description
 #: (``ownership.is_own_output``: a folder run never takes its own outputs for slides). 2: probability map.
@@ -262,6 +263,8 @@ def _um_text(um: float) -> str:
 #: colour of the regions of interest on the overlay: magenta, which neither H&E's pink-purple at full
 #: saturation nor the P ramp (blue-green-yellow-red) nor the black tumour outlines have
 ROI_RGB = (230, 0, 230)
+#: Stripes over the tiles out of focus (on slides warned about their focus)
+HATCH_RGB = (90, 90, 90)
 
 
 def render_overlay(
@@ -277,6 +280,7 @@ def render_overlay(
     positive_name: str = "tumour",
     picture_origin_l0: tuple[float, float] = (0.0, 0.0),
     roi: Any = None,
+    hatch: np.ndarray | None = None,
 ) -> np.ndarray:
     """The heatmap over a picture of the slide, with a colour bar, the threshold and a scale bar.
 
@@ -286,8 +290,9 @@ def render_overlay(
     :func:`visible_floor` (and unscored ones) leave the slide as it
     looks; above it the ramp colour is blended with an opacity rising with P (:func:`overlay_alpha`).
     ``regions`` (a shapely geometry in level-0 pixels) are outlined in black, ``roi`` (the regions
-    of interest the run was limited to, ``--regions``) in :data:`ROI_RGB`. A legend panel is added
-    on the right. Returns (H, w + panel, 3) uint8 RGB.
+    of interest the run was limited to, ``--regions``) in :data:`ROI_RGB`. ``hatch``: a bool grid of
+    ``canvas``'s shape whose true cells (tiles out of focus) get grey diagonal stripes. A legend panel
+    is added on the right. Returns (H, w + panel, 3) uint8 RGB.
     """
     from PIL import Image, ImageDraw
 
@@ -302,15 +307,22 @@ def render_overlay(
     alpha = overlay_alpha(padded, floor)[np.ix_(rows, cols)][..., None]
     colour = ramp_colours(np.nan_to_num(padded, nan=0.0))[np.ix_(rows, cols)]
     out = background.astype(np.float32) * (1 - alpha) + colour * alpha
-    img = Image.fromarray(np.round(out).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
     fs = max(12, round(max(h, w) / 70))
     line_w = max(2, round(max(h, w) / 500))
+    hatched = hatch is not None and bool(np.any(hatch))
+    if hatched:
+        assert hatch is not None
+        cells = np.pad(np.asarray(hatch, bool), ((0, 1), (0, 1)))[np.ix_(rows, cols)]
+        period = 4 * line_w
+        stripes = (np.arange(h)[:, None] + np.arange(w)[None, :]) % period < line_w
+        out[cells & stripes] = HATCH_RGB
+    img = Image.fromarray(np.round(out).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
     draw_outlines(draw, roi, l0_per_px=l0_per_px, origin_l0=(px0, py0), fill=ROI_RGB, width=line_w)
     draw_outlines(draw, regions, l0_per_px=l0_per_px, origin_l0=(px0, py0), fill=(0, 0, 0), width=line_w)
     _scale_bar(draw, w, h, um_per_px=l0_per_px * mpp_l0, fs=fs)
     panel = _legend_panel(max(h, 22 * fs), fs, threshold=threshold, floor=floor, line_w=line_w,
-                          positive_name=positive_name, roi=roi is not None)  # fmt: skip
+                          positive_name=positive_name, roi=roi is not None, hatch=hatched)  # fmt: skip
     full = Image.new("RGB", (w + panel.width, max(h, panel.height)), (255, 255, 255))
     full.paste(img, (0, 0))
     full.paste(panel, (w, 0))
@@ -366,6 +378,7 @@ def _legend_panel(
     line_w: int,
     positive_name: str,
     roi: bool = False,
+    hatch: bool = False,
 ) -> Any:
     """Colour bar (P 0..1 bottom to top, grey below the visible floor), ticks, threshold, legend."""
     from PIL import Image, ImageDraw
@@ -405,9 +418,15 @@ def _legend_panel(
         ("line", f"{positive_name} region"),
         ("text", f"(tiles with P >= {threshold:.2f})"),
         *([("roi", "regions scored"), ("text", "(--regions)")] if roi else []),
+        *([("hatch", "out of focus"), ("text", f"(focus score < {SHARP_AT_LEAST:g})")] if hatch else []),
     ]
     for kind, text in lines:
-        if kind in ("line", "roi"):
+        if kind == "hatch":
+            for i in range(3):
+                x = fs // 2 + i * 2 * line_w * 2
+                draw.line([(x, y + fs), (x + fs, y)], fill=HATCH_RGB, width=line_w)
+            draw.text((3 * fs, y), text, fill=(0, 0, 0), font=small)
+        elif kind in ("line", "roi"):
             colour = ROI_RGB if kind == "roi" else (0, 0, 0)
             draw.line([(fs // 2, y + fs / 2), (fs // 2 + 2 * fs, y + fs / 2)], fill=colour, width=line_w)
             draw.text((3 * fs, y), text, fill=(0, 0, 0), font=small)
