@@ -605,32 +605,19 @@ def geojson_features(
         if region_meas is not None:
             props["measurements"] = region_meas
         feats.append({"type": "Feature", "geometry": _rounded(mapping(g), shift=shift), "properties": props})
-    pens = [] if pen_regions is None or pen_regions.is_empty else getattr(pen_regions, "geoms", [pen_regions])
-    for g in pens:
-        props = {
-            "objectType": "annotation",
-            "name": "pen ink (left out of the tissue)",
-            "classification": {"name": "Pen ink", "color": [40, 80, 200]},
-            "isLocked": True,
-        }
-        if mpp_l0 is not None:
-            props["measurements"] = {"Area mm^2": round(g.area * mpp_l0 * mpp_l0 / 1e6, 4)}
-        feats.append({"type": "Feature", "geometry": _rounded(mapping(g), shift=shift), "properties": props})
-    blurs = (
-        []
-        if blurred_regions is None or blurred_regions.is_empty
-        else getattr(blurred_regions, "geoms", [blurred_regions])
-    )
-    for g in blurs:
-        props = {
-            "objectType": "annotation",
-            "name": "out of focus (scores there are unreliable)",
-            "classification": {"name": "Out of focus", "color": [150, 150, 150]},
-            "isLocked": True,
-        }
-        if mpp_l0 is not None:
-            props["measurements"] = {"Area mm^2": round(g.area * mpp_l0 * mpp_l0 / 1e6, 4)}
-        feats.append({"type": "Feature", "geometry": _rounded(mapping(g), shift=shift), "properties": props})
+    for geometry, name, cls, rgb in (
+        (pen_regions, "pen ink (left out of the tissue)", "Pen ink", [40, 80, 200]),
+        (blurred_regions, "out of focus (scores there are unreliable)", "Out of focus", [150, 150, 150]),
+    ):
+        parts = [] if geometry is None or geometry.is_empty else getattr(geometry, "geoms", [geometry])
+        for g in parts:  # locked: they record what the run left out or distrusts, not a finding to edit
+            props = {"objectType": "annotation", "name": name, "isLocked": True,
+                     "classification": {"name": cls, "color": rgb}}  # fmt: skip
+            if mpp_l0 is not None:
+                props["measurements"] = {"Area mm^2": round(g.area * mpp_l0 * mpp_l0 / 1e6, 4)}
+            feats.append(
+                {"type": "Feature", "geometry": _rounded(mapping(g), shift=shift), "properties": props}
+            )
     # "generator" (a foreign member, which GeoJSON readers ignore) marks the file as ours: a run may
     # replace it, never a user's annotations of the same name (io.ownership)
     # "origin_l0" (another foreign member) says which level-0 pixel the coordinates count from
