@@ -57,6 +57,8 @@ def _slide_result(model: Path, slide: Path, mpp: float | None) -> dict[str, Any]
         "label": label["label"],
         "max_p": round(float(label["evidence"]["max_p"]), 3),
         "area_mm2": label["evidence"].get(f"{pos}_area_mm2"),
+        "positive_tiles": label["evidence"].get(f"{pos}_tiles"),
+        "min_area_mm2": (label.get("rule") or {}).get("min_area_mm2"),
         "ood_score": ood.get("score"),
         "ood_warning": bool(ood.get("warning")),
     }
@@ -104,9 +106,10 @@ def measure(model: Path) -> tuple[dict[str, Any], list[str]]:
         r = _slide_result(model, SAMPLE, None)
         findings.append({
             "name": "benign squamous epithelium",
-            "finding": f"the bundled sample (benign skin) is labelled {r['label']}: max P {r['max_p']}, OOD "
-            f"score {r['ood_score']} ({'' if r['ood_warning'] else 'not '}warned); no benign squamous "
-            "epithelium was in training",
+            "finding": f"the bundled sample (benign skin) is labelled {r['label']}, with "
+            f"{r['positive_tiles']} tiles ({r['area_mm2']} mm^2; the label's minimum area is "
+            f"{r['min_area_mm2']} mm^2) called tumour: max P {r['max_p']}, OOD score {r['ood_score']} "
+            f"({'' if r['ood_warning'] else 'not '}warned); no benign squamous epithelium was in training",
             "advice": "skin, oesophagus, cervix and other squamous epithelium: do not use",
             "figures": r,
         })  # fmt: skip

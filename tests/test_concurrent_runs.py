@@ -162,9 +162,10 @@ def test_folder_run_passes_over_slides_another_run_holds_and_finishes_them_at_th
             ln.startswith(f"{name}.svs: waiting for the other run (pid {os.getpid()} on ") for ln in lines
         )
     # c1 and c4 were scored before this run came back to c2 and c3
-    scored = [ln.split(":")[0] for ln in lines if ": TUMOUR" in ln or ": no tumour" in ln]
+    scored = [ln.split(":")[0] for ln in lines if ": TUMOUR (" in ln or ": NO TUMOUR (" in ln]
     assert scored == ["c1.svs", "c4.svs", "c3.svs"], res.output
-    assert "c2.svs: done by the other run (tumour)" in res.output
+    label = json.loads((out / "c1.run.json").read_text())["label"]["label"]
+    assert f"c2.svs: done by the other run ({label})" in res.output
     summary = json.loads((out / "summary.json").read_text())["slides"]
     assert [Path(r["slide"]).name for r in summary] == ["c1.svs", "c2.svs", "c3.svs", "c4.svs"]
     assert [r["status"] for r in summary] == ["ok", "done by another run", "ok", "ok"]
