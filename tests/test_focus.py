@@ -246,3 +246,34 @@ def test_a_folder_run_counts_the_slides_out_of_focus(defocused: dict[str, Path],
     assert rows["sharp"]["focus_warning"] == "False" and float(rows["sharp"]["out_of_focus"]) == 0.0
     page = (tmp_path / "out" / "report.html").read_text()
     assert "1 with much tissue out of focus" in page
+
+
+def test_evaluation_names_the_slides_the_run_warned_about_its_focus(
+    defocused: dict[str, Path], tmp_path: Path
+) -> None:
+    """Scored against an expert's outline, a blurred slide's row says the run warned about its focus
+    (metrics.json, metrics.csv, the page and a warning line): misses there may be the blur's."""
+    from wsi_pipeline.evaluation.annotations import write_asap_xml
+
+    for k in ("sharp", "blurred"):
+        _run(defocused[k], tmp_path / "runs")
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    for k in ("sharp", "blurred"):  # one annotated tumour square in each slide
+        write_asap_xml(ann / f"{k}.xml", [("tumour", [(900, 900), (1300, 900), (1300, 1300), (900, 1300)])])
+    r = CliRunner().invoke(
+        main, ["evaluate", str(tmp_path / "runs"), "-a", str(ann), "-o", f"{tmp_path}/ev/"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "warning: blurred.svs: the run warned: 100% of the tissue tiles look out of focus" in r.output
+    assert "warning: sharp.svs" not in r.output
+    rows = {
+        Path(s["slide"]).stem: s for s in json.loads((tmp_path / "ev" / "metrics.json").read_text())["slides"]
+    }
+    assert rows["blurred"]["focus_warning"] is True and rows["blurred"]["out_of_focus"] == 1.0
+    assert rows["sharp"]["focus_warning"] is False and rows["sharp"]["out_of_focus"] == 0.0
+    with (tmp_path / "ev" / "metrics.csv").open() as fh:
+        flat = {Path(x["slide"]).stem: x for x in csv.DictReader(fh)}
+    assert flat["blurred"]["focus_warning"] == "True" and flat["sharp"]["focus_warning"] == "False"
+    page = (tmp_path / "ev" / "metrics.html").read_text()
+    assert "out of focus (share)" in page and "1 !</td>" in page

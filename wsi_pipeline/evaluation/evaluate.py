@@ -343,6 +343,7 @@ def case_metrics(
     truth_positive = bool(tumour.area > 0)
     own = threshold == float(run_threshold(m))
     predicted_positive = bool(m["label"]["positive"]) if own else label_at(case, threshold)
+    focus = m["label"].get("focus") or {}  # the run's focus check (runs before it have none)
     res = m.get("resolution") or {}
     mpp = (float(res["mpp_x"]), float(res.get("mpp_y") or res["mpp_x"])) if res.get("mpp_x") else None
     area_mm2 = {k: _mm2(v, mpp) for k, v in area.items()}
@@ -375,11 +376,14 @@ def case_metrics(
         "annotation_repaired": ann.repaired if ann else 0,
         "annotation_negative_regions": ann.negative if ann else 0,
         "annotation_outside_slide_fraction": round(outside, 4),
-        "warnings": (
-            [f"{round(100 * outside, 1)} % of the annotated tumour lies outside the slide and is not counted"]
-            if outside > 1e-6
-            else []
-        ),
+        "warnings": [
+            *([f"{round(100 * outside, 1)} % of the annotated tumour lies outside the slide and is not "
+               "counted"] if outside > 1e-6 else []),
+            *([f"the run warned: {focus['warning']} (misses there may be the blur's)"]
+              if focus.get("warning") else []),
+        ],
+        "out_of_focus": focus.get("share_out_of_focus"),
+        "focus_warning": bool(focus.get("warning")),
         "slide_truth_positive": truth_positive,
         "slide_predicted_positive": predicted_positive,
         "slide_label": m["label"].get("label") if own else (f"{pos}" if predicted_positive else f"no {pos}"),

@@ -159,8 +159,8 @@ def _slide_level_text(summary: dict[str, Any]) -> str:
 CSV_COLUMNS = ("slide", "truth", "dice", "precision", "recall", "cell_dice", "truth_mm2", "predicted_mm2",
                "false_positive_mm2", "auc", "lesions", "lesions_found", "false_positive_regions",
                "slide_label", "slide_truth_positive",
-               "slide_predicted_positive", "slide_label_correct", "annotation", "threshold", "model",
-               "model_sha256")  # fmt: skip
+               "slide_predicted_positive", "slide_label_correct", "out_of_focus", "focus_warning",
+               "annotation", "threshold", "model", "model_sha256")  # fmt: skip
 
 
 def csv_rows(slides: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

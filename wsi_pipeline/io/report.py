@@ -479,6 +479,7 @@ EVALUATION_COLUMNS = (
     ("false_positive_regions", "false-positive regions", True),
     ("slide_label", "slide label", False),
     ("slide_label_correct", "label correct", False),
+    ("out_of_focus", "out of focus (share)", True),
 )
 
 
@@ -507,8 +508,11 @@ def evaluation_report_html(
         for key, _, numeric in EVALUATION_COLUMNS:
             v = r.get(key)
             text = "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+            warned = key == "out_of_focus" and r.get("focus_warning") in (True, "True")
+            mark = ' style="background:#fff4ce"' if warned else ""  # the run warned about its focus
             tds.append(
-                f'<td{" class=n" if numeric else ""} data-v="{_e("" if v is None else v)}">{_e(text)}</td>'
+                f'<td{" class=n" if numeric else ""}{mark} data-v="{_e("" if v is None else v)}">'
+                f"{_e(text)}{' !' if warned else ''}</td>"
             )
         body.append("<tr>" + "".join(tds) + "</tr>")
     parts = [
@@ -518,8 +522,9 @@ def evaluation_report_html(
         "the run's threshold) with the expert's annotated tumour outlined in cyan. Dice, precision and "
         "recall are area-exact (the ACDC@LUNGHP metric); empty where undefined (no tumour in truth nor "
         "prediction). A tumour focus (an annotated polygon) is found when a predicted region overlaps it; "
-        "a predicted region that overlaps none is a false-positive region. Click a column header to "
-        "sort.</p>",
+        "a predicted region that overlaps none is a false-positive region. Out of focus: the run's share of "
+        "tiles below the focus check's score (! where it warned: misses there may be the blur's). Click a "
+        "column header to sort.</p>",
         f'<table class="sortable" id="slides"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>",
         *(f'<p class="warn">{_e(n)}</p>' for n in notes),
