@@ -277,3 +277,24 @@ def test_evaluation_names_the_slides_the_run_warned_about_its_focus(
     assert flat["blurred"]["focus_warning"] == "True" and flat["sharp"]["focus_warning"] == "False"
     page = (tmp_path / "ev" / "metrics.html").read_text()
     assert "out of focus (share)" in page and "1 !</td>" in page
+
+
+def test_a_tile_store_keeps_each_tiles_focus_and_the_tile_command_warns(
+    defocused: dict[str, Path], tmp_path: Path
+) -> None:
+    from wsi_pipeline.io.tilestore import open_tile_store
+
+    out = tmp_path / "rh.zarr"
+    r = CliRunner().invoke(main, ["tile", str(defocused["right-half"]), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "right-half.svs: WARNING" in r.output and "look out of focus" in r.output
+    store = open_tile_store(out)
+    assert store.focus is not None
+    np.testing.assert_array_equal(store.focus, focus_scores(store.tiles[:], 0.5))
+    report = json.loads((tmp_path / "rh.tile-report.json").read_text())
+    assert report["focus"]["tiles_out_of_focus"] == int((store.focus < SHARP_AT_LEAST).sum()) > 10
+    assert store.meta["focus"] == report["focus"]
+    # scoring the store gives the same record as scoring the slide
+    code, out_text, m = _run(out, tmp_path / "scored")
+    assert code == 0, out_text
+    assert m["label"]["focus"] == report["focus"]

@@ -137,7 +137,10 @@ def complete_outputs(heatmap: Path) -> None:
 
 def store_arrays(path: Path) -> dict[str, np.ndarray]:
     s = open_tile_store(path)
-    return {n: np.asarray(s.array(n)[...]) for n in ("tiles", "coords_l0", "grid_colrow", "tissue_fraction")}
+    return {
+        n: np.asarray(s.array(n)[...])
+        for n in ("tiles", "coords_l0", "grid_colrow", "tissue_fraction", "focus")
+    }
 
 
 OPTS = RunOptions(chunk_tiles=32, workers=2)
@@ -168,8 +171,8 @@ slow = float(os.environ.get("WSI_TEST_SLOW_CHUNK_S", "0"))
 if slow:
     import wsi_pipeline.io.tilestore as ts
     _write = ts.TileStoreWriter.write_chunk
-    def write_chunk(self, k, tiles):
-        _write(self, k, tiles)
+    def write_chunk(self, k, tiles, focus=None):
+        _write(self, k, tiles, focus)
         time.sleep(slow)
     ts.TileStoreWriter.write_chunk = write_chunk
 from wsi_pipeline.cli import main

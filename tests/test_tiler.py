@@ -147,6 +147,8 @@ def test_interrupted_run_resumes_to_identical_store(any_slide: Fixture, tmp_path
     a, b = open_tile_store(ref), open_tile_store(out)
     np.testing.assert_array_equal(a.tiles[:], b.tiles[:])
     np.testing.assert_array_equal(a.coords_l0, b.coords_l0)
+    assert a.focus is not None and b.focus is not None and np.isfinite(b.focus).all()
+    np.testing.assert_array_equal(a.focus, b.focus)  # the chunks of both runs have their focus scores
 
 
 def test_partial_from_other_parameters_is_refused(generic_slide: Fixture, tmp_path: Path) -> None:

@@ -270,6 +270,8 @@ def _tile_one(
     )
     if mpp_warning := (rep.meta.get("resolution") or {}).get("override_warning"):
         bars.echo(f"{slide.name}: WARNING {mpp_warning}")
+    if focus_warning := (rep.focus or {}).get("warning"):
+        bars.echo(f"{slide.name}: WARNING {focus_warning}")
     return rep
 
 

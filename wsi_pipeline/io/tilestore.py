@@ -10,6 +10,9 @@ array               shape, dtype                    meaning
 ``coords_l0``       (N, 2) int64                    tile origin (x, y) in level-0 pixels
 ``grid_colrow``     (N, 2) int32                    (col, row) of the tile in the grid
 ``tissue_fraction`` (N,) float32                    fraction of the tile covered by the tissue mask
+``focus``           (N,) float32                    each tile's focus score (:mod:`wsi_pipeline.tiling.focus`;
+                                                    below 0.3: out of focus); absent where the tiles' mpp
+                                                    is coarser than 1 um/px and in stores made before it
 ``chunk_done``      (n_chunks,) uint8               1 once chunk k of ``tiles`` is fully written
 ``thumbnail``       (h, w, 3) uint8                 the thumbnail the mask was computed on
 ``tissue_mask``     (h, w) bool                     the tissue mask (thumbnail pixels)
@@ -180,8 +183,10 @@ class TileStoreWriter:
         thumbnail: np.ndarray,
         tissue_mask: np.ndarray,
         meta: dict[str, Any],
+        focus: bool = False,
     ) -> TileStoreWriter:
-        """Create ``OUT.partial`` with every array but the tile pixels written."""
+        """Create ``OUT.partial`` with every array but the tile pixels (and, with ``focus``, their focus
+        scores, written chunk by chunk with the tiles) written."""
         path = partial_path(out)
         n = len(coords_l0)
         try:
@@ -204,6 +209,9 @@ class TileStoreWriter:
                 ("tissue_mask", np.asarray(tissue_mask, bool)),
             ):
                 group.create_array(name, data=data, compressors=small)
+            if focus:  # one chunk per tile chunk: written with it, before it is marked done
+                group.create_array("focus", shape=(n,), chunks=(chunk_tiles,), dtype="float32",
+                                   fill_value=float("nan"), compressors=small)  # fmt: skip
             n_chunks = max(1, -(-n // chunk_tiles))
             group.create_array("chunk_done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
             group.attrs[ATTR_KEY] = {
@@ -238,11 +246,19 @@ class TileStoreWriter:
         n_chunks = -(-self.n_tiles // self.chunk_tiles)
         return [k for k in range(n_chunks) if not done[k]]
 
-    def write_chunk(self, k: int, tiles: np.ndarray) -> None:
-        """Write chunk ``k`` (tiles ``k*chunk_tiles`` onwards), then mark it done."""
+    @property
+    def has_focus(self) -> bool:
+        """Whether the store keeps focus scores (stores created before them do not)."""
+        return "focus" in self.group
+
+    def write_chunk(self, k: int, tiles: np.ndarray, focus: np.ndarray | None = None) -> None:
+        """Write chunk ``k`` (tiles ``k*chunk_tiles`` onwards; ``focus``: their focus scores, where the
+        store keeps them), then mark it done."""
         start = k * self.chunk_tiles
         try:
             _array(self.group, "tiles")[start : start + len(tiles)] = tiles
+            if focus is not None and self.has_focus:
+                _array(self.group, "focus")[start : start + len(tiles)] = np.asarray(focus, np.float32)
             _array(self.group, "chunk_done")[k] = 1
         except OSError as exc:
             raise _store_os_error(self.path, exc) from exc
@@ -306,6 +322,12 @@ class TileStore:
     @property
     def tissue_fraction(self) -> np.ndarray:
         return np.asarray(_array(self.group, "tissue_fraction")[:])
+
+    @property
+    def focus(self) -> np.ndarray | None:
+        """Each tile's focus score, or None in a store without them (made before them, or coarser than
+        1 um/px)."""
+        return np.asarray(_array(self.group, "focus")[:]) if "focus" in self.group else None
 
     def array(self, name: str) -> zarr.Array:
         """Any array of the store by name (e.g. ``thumbnail``, ``tissue_mask``)."""

@@ -31,6 +31,7 @@ from wsi_pipeline.io.tilestore import (
     store_lock,
 )
 from wsi_pipeline.provenance import refuse_overwriting_inputs, remove_created_folders_on_failure
+from wsi_pipeline.tiling.focus import focus_measurable, focus_scores, focus_summary
 from wsi_pipeline.tiling.plan import SlidePlan, TileOptions, plan_slide, require_tissue
 from wsi_pipeline.tiling.read import fit_slide_stain, iter_tiles, stain_transform
 
@@ -51,6 +52,7 @@ class TileReport:
     effective_mpp: float
     level: int
     meta: dict[str, Any]
+    focus: dict[str, Any] | None = None  # the tiles' focus record (tiling.focus.focus_summary)
 
 
 ProgressFn = Callable[[int, int], None]
@@ -162,6 +164,7 @@ def tile_slide(
                         thumbnail=plan.thumbnail.image,
                         tissue_mask=plan.mask,
                         meta={**meta, "params": params, "store_id": uuid.uuid4().hex},
+                        focus=focus_measurable(opts.tile_px, plan.choice.effective_mpp),
                     )
                 transform = stain_transform(stain, opts.stain_reference) if stain else None
                 written = _write_pending(reader, plan, writer, opts, progress, transform)
@@ -174,15 +177,19 @@ def tile_slide(
                     written,
                     seconds,
                     meta,
+                    _focus_record(
+                        writer.group, plan.choice.effective_mpp, plan.resolution.mpp, opts.level_tolerance
+                    ),
                 )
                 writer.finalize(
+                    focus=report.focus,
                     run={
                         "seconds": round(seconds, 3),
                         "tiles_written_this_run": written,
                         "tiles_per_s": report.tiles_per_s,
                         "resumed": state == "partial",
                         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    }
+                    },
                 )
                 return report
         finally:
@@ -221,7 +228,9 @@ def _write_pending(
                 buf[idx[sel] - start] = tiles[sel]
                 filled[k] = filled.get(k, 0) + int(sel.sum())
                 if filled[k] == size:
-                    writer.write_chunk(k, buffers.pop(k))
+                    chunk = buffers.pop(k)
+                    focus = focus_scores(chunk, plan.choice.effective_mpp) if writer.has_focus else None
+                    writer.write_chunk(k, chunk, focus)
                     written += size
             read += len(idx)
             if progress:
@@ -241,6 +250,7 @@ def _report(
     written: int,
     seconds: float,
     meta: dict[str, Any],
+    focus: dict[str, Any] | None = None,
 ) -> TileReport:
     return TileReport(
         slide=str(slide),
@@ -255,7 +265,18 @@ def _report(
         effective_mpp=plan.choice.effective_mpp,
         level=plan.choice.level,
         meta=meta,
+        focus=focus,
     )
+
+
+def _focus_record(group: Any, tile_mpp: float, mpp_l0: float, tolerance: float) -> dict[str, Any] | None:
+    """The focus record of a store's tiles (None in a store without focus scores); a scan coarser
+    than the tiles beyond the level ``tolerance`` (upsampled) is named as the cause of its warning."""
+    if "focus" not in group:
+        return None
+    scores = np.asarray(group["focus"][:])
+    coarse = mpp_l0 if mpp_l0 > tile_mpp * (1 + tolerance) else None
+    return focus_summary(scores[np.isfinite(scores)], coarse_scan_mpp=coarse)
 
 
 def _report_existing(slide: str | Path, out: Path, seconds: float) -> TileReport:
@@ -274,4 +295,5 @@ def _report_existing(slide: str | Path, out: Path, seconds: float) -> TileReport
         effective_mpp=float(meta["resolution"]["effective_mpp"]),
         level=int(meta["resolution"]["level"]),
         meta=meta,
+        focus=meta.get("focus"),
     )
