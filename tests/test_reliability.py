@@ -171,8 +171,8 @@ slow = float(os.environ.get("WSI_TEST_SLOW_CHUNK_S", "0"))
 if slow:
     import wsi_pipeline.io.tilestore as ts
     _write = ts.TileStoreWriter.write_chunk
-    def write_chunk(self, k, tiles, focus=None):
-        _write(self, k, tiles, focus)
+    def write_chunk(self, k, tiles):
+        _write(self, k, tiles)
         time.sleep(slow)
     ts.TileStoreWriter.write_chunk = write_chunk
 from wsi_pipeline.cli import main

@@ -117,13 +117,11 @@ def test_resume_with_another_plan_starts_over_instead_of_mixing_layouts(
     calls = {"n": 0}
     real_write = TileStoreWriter.write_chunk
 
-    def interrupted(
-        self: TileStoreWriter, k: int, tiles: np.ndarray, focus: np.ndarray | None = None
-    ) -> None:
+    def interrupted(self: TileStoreWriter, k: int, tiles: np.ndarray) -> None:
         calls["n"] += 1
         if calls["n"] > 2:
             raise KeyboardInterrupt  # killed after two chunks
-        real_write(self, k, tiles, focus)
+        real_write(self, k, tiles)
 
     monkeypatch.setattr(TileStoreWriter, "write_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -11,8 +11,9 @@ array               shape, dtype                    meaning
 ``grid_colrow``     (N, 2) int32                    (col, row) of the tile in the grid
 ``tissue_fraction`` (N,) float32                    fraction of the tile covered by the tissue mask
 ``focus``           (N,) float32                    each tile's focus score (:mod:`wsi_pipeline.tiling.focus`;
-                                                    below 0.3: out of focus); absent where the tiles' mpp
-                                                    is coarser than 1 um/px and in stores made before it
+                                                    below 0.3: out of focus), written once all tiles are;
+                                                    absent where the tiles' mpp is coarser than 1 um/px
+                                                    and in stores made before it
 ``chunk_done``      (n_chunks,) uint8               1 once chunk k of ``tiles`` is fully written
 ``thumbnail``       (h, w, 3) uint8                 the thumbnail the mask was computed on
 ``tissue_mask``     (h, w) bool                     the tissue mask (thumbnail pixels)
@@ -186,7 +187,7 @@ class TileStoreWriter:
         focus: bool = False,
     ) -> TileStoreWriter:
         """Create ``OUT.partial`` with every array but the tile pixels (and, with ``focus``, their focus
-        scores, written chunk by chunk with the tiles) written."""
+        scores: :meth:`write_focus`) written."""
         path = partial_path(out)
         n = len(coords_l0)
         try:
@@ -209,9 +210,9 @@ class TileStoreWriter:
                 ("tissue_mask", np.asarray(tissue_mask, bool)),
             ):
                 group.create_array(name, data=data, compressors=small)
-            if focus:  # one chunk per tile chunk: written with it, before it is marked done
-                group.create_array("focus", shape=(n,), chunks=(chunk_tiles,), dtype="float32",
-                                   fill_value=float("nan"), compressors=small)  # fmt: skip
+            if focus:  # written whole before the store is finalized (one file, not one per chunk)
+                group.create_array("focus", shape=(n,), dtype="float32", fill_value=float("nan"),
+                                   compressors=small)  # fmt: skip
             n_chunks = max(1, -(-n // chunk_tiles))
             group.create_array("chunk_done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
             group.attrs[ATTR_KEY] = {
@@ -251,15 +252,24 @@ class TileStoreWriter:
         """Whether the store keeps focus scores (stores created before them do not)."""
         return "focus" in self.group
 
-    def write_chunk(self, k: int, tiles: np.ndarray, focus: np.ndarray | None = None) -> None:
-        """Write chunk ``k`` (tiles ``k*chunk_tiles`` onwards; ``focus``: their focus scores, where the
-        store keeps them), then mark it done."""
+    def write_chunk(self, k: int, tiles: np.ndarray) -> None:
+        """Write chunk ``k`` (tiles ``k*chunk_tiles`` onwards), then mark it done."""
         start = k * self.chunk_tiles
         try:
             _array(self.group, "tiles")[start : start + len(tiles)] = tiles
-            if focus is not None and self.has_focus:
-                _array(self.group, "focus")[start : start + len(tiles)] = np.asarray(focus, np.float32)
             _array(self.group, "chunk_done")[k] = 1
+        except OSError as exc:
+            raise _store_os_error(self.path, exc) from exc
+
+    def chunk_tiles_written(self, k: int) -> np.ndarray:
+        """The tiles of chunk ``k`` as written (to measure them again on resuming)."""
+        start = k * self.chunk_tiles
+        return np.asarray(_array(self.group, "tiles")[start : start + self.chunk_tiles])
+
+    def write_focus(self, scores: np.ndarray) -> None:
+        """Write every tile's focus score (a store that keeps them: :attr:`has_focus`)."""
+        try:
+            _array(self.group, "focus")[:] = np.asarray(scores, np.float32)
         except OSError as exc:
             raise _store_os_error(self.path, exc) from exc
 

@@ -167,7 +167,11 @@ def tile_slide(
                         focus=focus_measurable(opts.tile_px, plan.choice.effective_mpp),
                     )
                 transform = stain_transform(stain, opts.stain_reference) if stain else None
-                written = _write_pending(reader, plan, writer, opts, progress, transform)
+                focus = np.full(plan.n_tiles, np.nan, np.float32) if writer.has_focus else None
+                written = _write_pending(reader, plan, writer, opts, progress, transform, focus)
+                if focus is not None:
+                    _measure_earlier_chunks(writer, focus, plan.choice.effective_mpp)
+                    writer.write_focus(focus)
                 seconds = time.perf_counter() - t0
                 report = _report(
                     slide_path,
@@ -178,7 +182,7 @@ def tile_slide(
                     seconds,
                     meta,
                     _focus_record(
-                        writer.group, plan.choice.effective_mpp, plan.resolution.mpp, opts.level_tolerance
+                        focus, plan.choice.effective_mpp, plan.resolution.mpp, opts.level_tolerance
                     ),
                 )
                 writer.finalize(
@@ -203,8 +207,10 @@ def _write_pending(
     opts: TileOptions,
     progress: ProgressFn | None,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    focus: np.ndarray | None = None,
 ) -> int:
-    """Read and write every chunk not yet done; returns the number of tiles written."""
+    """Read and write every chunk not yet done; returns the number of tiles written. ``focus``: filled
+    with the focus scores of the tiles written (float32 (N,), NaN elsewhere)."""
     c = writer.chunk_tiles
     pending = writer.pending_chunks()
     wanted = np.concatenate(
@@ -229,8 +235,9 @@ def _write_pending(
                 filled[k] = filled.get(k, 0) + int(sel.sum())
                 if filled[k] == size:
                     chunk = buffers.pop(k)
-                    focus = focus_scores(chunk, plan.choice.effective_mpp) if writer.has_focus else None
-                    writer.write_chunk(k, chunk, focus)
+                    writer.write_chunk(k, chunk)
+                    if focus is not None:
+                        focus[start : start + size] = focus_scores(chunk, plan.choice.effective_mpp)
                     written += size
             read += len(idx)
             if progress:
@@ -269,14 +276,23 @@ def _report(
     )
 
 
-def _focus_record(group: Any, tile_mpp: float, mpp_l0: float, tolerance: float) -> dict[str, Any] | None:
-    """The focus record of a store's tiles (None in a store without focus scores); a scan coarser
-    than the tiles beyond the level ``tolerance`` (upsampled) is named as the cause of its warning."""
-    if "focus" not in group:
+def _measure_earlier_chunks(writer: TileStoreWriter, focus: np.ndarray, tile_mpp: float) -> None:
+    """Fill in the focus scores of chunks an interrupted run wrote (read back from the store)."""
+    c = writer.chunk_tiles
+    for k in range(-(-len(focus) // c)):
+        if np.isnan(focus[k * c]):
+            focus[k * c : (k + 1) * c] = focus_scores(writer.chunk_tiles_written(k), tile_mpp)
+
+
+def _focus_record(
+    scores: np.ndarray | None, tile_mpp: float, mpp_l0: float, tolerance: float
+) -> dict[str, Any] | None:
+    """The focus record of a store's tiles (None without focus scores); a scan coarser than the tiles
+    beyond the level ``tolerance`` (upsampled) is named as the cause of its warning."""
+    if scores is None:
         return None
-    scores = np.asarray(group["focus"][:])
     coarse = mpp_l0 if mpp_l0 > tile_mpp * (1 + tolerance) else None
-    return focus_summary(scores[np.isfinite(scores)], coarse_scan_mpp=coarse)
+    return focus_summary(scores, coarse_scan_mpp=coarse)
 
 
 def _report_existing(slide: str | Path, out: Path, seconds: float) -> TileReport:
