@@ -111,6 +111,9 @@ def test_summary_warns_on_a_share_of_the_tiles() -> None:
     )
     tiny = np.array([0.1] * (WARN_MIN_TILES - 1), np.float32)  # every tile, but too few to mean anything
     assert focus_summary(tiny)["warning"] is None  # type: ignore[index]
+    assert "a 'no tumour' is not a negative result" in s["warning"]
+    called = focus_summary(many, called="tumour")  # a slide called tumour: its area may be larger
+    assert called is not None and "its tumour area may be larger than measured" in called["warning"]
     coarse = focus_summary(np.full(20, 0.1, np.float32), coarse_scan_mpp=1.0)
     assert coarse is not None and "scanned at 1 um/px" in coarse["warning"]
 
@@ -195,7 +198,11 @@ def test_the_blurred_half_of_a_slide_is_where_the_tiles_score_low(
     assert all(v >= SHARP_AT_LEAST for v in left) and all(v < SHARP_AT_LEAST for v in right)
     f = m["label"]["focus"]
     assert f["tiles_out_of_focus"] == sum(float(r["focus"]) < SHARP_AT_LEAST for r in rows)
-    assert f["warning"]  # more than half the tissue is blurred
+    assert f["warning"]  # more than half the tissue is blurred; what it means follows the slide's label
+    meaning = (
+        "tumour area may be larger than measured" if m["label"]["positive"] else "is not a negative result"
+    )
+    assert meaning in f["warning"]
     # the blurred half is outlined for QuPath and hatched on the overlay, the sharp half is not
     geo = json.loads((tmp_path / "right-half.geojson").read_text())
     blur = [g for g in geo["features"] if g["properties"]["classification"]["name"] == "Out of focus"]
@@ -297,4 +304,6 @@ def test_a_tile_store_keeps_each_tiles_focus_and_the_tile_command_warns(
     # scoring the store gives the same record as scoring the slide
     code, out_text, m = _run(out, tmp_path / "scored")
     assert code == 0, out_text
-    assert m["label"]["focus"] == report["focus"]
+    scored, tiled = dict(m["label"]["focus"]), dict(report["focus"])
+    assert bool(scored.pop("warning")) == bool(tiled.pop("warning"))  # worded after the label when scored
+    assert scored == tiled

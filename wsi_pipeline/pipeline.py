@@ -517,7 +517,8 @@ def _write_outputs(
     )  # fmt: skip
     label["ood"] = ood_summary(result.ood, card.ood_d_ref, card.ood_warn_above)
     coarse = mpp0 if mpp0 > card.mpp * (1 + opts.tile.level_tolerance) else None  # tiles upsampled
-    label["focus"] = focus_summary(result.focus, coarse_scan_mpp=coarse)
+    called = card.positive_class if label["positive"] else None
+    label["focus"] = focus_summary(result.focus, coarse_scan_mpp=coarse, called=called)
     boxes = grid.boxes_l0(colrow)
     regions = tumour_regions(boxes, p_pos >= opts.label.tile_p)
     stats = region_stats(regions, boxes, p_pos, p_pos >= opts.label.tile_p)

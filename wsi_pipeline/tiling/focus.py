@@ -106,30 +106,38 @@ def focus_summary(
     sharp_at_least: float = SHARP_AT_LEAST,
     warn_share: float = WARN_SHARE,
     coarse_scan_mpp: float | None = None,
+    called: str | None = None,
 ) -> dict[str, Any] | None:
     """The slide's focus record: how many tissue tiles score below ``sharp_at_least`` and a warning
     when they are at least ``warn_share`` of the tiles (and :data:`WARN_MIN_TILES`). ``coarse_scan_mpp``:
     the slide's level-0 um/px when it is coarser than the tiles (upsampled tiles look blurred: the
-    warning then names the scan, not the focus). None without scores."""
+    warning then names the scan, not the focus). ``called``: the slide's positive class when it was
+    called positive (the warning then says its area may be larger), None otherwise or before a label.
+    None without scores."""
     if scores is None:
         return None
     s = np.asarray(scores, np.float64)
     blurred = int((s < sharp_at_least).sum())
     share = blurred / s.size if s.size else 0.0
     warn = s.size > 0 and share >= warn_share and blurred >= WARN_MIN_TILES
+    meaning = (
+        f"its {called} area may be larger than measured"
+        if called
+        else "a 'no tumour' is not a negative result"
+    )
     if not warn:
         warning = None
     elif coarse_scan_mpp:
         warning = (
             f"{share:.0%} of the tissue tiles lack fine detail: the slide was scanned at "
-            f"{coarse_scan_mpp:g} um/px, coarser than the model's tiles, which are upsampled; a "
-            "'no tumour' there is not a negative result: scan at the model's resolution or review by eye"
+            f"{coarse_scan_mpp:g} um/px, coarser than the model's tiles, which are upsampled; {meaning}: "
+            "scan at the model's resolution or review by eye"
         )
     else:
         warning = (
             f"{share:.0%} of the tissue tiles look out of focus ({blurred} of {s.size}, focus score "
-            f"< {sharp_at_least:g}): tumour there scores low, so a 'no tumour' is not a negative result; "
-            "re-scan the slide or review the blurred tiles by eye"
+            f"< {sharp_at_least:g}): tumour there scores low, so {meaning}; re-scan the slide or review "
+            "the blurred tiles by eye"
         )
     return {
         "measure": "q99 |Laplacian| at 1 um/px / (contrast at 4 um/px + 10), green channel",
