@@ -434,3 +434,6 @@ def test_blur_check_starts_at_the_validation_auc_and_loses_tumour_with_defocus()
     assert sharp["auc"] == round(float(roc_auc(glas.tumour, p)), 4)
     assert blurred["auc"] < sharp["auc"] - 0.05
     assert blurred["called"] < sharp["called"]
+    # the focus check counts none of the sharp validation tiles and nearly all of the blurred ones
+    assert sharp["out_of_focus"] == sharp["out_of_focus_jpeg80"] == 0.0
+    assert blurred["out_of_focus"] >= 0.95 and blurred["out_of_focus_jpeg80"] >= 0.95
