@@ -416,3 +416,24 @@ def test_batch_folder_scores_only_each_slides_regions(
                               "--regions", str(regions / "tumour.xml")])  # fmt: skip
     assert code == 2 and "a folder run needs a folder of region files" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_batch_folder_prints_each_slides_warnings_as_the_cli_does(
+    batch_folder: ModuleType, cluster: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A blurred real scan scored on the cluster: its focus warning (and the sample's OOD warning) is on
+    the job's output, not only in the summary."""
+    from testkit.defocus import write_defocused_sample
+
+    src = tmp_path / "in"
+    src.mkdir()
+    write_defocused_sample(src / "blurred.svs", 1.5)
+    code = batch_folder.main(
+        [str(src), "--out", str(tmp_path / "out"), "--scheduler", cluster.scheduler_address]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "blurred.svs: WARNING 100% of the tissue tiles look out of focus" in out
+    row = summary(tmp_path / "out")["blurred.svs"]
+    assert row["focus_warning"] is True and row["out_of_focus"] == 1.0
+    assert "1 out of focus: review by eye" in out

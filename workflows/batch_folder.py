@@ -308,6 +308,9 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
         reused = " (scores reused: only the label rule changed)" if m.get("scores_reused") else ""
         tiles = f"{m['n_tiles']} tiles on {m['provider']}{reused}"
         say(f"{item.slide.name}: {row['status']}, {row['label']}, {tiles}")
+        for check in ("ood", "focus"):  # as wsi-infer prints them: the slide's label is not to be trusted
+            if warning := (m["label"].get(check) or {}).get("warning"):
+                echo(f"{item.slide.name}: WARNING {warning}")
         return {**row, "provider": m["provider"]}
 
     def on_error(item: BatchItem, exc: WsiError) -> None:
