@@ -225,8 +225,8 @@ def labels_text(rows: Sequence[dict[str, Any]]) -> str:
     if not labels:
         return ""
     pos = next((r["positive_class"] for r in rows if r.get("positive_class")), "positive")
-    notes = [f"{n} with an OOD warning" if k == "ood_warning" else f"{n} out of focus"
-             for k in ("ood_warning", "focus_warning") if (n := labels.get(k))]  # fmt: skip
+    warnings = (("ood_warning", "with an OOD warning"), ("focus_warning", "out of focus"))
+    notes = [f"{n} {what}" for key, what in warnings if (n := labels.get(key))]
     warned = f" ({', '.join(notes)}: review by eye)" if notes else ""
     return f"; {labels['positive']} {pos}, {labels['negative']} no {pos}{warned}"
 

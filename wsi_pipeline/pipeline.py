@@ -69,7 +69,7 @@ from wsi_pipeline.provenance import (
     remove_created_folders_on_failure,
 )
 from wsi_pipeline.reuse import EXACT, prior_scores, scores_from_table
-from wsi_pipeline.tiling.focus import focus_summary
+from wsi_pipeline.tiling.focus import focus_summary, upsampled_scan_mpp
 from wsi_pipeline.tiling.plan import TileOptions
 from wsi_pipeline.tiling.source import Layout, TileSource, open_source
 from wsi_pipeline.tiling.tissue import TissueParams
@@ -516,9 +516,11 @@ def _write_outputs(
         positive_name=card.positive_class,
     )  # fmt: skip
     label["ood"] = ood_summary(result.ood, card.ood_d_ref, card.ood_warn_above)
-    coarse = mpp0 if mpp0 > card.mpp * (1 + opts.tile.level_tolerance) else None  # tiles upsampled
-    called = card.positive_class if label["positive"] else None
-    label["focus"] = focus_summary(result.focus, coarse_scan_mpp=coarse, called=called)
+    label["focus"] = focus_summary(
+        result.focus,
+        coarse_scan_mpp=upsampled_scan_mpp(mpp0, card.mpp, opts.tile.level_tolerance),
+        called=card.positive_class if label["positive"] else None,
+    )
     boxes = grid.boxes_l0(colrow)
     regions = tumour_regions(boxes, p_pos >= opts.label.tile_p)
     stats = region_stats(regions, boxes, p_pos, p_pos >= opts.label.tile_p)

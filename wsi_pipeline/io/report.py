@@ -508,7 +508,7 @@ def evaluation_report_html(
         for key, _, numeric in EVALUATION_COLUMNS:
             v = r.get(key)
             text = "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
-            warned = key == "out_of_focus" and r.get("focus_warning") in (True, "True")
+            warned = key == "out_of_focus" and r.get("focus_warning") is True
             mark = ' style="background:#fff4ce"' if warned else ""  # the run warned about its focus
             tds.append(
                 f'<td{" class=n" if numeric else ""}{mark} data-v="{_e("" if v is None else v)}">'

@@ -100,6 +100,12 @@ def focus_scores(tiles: np.ndarray, mpp: float) -> np.ndarray | None:
     return edges / (contrast + _CONTRAST_FLOOR * k * k)
 
 
+def upsampled_scan_mpp(mpp_l0: float, tile_mpp: float, tolerance: float) -> float | None:
+    """The slide's level-0 um/px when it is coarser than its tiles beyond the level ``tolerance``
+    (relative), so the tiles are upsampled and lack detail whatever the focus; else None."""
+    return mpp_l0 if mpp_l0 > tile_mpp * (1 + tolerance) else None
+
+
 def focus_summary(
     scores: np.ndarray | None,
     *,

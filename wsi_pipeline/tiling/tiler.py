@@ -31,7 +31,7 @@ from wsi_pipeline.io.tilestore import (
     store_lock,
 )
 from wsi_pipeline.provenance import refuse_overwriting_inputs, remove_created_folders_on_failure
-from wsi_pipeline.tiling.focus import focus_measurable, focus_scores, focus_summary
+from wsi_pipeline.tiling.focus import focus_measurable, focus_scores, focus_summary, upsampled_scan_mpp
 from wsi_pipeline.tiling.plan import SlidePlan, TileOptions, plan_slide, require_tissue
 from wsi_pipeline.tiling.read import fit_slide_stain, iter_tiles, stain_transform
 
@@ -181,8 +181,11 @@ def tile_slide(
                     written,
                     seconds,
                     meta,
-                    _focus_record(
-                        focus, plan.choice.effective_mpp, plan.resolution.mpp, opts.level_tolerance
+                    focus_summary(
+                        focus,
+                        coarse_scan_mpp=upsampled_scan_mpp(
+                            plan.resolution.mpp, plan.choice.effective_mpp, opts.level_tolerance
+                        ),
                     ),
                 )
                 writer.finalize(
@@ -282,17 +285,6 @@ def _measure_earlier_chunks(writer: TileStoreWriter, focus: np.ndarray, tile_mpp
     for k in range(-(-len(focus) // c)):
         if np.isnan(focus[k * c]):
             focus[k * c : (k + 1) * c] = focus_scores(writer.chunk_tiles_written(k), tile_mpp)
-
-
-def _focus_record(
-    scores: np.ndarray | None, tile_mpp: float, mpp_l0: float, tolerance: float
-) -> dict[str, Any] | None:
-    """The focus record of a store's tiles (None without focus scores); a scan coarser than the tiles
-    beyond the level ``tolerance`` (upsampled) is named as the cause of its warning."""
-    if scores is None:
-        return None
-    coarse = mpp_l0 if mpp_l0 > tile_mpp * (1 + tolerance) else None
-    return focus_summary(scores, coarse_scan_mpp=coarse)
 
 
 def _report_existing(slide: str | Path, out: Path, seconds: float) -> TileReport:
