@@ -73,6 +73,15 @@ def test_slide_label_and_evidence(scored: dict, tumour_slide: Fixture) -> None:
     truth_mm2 = sum(np.pi * e.rx * e.ry for e in tumour_slide.spec.tumour) * 0.25 / 1e6
     assert ev["tumour_area_mm2"] == pytest.approx(truth_mm2, rel=0.3)
     assert ev["max_p"] > 0.99 and len(ev["top_tiles"]) == 10
+    # The tumour's share of the tissue scored: its area over the tissue area (truth: by the drawing).
+    spec = tumour_slide.spec
+    ys, xs = np.mgrid[0 : spec.height : 16, 0 : spec.width : 16]
+    truth_share = spec.tumour_at(xs, ys).sum() / spec.tissue_at(xs, ys).sum()
+    assert ev["tumour_share_of_tissue"] == pytest.approx(truth_share, rel=0.1)
+    assert ev["tumour_share_of_tissue"] == round(ev["tumour_area_mm2"] / ev["tissue_area_mm2"], 4)
+    page = scored["paths"]["report"].read_text()
+    row = "tumour share of the tissue scored (area, not a tumour cell count)</th>"
+    assert f"{row}<td>{ev['tumour_share_of_tissue']:.1%}<" in page
     top = ev["top_tiles"][0]
     assert _inside(
         tumour_slide.spec.tumour, np.array([top["x_l0"], top["y_l0"], top["x_l0"] + 1, top["y_l0"] + 1])
@@ -170,7 +179,9 @@ def test_overlay_png(scored: dict) -> None:
 
 def test_benign_slide_is_negative(benign_slide: Fixture, test_model: Path, tmp_path: Path) -> None:
     m = run_slide(benign_slide.path, tmp_path / "b.tif", model=test_model, options=OPTS)
-    assert m["label"]["label"] == "no tumour" and m["label"]["evidence"]["tumour_area_mm2"] == 0
+    ev = m["label"]["evidence"]
+    assert m["label"]["label"] == "no tumour" and ev["tumour_area_mm2"] == 0
+    assert ev["tumour_share_of_tissue"] == 0 and ev["tissue_area_mm2"] > 0
 
 
 def test_topk_rule(tumour_slide: Fixture, test_model: Path, tmp_path: Path) -> None:
@@ -464,7 +475,15 @@ def test_cli_folder_with_corrupt_slide(
         int(summary["tumour.svs"]["regions"]) >= 1
         and float(summary["tumour.svs"]["greatest_dimension_mm"]) > 0.6
     )
-    assert summary["benign.svs"]["regions"] == "0"
+    assert summary["benign.svs"]["regions"] == "0" and float(summary["benign.svs"]["area_share"]) == 0
+    tumour_ev = json.loads((out / "tumour.run.json").read_text())["label"]["evidence"]
+    assert float(summary["tumour.svs"]["area_share"]) == tumour_ev["tumour_share_of_tissue"] > 0.1
+    # A slide finished by an earlier version, whose manifest lacks the share, gets it from its areas.
+    from wsi_pipeline.batch import result_row
+
+    old = json.loads((out / "tumour.run.json").read_text())
+    del old["label"]["evidence"]["tumour_share_of_tissue"]
+    assert result_row(old, out)["area_share"] == tumour_ev["tumour_share_of_tissue"]
     card = json.loads(test_model.with_suffix(".json").read_text())  # which model labelled each slide
     assert summary["tumour.svs"]["model"] == f"{card['name']} {card['version']}"
     assert summary["tumour.svs"]["model_sha256"] == card["sha256"] and not summary["notes.svs"]["model"]
@@ -472,6 +491,7 @@ def test_cli_folder_with_corrupt_slide(
         {"model": f"{card['name']} {card['version']}", "sha256": card["sha256"]}
     ]
     assert "greatest dimension (mm)" in (out / "report.html").read_text()
+    assert "share of tissue" in (out / "report.html").read_text()
     assert summary["notes.svs"]["status"] == "failed" and "cannot open" in summary["notes.svs"]["error"]
     assert not list(out.glob("notes*"))
     # Resume: finished slides are skipped, the bad one is reported again.

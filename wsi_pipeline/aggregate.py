@@ -72,6 +72,12 @@ def tile_area_mm2(stride_l0_px: float, mpp_l0: float) -> float:
     return float((stride_l0_px * mpp_l0 / 1000.0) ** 2)
 
 
+def area_share(positive_mm2: float, tissue_mm2: float) -> float:
+    """The positive tiles' tissue area as a share (0-1) of all the tissue scored; 0 without tissue.
+    An area share, not a count of tumour cells (tumour cellularity)."""
+    return positive_mm2 / tissue_mm2 if tissue_mm2 > 0 else 0.0
+
+
 def slide_label(
     probs_pos: np.ndarray,
     coords_l0: np.ndarray,
@@ -90,6 +96,7 @@ def slide_label(
     k = min(rule.top_k, len(p))
     topk_mean = float(p[order[:k]].mean()) if k else 0.0
     is_pos = area >= rule.min_area_mm2 if rule.rule == "area" else topk_mean >= rule.topk_p
+    tissue = float(tissue_fraction.sum() * cell_area_mm2)
     top = [
         {
             "rank": i + 1,
@@ -107,7 +114,8 @@ def slide_label(
             f"{positive_name}_area_mm2": round(area, 4),
             f"{positive_name}_tiles": int(positive.sum()),
             "tiles": len(p),
-            "tissue_area_mm2": round(float(tissue_fraction.sum() * cell_area_mm2), 4),
+            "tissue_area_mm2": round(tissue, 4),
+            f"{positive_name}_share_of_tissue": round(area_share(area, tissue), 4),
             "max_p": round(float(p.max()), 4) if len(p) else 0.0,
             "topk_mean_p": round(topk_mean, 4),
             "top_tiles": top,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline import __version__
+from wsi_pipeline.aggregate import area_share
 from wsi_pipeline.errors import BusyError, SlideError, WsiError
 from wsi_pipeline.io.dicom import dicom_files, group_series, is_dicom_slide_folder, list_folder
 from wsi_pipeline.io.formats import DICOM_SUFFIX, LISTED_SUFFIXES, SLIDE_SUFFIXES
@@ -195,6 +196,7 @@ def result_row(manifest: dict[str, Any], out: Path, heatmap: Path | None = None)
         "status": _status(m), "label": m["label"]["label"],
         "positive": bool(m["label"]["positive"]), "positive_class": pos,
         "area_mm2": ev.get(f"{pos}_area_mm2"),
+        "area_share": _area_share(ev, pos),
         "regions": (ev.get("regions") or {}).get("count"),
         "greatest_dimension_mm": (ev.get("regions") or {}).get("greatest_dimension_mm"),
         "n_tiles": m["n_tiles"], "max_p": ev["max_p"], "ood_score": ood.get("score"),
@@ -210,6 +212,14 @@ def result_row(manifest: dict[str, Any], out: Path, heatmap: Path | None = None)
         "model_sha256": m["model"].get("sha256"),
         "report": href("report"), "overlay": href("overlay"),
     }  # fmt: skip
+
+
+def _area_share(evidence: dict[str, Any], pos: str) -> float | None:
+    """The positive share of the tissue scored; derived for manifests written before it was recorded."""
+    if (share := evidence.get(f"{pos}_share_of_tissue")) is not None:
+        return float(share)
+    area, tissue = evidence.get(f"{pos}_area_mm2"), evidence.get("tissue_area_mm2")
+    return None if area is None or tissue is None else round(area_share(area, tissue), 4)
 
 
 def _status(manifest: dict[str, Any]) -> str:

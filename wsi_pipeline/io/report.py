@@ -156,6 +156,11 @@ def slide_report_html(
         (f"{pos} tiles (P >= {lab['rule'].get('tile_threshold')})", ev.get(f"{pos}_tiles")),
         ("tiles scored", ev.get("tiles")),
         ("tissue area scored (mm^2)", ev.get("tissue_area_mm2")),
+        *(
+            [(f"{pos} share of the tissue scored (area, not a tumour cell count)", f"{share:.1%}")]
+            if (share := ev.get(f"{pos}_share_of_tissue")) is not None
+            else []
+        ),
         ("max P", ev.get("max_p")),
         (f"mean P of the top {lab['rule'].get('top_k')}", ev.get("topk_mean_p")),
     ]
@@ -353,6 +358,7 @@ def write_slide_report(
 FOLDER_COLUMNS = (
     ("label", "label", False),
     ("area_mm2", "{positive} area (mm^2)", True),
+    ("area_share", "share of tissue", True),
     ("regions", "{positive} regions", True),
     ("greatest_dimension_mm", "greatest dimension (mm)", True),
     ("max_p", "max P", True),
