@@ -59,6 +59,30 @@ def test_an_interrupt_while_waiting_for_outputs_keeps_the_rows_of_the_slides_wri
     ]  # fmt: skip
 
 
+def test_an_interrupt_between_a_submit_and_its_future_still_counts_the_slide_written(tmp_path: Path) -> None:
+    """A SIGTERM that lands after s1's outputs were handed to the writer, before ``process`` returned
+    their future: s1 is written all the same, so the interrupted summary must say it is done (it said
+    'not run (interrupted)' while a re-run skipped it as done; a window that could explain the one
+    failure of the cluster job's SIGTERM test under load)."""
+    from wsi_pipeline.batch import OutputWriter
+
+    with OutputWriter() as writer:
+
+        def process(item: BatchItem) -> Future[dict[str, Any]]:
+            i = int(item.slide.stem[1:])
+            fut = writer.submit(item, lambda: {"status": "ok", "n_tiles": 10 + i})
+            if i == 1:
+                raise KeyboardInterrupt  # the signal, between the submit and the return
+            return fut
+
+        with pytest.raises(KeyboardInterrupt):
+            run_batch(_items(3), process, out=tmp_path, summary_name="summary", drain=writer.drain)
+    rows = json.loads((tmp_path / "summary.json").read_text())["slides"]
+    assert [(r["status"], r["n_tiles"]) for r in rows] == [
+        ("ok", 10), ("ok", 11), ("not run (interrupted)", 0)
+    ]  # fmt: skip
+
+
 def test_outputs_of_one_item_are_settled_after_the_next_item_ran_and_rows_keep_their_order(
     tmp_path: Path,
 ) -> None:

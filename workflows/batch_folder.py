@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -271,6 +271,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
     """Score ``items`` on ``client``; returns the exit code (0 ok, 1 some slide failed)."""
     from wsi_pipeline.batch import (
         BatchItem,
+        OutputWriter,
         heatmap_path,
         labels_text,
         output_stems,
@@ -317,7 +318,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
         echo(f"error: {exc}", file=sys.stderr)
 
     # One writer thread: this process writes a slide's outputs while the workers score the next one.
-    with ThreadPoolExecutor(1, "wsi-writer") as writer:
+    with OutputWriter() as writer:
 
         def one(item: BatchItem, waiting_on: BusyError | None = None) -> Future[dict[str, Any]]:
             o = opts if item.mpp is None else replace(opts, tile=replace(opts.tile, mpp_override=item.mpp))
@@ -327,7 +328,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
                 overwrite=args.overwrite, waiting_on=waiting_on,
                 progress=None if args.quiet else LineProgress(item.slide.name, say),
             )  # fmt: skip
-            return writer.submit(finish, item, write)
+            return writer.submit(item, lambda: finish(item, write))
 
         def again(item: BatchItem, busy: BusyError) -> Future[dict[str, Any]]:
             say(f"{item.slide.name}: waiting for the other run ({busy.holder}) to finish it")
@@ -343,6 +344,7 @@ def run_job(args: argparse.Namespace, client: Any, items: list[Any]) -> int:
             also_writes=[out / "report.html", out / "batch-job.json"],
             on_summary=lambda rows: write_folder_report(out, rows),
             meta={"command": {"argv": sys.argv, "cwd": os.getcwd()}, "package_version": __version__},
+            drain=writer.drain,
         )  # fmt: skip
     failed = res.failed
     write_folder_report(out, res.rows)

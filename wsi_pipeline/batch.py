@@ -9,8 +9,8 @@ import io
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -396,6 +396,7 @@ def run_batch(
     summary_every_s: float | None = None,
     on_summary: Callable[[list[dict[str, Any]]], object] | None = None,
     meta: dict[str, Any] | None = None,
+    drain: Callable[[], Mapping[BatchItem, dict[str, Any]]] | None = None,
 ) -> BatchResult:
     """Run ``process`` on every item; a :class:`WsiError` marks the item failed and the batch goes on
     (unless ``stop_on_error``). Writes ``<summary_name>.csv`` and ``.json`` into ``out``; those and
@@ -415,7 +416,11 @@ def run_batch(
     ``$WSI_PIPELINE_SUMMARY_SECONDS``, else 60) with ``"in_progress": true`` and the items not done
     yet as ``not run yet``: a run killed where it cannot clean up (out of memory, ``kill -9``, a
     power cut) still leaves a record of the slides it finished; ``on_summary`` gets those rows too (the
-    CLI's folder page)."""
+    CLI's folder page).
+
+    ``drain`` (:meth:`OutputWriter.drain`): on an interrupt, waits for the outputs still being written
+    and gives the rows of every item written, so an item whose future the interrupt kept from reaching
+    this function (between its submit and ``process`` returning) still counts as done."""
     summaries = [out / f"{summary_name}.csv", out / f"{summary_name}.json"]
     refuse_foreign_files([*summaries, *also_writes])
     try:
@@ -528,9 +533,11 @@ def run_batch(
                 rows[at] = failed_row(item, err)
         pending.clear()
         rows += [{} for _ in items[len(rows) :]]
+        written = drain() if drain else {}
         for at, r in enumerate(rows):
             if not r:
-                rows[at] = _not_run(items[at], "not run (interrupted)")
+                done = written.get(items[at])
+                rows[at] = row(items[at], done) if done else _not_run(items[at], "not run (interrupted)")
         _write_summaries(summaries, rows, interrupted=True, meta=meta, seconds=time.perf_counter() - t0)
         exc.batch_rows = rows  # type: ignore[attr-defined]  # for the caller's own pages
         raise
@@ -540,6 +547,38 @@ def run_batch(
     seconds = time.perf_counter() - t0
     _write_summaries(summaries, rows, meta=meta, seconds=seconds)
     return BatchResult(rows, seconds)
+
+
+class OutputWriter:
+    """The thread that writes a folder run's slide outputs while the next slide is scored (a context
+    manager). It keeps the row of each slide it finished: a Ctrl-C or SIGTERM can land after a slide's
+    outputs were submitted but before :func:`run_batch` holds its future, and the slide is written
+    all the same, so the interrupted summary takes its row from :meth:`drain`."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, "wsi-writer")
+        self._rows: dict[BatchItem, dict[str, Any]] = {}
+
+    def submit(self, item: BatchItem, write: Callable[[], dict[str, Any]]) -> Future[dict[str, Any]]:
+        """Run ``write`` (returns the item's summary row) on the writer thread."""
+
+        def run() -> dict[str, Any]:
+            row = write()
+            self._rows[item] = row
+            return row
+
+        return self._pool.submit(run)
+
+    def drain(self) -> dict[BatchItem, dict[str, Any]]:
+        """Wait for every submitted write; the rows of the items written."""
+        self._pool.shutdown(wait=True)
+        return dict(self._rows)
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def _not_run(item: BatchItem, status: str) -> dict[str, Any]:

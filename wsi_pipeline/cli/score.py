@@ -312,10 +312,9 @@ def _run_folder(
     leave_busy: bool = False,
     regions: Path | None = None,
 ) -> int:
-    from concurrent.futures import ThreadPoolExecutor
-
     from wsi_pipeline.batch import (
         BatchItem,
+        OutputWriter,
         heatmap_path,
         output_stems,
         result_row,
@@ -327,7 +326,7 @@ def _run_folder(
     names = dict(zip(items, output_stems(items, out), strict=True))
     # One writer thread: a slide's outputs are written while the next slide is planned and scored
     # (run_batch settles each in order, after the next slide's scoring).
-    with _Bars(enabled=not quiet, n_slides=len(items)) as bars, ThreadPoolExecutor(1, "wsi-writer") as writer:
+    with _Bars(enabled=not quiet, n_slides=len(items)) as bars, OutputWriter() as writer:
 
         def one(
             item: BatchItem, waiting_on: BusyError | None = None, wait: bool = True
@@ -339,14 +338,14 @@ def _run_folder(
             heatmap = heatmap_path(out, names[item])
             finish = _score_one(item.slide, heatmap, o, model, client, overwrite, bars, waiting_on, wait)
             return writer.submit(
-                lambda: result_row(_result_line(item.slide, heatmap, finish(), bars), out, heatmap)
+                item, lambda: result_row(_result_line(item.slide, heatmap, finish(), bars), out, heatmap)
             )
 
         try:
             res = run_batch(items, one, out=out, summary_name="summary", stop_on_error=not skip,
                             also_writes=[out / "report.html"],
                             on_summary=lambda rows: write_folder_report(out, rows),  # a page to follow it by
-                            meta=folder_meta(),
+                            meta=folder_meta(), drain=writer.drain,
                             **_batch_callbacks(bars, one, leave_busy=leave_busy))  # fmt: skip
         except KeyboardInterrupt as exc:  # the summary lists what was done: so does the page
             if rows := getattr(exc, "batch_rows", None):
