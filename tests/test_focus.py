@@ -112,6 +112,8 @@ def test_summary_warns_on_a_share_of_the_tiles() -> None:
     tiny = np.array([0.1] * (WARN_MIN_TILES - 1), np.float32)  # every tile, but too few to mean anything
     assert focus_summary(tiny)["warning"] is None  # type: ignore[index]
     assert "a 'no tumour' is not a negative result" in s["warning"]
+    other = focus_summary(many, positive_name="Tumor")  # an imported model's class, as its label says
+    assert other is not None and "a 'no Tumor' is not a negative result" in other["warning"]
     called = focus_summary(many, called="tumour")  # a slide called tumour: its area may be larger
     assert called is not None and "its tumour area may be larger than measured" in called["warning"]
     coarse = focus_summary(np.full(20, 0.1, np.float32), coarse_scan_mpp=1.0)

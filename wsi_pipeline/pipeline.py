@@ -520,6 +520,7 @@ def _write_outputs(
         result.focus,
         coarse_scan_mpp=upsampled_scan_mpp(mpp0, card.mpp, opts.tile.level_tolerance),
         called=card.positive_class if label["positive"] else None,
+        positive_name=card.positive_class,
     )
     boxes = grid.boxes_l0(colrow)
     regions = tumour_regions(boxes, p_pos >= opts.label.tile_p)

@@ -113,13 +113,14 @@ def focus_summary(
     warn_share: float = WARN_SHARE,
     coarse_scan_mpp: float | None = None,
     called: str | None = None,
+    positive_name: str = "tumour",
 ) -> dict[str, Any] | None:
     """The slide's focus record: how many tissue tiles score below ``sharp_at_least`` and a warning
     when they are at least ``warn_share`` of the tiles (and :data:`WARN_MIN_TILES`). ``coarse_scan_mpp``:
     the slide's level-0 um/px when it is coarser than the tiles (upsampled tiles look blurred: the
     warning then names the scan, not the focus). ``called``: the slide's positive class when it was
     called positive (the warning then says its area may be larger), None otherwise or before a label.
-    None without scores."""
+    ``positive_name``: the model's positive class, as the label names it. None without scores."""
     if scores is None:
         return None
     s = np.asarray(scores, np.float64)
@@ -129,7 +130,7 @@ def focus_summary(
     meaning = (
         f"its {called} area may be larger than measured"
         if called
-        else "a 'no tumour' is not a negative result"
+        else f"a 'no {positive_name}' is not a negative result"
     )
     if not warn:
         warning = None
