@@ -447,6 +447,10 @@ def test_cli_single_slide(tumour_slide: Fixture, test_model: Path, tmp_path: Pat
     )
     assert r.exit_code == 0, r.stderr
     assert "TUMOUR" in r.stdout and "tiles/s" in r.stdout and "CPUExecutionProvider" in r.stdout
+    share = json.loads(out.with_suffix(".run.json").read_text())["label"]["evidence"][
+        "tumour_share_of_tissue"
+    ]
+    assert f" mm^2, {share:.1%} of the tissue, max p " in r.stdout
     for p in output_paths(out).values():
         assert p.exists()
 

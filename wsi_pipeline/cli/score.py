@@ -270,9 +270,11 @@ def _result_line(slide: Path, out: Path, m: dict[str, Any], bars: _Bars) -> dict
     )
     roi = (m.get("tissue") or {}).get("regions")
     inside = f" inside the {roi['polygons']} region(s) of {Path(roi['file']).name}" if roi else ""
+    share = ev.get(f"{pos}_share_of_tissue")  # absent from runs finished by earlier versions
+    of_tissue = f", {share:.1%} of the tissue" if share is not None else ""
     bars.echo(
-        f"{slide.name}: {m['label']['label'].upper()} ({pos} area {ev[f'{pos}_area_mm2']} mm^2, max p "
-        f"{ev['max_p']}{_ood_text(m)}), {m['n_tiles']} tiles{inside} in {m['seconds']:.1f} s, {how} -> "
+        f"{slide.name}: {m['label']['label'].upper()} ({pos} area {ev[f'{pos}_area_mm2']} mm^2{of_tissue}, "
+        f"max p {ev['max_p']}{_ood_text(m)}), {m['n_tiles']} tiles{inside} in {m['seconds']:.1f} s, {how} -> "
         f"{', '.join(Path(v).name for v in m['outputs'].values())}"
     )
     for check in ("ood", "focus"):
