@@ -12,6 +12,18 @@ from typing import Any
 from wsi_pipeline.provenance import atomic_write_bytes
 
 
+def _init_lines(init: dict[str, Any] | None, depth: int = 0) -> list[str]:
+    """The checkpoint(s) a fine-tuned model started from, outermost first."""
+    if not init:
+        return []
+    line = (
+        f"{'  ' * depth}- Fine-tuned from `{init['checkpoint']}` (sha256 {init['sha256'][:12]}...), "
+        f"trained by `{init['command']}` (best epoch {init['best_epoch']} of {init['epochs_run']}, "
+        f"{init['train_time_s']:.0f} s)."
+    )
+    return [line, *_init_lines(init.get("init"), depth + 1)]
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -256,6 +268,7 @@ def render_markdown(card: dict[str, Any]) -> str:
                 f"- {tr['summary']}",
                 f"- Best epoch {tr['best_epoch']} of {tr['epochs_run']}; {tr['train_time_s']:.0f} s on "
                 f"{tr['device']} ({tr.get('threads') or 'all'} threads, torch {tr['torch']}).",
+                *_init_lines(tr.get("init")),
             ]
         ),
         *(

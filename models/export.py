@@ -674,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
             "best_epoch": tr["best_epoch"],
             "epochs_run": tr.get("epochs_run", tr["best_epoch"]),
             "train_time_s": round(sum(c["training"].get("train_time_s", 0.0) for c in ckpts), 1),
+            "init": tr.get("init"),
             "members": (
                 [
                     {

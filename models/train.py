@@ -130,11 +130,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="exponential moving average of the weights (and BatchNorm statistics) with this decay per "
         "step; validation, early stopping and the checkpoint use the average (0: off)",
     )  # fmt: skip
+    p.add_argument(
+        "--init", type=Path, default=None,
+        help="fine-tune from this checkpoint (a best.pt of the same index split and stain): its weights, "
+        "architecture and input normalisation; warm-up and cosine schedule restart at --lr",
+    )  # fmt: skip
     p.add_argument("--ssl", choices=["none", "fixmatch"], default="none", help="semi-supervised loss")
     p.add_argument("--ssl-weight", type=float, default=1.0, help="FixMatch unlabelled-loss weight")
     p.add_argument("--ssl-threshold", type=float, default=0.95, help="FixMatch pseudo-label confidence")
     p.add_argument("--ssl-batch", type=int, default=32, help="unlabelled tiles per step")
     return p.parse_args(argv)
+
+
+def load_init(path: Path, split_info: dict[str, Any], stain: str) -> dict[str, Any]:
+    """The checkpoint to fine-tune from, refused when its training could have seen this run's held-out
+    groups (another index, split seed or split fractions) or when it expects other input (stain)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--init {path}: no such checkpoint (give a best.pt written by models.train)")
+    ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "split" not in ckpt:
+        raise ValueError(f"--init {path}: not a models.train checkpoint (no state_dict/split)")
+    theirs = ckpt["split"]
+    for key in ("index_sha256", "seed", "fractions"):
+        if theirs.get(key) != split_info.get(key):
+            raise ValueError(
+                f"--init {path}: trained on another split ({key} {theirs.get(key)!r}, this run "
+                f"{split_info.get(key)!r}); its training set may hold this run's validation or test groups. "
+                "Fine-tune with the same --index, --split-seed and --split."
+            )
+    their_stain = ckpt.get("recipe", {}).get("stain", "none")
+    if their_stain != stain:
+        raise ValueError(f"--init {path}: trained with --stain {their_stain}, this run has --stain {stain}")
+    return ckpt
+
+
+def _init_record(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What a fine-tuned checkpoint started from, for its card (a chain of fine-tunes nests)."""
+    tr = ckpt["training"]
+    return {
+        "checkpoint": path.as_posix(),
+        "sha256": file_sha256(path),
+        "command": tr["command"],
+        "recipe": ckpt.get("recipe"),
+        "best_epoch": tr["best_epoch"],
+        "epochs_run": tr.get("epochs_run", tr["best_epoch"]),
+        "train_time_s": tr.get("train_time_s", 0.0),
+        "init": tr.get("init"),
+    }
 
 
 def seed_everything(seed: int) -> None:
@@ -369,6 +411,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = rows_from_folder(args.folder, [c for c in args.tumour_classes.split(",") if c])
     split = split_rows(rows, args.split, args.split_seed)
     summary = split_summary(rows, split)
+    split_info = {
+        "method": "by group, stratified by label, sha256(seed:group) order",
+        "seed": args.split_seed,
+        "fractions": list(args.split),
+        "index": str(args.index) if args.index is not None else str(args.folder),
+        "index_sha256": file_sha256(args.index) if args.index is not None else None,
+        "summary": summary,
+    }
+    init = load_init(args.init, split_info, args.stain) if args.init is not None else None
+    if init is not None:  # the architecture is the checkpoint's
+        args.stem, args.stages = list(init["net_config"]["stem"]), list(init["net_config"]["stages"])
     for name in ("train", "val", "test"):
         s = summary[name]
         print(f"{name}: {s['tiles']} tiles, {s['groups']} groups, {s['tumour_tiles']} tumour", flush=True)
@@ -391,9 +444,14 @@ def main(argv: list[str] | None = None) -> int:
         if counts.min() == 0:
             raise ValueError(f"training split has only one class (counts {counts.tolist()})")
         class_weights = (counts.sum() / (2.0 * counts)).tolist()
+    if init is not None:  # keep the input normalisation the weights were trained with
+        mean, std = list(init["mean"]), list(init["std"])
     print(f"mean {mean} std {std}; loss weights {class_weights}")
 
     net = build_net(args.stem, args.stages).to(device)
+    if init is not None:
+        net.load_state_dict(init["state_dict"])
+        print(f"fine-tuning from {args.init} (best epoch {init['training']['best_epoch']})", flush=True)
     pre = Preprocess(mean, std).to(device)
     params, flops = count_params(net), count_flops(net, (1, 3, TILE_PX, TILE_PX))
     print(f"TileNet: {params} parameters, {flops['flops'] / 1e9:.3f} GFLOPs per tile", flush=True)
@@ -461,14 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                 "params": params,
                 "macs": flops["macs"],
                 "flops": flops["flops"],
-                "split": {
-                    "method": "by group, stratified by label, sha256(seed:group) order",
-                    "seed": args.split_seed,
-                    "fractions": list(args.split),
-                    "index": str(args.index) if args.index is not None else str(args.folder),
-                    "index_sha256": file_sha256(args.index) if args.index is not None else None,
-                    "summary": summary,
-                },
+                "split": split_info,
                 "recipe": recipe,
                 "training": {
                     "command": command,
@@ -478,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                     "val_metrics": per_set[val_sets[0].name] if len(per_set) == 1 else per_set,
                     "device": str(device),
                     "torch": torch.__version__,
+                    "init": _init_record(args.init, init) if init is not None else None,
                 },
             }
             torch.save(checkpoint, args.out / "best.pt")

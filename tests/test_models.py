@@ -378,6 +378,44 @@ def test_train_with_ema_checkpoints_the_averaged_weights(tmp_path: Path) -> None
     assert distance("ema") < 0.2 * distance("raw")
 
 
+def test_fine_tune_starts_from_the_checkpoint_and_refuses_another_split(tmp_path: Path) -> None:
+    """--init loads the checkpoint's weights, architecture and input normalisation (at --lr 0 AdamW
+    leaves every weight where it was loaded), the card names the checkpoint, and a checkpoint trained
+    on another split is refused: its training set may hold this run's held-out groups."""
+    torch = _torch()
+    from models import export, train
+
+    index = _write_synthetic_index(tmp_path / "data")
+    small = ["--batch-size", "4", "--threads", "2", "--epochs", "1"]
+    base = tmp_path / "base"
+    assert (
+        train.main(
+            ["--index", str(index), "--out", str(base), "--stem", "8", "8", "--stages", "8", "16", *small]
+        )
+        == 0
+    )
+    ft = tmp_path / "ft"
+    args = ["--index", str(index), "--out", str(ft), "--init", str(base / "best.pt"), "--seed", "1", *small]
+    assert train.main([*args, "--lr", "0"]) == 0  # no --stem/--stages: taken from the checkpoint
+    b = torch.load(base / "best.pt", weights_only=False)
+    f = torch.load(ft / "best.pt", weights_only=False)
+    assert f["net_config"] == {"stem": [8, 8], "stages": [8, 16]}
+    assert f["mean"] == b["mean"] and f["std"] == b["std"]
+    weights = [k for k in b["state_dict"] if k.endswith(".weight")]
+    assert weights and all(torch.equal(f["state_dict"][k], b["state_dict"][k]) for k in weights)
+    init = f["training"]["init"]
+    assert init["sha256"] == file_sha256(base / "best.pt") and init["command"] == b["training"]["command"]
+
+    out = tmp_path / "ship" / "tumour-cnn.onnx"
+    assert export.main(["--checkpoint", str(ft / "best.pt"), "--out", str(out), "--parity-tiles", "4"]) == 0
+    assert f"Fine-tuned from `{(base / 'best.pt').as_posix()}`" in (out.parent / "MODEL_CARD.md").read_text()
+
+    with pytest.raises(ValueError, match="another split"):
+        train.main([*args, "--split-seed", "7"])
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        train.main(["--index", str(index), "--out", str(ft), "--init", str(tmp_path / "nope.pt"), *small])
+
+
 def test_train_refuses_scanned_options_without_glas(tmp_path: Path) -> None:
     """--lung and --crypt-fraction only shape the GlaS sampler: without --glas they would be ignored."""
     _torch()
