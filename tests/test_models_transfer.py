@@ -437,3 +437,60 @@ def test_blur_check_starts_at_the_validation_auc_and_loses_tumour_with_defocus()
     # the focus check counts none of the sharp validation tiles and nearly all of the blurred ones
     assert sharp["out_of_focus"] == sharp["out_of_focus_jpeg80"] == 0.0
     assert blurred["out_of_focus"] >= 0.95 and blurred["out_of_focus_jpeg80"] >= 0.95
+
+
+# --------------------------------------------------------------------------- paired comparison
+
+
+def _paired_set(n_groups: int = 8, per_group: int = 10) -> EvalSet:
+    rng = np.random.default_rng(0)
+    tumour = np.tile(np.r_[np.ones(per_group // 2), np.zeros(per_group - per_group // 2)], n_groups)
+    groups = tuple(f"p{g}" for g in range(n_groups) for _ in range(per_group))
+    images = rng.integers(0, 255, (len(tumour), 4, 4, 3), dtype=np.uint8)
+    return EvalSet("s", images, tumour.astype(np.int64), ("x",) * len(tumour), groups)
+
+
+def test_paired_difference_is_zero_against_itself_and_signed_by_the_better_model() -> None:
+    """A model against itself differs by exactly 0 on every draw; a model that separates the classes
+    in every group while the reference only half does gets a positive difference whose whole interval
+    is above 0; the interval's unit is the group."""
+    from models.compare import PAIRED, paired_difference
+
+    s = _paired_set()
+    rng = np.random.default_rng(1)
+    noisy = np.clip(0.5 + 0.3 * (s.tumour - 0.5) + rng.normal(0, 0.25, len(s.tumour)), 0, 1)
+    auc = PAIRED["consep_val_auc"][1]
+    same = paired_difference(s, (noisy, 0.5), (noisy, 0.5), auc, n_boot=200)
+    assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0]
+    assert same["groups"] == 8 and same["tiles"] == 80
+    clean = np.where(s.tumour == 1, 0.9, 0.1)
+    better = paired_difference(s, (noisy, 0.5), (clean, 0.5), auc, n_boot=200)
+    assert better["diff"] > 0 and better["ci95"][0] > 0
+    worse = paired_difference(s, (clean, 0.5), (noisy, 0.5), auc, n_boot=200)
+    assert worse["diff"] == -better["diff"] and worse["ci95"][1] < 0
+    # each model at its own threshold: the same scores called at 0.95 instead of 0.5 call fewer
+    called = PAIRED["lung_val_called"][1]
+    assert paired_difference(s, (clean, 0.5), (clean, 0.95), called, n_boot=50)["diff"] == -0.5
+
+
+@pytest.mark.realdata
+def test_compare_paired_gives_the_shipped_model_zero_difference_from_itself(tmp_path: Path) -> None:
+    """--paired on the real validation sets: every figure of the shipped model against itself is 0
+    with a [0, 0] interval, and the rows carry the group counts that the intervals resample."""
+    if not (SHARED_TILES / "glas-colon" / "index.csv").exists():
+        pytest.skip(
+            f"real data not available: {SHARED_TILES / 'glas-colon'} (the shared data folder is absent)"
+        )
+    import json
+
+    from models.compare import main
+
+    model = Path(__file__).resolve().parents[1] / "models" / "tumour-cnn.onnx"
+    out = tmp_path / "paired.json"
+    assert main(["--split", "val", "--paired", "--json", str(out), str(model), str(model)]) == 0
+    ref, again = json.loads(out.read_text())
+    assert "paired" not in ref and again["paired_against"] == str(model)
+    assert set(again["paired"]) >= {"glas_auc_adenoma_negative", "glas_auc_without_adenoma", "lc25000_auc"}
+    for name, d in again["paired"].items():
+        assert d["diff"] == 0.0 and d["ci95"] == [0.0, 0.0], name
+    assert again["paired"]["glas_auc_adenoma_negative"]["groups"] == len(GLAS_SPLIT["val"])
