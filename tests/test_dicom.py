@@ -183,11 +183,41 @@ def test_recursive_cli_scores_the_case_folders(tmp_path: Path) -> None:
     shutil.copy(SAMPLE, src / "b" / "deeper" / "s2.svs")
     runner = CliRunner()
     r = runner.invoke(main, [str(src), "--out", str(tmp_path / "flat"), "-q"])
-    assert r.exit_code != 0 and "--recursive searches all" in r.output
+    # the one level down is counted (b/deeper is not: a listing as cheap as the DICOM search)
+    assert r.exit_code != 0 and "its subfolders hold 1 slide file (e.g. a/s1.svs): --recursive" in r.output
     r = runner.invoke(main, [str(src), "--out", str(tmp_path / "res"), "-q", "--recursive"])
     assert r.exit_code == 0, r.output
     assert "2 slides, 2 done" in r.output
     assert (tmp_path / "res" / "s1.run.json").is_file() and (tmp_path / "res" / "s2.run.json").is_file()
+
+
+def test_a_folder_run_without_recursive_names_the_slides_of_subfolders_it_leaves(tmp_path: Path) -> None:
+    """A lab that points a run at a folder of case folders without --recursive gets its top-level
+    slides scored and a note that says how many slide files the subfolders hold and the flag that
+    scores them; with --recursive, or with no slide below, no such note. DICOM series in subfolders
+    are scored anyway (not counted), and hidden folders and tile stores are not counted."""
+    from wsi_pipeline.batch import batch_notes
+
+    src = tmp_path / "scans"
+    for sub in ("case1", "case2", ".trash", "old.zarr"):
+        (src / sub).mkdir(parents=True)
+    shutil.copy(SAMPLE, src / "top.svs")
+    shutil.copy(SAMPLE, src / "case1" / "a.svs")
+    shutil.copy(SAMPLE, src / "case2" / "b.svs")
+    shutil.copy(SAMPLE, src / ".trash" / "gone.svs")
+    shutil.copy(SAMPLE, src / "old.zarr" / "x.svs")
+    write_dicom_slide(src / "case3", _rgb(), mpp=0.5)  # a DICOM slide folder: scored, not counted
+    items = batch_items(src)
+    assert [i.slide for i in items] == [src / "case3", src / "top.svs"]
+    (note,) = batch_notes(src, items)
+    assert note == (
+        f"{src}: only the slides directly in it are scored; its subfolders hold 2 slide files "
+        "(e.g. case1/a.svs): --recursive scores them"
+    )
+    assert batch_notes(src, batch_items(src, recursive=True), recursive=True) == []
+    assert batch_notes(src / "case1", batch_items(src / "case1")) == []
+    r = CliRunner().invoke(main, ["info", str(src)])
+    assert r.exit_code == 0 and "its subfolders hold 2 slide files" in r.output
 
 
 def test_an_unreadable_subfolder_is_named_not_passed_over(

@@ -253,14 +253,14 @@ def make_options(args: argparse.Namespace, resources: dict | None) -> Any:
 
 def list_items(src: Path, *, recursive: bool = False) -> list[Any]:
     """The batch's slides with absolute paths (workers may run in another directory)."""
-    from wsi_pipeline.batch import batch_items, repeated_lines
+    from wsi_pipeline.batch import batch_items, batch_notes
 
     if not src.exists():
         raise WsiError(f"{src}: no such folder or manifest; pass a folder of slides or a CSV")
     if not (src.is_dir() or src.suffix.lower() == ".csv"):
         raise WsiError(f"{src}: not a folder or a .csv manifest; for one slide use `wsi-infer SLIDE`")
     items = batch_items(src.resolve(), recursive=recursive)
-    for line in repeated_lines(src, items):
+    for line in batch_notes(src, items, recursive=recursive):
         echo(f"note: {line}", file=sys.stderr)
     return [
         replace(i, slide=i.slide.resolve(), regions=i.regions.resolve() if i.regions else None) for i in items

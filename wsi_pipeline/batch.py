@@ -342,6 +342,48 @@ def repeated_lines(src: Path, items: Sequence[BatchItem]) -> list[str]:
     ]
 
 
+def slides_one_level_down(folder: Path) -> list[Path]:
+    """Slide files directly in ``folder``'s subfolders (not hidden, tile stores or MIRAX data folders)
+    other than DICOM, which a folder run without ``--recursive`` does not score; sorted. One level
+    only, like the DICOM search of such a run, so a deep archive costs no more to list."""
+    try:
+        _, subfolders = _slides_in(folder)
+    except SlideError:
+        return []
+    found: list[Path] = []
+    for sub in subfolders:
+        if sub.name.startswith("."):
+            continue
+        try:
+            files, _ = _slides_in(sub)
+        except SlideError:  # reported by the run itself where it matters
+            continue
+        found += [p for p in files if p.suffix.lower() != DICOM_SUFFIX]
+    return sorted(found)
+
+
+def _not_searched(folder: Path) -> str | None:
+    """'its subfolders hold N slide files (e.g. ...): --recursive scores them', or None."""
+    below = slides_one_level_down(folder)
+    if not below:
+        return None
+    files = "slide file" if len(below) == 1 else "slide files"
+    example = below[0].relative_to(folder)
+    return f"its subfolders hold {len(below)} {files} (e.g. {example}): --recursive scores them"
+
+
+def batch_notes(src: Path, items: Sequence[BatchItem], *, recursive: bool = False) -> list[str]:
+    """Notes for the start of a folder or manifest run: each slide a manifest lists more than once
+    (:func:`repeated_lines`) and, for a folder run without ``recursive``, the slide files in its
+    subfolders that it leaves alone."""
+    notes = repeated_lines(src, items)
+    if not recursive and src.is_dir() and not is_dicom_slide_folder(src):
+        hint = _not_searched(src)
+        if hint:
+            notes.append(f"{src}: only the slides directly in it are scored; {hint}")
+    return notes
+
+
 def batch_items(src: Path, *, recursive: bool = False) -> list[BatchItem]:
     """The slides of a folder (``recursive``: and of its subfolders, see :func:`find_slides`) or a CSV
     manifest; an empty batch is an error naming the source."""
@@ -352,9 +394,12 @@ def batch_items(src: Path, *, recursive: bool = False) -> list[BatchItem]:
     else:
         items = [BatchItem(p) for p in find_slides(src, recursive=recursive)]
     if not items:
+        hint = None if recursive or not src.is_dir() else _not_searched(src)
         where = (
             "in it or its subfolders"
             if recursive
+            else f"in it; {hint}"
+            if hint
             else "in it (nor DICOM slides in its subfolders; --recursive searches all)"
         )
         raise WsiError(f"{src}: no slide files ({', '.join(SLIDE_SUFFIXES)}) {where}")

@@ -183,11 +183,12 @@ def is_batch(slide: Path) -> bool:
 
 def list_batch(src: Path, *, recursive: bool = False) -> list[Any]:
     """The slides of a folder or CSV (:func:`~wsi_pipeline.batch.batch_items`), with a note on stderr
-    for each slide a manifest lists more than once (scored once)."""
-    from wsi_pipeline.batch import batch_items, repeated_lines
+    for each slide a manifest lists more than once (scored once) and for slides in subfolders that a
+    run without ``recursive`` leaves alone (:func:`~wsi_pipeline.batch.batch_notes`)."""
+    from wsi_pipeline.batch import batch_items, batch_notes
 
     items = batch_items(src, recursive=recursive)
-    for line in repeated_lines(src, items):
+    for line in batch_notes(src, items, recursive=recursive):
         _say(f"note: {line}", err=True)
     return items
 
