@@ -1,0 +1,82 @@
+"""models.rule: a decision rule written before training, checked against the files that decide it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from models.rule import RuleError, check, figure_value, main
+
+
+def _seed(tmp_path: Path, name: str, consep: float, immune_called: float, blur_auc: float) -> dict[str, str]:
+    compare = [
+        {
+            "model": f"models/runs/{name}/tumour-cnn.onnx",
+            "consep_val_auc": consep,
+            "immune_val_called": immune_called,
+            "paired": {"consep_val_auc": {"diff": -0.01, "ci95": [-0.13, 0.12]}},
+        }
+    ]
+    blur = [{"sigma_um": 0.0, "auc": 0.99}, {"sigma_um": 1.0, "auc": blur_auc}]
+    (tmp_path / f"{name}.compare.json").write_text(json.dumps(compare))
+    (tmp_path / f"{name}.blur.json").write_text(json.dumps(blur))
+    return {"compare": f"{name}.compare.json", "blur": f"{name}.blur.json"}
+
+
+def _rule(tmp_path: Path, consep_floor: float) -> dict:
+    return {
+        "name": "r",
+        "declared": "before training",
+        "seeds": [_seed(tmp_path, "a", 0.81, 0.18, 0.99), _seed(tmp_path, "b", 0.85, 0.40, 0.97)],
+        "mean_over_seeds": {"consep_val_auc": [">=", consep_floor], "blur_auc@1": [">=", 0.9]},
+        "first_seed": {"immune_val_called": ["<=", 0.2727], "paired.consep_val_auc.low": [">=", -0.15]},
+    }
+
+
+def test_rule_judges_means_over_seeds_and_the_first_seed_alone(tmp_path: Path) -> None:
+    """The mean of 0.81 and 0.85 is 0.83: it passes a floor of 0.83 and fails 0.8348 (the session-32
+    miss); the first seed's 0.18 inflamed called passes <= 0.2727 although the second seed's 0.40
+    would not; the blur figure is read at its sigma and the paired one from the interval's end."""
+    verdicts = {(v.scope, v.figure): v for v in check(_rule(tmp_path, 0.83), tmp_path)}
+    consep = verdicts[("mean", "consep_val_auc")]
+    assert consep.per_seed == (0.81, 0.85) and consep.value == pytest.approx(0.83) and consep.holds
+    assert verdicts[("mean", "blur_auc@1")].value == pytest.approx(0.98)
+    assert (
+        verdicts[("first", "immune_val_called")].value == 0.18
+        and verdicts[("first", "immune_val_called")].holds
+    )
+    assert verdicts[("first", "paired.consep_val_auc.low")].value == -0.13
+    failed = [v for v in check(_rule(tmp_path, 0.8348), tmp_path) if not v.holds]
+    assert [(v.scope, v.figure) for v in failed] == [("mean", "consep_val_auc")]
+
+
+def test_rule_cli_exit_codes_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for floor, code, verdict in (
+        (0.83, 0, "PASS"),
+        (0.8348, 1, "FAIL: 1 of 4 criteria fail (consep_val_auc)"),
+    ):
+        path = tmp_path / f"rule-{floor}.json"
+        path.write_text(json.dumps(_rule(tmp_path, floor)))
+        assert main([str(path), "--root", str(tmp_path)]) == code
+        out = capsys.readouterr().out
+        assert verdict in out and "| mean of 2 seeds | consep_val_auc | 0.8100 | 0.8500 | 0.8300 |" in out
+    broken = _rule(tmp_path, 0.83)
+    broken["seeds"][1]["compare"] = "missing.json"
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(broken))
+    assert main([str(path), "--root", str(tmp_path)]) == 2
+    assert "missing.json: no such compare file" in capsys.readouterr().err
+
+
+def test_rule_refuses_what_it_cannot_judge(tmp_path: Path) -> None:
+    rule = _rule(tmp_path, 0.83)
+    with pytest.raises(RuleError, match="unknown comparison"):
+        check({**rule, "mean_over_seeds": {"consep_val_auc": ["=>", 0.8]}}, tmp_path)
+    with pytest.raises(RuleError, match="not a number"):
+        check({**rule, "first_seed": {"no_such_figure": [">=", 0.8]}}, tmp_path)
+    with pytest.raises(RuleError, match="no 'auc' at sigma 2"):
+        figure_value("blur_auc@2", {}, [{"sigma_um": 1.0, "auc": 0.9}])
+    with pytest.raises(RuleError, match="no criteria"):
+        check({"seeds": rule["seeds"]}, tmp_path)
