@@ -82,17 +82,23 @@ def _slides_in(folder: Path) -> tuple[list[Path], list[Path]]:
     """The slide files (DICOM: each series' main file) directly in ``folder``, and its subfolders that
     may hold slides (not hidden, not tile stores or MIRAX data folders)."""
     entries = sorted(list_folder(folder))
-    slides = [  # with links to slides that are gone: each fails, named, instead of vanishing from the run
-        p for p in entries
-        if (p.is_file() or (p.is_symlink() and not p.exists()))
-        and p.suffix.lower() in LISTED_SUFFIXES and p.suffix.lower() != DICOM_SUFFIX and not is_own_output(p)
-    ]  # fmt: skip
+    slides = _slide_files(entries)
     slides += [
         s.main for s in group_series([p for p in entries if p.suffix.lower() == DICOM_SUFFIX and p.is_file()])
     ]
     mirax = {p.with_suffix("") for p in entries if p.suffix.lower() == ".mrxs"}
     subfolders = [p for p in entries if p.is_dir() and p.suffix.lower() != ".zarr" and p not in mirax]
     return slides, subfolders
+
+
+def _slide_files(entries: Sequence[Path]) -> list[Path]:
+    """The slide files of a folder's ``entries`` other than DICOM (whose files group into series),
+    with links to slides that are gone: each fails, named, instead of vanishing from the run."""
+    return [
+        p for p in entries
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and p.suffix.lower() in LISTED_SUFFIXES and p.suffix.lower() != DICOM_SUFFIX and not is_own_output(p)
+    ]  # fmt: skip
 
 
 def output_stems(items: Sequence[BatchItem], out: Path | None = None) -> list[str]:
@@ -355,10 +361,9 @@ def slides_one_level_down(folder: Path) -> list[Path]:
         if sub.name.startswith("."):
             continue
         try:
-            files, _ = _slides_in(sub)
+            found += _slide_files(list_folder(sub))  # no DICOM headers read: those are scored anyway
         except SlideError:  # reported by the run itself where it matters
             continue
-        found += [p for p in files if p.suffix.lower() != DICOM_SUFFIX]
     return sorted(found)
 
 
