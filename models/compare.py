@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from models.evaluate import EvalSet, build_sets, default_index, score_sets
+from models.evaluate import EvalSet, build_sets, default_index, group_resamples, score_sets
 from models.scanned import (
     IMMUNE_VAL_MONUSAC,
     MONUSAC_SPLIT,
@@ -110,12 +110,8 @@ def paired_difference(
     whole groups of ``s`` (both models on the same draw); ``ref`` and ``cand`` are (P(tumour) per tile,
     threshold). Draws where the statistic is undefined (one class only) are dropped."""
     (p_ref, t_ref), (p_cand, t_cand) = ref, cand
-    names, inverse = np.unique(np.asarray(s.groups), return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
-    rng = np.random.default_rng(seed)
     draws = []
-    for _ in range(n_boot):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(names), len(names))])
+    for idx in group_resamples(s.groups, n_boot, seed):
         d = stat(s.tumour[idx], p_cand[idx], t_cand) - stat(s.tumour[idx], p_ref[idx], t_ref)
         if not math.isnan(d):
             draws.append(d)
@@ -124,7 +120,7 @@ def paired_difference(
     return {
         "diff": round(float(diff), 4),
         "ci95": [round(float(lo), 4), round(float(hi), 4)],
-        "groups": len(names),
+        "groups": len(set(s.groups)),
         "tiles": len(s.tumour),
     }
 

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +173,16 @@ def build_sets(card: dict[str, Any], index: Path | None, splits: Sequence[str] =
     return out
 
 
+def group_resamples(groups: Sequence[str], n_boot: int, seed: int = 0) -> Iterator[npt.NDArray[np.intp]]:
+    """``n_boot`` bootstrap draws of tile indices that resample whole ``groups`` (one per tile) with
+    replacement, ``seed`` fixed so a report is reproducible."""
+    names, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(names), len(names))])
+
+
 def bootstrap_ci(
     tumour: npt.NDArray[np.int64],
     p: npt.NDArray[np.floating],
@@ -182,12 +192,8 @@ def bootstrap_ci(
     seed: int = 0,
 ) -> dict[str, list[float | None]]:
     """95 % percentile intervals of AUC, sensitivity and specificity, resampling whole ``groups``."""
-    names, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
-    rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {"auc": [], "recall": [], "specificity": []}
-    for _ in range(n_boot):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(names), len(names))])
+    for idx in group_resamples(groups, n_boot, seed):
         m = classification_metrics(tumour[idx], p[idx], threshold)
         for k in draws:
             if not is_undefined(m[k]):  # a resample without positives has no recall, and so on
