@@ -14,17 +14,20 @@ A rule is a JSON file committed before its candidate is trained::
         {"compare": "models/runs/compare-val-X-s1.json", "blur": "models/runs/blur-check-X-s1.json"}
       ],
       "mean_over_seeds": {"consep_val_auc": [">=", 0.8348], "blur_auc@1": [">=", 0.8953]},
-      "first_seed": {"immune_val_called": ["<=", 0.2727]}
+      "first_seed": {"immune_val_called": ["<=", 0.2727]},
+      "every_seed": {"paired.consep_val_auc.high": [">=", 0.0]}
     }
 
 ``seeds`` lists, per seed of the candidate recipe (the first is the model that would ship), the
-``models.compare --json`` file (its first row, or the row whose ``model`` is ``candidate`` when the
-rule names one) and optionally the ``models.blur_check --json`` file. A figure is a key of the compare
+``models.compare --json`` file (its first row; the row whose ``model`` is the seed's ``model`` when
+the seed names one, as it must for a ``--paired`` file, whose first row is the reference; or the
+rule's ``candidate``) and optionally the ``models.blur_check --json`` file. A figure is a key of the compare
 row (``glas_auc_adenoma_negative``), ``blur_<column>@<sigma>`` from the blur table
 (``blur_auc@1`` = AUC at 1 um of blur), or ``paired.<figure>.<diff|low|high>`` from a compare row
 made with ``--paired`` (the difference from the reference and its 95 % interval's ends).
 ``mean_over_seeds`` criteria are judged on the mean over the seeds, ``first_seed`` on the first seed
-alone. Prints every criterion with its value and verdict; exit 0 when all pass, 1 when any fails,
+alone, ``every_seed`` on each seed (it holds only when every seed meets the bound; the value shown is
+the worst seed's). Prints every criterion with its value and verdict; exit 0 when all pass, 1 when any fails,
 2 when the rule or a figure cannot be read.
 """
 
@@ -53,8 +56,9 @@ class RuleError(ValueError):
 
 @dataclass(frozen=True)
 class Verdict:
-    """One criterion: where it is judged (``mean`` over seeds or the ``first`` seed), the figure, the
-    value per seed and the value judged, the bound and whether it holds."""
+    """One criterion: where it is judged (``mean`` over seeds, the ``first`` seed or ``every`` seed),
+    the figure, the value per seed and the value judged (for ``every``: the worst seed's), the bound
+    and whether it holds."""
 
     scope: str
     figure: str
@@ -115,19 +119,27 @@ def check(rule: dict[str, Any], root: Path = Path(".")) -> list[Verdict]:
     per_seed = []
     for s in seeds:
         cpath = root / s["compare"]
-        row = _compare_row(_read_json(cpath, "compare"), rule.get("candidate"), cpath)
+        row = _compare_row(_read_json(cpath, "compare"), s.get("model", rule.get("candidate")), cpath)
         blur = _read_json(root / s["blur"], "blur table") if s.get("blur") else None
         per_seed.append((row, blur))
     out = []
-    for scope, key in (("mean", "mean_over_seeds"), ("first", "first_seed")):
+    for scope, key in (("mean", "mean_over_seeds"), ("first", "first_seed"), ("every", "every_seed")):
         for figure, (op, bound) in (rule.get(key) or {}).items():
             if op not in OPS:
                 raise RuleError(f"{figure}: unknown comparison {op!r} (use one of {', '.join(OPS)})")
             values = tuple(figure_value(figure, row, blur) for row, blur in per_seed)
-            value = sum(values) / len(values) if scope == "mean" else values[0]
-            out.append(Verdict(scope, figure, values, value, op, float(bound), OPS[op](value, float(bound))))
+            b = float(bound)
+            if scope == "every":
+                failing = [x for x in values if not OPS[op](x, b)]
+                # the worst seed: a failing one if any, else the one closest to the bound
+                value = failing[0] if failing else min(values, key=lambda x: abs(x - b))
+                holds = not failing
+            else:
+                value = sum(values) / len(values) if scope == "mean" else values[0]
+                holds = OPS[op](value, b)
+            out.append(Verdict(scope, figure, values, value, op, b, holds))
     if not out:
-        raise RuleError("the rule has no criteria (mean_over_seeds, first_seed)")
+        raise RuleError("the rule has no criteria (mean_over_seeds, first_seed, every_seed)")
     return out
 
 
@@ -141,9 +153,9 @@ def table(rule: dict[str, Any], verdicts: list[Verdict]) -> str:
         "| --- | --- | " + " | ".join("---" for _ in range(n)) + " | --- | --- | --- |",
     ]
     for v in verdicts:
-        shown = [f"{x:.4f}" if v.scope == "mean" or i == 0 else "" for i, x in enumerate(v.per_seed)]
+        shown = [f"{x:.4f}" if v.scope != "first" or i == 0 else "" for i, x in enumerate(v.per_seed)]
         seeds = " | ".join(shown)
-        where = f"mean of {n} seeds" if v.scope == "mean" else "first seed"
+        where = {"mean": f"mean of {n} seeds", "first": "first seed", "every": f"each of {n} seeds"}[v.scope]
         lines.append(
             f"| {where} | {v.figure} | {seeds} | {v.value:.4f} | {v.op} {v.bound:g} | "
             f"{'yes' if v.holds else '**NO**'} |"

@@ -80,3 +80,29 @@ def test_rule_refuses_what_it_cannot_judge(tmp_path: Path) -> None:
         figure_value("blur_auc@2", {}, [{"sigma_um": 1.0, "auc": 0.9}])
     with pytest.raises(RuleError, match="no criteria"):
         check({"seeds": rule["seeds"]}, tmp_path)
+
+
+def test_every_seed_criteria_hold_only_when_each_seed_meets_the_bound(tmp_path: Path) -> None:
+    """``every_seed``: the mean of 0.18 and 0.40 (0.29) is not what is judged; the second seed's 0.40
+    fails <= 0.2727 and is the value shown; a paired file's first row is the reference, so a seed with
+    ``model`` is judged on its own row, not on the reference's."""
+    rule = _rule(tmp_path, 0.83)
+    rule["every_seed"] = {"immune_val_called": ["<=", 0.2727], "consep_val_auc": [">=", 0.80]}
+    verdicts = {(v.scope, v.figure): v for v in check(rule, tmp_path)}
+    immune = verdicts[("every", "immune_val_called")]
+    assert immune.per_seed == (0.18, 0.40) and immune.value == 0.40 and not immune.holds
+    consep = verdicts[("every", "consep_val_auc")]
+    assert consep.holds and consep.value == 0.81  # the seed closest to the bound
+    paired = [
+        {"model": "models/tumour-cnn.onnx", "consep_val_auc": 0.82, "immune_val_called": 0.27},
+        {"model": "models/runs/c/tumour-cnn.onnx", "consep_val_auc": 0.79, "immune_val_called": 0.0},
+    ]
+    (tmp_path / "c.compare.json").write_text(json.dumps(paired))
+    one = {
+        "seeds": [{"compare": "c.compare.json", "model": "models/runs/c/tumour-cnn.onnx"}],
+        "every_seed": {"consep_val_auc": [">=", 0.80]},
+    }
+    (v,) = check(one, tmp_path)
+    assert v.value == 0.79 and not v.holds
+    with pytest.raises(RuleError, match="no row for the candidate models/runs/d"):
+        check({**one, "seeds": [{"compare": "c.compare.json", "model": "models/runs/d/x.onnx"}]}, tmp_path)
