@@ -146,10 +146,11 @@ def check(rule: dict[str, Any], root: Path = Path(".")) -> list[Verdict]:
 def table(rule: dict[str, Any], verdicts: list[Verdict]) -> str:
     """The verdicts as a Markdown table with the rule's name and its overall result."""
     n = len(verdicts[0].per_seed) if verdicts else 0
+    runs = " | ".join(f"run {i + 1}" + (" (ships)" if i == 0 else "") for i in range(n))
     lines = [
         f"rule {rule.get('name', '?')} ({rule.get('declared', 'declaration not recorded')})",
         "",
-        "| judged on | figure | " + " | ".join(f"seed {i}" for i in range(n)) + " | value | bound | holds |",
+        f"| judged on | figure | {runs} | value | bound | holds |",
         "| --- | --- | " + " | ".join("---" for _ in range(n)) + " | --- | --- | --- |",
     ]
     for v in verdicts:
