@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from models.scanned import (
     load_monusac,
     shared_tiles_dir,
 )
+from wsi_pipeline.errors import WsiError
 from wsi_pipeline.evaluation.metrics import classification_metrics, roc_auc
 from wsi_pipeline.inference.card import load_card
 
@@ -216,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         "model's differences from it",
     )  # fmt: skip
     args = p.parse_args(argv)
-    rows = compare(args.models, args.split, args.index or default_index(), paired=args.paired)
+    try:
+        rows = compare(args.models, args.split, args.index or default_index(), paired=args.paired)
+    except WsiError as e:  # a model without its card, a card that does not match: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for r in rows:
         print(json.dumps({k: v for k, v in r.items() if k != "paired"}))
     for r in rows[1:] if args.paired else []:

@@ -494,3 +494,18 @@ def test_compare_paired_gives_the_shipped_model_zero_difference_from_itself(tmp_
     for name, d in again["paired"].items():
         assert d["diff"] == 0.0 and d["ci95"] == [0.0, 0.0], name
     assert again["paired"]["glas_auc_adenoma_negative"]["groups"] == len(GLAS_SPLIT["val"])
+
+
+def test_compare_names_a_model_without_its_card_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run whose export has written the .onnx but not yet its card (or lost it): exit 2 and one
+    line naming the card, before any set is read (so it needs no shared data)."""
+    from models.compare import main
+
+    onnx = tmp_path / "run" / "tumour-cnn.onnx"
+    onnx.parent.mkdir()
+    onnx.write_bytes(b"not yet")
+    assert main(["--split", "val", str(onnx)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{tmp_path / 'run' / 'tumour-cnn.json'}: model card not found" in err
