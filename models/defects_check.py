@@ -10,6 +10,11 @@ Each finding is measured here, on data the model never trained on, and says what
   patients and CoNSeP test tiles not trained on, all non-tumour): mean P(tumour), share called;
 * **defocus**: ``models.blur_check`` on the GlaS validation tiles: AUC, share called and share the
   focus check counts out of focus at 0, 1 and 1.5 um of Gaussian blur;
+* **tissue folds**: healthy GlaS tiles of the held-out patients (validation and test; colon mucosa),
+  each laid over another healthy tile of the same patient turned by 90 degrees, as a fold lays tissue
+  over tissue: optical densities add (Beer-Lambert, :func:`overlay_tissue`). Simulated on real scans
+  (no real fold is in the shared data): share called tumour and mean P, as scanned and folded, and
+  the same tiles made twice as dark without a second layer (darkness alone told from doubled nuclei);
 * **benign squamous epithelium**: the bundled sample (benign skin, CC0) run through the pipeline:
   its label, max P and OOD score;
 * **stain far from training**: the TCGA-CR head-and-neck carcinoma section of the shared data (no mpp
@@ -29,11 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from models.blur_check import blur_table
 from models.card import write_markdown
 from models.compare import compare
-from models.evaluate import default_index
+from models.evaluate import build_sets, default_index, score_sets
 from models.scanned import shared_tiles_dir
 from wsi_pipeline.inference.card import load_card, write_card
 from wsi_pipeline.tiling.focus import WARN_SHARE
@@ -41,6 +47,58 @@ from wsi_pipeline.tiling.focus import WARN_SHARE
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "samples" / "CMU-1-Small-Region.svs"
 TCGA = shared_tiles_dir().parent / "slides" / "aperio" / "tcga-cr-7395-01a-01-ts1.svs"
+
+
+def optical_density(tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    """Optical density ``-log10((I + 1) / 256)`` of uint8 RGB pixels (0 for white glass)."""
+    return -np.log10((tiles.astype(np.float32) + 1.0) / 256.0)
+
+
+def from_optical_density(od: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+    """uint8 RGB pixels of optical density ``od`` (the inverse of :func:`optical_density`, rounded)."""
+    return np.clip(np.rint(256.0 * 10.0 ** (-od) - 1.0), 0, 255).astype(np.uint8)
+
+
+def overlay_tissue(a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """Two layers of stained tissue seen through each other, as in a fold: light passes both, so their
+    optical densities add (Beer-Lambert). Glass (white) over tissue leaves the tissue as it was."""
+    return from_optical_density(optical_density(a) + optical_density(b))
+
+
+def fold_figures(model: Path) -> dict[str, Any] | None:
+    """Share called tumour and mean P of the healthy GlaS tiles of the held-out patients (validation
+    and test: never trained on, and no choice is made on this figure) as scanned, folded
+    (:func:`overlay_tissue` with another healthy tile of the same patient, turned 90 degrees; partners
+    drawn with a fixed seed) and twice as dark (optical density doubled, one layer); ``None`` without
+    GlaS tiles or when the card did not train on GlaS (its patient split is then not held out)."""
+    card = load_card(model.with_suffix(".json"))
+    if not (card.raw.get("data") or {}).get("glas"):
+        return None
+    sets = [s for s in build_sets(card.raw, None, splits=("val", "test")) if s.name.startswith("glas-")]
+    if not sets:
+        return None
+    labels = np.concatenate([np.asarray(s.labels).astype(str) for s in sets])
+    healthy = np.flatnonzero(np.char.endswith(labels, "healthy"))
+    groups = np.concatenate([np.asarray(s.groups) for s in sets])[healthy]
+    images = np.concatenate([s.images for s in sets])
+    rng = np.random.default_rng(0)
+    partner = np.array(
+        [rng.choice(healthy[(groups == g) & (healthy != i)]) for i, g in zip(healthy, groups, strict=True)]
+    )
+    scanned = images[healthy]
+    variants = {
+        "scanned": scanned,
+        "folded": overlay_tissue(scanned, np.rot90(images[partner], axes=(1, 2))),
+        "twice_as_dark": from_optical_density(2.0 * optical_density(scanned)),
+    }
+    probs = score_sets(
+        model, [replace(sets[0], images=v, tumour=np.zeros(len(v), np.int64)) for v in variants.values()]
+    )
+    out: dict[str, Any] = {"tiles": len(healthy), "patients": len(set(groups.tolist()))}
+    for name, p in zip(variants, probs, strict=True):
+        out[f"{name}_called"] = round(float((p >= card.threshold).mean()), 4)
+        out[f"{name}_mean_p"] = round(float(p.mean()), 4)
+    return out
 
 
 def _slide_result(model: Path, slide: Path, mpp: float | None) -> dict[str, Any]:
@@ -100,6 +158,21 @@ def measure(model: Path) -> tuple[dict[str, Any], list[str]]:
         })  # fmt: skip
     else:
         missing.append(f"defocus ({glas} absent)")
+    folds = fold_figures(model) if glas.exists() else None
+    if folds is not None:
+        findings.append({
+            "name": "tissue folds",
+            "finding": f"{folds['tiles']} healthy colon tiles of {folds['patients']} held-out GlaS patients "
+            f"(validation and test), "
+            f"each folded over another (simulated: optical densities of the two layers added), are called "
+            f"tumour {folds['folded_called']:.0%} of the time (mean P {folds['folded_mean_p']}) against "
+            f"{folds['scanned_called']:.0%} as scanned; made twice as dark without a second layer, "
+            f"{folds['twice_as_dark_called']:.0%}; the pipeline does not detect folds",
+            "advice": "check tumour calls on folded (dark, doubled) tissue by eye",
+            "figures": folds,
+        })  # fmt: skip
+    else:
+        missing.append(f"tissue folds ({glas} absent, or the card has no GlaS)")
     if not SAMPLE.exists():
         missing.append(f"benign squamous epithelium ({SAMPLE} absent)")
     else:

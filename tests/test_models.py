@@ -581,6 +581,25 @@ def test_shipped_model_card_is_its_markdown() -> None:
     assert (SHIPPED_ONNX.parent / "MODEL_CARD.md").read_text() == render_markdown(card)
 
 
+def test_a_simulated_fold_adds_the_optical_densities_of_its_two_layers() -> None:
+    """The fold finding's simulation is Beer-Lambert: every grey level survives the round trip to
+    optical density; glass over tissue leaves the tissue; two layers that each pass half the light
+    pass a quarter; the order of the layers does not matter and a fold is never lighter than a layer."""
+    from models.defects_check import from_optical_density, optical_density, overlay_tissue
+
+    levels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
+    np.testing.assert_array_equal(from_optical_density(optical_density(levels)), levels)
+    glass = np.full_like(levels, 255)
+    np.testing.assert_array_equal(overlay_tissue(glass, levels), levels)
+    half = np.full((1, 2, 2, 3), 127, np.uint8)  # (127 + 1) / 256: half the light
+    np.testing.assert_array_equal(overlay_tissue(half, half), np.full_like(half, 63))  # 256 / 4 - 1
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8) for _ in range(2))
+    folded = overlay_tissue(a, b)
+    np.testing.assert_array_equal(folded, overlay_tissue(b, a))
+    assert (folded <= np.minimum(a, b)).all()
+
+
 @pytest.mark.realdata
 def test_shipped_card_known_defects_are_what_the_model_does_now() -> None:
     """The card's known defects are measurements: measured again, the shipped model gives the same
