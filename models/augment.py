@@ -61,6 +61,54 @@ def hed_to_rgb(hed: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
     return _od_to_rgb(np.asarray(hed, dtype=np.float32) @ RGB_FROM_HED.astype(np.float32))
 
 
+def overlay_tissue(a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """Two layers of stained tissue (uint8 RGB, same shape) seen through each other, as in a fold:
+    light passes both, so their optical densities add (Beer-Lambert). Glass (white) over tissue leaves
+    the tissue as it was; a tile over itself is the same tile stained twice as dark."""
+    return _od_to_rgb(_OD_LUT[_as_tiles(a)] + _OD_LUT[_as_tiles(b)])
+
+
+def fold_partners(groups: npt.ArrayLike, rng: np.random.Generator) -> npt.NDArray[np.int64]:
+    """For each tile, the index of another tile of its group (patient, slide) to fold over it, drawn
+    with ``rng``; a tile alone in its group is its own partner."""
+    g = np.asarray(groups)
+    out = np.empty(len(g), np.int64)
+    for i in range(len(g)):
+        others = np.flatnonzero((g == g[i]) & (np.arange(len(g)) != i))
+        out[i] = rng.choice(others) if others.size else i
+    return out
+
+
+def fold_over_partners(
+    tiles: npt.NDArray[np.uint8], groups: npt.ArrayLike, seed: int = 0
+) -> npt.NDArray[np.uint8]:
+    """Each tile with another tile of its group (:func:`fold_partners`, drawn from ``seed``) turned
+    by 90 degrees folded over it: the measurement's fold (``models.compare``, the card's finding)."""
+    partner = tiles[fold_partners(groups, np.random.default_rng(seed))]
+    return overlay_tissue(tiles, np.ascontiguousarray(np.rot90(partner, axes=(1, 2))))
+
+
+def fold_tiles(
+    tiles: npt.NDArray[np.uint8], rng: np.random.Generator, fraction: float
+) -> npt.NDArray[np.uint8]:
+    """Training augmentation: each tile of a batch ``(N, H, W, 3)`` is, with probability ``fraction``,
+    folded over itself (:func:`overlay_tissue` with the tile turned by 90, 180 or 270 degrees and
+    maybe mirrored), as a fold lays a section over its neighbouring tissue. The label stays: folded
+    benign tissue is benign. 0 returns the batch unchanged (and draws nothing from ``rng``)."""
+    if fraction <= 0:
+        return tiles
+    hit = np.flatnonzero(rng.random(len(tiles)) < fraction)
+    if not hit.size:
+        return tiles
+    out = tiles.copy()
+    for i in hit:
+        layer = np.rot90(tiles[i], k=int(rng.integers(1, 4)))
+        if rng.random() < 0.5:
+            layer = layer[:, ::-1]
+        out[i] = overlay_tissue(tiles[i], np.ascontiguousarray(layer))
+    return out
+
+
 def hed_jitter(
     tiles: npt.NDArray[np.uint8], rng: np.random.Generator, sigma: float = 0.1, bias: float = 0.05
 ) -> npt.NDArray[np.uint8]:

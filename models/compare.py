@@ -16,7 +16,9 @@ tumour labels: ``lung_val_called`` is the share called tumour at the model's thr
 ``immune_val_mean_p`` and ``immune_val_called`` are the mean P(tumour) and the share called tumour of
 the inflamed windows (immune nuclei dominate) of MoNuSAC patients not trained on and of CoNSeP's
 official test tiles: all non-tumour. ``lc25000_benign_called`` is the share of benign LC25000 lung
-pictures called tumour.
+pictures called tumour. ``fold_val_called`` and ``fold_val_mean_p``: the healthy GlaS tiles of
+``--split``, each with another healthy tile of its patient folded over it (simulated: the optical
+densities of the two layers add), called tumour at the model's threshold: all non-tumour.
 
 With ``--paired`` the first model is the reference: for every other model each headline figure's
 difference (model - reference) gets a 95 % paired bootstrap interval that resamples whole groups
@@ -38,6 +40,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from models.augment import fold_over_partners
 from models.evaluate import EvalSet, build_sets, default_index, group_resamples, score_sets
 from models.scanned import (
     IMMUNE_VAL_MONUSAC,
@@ -147,6 +150,15 @@ def _paired(
     return out
 
 
+def _folded(glas: EvalSet, healthy: npt.NDArray[np.bool_]) -> EvalSet:
+    """The healthy GlaS tiles, each with another healthy tile of its patient folded over it."""
+    groups = np.asarray(glas.groups)[healthy]
+    images = fold_over_partners(glas.images[healthy], groups)
+    return EvalSet(
+        "glas-folded", images, glas.tumour[healthy], tuple(np.asarray(glas.labels)[healthy]), tuple(groups)
+    )
+
+
 def compare(
     models: list[Path], split: str, index: Path, paired: bool = False, n_boot: int = 2000
 ) -> list[dict[str, Any]]:
@@ -167,6 +179,8 @@ def compare(
         thr = float((card.get("threshold") or {}).get("value", 0.5))
         probs = _score(model, cache[stain])
         p_lc, p_glas, p_consep, p_lung, p_immune = probs
+        healthy = np.char.endswith(grades.astype(str), "healthy")
+        (p_fold,) = score_sets(model, [_folded(glas, healthy)]) if healthy.any() else (np.empty(0),)
         scored.append((stain, probs, thr))
         benign = np.asarray(lc.labels) == "lung_n"
         g = classification_metrics(glas.tumour, p_glas, thr)
@@ -193,6 +207,9 @@ def compare(
                     str(k): round(float(p_glas[grades == k].mean()), 3) for k in sorted(set(glas.labels))
                 },
                 "glas_stroma_mean_p": round(float(p_glas[stroma].mean()), 3),
+                "fold_val_called": round(float((p_fold >= thr).mean()), 4) if p_fold.size else None,
+                "fold_val_mean_p": round(float(p_fold.mean()), 3) if p_fold.size else None,
+                "fold_val_tiles": len(p_fold),
             }
         )
     if paired and len(models) > 1:

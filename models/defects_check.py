@@ -12,9 +12,10 @@ Each finding is measured here, on data the model never trained on, and says what
   focus check counts out of focus at 0, 1 and 1.5 um of Gaussian blur;
 * **tissue folds**: healthy GlaS tiles of the held-out patients (validation and test; colon mucosa),
   each laid over another healthy tile of the same patient turned by 90 degrees, as a fold lays tissue
-  over tissue: optical densities add (Beer-Lambert, :func:`overlay_tissue`). Simulated on real scans
-  (no real fold is in the shared data): share called tumour and mean P, as scanned and folded, and
-  the same tiles made twice as dark without a second layer (darkness alone told from doubled nuclei);
+  over tissue: optical densities add (Beer-Lambert, :func:`models.augment.overlay_tissue`). Simulated
+  on real scans (no real fold is in the shared data): share called tumour and mean P, as scanned and
+  folded, and the same tiles made twice as dark without a second layer (darkness alone told from doubled
+  nuclei);
 * **benign squamous epithelium**: the bundled sample (benign skin, CC0) run through the pipeline:
   its label, max P and OOD score;
 * **stain far from training**: the TCGA-CR head-and-neck carcinoma section of the shared data (no mpp
@@ -34,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
+from models.augment import fold_over_partners, overlay_tissue
 from models.blur_check import blur_table
 from models.card import write_markdown
 from models.compare import compare
@@ -47,22 +48,6 @@ from wsi_pipeline.tiling.focus import WARN_SHARE
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "samples" / "CMU-1-Small-Region.svs"
 TCGA = shared_tiles_dir().parent / "slides" / "aperio" / "tcga-cr-7395-01a-01-ts1.svs"
-
-
-def optical_density(tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-    """Optical density ``-log10((I + 1) / 256)`` of uint8 RGB pixels (0 for white glass)."""
-    return -np.log10((tiles.astype(np.float32) + 1.0) / 256.0)
-
-
-def from_optical_density(od: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
-    """uint8 RGB pixels of optical density ``od`` (the inverse of :func:`optical_density`, rounded)."""
-    return np.clip(np.rint(256.0 * 10.0 ** (-od) - 1.0), 0, 255).astype(np.uint8)
-
-
-def overlay_tissue(a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
-    """Two layers of stained tissue seen through each other, as in a fold: light passes both, so their
-    optical densities add (Beer-Lambert). Glass (white) over tissue leaves the tissue as it was."""
-    return from_optical_density(optical_density(a) + optical_density(b))
 
 
 def fold_figures(model: Path) -> dict[str, Any] | None:
@@ -81,15 +66,11 @@ def fold_figures(model: Path) -> dict[str, Any] | None:
     healthy = np.flatnonzero(np.char.endswith(labels, "healthy"))
     groups = np.concatenate([np.asarray(s.groups) for s in sets])[healthy]
     images = np.concatenate([s.images for s in sets])
-    rng = np.random.default_rng(0)
-    partner = np.array(
-        [rng.choice(healthy[(groups == g) & (healthy != i)]) for i, g in zip(healthy, groups, strict=True)]
-    )
     scanned = images[healthy]
     variants = {
         "scanned": scanned,
-        "folded": overlay_tissue(scanned, np.rot90(images[partner], axes=(1, 2))),
-        "twice_as_dark": from_optical_density(2.0 * optical_density(scanned)),
+        "folded": fold_over_partners(scanned, groups),
+        "twice_as_dark": overlay_tissue(scanned, scanned),
     }
     probs = score_sets(
         model, [replace(sets[0], images=v, tumour=np.zeros(len(v), np.int64)) for v in variants.values()]

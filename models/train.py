@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from models import CLASSES, POSITIVE_CLASS, TILE_PX
-from models.augment import augment_batch, random_dihedral, scanner_shift
+from models.augment import augment_batch, fold_tiles, random_dihedral, scanner_shift
 from models.data import TileSet, channel_stats, iterate_batches, load_tiles, rows_from_folder
 from models.mix import MixedSampler, sample_unlabelled
 from models.net import Preprocess, build_net, count_flops, count_params
@@ -119,6 +119,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--blur-max-um", type=float, default=0.75,
         help="with --augment scanner: largest defocus (Gaussian sigma, um at the tiles' 0.5 um/px) of the "
         "20 %% of tiles blurred; the smallest is 0.15 um",
+    )  # fmt: skip
+    p.add_argument(
+        "--fold-fraction", type=float, default=0.0,
+        help="share of training tiles folded over a turned copy of themselves (simulated tissue folds: "
+        "optical densities add), label kept; before the other augmentation (0: off)",
     )  # fmt: skip
     p.add_argument(
         "--stain", choices=["none", "macenko"], default="none",
@@ -289,7 +294,7 @@ def train_one_epoch(
     total, seen, t0, kept = 0.0, 0, time.perf_counter(), 0.0
     n_batches = n_tiles // args.batch_size
     for b, (images, labels) in enumerate(source.batches(n_tiles, rng), start=1):
-        x = pre(torch.from_numpy(augment(images, rng, args)).to(device))
+        x = pre(torch.from_numpy(augment(fold_tiles(images, rng, args.fold_fraction), rng, args)).to(device))
         y = torch.from_numpy(labels).to(device)
         loss = loss_fn(net(x), y)
         if args.ssl == "fixmatch":
@@ -387,6 +392,7 @@ def build_recipe(
         "unlabelled_regions": [len(p) for p in unlabelled],
         "augment": args.augment,
         **({"blur_max_um": args.blur_max_um} if args.blur_max_um != 0.75 else {}),
+        **({"fold_fraction": args.fold_fraction} if args.fold_fraction else {}),
         "ssl": args.ssl,
         "stain": args.stain,
     }
@@ -396,6 +402,8 @@ def build_recipe(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not 0 <= args.fold_fraction <= 1:
+        raise ValueError(f"--fold-fraction must be in [0, 1], got {args.fold_fraction}")
     command = "python -m models.train " + shlex.join(sys.argv[1:] if argv is None else argv)
     seed_everything(args.seed)
     torch.set_num_threads(args.threads or usable_cores())

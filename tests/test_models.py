@@ -582,15 +582,13 @@ def test_shipped_model_card_is_its_markdown() -> None:
 
 
 def test_a_simulated_fold_adds_the_optical_densities_of_its_two_layers() -> None:
-    """The fold finding's simulation is Beer-Lambert: every grey level survives the round trip to
-    optical density; glass over tissue leaves the tissue; two layers that each pass half the light
-    pass a quarter; the order of the layers does not matter and a fold is never lighter than a layer."""
-    from models.defects_check import from_optical_density, optical_density, overlay_tissue
+    """The fold simulation (the card's fold finding, ``--fold-fraction``) is Beer-Lambert: glass over
+    tissue leaves the tissue at every grey level; two layers that each pass half the light pass a
+    quarter; the order of the layers does not matter and a fold is never lighter than a layer."""
+    from models.augment import overlay_tissue
 
     levels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
-    np.testing.assert_array_equal(from_optical_density(optical_density(levels)), levels)
-    glass = np.full_like(levels, 255)
-    np.testing.assert_array_equal(overlay_tissue(glass, levels), levels)
+    np.testing.assert_array_equal(overlay_tissue(np.full_like(levels, 255), levels), levels)
     half = np.full((1, 2, 2, 3), 127, np.uint8)  # (127 + 1) / 256: half the light
     np.testing.assert_array_equal(overlay_tissue(half, half), np.full_like(half, 63))  # 256 / 4 - 1
     rng = np.random.default_rng(0)
@@ -598,6 +596,28 @@ def test_a_simulated_fold_adds_the_optical_densities_of_its_two_layers() -> None
     folded = overlay_tissue(a, b)
     np.testing.assert_array_equal(folded, overlay_tissue(b, a))
     assert (folded <= np.minimum(a, b)).all()
+
+
+def test_fold_augmentation_folds_the_drawn_share_over_the_tile_itself() -> None:
+    """``fold_tiles``: about ``fraction`` of a batch is folded, each tile over a turned copy of itself
+    (so never lighter, and a uniform tile becomes exactly its two-layer self); 0 changes nothing and
+    draws nothing; partners for the card's simulation come from the same group."""
+    from models.augment import fold_partners, fold_tiles, overlay_tissue
+
+    rng = np.random.default_rng(1)
+    tiles = rng.integers(60, 256, (400, 16, 16, 3), dtype=np.uint8)
+    tiles[0] = 127
+    state = np.random.default_rng(2)
+    assert fold_tiles(tiles, state, 0.0) is tiles and state.random() == np.random.default_rng(2).random()
+    out = fold_tiles(tiles, np.random.default_rng(3), 0.25)
+    changed = (out != tiles).any(axis=(1, 2, 3))
+    assert 0.18 < changed.mean() < 0.32 and (out <= tiles).all()
+    everything = fold_tiles(tiles, np.random.default_rng(3), 1.0)
+    assert changed.sum() < (everything != tiles).any(axis=(1, 2, 3)).sum()
+    np.testing.assert_array_equal(everything[0], overlay_tissue(tiles[0], tiles[0]))
+    groups = np.array(["a", "a", "b", "b", "b", "c"])
+    partners = fold_partners(groups, np.random.default_rng(0))
+    assert (groups[partners] == groups).all() and (partners[:5] != np.arange(5)).all() and partners[5] == 5
 
 
 @pytest.mark.realdata
