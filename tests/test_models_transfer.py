@@ -494,6 +494,9 @@ def test_compare_paired_gives_the_shipped_model_zero_difference_from_itself(tmp_
     for name, d in again["paired"].items():
         assert d["diff"] == 0.0 and d["ci95"] == [0.0, 0.0], name
     assert again["paired"]["glas_auc_adenoma_negative"]["groups"] == len(GLAS_SPLIT["val"])
+    # the folded healthy tiles (the card's fold finding, on the validation patients only)
+    healthy = ref["glas_mean_p"]["benign/healthy"]
+    assert ref["fold_val_tiles"] > 0 and ref["fold_val_mean_p"] > healthy + 0.1  # 0.4.0: 0.639 vs 0.314
 
 
 def test_compare_names_a_model_without_its_card_in_one_line(
