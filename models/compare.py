@@ -150,8 +150,12 @@ def _paired(
     return out
 
 
-def _folded(glas: EvalSet, healthy: npt.NDArray[np.bool_]) -> EvalSet:
-    """The healthy GlaS tiles, each with another healthy tile of its patient folded over it."""
+def _folded(glas: EvalSet) -> EvalSet | None:
+    """The healthy GlaS tiles, each with another healthy tile of its patient folded over it (None
+    when the split has no healthy tiles)."""
+    healthy = np.char.endswith(np.asarray(glas.labels).astype(str), "healthy")
+    if not healthy.any():
+        return None
     groups = np.asarray(glas.groups)[healthy]
     images = fold_over_partners(glas.images[healthy], groups)
     return EvalSet(
@@ -167,20 +171,22 @@ def compare(
     ``paired``: each ``PAIRED`` figure's difference from the first model with its interval."""
     cards = [load_card(m.with_suffix(".json")).raw for m in models]
     cache: dict[str, Sets] = {}
+    folded: dict[str, EvalSet | None] = {}  # per stain, made once for every model
     rows = []
     scored: list[tuple[str, tuple[npt.NDArray[np.floating], ...], float]] = []
     for model, card in zip(models, cards, strict=True):
         stain = (card.get("preprocessing") or {}).get("stain_normalization", "none")
         if stain not in cache:
             cache[stain] = _sets(cards[0], split, index, stain)
+            folded[stain] = _folded(cache[stain][1])
         lc, glas, consep, lung, immune = cache[stain]
         grades = np.asarray(glas.labels)
         adenoma = np.char.endswith(grades.astype(str), "adenomatous")
         thr = float((card.get("threshold") or {}).get("value", 0.5))
         probs = _score(model, cache[stain])
         p_lc, p_glas, p_consep, p_lung, p_immune = probs
-        healthy = np.char.endswith(grades.astype(str), "healthy")
-        (p_fold,) = score_sets(model, [_folded(glas, healthy)]) if healthy.any() else (np.empty(0),)
+        fold_set = folded[stain]
+        (p_fold,) = score_sets(model, [fold_set]) if fold_set is not None else (np.empty(0),)
         scored.append((stain, probs, thr))
         benign = np.asarray(lc.labels) == "lung_n"
         g = classification_metrics(glas.tumour, p_glas, thr)

@@ -21,14 +21,14 @@ A rule is a JSON file committed before its candidate is trained::
 ``seeds`` lists, per seed of the candidate recipe (the first is the model that would ship), the
 ``models.compare --json`` file (its first row; the row whose ``model`` is the seed's ``model`` when
 the seed names one, as it must for a ``--paired`` file, whose first row is the reference; or the
-rule's ``candidate``) and optionally the ``models.blur_check --json`` file. A figure is a key of the compare
-row (``glas_auc_adenoma_negative``), ``blur_<column>@<sigma>`` from the blur table
+rule's ``candidate``) and optionally the ``models.blur_check --json`` file. A figure is a key of the
+compare row (``glas_auc_adenoma_negative``), ``blur_<column>@<sigma>`` from the blur table
 (``blur_auc@1`` = AUC at 1 um of blur), or ``paired.<figure>.<diff|low|high>`` from a compare row
 made with ``--paired`` (the difference from the reference and its 95 % interval's ends).
 ``mean_over_seeds`` criteria are judged on the mean over the seeds, ``first_seed`` on the first seed
-alone, ``every_seed`` on each seed (it holds only when every seed meets the bound; the value shown is
-the worst seed's). Prints every criterion with its value and verdict; exit 0 when all pass, 1 when any fails,
-2 when the rule or a figure cannot be read.
+alone, ``every_seed`` on the worst seed (the lowest for a floor, the highest for a ceiling: it holds
+only when every seed meets the bound). Prints every criterion with its value and verdict; exit 0 when
+all pass, 1 when any fails, 2 when the rule or a figure cannot be read.
 """
 
 from __future__ import annotations
@@ -129,15 +129,11 @@ def check(rule: dict[str, Any], root: Path = Path(".")) -> list[Verdict]:
                 raise RuleError(f"{figure}: unknown comparison {op!r} (use one of {', '.join(OPS)})")
             values = tuple(figure_value(figure, row, blur) for row, blur in per_seed)
             b = float(bound)
-            if scope == "every":
-                failing = [x for x in values if not OPS[op](x, b)]
-                # the worst seed: a failing one if any, else the one closest to the bound
-                value = failing[0] if failing else min(values, key=lambda x: abs(x - b))
-                holds = not failing
+            if scope == "every":  # the worst seed decides: the lowest for a floor, the highest for a ceiling
+                value = min(values) if op in (">=", ">") else max(values)
             else:
                 value = sum(values) / len(values) if scope == "mean" else values[0]
-                holds = OPS[op](value, b)
-            out.append(Verdict(scope, figure, values, value, op, b, holds))
+            out.append(Verdict(scope, figure, values, value, op, b, OPS[op](value, b)))
     if not out:
         raise RuleError("the rule has no criteria (mean_over_seeds, first_seed, every_seed)")
     return out

@@ -92,7 +92,7 @@ def test_every_seed_criteria_hold_only_when_each_seed_meets_the_bound(tmp_path: 
     immune = verdicts[("every", "immune_val_called")]
     assert immune.per_seed == (0.18, 0.40) and immune.value == 0.40 and not immune.holds
     consep = verdicts[("every", "consep_val_auc")]
-    assert consep.holds and consep.value == 0.81  # the seed closest to the bound
+    assert consep.holds and consep.value == 0.81  # the worst seed for a floor: the lowest
     paired = [
         {"model": "models/tumour-cnn.onnx", "consep_val_auc": 0.82, "immune_val_called": 0.27},
         {"model": "models/runs/c/tumour-cnn.onnx", "consep_val_auc": 0.79, "immune_val_called": 0.0},
