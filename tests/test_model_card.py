@@ -207,3 +207,30 @@ def test_a_training_checkpoint_given_as_the_model_is_named_as_such(tmp_path: Pat
     with pytest.raises(ModelError, match=rf"{name}: a .*, not an ONNX model; export it to ONNX") as info:
         resolve_model(tmp_path / name)
     assert "import-model" in str(info.value) and "\n" not in str(info.value)
+
+
+def _train_flags(command: str) -> dict[str, str]:
+    """The flags of a `models.train` command line, without those that only say where and how fast."""
+    words = command.replace("\\\n", " ").split()
+    words = words[words.index("models.train") + 1 :]
+    flags: dict[str, str] = {}
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            value = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else ""
+            flags[word] = value
+    for where in ("--threads", "--out"):
+        flags.pop(where, None)
+    return flags
+
+
+def test_the_readmes_recipe_is_the_shipped_models_training_command() -> None:
+    """A user who runs the README's "shipped model's recipe" trains what the card says was trained.
+
+    The README had lost `--blur-max-um 1.5` when 0.4.0 shipped: the command then made 0.3.0's defocus.
+    """
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Training your own model") :]
+    block = section[section.index("```bash") : section.index("```", section.index("```bash") + 3)]
+    command = next(line for line in block.split("\n.venv") if "models.train" in line)
+    card = json.loads(SHIPPED.read_text())
+    assert _train_flags(command) == _train_flags(card["training"]["command"])
