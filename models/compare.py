@@ -19,12 +19,17 @@ official test tiles: all non-tumour. ``lc25000_benign_called`` is the share of b
 pictures called tumour. ``fold_val_called`` and ``fold_val_mean_p``: the healthy GlaS tiles of
 ``--split``, each with another healthy tile of its patient folded over it (simulated: the optical
 densities of the two layers add), called tumour at the model's threshold: all non-tumour.
+``consep_all_auc``: the same CoNSeP measure on all 41 source tiles (the official train and test
+tiles: 3x the tissue of ``consep_val_auc``), for a model whose recipe never drew from CoNSeP (no
+``--consep``, no ``--immune-fraction``, whose inflamed windows include CoNSeP's train tiles); None
+for one that did (``consep_all_note`` says why).
 
 With ``--paired`` the first model is the reference: for every other model each headline figure's
 difference (model - reference) gets a 95 % paired bootstrap interval that resamples whole groups
 (patients, source tiles) of each set, scoring both models on the same draw. Validation sets are
-small (4 GlaS patients, 14 CoNSeP source tiles, 11 inflamed windows), so a margin that a decision
-rule turns on can sit well inside that interval: read it before trusting a 0.01.
+small (4 GlaS patients, 14 CoNSeP source tiles (41 for ``consep_all_auc``), 11 inflamed windows),
+so a margin that a decision rule turns on can sit well inside that interval: read it before trusting
+a 0.01.
 """
 
 from __future__ import annotations
@@ -57,7 +62,14 @@ from wsi_pipeline.errors import WsiError
 from wsi_pipeline.evaluation.metrics import classification_metrics, roc_auc
 from wsi_pipeline.inference.card import load_card
 
-Sets = tuple[EvalSet, EvalSet, EvalSet | None, EvalSet | None, EvalSet | None]
+Sets = tuple[EvalSet, EvalSet, EvalSet | None, EvalSet | None, EvalSet | None, EvalSet | None]
+
+
+def drew_from_consep(card: dict[str, Any]) -> bool:
+    """Whether a model's training recipe used any CoNSeP tile: its CoNSeP windows (``--consep``) or
+    its inflamed windows (``--immune-fraction``: MoNuSAC's and CoNSeP's train tiles)."""
+    recipe = (card.get("training") or {}).get("recipe") or {}
+    return bool(recipe.get("consep") or recipe.get("immune_fraction"))
 
 
 def _sets(ref_card: dict[str, Any], split: str, index: Path, stain: str) -> Sets:
@@ -66,10 +78,13 @@ def _sets(ref_card: dict[str, Any], split: str, index: Path, stain: str) -> Sets
         "preprocessing": {"stain_normalization": stain},
     }
     sets = {s.name: s for s in build_sets(card, index, splits=(split,))}
-    consep = None
+    consep = consep_all = None
     if split == "val" and (shared_tiles_dir() / "consep-patches").exists():  # CoNSeP's official test tiles
-        imgs, lab, _, groups = glas_tiles(load_consep(None, "test", stain=stain), LabelRule())
+        test = load_consep(None, "test", stain=stain)
+        imgs, lab, _, groups = glas_tiles(test, LabelRule())
         consep = EvalSet("consep-val", imgs, lab, ("consep",) * len(lab), tuple(groups))
+        imgs, lab, _, groups = glas_tiles(load_consep(None, "train", stain=stain) + test, LabelRule())
+        consep_all = EvalSet("consep-all", imgs, lab, ("consep",) * len(lab), tuple(groups))
     lung = None
     if split == "val" and (shared_tiles_dir() / "monusac-lung").exists():
         imgs, lab, _, groups = glas_tiles(load_monusac(None, MONUSAC_SPLIT["val"], stain=stain), LabelRule())
@@ -79,7 +94,7 @@ def _sets(ref_card: dict[str, Any], split: str, index: Path, stain: str) -> Sets
         imgs, groups = immune_tiles(load_immune(None, IMMUNE_VAL_MONUSAC, "test", stain=stain))
         zeros = np.zeros(len(groups), np.int64)
         immune = EvalSet("immune-val", imgs, zeros, ("immune",) * len(groups), tuple(groups))
-    return sets[split], sets[f"glas-{split}"], consep, lung, immune
+    return sets[split], sets[f"glas-{split}"], consep, lung, immune, consep_all
 
 
 def _score(model: Path, sets: Sets) -> tuple[npt.NDArray[np.floating], ...]:
@@ -99,6 +114,7 @@ PAIRED: dict[str, tuple[int, Stat, bool]] = {
     "lung_val_called": (3, lambda t, p, thr: float((p >= thr).mean()), False),
     "immune_val_mean_p": (4, lambda t, p, thr: float(p.mean()), False),
     "immune_val_called": (4, lambda t, p, thr: float((p >= thr).mean()), False),
+    "consep_all_auc": (5, lambda t, p, thr: roc_auc(t, p), False),
 }
 """The figures ``--paired`` puts an interval on; each model is judged at its own card threshold."""
 
@@ -132,13 +148,13 @@ def paired_difference(
 
 def _paired(
     sets: Sets, ref: tuple[tuple[npt.NDArray[np.floating], ...], float],
-    cand: tuple[tuple[npt.NDArray[np.floating], ...], float], n_boot: int,
+    cand: tuple[tuple[npt.NDArray[np.floating], ...], float], n_boot: int, skip: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:  # fmt: skip
-    """Every ``PAIRED`` figure of one candidate against the reference (absent sets skipped)."""
+    """Every ``PAIRED`` figure of one candidate against the reference (absent sets and ``skip`` left out)."""
     out = {}
     for name, (i, stat, drop_adenoma) in PAIRED.items():
         s = sets[i]
-        if s is None:
+        if s is None or name in skip:
             continue
         p_ref, p_cand = ref[0][i], cand[0][i]
         if drop_adenoma:
@@ -179,12 +195,13 @@ def compare(
         if stain not in cache:
             cache[stain] = _sets(cards[0], split, index, stain)
             folded[stain] = _folded(cache[stain][1])
-        lc, glas, consep, lung, immune = cache[stain]
+        lc, glas, consep, lung, immune, consep_all = cache[stain]
         grades = np.asarray(glas.labels)
         adenoma = np.char.endswith(grades.astype(str), "adenomatous")
         thr = float((card.get("threshold") or {}).get("value", 0.5))
         probs = _score(model, cache[stain])
-        p_lc, p_glas, p_consep, p_lung, p_immune = probs
+        p_lc, p_glas, p_consep, p_lung, p_immune, p_consep_all = probs
+        all_ok = consep_all is not None and not drew_from_consep(card)
         fold_set = folded[stain]
         (p_fold,) = score_sets(model, [fold_set]) if fold_set is not None else (np.empty(0),)
         scored.append((stain, probs, thr))
@@ -199,6 +216,13 @@ def compare(
                 "lc25000_auc": round(roc_auc(lc.tumour, p_lc), 4),
                 "lc25000_benign_called": round(float((p_lc[benign] >= thr).mean()), 4),
                 "consep_val_auc": round(roc_auc(consep.tumour, p_consep), 4) if consep else None,
+                "consep_all_auc": round(roc_auc(consep_all.tumour, p_consep_all), 4) if all_ok else None,
+                "consep_all_tiles": len(p_consep_all) if all_ok else None,
+                "consep_all_note": (
+                    "trained on CoNSeP's train tiles (--consep or --immune-fraction): not a validation set"
+                    if consep_all is not None and not all_ok
+                    else None
+                ),
                 "lung_val_called": round(float((p_lung >= thr).mean()), 4) if lung else None,
                 "lung_val_mean_p": round(float(p_lung.mean()), 3) if lung else None,
                 "lung_val_tiles": len(p_lung) if lung else None,
@@ -220,12 +244,14 @@ def compare(
         )
     if paired and len(models) > 1:
         ref_stain, ref_probs, ref_thr = scored[0]
-        for row, (stain, probs, thr) in zip(rows[1:], scored[1:], strict=True):
+        for row, card, (stain, probs, thr) in zip(rows[1:], cards[1:], scored[1:], strict=True):
             if stain != ref_stain:  # other input tiles: no pairing
                 row["paired"] = None
                 continue
             row["paired_against"] = str(models[0])
-            row["paired"] = _paired(cache[stain], (ref_probs, ref_thr), (probs, thr), n_boot)
+            drew = drew_from_consep(cards[0]) or drew_from_consep(card)
+            skip = frozenset({"consep_all_auc"} if drew else ())
+            row["paired"] = _paired(cache[stain], (ref_probs, ref_thr), (probs, thr), n_boot, skip)
     return rows
 
 

@@ -6,6 +6,7 @@ Real-data tests are marked ``realdata`` and skip when ../shared/data is absent.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -481,8 +482,6 @@ def test_compare_paired_gives_the_shipped_model_zero_difference_from_itself(tmp_
         pytest.skip(
             f"real data not available: {SHARED_TILES / 'glas-colon'} (the shared data folder is absent)"
         )
-    import json
-
     from models.compare import main
 
     model = Path(__file__).resolve().parents[1] / "models" / "tumour-cnn.onnx"
@@ -494,9 +493,28 @@ def test_compare_paired_gives_the_shipped_model_zero_difference_from_itself(tmp_
     for name, d in again["paired"].items():
         assert d["diff"] == 0.0 and d["ci95"] == [0.0, 0.0], name
     assert again["paired"]["glas_auc_adenoma_negative"]["groups"] == len(GLAS_SPLIT["val"])
+    # all of CoNSeP (never trained on by the shipped recipe): about 3x the source tiles of its test split
+    assert ref["consep_all_auc"] is not None and ref["consep_all_note"] is None
+    assert again["paired"]["consep_all_auc"]["groups"] >= 2 * again["paired"]["consep_val_auc"]["groups"]
+    assert ref["consep_all_tiles"] >= 2 * again["paired"]["consep_val_auc"]["tiles"]
     # the folded healthy tiles (the card's fold finding, on the validation patients only)
     healthy = ref["glas_mean_p"]["benign/healthy"]
     assert ref["fold_val_tiles"] > 0 and ref["fold_val_mean_p"] > healthy + 0.1  # 0.4.0: 0.639 vs 0.314
+
+
+def test_the_whole_of_consep_validates_only_models_that_never_drew_from_it() -> None:
+    """consep_all_auc scores CoNSeP's train tiles too, so a recipe that trained on them (its CoNSeP
+    windows, or its inflamed windows, which include CoNSeP's train tiles) must not be judged on it."""
+    from models.compare import drew_from_consep
+
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "models" / "tumour-cnn.json").read_text())
+    assert not drew_from_consep(shipped)
+    recipe = shipped["training"]["recipe"]
+    assert drew_from_consep({"training": {"recipe": {**recipe, "immune_fraction": 0.1}}})
+    assert drew_from_consep(
+        {"training": {"recipe": {**recipe, "consep": "../shared/data/tiles/consep-patches"}}}
+    )
+    assert not drew_from_consep({"training": {}}) and not drew_from_consep({})
 
 
 def test_compare_names_a_model_without_its_card_in_one_line(
