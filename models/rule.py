@@ -92,12 +92,22 @@ def figure_value(name: str, compare_row: dict[str, Any], blur_rows: list[dict[st
         _, fig, end = name.split(".", 2)
         d = (compare_row.get("paired") or {}).get(fig)
         if d is None:
-            raise RuleError(f"figure {name!r}: the compare row has no paired {fig!r} (run it with --paired)")
+            why = _why_absent(fig, compare_row) or "run it with --paired"
+            raise RuleError(f"figure {name!r}: the compare row has no paired {fig!r} ({why})")
         return float({"diff": d["diff"], "low": d["ci95"][0], "high": d["ci95"][1]}[end])
     value = compare_row.get(name)
     if not isinstance(value, int | float) or isinstance(value, bool):
-        raise RuleError(f"figure {name!r} is not a number in the compare row ({value!r})")
+        why = _why_absent(name, compare_row)
+        raise RuleError(
+            f"figure {name!r} is not a number in the compare row ({value!r})" + (f": {why}" if why else "")
+        )
     return float(value)
+
+
+def _why_absent(name: str, compare_row: dict[str, Any]) -> str | None:
+    """The compare row's own reason a figure is absent (``consep_all_auc`` -> ``consep_all_note``)."""
+    note = compare_row.get(name.rsplit("_", 1)[0] + "_note")
+    return str(note) if note else None
 
 
 def _compare_row(rows: Any, candidate: str | None, path: Path) -> dict[str, Any]:

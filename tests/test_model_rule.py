@@ -80,6 +80,15 @@ def test_rule_refuses_what_it_cannot_judge(tmp_path: Path) -> None:
         figure_value("blur_auc@2", {}, [{"sigma_um": 1.0, "auc": 0.9}])
     with pytest.raises(RuleError, match="no criteria"):
         check({"seeds": rule["seeds"]}, tmp_path)
+    # a figure models.compare left out on purpose: the rule says the compare row's reason
+    note = "trained on CoNSeP's train tiles (--consep or --immune-fraction): not a validation set"
+    drew = {"consep_all_auc": None, "consep_all_note": note, "paired": {}}
+    with pytest.raises(RuleError, match=r"not a number in the compare row \(None\): trained on CoNSeP"):
+        figure_value("consep_all_auc", drew, None)
+    with pytest.raises(RuleError, match=r"no paired 'consep_all_auc' \(trained on CoNSeP"):
+        figure_value("paired.consep_all_auc.diff", drew, None)
+    with pytest.raises(RuleError, match="run it with --paired"):
+        figure_value("paired.consep_val_auc.diff", {"consep_val_auc": 0.8}, None)
 
 
 def test_every_seed_criteria_hold_only_when_each_seed_meets_the_bound(tmp_path: Path) -> None:
