@@ -385,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="tumour-cnn")
     p.add_argument("--version", default="0.2.0")
     p.add_argument("--no-card", action="store_true", help="export and check only")
+    p.add_argument(
+        "--show-test", action="store_true",
+        help="print the test sets' figures (default: only written to the card, so that a candidate's "
+        "log does not show what its decision must be blind to)",
+    )  # fmt: skip
     p.add_argument("--choices", type=Path, help="models.compare --json output behind this model's recipe")
     p.add_argument("--choices-note", default="", help="the decision the --choices figures support")
     args = p.parse_args(argv)
@@ -479,10 +484,16 @@ def main(argv: list[str] | None = None) -> int:
         s.name: _round(set_metrics(s, pr, threshold))
         for s, pr in zip(test_sets, score_sets(args.out, test_sets), strict=True)
     }
-    for name, m in metrics.items():
+    if args.show_test:
+        for name, m in metrics.items():
+            print(
+                f"{name}: auc {m['auc']} {m['ci95']['auc']} sens {m['recall']} spec {m['specificity']} "
+                f"(n={m['n']})"
+            )
+    else:  # a candidate's log must not leak the figures its decision has to be blind to
         print(
-            f"{name}: auc {m['auc']} {m['ci95']['auc']} sens {m['recall']} spec {m['specificity']} "
-            f"(n={m['n']})"
+            f"test sets scored: {', '.join(metrics)} (figures in the card's 'metrics', not printed: "
+            "read them after choosing between candidates on validation, or pass --show-test)"
         )
     baseline = None
     if args.baseline is not None:

@@ -305,7 +305,7 @@ def _write_synthetic_index(root: Path) -> Path:
     return index
 
 
-def test_train_export_evaluate_cli_end_to_end(tmp_path: Path) -> None:
+def test_train_export_evaluate_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _torch()
     from models import evaluate, export, train
 
@@ -317,7 +317,11 @@ def test_train_export_evaluate_cli_end_to_end(tmp_path: Path) -> None:
     history = json.loads((run / "history.json").read_text())["history"]
     assert len(history) == 2
     out = tmp_path / "ship" / "tumour-cnn.onnx"
+    capsys.readouterr()
     assert export.main(["--checkpoint", str(run / "best.pt"), "--out", str(out), "--parity-tiles", "8"]) == 0
+    # the log of a candidate's export is blind to the test figures that are written to its card
+    log = capsys.readouterr().out
+    assert "test sets scored: test" in log and "test: auc" not in log and " sens " not in log
     card = load_card(out.with_suffix(".json")).raw
     assert card["sha256"] == file_sha256(out)
     assert card["metrics"]["test"]["n"] == 6  # 1 of 4 groups per label, 2 tiles each
@@ -332,7 +336,11 @@ def test_train_export_evaluate_cli_end_to_end(tmp_path: Path) -> None:
     )
     ens = tmp_path / "ens" / "tumour-cnn.onnx"
     members = [str(run / "best.pt"), str(run1 / "best.pt")]
-    assert export.main(["--checkpoint", *members, "--out", str(ens), "--parity-tiles", "8"]) == 0
+    capsys.readouterr()
+    assert (
+        export.main(["--checkpoint", *members, "--out", str(ens), "--parity-tiles", "8", "--show-test"]) == 0
+    )
+    assert "test: auc " in capsys.readouterr().out  # asked for: printed
     ens_card = load_card(ens.with_suffix(".json")).raw
     assert ens_card["architecture"]["members"] == 2
     assert ens_card["architecture"]["flops"] == 2 * card["architecture"]["flops"]
