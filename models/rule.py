@@ -29,6 +29,11 @@ made with ``--paired`` (the difference from the reference and its 95 % interval'
 alone, ``every_seed`` on the worst seed (the lowest for a floor, the highest for a ceiling: it holds
 only when every seed meets the bound). Prints every criterion with its value and verdict; exit 0 when
 all pass, 1 when any fails, 2 when the rule or a figure cannot be read.
+
+The seeds' files live in ``models/runs/``, which is not in the repository. ``--keep`` copies them into
+the rule's evidence folder (``models/rules/evidence/NAME/`` for ``models/rules/NAME.json``) to be
+committed with the result, and a file missing at its path is read from there, so a verdict can be
+checked again from any checkout.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import operator
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,16 +127,35 @@ def _compare_row(rows: Any, candidate: str | None, path: Path) -> dict[str, Any]
     raise RuleError(f"{path}: no row for the candidate {candidate}")
 
 
-def check(rule: dict[str, Any], root: Path = Path(".")) -> list[Verdict]:
-    """Every criterion of ``rule`` judged on its files (paths relative to ``root``)."""
+def evidence_dir(rule_file: Path) -> Path:
+    """Where the seed files of the rule in ``rule_file`` are kept: ``evidence/<rule file stem>`` beside it."""
+    return rule_file.parent / "evidence" / rule_file.stem
+
+
+def seed_files(rule: dict[str, Any]) -> list[str]:
+    """The compare and blur files the rule's seeds name, in order."""
+    return [s[k] for s in rule.get("seeds") or [] for k in ("compare", "blur") if s.get(k)]
+
+
+def _locate(rel: str, root: Path, evidence: Path | None) -> Path:
+    """``root / rel``, or its kept copy in ``evidence`` when the run's own file is gone."""
+    path = root / rel
+    if not path.exists() and evidence is not None and (evidence / Path(rel).name).exists():
+        return evidence / Path(rel).name
+    return path
+
+
+def check(rule: dict[str, Any], root: Path = Path("."), evidence: Path | None = None) -> list[Verdict]:
+    """Every criterion of ``rule`` judged on its files (paths relative to ``root``; a file that is not
+    there is read from ``evidence`` when kept there)."""
     seeds = rule.get("seeds")
     if not isinstance(seeds, list) or not seeds:
         raise RuleError("the rule lists no seeds (each: {'compare': ..., 'blur': ...})")
     per_seed = []
     for s in seeds:
-        cpath = root / s["compare"]
+        cpath = _locate(s["compare"], root, evidence)
         row = _compare_row(_read_json(cpath, "compare"), s.get("model", rule.get("candidate")), cpath)
-        blur = _read_json(root / s["blur"], "blur table") if s.get("blur") else None
+        blur = _read_json(_locate(s["blur"], root, evidence), "blur table") if s.get("blur") else None
         per_seed.append((row, blur))
     out = []
     for scope, key in (("mean", "mean_over_seeds"), ("first", "first_seed"), ("every", "every_seed")):
@@ -181,14 +206,30 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.rule", description=__doc__.split("\n")[0])
     p.add_argument("rule", type=Path, help="the rule's JSON file")
     p.add_argument("--root", type=Path, default=Path("."), help="folder the rule's paths are relative to")
+    p.add_argument(
+        "--keep", action="store_true",
+        help="copy the seeds' files into the rule's evidence folder (evidence/NAME/ beside the rule)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    evidence = evidence_dir(args.rule)
     try:
         rule = _read_json(args.rule, "rule")
-        verdicts = check(rule, args.root)
+        verdicts = check(rule, args.root, evidence)
     except (RuleError, KeyError, TypeError) as e:
         print(f"error: {args.rule}: {e}", file=sys.stderr)
         return 2
     print(table(rule, verdicts))
+    if args.keep:
+        names = [Path(rel).name for rel in seed_files(rule)]
+        if len(set(names)) < len(names):
+            print(f"error: {args.rule}: two seed files share a file name; name them apart", file=sys.stderr)
+            return 2
+        evidence.mkdir(parents=True, exist_ok=True)
+        for rel in seed_files(rule):
+            src = _locate(rel, args.root, evidence)
+            if src.parent.resolve() != evidence.resolve():
+                shutil.copyfile(src, evidence / Path(rel).name)
+        print(f"kept {len(seed_files(rule))} files in {evidence}: commit them with the result")
     return 0 if all(v.holds for v in verdicts) else 1
 
 

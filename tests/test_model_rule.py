@@ -115,3 +115,31 @@ def test_every_seed_criteria_hold_only_when_each_seed_meets_the_bound(tmp_path: 
     assert v.value == 0.79 and not v.holds
     with pytest.raises(RuleError, match="no row for the candidate models/runs/d"):
         check({**one, "seeds": [{"compare": "c.compare.json", "model": "models/runs/d/x.onnx"}]}, tmp_path)
+
+
+def test_kept_evidence_lets_a_verdict_be_checked_again_once_the_runs_are_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--keep copies the seeds' files beside the rule (evidence/NAME/); with the runs deleted (a fresh
+    checkout has no models/runs) the rule reads them from there and gives the same table."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    rule = _rule(runs, 0.8348)
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    path = rules / "r.json"
+    path.write_text(json.dumps(rule))
+    assert main([str(path), "--root", str(runs), "--keep"]) == 1
+    first = capsys.readouterr().out
+    kept = sorted(p.name for p in (rules / "evidence" / "r").iterdir())
+    assert kept == ["a.blur.json", "a.compare.json", "b.blur.json", "b.compare.json"]
+    for f in runs.iterdir():
+        f.unlink()
+    assert main([str(path), "--root", str(runs)]) == 1
+    again = capsys.readouterr().out
+    assert again == first.split("\nkept ")[0] + "\n"
+    # without the kept copies the missing run is named, as before
+    for f in (rules / "evidence" / "r").iterdir():
+        f.unlink()
+    assert main([str(path), "--root", str(runs)]) == 2
+    assert "a.compare.json: no such compare file" in capsys.readouterr().err
