@@ -143,3 +143,23 @@ def test_kept_evidence_lets_a_verdict_be_checked_again_once_the_runs_are_gone(
         f.unlink()
     assert main([str(path), "--root", str(runs)]) == 2
     assert "a.compare.json: no such compare file" in capsys.readouterr().err
+
+
+RULES = Path(__file__).resolve().parents[1] / "models" / "rules"
+
+
+@pytest.mark.parametrize(
+    "rule",
+    sorted(p for p in RULES.glob("*.json") if (RULES / "evidence" / p.stem).is_dir()),
+    ids=lambda p: p.stem,
+)
+def test_every_rule_with_kept_evidence_gives_its_recorded_verdict(
+    rule: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The repository's rules whose files were kept are judged again from those files alone (a root
+    with no runs), and give the verdict their result commits recorded."""
+    recorded = {"blur-fold10-s23": (1, "FAIL: 6 of 21 criteria fail")}
+    assert rule.stem in recorded, f"{rule.name} has kept evidence: add the verdict its result commit recorded"
+    code, verdict = recorded[rule.stem]
+    assert main([str(rule), "--root", str(tmp_path)]) == code
+    assert verdict in capsys.readouterr().out
