@@ -220,16 +220,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(table(rule, verdicts))
     if args.keep:
-        names = [Path(rel).name for rel in seed_files(rule)]
-        if len(set(names)) < len(names):
+        files = seed_files(rule)
+        if len({Path(rel).name for rel in files}) < len(files):
             print(f"error: {args.rule}: two seed files share a file name; name them apart", file=sys.stderr)
             return 2
         evidence.mkdir(parents=True, exist_ok=True)
-        for rel in seed_files(rule):
+        for rel in files:
             src = _locate(rel, args.root, evidence)
-            if src.parent.resolve() != evidence.resolve():
+            if src.parent.resolve() != evidence.resolve():  # not already the kept copy
                 shutil.copyfile(src, evidence / Path(rel).name)
-        print(f"kept {len(seed_files(rule))} files in {evidence}: commit them with the result")
+        print(f"kept {len(files)} files in {evidence}: commit them with the result")
     return 0 if all(v.holds for v in verdicts) else 1
 
 
