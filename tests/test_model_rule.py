@@ -158,7 +158,10 @@ def test_every_rule_with_kept_evidence_gives_its_recorded_verdict(
 ) -> None:
     """The repository's rules whose files were kept are judged again from those files alone (a root
     with no runs), and give the verdict their result commits recorded."""
-    recorded = {"blur-fold10-s23": (1, "FAIL: 6 of 21 criteria fail")}
+    recorded = {
+        "blur-fold10-s23": (1, "FAIL: 6 of 21 criteria fail"),
+        "ens-0.4.0-s234": (1, "FAIL: 1 of 13 criteria fail (immune_val_called)"),
+    }
     assert rule.stem in recorded, f"{rule.name} has kept evidence: add the verdict its result commit recorded"
     code, verdict = recorded[rule.stem]
     assert main([str(rule), "--root", str(tmp_path)]) == code
