@@ -47,6 +47,9 @@ window.addEventListener("load", function() {{
       page.images.push({{src: i.getAttribute("src").slice(0, 40), ok: i.complete && i.naturalWidth > 0}});
     }});
     Array.from(d.querySelectorAll("a")).forEach(function(a) {{ page.links.push(a.getAttribute("href")); }});
+    page.badges = Array.from(d.querySelectorAll("span.label")).map(function(b) {{
+      return [b.textContent, getComputedStyle(b).backgroundColor];
+    }});
     var table = d.querySelector("table.sortable");
     if (table) {{
       var names = function() {{
@@ -106,17 +109,22 @@ def folder_run(
 @pytest.fixture(scope="module")
 def browsed(folder_run: Path) -> dict:
     """One Chromium launch: the harness's findings (JSON) and its screenshot."""
-    chromium = _browser()
-    root = folder_run.parent
     pages = ["out/report.html", "out/CMU-1-Small-Region.report.html", f"out/{LATIN1}.report.html",
              f"out/{TUMOUR}.report.html"]  # fmt: skip
+    return _browse(folder_run.parent, pages)
+
+
+def _browse(root: Path, pages: list[str]) -> dict:
+    """Load ``pages`` (paths relative to ``root``) in one harness in one Chromium launch: the harness's
+    findings (JSON) and its screenshot."""
+    chromium = _browser()
     frames = "\n".join(
         f'<iframe src="{quote(os.fsencode(p))}" style="width:1260px;height:1100px;border:0"></iframe>'
         for p in pages
     )
     harness = root / "harness.html"
     harness.write_text(_HARNESS.format(frames=frames))
-    assert (folder_run / f"{LATIN1}.report.html").is_file()
+    assert all((root / p).is_file() for p in pages), pages
     shot = root / "screenshot.png"
     cmd = [
         chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
@@ -161,6 +169,54 @@ def test_folder_table_links_each_slide_and_sorts(browsed: dict, folder_run: Path
     rows = json.loads((folder_run / "summary.json").read_text())["slides"]
     by_p = [valid_text(Path(r["slide"]).name) for r in sorted(rows, key=lambda r: r["max_p"])]
     assert folder["asc"] == by_p and folder["desc"] == by_p[::-1]
+
+
+# The label badge's colour as the browser paints it: red tumour, green no tumour, amber a "no tumour"
+# under an OOD or focus warning (not a negative result).
+BADGE = {"pos": "rgb(179, 38, 30)", "neg": "rgb(46, 107, 48)", "review": "rgb(138, 83, 0)"}
+
+
+def _badge_kind(manifest: dict) -> str:
+    lab = manifest["label"]
+    if lab["positive"]:
+        return "pos"
+    warned = any((lab.get(k) or {}).get("warning") for k in ("ood", "focus"))
+    return "review" if warned else "neg"
+
+
+def test_label_badges_are_painted_by_what_the_label_means(browsed: dict, folder_run: Path) -> None:
+    """Each slide's badge, on its page and in the folder table, is red for tumour, green for no
+    tumour and amber for a "no tumour" that an OOD or focus warning says is not a negative result; the
+    test model calls the benign slide no tumour (green) and the tumour slide tumour (red)."""
+    folder, *slides = browsed["result"]["pages"]
+    kinds = []
+    for page, stem in zip(slides, ["CMU-1-Small-Region", LATIN1, TUMOUR], strict=True):
+        manifest = json.loads((folder_run / f"{stem}.run.json").read_text())
+        kind = _badge_kind(manifest)
+        kinds.append(kind)
+        assert page["badges"] == [[manifest["label"]["label"].upper(), BADGE[kind]]], (stem, page["badges"])
+    assert sorted(b[1] for b in folder["badges"]) == sorted(BADGE[k] for k in kinds), folder["badges"]
+    assert kinds[1:] == ["neg", "pos"], kinds
+
+
+def test_a_no_tumour_under_an_ood_warning_is_amber_not_green(tmp_path: Path) -> None:
+    """The shipped model on the bundled sample (real benign skin, unlike its training tissue): no
+    tumour with an OOD warning. Its badge is amber on its page and in the folder table, with a title
+    saying why; a green badge would read as a negative result, which the warning says it is not."""
+    src = tmp_path / "slides"
+    src.mkdir()
+    shutil.copy2(SAMPLE, src / SAMPLE.name)
+    r = CliRunner().invoke(main, [str(src), "--out", str(tmp_path / "out"), "-q"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "out" / "CMU-1-Small-Region.run.json").read_text())
+    assert not manifest["label"]["positive"] and manifest["label"]["ood"]["warning"], manifest["label"]
+    found = _browse(tmp_path, ["out/report.html", "out/CMU-1-Small-Region.report.html"])["result"]["pages"]
+    assert [p["badges"] for p in found] == [
+        [["no tumour", BADGE["review"]]],
+        [["NO TUMOUR", BADGE["review"]]],
+    ]
+    page = (tmp_path / "out" / "CMU-1-Small-Region.report.html").read_text()
+    assert 'id="label" title="not a negative result: see the warning below"' in page
 
 
 def test_screenshot_is_not_blank(browsed: dict) -> None:

@@ -32,7 +32,7 @@ border-bottom:1px solid #ddd;padding-bottom:.2em}
 table{border-collapse:collapse;margin:.4em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left;
 vertical-align:top}th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .label{display:inline-block;font-size:1.3em;font-weight:bold;padding:.2em .7em;border-radius:.3em;color:#fff}
-.pos{background:#b3261e}.neg{background:#2e6b30}.fail{background:#777}
+.pos{background:#b3261e}.neg{background:#2e6b30}.review{background:#8a5300}.fail{background:#777}
 .warn{background:#fff4ce;border:1px solid #e0b000;padding:.5em .8em;margin:.8em 0}
 .pics{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}figure{margin:0}
 figcaption{font-size:.85em;color:#555;max-width:40em}
@@ -119,6 +119,18 @@ def _rule_text(rule: Mapping[str, Any], positive: str) -> str:
     )
 
 
+_UNSURE_TITLE = ' title="not a negative result: see the warning below"'
+
+
+def label_class(positive: bool, unsure: bool) -> str:
+    """The label badge's CSS class: ``pos`` (red) for a positive slide, ``neg`` (green) for a negative
+    one, and ``review`` (amber) for a negative one with an OOD or focus warning, which says that its
+    "no tumour" is not a negative result: a green badge would tell the reader the opposite."""
+    if positive:
+        return "pos"
+    return "review" if unsure else "neg"
+
+
 def slide_report_html(
     manifest: Mapping[str, Any],
     *,
@@ -139,13 +151,14 @@ def slide_report_html(
     pos = model["positive_class"]
     ev = lab["evidence"]
     name = Path(str(manifest["slide"])).name
-    label_cls = "pos" if lab["positive"] else "neg"
+    ood, focus = lab.get("ood"), lab.get("focus")
+    unsure = any(bool(c and c.get("warning")) for c in (ood, focus))
+    label_cls = label_class(bool(lab["positive"]), unsure)
     parts = [
         f"<h1>{_e(name)}</h1>",
-        f'<p><span class="label {label_cls}" id="label">{_e(str(lab["label"]).upper())}</span> '
-        f"&nbsp;{_e(_rule_text(lab['rule'], pos))}</p>",
+        f'<p><span class="label {label_cls}" id="label"{_UNSURE_TITLE if label_cls == "review" else ""}>'
+        f"{_e(str(lab['label']).upper())}</span> &nbsp;{_e(_rule_text(lab['rule'], pos))}</p>",
     ]
-    ood, focus = lab.get("ood"), lab.get("focus")
     for check in (ood, focus):
         if check and check.get("warning"):
             parts.append(f'<div class="warn"><b>Warning:</b> {_e(check["warning"])}</div>')
@@ -407,8 +420,11 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
             v = r.get(key)
             v = "" if v is None else v
             if key == "label" and v != "":
-                cls = "pos" if r.get("positive") else "neg"
-                span = f'<span class="label {cls}" style="font-size:.85em">{_e(v)}</span>'
+                cls = label_class(
+                    bool(r.get("positive")), r.get("ood_warning") is True or r.get("focus_warning") is True
+                )
+                title = _UNSURE_TITLE.replace("below", "on its page") if cls == "review" else ""
+                span = f'<span class="label {cls}" style="font-size:.85em"{title}>{_e(v)}</span>'
                 tds.append(f'<td data-v="{_e(v)}">{span}</td>')
             elif (key, True) in (("ood_score", r.get("ood_warning")), ("pen_mm2", r.get("pen_warning")),
                                  ("out_of_focus", r.get("focus_warning"))):  # fmt: skip
