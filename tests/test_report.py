@@ -217,6 +217,8 @@ def test_a_no_tumour_under_an_ood_warning_is_amber_not_green(tmp_path: Path) -> 
     ]
     page = (tmp_path / "out" / "CMU-1-Small-Region.report.html").read_text()
     assert 'id="label" title="not a negative result: see the warning below"' in page
+    folder_page = (tmp_path / "out" / "report.html").read_text()
+    assert 'title="not a negative result: see the warning on its page">no tumour<' in folder_page
 
 
 def test_screenshot_is_not_blank(browsed: dict) -> None:

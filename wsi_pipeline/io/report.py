@@ -119,7 +119,9 @@ def _rule_text(rule: Mapping[str, Any], positive: str) -> str:
     )
 
 
-_UNSURE_TITLE = ' title="not a negative result: see the warning below"'
+def _review_title(where: str) -> str:
+    """The hover text of an amber badge, pointing to the warning ``where`` it is."""
+    return f' title="not a negative result: see the warning {where}"'
 
 
 def label_class(positive: bool, unsure: bool) -> str:
@@ -154,9 +156,10 @@ def slide_report_html(
     ood, focus = lab.get("ood"), lab.get("focus")
     unsure = any(bool(c and c.get("warning")) for c in (ood, focus))
     label_cls = label_class(bool(lab["positive"]), unsure)
+    title = _review_title("below") if label_cls == "review" else ""
     parts = [
         f"<h1>{_e(name)}</h1>",
-        f'<p><span class="label {label_cls}" id="label"{_UNSURE_TITLE if label_cls == "review" else ""}>'
+        f'<p><span class="label {label_cls}" id="label"{title}>'
         f"{_e(str(lab['label']).upper())}</span> &nbsp;{_e(_rule_text(lab['rule'], pos))}</p>",
     ]
     for check in (ood, focus):
@@ -423,7 +426,7 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
                 cls = label_class(
                     bool(r.get("positive")), r.get("ood_warning") is True or r.get("focus_warning") is True
                 )
-                title = _UNSURE_TITLE.replace("below", "on its page") if cls == "review" else ""
+                title = _review_title("on its page") if cls == "review" else ""
                 span = f'<span class="label {cls}" style="font-size:.85em"{title}>{_e(v)}</span>'
                 tds.append(f'<td data-v="{_e(v)}">{span}</td>')
             elif (key, True) in (("ood_score", r.get("ood_warning")), ("pen_mm2", r.get("pen_warning")),
