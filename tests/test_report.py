@@ -153,6 +153,7 @@ def test_every_page_renders_with_every_image_loaded(browsed: dict) -> None:
         # thumbnail (data: URI), overlay (the PNG beside the page), 10 top tiles (data: URIs)
         assert len(srcs) == 12 and srcs[1].endswith(".overlay.png"), srcs
         assert all(i["ok"] for i in page["images"]), page["images"]
+    assert pages[0]["title"] == "wsi-pipeline results: out"  # the folder's name
     assert pages[3]["title"] == f"{TUMOUR}.svs: tumour"
     assert pages[2]["title"].startswith("caf\\xe9.svs: ")  # the byte shown, not a page that failed
 
@@ -219,6 +220,9 @@ def test_a_no_tumour_under_an_ood_warning_is_amber_not_green(tmp_path: Path) -> 
     assert 'id="label" title="not a negative result: see the warning below"' in page
     folder_page = (tmp_path / "out" / "report.html").read_text()
     assert 'title="not a negative result: see the warning on its page">no tumour<' in folder_page
+    # the badge's hover text is the badge's, not the page's (a shadowed name once made it the heading)
+    assert found[0]["title"] == "wsi-pipeline results: out"
+    assert "<h1>wsi-pipeline results: out</h1>" in folder_page
 
 
 def test_screenshot_is_not_blank(browsed: dict) -> None:
@@ -258,6 +262,24 @@ def test_links_are_encoded_paths_or_untouched_urls() -> None:
     page = folder_report_html(rows)
     assert 'href="case%207/a%231%20100%25.report.html"' in page  # a path: encoded once
     assert 'href="file:///D:/res/b%231.report.html"' in page  # a URL (another drive): as it is
+
+
+def test_the_folder_page_keeps_its_title_whatever_its_rows_badges() -> None:
+    """Each row's badge and hover text are the row's own: an amber row, a green row after it and a
+    red one leave the page's title and heading as given."""
+    from wsi_pipeline.io.report import folder_report_html
+
+    rows = [
+        {"slide": "/s/a.svs", "label": "no tumour", "positive": False, "ood_warning": True, "status": "done"},
+        {"slide": "/s/b.svs", "label": "no tumour", "positive": False, "status": "done"},
+        {"slide": "/s/c.svs", "label": "tumour", "positive": True, "focus_warning": True, "status": "done"},
+    ]
+    for order in (rows, rows[::-1]):
+        page = folder_report_html(order, title="Lab 3, batch 12")
+        assert "<title>Lab 3, batch 12</title>" in page and "<h1>Lab 3, batch 12</h1>" in page
+        badges = re.findall(r'<span class="label (\w+)"[^>]*?( title="[^"]*")?>([^<]*)<', page)
+        got = {(cls, hover != "") for cls, hover, _ in badges}
+        assert got == {("review", True), ("neg", False), ("pos", False)}, badges
 
 
 def test_the_evaluation_page_shows_each_slide_with_its_truth_outlined(

@@ -156,10 +156,10 @@ def slide_report_html(
     ood, focus = lab.get("ood"), lab.get("focus")
     unsure = any(bool(c and c.get("warning")) for c in (ood, focus))
     label_cls = label_class(bool(lab["positive"]), unsure)
-    title = _review_title("below") if label_cls == "review" else ""
+    hover = _review_title("below") if label_cls == "review" else ""
     parts = [
         f"<h1>{_e(name)}</h1>",
-        f'<p><span class="label {label_cls}" id="label"{title}>'
+        f'<p><span class="label {label_cls}" id="label"{hover}>'
         f"{_e(str(lab['label']).upper())}</span> &nbsp;{_e(_rule_text(lab['rule'], pos))}</p>",
     ]
     for check in (ood, focus):
@@ -426,8 +426,8 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
                 cls = label_class(
                     bool(r.get("positive")), r.get("ood_warning") is True or r.get("focus_warning") is True
                 )
-                title = _review_title("on its page") if cls == "review" else ""
-                span = f'<span class="label {cls}" style="font-size:.85em"{title}>{_e(v)}</span>'
+                hover = _review_title("on its page") if cls == "review" else ""
+                span = f'<span class="label {cls}" style="font-size:.85em"{hover}>{_e(v)}</span>'
                 tds.append(f'<td data-v="{_e(v)}">{span}</td>')
             elif (key, True) in (("ood_score", r.get("ood_warning")), ("pen_mm2", r.get("pen_warning")),
                                  ("out_of_focus", r.get("focus_warning"))):  # fmt: skip
