@@ -50,6 +50,11 @@ window.addEventListener("load", function() {{
     page.badges = Array.from(d.querySelectorAll("span.label")).map(function(b) {{
       return [b.textContent, getComputedStyle(b).backgroundColor];
     }});
+    page.errors = Array.from(d.querySelectorAll("span.err")).map(function(c) {{
+      var r = c.getBoundingClientRect();
+      return [c.textContent, Math.round(r.left), Math.round(r.right)];
+    }});
+    page.width = d.documentElement.clientWidth;
     var table = d.querySelector("table.sortable");
     if (table) {{
       var names = function() {{
@@ -174,7 +179,12 @@ def test_folder_table_links_each_slide_and_sorts(browsed: dict, folder_run: Path
 
 # The label badge's colour as the browser paints it: red tumour, green no tumour, amber a "no tumour"
 # under an OOD or focus warning (not a negative result).
-BADGE = {"pos": "rgb(179, 38, 30)", "neg": "rgb(46, 107, 48)", "review": "rgb(138, 83, 0)"}
+BADGE = {
+    "pos": "rgb(179, 38, 30)",
+    "neg": "rgb(46, 107, 48)",
+    "review": "rgb(138, 83, 0)",
+    "fail": "rgb(119, 119, 119)",
+}
 
 
 def _badge_kind(manifest: dict) -> str:
@@ -207,15 +217,23 @@ def test_a_no_tumour_under_an_ood_warning_is_amber_not_green(tmp_path: Path) -> 
     src = tmp_path / "slides"
     src.mkdir()
     shutil.copy2(SAMPLE, src / SAMPLE.name)
+    (src / "zz-cut-short.svs").write_bytes(SAMPLE.read_bytes()[:5000])  # a copy cut short: fails
     r = CliRunner().invoke(main, [str(src), "--out", str(tmp_path / "out"), "-q"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 1, r.output  # the folder ran past the broken slide, and says it failed
     manifest = json.loads((tmp_path / "out" / "CMU-1-Small-Region.run.json").read_text())
     assert not manifest["label"]["positive"] and manifest["label"]["ood"]["warning"], manifest["label"]
     found = _browse(tmp_path, ["out/report.html", "out/CMU-1-Small-Region.report.html"])["result"]["pages"]
     assert [p["badges"] for p in found] == [
-        [["no tumour", BADGE["review"]]],
+        [["no tumour", BADGE["review"]], ["failed", BADGE["fail"]]],
         [["NO TUMOUR", BADGE["review"]]],
     ]
+    # the failed slide's error is listed in full below the table, inside the page's width (no
+    # scrolling sideways to a table's last column to read it); its badge links there
+    ((error, left, right),) = found[0]["errors"]
+    assert error.startswith(str(src / "zz-cut-short.svs")) and len(error) > 60, error
+    assert 0 <= left < right <= found[0]["width"], found[0]
+    folder_text = (tmp_path / "out" / "report.html").read_text()
+    assert '<a href="#failed"><span class="label fail"' in folder_text and 'id="failed"' in folder_text
     page = (tmp_path / "out" / "CMU-1-Small-Region.report.html").read_text()
     assert 'id="label" title="not a negative result: see the warning below"' in page
     folder_page = (tmp_path / "out" / "report.html").read_text()

@@ -411,7 +411,7 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
     mpp_warned = [Path(str(r.get("slide", ""))).name for r in rows if r.get("mpp_warning") is True]
     more = ", ..." if len(mpp_warned) > 10 else ""
     positive = next((str(r["positive_class"]) for r in rows if r.get("positive_class")), "tumour")
-    headers = ("slide", "map", *(c[1].format(positive=positive) for c in FOLDER_COLUMNS), "error")
+    headers = ("slide", "map", *(c[1].format(positive=positive) for c in FOLDER_COLUMNS))
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = []
     for r in rows:
@@ -429,12 +429,15 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
                 hover = _review_title("on its page") if cls == "review" else ""
                 span = f'<span class="label {cls}" style="font-size:.85em"{hover}>{_e(v)}</span>'
                 tds.append(f'<td data-v="{_e(v)}">{span}</td>')
+            elif key == "label" and r.get("status") == "failed":
+                err = _e(r.get("error"))
+                span = f'<span class="label fail" style="font-size:.85em" title="{err}">failed</span>'
+                tds.append(f'<td data-v="failed"><a href="#failed">{span}</a></td>')
             elif (key, True) in (("ood_score", r.get("ood_warning")), ("pen_mm2", r.get("pen_warning")),
                                  ("out_of_focus", r.get("focus_warning"))):  # fmt: skip
                 tds.append(f'<td class="n" data-v="{_e(v)}" style="background:#fff4ce">{_e(v)} !</td>')
             else:
                 tds.append(f'<td{" class=n" if numeric else ""} data-v="{_e(v)}">{_e(v)}</td>')
-        tds.append(f"<td>{_e(r.get('error') or '')}</td>")
         body.append("<tr>" + "".join(tds) + "</tr>")
     n_neg = sum(1 for r in rows if r.get("positive") is False)
     n_not_run = sum(1 for r in rows if str(r.get("status", "")).startswith("not run"))
@@ -477,10 +480,28 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
         + ". Click a column header to sort.</p>",
         f'<table class="sortable" id="slides"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>",
+        _failed_list(rows),
         "<footer>Research use only: not for diagnosis. summary.csv and summary.json hold the same rows."
         "</footer>",
     ]
     return _page(title, "\n".join(parts), _SORT_JS)
+
+
+def _failed_list(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The failed slides, each with its error (which names the fix), below the table: read in full
+    there rather than in a table column."""
+    failed = [r for r in rows if r.get("status") == "failed"]
+    if not failed:
+        return ""
+    items = "".join(
+        f'<li><b>{_e(Path(str(r.get("slide", ""))).name)}</b>: <span class="err">{_e(r.get("error") or "")}'
+        "</span></li>"
+        for r in failed
+    )
+    return (
+        f'<h2 id="failed">Failed slides ({len(failed)})</h2><p>Each error names the fix; re-run the same '
+        f"command after it: the slides done are kept and skipped.</p><ul>{items}</ul>"
+    )
 
 
 def write_folder_report(
