@@ -266,8 +266,15 @@ def render_markdown(card: dict[str, Any]) -> str:
             else [
                 f"- Command: `{tr['command']}`",
                 f"- {tr['summary']}",
-                f"- Best epoch {tr['best_epoch']} of {tr['epochs_run']}; {tr['train_time_s']:.0f} s on "
-                f"{tr['device']} ({tr.get('threads') or 'all'} threads, torch {tr['torch']}).",
+                (
+                    f"- Weights averaged (SWA) over epochs {tr['swa']['epochs'][0]}-"
+                    f"{tr['swa']['epochs'][-1]} of {tr['epochs_run']}, BatchNorm statistics recomputed "
+                    f"on {tr['swa']['bn_batches']} training batches"
+                    if tr.get("swa")
+                    else f"- Best epoch {tr['best_epoch']} of {tr['epochs_run']}"
+                )
+                + f"; {tr['train_time_s']:.0f} s on {tr['device']} ({tr.get('threads') or 'all'} threads, "
+                f"torch {tr['torch']}).",
                 *_init_lines(tr.get("init")),
             ]
         ),

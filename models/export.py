@@ -686,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
             "epochs_run": tr.get("epochs_run", tr["best_epoch"]),
             "train_time_s": round(sum(c["training"].get("train_time_s", 0.0) for c in ckpts), 1),
             "init": tr.get("init"),
+            **({"swa": {k: tr["swa"][k] for k in ("epochs", "bn_batches")}} if tr.get("swa") else {}),
             "members": (
                 [
                     {

@@ -136,6 +136,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "step; validation, early stopping and the checkpoint use the average (0: off)",
     )  # fmt: skip
     p.add_argument(
+        "--swa-from", type=int, default=0,
+        help="stochastic weight averaging: also write swa.pt, the uniform average of the weights at the "
+        "end of this epoch and every later one, with BatchNorm statistics recomputed on --swa-bn-batches "
+        "training batches; best.pt (early stopping) is written as without it (0: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--swa-bn-batches", type=int, default=100,
+        help="with --swa-from: augmented training batches over which swa.pt's BatchNorm statistics are "
+        "recomputed (a cumulative average, as torch.optim.swa_utils.update_bn does)",
+    )  # fmt: skip
+    p.add_argument(
         "--init", type=Path, default=None,
         help="fine-tune from this checkpoint (a best.pt of the same index split and stain): its weights, "
         "architecture and input normalisation; warm-up and cosine schedule restart at --lr",
@@ -486,6 +497,10 @@ def main(argv: list[str] | None = None) -> int:
             net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema), use_buffers=True
         )
     scored = ema.module if ema is not None else net  # what validation, early stopping and export see
+    if args.swa_from < 0 or (args.swa_from and (args.ema or args.swa_bn_batches < 1)):
+        raise ValueError("--swa-from must be >= 0, needs --swa-bn-batches >= 1 and cannot go with --ema")
+    swa = torch.optim.swa_utils.AveragedModel(net) if args.swa_from else None  # parameters only
+    swa_epochs: list[int] = []
     rng = np.random.default_rng(args.seed)
 
     history: list[dict[str, Any]] = []
@@ -504,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
             record.update(
                 {f"{name}_loss": m["loss"], f"{name}_auc": m["auc"], f"{name}_accuracy": m["accuracy"]}
             )
+        if swa is not None and epoch >= args.swa_from:  # after validation: nothing above changes
+            swa.update_parameters(net)
+            swa_epochs.append(epoch)
         record["seconds"] = time.perf_counter() - t_epoch
         history.append(record)
         improved = best is None or val_loss < best["val_loss"] - 1e-4
@@ -516,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         if improved:
             bad_epochs = 0
             best = {"epoch": epoch, "val_loss": val_loss, "val_metrics": per_set}
-            checkpoint = {
+            checkpoint: dict[str, Any] = {
                 "state_dict": {k: v.detach().cpu() for k, v in scored.state_dict().items()},
                 "net_config": {"stem": list(args.stem), "stages": list(args.stages)},
                 "mean": mean,
@@ -558,12 +576,73 @@ def main(argv: list[str] | None = None) -> int:
     ckpt["training"]["epochs_run"] = len(history)
     ckpt["training"]["train_time_s"] = round(train_time_s, 1)
     torch.save(ckpt, args.out / "best.pt")
-    (args.out / "history.json").write_text(
-        json.dumps({"history": history, "best_epoch": best["epoch"], "train_time_s": train_time_s}, indent=2)
-    )
+    summary_json: dict[str, Any] = {
+        "history": history,
+        "best_epoch": best["epoch"],
+        "train_time_s": train_time_s,
+    }
     print(f"best epoch {best['epoch']} (val loss {best['val_loss']:.4f}); {train_time_s:.0f} s")
     print(f"wrote {args.out / 'best.pt'}")
+    if swa is not None:
+        if not swa_epochs:
+            raise RuntimeError(
+                f"--swa-from {args.swa_from}: training stopped at epoch {len(history)}, before it"
+            )
+        summary_json["swa"] = write_swa(swa, ckpt, swa_epochs, source, pre, val_sets, args, device)
+    (args.out / "history.json").write_text(json.dumps(summary_json, indent=2))
     return 0
+
+
+def write_swa(
+    swa: torch.optim.swa_utils.AveragedModel,
+    best_ckpt: dict[str, Any],
+    epochs: list[int],
+    source: BatchSource,
+    pre: Preprocess,
+    val_sets: list[Any],
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Recompute the averaged net's BatchNorm statistics on augmented training batches (their own
+    random stream, so best.pt's run is untouched), validate it and write ``swa.pt``: best.pt's
+    checkpoint with the averaged weights and a ``training.swa`` record."""
+    rng = np.random.default_rng([args.seed, 1])
+
+    def batches() -> Iterator[torch.Tensor]:
+        # a fixed index holds len(source) // batch_size batches a pass; the sampler draws any number
+        per_pass = len(source) // args.batch_size if source.tiles is not None else args.swa_bn_batches
+        if per_pass < 1:
+            raise ValueError(f"--swa-bn-batches: fewer training tiles than one batch of {args.batch_size}")
+        left = args.swa_bn_batches
+        while left > 0:
+            for images, _ in source.batches(min(left, per_pass) * args.batch_size, rng):
+                yield pre(
+                    torch.from_numpy(augment(fold_tiles(images, rng, args.fold_fraction), rng, args)).to(
+                        device
+                    )
+                )
+                left -= 1
+
+    with torch.no_grad():
+        torch.optim.swa_utils.update_bn(batches(), swa.module, device)
+    per_set = {v.name: evaluate_split(swa.module, pre, v, device) for v in val_sets}
+    record = {
+        "epochs": epochs,
+        "bn_batches": args.swa_bn_batches,
+        "val_loss": float(np.mean([m["loss"] for m in per_set.values()])),
+        "val_metrics": per_set,
+    }
+    ckpt = dict(best_ckpt)
+    ckpt["state_dict"] = {k: v.detach().cpu() for k, v in swa.module.state_dict().items()}
+    ckpt["training"] = {**best_ckpt["training"], "best_epoch": epochs[-1], "swa": record}
+    ckpt["training"]["val_metrics"] = per_set[val_sets[0].name] if len(per_set) == 1 else per_set
+    torch.save(ckpt, args.out / "swa.pt")
+    shown = " | ".join(f"{n} loss {m['loss']:.4f} auc {m['auc']:.4f}" for n, m in per_set.items())
+    print(
+        f"swa: epochs {epochs[0]}-{epochs[-1]} averaged, BatchNorm on {args.swa_bn_batches} batches | {shown}"
+    )
+    print(f"wrote {args.out / 'swa.pt'}")
+    return record
 
 
 if __name__ == "__main__":

@@ -386,6 +386,69 @@ def test_train_with_ema_checkpoints_the_averaged_weights(tmp_path: Path) -> None
     assert distance("ema") < 0.2 * distance("raw")
 
 
+def test_train_with_swa_averages_the_late_epochs_and_leaves_best_pt_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--swa-from 2 of 3 epochs: swa.pt's weights are the mean of the net's weights at the end of
+    epochs 2 and 3 (captured here), its BatchNorm statistics recomputed (not any epoch's), and best.pt
+    is bit for bit the run without it (the average draws from its own random stream). The export's
+    card says what was averaged."""
+    torch = _torch()
+    from models import export, train
+
+    index = _write_synthetic_index(tmp_path / "data")
+    small = [
+        "--stem",
+        "8",
+        "8",
+        "--stages",
+        "8",
+        "16",
+        "--batch-size",
+        "4",
+        "--threads",
+        "2",
+        "--epochs",
+        "3",
+    ]
+    assert train.main(["--index", str(index), "--out", str(tmp_path / "plain"), *small]) == 0
+
+    ends: list[dict[str, object]] = []
+    one_epoch = train.train_one_epoch
+
+    def spy(net, *a, **k):  # type: ignore[no-untyped-def]
+        loss = one_epoch(net, *a, **k)
+        ends.append({n: v.detach().clone() for n, v in net.state_dict().items()})
+        return loss
+
+    monkeypatch.setattr(train, "train_one_epoch", spy)
+    run = tmp_path / "swa"
+    args = ["--index", str(index), "--out", str(run), *small, "--swa-from", "2", "--swa-bn-batches", "5"]
+    assert train.main(args) == 0
+    assert len(ends) == 3
+    plain = torch.load(tmp_path / "plain" / "best.pt", weights_only=False)["state_dict"]
+    best = torch.load(run / "best.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(plain[k], best[k]) for k in plain)
+    ckpt = torch.load(run / "swa.pt", weights_only=False)
+    swa = ckpt["state_dict"]
+    params = [n for n, _ in train.build_net([8, 8], [8, 16]).named_parameters()]
+    for n in params:
+        assert torch.allclose(swa[n], (ends[1][n] + ends[2][n]) / 2, atol=1e-6), n  # type: ignore[operator]
+        assert not torch.allclose(swa[n], ends[2][n]), n  # type: ignore[arg-type]
+    stats = [n for n in swa if n.endswith("running_mean")]
+    assert stats and all(not torch.equal(swa[n], e[n]) for n in stats for e in ends)  # type: ignore[arg-type]
+    assert ckpt["training"]["swa"]["epochs"] == [2, 3] and ckpt["training"]["swa"]["bn_batches"] == 5
+    history = json.loads((run / "history.json").read_text())
+    assert history["swa"]["epochs"] == [2, 3] and history["swa"]["val_loss"] > 0
+
+    out = tmp_path / "ship" / "tumour-cnn.onnx"
+    assert export.main(["--checkpoint", str(run / "swa.pt"), "--out", str(out), "--parity-tiles", "4"]) == 0
+    text = (out.parent / "MODEL_CARD.md").read_text()
+    assert "Weights averaged (SWA) over epochs 2-3 of 3, BatchNorm statistics recomputed on 5" in text
+    with pytest.raises(ValueError, match="cannot go with --ema"):
+        train.main([*args, "--ema", "0.99"])
+
+
 def test_fine_tune_starts_from_the_checkpoint_and_refuses_another_split(tmp_path: Path) -> None:
     """--init loads the checkpoint's weights, architecture and input normalisation (at --lr 0 AdamW
     leaves every weight where it was loaded), the card names the checkpoint, and a checkpoint trained
