@@ -157,7 +157,7 @@ def test_folder_failures_carry_their_exit_code_and_missing_mpp_points_to_a_csv(
     }
     assert rows[nompp_slide.path.name]["error_code"] == 4 and rows[not_a_slide.name]["error_code"] == 3
     assert "error_code" not in rows[generic_slide.path.name]
-    assert "hint: 1 slides have no usable resolution (mpp)" in err and "CSV" in err
+    assert "hint: 1 slide has no usable resolution (mpp)" in err and "CSV" in err
 
 
 def test_folder_reports_slides_of_formats_no_reader_opens(generic_slide: Fixture, tmp_path: Path) -> None:

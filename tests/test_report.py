@@ -300,6 +300,22 @@ def test_the_folder_page_keeps_its_title_whatever_its_rows_badges() -> None:
         assert got == {("review", True), ("neg", False), ("pos", False)}, badges
 
 
+def test_the_folder_page_lists_failures_with_the_fix_for_slides_without_mpp() -> None:
+    """Failed slides are listed under the table with their errors; slides that failed for want of an
+    mpp get the folder-level fix (a CSV with one value each), which --mpp on a folder cannot give."""
+    from wsi_pipeline.io.report import folder_report_html
+
+    ok = {"slide": "/s/a.svs", "label": "tumour", "positive": True, "status": "done"}
+    broken = {"slide": "/s/b.svs", "status": "failed", "error": "/s/b.svs: corrupt", "error_code": 3}
+    no_mpp = {"slide": "/s/c.tif", "status": "failed", "error": "/s/c.tif: no mpp", "error_code": 4}
+    assert 'id="failed"' not in folder_report_html([ok])
+    page = folder_report_html([ok, broken])
+    assert "Failed slides (1)" in page and "<b>b.svs</b>: <span" in page and "/s/b.svs: corrupt" in page
+    assert "columns slide,mpp" not in page
+    page = folder_report_html([ok, broken, no_mpp, {**no_mpp, "slide": "/s/d.tif"}])
+    assert "Failed slides (3)" in page and "2 slides have no usable resolution (mpp)" in page
+
+
 def test_the_evaluation_page_shows_each_slide_with_its_truth_outlined(
     folder_run: Path, tumour_slide: Fixture, tmp_path: Path
 ) -> None:

@@ -6,6 +6,9 @@ Messages name the file and say how to fix the problem; the CLI prints them on on
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 
 class WsiError(Exception):
     """Base of every error this package raises on purpose."""
@@ -134,3 +137,17 @@ def stop_on_sigterm() -> None:
     hup = getattr(signal, "SIGHUP", None)  # not on Windows
     if hup is not None and signal.getsignal(hup) is not signal.SIG_IGN:
         signal.signal(hup, _raise)
+
+
+def folder_mpp_hint(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """For a folder run's rows: what to do when some slides failed for want of a resolution (mpp).
+    ``--mpp`` would apply one value to every slide, so the fix is a CSV manifest with a value per slide."""
+    n = sum(
+        1 for r in rows if r.get("status") == "failed" and r.get("error_code") == ResolutionError.exit_code
+    )
+    if not n:
+        return None
+    return (
+        f"{n} slide{'s have' if n > 1 else ' has'} no usable resolution (mpp); list each with its own in a "
+        "CSV (columns slide,mpp) and run on the CSV: --mpp would apply to every slide of the folder"
+    )

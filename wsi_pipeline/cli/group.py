@@ -21,7 +21,7 @@ import click
 
 from wsi_pipeline import __version__
 from wsi_pipeline.console import detach_console, printable_console
-from wsi_pipeline.errors import BusyError, ResolutionError, Terminated, UsageError, WsiError
+from wsi_pipeline.errors import BusyError, Terminated, UsageError, WsiError, folder_mpp_hint
 from wsi_pipeline.progress_lines import FolderClock, LineProgress
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -407,11 +407,7 @@ def _batch_summary(res: Any, summary: Path, report: Path | None = None) -> int:
     )
     for r in failed:
         _say(f"  failed: {r['error']}", err=True)
-    no_mpp = sum(1 for r in failed if r.get("error_code") == ResolutionError.exit_code)
-    if no_mpp:
-        _say(
-            f"  hint: {no_mpp} slides have no usable resolution (mpp); list each with its own in a CSV "
-            "(columns slide,mpp) and run on the CSV: --mpp would apply to every slide of the folder",
-            err=True,
-        )
+    hint = folder_mpp_hint(res.rows)
+    if hint:
+        _say(f"  hint: {hint}", err=True)
     return 1 if failed else 0

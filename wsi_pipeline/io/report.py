@@ -20,6 +20,7 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 
 from wsi_pipeline import __version__
+from wsi_pipeline.errors import folder_mpp_hint
 from wsi_pipeline.io.outputs import encode_image
 from wsi_pipeline.io.ownership import GENERATOR
 from wsi_pipeline.provenance import atomic_write_bytes, valid_text
@@ -498,9 +499,11 @@ def _failed_list(rows: Sequence[Mapping[str, Any]]) -> str:
         "</span></li>"
         for r in failed
     )
+    hint = folder_mpp_hint(rows)
     return (
         f'<h2 id="failed">Failed slides ({len(failed)})</h2><p>Each error names the fix; re-run the same '
         f"command after it: the slides done are kept and skipped.</p><ul>{items}</ul>"
+        + (f'<p class="warn">{_e(hint)}.</p>' if hint else "")
     )
 
 
