@@ -349,6 +349,10 @@ def test_train_export_evaluate_cli_end_to_end(tmp_path: Path, capsys: pytest.Cap
     assert evaluate.main(["--model", str(ens), "--index", str(index), "--check", "--tolerance", "0"]) == 0
 
 
+TINY_NET = ["--stem", "8", "8", "--stages", "8", "16", "--batch-size", "4", "--threads", "2"]
+"""A network and batches small enough to train in a second on 2 cores."""
+
+
 def test_train_with_ema_checkpoints_the_averaged_weights(tmp_path: Path) -> None:
     """With --ema the checkpoint holds the moving average: at a decay of almost 1 it stays at the
     weights of the first step (next to the seeded initial weights), while the raw weights move on."""
@@ -357,20 +361,7 @@ def test_train_with_ema_checkpoints_the_averaged_weights(tmp_path: Path) -> None
     from models.net import build_net
 
     index = _write_synthetic_index(tmp_path / "data")
-    small = [
-        "--stem",
-        "8",
-        "8",
-        "--stages",
-        "8",
-        "16",
-        "--batch-size",
-        "4",
-        "--threads",
-        "2",
-        "--epochs",
-        "2",
-    ]
+    small = [*TINY_NET, "--epochs", "2"]
     for name, extra in (("raw", []), ("ema", ["--ema", "0.9999999"])):
         assert train.main(["--index", str(index), "--out", str(tmp_path / name), *small, *extra]) == 0
     train.seed_everything(0)
@@ -397,20 +388,7 @@ def test_train_with_swa_averages_the_late_epochs_and_leaves_best_pt_alone(
     from models import export, train
 
     index = _write_synthetic_index(tmp_path / "data")
-    small = [
-        "--stem",
-        "8",
-        "8",
-        "--stages",
-        "8",
-        "16",
-        "--batch-size",
-        "4",
-        "--threads",
-        "2",
-        "--epochs",
-        "3",
-    ]
+    small = [*TINY_NET, "--epochs", "3"]
     assert train.main(["--index", str(index), "--out", str(tmp_path / "plain"), *small]) == 0
 
     ends: list[dict[str, object]] = []
