@@ -688,6 +688,13 @@ def test_shipped_card_known_defects_are_what_the_model_does_now() -> None:
                 for a, b in zip(then["figures"]["blur"], value, strict=True):
                     assert a["auc"] == pytest.approx(b["auc"], abs=0.002)
                     assert a["called"] == pytest.approx(b["called"], abs=0.01)
+            elif key == "restained":  # models.stain_check's rows, summarised
+                for a, b in zip(then["figures"][key]["rows"], value["rows"], strict=True):
+                    assert a["stain"] == b["stain"] and a["ood_warned"] == b["ood_warned"]
+                    for k in ("auc", "auc_normalized"):
+                        assert a[k] == pytest.approx(b[k], abs=0.002), (a["stain"], k)
+                    for k in ("called", "called_normalized"):
+                        assert a[k] == pytest.approx(b[k], abs=0.01), (a["stain"], k)
             elif isinstance(value, float):
                 assert then["figures"][key] == pytest.approx(value, abs=0.005), (f["name"], key)
             else:
