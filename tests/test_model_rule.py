@@ -161,7 +161,10 @@ def test_every_rule_with_kept_evidence_gives_its_recorded_verdict(
     recorded = {
         "blur-fold10-s23": (1, "FAIL: 6 of 21 criteria fail"),
         "ens-0.4.0-s234": (1, "FAIL: 1 of 13 criteria fail (immune_val_called)"),
-        "swa-0.4.0-s23": (1, "FAIL: 8 of 18 criteria fail (glas_auc_without_adenoma, glas_auc_adenoma_negative"),
+        "swa-0.4.0-s23": (
+            1,
+            "FAIL: 8 of 18 criteria fail (glas_auc_without_adenoma, glas_auc_adenoma_negative",
+        ),
     }
     assert rule.stem in recorded, f"{rule.name} has kept evidence: add the verdict its result commit recorded"
     code, verdict = recorded[rule.stem]

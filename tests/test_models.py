@@ -539,6 +539,38 @@ def cmu_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return run_slide(sample, out, model=SHIPPED_ONNX, options=RunOptions(workers=2))
 
 
+def test_normalizing_slides_for_the_raw_colour_shipped_model_is_warned_and_its_negative_is_amber(
+    cmu_run: dict, tmp_path: Path
+) -> None:
+    """The shipped model was trained on raw colours; --normalize macenko moves its calls (its card's
+    "stain far from training": 60 % of GlaS validation tiles called as scanned, 12 % normalized). Asked
+    for anyway, the run says so on the command line, in the manifest and on the page, where its 'no
+    tumour' is amber (not a negative result); scored as the card says, no stain record at all."""
+    from click.testing import CliRunner
+
+    from wsi_pipeline.cli import main
+
+    assert cmu_run["label"]["stain"] is None
+    sample = ROOT / "samples" / "CMU-1-Small-Region.svs"
+    r = CliRunner().invoke(main, [str(sample), "--out", str(tmp_path / "n.tif"), "--normalize", "macenko"])
+    assert r.exit_code == 0, r.output
+    assert (
+        "WARNING tiles were stain-normalized (--normalize macenko) for a model trained on raw colours"
+        in r.output
+    )
+    m = json.loads((tmp_path / "n.run.json").read_text())
+    stain = m["label"]["stain"]
+    assert (
+        stain["normalized"]
+        and not stain["model_expects_normalized"]
+        and "without --normalize" in stain["warning"]
+    )
+    assert m["stain"] and not m["label"]["positive"]  # the slide was normalized; and called negative
+    assert not m["label"]["ood"]["warning"]  # so the amber is the stain warning's alone
+    page = (tmp_path / "n.report.html").read_text()
+    assert 'class="label review"' in page and "trained on raw colours" in page
+
+
 def test_shipped_model_warns_that_the_bundled_skin_sample_is_unlike_its_training_data(cmu_run: dict) -> None:
     """Whole-slide sanity on real input: the CC0 CMU sample (benign skin, 0.499 um/px) is an organ the
     model never saw; its slide OOD score is above the card's warning level, so the run says so."""

@@ -471,7 +471,13 @@ def test_cli_folder_with_corrupt_slide(
     assert " tiles/s; " in r.stdout  # and the rate of the slides scored now
     doc = json.loads((out / "summary.json").read_text())  # the same figures, and the command, in JSON
     assert doc["totals"]["slides"] == 3 and doc["totals"]["done"] == 2 and doc["totals"]["failed"] == 1
-    assert doc["totals"]["labels"] == {"positive": 1, "negative": 1, "ood_warning": 0, "focus_warning": 0}
+    assert doc["totals"]["labels"] == {
+        "positive": 1,
+        "negative": 1,
+        "ood_warning": 0,
+        "focus_warning": 0,
+        "stain_warning": 0,
+    }
     assert doc["totals"]["tiles_per_s"] > 0 and doc["command"]["argv"][1:3] == [str(folder), "--out"]
     summary = {Path(row["slide"]).name: row for row in _tiles(out / "summary.csv")}
     assert summary["tumour.svs"]["label"] == "tumour" and summary["benign.svs"]["label"] == "no tumour"

@@ -298,6 +298,8 @@ def test_the_folder_page_keeps_its_title_whatever_its_rows_badges() -> None:
         badges = re.findall(r'<span class="label (\w+)"[^>]*?( title="[^"]*")?>([^<]*)<', page)
         got = {(cls, hover != "") for cls, hover, _ in badges}
         assert got == {("review", True), ("neg", False), ("pos", False)}, badges
+    stained = {"slide": "/s/d.svs", "label": "no tumour", "positive": False, "stain_warning": True}
+    assert '<span class="label review"' in folder_report_html([stained])  # normalized for a raw-colour model
 
 
 def test_the_folder_page_lists_failures_with_the_fix_for_slides_without_mpp() -> None:

@@ -188,6 +188,28 @@ def region_evidence(stats: list[dict[str, Any]], mpp_l0: float, n_max: int = 20)
     }
 
 
+def stain_summary(normalized: bool, model_normalizes: bool) -> dict[str, Any] | None:
+    """Whether the tiles were stain-normalized as the model expects (``None`` when neither the run nor
+    the model normalizes). A model trained on raw colours (``model_normalizes`` False) scoring
+    normalized tiles gets a warning: normalization moves its scores away from those its threshold was
+    chosen on (the shipped model's card measures by how much: "stain far from training")."""
+    if not normalized and not model_normalizes:
+        return None
+    warn = normalized and not model_normalizes
+    return {
+        "normalized": normalized,
+        "model_expects_normalized": model_normalizes,
+        "warning": (
+            "tiles were stain-normalized (--normalize macenko) for a model trained on raw colours: its "
+            "scores move away from those its threshold was chosen on (see its card's known defects), so "
+            "its label is unreliable either way (a 'no tumour' is not a negative result); score the slide "
+            "again without --normalize"
+        )
+        if warn
+        else None,
+    }
+
+
 def ood_summary(distances: np.ndarray | None, d_ref: float, warn_above: float = 1.0) -> dict[str, Any] | None:
     """Slide out-of-distribution score: median tile distance / ``d_ref`` (see ``models/ood.py``).
 

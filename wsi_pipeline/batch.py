@@ -208,6 +208,7 @@ def result_row(manifest: dict[str, Any], out: Path, heatmap: Path | None = None)
         "n_tiles": m["n_tiles"], "max_p": ev["max_p"], "ood_score": ood.get("score"),
         "ood_warning": bool(ood.get("warning")),
         "out_of_focus": focus.get("share_out_of_focus"), "focus_warning": bool(focus.get("warning")),
+        "stain_warning": bool((m["label"].get("stain") or {}).get("warning")),
         "pen_mm2": (m.get("tissue") or {}).get("pen_marks_mm2"),
         "pen_warning": bool((ev.get("pen") or {}).get("warning")),
         "mpp": (m.get("resolution") or {}).get("mpp_x"),
@@ -241,7 +242,11 @@ def labels_text(rows: Sequence[dict[str, Any]]) -> str:
     if not labels:
         return ""
     pos = next((r["positive_class"] for r in rows if r.get("positive_class")), "positive")
-    warnings = (("ood_warning", "with an OOD warning"), ("focus_warning", "out of focus"))
+    warnings = (
+        ("ood_warning", "with an OOD warning"),
+        ("focus_warning", "out of focus"),
+        ("stain_warning", "normalized for a raw-colour model"),
+    )
     notes = [f"{n} {what}" for key, what in warnings if (n := labels.get(key))]
     warned = f" ({', '.join(notes)}: review by eye)" if notes else ""
     return f"; {labels['positive']} {pos}, {labels['negative']} no {pos}{warned}"
@@ -680,6 +685,7 @@ def totals(rows: Sequence[dict[str, Any]], seconds: float | None = None) -> dict
             "negative": sum(not r["positive"] for r in labelled),
             "ood_warning": sum(bool(r.get("ood_warning")) for r in labelled),
             "focus_warning": sum(bool(r.get("focus_warning")) for r in labelled),
+            "stain_warning": sum(bool(r.get("stain_warning")) for r in labelled),
         }
     models = sorted({(r.get("model"), r.get("model_sha256")) for r in labelled}, key=str)
     if models:  # the model(s) behind the labels: one, unless results of another were kept

@@ -31,6 +31,7 @@ from wsi_pipeline.aggregate import (
     region_evidence,
     region_stats,
     slide_label,
+    stain_summary,
     tile_area_mm2,
     tumour_regions,
 )
@@ -516,6 +517,7 @@ def _write_outputs(
         positive_name=card.positive_class,
     )  # fmt: skip
     label["ood"] = ood_summary(result.ood, card.ood_d_ref, card.ood_warn_above)
+    label["stain"] = stain_summary(bool(layout.stain), card.stain_normalization == "macenko")
     label["focus"] = focus_summary(
         result.focus,
         coarse_scan_mpp=upsampled_scan_mpp(mpp0, card.mpp, opts.tile.level_tolerance),

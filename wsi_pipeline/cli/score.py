@@ -277,7 +277,7 @@ def _result_line(slide: Path, out: Path, m: dict[str, Any], bars: _Bars) -> dict
         f"max p {ev['max_p']}{_ood_text(m)}), {m['n_tiles']} tiles{inside} in {m['seconds']:.1f} s, {how} -> "
         f"{', '.join(Path(v).name for v in m['outputs'].values())}"
     )
-    for check in ("ood", "focus"):
+    for check in ("ood", "focus", "stain"):
         if warning := (m["label"].get(check) or {}).get("warning"):
             bars.echo(f"{slide.name}: WARNING {warning}")
     if mpp_warning := (m.get("resolution") or {}).get("override_warning"):

@@ -154,8 +154,8 @@ def slide_report_html(
     pos = model["positive_class"]
     ev = lab["evidence"]
     name = Path(str(manifest["slide"])).name
-    ood, focus = lab.get("ood"), lab.get("focus")
-    unsure = any(bool(c and c.get("warning")) for c in (ood, focus))
+    ood, focus, stain = lab.get("ood"), lab.get("focus"), lab.get("stain")
+    unsure = any(bool(c and c.get("warning")) for c in (ood, focus, stain))
     label_cls = label_class(bool(lab["positive"]), unsure)
     hover = _review_title("below") if label_cls == "review" else ""
     parts = [
@@ -163,7 +163,7 @@ def slide_report_html(
         f'<p><span class="label {label_cls}" id="label"{hover}>'
         f"{_e(str(lab['label']).upper())}</span> &nbsp;{_e(_rule_text(lab['rule'], pos))}</p>",
     ]
-    for check in (ood, focus):
+    for check in (ood, focus, stain):
         if check and check.get("warning"):
             parts.append(f'<div class="warn"><b>Warning:</b> {_e(check["warning"])}</div>')
     if mpp_warning := (manifest.get("resolution") or {}).get("override_warning"):
@@ -424,9 +424,8 @@ def folder_report_html(rows: Sequence[Mapping[str, Any]], *, title: str = "wsi-p
             v = r.get(key)
             v = "" if v is None else v
             if key == "label" and v != "":
-                cls = label_class(
-                    bool(r.get("positive")), r.get("ood_warning") is True or r.get("focus_warning") is True
-                )
+                unsure = any(r.get(k) is True for k in ("ood_warning", "focus_warning", "stain_warning"))
+                cls = label_class(bool(r.get("positive")), unsure)
                 hover = _review_title("on its page") if cls == "review" else ""
                 span = f'<span class="label {cls}" style="font-size:.85em"{hover}>{_e(v)}</span>'
                 tds.append(f'<td data-v="{_e(v)}">{span}</td>')
