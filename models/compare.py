@@ -40,7 +40,7 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -58,6 +58,7 @@ from models.scanned import (
     load_monusac,
     shared_tiles_dir,
 )
+from models.stain_check import card_reference, restain
 from wsi_pipeline.errors import WsiError
 from wsi_pipeline.evaluation.metrics import classification_metrics, roc_auc
 from wsi_pipeline.inference.card import load_card
@@ -166,6 +167,12 @@ def _paired(
     return out
 
 
+def _as_scanned(stain: str) -> str:
+    """The tiles a stain key's sets were made from: a card reference's are the tiles as scanned, each
+    group normalized afterwards (the same tiles, labels and groups: such rows pair with raw ones)."""
+    return "none" if stain.startswith("macenko to the card's reference") else stain
+
+
 def _folded(glas: EvalSet) -> EvalSet | None:
     """The healthy GlaS tiles, each with another healthy tile of its patient folded over it (None
     when the split has no healthy tiles)."""
@@ -192,6 +199,13 @@ def compare(
     scored: list[tuple[str, tuple[npt.NDArray[np.floating], ...], float]] = []
     for model, card in zip(models, cards, strict=True):
         stain = (card.get("preprocessing") or {}).get("stain_normalization", "none")
+        if (own := card_reference(card)) is not None:  # the tiles as scanned, each group normalized to it
+            stain = "macenko to the card's reference " + json.dumps(own.to_dict(), sort_keys=True)
+            if "none" not in cache:
+                cache["none"] = _sets(cards[0], split, index, "none")
+            cache[stain] = cast(Sets, tuple(None if s is None else restain(s, own) for s in cache["none"]))
+            raw_folds = _folded(cache["none"][1])  # folded as scanned, then the slide normalized
+            folded[stain] = None if raw_folds is None else restain(raw_folds, own)
         if stain not in cache:
             cache[stain] = _sets(cards[0], split, index, stain)
             folded[stain] = _folded(cache[stain][1])
@@ -245,7 +259,7 @@ def compare(
     if paired and len(models) > 1:
         ref_stain, ref_probs, ref_thr = scored[0]
         for row, card, (stain, probs, thr) in zip(rows[1:], cards[1:], scored[1:], strict=True):
-            if stain != ref_stain:  # other input tiles: no pairing
+            if _as_scanned(stain) != _as_scanned(ref_stain):  # other input tiles: no pairing
                 row["paired"] = None
                 continue
             row["paired_against"] = str(models[0])

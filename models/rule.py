@@ -23,7 +23,9 @@ A rule is a JSON file committed before its candidate is trained::
 the seed names one, as it must for a ``--paired`` file, whose first row is the reference; or the
 rule's ``candidate``) and optionally the ``models.blur_check --json`` file. A figure is a key of the
 compare row (``glas_auc_adenoma_negative``), ``blur_<column>@<sigma>`` from the blur table
-(``blur_auc@1`` = AUC at 1 um of blur), or ``paired.<figure>.<diff|low|high>`` from a compare row
+(``blur_auc@1`` = AUC at 1 um of blur), ``stain_<key>`` from the ``summary`` of the seed's optional
+``models.stain_check --json`` file (``stain``: ``stain_auc_min``, ``stain_called_max_shift``), or
+``paired.<figure>.<diff|low|high>`` from a compare row
 made with ``--paired`` (the difference from the reference and its 95 % interval's ends).
 ``mean_over_seeds`` criteria are judged on the mean over the seeds, ``first_seed`` on the first seed
 alone, ``every_seed`` on the worst seed (the lowest for a floor, the highest for a ceiling: it holds
@@ -84,8 +86,21 @@ def _read_json(path: Path, what: str) -> Any:
         raise RuleError(f"{path}: not JSON ({e.msg} at line {e.lineno}); write it again") from e
 
 
-def figure_value(name: str, compare_row: dict[str, Any], blur_rows: list[dict[str, Any]] | None) -> float:
+def figure_value(
+    name: str,
+    compare_row: dict[str, Any],
+    blur_rows: list[dict[str, Any]] | None,
+    stain: dict[str, Any] | None = None,
+) -> float:
     """The value of figure ``name`` (see the module docstring) for one seed."""
+    if name.startswith("stain_"):
+        key = name[len("stain_") :]
+        value = ((stain or {}).get("summary") or {}).get(key)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise RuleError(
+                f"figure {name!r} needs the seed's 'stain' file (models.stain_check --json) with {key!r}"
+            )
+        return float(value)
     if name.startswith("blur_"):
         column, _, sigma = name[len("blur_") :].partition("@")
         if not sigma or blur_rows is None:
@@ -133,8 +148,8 @@ def evidence_dir(rule_file: Path) -> Path:
 
 
 def seed_files(rule: dict[str, Any]) -> list[str]:
-    """The compare and blur files the rule's seeds name, in order."""
-    return [s[k] for s in rule.get("seeds") or [] for k in ("compare", "blur") if s.get(k)]
+    """The compare, blur and stain files the rule's seeds name, in order."""
+    return [s[k] for s in rule.get("seeds") or [] for k in ("compare", "blur", "stain") if s.get(k)]
 
 
 def _locate(rel: str, root: Path, evidence: Path | None) -> Path:
@@ -156,13 +171,14 @@ def check(rule: dict[str, Any], root: Path = Path("."), evidence: Path | None = 
         cpath = _locate(s["compare"], root, evidence)
         row = _compare_row(_read_json(cpath, "compare"), s.get("model", rule.get("candidate")), cpath)
         blur = _read_json(_locate(s["blur"], root, evidence), "blur table") if s.get("blur") else None
-        per_seed.append((row, blur))
+        stain = _read_json(_locate(s["stain"], root, evidence), "stain table") if s.get("stain") else None
+        per_seed.append((row, blur, stain))
     out = []
     for scope, key in (("mean", "mean_over_seeds"), ("first", "first_seed"), ("every", "every_seed")):
         for figure, (op, bound) in (rule.get(key) or {}).items():
             if op not in OPS:
                 raise RuleError(f"{figure}: unknown comparison {op!r} (use one of {', '.join(OPS)})")
-            values = tuple(figure_value(figure, row, blur) for row, blur in per_seed)
+            values = tuple(figure_value(figure, row, blur, stain) for row, blur, stain in per_seed)
             b = float(bound)
             if scope == "every":  # the worst seed decides: the lowest for a floor, the highest for a ceiling
                 value = min(values) if op in (">=", ">") else max(values)

@@ -15,12 +15,24 @@ stain vectors and concentration range: the tissue stays, the colours are another
 * ``round trip``: re-stained to their own fit (what Macenko's reconstruction alone changes);
 * one row per reference image.
 
+A model whose card carries its own reference stain (``preprocessing.stain_reference``: every slide is
+normalized to it) is scored as the pipeline would score it: each row's tiles normalized per patient to
+that reference first.
+
 Per row: AUC (the card's GlaS label rule, adenomas as negatives), the share of tiles called tumour at
 the card's threshold, the tumour tiles' mean P, and the OOD score a slide of each patient would get
 (median tile distance / d_ref, as the pipeline scores a slide): the highest over the patients and how
 many of them would be warned. Then the same tiles as ``wsi-infer --normalize macenko`` would score
 them (each patient normalized to the pipeline's standard reference): ``auc_normalized``,
-``called_normalized``. This is the measurement behind the card's "stain far from training".
+``called_normalized`` (left out for a card with its own reference). This is the measurement behind
+the card's "stain far from training". The JSON's ``summary`` gives the lowest AUC over the reference
+images (``auc_min``) and the largest distance of their share called from ``--baseline-called``
+(default: this model's as-scanned share; ``called_max_shift``): the figures ``models.rule`` judges as
+``stain_auc_min`` and ``stain_called_max_shift``.
+
+``--make-candidate DIR`` writes DIR/<model file> (a copy) and its card asking for every slide to be
+normalized to the model's training stain: one Macenko fit (``fit_slide``, defaults) on the tiles of the
+GlaS training patients.
 """
 
 from __future__ import annotations
@@ -55,15 +67,37 @@ def restain(glas: EvalSet, reference: StainModel | None) -> EvalSet:
     return dataclasses.replace(glas, images=images)
 
 
+def training_stain() -> StainModel:
+    """The stain of the GlaS training patients' tiles (the card's label rule; one ``fit_slide``)."""
+    from models.scanned import GLAS_SPLIT, LabelRule, glas_tiles, load_glas
+
+    tiles = glas_tiles(load_glas(None, GLAS_SPLIT["train"]), LabelRule())[0]
+    return fit_slide([tiles])
+
+
+def card_reference(card: dict[str, Any]) -> StainModel | None:
+    """The reference stain a card asks every slide to be normalized to, if it names one."""
+    ref = (card.get("preprocessing") or {}).get("stain_reference")
+    return StainModel.from_dict(ref) if ref else None
+
+
 def references(folder: Path = STAIN_DIR) -> dict[str, StainModel]:
     """The stain model of every reference image in ``folder`` (``*.png``), by file name."""
     return {p.name: reference_from_image(p) for p in sorted(folder.glob("*.png"))}
 
 
 def stain_row(
-    name: str, tiles: EvalSet, session: Any, ood: dict[str, Any] | None, threshold: float
+    name: str,
+    tiles: EvalSet,
+    session: Any,
+    ood: dict[str, Any] | None,
+    threshold: float,
+    own_reference: StainModel | None = None,
 ) -> dict[str, Any]:
-    """AUC, share called, tumour mean P and per-patient OOD slide scores of ``tiles``."""
+    """AUC, share called, tumour mean P and per-patient OOD slide scores of ``tiles`` (first normalized
+    per patient to ``own_reference``, the card's, when given: as the pipeline would score them)."""
+    if own_reference is not None:
+        tiles = restain(tiles, own_reference)
     p = predict(session, tiles.images)[:, 1]
     tumour = tiles.tumour.astype(bool)
     row: dict[str, Any] = {
@@ -73,9 +107,10 @@ def stain_row(
         "called": round(float((p >= threshold).mean()), 4),
         "tumour_mean_p": round(float(p[tumour].mean()), 4),
     }
-    q = predict(session, restain(tiles, REFERENCE).images)[:, 1]  # as --normalize macenko scores them
-    row["auc_normalized"] = round(float(roc_auc(tiles.tumour, q)), 4)
-    row["called_normalized"] = round(float((q >= threshold).mean()), 4)
+    if own_reference is None:
+        q = predict(session, restain(tiles, REFERENCE).images)[:, 1]  # as --normalize macenko scores them
+        row["auc_normalized"] = round(float(roc_auc(tiles.tumour, q)), 4)
+        row["called_normalized"] = round(float((q >= threshold).mean()), 4)
     if ood:
         d = session_distances(session, ood["output"], tiles.images)
         groups = np.asarray(tiles.groups)
@@ -89,7 +124,9 @@ def stain_row(
 def stain_table(model: Path, folder: Path = STAIN_DIR) -> list[dict[str, Any]]:
     """One row per stain (as scanned, round trip, each reference image) on GlaS validation."""
     card = load_card(model.with_suffix(".json"))
-    sets = [s for s in build_sets(card.raw, None, splits=("val",)) if s.name == "glas-val"]
+    as_scanned = {"stain_normalization": "none"}  # build the tiles as scanned; normalized below if asked
+    raw = {**card.raw, "preprocessing": {**(card.raw.get("preprocessing") or {}), **as_scanned}}
+    sets = [s for s in build_sets(raw, None, splits=("val",)) if s.name == "glas-val"]
     if not sets:
         raise SystemExit(
             f"{shared_tiles_dir() / 'glas-colon'}: GlaS tiles not found (or the card has no GlaS)"
@@ -101,15 +138,57 @@ def stain_table(model: Path, folder: Path = STAIN_DIR) -> list[dict[str, Any]]:
     ood = card.raw.get("ood")
     variants: dict[str, EvalSet] = {"as scanned": glas, "round trip": restain(glas, None)}
     variants.update({name: restain(glas, ref) for name, ref in references(folder).items()})
-    return [stain_row(name, tiles, session, ood, card.threshold) for name, tiles in variants.items()]
+    own = card_reference(card.raw)
+    return [stain_row(name, tiles, session, ood, card.threshold, own) for name, tiles in variants.items()]
+
+
+def summary(rows: list[dict[str, Any]], baseline_called: float | None = None) -> dict[str, Any]:
+    """Over the reference images' rows: the lowest AUC and the largest distance of the share called
+    from ``baseline_called`` (default: the as-scanned row's)."""
+    base = next(r["called"] for r in rows if r["stain"] == "as scanned")
+    base = base if baseline_called is None else baseline_called
+    refs = [r for r in rows if r["stain"] not in ("as scanned", "round trip")]
+    return {
+        "references": len(refs),
+        "baseline_called": base,
+        "auc_min": min(r["auc"] for r in refs),
+        "called_max_shift": round(max(abs(r["called"] - base) for r in refs), 4),
+    }
+
+
+def make_candidate(model: Path, out_dir: Path) -> Path:
+    """Copy ``model`` into ``out_dir`` with a card asking for every slide to be normalized to the
+    model's training stain (:func:`training_stain`); returns the copy's path."""
+    import shutil
+
+    from wsi_pipeline.inference.card import write_card
+
+    card = dict(load_card(model.with_suffix(".json")).raw)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx = out_dir / model.name
+    shutil.copyfile(model, onnx)
+    card["preprocessing"] = {
+        **(card.get("preprocessing") or {}),
+        "stain_normalization": "macenko",
+        "stain_reference": training_stain().to_dict(),
+        "stain_note": "every slide Macenko-normalized (one fit per slide) to the stain of the GlaS training "
+        "patients' tiles (models.stain_check.training_stain), the stain its threshold was chosen on",
+    }
+    write_card(card, onnx.with_suffix(".json"))
+    return onnx
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.stain_check", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=Path("models/tumour-cnn.onnx"))
     p.add_argument("--stains", type=Path, default=STAIN_DIR, help="folder of H&E reference images (*.png)")
-    p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--json", type=Path, help="also write the rows and their summary here")
+    p.add_argument("--baseline-called", type=float, help="share called that the summary's shift is from")
+    p.add_argument("--make-candidate", type=Path, metavar="DIR", help="write the training-stain candidate")
     args = p.parse_args(argv)
+    if args.make_candidate:
+        print(f"wrote {make_candidate(args.model, args.make_candidate)} and its card")
+        return 0
     rows = stain_table(args.model, args.stains)
     cols = ["stain", "tiles", "auc", "called", "tumour_mean_p", "ood_max", "ood_warned", "auc_normalized"]
     cols += ["called_normalized"]
@@ -118,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         shown = {**r, "ood_warned": f"{r['ood_warned']} of {r['patients']}"} if "patients" in r else r
         print("| " + " | ".join(str(shown.get(c, "")) for c in cols) + " |")
+    summ = summary(rows, args.baseline_called)
+    print(f"summary: {summ}")
     if args.json:
-        args.json.write_text(json.dumps({"model": str(args.model), "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"model": str(args.model), "rows": rows, "summary": summ}, indent=1))
     return 0
 
 

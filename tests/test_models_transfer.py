@@ -493,6 +493,56 @@ def test_stain_check_moves_the_shipped_models_calls_with_another_labs_stain() ->
     assert max(abs(r["called"] - scanned["called"]) for r in rows.values()) > 0.3
 
 
+def test_stain_summary_is_the_worst_reference_against_a_baseline() -> None:
+    from models.stain_check import summary
+
+    rows = [
+        {"stain": "as scanned", "auc": 0.98, "called": 0.6},
+        {"stain": "round trip", "auc": 0.90, "called": 0.1},  # not a reference: left out
+        {"stain": "a.png", "auc": 0.95, "called": 0.5},
+        {"stain": "b.png", "auc": 0.93, "called": 0.9},
+    ]
+    assert summary(rows) == {
+        "references": 2,
+        "baseline_called": 0.6,
+        "auc_min": 0.93,
+        "called_max_shift": 0.3,
+    }
+    assert summary(rows, 0.45)["called_max_shift"] == 0.45
+
+
+@pytest.mark.realdata
+def test_a_training_stain_candidate_is_scored_normalized_and_paired_with_the_raw_model(
+    tmp_path: Path,
+) -> None:
+    """``stain_check --make-candidate``: the shipped ONNX with a card asking for every slide to be
+    normalized to the GlaS training patients' stain; ``models.compare`` scores it on the same tiles
+    normalized per group, so its row pairs with the raw model's (rule norm-train-0.4.0's evidence)."""
+    if not (SHARED_TILES / "glas-colon" / "index.csv").exists():
+        pytest.skip(
+            f"real data not available: {SHARED_TILES / 'glas-colon'} (the shared data folder is absent)"
+        )
+    from models.compare import compare
+    from models.evaluate import default_index
+    from models.stain_check import make_candidate, training_stain
+    from wsi_pipeline.inference.card import load_card
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "tumour-cnn.onnx"
+    cand = make_candidate(shipped, tmp_path / "cand")
+    card = load_card(cand.with_suffix(".json"))
+    assert (
+        card.sha256 == load_card(shipped.with_suffix(".json")).sha256
+        and card.stain_normalization == "macenko"
+    )
+    assert card.stain_reference == training_stain().to_dict()
+    raw, norm = compare([shipped, cand], "val", default_index(), paired=True, n_boot=50)
+    assert raw["stain"] == "none" and norm["stain"].startswith("macenko to the card's reference")
+    assert norm["paired"] and set(norm["paired"]) >= {"glas_auc_adenoma_negative", "lung_val_called"}
+    assert norm["glas_auc_adenoma_negative"] != raw["glas_auc_adenoma_negative"]
+    diff = norm["glas_auc_adenoma_negative"] - raw["glas_auc_adenoma_negative"]
+    assert norm["paired"]["glas_auc_adenoma_negative"]["diff"] == pytest.approx(diff, abs=1e-3)
+
+
 # --------------------------------------------------------------------------- paired comparison
 
 

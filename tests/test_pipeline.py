@@ -635,6 +635,45 @@ def test_card_asking_for_macenko_normalizes_unless_told_not_to(tumour_slide: Fix
     assert json.loads((tmp_path / "c.run.json").read_text())["params"]["tile"]["normalize"] == "macenko"
 
 
+def test_a_card_with_its_own_reference_stain_normalizes_slides_to_it(
+    tumour_slide: Fixture, tmp_path: Path
+) -> None:
+    """A card may name the stain its model expects (``preprocessing.stain_reference``, e.g. its training
+    stain): slides are normalized to it, not to the standard reference, unless --stain-reference names
+    another; a reference without normalization, or one that is not a stain model, is refused."""
+    from wsi_pipeline.stain.macenko import REFERENCE, StainModel
+
+    model = write_test_model(tmp_path / "m", stain_normalization="macenko")
+    card_path = model.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    own = {"stain_matrix": [[0.45, 0.84, 0.31], [0.12, 0.96, 0.27]], "max_concentrations": [2.4, 1.5]}
+    card["preprocessing"]["stain_reference"] = own
+    card_path.write_text(json.dumps(card))
+    m = run_slide(tumour_slide.path, tmp_path / "n.tif", model=model, options=OPTS)
+    ref = m["stain"]["reference"]
+    assert (
+        ref["stain_matrix"] == own["stain_matrix"] and ref["max_concentrations"] == own["max_concentrations"]
+    )
+    assert "model card's reference stain" in m["stain"]["reference_name"]
+    assert m["label"]["stain"]["warning"] is None  # normalized as the model expects
+    users = StainModel(REFERENCE.stain_matrix.copy(), np.array([1.8, 0.9]))  # as --stain-reference gives
+    other = RunOptions(chunk_tiles=32, workers=2, tile=TileOptions(stain_reference=users))
+    m2 = run_slide(tumour_slide.path, tmp_path / "o.tif", model=model, options=other)
+    assert m2["stain"]["reference"]["max_concentrations"] != own["max_concentrations"]  # the user's choice
+    for pre, match in (
+        ({"stain_normalization": "none"}, "stain_normalization is not macenko"),
+        (
+            {"stain_reference": {"stain_matrix": [[1, 0, 0]], "max_concentrations": [1.0]}},
+            "not a stain model",
+        ),
+    ):
+        card["preprocessing"].update(pre)
+        card_path.write_text(json.dumps(card))
+        with pytest.raises(ModelError, match=match):
+            run_slide(tumour_slide.path, tmp_path / "x.tif", model=model, options=OPTS)
+        card["preprocessing"].update({"stain_normalization": "macenko", "stain_reference": own})
+
+
 def test_unnormalized_store_is_refused_by_a_macenko_model(tumour_slide: Fixture, tmp_path: Path) -> None:
     from wsi_pipeline.tiling.tiler import tile_slide
 

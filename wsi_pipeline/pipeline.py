@@ -70,6 +70,7 @@ from wsi_pipeline.provenance import (
     remove_created_folders_on_failure,
 )
 from wsi_pipeline.reuse import EXACT, prior_scores, scores_from_table
+from wsi_pipeline.stain.macenko import REFERENCE, StainModel
 from wsi_pipeline.tiling.focus import focus_summary, upsampled_scan_mpp
 from wsi_pipeline.tiling.plan import TileOptions
 from wsi_pipeline.tiling.source import Layout, TileSource, open_source
@@ -251,6 +252,15 @@ def score_slide(
             and opts.tile.normalize == "none"
         ):
             opts = replace(opts, tile=replace(opts.tile, normalize="macenko"))
+        if (
+            card.stain_reference
+            and opts.tile.normalize == "macenko"
+            and opts.tile.stain_reference is REFERENCE
+        ):
+            # the card's own target stain, unless --stain-reference named another
+            own = StainModel.from_dict(card.stain_reference)
+            name = f"the model card's reference stain ({card.name} {card.version})"
+            opts = replace(opts, tile=replace(opts.tile, stain_reference=own, stain_reference_name=name))
         tile_opts = check_model_fits(
             card, opts.tile, target_mpp=opts.requested_target_mpp, tile_px=opts.requested_tile_px
         )

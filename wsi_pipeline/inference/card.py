@@ -62,6 +62,7 @@ class ModelCard:
     ood_warn_above: float = 1.0  # slide OOD score above which the slide gets a warning
     threshold: float = 0.5  # P(positive) threshold chosen on validation data
     stain_normalization: str = "none"  # "macenko": the model expects slide-level Macenko-normalized tiles
+    stain_reference: dict[str, Any] | None = None  # the stain it expects them normalized to (None: standard)
     # what output_name holds: "probabilities" (read as they are, checked) or "logits" (softmax applied)
     output_kind: str = "probabilities"
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the whole card JSON
@@ -219,6 +220,7 @@ def card_from_dict(raw: Any, path: str | os.PathLike[str]) -> ModelCard:
             ood_warn_above=float(ood.get("warn_above", 1.0)),
             threshold=float(thr.get("value", 0.5)),
             stain_normalization=str(pre.get("stain_normalization", "none")),
+            stain_reference=pre.get("stain_reference"),
             output_kind=str(out.get("kind", "probabilities")),
             raw=raw,
         )
@@ -247,6 +249,16 @@ def card_from_dict(raw: Any, path: str | os.PathLike[str]) -> ModelCard:
         raise _bad(
             p, f"preprocessing.stain_normalization must be none or macenko, not {card.stain_normalization!r}"
         )
+    if card.stain_reference is not None:
+        from wsi_pipeline.errors import StainError
+        from wsi_pipeline.stain.macenko import StainModel
+
+        if card.stain_normalization != "macenko":
+            raise _bad(p, "preprocessing.stain_reference is given but stain_normalization is not macenko")
+        try:
+            StainModel.from_dict(card.stain_reference)
+        except (StainError, ValueError) as exc:
+            raise _bad(p, f"preprocessing.stain_reference is not a stain model: {exc}") from exc
     if not 0.0 < card.threshold < 1.0:
         raise _bad(p, f"threshold.value must be in (0, 1), got {card.threshold}")
     if not card.in_graph and (len(card.mean) != 3 or len(card.std) != 3):
