@@ -46,7 +46,6 @@ from typing import Any
 import numpy as np
 
 from models.evaluate import EvalSet, build_sets, make_session, predict
-from models.ood_check import session_distances
 from models.scanned import shared_tiles_dir
 from wsi_pipeline.evaluation.metrics import roc_auc
 from wsi_pipeline.inference.card import load_card
@@ -98,7 +97,12 @@ def stain_row(
     per patient to ``own_reference``, the card's, when given: as the pipeline would score them)."""
     if own_reference is not None:
         tiles = restain(tiles, own_reference)
-    p = predict(session, tiles.images)[:, 1]
+    outputs = ["probabilities", *([ood["output"]] if ood else [])]
+    parts = [
+        session.run(outputs, {"tiles": np.ascontiguousarray(tiles.images[i : i + 64])})
+        for i in range(0, len(tiles.images), 64)
+    ]  # one pass for the probabilities and the OOD distances
+    p = np.concatenate([b[0] for b in parts])[:, 1]
     tumour = tiles.tumour.astype(bool)
     row: dict[str, Any] = {
         "stain": name,
@@ -112,7 +116,7 @@ def stain_row(
         row["auc_normalized"] = round(float(roc_auc(tiles.tumour, q)), 4)
         row["called_normalized"] = round(float((q >= threshold).mean()), 4)
     if ood:
-        d = session_distances(session, ood["output"], tiles.images)
+        d = np.concatenate([b[1] for b in parts]).astype(np.float64).reshape(-1)
         groups = np.asarray(tiles.groups)
         scores = [float(np.median(d[groups == g]) / float(ood["d_ref"])) for g in sorted(set(tiles.groups))]
         row["ood_max"] = round(max(scores), 3)
