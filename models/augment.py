@@ -137,6 +137,40 @@ def hed_jitter(
     return out if tiles.ndim == 4 else out[0]
 
 
+def _rotate_towards_random(
+    v: npt.NDArray[np.float64], angle: float, rng: np.random.Generator
+) -> npt.NDArray[np.float64]:
+    """Unit vector ``v`` turned by ``angle`` radians in a random direction (kept unit length)."""
+    w = rng.normal(size=3)
+    w -= (w @ v) * v
+    w /= np.linalg.norm(w)
+    return np.cos(angle) * v + np.sin(angle) * w
+
+
+def stain_rotation(
+    tiles: npt.NDArray[np.uint8], rng: np.random.Generator, max_deg: float = 15.0, share: float = 0.5
+) -> npt.NDArray[np.uint8]:
+    """Another lab's stain colours: for a share of the tiles, the tile is unmixed with the standard H,
+    E and DAB vectors (``HED_FROM_RGB``) and mixed again with H and E each turned by an angle drawn
+    from 0 to ``max_deg`` degrees in a random direction (optical-density space; unit vectors; DAB kept),
+    one draw per tile. ``hed_jitter`` scales the stain amounts along fixed vectors; this changes the
+    vectors' hue, as labs' haematoxylin and eosin differ. ``max_deg == 0`` or ``share == 0``: a copy."""
+    tiles = _as_tiles(tiles)
+    if max_deg < 0 or not 0 <= share <= 1:
+        raise ValueError(f"max_deg must be >= 0 and share in [0, 1], got {max_deg}, {share}")
+    batch = (tiles if tiles.ndim == 4 else tiles[None]).copy()
+    n = batch.shape[0]
+    chosen = np.flatnonzero(rng.random(n) < share) if max_deg > 0 else np.empty(0, np.intp)
+    for i in chosen:
+        mix = RGB_FROM_HED.copy()
+        for row in (0, 1):  # H, E
+            mix[row] = _rotate_towards_random(RGB_FROM_HED[row], np.deg2rad(rng.uniform(0, max_deg)), rng)
+        m = (HED_FROM_RGB @ mix).astype(np.float32)
+        od = _OD_LUT[batch[i]].reshape(-1, 3) @ m
+        batch[i] = _od_to_rgb(od).reshape(batch[i].shape)
+    return batch if tiles.ndim == 4 else batch[0]
+
+
 def random_dihedral(tiles: npt.NDArray[np.uint8], rng: np.random.Generator) -> npt.NDArray[np.uint8]:
     """Each tile of ``(N, H, W, 3)`` (square) gets a random 90-degree rotation and a random flip."""
     tiles = _as_tiles(tiles)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from models import CLASSES, POSITIVE_CLASS, TILE_PX
-from models.augment import augment_batch, fold_tiles, random_dihedral, scanner_shift
+from models.augment import augment_batch, fold_tiles, random_dihedral, scanner_shift, stain_rotation
 from models.data import TileSet, channel_stats, iterate_batches, load_tiles, rows_from_folder
 from models.mix import MixedSampler, sample_unlabelled
 from models.net import Preprocess, build_net, count_flops, count_params
@@ -125,6 +125,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="share of training tiles folded over a turned copy of themselves (simulated tissue folds: "
         "optical densities add), label kept; before the other augmentation (0: off)",
     )  # fmt: skip
+    p.add_argument(
+        "--stain-rotate-deg", type=float, default=0.0,
+        help="turn the H and E stain vectors of a share of training tiles by up to this many degrees in "
+        "optical-density space (other labs' stain hues; models.augment.stain_rotation; 0: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--stain-rotate-share", type=float, default=0.5, help="with --stain-rotate-deg: the share of tiles"
+    )
     p.add_argument(
         "--stain", choices=["none", "macenko"], default="none",
         help="macenko: normalize every source picture / region to the pipeline's reference stain first "
@@ -257,6 +265,8 @@ class BatchSource:
 
 
 def augment(batch: npt.NDArray[np.uint8], rng: np.random.Generator, args: argparse.Namespace) -> np.ndarray:
+    if getattr(args, "stain_rotate_deg", 0.0) > 0:  # another lab's stain hues first, then the rest
+        batch = stain_rotation(batch, rng, args.stain_rotate_deg, args.stain_rotate_share)
     if args.augment == "scanner":
         return scanner_shift(batch, rng, blur_radius=(0.3, args.blur_max_um / TARGET_MPP))
     return augment_batch(batch, rng, sigma=args.hed_sigma, bias=args.hed_bias)
