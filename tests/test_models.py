@@ -114,6 +114,34 @@ def test_hed_zero_jitter_is_identity_and_round_trip_exact() -> None:
     assert np.abs(hed[0, 0, 1:]).max() < 0.02
 
 
+def test_stain_rotation_turns_the_stain_vectors_by_at_most_the_angle() -> None:
+    """Tiles whose left half is pure haematoxylin and right half pure eosin (the standard vectors):
+    in a rotated tile each half's optical-density direction is turned by at most ``max_deg``, by a
+    different angle per tile; about ``share`` of the tiles change; 0 degrees gives the tiles back."""
+    from models.augment import RGB_FROM_HED, stain_rotation
+
+    tiles = np.empty((60, 16, 16, 3), np.uint8)
+    for half, stain in ((slice(0, 8), 0), (slice(8, 16), 1)):
+        tiles[:, :, half] = np.rint(255 * 10 ** (-0.8 * RGB_FROM_HED[stain])).astype(np.uint8)
+    assert np.array_equal(stain_rotation(tiles, np.random.default_rng(0), 0.0), tiles)
+    out = stain_rotation(tiles, np.random.default_rng(1), max_deg=15.0, share=0.5)
+    changed = (out != tiles).any(axis=(1, 2, 3))
+    assert 0.3 < changed.mean() < 0.7 and out.shape == tiles.shape and out.dtype == np.uint8
+
+    def direction(px: np.ndarray) -> np.ndarray:
+        od = -np.log10((px.reshape(-1, 3).astype(np.float64) + 0.5) / 255.5).mean(0)
+        return od / np.linalg.norm(od)
+
+    turned = np.array([
+        [np.degrees(np.arccos(np.clip(direction(t[:, h]) @ direction(tiles[0][:, h]), -1, 1))) for h in
+         (slice(0, 8), slice(8, 16))]
+        for t in out[changed]
+    ])  # fmt: skip
+    assert turned.max() < 15.0 + 1.0, turned.max()  # 1 degree: rounding to uint8
+    assert turned.mean() > 3.0 and len(np.unique(turned.round(1))) > 10
+    assert np.array_equal(stain_rotation(tiles, np.random.default_rng(1), max_deg=15.0, share=0.5), out)
+
+
 def test_hed_jitter_changes_colour_not_geometry() -> None:
     rng = np.random.default_rng(1)
     tile = _textured_tile(rng, 1)
