@@ -169,6 +169,10 @@ def test_every_rule_with_kept_evidence_gives_its_recorded_verdict(
             1,
             "FAIL: 5 of 10 criteria fail (stain_called_max_shift, glas_auc_without_adenoma",
         ),
+        "stainrot-0.4.0-s23": (
+            1,
+            "FAIL: 5 of 17 criteria fail (stain_called_max_shift, glas_auc_without_adenoma",
+        ),
     }
     assert rule.stem in recorded, f"{rule.name} has kept evidence: add the verdict its result commit recorded"
     code, verdict = recorded[rule.stem]
