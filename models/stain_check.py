@@ -54,16 +54,17 @@ from wsi_pipeline.stain.macenko import REFERENCE, StainModel, apply_macenko, fit
 STAIN_DIR = shared_tiles_dir().parent / "stain"
 
 
-def restain(glas: EvalSet, reference: StainModel | None) -> EvalSet:
-    """``glas`` with each patient's tiles re-stained from the patient's own Macenko fit to
-    ``reference`` (``None``: to the patient's own fit, a round trip)."""
-    images = glas.images.copy()
-    groups = np.asarray(glas.groups)
-    for g in sorted(set(glas.groups)):
+def restain(tiles: EvalSet, reference: StainModel | None) -> EvalSet:
+    """``tiles`` with each group's tiles (a patient, a source tile: one slide's worth) re-stained from
+    the group's own Macenko fit to ``reference`` (``None``: to its own fit, a round trip), as the
+    pipeline normalizes a slide."""
+    images = tiles.images.copy()
+    groups = np.asarray(tiles.groups)
+    for g in sorted(set(tiles.groups)):
         idx = np.flatnonzero(groups == g)
-        own = fit_slide([glas.images[idx]])
-        images[idx] = apply_macenko(glas.images[idx], own, reference or own)
-    return dataclasses.replace(glas, images=images)
+        own = fit_slide([tiles.images[idx]])
+        images[idx] = apply_macenko(tiles.images[idx], own, reference or own)
+    return dataclasses.replace(tiles, images=images)
 
 
 def training_stain() -> StainModel:

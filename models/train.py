@@ -265,11 +265,22 @@ class BatchSource:
 
 
 def augment(batch: npt.NDArray[np.uint8], rng: np.random.Generator, args: argparse.Namespace) -> np.ndarray:
-    if getattr(args, "stain_rotate_deg", 0.0) > 0:  # another lab's stain hues first, then the rest
+    if args.stain_rotate_deg > 0:  # another lab's stain hues first, then the rest
         batch = stain_rotation(batch, rng, args.stain_rotate_deg, args.stain_rotate_share)
     if args.augment == "scanner":
         return scanner_shift(batch, rng, blur_radius=(0.3, args.blur_max_um / TARGET_MPP))
     return augment_batch(batch, rng, sigma=args.hed_sigma, bias=args.hed_bias)
+
+
+def training_input(
+    images: npt.NDArray[np.uint8],
+    rng: np.random.Generator,
+    args: argparse.Namespace,
+    pre: Preprocess,
+    device: torch.device,
+) -> torch.Tensor:
+    """A training batch as the network takes it: folded (``--fold-fraction``), augmented, normalized."""
+    return pre(torch.from_numpy(augment(fold_tiles(images, rng, args.fold_fraction), rng, args)).to(device))
 
 
 def fixmatch_loss(
@@ -315,7 +326,7 @@ def train_one_epoch(
     total, seen, t0, kept = 0.0, 0, time.perf_counter(), 0.0
     n_batches = n_tiles // args.batch_size
     for b, (images, labels) in enumerate(source.batches(n_tiles, rng), start=1):
-        x = pre(torch.from_numpy(augment(fold_tiles(images, rng, args.fold_fraction), rng, args)).to(device))
+        x = training_input(images, rng, args, pre, device)
         y = torch.from_numpy(labels).to(device)
         loss = loss_fn(net(x), y)
         if args.ssl == "fixmatch":
@@ -626,11 +637,7 @@ def write_swa(
         left = args.swa_bn_batches
         while left > 0:
             for images, _ in source.batches(min(left, per_pass) * args.batch_size, rng):
-                yield pre(
-                    torch.from_numpy(augment(fold_tiles(images, rng, args.fold_fraction), rng, args)).to(
-                        device
-                    )
-                )
+                yield training_input(images, rng, args, pre, device)
                 left -= 1
 
     with torch.no_grad():

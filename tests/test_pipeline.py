@@ -656,6 +656,15 @@ def test_a_card_with_its_own_reference_stain_normalizes_slides_to_it(
     )
     assert "model card's reference stain" in m["stain"]["reference_name"]
     assert m["label"]["stain"]["warning"] is None  # normalized as the model expects
+    # a store normalized to the standard reference is refused; one normalized to the card's is scored
+    from wsi_pipeline.tiling.tiler import tile_slide
+
+    tile_slide(tumour_slide.path, tmp_path / "std.zarr", TileOptions(normalize="macenko"))
+    with pytest.raises(ModelError, match="normalized to another stain than the one the model"):
+        run_slide(tmp_path / "std.zarr", tmp_path / "s.tif", model=model, options=OPTS)
+    mine = TileOptions(normalize="macenko", stain_reference=StainModel.from_dict(own))
+    tile_slide(tumour_slide.path, tmp_path / "own.zarr", mine)
+    assert run_slide(tmp_path / "own.zarr", tmp_path / "w.tif", model=model, options=OPTS)["n_tiles"] > 0
     users = StainModel(REFERENCE.stain_matrix.copy(), np.array([1.8, 0.9]))  # as --stain-reference gives
     other = RunOptions(chunk_tiles=32, workers=2, tile=TileOptions(stain_reference=users))
     m2 = run_slide(tumour_slide.path, tmp_path / "o.tif", model=model, options=other)

@@ -311,6 +311,18 @@ class StoreSource(TileSource):
                 f"{self.path}: the store holds tiles without stain normalization but {asked_by} Macenko; "
                 "re-tile with `wsi-infer tile --normalize macenko` or score the slide itself"
             )
+        stored = (self.meta.get("stain") or {}).get("reference") or {}
+        if card.stain_reference and stored and not _same_stain(stored, card.stain_reference):
+            raise ModelError(
+                f"{self.path}: the store's tiles were normalized to another stain than the one the model "
+                f"{card.path.name} names (its card's preprocessing.stain_reference); score the slide itself"
+            )
+
+
+def _same_stain(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two stain-model dicts hold the same vectors and maximum concentrations."""
+    keys = ("stain_matrix", "max_concentrations")
+    return all(np.allclose(np.asarray(a[k], float), np.asarray(b[k], float), atol=1e-6) for k in keys)
 
 
 def is_store_path(path: str | Path) -> bool:
