@@ -9,7 +9,9 @@ GlaS non-tumour draws when a region has any. With ``lung_regions`` (MoNuSAC scan
 rich lung windows make up ``lung_fraction`` of the scanned tumour draws, and ``crypt_fraction`` of
 the GlaS non-tumour draws are gland-rich windows of healthy regions (normal crypts). With
 ``immune_regions`` (``models.scanned.load_immune``), inflamed windows make up ``immune_fraction`` of the
-scanned non-tumour draws. Augmentation happens afterwards (``models.augment``).
+scanned non-tumour draws. With ``stain_mix`` > 0 that share of the tiles is re-stained to the stain
+of a random training group (``models.stain_mix``; LC25000 tiles need ``lc_groups`` for their fits).
+Augmentation happens afterwards (``models.augment``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from PIL import Image
 
 from models import TILE_PX
 from models.scanned import LabelRule, Region, immune_windows, is_inflamed
+from models.stain_mix import StainMixer, fit_groups
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class MixedSampler:
         crypt_fraction: float = 0.0,
         immune_regions: Sequence[Region] = (),
         immune_fraction: float = 0.0,
+        stain_mix: float = 0.0,
+        lc_groups: Sequence[str] = (),
     ) -> None:
         self.lc_images, self.lc_labels = lc_images, lc_labels
         self.lc_by_label = {k: np.flatnonzero(lc_labels == k) for k in (0, 1)}
@@ -99,6 +104,24 @@ class MixedSampler:
             raise ValueError(
                 f"GlaS regions give {len(self.pos)} tumour and {len(self.neg_benign)} benign windows"
             )
+        # Stain keys: "lc25000:<group>" per LC25000 tile, "<source>:<group>" per region
+        if stain_mix and len(lc_groups) != len(lc_images):
+            raise ValueError(f"stain mixing needs the group of every LC25000 tile ({len(lc_groups)} given)")
+        self.lc_keys = [f"lc25000:{g}" for g in lc_groups] if stain_mix else []
+        kind_of = [("consep" if r.label.startswith("consep") else "glas") for r in regions]
+        kind_of += ["lung"] * len(lung_regions) + ["immune"] * len(immune_regions)
+        self.region_keys = [f"{kind}:{r.group}" for kind, r in zip(kind_of, self.regions, strict=True)]
+        self.mixer = StainMixer({}, {}, 0.0)
+        if stain_mix:
+            pixels: dict[str, list[npt.NDArray[np.uint8]]] = {}
+            for key, image in zip(self.lc_keys, lc_images, strict=True):
+                pixels.setdefault(key, []).append(image)
+            for key, reg in zip(self.region_keys, self.regions, strict=True):
+                pixels.setdefault(key, []).append(reg.image)
+            kinds: dict[str, list[str]] = {}
+            for key in pixels:
+                kinds.setdefault(key.split(":", 1)[0], []).append(key)
+            self.mixer = StainMixer(fit_groups(pixels), kinds, stain_mix)
 
     def counts(self) -> dict[str, int]:
         return {
@@ -110,19 +133,20 @@ class MixedSampler:
             "lung_tumour_windows": len(self.lung_pos),
             "glas_crypt_windows": len(self.neg_crypt),
             **({"immune_windows": len(self.immune)} if self.immune else {}),
+            **({f"stain_fits_{k}": n for k, n in self.mixer.counts().items()} if self.mixer.share else {}),
         }
 
-    def _lc(self, label: int, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
-        tile = self.lc_images[rng.choice(self.lc_by_label[label])]
+    def _lc(self, label: int, rng: np.random.Generator) -> tuple[npt.NDArray[np.uint8], str]:
+        j = int(rng.choice(self.lc_by_label[label]))
+        tile = self.lc_images[j]
         zoom = rng.uniform(1.0, 1.3)
         side = TILE_PX / zoom
         x0, y0 = rng.uniform(0, TILE_PX - side, 2)
         box = (float(x0), float(y0), float(x0 + side), float(y0 + side))
-        return np.asarray(
-            Image.fromarray(tile).resize((TILE_PX, TILE_PX), Image.Resampling.BILINEAR, box=box)
-        )
+        out = Image.fromarray(tile).resize((TILE_PX, TILE_PX), Image.Resampling.BILINEAR, box=box)
+        return np.asarray(out), self.lc_keys[j] if self.lc_keys else ""
 
-    def _glas(self, label: int, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
+    def _glas(self, label: int, rng: np.random.Generator) -> tuple[npt.NDArray[np.uint8], str]:
         if label == 1:
             # (no draw without lung windows: the recipes before --lung keep their random stream)
             pool = self.lung_pos if self.lung_fraction and rng.random() < self.lung_fraction else self.pos
@@ -150,10 +174,10 @@ class MixedSampler:
                 np.clip(c.y0 + (nominal - side) / 2 + rng.uniform(-0.125, 0.125) * nominal, 0, h - side)
             )
             if reg.window_label(x0, y0, side, self.rule) == label:
-                return reg.crop(x0, y0, side)
-        return reg.crop(c.x0, c.y0, nominal)  # the grid window itself has this label
+                return reg.crop(x0, y0, side), self.region_keys[c.region]
+        return reg.crop(c.x0, c.y0, nominal), self.region_keys[c.region]  # the grid window has this label
 
-    def _immune(self, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
+    def _immune(self, rng: np.random.Generator) -> tuple[npt.NDArray[np.uint8], str]:
         """An inflamed window, jittered in scale and position as the GlaS windows are."""
         for _ in range(8):
             i, x0, y0, nominal = self.immune[int(rng.integers(len(self.immune)))]
@@ -163,8 +187,8 @@ class MixedSampler:
             x = float(np.clip(x0 + (nominal - side) / 2 + rng.uniform(-0.125, 0.125) * nominal, 0, w - side))
             y = float(np.clip(y0 + (nominal - side) / 2 + rng.uniform(-0.125, 0.125) * nominal, 0, h - side))
             if is_inflamed(reg, x, y, side):
-                return reg.crop(x, y, side)
-        return reg.crop(x0, y0, nominal)  # the grid window itself is inflamed
+                return reg.crop(x, y, side), self.region_keys[i]
+        return reg.crop(x0, y0, nominal), self.region_keys[i]  # the grid window itself is inflamed
 
     def sample(self, n: int, rng: np.random.Generator) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
         """``n`` tiles and their labels (0/1)."""
@@ -172,7 +196,8 @@ class MixedSampler:
         tiles = np.empty((n, TILE_PX, TILE_PX, 3), dtype=np.uint8)
         for i, lab in enumerate(labels):
             use_lc = not self.regions or rng.random() < self.lc_fraction
-            tiles[i] = self._lc(int(lab), rng) if use_lc else self._glas(int(lab), rng)
+            tile, key = self._lc(int(lab), rng) if use_lc else self._glas(int(lab), rng)
+            tiles[i] = self.mixer(tile, key, rng)
         return tiles, labels
 
 

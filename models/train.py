@@ -134,6 +134,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stain-rotate-share", type=float, default=0.5, help="with --stain-rotate-deg: the share of tiles"
     )
     p.add_argument(
+        "--stain-mix", type=float, default=0.0,
+        help="with --glas: share of training tiles re-stained (Macenko) from their group's stain to that of "
+        "a random training group: a source uniformly, then one of its groups (models.stain_mix; 0: off)",
+    )  # fmt: skip
+    p.add_argument(
         "--stain", choices=["none", "macenko"], default="none",
         help="macenko: normalize every source picture / region to the pipeline's reference stain first "
         "(the model card then makes wsi-infer normalize slides the same way)",
@@ -367,12 +372,14 @@ def build_recipe(
             raise ValueError(
                 "--ssl needs --glas (its regions and the shared lung tiles are the unlabelled pool)"
             )
-        if args.lung is not None or args.crypt_fraction or args.immune_fraction:
+        if args.lung is not None or args.crypt_fraction or args.immune_fraction or args.stain_mix:
             raise ValueError(
-                "--lung, --crypt-fraction and --immune-fraction need --glas "
+                "--lung, --crypt-fraction, --immune-fraction and --stain-mix need --glas "
                 "(they shape its scanned-tissue draws)"
             )
         return BatchSource(train, None, args.batch_size), val_sets, [], {"name": "index", "stain": args.stain}
+    if args.stain_mix and args.stain != "none":
+        raise ValueError("--stain-mix re-stains raw colours; it cannot be combined with --stain macenko")
     rule = LabelRule(adenoma=args.adenoma)
     glas_train = load_glas(args.glas, GLAS_SPLIT["train"], stain=args.stain)
     glas_val = load_glas(args.glas, GLAS_SPLIT["val"], stain=args.stain)
@@ -397,6 +404,8 @@ def build_recipe(
         stroma_fraction=args.stroma_fraction,
         immune_regions=immune,
         immune_fraction=args.immune_fraction,
+        stain_mix=args.stain_mix,
+        lc_groups=[r.group for r in train.rows],
     )
     v_images, v_labels, _, _ = glas_tiles(glas_val, rule)
     val_sets.append(ValSet("glas-val", v_images, v_labels))
@@ -425,6 +434,7 @@ def build_recipe(
         "augment": args.augment,
         **({"blur_max_um": args.blur_max_um} if args.blur_max_um != 0.75 else {}),
         **({"fold_fraction": args.fold_fraction} if args.fold_fraction else {}),
+        **({"stain_mix": args.stain_mix} if args.stain_mix else {}),
         "ssl": args.ssl,
         "stain": args.stain,
     }
