@@ -13,7 +13,10 @@ stain vectors and concentration range: the tissue stays, the colours are another
 
 * ``as scanned``: the tiles unchanged;
 * ``round trip``: re-stained to their own fit (what Macenko's reconstruction alone changes);
-* one row per reference image.
+* one row per reference image;
+* with ``--decompose``, per reference also ``<name>: hue only`` (its stain vectors with each patient's
+  own maximum concentrations) and ``<name>: amounts only`` (its maximum concentrations, that is the
+  H:E balance and depth, with each patient's own vectors): which of the two moves the scores.
 
 A model whose card carries its own reference stain (``preprocessing.stain_reference``: every slide is
 normalized to it) is scored as the pipeline would score it: each row's tiles normalized per patient to
@@ -54,16 +57,28 @@ from wsi_pipeline.stain.macenko import REFERENCE, StainModel, apply_macenko, fit
 STAIN_DIR = shared_tiles_dir().parent / "stain"
 
 
-def restain(tiles: EvalSet, reference: StainModel | None) -> EvalSet:
+PARTS = ("both", "hue", "amounts")
+"""What of a reference's stain :func:`restain` gives: all of it; its stain vectors only (each group
+keeps its own maximum concentrations); its maximum concentrations only (each group keeps its vectors)."""
+
+
+def restain(tiles: EvalSet, reference: StainModel | None, part: str = "both") -> EvalSet:
     """``tiles`` with each group's tiles (a patient, a source tile: one slide's worth) re-stained from
     the group's own Macenko fit to ``reference`` (``None``: to its own fit, a round trip), as the
-    pipeline normalizes a slide."""
+    pipeline normalizes a slide; ``part`` (:data:`PARTS`) takes only the reference's hue or amounts."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     images = tiles.images.copy()
     groups = np.asarray(tiles.groups)
     for g in sorted(set(tiles.groups)):
         idx = np.flatnonzero(groups == g)
         own = fit_slide([tiles.images[idx]])
-        images[idx] = apply_macenko(tiles.images[idx], own, reference or own)
+        target = reference or own
+        if part == "hue":
+            target = StainModel(target.stain_matrix, own.max_concentrations)
+        elif part == "amounts":
+            target = StainModel(own.stain_matrix, target.max_concentrations)
+        images[idx] = apply_macenko(tiles.images[idx], own, target)
     return dataclasses.replace(tiles, images=images)
 
 
@@ -126,8 +141,10 @@ def stain_row(
     return row
 
 
-def stain_table(model: Path, folder: Path = STAIN_DIR) -> list[dict[str, Any]]:
-    """One row per stain (as scanned, round trip, each reference image) on GlaS validation."""
+def stain_table(model: Path, folder: Path = STAIN_DIR, decompose: bool = False) -> list[dict[str, Any]]:
+    """One row per stain (as scanned, round trip, each reference image) on GlaS validation; with
+    ``decompose`` also each reference's hue alone and amounts alone (rows ``"<name>: hue only"`` and
+    ``"<name>: amounts only"``, with ``part``; left out of :func:`summary`)."""
     card = load_card(model.with_suffix(".json"))
     as_scanned = {"stain_normalization": "none"}  # build the tiles as scanned; normalized below if asked
     raw = {**card.raw, "preprocessing": {**(card.raw.get("preprocessing") or {}), **as_scanned}}
@@ -142,9 +159,16 @@ def stain_table(model: Path, folder: Path = STAIN_DIR) -> list[dict[str, Any]]:
     session = make_session(model)
     ood = card.raw.get("ood")
     variants: dict[str, EvalSet] = {"as scanned": glas, "round trip": restain(glas, None)}
-    variants.update({name: restain(glas, ref) for name, ref in references(folder).items()})
+    parts = {"hue": "hue only", "amounts": "amounts only"} if decompose else {}
+    part_of: dict[str, str] = {}
+    for name, ref in references(folder).items():
+        variants[name] = restain(glas, ref)
+        for part, label in parts.items():
+            variants[f"{name}: {label}"] = restain(glas, ref, part)
+            part_of[f"{name}: {label}"] = part
     own = card_reference(card.raw)
-    return [stain_row(name, tiles, session, ood, card.threshold, own) for name, tiles in variants.items()]
+    rows = [stain_row(name, tiles, session, ood, card.threshold, own) for name, tiles in variants.items()]
+    return [{**row, "part": part_of[row["stain"]]} if row["stain"] in part_of else row for row in rows]
 
 
 def summary(rows: list[dict[str, Any]], baseline_called: float | None = None) -> dict[str, Any]:
@@ -152,7 +176,7 @@ def summary(rows: list[dict[str, Any]], baseline_called: float | None = None) ->
     from ``baseline_called`` (default: the as-scanned row's)."""
     base = next(r["called"] for r in rows if r["stain"] == "as scanned")
     base = base if baseline_called is None else baseline_called
-    refs = [r for r in rows if r["stain"] not in ("as scanned", "round trip")]
+    refs = [r for r in rows if r["stain"] not in ("as scanned", "round trip") and "part" not in r]
     return {
         "references": len(refs),
         "baseline_called": base,
@@ -189,12 +213,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stains", type=Path, default=STAIN_DIR, help="folder of H&E reference images (*.png)")
     p.add_argument("--json", type=Path, help="also write the rows and their summary here")
     p.add_argument("--baseline-called", type=float, help="share called that the summary's shift is from")
+    p.add_argument(
+        "--decompose", action="store_true",
+        help="also each reference's hue alone (its stain vectors, each patient's own amounts) and amounts "
+        "alone (its maximum concentrations, each patient's own vectors)",
+    )  # fmt: skip
     p.add_argument("--make-candidate", type=Path, metavar="DIR", help="write the training-stain candidate")
     args = p.parse_args(argv)
     if args.make_candidate:
         print(f"wrote {make_candidate(args.model, args.make_candidate)} and its card")
         return 0
-    rows = stain_table(args.model, args.stains)
+    rows = stain_table(args.model, args.stains, args.decompose)
     cols = ["stain", "tiles", "auc", "called", "tumour_mean_p", "ood_max", "ood_warned", "auc_normalized"]
     cols += ["called_normalized"]
     print("| " + " | ".join(cols) + " |")

@@ -467,6 +467,18 @@ def test_restain_gives_each_patient_the_reference_stain_and_a_round_trip_keeps_t
         assert to_target.min() > 0.98 and (to_target > to_source).all(), (to_target, to_source)
         # the concentration range near the reference's (its 99th percentile moves with rounding to uint8)
         assert np.abs(fit.max_concentrations / target.max_concentrations - 1).max() < 0.25
+    # hue only: the target's vectors at the group's own amounts; amounts only: the reverse
+    hue, amounts = restain(glas, target, "hue"), restain(glas, target, "amounts")
+    for idx in (slice(0, 3), slice(3, 6)):
+        own = fit_macenko(tiles[idx])
+        fit_h, fit_a = fit_macenko(hue.images[idx]), fit_macenko(amounts.images[idx])
+        assert (fit_h.stain_matrix * target.stain_matrix).sum(1).min() > 0.98
+        assert np.abs(fit_h.max_concentrations / own.max_concentrations - 1).max() < 0.1
+        assert (fit_a.stain_matrix * own.stain_matrix).sum(1).min() > 0.999
+        assert np.abs(fit_a.max_concentrations / target.max_concentrations - 1).max() < 0.25
+        assert np.abs(fit_a.max_concentrations / own.max_concentrations - 1).max() > 0.3  # it moved
+    with pytest.raises(ValueError, match="part"):
+        restain(glas, target, "saturation")
 
 
 @pytest.mark.realdata
@@ -506,6 +518,7 @@ def test_stain_summary_is_the_worst_reference_against_a_baseline() -> None:
         {"stain": "round trip", "auc": 0.90, "called": 0.1},  # not a reference: left out
         {"stain": "a.png", "auc": 0.95, "called": 0.5},
         {"stain": "b.png", "auc": 0.93, "called": 0.9},
+        {"stain": "b.png: hue only", "auc": 0.5, "called": 0.0, "part": "hue"},  # a decomposition: left out
     ]
     assert summary(rows) == {
         "references": 2,
