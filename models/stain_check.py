@@ -18,9 +18,9 @@ stain vectors and concentration range: the tissue stays, the colours are another
   own maximum concentrations) and ``<name>: amounts only`` (its maximum concentrations, that is the
   H:E balance and depth, with each patient's own vectors): which of the two moves the scores.
 
-A model whose card carries its own reference stain (``preprocessing.stain_reference``: every slide is
-normalized to it) is scored as the pipeline would score it: each row's tiles normalized per patient to
-that reference first.
+A model whose card asks for Macenko normalization is scored as the pipeline would score it: each row's
+tiles normalized per patient first, to the card's own reference stain (``preprocessing.stain_reference``)
+or, without one, to the standard reference (a model trained with ``models.train --stain macenko``).
 
 Per row: AUC (the card's GlaS label rule, adenomas as negatives), the share of tiles called tumour at
 the card's threshold, the tumour tiles' mean P, and the OOD score a slide of each patient would get
@@ -96,6 +96,16 @@ def card_reference(card: dict[str, Any]) -> StainModel | None:
     return StainModel.from_dict(ref) if ref else None
 
 
+def scoring_reference(card: dict[str, Any]) -> StainModel | None:
+    """The stain the pipeline normalizes every slide to for this card: its own reference, the standard
+    :data:`REFERENCE` for a card that asks for Macenko without one (``models.train --stain macenko``),
+    ``None`` for a model of raw colours."""
+    own = card_reference(card)
+    if own is None and (card.get("preprocessing") or {}).get("stain_normalization") == "macenko":
+        return REFERENCE
+    return own
+
+
 def references(folder: Path = STAIN_DIR) -> dict[str, StainModel]:
     """The stain model of every reference image in ``folder`` (``*.png``), by file name."""
     return {p.name: reference_from_image(p) for p in sorted(folder.glob("*.png"))}
@@ -166,7 +176,7 @@ def stain_table(model: Path, folder: Path = STAIN_DIR, decompose: bool = False) 
         for part, label in parts.items():
             variants[f"{name}: {label}"] = restain(glas, ref, part)
             part_of[f"{name}: {label}"] = part
-    own = card_reference(card.raw)
+    own = scoring_reference(card.raw)
     rows = [stain_row(name, tiles, session, ood, card.threshold, own) for name, tiles in variants.items()]
     return [{**row, "part": part_of[row["stain"]]} if row["stain"] in part_of else row for row in rows]
 

@@ -561,6 +561,44 @@ def test_a_training_stain_candidate_is_scored_normalized_and_paired_with_the_raw
     assert norm["paired"]["glas_auc_adenoma_negative"]["diff"] == pytest.approx(diff, abs=1e-3)
 
 
+@pytest.mark.realdata
+def test_stain_check_normalizes_for_a_card_trained_on_normalized_tiles(tmp_path: Path) -> None:
+    """A card asking for Macenko without a reference of its own (``models.train --stain macenko``) is
+    scored on tiles normalized per patient to the standard reference, as the pipeline scores its slides,
+    not on raw colours."""
+    stains = SHARED_TILES.parent / "stain"
+    if not (SHARED_TILES / "glas-colon" / "index.csv").exists() or not stains.is_dir():
+        pytest.skip(
+            f"real data not available: {SHARED_TILES / 'glas-colon'} or {stains} (the shared data is absent)"
+        )
+    import json
+    import shutil
+
+    from models.evaluate import build_sets, score_sets
+    from models.stain_check import restain, scoring_reference, stain_table
+    from wsi_pipeline.evaluation.metrics import roc_auc
+    from wsi_pipeline.stain.macenko import REFERENCE
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "tumour-cnn.onnx"
+    model = tmp_path / "m.onnx"
+    shutil.copyfile(shipped, model)
+    card = json.loads(shipped.with_suffix(".json").read_text())
+    card["preprocessing"]["stain_normalization"] = "macenko"
+    model.with_suffix(".json").write_text(json.dumps(card))
+    assert scoring_reference(card) == REFERENCE
+    assert scoring_reference({"preprocessing": {"stain_normalization": "none"}}) is None
+    one = tmp_path / "stains"
+    one.mkdir()
+    shutil.copyfile(stains / "histoqc-template1.png", one / "histoqc-template1.png")
+    rows = {r["stain"]: r for r in stain_table(model, one)}
+    raw = {**card, "preprocessing": {**card["preprocessing"], "stain_normalization": "none"}}
+    (glas,) = [s for s in build_sets(raw, None, ("val",)) if s.name == "glas-val"]
+    (p,) = score_sets(model, [restain(glas, REFERENCE)])
+    assert rows["as scanned"]["auc"] == round(float(roc_auc(glas.tumour, p)), 4)
+    (q,) = score_sets(model, [glas])
+    assert rows["as scanned"]["auc"] != round(float(roc_auc(glas.tumour, q)), 4)  # not raw colours
+
+
 # --------------------------------------------------------------------------- paired comparison
 
 
