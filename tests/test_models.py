@@ -500,9 +500,12 @@ def test_train_refuses_scanned_options_without_glas(tmp_path: Path) -> None:
 
     index = _write_synthetic_index(tmp_path / "data")
     base = ["--index", str(index), "--out", str(tmp_path / "run"), "--epochs", "1", "--threads", "1"]
-    for extra in (["--lung", str(tmp_path)], ["--crypt-fraction", "0.3"]):
+    for extra in (["--lung", str(tmp_path)], ["--crypt-fraction", "0.3"], ["--stain-mix", "0.5"]):
         with pytest.raises(ValueError, match="need --glas"):
             train.main(base + extra)
+    glas = ["--glas", str(tmp_path / "glas"), "--stain-mix", "0.5", "--stain", "macenko"]
+    with pytest.raises(ValueError, match="cannot be combined with --stain macenko"):
+        train.main(base + glas)
 
 
 # --------------------------------------------------------------------------- the shipped model
