@@ -134,9 +134,13 @@ def focus_table(sigmas_um: tuple[float, ...] = FOCUS_SIGMAS_UM) -> list[dict[str
 
 def blur_table(model: Path, sigmas_um: tuple[float, ...] = SIGMAS_UM) -> list[dict[str, Any]]:
     """One row per sigma (um): AUC, share called tumour and tumour tiles' mean P on GlaS validation."""
+    from models.stain_check import restain, scoring_reference
+
     card = load_card(model.with_suffix(".json"))
     raw = card.raw
-    sets = [s for s in build_sets(raw, None, splits=("val",)) if s.name == "glas-val"]
+    reference = scoring_reference(raw)  # a Macenko card: blurred as scanned, then each patient normalized
+    as_scanned = {**raw, "preprocessing": {**(raw.get("preprocessing") or {}), "stain_normalization": "none"}}
+    sets = [s for s in build_sets(as_scanned, None, splits=("val",)) if s.name == "glas-val"]
     if not sets:
         raise SystemExit(
             f"{shared_tiles_dir() / 'glas-colon'}: GlaS tiles not found (or the card has no GlaS)"
@@ -146,7 +150,7 @@ def blur_table(model: Path, sigmas_um: tuple[float, ...] = SIGMAS_UM) -> list[di
     rows = []
     for sigma in sigmas_um:
         blurred = dataclasses.replace(glas, images=blur_tiles(glas.images, sigma / mpp))
-        (p,) = score_sets(model, [blurred])
+        (p,) = score_sets(model, [blurred if reference is None else restain(blurred, reference)])
         tumour = glas.tumour.astype(bool)
         rows.append(
             {

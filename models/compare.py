@@ -58,7 +58,7 @@ from models.scanned import (
     load_monusac,
     shared_tiles_dir,
 )
-from models.stain_check import card_reference, restain
+from models.stain_check import card_reference, restain, scoring_reference
 from wsi_pipeline.errors import WsiError
 from wsi_pipeline.evaluation.metrics import classification_metrics, roc_auc
 from wsi_pipeline.inference.card import load_card
@@ -168,9 +168,9 @@ def _paired(
 
 
 def _as_scanned(stain: str) -> str:
-    """The tiles a stain key's sets were made from: a card reference's are the tiles as scanned, each
+    """The tiles a stain key's sets were made from: a Macenko card's are the tiles as scanned, each
     group normalized afterwards (the same tiles, labels and groups: such rows pair with raw ones)."""
-    return "none" if stain.startswith("macenko to the card's reference") else stain
+    return "none" if stain.startswith("macenko to ") else stain
 
 
 def _folded(glas: EvalSet) -> EvalSet | None:
@@ -189,9 +189,10 @@ def _folded(glas: EvalSet) -> EvalSet | None:
 def compare(
     models: list[Path], split: str, index: Path, paired: bool = False, n_boot: int = 2000
 ) -> list[dict[str, Any]]:
-    """One row of figures per model (see the module docstring); each model sees its own input
-    (Macenko-normalized when its card says so). With ``paired`` every row after the first also has
-    ``paired``: each ``PAIRED`` figure's difference from the first model with its interval."""
+    """One row of figures per model (see the module docstring); each model sees its own input (for a
+    card that asks for Macenko, the tiles as scanned with each group normalized to its reference stain
+    or the standard one, as the pipeline normalizes a slide). With ``paired`` every row after the first
+    also has ``paired``: each ``PAIRED`` figure's difference from the first model with its interval."""
     cards = [load_card(m.with_suffix(".json")).raw for m in models]
     cache: dict[str, Sets] = {}
     folded: dict[str, EvalSet | None] = {}  # per stain, made once for every model
@@ -199,8 +200,9 @@ def compare(
     scored: list[tuple[str, tuple[npt.NDArray[np.floating], ...], float]] = []
     for model, card in zip(models, cards, strict=True):
         stain = (card.get("preprocessing") or {}).get("stain_normalization", "none")
-        if (own := card_reference(card)) is not None:  # the tiles as scanned, each group normalized to it
-            stain = "macenko to the card's reference " + json.dumps(own.to_dict(), sort_keys=True)
+        if (own := scoring_reference(card)) is not None:  # the tiles as scanned, each group normalized
+            whose = "the card's reference" if card_reference(card) is not None else "the standard reference"
+            stain = f"macenko to {whose} " + json.dumps(own.to_dict(), sort_keys=True)
             if "none" not in cache:
                 cache["none"] = _sets(cards[0], split, index, "none")
             cache[stain] = cast(Sets, tuple(None if s is None else restain(s, own) for s in cache["none"]))

@@ -540,6 +540,9 @@ def test_a_training_stain_candidate_is_scored_normalized_and_paired_with_the_raw
         pytest.skip(
             f"real data not available: {SHARED_TILES / 'glas-colon'} (the shared data folder is absent)"
         )
+    import json
+    import shutil
+
     from models.compare import compare
     from models.evaluate import default_index
     from models.stain_check import make_candidate, training_stain
@@ -553,12 +556,22 @@ def test_a_training_stain_candidate_is_scored_normalized_and_paired_with_the_raw
         and card.stain_normalization == "macenko"
     )
     assert card.stain_reference == training_stain().to_dict()
-    raw, norm = compare([shipped, cand], "val", default_index(), paired=True, n_boot=50)
+    # a card asking for Macenko without a reference (models.train --stain macenko): the standard one
+    std = tmp_path / "std" / "tumour-cnn.onnx"
+    std.parent.mkdir()
+    shutil.copyfile(shipped, std)
+    raw_card = json.loads(shipped.with_suffix(".json").read_text())
+    raw_card["preprocessing"]["stain_normalization"] = "macenko"
+    std.with_suffix(".json").write_text(json.dumps(raw_card))
+    raw, norm, std_row = compare([shipped, cand, std], "val", default_index(), paired=True, n_boot=50)
     assert raw["stain"] == "none" and norm["stain"].startswith("macenko to the card's reference")
-    assert norm["paired"] and set(norm["paired"]) >= {"glas_auc_adenoma_negative", "lung_val_called"}
-    assert norm["glas_auc_adenoma_negative"] != raw["glas_auc_adenoma_negative"]
-    diff = norm["glas_auc_adenoma_negative"] - raw["glas_auc_adenoma_negative"]
-    assert norm["paired"]["glas_auc_adenoma_negative"]["diff"] == pytest.approx(diff, abs=1e-3)
+    assert std_row["stain"].startswith("macenko to the standard reference")
+    for row in (norm, std_row):
+        assert row["paired"] and set(row["paired"]) >= {"glas_auc_adenoma_negative", "lung_val_called"}
+        assert row["glas_auc_adenoma_negative"] != raw["glas_auc_adenoma_negative"]
+        diff = row["glas_auc_adenoma_negative"] - raw["glas_auc_adenoma_negative"]
+        assert row["paired"]["glas_auc_adenoma_negative"]["diff"] == pytest.approx(diff, abs=1e-3)
+    assert std_row["glas_auc_adenoma_negative"] != norm["glas_auc_adenoma_negative"]
 
 
 @pytest.mark.realdata
@@ -574,6 +587,7 @@ def test_stain_check_normalizes_for_a_card_trained_on_normalized_tiles(tmp_path:
     import json
     import shutil
 
+    from models.blur_check import blur_table
     from models.evaluate import build_sets, score_sets
     from models.stain_check import restain, scoring_reference, stain_table
     from wsi_pipeline.evaluation.metrics import roc_auc
@@ -597,6 +611,9 @@ def test_stain_check_normalizes_for_a_card_trained_on_normalized_tiles(tmp_path:
     assert rows["as scanned"]["auc"] == round(float(roc_auc(glas.tumour, p)), 4)
     (q,) = score_sets(model, [glas])
     assert rows["as scanned"]["auc"] != round(float(roc_auc(glas.tumour, q)), 4)  # not raw colours
+    # the blur check too: blurred as scanned (none here), then each patient normalized
+    (sharp,) = blur_table(model, (0.0,))
+    assert sharp["auc"] == rows["as scanned"]["auc"] and sharp["called"] == rows["as scanned"]["called"]
 
 
 # --------------------------------------------------------------------------- paired comparison
