@@ -218,7 +218,10 @@ def measure(model: Path) -> tuple[dict[str, Any], list[str]]:
             "finding": "; ".join(text),
             "advice": "a slide stained unlike the training data can lose its tumour calls without an OOD "
             "warning: do not trust a 'no tumour' from a lab or stain the model has not been checked on, "
-            "and do not use --normalize macenko with this model (trained on raw colours)",
+            "and do not use --normalize macenko with this model (trained on raw colours). The ranking "
+            "mostly holds where the threshold does not, so a lab can choose its own tile threshold on "
+            "annotated slides of its own (wsi-infer evaluate --sweep, then --tile-threshold; README, "
+            "'Choosing an operating point')",
             "figures": {**(r or {}), **({"restained": stains} if stains else {})},
         })  # fmt: skip
     else:
