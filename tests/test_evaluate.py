@@ -934,7 +934,41 @@ def test_sweep_gives_operating_points_consistent_with_the_runs(runs: Path, tmp_p
     assert points[0.05]["false_positive_regions_per_slide"] >= own["false_positive_regions_per_slide"]
     rows = list(csv.DictReader(out.with_suffix(".sweep.csv").open()))
     assert len(rows) == 19 and float(rows[9]["threshold"]) == 0.5
-    assert "Operating points" in out.with_suffix(".html").read_text()
+    page = out.with_suffix(".html").read_text()
+    assert "Operating points" in page
+    # the two thresholds to start from, as the sweep's own rows say them
+    best = data["sweep_best"]
+    top = max(p["dice"] for p in ordered)
+    assert best["dice"] == {
+        "threshold": min(p["threshold"] for p in ordered if p["dice"] == top),
+        "dice": top,
+    }
+    sc = best["screening"]
+    assert sc["slide_sensitivity"] == max(sens) and points[sc["threshold"]]["slide_sensitivity"] == max(sens)
+    assert all(p["slide_sensitivity"] < max(sens) for p in ordered if p["threshold"] > sc["threshold"])
+    line = f"tumour slides called tumour stay at their best (1.00) up to tile threshold {sc['threshold']:g}"
+    assert line in r.output and "operating points on these slides: best mean Dice" in r.output
+    assert line in page
+
+
+def test_best_operating_points_pick_the_best_dice_and_the_most_specific_full_sensitivity() -> None:
+    from wsi_pipeline.evaluation.evaluate import best_operating_points, format_best
+
+    def pt(t: float, dice: float | None, sens: float | None, spec: float | None) -> dict:
+        return {"threshold": t, "dice": dice, "slide_sensitivity": sens, "slide_specificity": spec}
+
+    points = [pt(0.7, 0.6, 0.5, 1.0), pt(0.3, 0.8, 1.0, 0.5), pt(0.5, 0.8, 1.0, 0.75), pt(0.1, 0.4, 1.0, 0.0)]
+    best = best_operating_points(points)
+    assert best["dice"] == {"threshold": 0.3, "dice": 0.8}  # a tie: the lower threshold misses less
+    assert best["screening"] == {"threshold": 0.5, "slide_sensitivity": 1.0, "slide_specificity": 0.75}
+    assert "best mean Dice 0.800 at tile threshold 0.3" in format_best(best)
+    assert "benign slides called no tumour 0.75 there" in format_best(best)
+    # benign slides only: no Dice and no sensitivity, so nothing to name
+    none = best_operating_points([pt(0.5, None, None, 0.9)])
+    assert none == {"dice": None, "screening": None} and format_best(none) == ""
+    # tumour slides only: no specificity
+    only = best_operating_points([pt(0.5, 0.7, 1.0, None), pt(0.9, 0.2, 0.0, None)])
+    assert "no benign slides" in format_best(only) and only["screening"]["threshold"] == 0.5
 
 
 def test_a_given_threshold_recomputes_the_slide_label(tmp_path: Path) -> None:

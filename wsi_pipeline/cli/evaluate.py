@@ -86,7 +86,12 @@ def evaluate(
         from wsi_pipeline import __version__
         from wsi_pipeline.batch import rows_to_csv
         from wsi_pipeline.evaluation.annotations import DEFAULT_EXCLUSION_GROUPS, GroupMapping
-        from wsi_pipeline.evaluation.evaluate import SWEEP_THRESHOLDS, evaluate_runs, truth_picture
+        from wsi_pipeline.evaluation.evaluate import (
+            SWEEP_THRESHOLDS,
+            evaluate_runs,
+            format_best,
+            truth_picture,
+        )
         from wsi_pipeline.evaluation.summary import (
             CSV_COLUMNS,
             csv_rows,
@@ -145,9 +150,12 @@ def evaluate(
         notes += [e["error"] for e in res["errors"]]
         write_evaluation_report(page_path, csv_rows(res["slides"]), pictures,
                                 summary=format_summary(res["summary"]), notes=notes,
-                                sweep=res.get("sweep") or (), run=run)  # fmt: skip
+                                sweep=res.get("sweep") or (), run=run,
+                                sweep_best=format_best(res.get("sweep_best") or {}))  # fmt: skip
         written = ", ".join(str(p) for p in (out_p, csv_path, *([sweep_path] if sweep else []), page_path))
         click.echo(f"{format_summary(res['summary'])} -> {written}")
+        if best := format_best(res.get("sweep_best") or {}):
+            click.echo(best)
         for sl in res["unannotated"]:
             click.echo(f"  no annotation file for {sl} (not scored)", err=True)
         for ig in res["ignored"]:

@@ -29,7 +29,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -416,6 +416,55 @@ def sweep(cases: Sequence[SlideCase], thresholds: Sequence[float], *, truth_min_
     return out
 
 
+def best_operating_points(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Two thresholds of a sweep a lab can start from (each ``None`` when the slides cannot tell):
+
+    * ``dice``: the highest mean Dice over the tumour slides (ties: the lowest threshold, which misses
+      less tumour);
+    * ``screening``: the highest threshold at which the slide-level sensitivity is still the best of
+      the sweep, i.e. the most specific one that calls every tumour slide any threshold calls.
+
+    Both are chosen on the slides evaluated: report figures on other slides.
+    """
+    pts = sorted(points, key=lambda p: p["threshold"])
+    with_dice = [p for p in pts if p.get("dice") is not None]
+    dice = None
+    if with_dice:
+        top = max(p["dice"] for p in with_dice)
+        p = next(p for p in with_dice if p["dice"] == top)
+        dice = {"threshold": p["threshold"], "dice": p["dice"]}
+    with_sens = [p for p in pts if p.get("slide_sensitivity") is not None]
+    screening = None
+    if with_sens:
+        top = max(p["slide_sensitivity"] for p in with_sens)
+        p = [p for p in with_sens if p["slide_sensitivity"] == top][-1]
+        screening = {
+            "threshold": p["threshold"],
+            "slide_sensitivity": p["slide_sensitivity"],
+            "slide_specificity": p.get("slide_specificity"),
+        }
+    return {"dice": dice, "screening": screening}
+
+
+def format_best(best: Mapping[str, Any]) -> str:
+    """One line naming :func:`best_operating_points` (empty when neither exists)."""
+    parts = []
+    if best.get("dice"):
+        d = best["dice"]
+        parts.append(f"best mean Dice {d['dice']:.3f} at tile threshold {d['threshold']:g}")
+    if best.get("screening"):
+        sc = best["screening"]
+        spec = sc["slide_specificity"]
+        there = "no benign slides" if spec is None else f"benign slides called no tumour {spec:.2f} there"
+        parts.append(
+            f"tumour slides called tumour stay at their best ({sc['slide_sensitivity']:.2f}) up to tile "
+            f"threshold {sc['threshold']:g} ({there})"
+        )
+    if not parts:
+        return ""
+    return "operating points on these slides: " + "; ".join(parts) + " (choose here, report on other slides)"
+
+
 @dataclass(frozen=True)
 class RunSearch:
     """What :func:`find_runs` looked at: the run manifests found and how many folders it searched."""
@@ -602,7 +651,8 @@ def evaluate_runs(
         runs_own = [run_threshold(c.m) for c in cases]
         points = sweep(cases, [*sweep_thresholds, *runs_own], truth_min_fraction=truth_min_fraction)
     return {"summary": summarize(per), "slides": per, "unannotated": unannotated, "errors": errors,
-            "ignored": ignored, **({"sweep": points} if points is not None else {}),
+            "ignored": ignored,
+            **({"sweep": points, "sweep_best": best_operating_points(points)} if points is not None else {}),
             "searched": {"results": str(res_p), "pattern": RUN_PATTERN, "recursive": True,
                          "folders": search.folders, "manifests": len(search.manifests),
                          "annotations": str(ann_p)}}  # fmt: skip

@@ -540,6 +540,7 @@ def evaluation_report_html(
     title: str = "wsi-pipeline evaluation",
     sweep: Sequence[Mapping[str, Any]] = (),
     run: Mapping[str, Any] | None = None,
+    sweep_best: str = "",
 ) -> str:
     """The page of ``evaluate``: ``summary`` (its closing line), then one sortable row per slide with
     its metrics and its picture (``pictures[row["manifest"]]``: the overlay with the truth outlined, a
@@ -576,7 +577,7 @@ def evaluation_report_html(
         f'<table class="sortable" id="slides"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>",
         *(f'<p class="warn">{_e(n)}</p>' for n in notes),
-        *_sweep_table(sweep),
+        *_sweep_table(sweep, sweep_best),
         *_evaluation_run(run),
         "<footer>Research use only: not for diagnosis. metrics.json and metrics.csv hold the same rows."
         "</footer>",
@@ -624,8 +625,9 @@ SWEEP_COLUMNS = (
 )
 
 
-def _sweep_table(points: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The evaluation page's operating points (none: nothing)."""
+def _sweep_table(points: Sequence[Mapping[str, Any]], best: str = "") -> list[str]:
+    """The evaluation page's operating points (none: nothing), with ``best`` (a line naming the
+    thresholds to start from) above the table."""
     if not points:
         return []
     head = "".join(f"<th>{_e(h)}</th>" for _, h in SWEEP_COLUMNS)
@@ -642,6 +644,7 @@ def _sweep_table(points: Sequence[Mapping[str, Any]]) -> list[str]:
         "<h2>Operating points</h2><p>Every run scored again at each tile threshold (the slide label by each "
         "run's own rule at that threshold). Choose a threshold on slides you will not also use to report "
         "its figures; then re-run the folder with <code>--tile-threshold</code> (the scores are reused).</p>",
+        *([f"<p class=best>{_e(best[0].upper() + best[1:])}.</p>"] if best else []),
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
     ]
 
@@ -655,6 +658,9 @@ def write_evaluation_report(
     notes: Sequence[str] = (),
     sweep: Sequence[Mapping[str, Any]] = (),
     run: Mapping[str, Any] | None = None,
+    sweep_best: str = "",
 ) -> Path:
-    page = evaluation_report_html(slides, pictures, summary=summary, notes=notes, sweep=sweep, run=run)
+    page = evaluation_report_html(
+        slides, pictures, summary=summary, notes=notes, sweep=sweep, run=run, sweep_best=sweep_best
+    )
     return atomic_write_bytes(path, valid_text(page).encode())
