@@ -969,6 +969,9 @@ def test_best_operating_points_pick_the_best_dice_and_the_most_specific_full_sen
     # tumour slides only: no specificity
     only = best_operating_points([pt(0.5, 0.7, 1.0, None), pt(0.9, 0.2, 0.0, None)])
     assert "no benign slides" in format_best(only) and only["screening"]["threshold"] == 0.5
+    # no threshold calls any tumour slide: no screening point to name
+    missed = best_operating_points([pt(0.5, 0.0, 0.0, 1.0), pt(0.9, 0.0, 0.0, 1.0)])
+    assert missed == {"dice": None, "screening": None} and format_best(missed) == ""
 
 
 def test_a_given_threshold_recomputes_the_slide_label(tmp_path: Path) -> None:

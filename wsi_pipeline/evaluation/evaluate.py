@@ -422,21 +422,20 @@ def best_operating_points(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]
     * ``dice``: the highest mean Dice over the tumour slides (ties: the lowest threshold, which misses
       less tumour);
     * ``screening``: the highest threshold at which the slide-level sensitivity is still the best of
-      the sweep, i.e. the most specific one that calls every tumour slide any threshold calls.
+      the sweep, i.e. the most specific one that calls every tumour slide any threshold calls (none
+      when no threshold calls any).
 
     Both are chosen on the slides evaluated: report figures on other slides.
     """
     pts = sorted(points, key=lambda p: p["threshold"])
     with_dice = [p for p in pts if p.get("dice") is not None]
     dice = None
-    if with_dice:
-        top = max(p["dice"] for p in with_dice)
+    if with_dice and (top := max(p["dice"] for p in with_dice)) > 0:  # 0: no tumour found anywhere
         p = next(p for p in with_dice if p["dice"] == top)
         dice = {"threshold": p["threshold"], "dice": p["dice"]}
     with_sens = [p for p in pts if p.get("slide_sensitivity") is not None]
     screening = None
-    if with_sens:
-        top = max(p["slide_sensitivity"] for p in with_sens)
+    if with_sens and (top := max(p["slide_sensitivity"] for p in with_sens)) > 0:  # 0: nothing to keep
         p = [p for p in with_sens if p["slide_sensitivity"] == top][-1]
         screening = {
             "threshold": p["threshold"],
