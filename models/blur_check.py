@@ -33,6 +33,7 @@ from scipy.ndimage import gaussian_filter
 
 from models.evaluate import build_sets, score_sets
 from models.scanned import shared_tiles_dir
+from models.stain_check import restain, scoring_reference
 from wsi_pipeline.evaluation.metrics import roc_auc
 from wsi_pipeline.inference.card import load_card
 from wsi_pipeline.tiling.focus import SHARP_AT_LEAST, focus_scores
@@ -134,8 +135,6 @@ def focus_table(sigmas_um: tuple[float, ...] = FOCUS_SIGMAS_UM) -> list[dict[str
 
 def blur_table(model: Path, sigmas_um: tuple[float, ...] = SIGMAS_UM) -> list[dict[str, Any]]:
     """One row per sigma (um): AUC, share called tumour and tumour tiles' mean P on GlaS validation."""
-    from models.stain_check import restain, scoring_reference
-
     card = load_card(model.with_suffix(".json"))
     raw = card.raw
     reference = scoring_reference(raw)  # a Macenko card: blurred as scanned, then each patient normalized

@@ -145,16 +145,16 @@ def evaluate(
             row["manifest"]: truth_picture(row["manifest"], row["annotation"], mapping=mapping)
             for row in res["slides"]
         }
+        best = format_best(res.get("sweep_best") or {})  # the sweep's thresholds to start from, if any
         notes = [f"warning: {mixed}"] if mixed else []
         notes += [f"{Path(s).name}: no annotation file (not scored)" for s in res["unannotated"]]
         notes += [e["error"] for e in res["errors"]]
         write_evaluation_report(page_path, csv_rows(res["slides"]), pictures,
                                 summary=format_summary(res["summary"]), notes=notes,
-                                sweep=res.get("sweep") or (), run=run,
-                                sweep_best=format_best(res.get("sweep_best") or {}))  # fmt: skip
+                                sweep=res.get("sweep") or (), run=run, sweep_best=best)  # fmt: skip
         written = ", ".join(str(p) for p in (out_p, csv_path, *([sweep_path] if sweep else []), page_path))
         click.echo(f"{format_summary(res['summary'])} -> {written}")
-        if best := format_best(res.get("sweep_best") or {}):
+        if best:
             click.echo(best)
         for sl in res["unannotated"]:
             click.echo(f"  no annotation file for {sl} (not scored)", err=True)
